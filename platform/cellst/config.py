@@ -1,0 +1,179 @@
+"""Experiment configuration: pydantic models loaded from YAML plus ``--set key=value`` overrides.
+
+Every command reads one :class:`ExperimentConfig`. Sections that a command does not use
+keep their defaults, so one YAML file can describe a whole experiment. Validation errors
+are re-raised as :class:`ConfigError` whose message names each field's dotted path.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the field path."""
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IngestConfig(Section):
+    """How source images become the uint8 store (challenge baseline normalisation)."""
+
+    low_percentile: float = Field(1.0, ge=0, lt=100, description="lower percentile of non-zero pixels")
+    high_percentile: float = Field(99.0, gt=0, le=100, description="upper percentile of non-zero pixels")
+    chunk: int = Field(256, ge=32, le=4096, description="zarr chunk side in pixels")
+    compression_level: int = Field(1, ge=0, le=22, description="zstd level of stored arrays")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IngestConfig:
+        if self.low_percentile >= self.high_percentile:
+            raise ValueError(
+                f"low_percentile ({self.low_percentile}) must be below high_percentile "
+                f"({self.high_percentile})"
+            )
+        return self
+
+
+class DataConfig(Section):
+    """The training stream: random crops sampled from the store."""
+
+    crop_size: int = Field(256, ge=32, description="side of square training crops; multiple of 32")
+    crops_per_epoch: int = Field(512, ge=1, description="crops drawn per epoch (all workers)")
+    crops_per_visit: int = Field(
+        4, ge=1, le=64, description="crops cut from one region read (amortises zarr decoding)"
+    )
+    balance_by: Literal["none", "modality"] = Field(
+        "modality", description="sample items so every modality gets equal weight"
+    )
+    val_fraction: float = Field(0.15, ge=0, lt=1, description="labelled items held out for validation")
+    seed: int = 0
+
+    @field_validator("crop_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"must be a multiple of 32, got {v}")
+        return v
+
+
+class EvaluateConfig(Section):
+    """The challenge metric."""
+
+    iou_threshold: float = Field(0.5, gt=0, le=1)
+    count_boundary: bool = Field(False, description="keep cells touching the 2-px image border")
+
+
+class ExperimentConfig(Section):
+    """A whole experiment. Sections are filled in by the stages that use them."""
+
+    name: str = Field("cellst", min_length=1, description="experiment name (MLflow experiment)")
+    store: str | None = Field(None, description="path of the zarr image store")
+    ingest: IngestConfig = IngestConfig()
+    data: DataConfig = DataConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value.
+
+    >>> parse_override("train.lr=1e-3")
+    (['train', 'lr'], 0.001)
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key.path=value`` override applied."""
+    out: dict[str, Any] = copy.deepcopy(dict(data))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section"
+                )
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    model: type[M] = ExperimentConfig,  # type: ignore[assignment]
+) -> M:
+    """Load ``path`` (optional) into ``model``, apply overrides and validate.
+
+    Raises
+    ------
+    ConfigError
+        With one line per invalid field, each naming the field's dotted path.
+    """
+    overrides = list(overrides)
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The fully resolved configuration as YAML (what was actually run)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,161 @@
+"""Reading challenge images and labels of any format and bit depth, and normalising them.
+
+The challenge data mixes tif/tiff/png/bmp/jpg files, 8- and 16-bit, float, grayscale, RGB,
+RGBA and multichannel. Everything is brought to ``(H, W, 3) uint8`` the way the challenge
+baseline does: each channel is rescaled between percentiles of its non-zero pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from skimage.exposure import rescale_intensity
+from skimage.segmentation import relabel_sequential
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
+LABEL_SUFFIX = "_label"
+
+
+class ImageFormatError(ValueError):
+    """A file is unreadable or its content is not what cellst expects; names the file."""
+
+
+def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_array(path: str | Path) -> np.ndarray:
+    """Read an image file into a numpy array, keeping its dtype.
+
+    Raises
+    ------
+    ImageFormatError
+        If the file cannot be decoded.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            arr = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
+
+            arr = iio.imread(path)
+    except Exception as exc:  # any decoder error means the same thing to the user
+        raise ImageFormatError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise ImageFormatError(f"{path}: image is empty (shape {arr.shape})")
+    return arr
+
+
+def to_hwc(arr: np.ndarray, name: str = "image") -> np.ndarray:
+    """Bring a 2-D or 3-D array to ``(H, W, C)``; channel-first stacks are transposed.
+
+    The channel axis is the last one unless the first is clearly smaller than both others.
+    """
+    if arr.ndim == 2:
+        return arr[:, :, None]
+    if arr.ndim == 3:
+        if arr.shape[0] < min(arr.shape[1], arr.shape[2]) and arr.shape[0] <= 16 < arr.shape[2]:
+            return np.moveaxis(arr, 0, -1)
+        return arr
+    raise ImageFormatError(f"{name}: expected a 2-D or 3-D image, got shape {arr.shape}")
+
+
+def normalize_channel(channel: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Rescale one channel to uint8 between percentiles of its non-zero pixels.
+
+    Follows the NeurIPS 2022 CellSeg baseline (``normalize_channel``); a channel whose
+    percentile range is degenerate is rescaled from its own dtype range instead of being
+    cast (the baseline's cast wraps 16-bit values).
+    """
+    nz = channel[channel != 0]
+    if nz.size == 0:
+        return np.zeros(channel.shape, np.uint8)
+    lo, hi = np.percentile(nz, [low, high])
+    if hi - lo > 1e-3:
+        return rescale_intensity(channel, in_range=(lo, hi), out_range=np.uint8).astype(np.uint8)
+    if channel.dtype == np.uint8:
+        return channel.copy()
+    top = float(nz.max())
+    return (np.clip(channel / top, 0, 1) * 255).astype(np.uint8) if top > 0 else channel * 0
+
+
+def normalize_image(arr: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Any image array to ``(H, W, 3) uint8``.
+
+    Grayscale is repeated to three channels, RGBA and multichannel keep their first three
+    channels, two-channel images get an empty third channel; each channel is normalised
+    with :func:`normalize_channel`.
+    """
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.number)):
+        raise ImageFormatError(f"unsupported image dtype {arr.dtype}")
+    hwc = to_hwc(arr)
+    c = hwc.shape[2]
+    if c == 1:
+        hwc = np.repeat(hwc, 3, axis=2)
+    elif c == 2:
+        hwc = np.concatenate([hwc, np.zeros_like(hwc[:, :, :1])], axis=2)
+    else:
+        hwc = hwc[:, :, :3]
+    out = np.empty(hwc.shape, np.uint8)
+    for i in range(3):
+        out[:, :, i] = normalize_channel(hwc[:, :, i], low, high)
+    return out
+
+
+def validate_label(label: np.ndarray, image_shape: tuple[int, int], name: str) -> np.ndarray:
+    """Check an instance map and return it as int32, relabelled 1..N.
+
+    Raises
+    ------
+    ImageFormatError
+        When the label is not a 2-D integer map of the image's height and width, or holds
+        negative values.
+    """
+    if label.ndim == 3 and label.shape[-1] == 1:
+        label = label[:, :, 0]
+    if label.ndim == 3 and label.shape[0] == 1:
+        label = label[0]
+    if label.ndim != 2:
+        raise ImageFormatError(f"{name}: label must be a 2-D instance map, got shape {label.shape}")
+    if tuple(label.shape) != tuple(image_shape):
+        raise ImageFormatError(
+            f"{name}: label shape {tuple(label.shape)} differs from its image's "
+            f"{tuple(image_shape)}"
+        )
+    if np.issubdtype(label.dtype, np.floating):
+        if not np.all(np.isfinite(label)) or np.any(label != np.round(label)):
+            raise ImageFormatError(
+                f"{name}: label must be an integer instance map, got non-integer "
+                f"{label.dtype} values"
+            )
+    elif label.dtype == bool or not np.issubdtype(label.dtype, np.integer):
+        raise ImageFormatError(f"{name}: label must be an integer instance map, got {label.dtype}")
+    if label.size and label.min() < 0:
+        raise ImageFormatError(f"{name}: label has negative values (min {label.min()})")
+    if label.size and label.max() > np.iinfo(np.int32).max:
+        raise ImageFormatError(f"{name}: label values exceed int32")
+    relabelled, _, _ = relabel_sequential(label.astype(np.int64, copy=False))
+    return relabelled.astype(np.int32)
+
+
+def write_label_tiff(path: str | Path, label: np.ndarray) -> None:
+    """Write an instance map as a challenge ``NAME_label.tiff`` (zlib), atomically.
+
+    Uses uint16 when the instance count fits, else int32 (never uint8, which wraps).
+    """
+    path = Path(path)
+    n = int(label.max()) if label.size else 0
+    dtype = np.uint16 if n < 65536 else np.int32
+    tmp = path.with_name(f".{path.name}.tmp")
+    tifffile.imwrite(tmp, label.astype(dtype), compression="zlib")
+    tmp.replace(path)
