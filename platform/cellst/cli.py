@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -38,12 +39,16 @@ SetOpt = Annotated[
 ]
 RayOpt = Annotated[
     str | None,
-    typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to join (default: local)"),
+    typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to join (default: local)"
+    ),
 ]
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(
+        f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True
+    )
     raise typer.Exit(code)
 
 
@@ -57,12 +62,18 @@ def user_errors(fn):
         from cellst.data.ingest import IngestError
         from cellst.data.store import StoreError
 
+        if os.environ.get("CELLST_DEBUG") == "1":
+            return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             _fail(str(exc), code=2)
-        except (IngestError, StoreError, ImageFormatError, FileNotFoundError) as exc:
-            _fail(str(exc), code=1)
+        except (IngestError, StoreError, ImageFormatError, FileNotFoundError, ValueError) as exc:
+            _fail(
+                f"{exc}\n(set CELLST_DEBUG=1 for a traceback)"
+                if type(exc) is ValueError
+                else str(exc)
+            )
         except KeyboardInterrupt:
             _fail("interrupted; stored data is unchanged (writes are atomic)", code=130)
 
@@ -114,8 +125,9 @@ def synth(
 
     if min_size > max_size:
         _fail(f"--min-size ({min_size}) must not exceed --max-size ({max_size})", code=2)
-    summary = synthesize_dataset(out, n_labeled, n_unlabeled, n_test, seed=seed,
-                                 min_size=min_size, max_size=max_size)
+    summary = synthesize_dataset(
+        out, n_labeled, n_unlabeled, n_test, seed=seed, min_size=min_size, max_size=max_size
+    )
     console.print(f"wrote synthetic data to [bold]{out}[/]")
     console.print_json(json.dumps(summary, default=str))
 
@@ -127,9 +139,15 @@ def ingest(
     out: Annotated[Path, typer.Option("--out", "-o", help="store to create or update")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    split: Annotated[str | None, typer.Option(help="split for a plain folder (default unlabeled)")] = None,
-    modality: Annotated[str | None, typer.Option(help="modality of every image (else modalities.csv)")] = None,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="ingest the rest, report bad files")] = False,
+    split: Annotated[
+        str | None, typer.Option(help="split for a plain folder (default unlabeled)")
+    ] = None,
+    modality: Annotated[
+        str | None, typer.Option(help="modality of every image (else modalities.csv)")
+    ] = None,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="ingest the rest, report bad files")
+    ] = False,
     prune: Annotated[bool, typer.Option("--prune", help="drop items no longer in SRC")] = False,
     ray_address: RayOpt = None,
 ) -> None:
@@ -146,12 +164,15 @@ def ingest(
 
     cfg = _load(config, set_)
     ensure_ray(ray_address)
-    result = run_ingest(src, out, cfg.ingest, split=split, modality=modality,
-                        skip_bad=skip_bad, prune=prune)
+    result = run_ingest(
+        src, out, cfg.ingest, split=split, modality=modality, skip_bad=skip_bad, prune=prune
+    )
     console.print(f"[green]ingested[/] {src} -> {out}: {result.summary()}")
     if result.skipped:
-        err_console.print(f"[yellow]skipped {len(result.skipped)} bad file(s)[/], "
-                          f"see {Path(out) / 'ingest_report.json'}:")
+        err_console.print(
+            f"[yellow]skipped {len(result.skipped)} bad file(s)[/], "
+            f"see {Path(out) / 'ingest_report.json'}:"
+        )
         for path, why in result.skipped:
             err_console.print(f"  {path}: {why}", highlight=False, markup=False)
     _print_frame(summarize_manifest(out), "items per modality and split")
@@ -175,9 +196,13 @@ def evaluate(
     gt: Annotated[Path, typer.Option(help="ground truth: folder of NAME_label.tiff or a store")],
     pred: Annotated[Path, typer.Option(help="prediction: folder of NAME_label.tiff or a store")],
     out: Annotated[Path, typer.Option(help="report folder (metrics.json, metrics.csv)")],
-    pred_set: Annotated[str | None, typer.Option(help="pseudo-label set when --pred is a store")] = None,
+    pred_set: Annotated[
+        str | None, typer.Option(help="pseudo-label set when --pred is a store")
+    ] = None,
     gt_split: Annotated[str, typer.Option(help="split of the items when --gt is a store")] = "test",
-    count_boundary: Annotated[bool | None, typer.Option("--count-boundary", help="keep cells touching the image border")] = None,
+    count_boundary: Annotated[
+        bool | None, typer.Option("--count-boundary", help="keep cells touching the image border")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -191,13 +216,16 @@ def evaluate(
 
     cfg = _load(config, set_)
     boundary = cfg.evaluate.count_boundary if count_boundary is None else count_boundary
-    report = evaluate_sources(gt, pred, out, pred_set=pred_set, gt_split=gt_split,
-                              count_boundary=boundary)
+    report = evaluate_sources(
+        gt, pred, out, pred_set=pred_set, gt_split=gt_split, count_boundary=boundary
+    )
     from cellst.metrics.report import format_table
 
     console.print(format_table(report))
-    console.print(f"mean F1 = [bold]{report['f1']:.4f}[/] over {report['n_images']} images; "
-                  f"report in {out}/metrics.json")
+    console.print(
+        f"mean F1 = [bold]{report['f1']:.4f}[/] over {report['count']} images; "
+        f"report in {out}/metrics.json"
+    )
 
 
 def _print_frame(df, title: str) -> None:

@@ -31,8 +31,12 @@ class Section(BaseModel):
 class IngestConfig(Section):
     """How source images become the uint8 store (challenge baseline normalisation)."""
 
-    low_percentile: float = Field(1.0, ge=0, lt=100, description="lower percentile of non-zero pixels")
-    high_percentile: float = Field(99.0, gt=0, le=100, description="upper percentile of non-zero pixels")
+    low_percentile: float = Field(
+        1.0, ge=0, lt=100, description="lower percentile of non-zero pixels"
+    )
+    high_percentile: float = Field(
+        99.0, gt=0, le=100, description="upper percentile of non-zero pixels"
+    )
     chunk: int = Field(256, ge=32, le=4096, description="zarr chunk side in pixels")
     compression_level: int = Field(1, ge=0, le=22, description="zstd level of stored arrays")
 
@@ -57,7 +61,9 @@ class DataConfig(Section):
     balance_by: Literal["none", "modality"] = Field(
         "modality", description="sample items so every modality gets equal weight"
     )
-    val_fraction: float = Field(0.15, ge=0, lt=1, description="labelled items held out for validation")
+    val_fraction: float = Field(
+        0.15, ge=0, lt=1, description="labelled items held out for validation"
+    )
     seed: int = 0
 
     @field_validator("crop_size")
@@ -146,7 +152,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {p} must hold a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 

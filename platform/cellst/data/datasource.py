@@ -30,7 +30,7 @@ from ray.data.block import Block, BlockAccessor, BlockMetadata
 from cellst.data.store import CellStore, ItemRef, StoreError, _open_array
 
 #: training stream columns
-TRAIN_COLUMNS = ("image", "label", "source", "item")
+TRAIN_COLUMNS = ("image", "label", "source", "item", "y0", "x0")
 
 
 def modality_weights(modalities: Sequence[str]) -> np.ndarray:
@@ -78,8 +78,13 @@ def read_crops(
     rng: np.random.Generator,
     block_rows: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Read ``len(visits)`` regions and yield batches of crops (the body of a read task)."""
-    buf: dict[str, list] = {k: [] for k in TRAIN_COLUMNS}
+    """Read ``len(visits)`` regions and yield batches of crops (the body of a read task).
+
+    Crops are written straight into preallocated block arrays (no list + stack copy).
+    """
+    n_total = len(visits) * crops_per_visit
+    block = _new_block(min(block_rows, n_total), crop)
+    i = 0
     for idx in visits:
         it = items[int(idx)]
         h, w = it.ref.height, it.ref.width
@@ -90,28 +95,36 @@ def read_crops(
         for _ in range(crops_per_visit):
             cy = int(rng.integers(0, max(rh - crop, 0) + 1))
             cx = int(rng.integers(0, max(rw - crop, 0) + 1))
-            buf["image"].append(_cut(img, cy, cx, crop))
-            buf["label"].append(_cut(lab, cy, cx, crop))
-            buf["source"].append(it.source)
-            buf["item"].append(int(idx))
-            if len(buf["image"]) >= block_rows:
-                yield _stack(buf)
-                buf = {k: [] for k in TRAIN_COLUMNS}
-    if buf["image"]:
-        yield _stack(buf)
+            block["image"][i] = _cut(img, cy, cx, crop)
+            block["label"][i] = _cut(lab, cy, cx, crop)
+            block["source"][i] = it.source
+            block["item"][i] = int(idx)
+            block["y0"][i], block["x0"][i] = ry + cy, rx + cx
+            i += 1
+            n_total -= 1
+            if i == len(block["image"]):
+                yield block
+                block, i = _new_block(min(block_rows, n_total), crop), 0
+    if i:
+        yield {k: v[:i] for k, v in block.items()}
 
 
-def _stack(buf: dict[str, list]) -> dict[str, np.ndarray]:
+def _new_block(n: int, crop: int) -> dict[str, np.ndarray]:
     return {
-        "image": np.stack(buf["image"]).astype(np.uint8, copy=False),
-        "label": np.stack(buf["label"]).astype(np.int32, copy=False),
-        "source": np.asarray(buf["source"], np.int8),
-        "item": np.asarray(buf["item"], np.int32),
+        "image": np.empty((n, crop, crop, 3), np.uint8),
+        "label": np.empty((n, crop, crop), np.int32),
+        "source": np.empty(n, np.int8),
+        "item": np.empty(n, np.int32),
+        "y0": np.empty(n, np.int32),
+        "x0": np.empty(n, np.int32),
     }
 
 
 class TrainCropDatasource(Datasource):
     """Random training crops (image ``(c, c, 3) uint8``, label ``(c, c) int32``).
+
+    Columns: ``image``, ``label``, ``source`` (0 labelled, 1 pseudo), ``item`` (index into
+    ``items``), ``y0``/``x0`` (crop origin in the item's image).
 
     Parameters
     ----------
@@ -135,7 +148,7 @@ class TrainCropDatasource(Datasource):
         crops_per_visit: int = 4,
         chunk: int = 256,
         seed: int | None = None,
-        block_rows: int = 32,
+        block_rows: int = 64,
     ):
         super().__init__()
         if not items:
@@ -176,8 +189,11 @@ class TrainCropDatasource(Datasource):
                 exec_stats=None,
             )
             tasks.append(
-                ReadTask(self._make_read_fn(t, len(chunk_ids), n_rows), meta,
-                         per_task_row_limit=per_task_row_limit)
+                ReadTask(
+                    self._make_read_fn(t, len(chunk_ids), n_rows),
+                    meta,
+                    per_task_row_limit=per_task_row_limit,
+                )
             )
         return tasks
 
@@ -260,7 +276,9 @@ class ImageDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         if not self.tiles:
             return []
-        n_tasks = max(1, min(len(self.tiles), max(parallelism, len(self.tiles) // self.tiles_per_task)))
+        n_tasks = max(
+            1, min(len(self.tiles), max(parallelism, len(self.tiles) // self.tiles_per_task))
+        )
         groups = np.array_split(np.arange(len(self.tiles)), n_tasks)
         tasks = []
         for g in groups:
@@ -271,7 +289,9 @@ class ImageDatasource(Datasource):
                 input_files=None,
                 exec_stats=None,
             )
-            tasks.append(ReadTask(self._make_read_fn(tiles), meta, per_task_row_limit=per_task_row_limit))
+            tasks.append(
+                ReadTask(self._make_read_fn(tiles), meta, per_task_row_limit=per_task_row_limit)
+            )
         return tasks
 
     def _make_read_fn(self, tiles: list[Tile]):
@@ -347,7 +367,9 @@ def train_crop_dataset(
 ) -> ray.data.Dataset:
     """A Ray Dataset of random training crops (see :class:`TrainCropDatasource`)."""
     ds = TrainCropDatasource(items, n_crops, crop, crops_per_visit, chunk, seed)
-    return ray.data.read_datasource(ds, override_num_blocks=None if parallelism < 0 else parallelism)
+    return ray.data.read_datasource(
+        ds, override_num_blocks=None if parallelism < 0 else parallelism
+    )
 
 
 def image_dataset(

@@ -144,15 +144,21 @@ def _scan_folder(
     labelled_split = bool(label_files) or (labels_dir is not None and labels_dir.is_dir())
     for stem, ps in sorted(labels.items()):
         if len(ps) > 1:
-            problems.append((str(ps[0]), f"label {stem!r} appears {len(ps)} times: {[str(p) for p in ps]}"))
+            problems.append(
+                (str(ps[0]), f"label {stem!r} appears {len(ps)} times: {[str(p) for p in ps]}")
+            )
         if stem not in names:
-            problems.append((str(ps[0]), f"label without an image (no {stem}.<ext> in {images_dir})"))
+            problems.append(
+                (str(ps[0]), f"label without an image (no {stem}.<ext> in {images_dir})")
+            )
     for it in items:
         if it.id in labels:
             it.label = str(labels[it.id][0].absolute())
         elif labelled_split and split != "test":
             where = labels_dir if labels_dir is not None else images_dir
-            problems.append((it.image, f"labelled image without a label (expected {where}/{it.id}_label.tiff)"))
+            problems.append(
+                (it.image, f"labelled image without a label (expected {where}/{it.id}_label.tiff)")
+            )
     return items
 
 
@@ -173,7 +179,9 @@ def scan_source(
         return [], [(str(root), "source folder does not exist")]
     items: list[SourceItem] = []
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    split_dirs = [d for d in subdirs if (d / "images").is_dir() or any(_is_image(p) for p in d.iterdir())]
+    split_dirs = [
+        d for d in subdirs if (d / "images").is_dir() or any(_is_image(p) for p in d.iterdir())
+    ]
     direct = [p for p in root.iterdir() if _is_image(p)]
     if direct or not split_dirs:
         labels_dir = root / "labels" if (root / "labels").is_dir() else None
@@ -336,6 +344,8 @@ def ingest(
     staging = store.parent / f".{store.name}.staging-{uuid.uuid4().hex[:8]}"
     result = IngestResult(store=str(store))
     with store_lock(lock_root):
+        for stale in store.parent.glob(f".{store.name}.staging-*"):
+            remove_tree(stale)  # left by a killed ingest; we hold the lock, so it is dead
         old = pd.read_parquet(store / MANIFEST) if (store / MANIFEST).is_file() else None
         prev_rows = {r["id"]: r for r in old.to_dict("records")} if old is not None else {}
         try:
@@ -360,7 +370,9 @@ def ingest(
                     continue
                 row = dict(o["row"])
                 it = by_item[row["id"]]
-                row.update(split=it.split, modality=it.modality, source_path=it.image, label_path=it.label)
+                row.update(
+                    split=it.split, modality=it.modality, source_path=it.image, label_path=it.label
+                )
                 rows[row["id"]] = row
                 {"new": result.added, "updated": result.updated, "unchanged": result.unchanged}[
                     o["status"]
@@ -386,6 +398,6 @@ def ingest(
 def summarize_manifest(store: str | Path) -> pd.DataFrame:
     """Items per split and modality (for the CLI's closing table)."""
     df = pd.read_parquet(Path(store) / MANIFEST)
-    return df.pivot_table(index="modality", columns="split", values="id", aggfunc="count", fill_value=0)
-
-
+    return df.pivot_table(
+        index="modality", columns="split", values="id", aggfunc="count", fill_value=0
+    )

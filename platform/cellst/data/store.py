@@ -76,9 +76,7 @@ def _open_array(path: str) -> zarr.Array:
     return zarr.open_array(path, mode="r")
 
 
-def write_array(
-    path: str | Path, data: np.ndarray, chunk: int = 256, level: int = 1
-) -> None:
+def write_array(path: str | Path, data: np.ndarray, chunk: int = 256, level: int = 1) -> None:
     """Write ``data`` as a zarr v3 array at ``path`` with spatial chunks of ``chunk`` pixels."""
     chunks = (chunk, chunk) + tuple(data.shape[2:])
     chunks = tuple(min(c, s) for c, s in zip(chunks, data.shape, strict=True))
@@ -115,7 +113,9 @@ def store_lock(lock_file: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StoreError(f"{lock_file} is held: another process is writing this store") from None
+            raise StoreError(
+                f"{lock_file} is held: another process is writing this store"
+            ) from None
         try:
             yield
         finally:

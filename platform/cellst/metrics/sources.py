@@ -1,0 +1,120 @@
+"""Ground truth and predictions from either folders of ``NAME_label.tiff`` or cellst stores.
+
+``cellst evaluate`` accepts both on either side: a store's labelled items of one split as
+ground truth, a store's pseudo-label set as prediction, or challenge-format folders.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cellst.data.store import MANIFEST, CellStore, StoreError
+from cellst.metrics.report import _read_labels, evaluate_pairs, load_label_folder, write_report
+
+
+@dataclass
+class LabelSource:
+    """Label maps by item id, with modalities where known."""
+
+    description: str
+    loaders: dict[str, Callable[[], np.ndarray]]
+    modalities: dict[str, str] = field(default_factory=dict)
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether ``path`` is a cellst store (has a manifest)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _folder_modalities(folder: Path) -> dict[str, str]:
+    """``modalities.csv`` from the folder or up to two levels above (challenge layout)."""
+    for d in (folder, folder.parent, folder.parent.parent):
+        table = d / "modalities.csv"
+        if table.is_file():
+            with open(table, newline="") as fh:
+                return {Path(r["name"]).stem: r["modality"] for r in csv.DictReader(fh)}
+    return {}
+
+
+def open_labels(
+    path: str | Path, *, pseudo_set: str | None = None, split: str | None = None
+) -> LabelSource:
+    """Open a label source.
+
+    Parameters
+    ----------
+    path : path
+        A folder of label TIFFs, or a cellst store.
+    pseudo_set : str, optional
+        With a store: read this pseudo-label set instead of the ground-truth labels.
+    split : str, optional
+        With a store and ground-truth labels: only items of this split.
+    """
+    path = Path(path)
+    if is_store(path):
+        store = CellStore(path)
+        mods = dict(zip(store.manifest["id"], store.manifest["modality"], strict=True))
+        if pseudo_set is not None:
+            ids = store.pseudo_items(pseudo_set)["id"].tolist()
+            loaders = {i: (lambda i=i: store.pseudo_label(pseudo_set, i)) for i in ids}
+            return LabelSource(f"{path} (pseudo-label set {pseudo_set})", loaders, mods)
+        df = store.items(split=split, labeled=True)
+        if df.empty:
+            raise StoreError(f"store {path} has no labelled items in split {split!r}")
+        loaders = {i: (lambda i=i: store.label(i)) for i in df["id"]}
+        return LabelSource(f"{path} (split {split})", loaders, mods)
+    if pseudo_set is not None:
+        raise StoreError(f"--pred-set needs a store, but {path} is a folder")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a folder of label TIFFs nor a cellst store")
+    files = load_label_folder(path)
+    loaders = {name: (lambda p=p: _read_labels(p)) for name, p in files.items()}
+    return LabelSource(str(path), loaders, _folder_modalities(path))
+
+
+def evaluate_sources(
+    gt: str | Path,
+    pred: str | Path,
+    out: str | Path | None = None,
+    *,
+    pred_set: str | None = None,
+    gt_split: str | None = "test",
+    count_boundary: bool = False,
+    iou_threshold: float = 0.5,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every ground-truth item against its prediction; write the report if ``out``.
+
+    A ground-truth item without prediction scores F1 0 and is listed under ``missing``.
+    """
+    g = open_labels(gt, split=gt_split)
+    p = open_labels(pred, pseudo_set=pred_set)
+    if not g.loaders:
+        raise FileNotFoundError(f"no ground-truth label images in {g.description}")
+    modalities = {**p.modalities, **g.modalities}
+
+    def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray | None, str | None]]:
+        for name in tqdm(sorted(g.loaders), desc="evaluate", unit="img", disable=not progress):
+            gt_map = g.loaders[name]()
+            pred_map = p.loaders[name]() if name in p.loaders else None
+            if pred_map is not None and pred_map.shape != gt_map.shape:
+                raise ValueError(
+                    f"prediction {name!r} in {p.description} has shape {pred_map.shape} but "
+                    f"its ground truth in {g.description} has shape {gt_map.shape}"
+                )
+            yield name, gt_map, pred_map, modalities.get(name)
+
+    report = evaluate_pairs(pairs(), count_boundary=count_boundary, iou_threshold=iou_threshold)
+    report["extra"] = sorted(set(p.loaders) - set(g.loaders))
+    report["gt"] = g.description
+    report["pred"] = p.description
+    if out is not None:
+        write_report(report, out)
+    return report

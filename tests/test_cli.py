@@ -1,0 +1,152 @@
+"""The ``cellst`` command line: help, synth -> ingest -> info -> evaluate, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage as ndi
+from typer.testing import CliRunner
+
+from cellst.cli import app
+from cellst.metrics.report import evaluate_folders
+
+runner = CliRunner()
+COMMANDS = ["synth", "ingest", "info", "evaluate"]
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).with_name("cellst")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in COMMANDS:
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_has_help(cmd):
+    res = runner.invoke(app, [cmd, "--help"])
+    assert res.exit_code == 0
+    assert "Usage" in res.output and len(res.output) > 300
+
+
+def test_synth_ingest_info_evaluate(ray_session, tmp_path):
+    src, store = tmp_path / "src", tmp_path / "store"
+    res = runner.invoke(
+        app,
+        [
+            "synth",
+            str(src),
+            "--n-labeled",
+            "4",
+            "--n-unlabeled",
+            "2",
+            "--n-test",
+            "4",
+            "--min-size",
+            "128",
+            "--max-size",
+            "192",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert len(list((src / "test" / "labels").glob("*_label.tiff"))) == 4
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(store)])
+    assert res.exit_code == 0, res.output
+    assert "10 added" in res.output
+    res = runner.invoke(app, ["info", str(store)])
+    assert res.exit_code == 0 and '"items": 10' in res.output
+
+    # ground truth against itself (folder vs store): every image perfect (border cells kept:
+    # a small image whose cells all touch the border has no TP and scores 0 officially)
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--gt",
+            str(store),
+            "--pred",
+            str(src / "test" / "labels"),
+            "--out",
+            str(tmp_path / "rep"),
+            "--count-boundary",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert report["f1"] == pytest.approx(1.0)
+    assert len(report["images"]) == 4 and set(report["per_modality"]) >= {"fluorescence"}
+    assert (tmp_path / "rep" / "metrics.csv").read_text().count("\n") == 5
+
+    # a degraded prediction scores below 1 and equals the folder-level metric
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for i, p in enumerate(sorted((src / "test" / "labels").glob("*.tiff"))):
+        lab = tifffile.imread(p)
+        if i % 2 == 0:
+            lab = ndi.shift(lab, (4, 3), order=0)
+        else:
+            lab = np.where(ndi.binary_erosion(lab > 0, iterations=2), lab, 0)
+        tifffile.imwrite(pred / p.name, lab.astype(np.int32))
+    (pred / sorted(pred.iterdir())[0].name).unlink()  # one prediction missing -> F1 0 for it
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--gt",
+            str(src / "test" / "labels"),
+            "--pred",
+            str(pred),
+            "--out",
+            str(tmp_path / "rep2"),
+            "--set",
+            "evaluate.count_boundary=true",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "rep2" / "metrics.json").read_text())
+    ref = evaluate_folders(src / "test" / "labels", pred, count_boundary=True)
+    assert got["f1"] == pytest.approx(ref["f1"], abs=1e-12) and 0 < got["f1"] < 1
+    assert len(got["missing"]) == 1 and got["count_boundary"] is True
+
+
+def test_ingest_bad_input_exit_code_and_message(ray_session, tmp_path, synth_src):
+    src = tmp_path / "src"
+    shutil.copytree(synth_src, src)
+    bad = sorted((src / "labeled" / "images").iterdir())[0]
+    bad.write_bytes(b"garbage")
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "store")])
+    assert res.exit_code == 1
+    assert str(bad) in res.output.replace("\n", "") and "cannot read image" in res.output
+    assert not (tmp_path / "store").exists()
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "store"), "--skip-bad"])
+    assert res.exit_code == 0 and "skipped 1" in res.output
+
+
+def test_config_error_exit_code_names_field(tmp_path):
+    res = runner.invoke(
+        app, ["ingest", str(tmp_path), "--out", str(tmp_path / "s"), "--set", "ingest.chunk=7"]
+    )
+    assert res.exit_code == 2
+    assert "ingest.chunk" in res.output
+
+
+def test_evaluate_missing_inputs(tmp_path):
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--gt",
+            str(tmp_path / "nope"),
+            "--pred",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
+    assert res.exit_code == 1 and "nope" in res.output
