@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cellst.config import ConfigError, ExperimentConfig, apply_overrides, dump_config, load_config
+from cellst.config import ConfigError, apply_overrides, dump_config, load_config
+from cellst.experiment import ExperimentConfig
 
 
 def test_defaults_and_overrides(tmp_path):

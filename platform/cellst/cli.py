@@ -61,6 +61,7 @@ def user_errors(fn):
         from cellst.data.images import ImageFormatError
         from cellst.data.ingest import IngestError
         from cellst.data.store import StoreError
+        from cellst.train.config import TrainingDiverged
 
         if os.environ.get("CELLST_DEBUG") == "1":
             return fn(*args, **kwargs)
@@ -74,6 +75,8 @@ def user_errors(fn):
                 if type(exc) is ValueError
                 else str(exc)
             )
+        except TrainingDiverged as exc:
+            _fail(str(exc), code=1)
         except KeyboardInterrupt:
             _fail("interrupted; stored data is unchanged (writes are atomic)", code=130)
 
@@ -226,6 +229,118 @@ def evaluate(
         f"mean F1 = [bold]{report['f1']:.4f}[/] over {report['count']} images; "
         f"report in {out}/metrics.json"
     )
+
+
+@app.command()
+@user_errors
+def predict(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint directory (model.pt + model.json)")],
+    input: Annotated[
+        Path, typer.Option("--input", "-i", help="a cellst store or a folder of images")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="folder for NAME_label.tiff files")
+    ] = None,
+    set_name: Annotated[
+        str | None, typer.Option(help="pseudo-label set to write into the store")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="store split to predict (default: unlabeled)")
+    ] = None,
+    num_actors: Annotated[
+        int | None, typer.Option(min=1, help="model replicas (actor pool size)")
+    ] = None,
+    num_gpus_per_actor: Annotated[
+        float | None, typer.Option(min=0, help="GPUs per actor (0: CPU)")
+    ] = None,
+    tta: Annotated[
+        bool | None, typer.Option("--tta/--no-tta", help="flip test-time augmentation")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an existing set / files")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+) -> None:
+    """Distributed batch prediction on a Ray Data actor pool (one model per actor).
+
+    Writes instance maps into the store as a pseudo-label set (--set-name) and/or as
+    challenge files NAME_label.tiff (--out). Items already written are skipped, so an
+    interrupted run resumes where it stopped; no item is written twice or half-written.
+    """
+    from cellst.inference.batch import predict as run_predict
+    from cellst.raycluster import ensure_ray
+
+    cfg = _load(config, set_)
+    if num_actors is not None:
+        cfg.predict.num_actors = num_actors
+    if num_gpus_per_actor is not None:
+        cfg.predict.num_gpus_per_actor = num_gpus_per_actor
+    if tta is not None:
+        cfg.inference.tta = tta
+    ensure_ray(ray_address)
+    result = run_predict(
+        checkpoint,
+        input,
+        set_name=set_name,
+        out_dir=out,
+        split=split,
+        infer=cfg.inference,
+        post=cfg.postprocess,
+        resources=cfg.predict,
+        overwrite=overwrite,
+    )
+    console.print(f"[green]predicted[/] {result.summary()}")
+    if result.stats is not None and len(result.stats):
+        s = result.stats
+        console.print(
+            f"set {set_name!r}: {len(s)} items, {int(s['n_instances'].sum())} instances, "
+            f"mean {s['n_instances'].mean():.1f} per image"
+        )
+
+
+@app.command()
+@user_errors
+def train(
+    config: Annotated[Path, typer.Argument(help="experiment YAML (see experiments/)")],
+    set_: SetOpt = None,
+    run_name: Annotated[
+        str | None, typer.Option(help="run name; re-using it resumes the run")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="start a finished or changed run over")
+    ] = False,
+    ray_address: RayOpt = None,
+) -> None:
+    """Train HoVer-Net with Ray Train (DDP) on the store's labelled items.
+
+    Optionally together with a pseudo-label set (train.pseudo_set). Each epoch validates
+    on held-out labelled items with the challenge F1 and keeps the best checkpoint, the
+    last ones and the ST++ snapshots. Every run is recorded in MLflow. Re-running the same
+    command resumes an interrupted run.
+    """
+    from cellst.raycluster import ensure_ray
+    from cellst.train.trainer import check_request
+    from cellst.train.trainer import train as run_train
+
+    cfg = _load(config, set_)
+    check_request(cfg)  # store problems are reported before Ray starts
+    ensure_ray(ray_address)
+    result = run_train(cfg, run_name=run_name, force=force)
+    m = result.metrics
+    state = "already finished (nothing to do)" if result.resumed else "finished"
+    console.print(f"[green]training {state}[/]: {result.run_path}")
+    console.print(
+        f"  epochs {m.get('epoch')}, best validation F1 {m.get('best_val_f1', float('nan')):.4f}"
+    )
+    console.print(f"  best checkpoint: {result.best}")
+    console.print(f"  ST++ snapshots: {', '.join(p.name for p in result.snapshots)}")
+    if result.mlflow_run_id:
+        console.print(
+            f"  MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri "
+            f"sqlite:///{result.run_path / 'mlflow.db'}"
+        )
 
 
 def _print_frame(df, title: str) -> None:

@@ -1,6 +1,6 @@
 """Experiment configuration: pydantic models loaded from YAML plus ``--set key=value`` overrides.
 
-Every command reads one :class:`ExperimentConfig`. Sections that a command does not use
+Every command reads one :class:`cellst.experiment.ExperimentConfig`. Sections that a command does not use
 keep their defaults, so one YAML file can describe a whole experiment. Validation errors
 are re-raised as :class:`ConfigError` whose message names each field's dotted path.
 """
@@ -81,16 +81,6 @@ class EvaluateConfig(Section):
     count_boundary: bool = Field(False, description="keep cells touching the 2-px image border")
 
 
-class ExperimentConfig(Section):
-    """A whole experiment. Sections are filled in by the stages that use them."""
-
-    name: str = Field("cellst", min_length=1, description="experiment name (MLflow experiment)")
-    store: str | None = Field(None, description="path of the zarr image store")
-    ingest: IngestConfig = IngestConfig()
-    data: DataConfig = DataConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-
-
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
@@ -161,7 +151,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),
-    model: type[M] = ExperimentConfig,  # type: ignore[assignment]
+    model: type[M] | None = None,
 ) -> M:
     """Load ``path`` (optional) into ``model``, apply overrides and validate.
 
@@ -170,6 +160,10 @@ def load_config(
     ConfigError
         With one line per invalid field, each naming the field's dotted path.
     """
+    if model is None:
+        from cellst.experiment import ExperimentConfig
+
+        model = ExperimentConfig  # type: ignore[assignment]
     overrides = list(overrides)
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)

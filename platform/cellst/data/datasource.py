@@ -325,6 +325,11 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- builders
+#: CPU share of a read task beside training workers or model actors: reading is light, and
+#: a whole CPU per read would starve (or deadlock) workers that hold the cluster's CPUs
+READ_CPUS = 0.25
+
+
 def crop_items(
     store: CellStore,
     ids: Sequence[str] | None = None,
@@ -364,11 +369,16 @@ def train_crop_dataset(
     seed: int | None = None,
     chunk: int = 256,
     parallelism: int = -1,
+    read_cpus: float = 1.0,
 ) -> ray.data.Dataset:
-    """A Ray Dataset of random training crops (see :class:`TrainCropDatasource`)."""
+    """A Ray Dataset of random training crops (see :class:`TrainCropDatasource`).
+
+    ``read_cpus`` is the CPU share of a read task; training passes a fraction so the reads
+    fit beside workers that hold the cluster's CPUs.
+    """
     ds = TrainCropDatasource(items, n_crops, crop, crops_per_visit, chunk, seed)
     return ray.data.read_datasource(
-        ds, override_num_blocks=None if parallelism < 0 else parallelism
+        ds, override_num_blocks=None if parallelism < 0 else parallelism, num_cpus=read_cpus
     )
 
 
@@ -377,4 +387,6 @@ def image_dataset(
 ) -> ray.data.Dataset:
     """A Ray Dataset of whole images (``tile=None``) or overlapping tiles, for inference."""
     ids = store.ids() if ids is None else list(ids)
-    return ray.data.read_datasource(ImageDatasource([store.ref(i) for i in ids], tile, overlap))
+    return ray.data.read_datasource(
+        ImageDatasource([store.ref(i) for i in ids], tile, overlap), num_cpus=READ_CPUS
+    )

@@ -1,0 +1,38 @@
+"""The whole-experiment configuration: one section per stage of the data flow.
+
+Each stage owns its section's model (ingest, data streams, model, augmentation, loss,
+inference, post-processing, batch prediction, evaluation); this module only assembles them,
+so stage modules can import :class:`cellst.config.Section` without import cycles.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from cellst.config import DataConfig, EvaluateConfig, IngestConfig, Section
+from cellst.inference.batch import PredictConfig
+from cellst.inference.predictor import InferenceConfig
+from cellst.model.augment import AugmentConfig
+from cellst.model.loss import LossConfig
+from cellst.model.networks import ModelConfig
+from cellst.postprocess import PostprocessConfig
+from cellst.tracking.config import TrackingConfig
+from cellst.train.config import TrainConfig
+
+
+class ExperimentConfig(Section):
+    """A whole experiment; sections a command does not use keep their defaults."""
+
+    name: str = Field("cellst", min_length=1, description="experiment name (MLflow experiment)")
+    store: str | None = Field(None, description="path of the zarr image store")
+    ingest: IngestConfig = IngestConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
+    inference: InferenceConfig = InferenceConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
+    predict: PredictConfig = PredictConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()

@@ -1,0 +1,172 @@
+"""Whole-image HoVer-Net inference: any image size, sliding window, flip TTA, bounded memory.
+
+``predict_maps`` turns an ``(H, W, 3) uint8`` image into the nuclear-pixel probability
+``(H, W)`` and the HoVer map ``(2, H, W)`` (channel 0 horizontal, 1 vertical):
+
+* images smaller than the network input are padded, larger ones run as a sliding window
+  with overlap and Gaussian blending (MONAI ``sliding_window_inference``; for MONAI's
+  fixed-size HoVer-Net, ``SlidingWindowHoVerNetInferer`` pads so output and input align);
+* optional flip test-time augmentation: each flipped prediction is flipped back, and the
+  HoVer channel along the flipped axis changes sign;
+* images larger than ``block`` pixels are processed block by block (each block with a
+  margin that is discarded), so the memory needed is set by the block, not the image;
+  outputs are float16.
+
+``segment_image`` adds HoVer post-processing, tiled for large images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from pydantic import BaseModel, ConfigDict, Field
+
+NP_KEY = "nucleus_prediction"
+HV_KEY = "horizontal_vertical"
+
+
+class InferenceConfig(BaseModel):
+    """How whole images are run through the network."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    roi: int = Field(
+        256, ge=32, description="sliding-window size for hovernet-lite (multiple of 32)"
+    )
+    overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap fraction")
+    sw_batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    tta: bool = Field(False, description="flip test-time augmentation (4 flips)")
+    block: int = Field(2048, ge=256, description="images larger than this run block by block")
+    block_margin: int = Field(128, ge=0, description="context kept around each block")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+
+
+def to_input(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3) uint8`` to the network's ``(1, 3, H, W)`` float input in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)[None]
+
+
+def _flips(tta: bool) -> list[tuple[int, ...]]:
+    return [(), (3,), (2,), (2, 3)] if tta else [()]
+
+
+def _window_predictor(model: torch.nn.Module):
+    def predict(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = model(x)
+        return {NP_KEY: torch.softmax(out[NP_KEY].float(), 1)[:, 1:2], HV_KEY: out[HV_KEY].float()}
+
+    return predict
+
+
+def _run_windows(model: torch.nn.Module, x: torch.Tensor, cfg: InferenceConfig) -> dict:
+    """Sliding-window prediction of one ``(1, 3, H, W)`` tensor; outputs have its size."""
+    in_size = getattr(model, "input_size", None)
+    if in_size is None:
+        roi = cfg.roi
+        h, w = x.shape[-2:]
+        # pad to a multiple of 32 (the lite network's stride) and at least one window
+        ph, pw = max(roi, math.ceil(h / 32) * 32), max(roi, math.ceil(w / 32) * 32)
+        xp = torch.nn.functional.pad(x, (0, pw - w, 0, ph - h), mode="constant")
+        out = sliding_window_inference(
+            xp,
+            roi,
+            cfg.sw_batch_size,
+            _window_predictor(model),
+            overlap=cfg.overlap,
+            mode="gaussian",
+            padding_mode="constant",
+        )
+        return {k: v[..., :h, :w] for k, v in out.items()}
+    from monai.apps.pathology.inferers import SlidingWindowHoVerNetInferer
+
+    out_size = model.output_size(in_size)
+    pad = (in_size - out_size) // 2
+    inferer = SlidingWindowHoVerNetInferer(
+        roi_size=in_size,
+        sw_batch_size=cfg.sw_batch_size,
+        overlap=1 - out_size / in_size,
+        mode="gaussian",
+        padding_mode="constant",
+        extra_input_padding=(pad,) * 4,
+    )
+    return inferer(x, _window_predictor(model))
+
+
+@torch.no_grad()
+def predict_block(
+    model: torch.nn.Module, image: np.ndarray, cfg: InferenceConfig, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probability ``(H, W)`` and HoVer ``(2, H, W)`` maps (float32) of one image or block."""
+    x = to_input(image).to(device)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.amp and device.type == "cuda"
+        else nullcontext()
+    )
+    prob = hv = None
+    with autocast:
+        for dims in _flips(cfg.tta):
+            xin = torch.flip(x, dims) if dims else x
+            out = _run_windows(model, xin, cfg)
+            p, m = out[NP_KEY].float(), out[HV_KEY].float()
+            if dims:
+                p, m = torch.flip(p, dims), torch.flip(m, dims).clone()
+                if 3 in dims:  # flipped along x: horizontal offsets change sign
+                    m[:, 0] = -m[:, 0]
+                if 2 in dims:  # flipped along y: vertical offsets change sign
+                    m[:, 1] = -m[:, 1]
+            prob = p if prob is None else prob + p
+            hv = m if hv is None else hv + m
+    n = len(_flips(cfg.tta))
+    return (prob[0, 0] / n).cpu().numpy(), (hv[0] / n).cpu().numpy()
+
+
+def blocks(h: int, w: int, block: int, margin: int) -> Iterator[tuple[tuple[int, ...], ...]]:
+    """Core windows tiling the image and the margin-extended windows to compute them from.
+
+    Yields ``((cy0, cy1, cx0, cx1), (ey0, ey1, ex0, ex1))``.
+    """
+    for cy0 in range(0, h, block):
+        for cx0 in range(0, w, block):
+            cy1, cx1 = min(cy0 + block, h), min(cx0 + block, w)
+            ey0, ex0 = max(cy0 - margin, 0), max(cx0 - margin, 0)
+            ey1, ex1 = min(cy1 + margin, h), min(cx1 + margin, w)
+            yield (cy0, cy1, cx0, cx1), (ey0, ey1, ex0, ex1)
+
+
+def predict_maps(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    cfg: InferenceConfig | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclear probability ``(H, W)`` and HoVer map ``(2, H, W)`` of a whole image, float16.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A cellst model (``cellst.model.build_model``) in eval mode.
+    image : ndarray
+        ``(H, W, 3) uint8`` (as stored), any size.
+    """
+    cfg = cfg or InferenceConfig()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    h, w = image.shape[:2]
+    if max(h, w) <= cfg.block + 2 * cfg.block_margin:
+        p, m = predict_block(model, image, cfg, device)
+        return p.astype(np.float16), m.astype(np.float16)
+    prob = np.empty((h, w), np.float16)
+    hv = np.empty((2, h, w), np.float16)
+    for (cy0, cy1, cx0, cx1), (ey0, ey1, ex0, ex1) in blocks(h, w, cfg.block, cfg.block_margin):
+        p, m = predict_block(model, image[ey0:ey1, ex0:ex1], cfg, device)
+        sy, sx = cy0 - ey0, cx0 - ex0
+        prob[cy0:cy1, cx0:cx1] = p[sy : sy + cy1 - cy0, sx : sx + cx1 - cx0]
+        hv[:, cy0:cy1, cx0:cx1] = m[:, sy : sy + cy1 - cy0, sx : sx + cx1 - cx0]
+    return prob, hv

@@ -1,0 +1,249 @@
+"""Model checkpoints: a directory with ``model.pt`` and ``model.json``.
+
+* ``model.pt``: the ``state_dict`` only (CPU tensors, no pickled code; loaded with
+  ``weights_only=True``), without DDP ``module.`` / ``torch.compile`` ``_orig_mod.`` prefixes;
+* ``model.json``: ``{"format": "cellst-model/1", "cellst_version": ..., "model": <ModelConfig>,
+  "metadata": {...}}`` where metadata is free JSON (epoch, metrics, data version, ...).
+
+:func:`save_checkpoint` writes into a temporary sibling directory and renames it into place,
+so a reader never sees a half-written checkpoint (an existing checkpoint at the same path is
+moved aside first and deleted after the rename). :func:`load_model` rebuilds the network
+from ``model.json``; :func:`load_into` loads into an existing network and reports a model or
+parameter mismatch as a :class:`CheckpointError` naming the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from cellst import __version__
+from cellst.model.networks import ModelConfig, build_model
+
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "load_into",
+    "load_model",
+    "read_checkpoint_info",
+    "save_checkpoint",
+    "unwrap_model",
+]
+
+FORMAT = "cellst-model/1"
+WEIGHTS_FILE = "model.pt"
+INFO_FILE = "model.json"
+_PREFIXES = ("module.", "_orig_mod.")
+_MAX_LISTED = 8
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, malformed or does not fit the model it is loaded into."""
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare network inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+                    changed = True
+        out[key] = value.detach().cpu()
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Metadata as plain JSON (numpy / torch scalars, paths, tuples; non-finite -> None)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"checkpoint metadata value {value!r} ({type(value).__name__}) is not JSON")
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (possibly DDP-wrapped) and ``cfg`` to the checkpoint ``directory``.
+
+    Atomic: written into a temporary sibling directory, then renamed. Returns the path.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    info = {
+        "format": FORMAT,
+        "cellst_version": __version__,
+        "model": cfg.model_dump(mode="json"),
+        "metadata": _jsonable(dict(metadata or {})),
+    }
+    state = _clean_state_dict(unwrap_model(model).state_dict())
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    old = target.parent / f".{target.name}.old-{tag}"
+    tmp.mkdir()
+    try:
+        torch.save(state, tmp / WEIGHTS_FILE)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        for f in (tmp / WEIGHTS_FILE, tmp / INFO_FILE):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def read_checkpoint_info(directory: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any]]:
+    """``(ModelConfig, metadata)`` from a checkpoint's ``model.json`` (weights not read)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    info_path = path / INFO_FILE
+    if not info_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {INFO_FILE} ({info_path} is missing)")
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {info_path} is not readable JSON: {exc}") from exc
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        got = info.get("format") if isinstance(info, dict) else None
+        raise CheckpointError(f"checkpoint {info_path} has format {got!r}, expected {FORMAT!r}")
+    try:
+        cfg = ModelConfig.model_validate(info.get("model"))
+    except ValidationError as exc:
+        raise CheckpointError(f"checkpoint {info_path} has an invalid model config: {exc}") from exc
+    metadata = info.get("metadata") or {}
+    return cfg, dict(metadata)
+
+
+def _read_state(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS_FILE} ({weights} is missing)")
+    try:
+        state = torch.load(weights, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"checkpoint weights {weights} cannot be read: {exc}") from exc
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint weights {weights} do not hold a state_dict")
+    return _clean_state_dict(state)
+
+
+def _describe(cfg: ModelConfig) -> str:
+    arch = cfg.architecture()
+    extra = ", ".join(f"{k}={v}" for k, v in arch.items() if k != "name")
+    return f"{arch['name']} ({extra})"
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
+
+
+def load_into(
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    directory: str | os.PathLike[str],
+    map_location: Any = "cpu",
+) -> dict[str, Any]:
+    """Load the checkpoint at ``directory`` into ``model`` (built from ``cfg``); returns metadata.
+
+    Raises :class:`CheckpointError` if the checkpoint is missing or was saved from a different
+    architecture (name, width, channels) or its parameters do not match ``model``.
+    """
+    path = Path(directory)
+    ck_cfg, metadata = read_checkpoint_info(path)
+    if ck_cfg.architecture() != cfg.architecture():
+        raise CheckpointError(
+            f"checkpoint {path} holds a {_describe(ck_cfg)} model and cannot be loaded into a "
+            f"{_describe(cfg)} model"
+        )
+    state = _read_state(path, map_location)
+    net = unwrap_model(model)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listed(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listed(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches (checkpoint vs model): {_listed(mismatched)}")
+        raise CheckpointError(
+            f"checkpoint {path} ({_describe(ck_cfg)}) does not fit the {_describe(cfg)} model: "
+            + "; ".join(parts)
+        )
+    net.load_state_dict(state, strict=True)
+    return metadata
+
+
+def load_model(
+    directory: str | os.PathLike[str], map_location: Any = "cpu"
+) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+    """Rebuild the network saved at ``directory``: ``(model, cfg, metadata)``.
+
+    The network is built without downloading ``pretrained_url`` (the checkpoint replaces
+    those weights); the returned ``cfg`` is the saved one. The model is on ``map_location``
+    (if it names a device) and in eval mode.
+    """
+    path = Path(directory)
+    cfg, _ = read_checkpoint_info(path)
+    build_cfg = cfg.model_copy(update={"pretrained_url": None})
+    model = build_model(build_cfg)
+    metadata = load_into(model, build_cfg, path, map_location=map_location)
+    if isinstance(map_location, str | torch.device):
+        model = model.to(map_location)
+    model.eval()
+    return model, cfg, metadata

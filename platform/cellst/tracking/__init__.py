@@ -1,0 +1,78 @@
+"""MLflow tracking for cellst stages: run setup, config/metric/table logging and figures.
+
+Names are imported lazily, so ``cellst.tracking.figures`` can be used without importing
+MLflow (which takes seconds).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "DisabledRun",
+    "TrackingConfig",
+    "active_run_id",
+    "curve_figure",
+    "default_tags",
+    "ensure_experiment",
+    "flatten_params",
+    "git_commit",
+    "histogram_figure",
+    "log_artifact",
+    "log_config",
+    "log_figure",
+    "log_metrics",
+    "log_params",
+    "log_table",
+    "overlay_figure",
+    "resolve_tracking",
+    "runs_table",
+    "save_figure",
+    "set_tags",
+    "start_run",
+    "store_tags",
+    "use_tracking_uri",
+]
+_FIGURES = {"curve_figure", "histogram_figure", "log_figure", "overlay_figure", "save_figure"}
+
+if TYPE_CHECKING:
+    from cellst.tracking.figures import (
+        curve_figure,
+        histogram_figure,
+        log_figure,
+        overlay_figure,
+        save_figure,
+    )
+    from cellst.tracking.mlflow_utils import (
+        DisabledRun,
+        TrackingConfig,
+        active_run_id,
+        default_tags,
+        ensure_experiment,
+        flatten_params,
+        git_commit,
+        log_artifact,
+        log_config,
+        log_metrics,
+        log_params,
+        log_table,
+        resolve_tracking,
+        runs_table,
+        set_tags,
+        start_run,
+        store_tags,
+        use_tracking_uri,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FIGURES:
+        module = "cellst.tracking.figures"
+    elif name in __all__:
+        module = "cellst.tracking.mlflow_utils"
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,533 @@
+"""A thin MLflow layer shared by every cellst stage.
+
+Where runs go
+-------------
+* ``TrackingConfig.tracking_uri`` when set, else ``$MLFLOW_TRACKING_URI``, else an embedded
+  SQLite database ``<run_dir>/mlflow.db``. Relative SQLite paths are made absolute (Ray
+  workers and Tune trials run in other working directories). Plain paths and ``file:`` URIs
+  are refused: MLflow 3.17 only allows the file store with ``MLFLOW_ALLOW_FILE_STORE=true``.
+* Artifacts of new experiments go to ``TrackingConfig.artifact_root`` when set; for a SQLite
+  store to ``mlartifacts/`` next to the database file (``<run_dir>/mlartifacts`` for the
+  embedded default); for an ``http(s)`` server to the server's default (usually its proxied
+  ``mlflow-artifacts:/`` store); for other databases to ``<run_dir>/mlartifacts``. An
+  experiment's artifact location is fixed when it is created, so nothing ever lands in
+  ``./mlruns`` of the current directory.
+
+Global state
+------------
+MLflow's fluent API keeps the tracking URI in a module global *and* in the environment
+variable ``MLFLOW_TRACKING_URI`` (so that subprocesses inherit it). :func:`start_run` sets
+both for the duration of the run and restores the previous values afterwards, so one run
+cannot redirect the next one.
+
+The ``log_*`` helpers act on the active run of the calling thread and are silent no-ops
+when there is none (that is how ``TrackingConfig(enabled=False)`` disables everything).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import logging
+import math
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import pandas as pd
+import yaml
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+
+import cellst
+from cellst.tracking.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+#: MLflow's limit on a parameter value (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``)
+MAX_PARAM_VALUE_LENGTH = 6000
+#: MLflow's limit on params (and tags) per ``log_batch`` request
+MAX_PARAMS_PER_BATCH = 100
+
+_SERVER_SCHEMES = {"http", "https", "databricks", "databricks-uc", "uc"}
+
+
+def _sqlite_path(uri: str) -> str | None:
+    """The database path of a ``sqlite:///`` URI as written (None for in-memory databases)."""
+    rest = uri[len("sqlite://") :]
+    if not rest.startswith("/"):
+        return None
+    path = rest[1:].split("?", 1)[0]
+    if path in ("", ":memory:"):
+        return None
+    return path
+
+
+def _normalise_uri(uri: str) -> str:
+    """Make SQLite URIs absolute; refuse the file store MLflow 3.17 no longer allows."""
+    uri = uri.strip()
+    scheme = urlparse(uri).scheme.lower()
+    if scheme == "sqlite":
+        path = _sqlite_path(uri)
+        if path is None or os.path.isabs(path):
+            return uri
+        query = uri.split("?", 1)[1] if "?" in uri else ""
+        absolute = "sqlite:///" + os.path.abspath(path)
+        return f"{absolute}?{query}" if query else absolute
+    if scheme in ("", "file") or len(scheme) == 1:  # a bare path (or a Windows drive)
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+            raise ValueError(
+                f"tracking URI {uri!r} names the MLflow file store, which MLflow 3.17 refuses "
+                "unless MLFLOW_ALLOW_FILE_STORE=true; use 'sqlite:///<path>/mlflow.db' or an "
+                "http(s) tracking server"
+            )
+    return uri
+
+
+def _normalise_artifact_root(root: str) -> str:
+    """Absolute local path for a path-like root; URIs (``s3://``, ``file:``...) unchanged."""
+    scheme = urlparse(root).scheme
+    if scheme and len(scheme) > 1:
+        return root
+    return str(Path(root).expanduser().absolute())
+
+
+def resolve_tracking(
+    cfg: TrackingConfig, run_dir: str | Path, default_experiment: str
+) -> tuple[str, str | None, str]:
+    """Resolve the tracking URI, the artifact location of new experiments and the experiment.
+
+    Pure: touches no files.
+
+    Parameters
+    ----------
+    cfg : TrackingConfig
+        The tracking section of a stage's configuration.
+    run_dir : path
+        The stage's output directory (home of the embedded SQLite store).
+    default_experiment : str
+        Experiment name used when ``cfg.experiment`` is None.
+
+    Returns
+    -------
+    uri : str
+        Absolute tracking URI.
+    artifact_location : str or None
+        Artifact location for experiments created now; None leaves it to the server.
+    experiment : str
+        Experiment name.
+    """
+    run_dir = Path(run_dir).expanduser().absolute()
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri.strip():
+        uri = "sqlite:///" + str(run_dir / "mlflow.db")
+    uri = _normalise_uri(uri)
+    scheme = urlparse(uri).scheme.lower()
+
+    artifact_location: str | None
+    if cfg.artifact_root:
+        artifact_location = _normalise_artifact_root(cfg.artifact_root)
+    elif scheme == "sqlite":
+        db = _sqlite_path(uri)
+        base = Path(db).parent if db is not None else run_dir
+        artifact_location = str(base / "mlartifacts")
+    elif scheme in _SERVER_SCHEMES:
+        artifact_location = None
+    else:
+        artifact_location = str(run_dir / "mlartifacts")
+    experiment = cfg.experiment or default_experiment
+    if not experiment:
+        raise ValueError("experiment name is empty")
+    return uri, artifact_location, experiment
+
+
+@contextlib.contextmanager
+def _sqlite_lock(uri: str) -> Iterator[None]:
+    """Serialise database creation between processes for a local SQLite store."""
+    db = _sqlite_path(uri) if urlparse(uri).scheme.lower() == "sqlite" else None
+    if db is None:
+        yield
+        return
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    with open(db + ".lock", "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
+    """Return the id of experiment ``name``, creating it with ``artifact_location`` if missing.
+
+    Idempotent and safe when several processes race: creation is serialised with a file lock
+    for SQLite stores, and an "already exists" answer (from another client of a server) is
+    followed by a re-read. A deleted experiment of that name is restored. The artifact
+    location of an existing experiment is never changed.
+    """
+    with _sqlite_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return client.create_experiment(name, artifact_location=artifact_location)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise MlflowException(f"experiment {name!r} exists but cannot be read")
+        if exp.lifecycle_stage == "deleted":
+            log.warning("restoring deleted MLflow experiment %r (%s)", name, exp.experiment_id)
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the repository holding the cellst package, or "unknown"."""
+    try:
+        pkg_dir = Path(cellst.__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "-C", str(pkg_dir), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        sha = out.stdout.strip()
+        if out.returncode == 0 and len(sha) >= 7:
+            return sha
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return "unknown"
+
+
+def default_tags() -> dict[str, str]:
+    """Tags every new cellst run gets: ``cellst.version`` and ``git.commit``."""
+    return {"cellst.version": str(cellst.__version__), "git.commit": git_commit()}
+
+
+@dataclass
+class DisabledRunInfo:
+    """The few ``RunInfo`` fields a disabled run offers (all empty)."""
+
+    run_name: str | None = None
+    run_id: None = None
+    experiment_id: None = None
+    artifact_uri: None = None
+    status: str = "DISABLED"
+
+
+@dataclass
+class DisabledRunData:
+    """Empty stand-in for ``RunData``."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DisabledRun:
+    """What :func:`start_run` yields when tracking is disabled: ``.info``/``.data`` like an
+    ``mlflow.ActiveRun``, with ``info.run_id`` None."""
+
+    info: DisabledRunInfo = field(default_factory=DisabledRunInfo)
+    data: DisabledRunData = field(default_factory=DisabledRunData)
+
+
+def _uri_state() -> tuple[str | None, str | None]:
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    return tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def _restore_uri_state(state: tuple[str | None, str | None]) -> None:
+    module_uri, env_uri = state
+    mlflow.set_tracking_uri(module_uri)  # None resets (and unsets the env variable)
+    if env_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env_uri
+
+
+@contextlib.contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for the block, then restore the previous URI
+    (module global and ``MLFLOW_TRACKING_URI``)."""
+    state = _uri_state()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        _restore_uri_state(state)
+
+
+@contextlib.contextmanager
+def start_run(
+    cfg: TrackingConfig,
+    run_dir: str | Path,
+    experiment_default: str,
+    run_name: str | None,
+    *,
+    nested: bool = False,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun | DisabledRun]:
+    """Start (or resume) an MLflow run for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    cfg : TrackingConfig
+        Tracking section; ``enabled=False`` yields a :class:`DisabledRun` and touches nothing.
+    run_dir : path
+        The stage's output directory (see :func:`resolve_tracking`).
+    experiment_default : str
+        Experiment name when ``cfg.experiment`` is None.
+    run_name : str or None
+        Display name of the run.
+    nested : bool
+        Start the run as a child of the active run of this thread.
+    parent_run_id : str, optional
+        Parent run id for a child started in another process (a Tune trial, a Ray task);
+        the parent must live in the same tracking store.
+    tags : mapping, optional
+        Extra tags (values are str'ed). New runs also get :func:`default_tags`.
+    run_id : str, optional
+        Resume this run instead of creating one (re-attach after a restart or from another
+        process); only ``tags`` are added then.
+
+    Yields
+    ------
+    mlflow.ActiveRun or DisabledRun
+        The run ends FINISHED, or FAILED (KILLED on KeyboardInterrupt) when the block raises.
+        System metrics are sampled only for the outermost run of a process.
+    """
+    if not cfg.enabled:
+        yield DisabledRun(DisabledRunInfo(run_name=run_name))
+        return
+
+    uri, artifact_location, experiment = resolve_tracking(cfg, run_dir, experiment_default)
+    state = _uri_state()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = ensure_experiment(uri, experiment, artifact_location)
+        outer = mlflow.active_run() is None
+        all_tags: dict[str, str] = {} if run_id else default_tags()
+        all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+        run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=None if run_id else experiment_id,
+            run_name=run_name,
+            nested=nested or (run_id is not None and not outer),
+            parent_run_id=None if run_id else parent_run_id,
+            tags=all_tags,
+            log_system_metrics=bool(cfg.system_metrics and outer),
+        )
+        status = RunStatus.FINISHED
+        try:
+            yield run
+        except KeyboardInterrupt:
+            status = RunStatus.KILLED
+            raise
+        except BaseException:
+            status = RunStatus.FAILED
+            raise
+        finally:
+            if any(r.info.run_id == run.info.run_id for r in _active_stack()):
+                mlflow.end_run(RunStatus.to_string(status))
+    finally:
+        _restore_uri_state(state)
+
+
+def _active_stack() -> list[mlflow.ActiveRun]:
+    from mlflow.tracking.fluent import _active_run_stack
+
+    return list(_active_run_stack.get())
+
+
+def active_run_id() -> str | None:
+    """Id of this thread's active MLflow run, or None (tracking disabled / outside a run)."""
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested mapping into dotted keys with string values.
+
+    Values are ``str``'ed and cut to MLflow's 6000-character limit; an empty sub-mapping is
+    kept as ``"{}"``.
+
+    >>> flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": None})
+    {'a.b': '1', 'a.c': '[1, 2]', 'd': 'None'}
+    """
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, name))
+        else:
+            text = "{}" if isinstance(value, Mapping) else str(value)
+            out[name] = text[:MAX_PARAM_VALUE_LENGTH]
+    return out
+
+
+def log_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Log params to the active run in batches of <= 100; returns what was logged.
+
+    Params already logged with the same value are skipped (so resumed runs can log their
+    config again); a param logged before with another value is kept and a warning names it
+    (MLflow params are immutable).
+    """
+    run = mlflow.active_run()
+    if run is None:
+        return {}
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    todo: dict[str, str] = {}
+    for key, value in params.items():
+        value = str(value)[:MAX_PARAM_VALUE_LENGTH]
+        if key in existing:
+            if existing[key] != value:
+                warnings.warn(
+                    f"param {key!r} was logged as {existing[key]!r}; new value {value!r} is "
+                    "not logged (MLflow params are immutable)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            continue
+        todo[key] = value
+    items = list(todo.items())
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        mlflow.log_params(dict(items[i : i + MAX_PARAMS_PER_BATCH]))
+    return todo
+
+
+def log_config(cfg_model: BaseModel, artifact_file: str = "config.yaml") -> None:
+    """Log a pydantic config as flattened params plus its resolved YAML artifact."""
+    if mlflow.active_run() is None:
+        return
+    data = cfg_model.model_dump(mode="json")
+    log_params(flatten_params(data))
+    mlflow.log_text(yaml.safe_dump(data, sort_keys=False), artifact_file)
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
+    """Log metrics to the active run; non-finite values are skipped with a warning.
+
+    MLflow itself would store NaN (as a flag) and clamp +-inf to +-1.8e308, which spoils
+    charts and comparisons. Returns the metrics actually logged.
+    """
+    if mlflow.active_run() is None:
+        return {}
+    clean: dict[str, float] = {}
+    for key, value in metrics.items():
+        v = float(value)
+        if math.isfinite(v):
+            clean[str(key)] = v
+        else:
+            warnings.warn(f"metric {key!r} is not finite; not logged", RuntimeWarning, stacklevel=2)
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+    return clean
+
+
+def log_table(df: pd.DataFrame, artifact_file: str) -> None:
+    """Log a DataFrame as an artifact of the active run.
+
+    ``*.json`` uses ``mlflow.log_table`` (shown as a table in the UI; note that MLflow
+    *appends* to an existing table of that name); ``*.parquet`` is written with pyarrow;
+    anything else is written as CSV (overwriting).
+    """
+    if mlflow.active_run() is None:
+        return
+    if artifact_file.endswith(".json"):
+        mlflow.log_table(df, artifact_file)
+        return
+    artifact_path, _, name = artifact_file.rpartition("/")
+    with tempfile.TemporaryDirectory(prefix="cellst-table-") as tmp:
+        local = Path(tmp) / name
+        if name.endswith(".parquet"):
+            df.to_parquet(local, index=False)
+        else:
+            df.to_csv(local, index=False)
+        mlflow.log_artifact(str(local), artifact_path or None)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """``mlflow.log_artifact`` on the active run; no-op outside a run."""
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """Set tags (values str'ed) on the active run; no-op outside a run."""
+    if mlflow.active_run() is not None and tags:
+        mlflow.set_tags({str(k): str(v) for k, v in tags.items()})
+
+
+def store_tags(store_root: str | Path) -> dict[str, Any]:
+    """Tags identifying an image store: path, sha256 of ``manifest.parquet`` and item count.
+
+    Only ``store.path`` when the manifest is missing.
+    """
+    root = Path(store_root).expanduser().absolute()
+    tags: dict[str, Any] = {"store.path": str(root)}
+    manifest = root / "manifest.parquet"
+    if not manifest.is_file():
+        return tags
+    data = manifest.read_bytes()
+    tags["store.manifest_sha256"] = hashlib.sha256(data).hexdigest()
+    tags["store.items"] = len(pd.read_parquet(manifest))
+    return tags
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def runs_table(
+    uri: str,
+    experiment: str,
+    filter_string: str = "",
+    order_by: list[str] | None = None,
+) -> pd.DataFrame:
+    """Runs of ``experiment`` as a DataFrame (``mlflow.search_runs`` columns: ``run_id``,
+    ``status``, ``params.*``, ``metrics.*``, ``tags.*``...).
+
+    An empty DataFrame when the experiment (or a local SQLite database) does not exist; a
+    missing database is not created.
+    """
+    uri = _normalise_uri(uri)
+    if urlparse(uri).scheme.lower() == "sqlite":
+        db = _sqlite_path(uri)
+        if db is not None and not Path(db).is_file():
+            return pd.DataFrame()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return pd.DataFrame()
+    with use_tracking_uri(uri):
+        return mlflow.search_runs(
+            experiment_ids=[exp.experiment_id],
+            filter_string=filter_string,
+            order_by=order_by,
+            output_format="pandas",
+        )

@@ -1,0 +1,107 @@
+"""The checkpoints of a training run, as cellst checkpoint directories.
+
+Layout of ``<run_dir>/<run_name>/``::
+
+    run.json                       state of the run (MLflow run id, config hash, status)
+    checkpoints/epoch_007/         the last ``keep_last`` epochs
+    checkpoints/best/              best validation F1
+    checkpoints/last/              the latest epoch
+    checkpoints/snapshot_e007/     ST++ snapshots (about 1/3, 2/3 and the end), always kept
+    overlays/<item>.png            image | label | prediction of validation items
+
+Every checkpoint directory holds ``model.pt`` and ``model.json`` (loadable with
+``cellst.model.load_model``); the resumable training state (optimizer, scheduler, epoch)
+lives only in Ray Train's own checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL_FILES = ("model.pt", "model.json")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run keeps its files."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def overlays(self) -> Path:
+        return self.root / "overlays"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "run.json"
+
+    def snapshots(self) -> list[Path]:
+        """ST++ snapshots in epoch order."""
+        return sorted(self.checkpoints.glob("snapshot_e*"))
+
+    def read_state(self) -> dict[str, Any]:
+        return json.loads(self.state.read_text()) if self.state.is_file() else {}
+
+    def write_state(self, **update: Any) -> dict[str, Any]:
+        state = {**self.read_state(), **update}
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state.with_name(f".run.json.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(state, indent=2, default=str))
+        os.replace(tmp, self.state)
+        return state
+
+
+def save_epoch(
+    directory: Path, model: torch.nn.Module, model_cfg, state: dict, metrics: dict
+) -> None:
+    """A Ray checkpoint directory: a cellst checkpoint plus the resumable training state."""
+    from cellst.model import save_checkpoint
+
+    save_checkpoint(directory, model, model_cfg, {k: v for k, v in metrics.items()})
+    torch.save(state, directory / "train_state.pt")
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Copy the model files of ``src`` to ``dst`` atomically (temp sibling + rename)."""
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    for name in MODEL_FILES:
+        try:
+            os.link(src / name, tmp / name)
+        except OSError:
+            shutil.copy2(src / name, tmp / name)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def keep_checkpoints(
+    paths: RunPaths, src: Path, epoch: int, *, is_best: bool, is_snapshot: bool, keep_last: int
+) -> None:
+    """Publish the epoch's checkpoint as epoch/last (and best/snapshot); prune old epochs."""
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    _publish(src, paths.checkpoints / f"epoch_{epoch:03d}")
+    _publish(src, paths.checkpoints / "last")
+    if is_best:
+        _publish(src, paths.checkpoints / "best")
+    if is_snapshot:
+        _publish(src, paths.checkpoints / f"snapshot_e{epoch:03d}")
+    epochs = sorted(paths.checkpoints.glob("epoch_*"))
+    for old in epochs[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""Training configuration (the ``train`` section of an experiment)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from cellst.config import Section
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite (defined here, free of torch, for the CLI)."""
+
+
+class TrainConfig(Section):
+    """How ``cellst train`` trains a model with Ray Train."""
+
+    run_dir: str = Field(
+        "runs", description="root folder of training runs (shared storage on clusters)"
+    )
+    run_name: str | None = Field(None, description="run name; re-using it resumes the run")
+    epochs: int = Field(20, ge=1, description="passes of data.crops_per_epoch crops")
+    batch_size: int = Field(8, ge=1, description="crops per worker per step")
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1e-4, gt=0, description="learning rate")
+    weight_decay: float = Field(1e-5, ge=0)
+    schedule: Literal["none", "step", "cosine"] = Field(
+        "step", description="learning-rate schedule"
+    )
+    step_epochs: int = Field(25, ge=1, description="epochs per step of the step schedule")
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    frozen_encoder_epochs: int = Field(
+        0, ge=0, description="HoVer-Net two-phase schedule: epochs with the encoder frozen first"
+    )
+    grad_clip: float = Field(0.0, ge=0, description="max gradient norm, 0 = off")
+    num_workers: int = Field(1, ge=1, description="DDP workers")
+    use_gpu: bool = Field(False, description="one GPU per worker (NCCL, SyncBN, bf16 autocast)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    amp: bool = Field(True, description="bf16 autocast on GPU")
+    channels_last: bool = Field(True, description="channels_last memory format on GPU")
+    sync_bn: bool = Field(True, description="SyncBatchNorm across GPU workers")
+    pseudo_set: str | None = Field(None, description="pseudo-label set trained on with the labels")
+    pseudo_weight: float = Field(
+        0.5, ge=0, le=1, description="share of crops drawn from the pseudo-labelled items"
+    )
+    init_checkpoint: str | None = Field(None, description="warm-start weights (else fresh init)")
+    snapshot_fractions: list[float] = Field(
+        [1 / 3, 2 / 3, 1.0],
+        description="fractions of training whose weights are always kept (ST++)",
+    )
+    keep_last: int = Field(2, ge=1, description="latest epoch checkpoints kept")
+    val_every: int = Field(1, ge=1, description="validate every N epochs (and at the end)")
+    val_max_items: int = Field(32, ge=1, description="validation items scored per validation")
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
+    seed: int = 0
+    log_every_steps: int = Field(10, ge=1)
+
+    @field_validator("snapshot_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"each fraction must be in (0, 1], got {v}")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _frozen_within_epochs(self) -> TrainConfig:
+        if self.frozen_encoder_epochs >= self.epochs:
+            raise ValueError(
+                f"frozen_encoder_epochs ({self.frozen_encoder_epochs}) must be below epochs "
+                f"({self.epochs})"
+            )
+        return self
+
+    def snapshot_epochs(self) -> list[int]:
+        """Epochs (1-based) whose checkpoints ST++ needs: about 1/3, 2/3 and the end."""
+        return sorted({max(1, round(f * self.epochs)) for f in self.snapshot_fractions})

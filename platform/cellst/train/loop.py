@@ -1,0 +1,225 @@
+"""``train_loop_per_worker``: what each Ray Train worker runs.
+
+Each epoch: stream this worker's share of the crop dataset, augment, step; then rank 0
+validates (whole-image F1), saves a checkpoint and reports; every rank reports the same
+number of times (``ray.train.report`` is a barrier). A restarted or resumed run continues
+from ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from cellst.train.checkpoints import RunPaths, keep_checkpoints, save_epoch
+from cellst.train.step import (
+    Augmenter,
+    TrainingDiverged,
+    encoder_parameters,
+    make_optimizer,
+    make_scheduler,
+    train_step,
+)
+
+
+class MetricLogger:
+    """Rank-0 MLflow logging into the driver's run (by id), batched per call."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None):
+        self.client = None
+        if tracking_uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(tracking_uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _all_finite(ok: bool, device: torch.device) -> bool:
+    """Whether every rank's loss is finite (so all ranks stop together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function. ``config`` comes from :func:`cellst.train.trainer.train`."""
+    from cellst.data.store import CellStore
+    from cellst.experiment import ExperimentConfig
+    from cellst.model import HoVerLoss, build_model, load_into
+    from cellst.train.validate import validate
+
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    tcfg = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(tcfg.seed + rank)
+    torch.set_num_threads(max(1, int(tcfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    paths = RunPaths(Path(config["run_path"]))
+    if rank == 0:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        (paths.root / "rank0.pid").write_text(str(os.getpid()))  # for operators (and tests)
+
+    model = build_model(cfg.model)
+    if tcfg.init_checkpoint:
+        load_into(model, cfg.model, tcfg.init_checkpoint)
+    if tcfg.use_gpu:
+        if tcfg.sync_bn and world > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if tcfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+
+    # two param groups so the two-phase schedule can hold the encoder still (lr 0) without
+    # toggling requires_grad under DDP
+    enc = {id(p) for p in encoder_parameters(model)}
+    opt = make_optimizer(model, tcfg.optimizer, tcfg.lr, tcfg.weight_decay)
+    params = opt.param_groups[0]["params"]
+    opt.param_groups[0]["params"] = [p for p in params if id(p) in enc]
+    opt.add_param_group({"params": [p for p in params if id(p) not in enc]})
+    sched = make_scheduler(opt, tcfg.schedule, tcfg.epochs, tcfg.step_epochs, tcfg.step_gamma)
+
+    start_epoch, step, best = 0, 0, {"val_f1": -1.0, "epoch": 0}
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = torch.load(Path(d) / "train_state.pt", map_location=device, weights_only=False)
+        _unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, step, best = state["epoch"], state["step"], state["best"]
+
+    store = CellStore(config["store"])
+    val_ids = config["val_ids"][: tcfg.val_max_items]
+    augmenter = Augmenter(
+        cfg.augment, cfg.data.crop_size, seed=tcfg.seed * 7919 + rank + start_epoch
+    )
+    loss_fn = HoVerLoss(cfg.loss)
+    logger = (
+        MetricLogger(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else None
+    )
+    shard = ray.train.get_dataset_shard("train")
+    snapshots = set(tcfg.snapshot_epochs())
+    model.train()
+
+    for epoch in range(start_epoch + 1, tcfg.epochs + 1):
+        frozen = epoch <= tcfg.frozen_encoder_epochs
+        opt.param_groups[0]["lr"] = 0.0 if frozen else opt.param_groups[1]["lr"]
+        t0, n_seen, n_steps, sums, diverged = time.perf_counter(), 0, 0, {}, None
+        for batch in shard.iter_batches(
+            batch_size=tcfg.batch_size, batch_format="numpy", drop_last=False, prefetch_batches=2
+        ):
+            b = augmenter(batch).to(device, channels_last=tcfg.use_gpu and tcfg.channels_last)
+            try:
+                terms = train_step(
+                    model,
+                    b,
+                    loss_fn,
+                    opt,
+                    amp=tcfg.amp,
+                    grad_clip=tcfg.grad_clip,
+                    check=lambda ok: _all_finite(ok, device),
+                )
+            except TrainingDiverged as exc:
+                diverged = str(exc)
+                break
+            step += 1
+            n_steps += 1
+            n_seen += len(b.image)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if logger is not None and step % tcfg.log_every_steps == 0:
+                logger.log({f"step_{k}": v for k, v in terms.items()}, step)
+        if diverged is not None:
+            ray.train.report({"epoch": epoch, "diverged": diverged})
+            return
+        sched.step()
+        seconds = time.perf_counter() - t0
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": opt.param_groups[1]["lr"],
+            "encoder_frozen": float(frozen),
+            "images_per_s": n_seen * world / seconds if seconds > 0 else 0.0,
+            "epoch_seconds": seconds,
+            **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
+        }
+        checkpoint = None
+        if rank == 0:
+            if val_ids and (epoch % tcfg.val_every == 0 or epoch == tcfg.epochs):
+                val, kept = validate(
+                    _unwrap(model),
+                    store,
+                    val_ids,
+                    cfg.inference,
+                    cfg.postprocess,
+                    device,
+                    keep=3 if epoch == tcfg.epochs else 0,
+                )
+                metrics.update(val)
+                if val["val_f1"] > best["val_f1"]:
+                    best = {"val_f1": val["val_f1"], "epoch": epoch}
+                if kept:
+                    _save_overlays(store, kept, paths.overlays)
+            metrics["best_val_f1"] = best["val_f1"]
+            tmp = Path(tempfile.mkdtemp(prefix="cellst-ckpt-")) / "checkpoint"
+            state = {
+                "model": _unwrap(model).state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "best": best,
+            }
+            save_epoch(tmp, _unwrap(model), cfg.model, state, metrics)
+            keep_checkpoints(
+                paths,
+                tmp,
+                epoch,
+                is_best=best["epoch"] == epoch,
+                is_snapshot=epoch in snapshots,
+                keep_last=tcfg.keep_last,
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
+            logger.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, epoch)
+            print(
+                f"[cellst train] epoch {epoch}/{tcfg.epochs} "
+                + " ".join(
+                    f"{k}={v:.4g}"
+                    for k, v in metrics.items()
+                    if k in ("train_loss", "val_f1", "images_per_s", "lr")
+                ),
+                flush=True,
+            )
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _save_overlays(store, kept, folder: Path) -> None:
+    from cellst.tracking.figures import overlay_figure, save_figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for item, pred in kept:
+        fig = overlay_figure(store.image(item), store.label(item), pred, title=item)
+        save_figure(fig, folder / f"{item}.png")

@@ -1,0 +1,142 @@
+"""One training step, shared by the Ray Train worker loop and the plain-PyTorch benchmark.
+
+A batch from the crop stream (numpy: ``image`` (B, c, c, 3) uint8, ``label`` (B, c, c) int32,
+``source`` (B,) 0 = labelled / 1 = pseudo) is augmented per sample (``standard`` preset for
+labelled crops, ``strong`` for pseudo-labelled ones, whose Cutout regions the loss ignores),
+turned into HoVer-Net targets *after* the spatial augmentation, and fed to the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cellst.model.augment import AugmentConfig, build_augment
+from cellst.model.loss import HoVerLoss
+from cellst.model.targets import make_targets
+from cellst.train.config import TrainingDiverged
+
+
+@dataclass
+class Batch:
+    """Model-ready tensors of one step."""
+
+    image: torch.Tensor  # (B, 3, c, c) float32 in [0, 1]
+    targets: dict[str, torch.Tensor]  # np_onehot (B, 2, c, c), hv (B, 2, c, c)
+    ignore: torch.Tensor  # (B, 1, c, c) float32, 1 = ignored by the loss
+
+    def to(self, device: torch.device, channels_last: bool = False) -> Batch:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return Batch(
+            self.image.to(device, non_blocking=True).contiguous(memory_format=fmt),
+            {k: v.to(device, non_blocking=True) for k, v in self.targets.items()},
+            self.ignore.to(device, non_blocking=True),
+        )
+
+
+class Augmenter:
+    """Per-sample MONAI augmentation of stream batches, with a seedable random state."""
+
+    def __init__(self, cfg: AugmentConfig, crop: int, seed: int | None = None):
+        self.standard = build_augment(cfg, crop, "standard", seed=seed)
+        self.strong = build_augment(cfg, crop, "strong", seed=None if seed is None else seed + 1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
+        images, labels, ignores = [], [], []
+        sources = batch.get("source", np.zeros(len(batch["image"]), np.int8))
+        for img, lab, src in zip(batch["image"], batch["label"], sources, strict=True):
+            sample = {
+                "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
+                / 255,
+                "label": torch.from_numpy(np.ascontiguousarray(lab))[None],
+            }
+            out = (self.strong if int(src) == 1 else self.standard)(sample)
+            images.append(out["image"])
+            labels.append(out["label"][0])
+            ignores.append(out["ignore"])
+        labels_t = torch.stack(labels)
+        return Batch(torch.stack(images), make_targets(labels_t), torch.stack(ignores))
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: Batch,
+    loss_fn: HoVerLoss,
+    optimizer: torch.optim.Optimizer,
+    *,
+    amp: bool = False,
+    grad_clip: float = 0.0,
+    check: Callable[[bool], bool] | None = None,
+) -> dict[str, float]:
+    """Forward, loss, backward and optimiser step; returns every loss term as a float.
+
+    ``check`` maps "this rank's loss is finite" to "continue" (DDP runs pass an all-reduce so
+    that all ranks stop together).
+
+    Raises
+    ------
+    TrainingDiverged
+        If the loss is not finite (the step is not applied).
+    """
+    device = batch.image.device
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if amp and device.type == "cuda"
+        else nullcontext()
+    )
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        out = model(batch.image)
+    out = {k: v.float() for k, v in out.items()}
+    terms = loss_fn(out, batch.targets, batch.ignore)
+    loss = terms["loss"]
+    ok = bool(torch.isfinite(loss))
+    if check is not None:
+        ok = check(ok)  # e.g. agree across DDP ranks, so every rank stops at the same step
+    if not ok:
+        raise TrainingDiverged(
+            f"loss is {loss.item()} ({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
+            "lower train.lr or check the data"
+        )
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float):
+    """Adam / AdamW over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer, schedule: str, epochs: int, step_epochs: int, gamma: float):
+    """Per-epoch learning-rate schedule (stepped once per epoch)."""
+    if schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_epochs, gamma)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def encoder_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Encoder weights: the lite stem + encoder, or MONAI HoVer-Net's conv0 + residual blocks."""
+    inner = getattr(model, "module", model)
+    parts = [
+        getattr(inner, n) for n in ("stem", "encoder", "conv0", "res_blocks") if hasattr(inner, n)
+    ]
+    if not parts:
+        raise ValueError(f"{type(inner).__name__} has no encoder to freeze")
+    return [p for part in parts for p in part.parameters()]
+
+
+def set_encoder_frozen(model: torch.nn.Module, frozen: bool) -> None:
+    """Freeze or unfreeze the encoder (HoVer-Net's two-phase schedule)."""
+    for p in encoder_parameters(model):
+        p.requires_grad_(not frozen)

@@ -1,0 +1,270 @@
+"""``cellst train``: the driver that checks inputs, opens the MLflow run and fits a TorchTrainer.
+
+Everything that can be wrong with the request (config values, a store without labelled
+items, a missing pseudo-label set, GPUs the cluster lacks) is reported before any worker
+starts. Re-running with the same run name resumes: Ray Train V2 restores the latest
+checkpoint of the same ``(storage_path, name)``, and the MLflow run is re-attached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cellst.data.store import CellStore, StoreError
+from cellst.train.checkpoints import RunPaths
+from cellst.train.config import TrainingDiverged
+
+
+@dataclass
+class TrainResult:
+    """Where a training run's outputs are."""
+
+    run_path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    resumed: bool = False
+
+    @property
+    def best(self) -> Path:
+        return self.run_path / "checkpoints" / "best"
+
+    @property
+    def last(self) -> Path:
+        return self.run_path / "checkpoints" / "last"
+
+    @property
+    def snapshots(self) -> list[Path]:
+        return RunPaths(self.run_path).snapshots()
+
+
+def config_hash(cfg) -> str:
+    """Hash of everything that changes what training computes (not where it logs)."""
+    data = cfg.model_dump(mode="json")
+    for volatile in ("tracking",):
+        data.pop(volatile, None)
+    data["train"] = {
+        k: v
+        for k, v in data["train"].items()
+        if k not in ("run_dir", "run_name", "max_failures", "log_every_steps")
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_request(cfg) -> tuple[CellStore, list[str], list[str]]:
+    """Validate the store side of a training request; returns the store and the split."""
+    from cellst.train.validate import split_train_val
+
+    if not cfg.store:
+        raise StoreError("no store configured: set `store: PATH` in the config or --set store=PATH")
+    store = CellStore(cfg.store)
+    labelled = store.items(split="labeled", labeled=True)
+    if labelled.empty:
+        raise StoreError(
+            f"store {store.root} has no labelled items in split 'labeled' to train on "
+            f"(splits: {store.manifest['split'].value_counts().to_dict()})"
+        )
+    t = cfg.train
+    if t.pseudo_set is not None and t.pseudo_set not in store.pseudo_sets():
+        raise StoreError(
+            f"train.pseudo_set={t.pseudo_set!r} is not in store {store.root} "
+            f"(sets: {store.pseudo_sets() or 'none'}); create it with `cellst predict`"
+        )
+    if t.init_checkpoint is not None and not (Path(t.init_checkpoint) / "model.json").is_file():
+        raise StoreError(f"train.init_checkpoint={t.init_checkpoint} is not a cellst checkpoint")
+    train_ids, val_ids = split_train_val(labelled, cfg.data.val_fraction, cfg.data.seed)
+    return store, train_ids, val_ids
+
+
+def fit_cluster(cfg):
+    """Refuse requests the Ray cluster can never satisfy; fit CPUs per worker beside reads.
+
+    Returns ``cfg`` (a copy with ``train.cpus_per_worker`` lowered, and a note printed, when
+    the workers would otherwise hold every CPU and starve the data-reading tasks).
+    """
+    import ray
+
+    from cellst.data.datasource import READ_CPUS
+
+    t = cfg.train
+    res = ray.cluster_resources()
+    if t.use_gpu and res.get("GPU", 0) < t.num_workers:
+        raise StoreError(
+            f"train.use_gpu=true with train.num_workers={t.num_workers} needs {t.num_workers} "
+            f"GPU(s), but the Ray cluster has {res.get('GPU', 0):g}; set train.use_gpu=false"
+        )
+    room = res.get("CPU", 0) - READ_CPUS
+    if room < 0.25 * t.num_workers:
+        raise StoreError(
+            f"train.num_workers={t.num_workers} does not fit on {res.get('CPU', 0):g} CPUs"
+        )
+    if t.num_workers * t.cpus_per_worker > room:
+        per = room / t.num_workers
+        print(
+            f"note: {t.num_workers} workers x {t.cpus_per_worker:g} CPUs leave no room for "
+            f"data reads on {res.get('CPU', 0):g} CPUs; using {per:.2f} CPUs per worker"
+        )
+        cfg = cfg.model_copy(deep=True)
+        cfg.train.cpus_per_worker = per
+    return cfg
+
+
+def build_dataset(cfg, store: CellStore, train_ids: list[str]):
+    """The crop stream: labelled items, plus the pseudo-label set if configured."""
+    from cellst.data.datasource import READ_CPUS, crop_items, train_crop_dataset
+
+    t, d = cfg.train, cfg.data
+    pseudo_w = t.pseudo_weight if t.pseudo_set else 0.0
+    items = crop_items(store, train_ids, d.balance_by, total_weight=1.0 - pseudo_w)
+    if t.pseudo_set:
+        items += crop_items(
+            store, None, d.balance_by, pseudo_set=t.pseudo_set, source=1, total_weight=pseudo_w
+        )
+    return train_crop_dataset(
+        items,
+        d.crops_per_epoch,
+        d.crop_size,
+        d.crops_per_visit,
+        seed=None,
+        chunk=cfg.ingest.chunk,
+        read_cpus=READ_CPUS,
+    )
+
+
+def train(
+    cfg,
+    *,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    force: bool = False,
+) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.store`` with Ray Train; see the module docstring.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    run_name : str, optional
+        Overrides ``train.run_name`` (default ``<experiment name>-train``).
+    parent_run_id : str, optional
+        MLflow parent run (ST++ stages nest their training runs).
+    force : bool
+        Train again even if a finished run with the same name and config exists.
+
+    Raises
+    ------
+    StoreError
+        For every problem found before training starts.
+    TrainingDiverged
+        If the loss became non-finite; the checkpoints of earlier epochs are kept.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cellst.raycluster import ensure_ray, quiet_ray_data
+    from cellst.tracking import log_artifact, log_config, log_metrics, start_run, store_tags
+    from cellst.train.loop import train_loop_per_worker
+
+    t = cfg.train
+    name = run_name or t.run_name or f"{cfg.name}-train"
+    paths = RunPaths(Path(t.run_dir).absolute() / name)
+    store, train_ids, val_ids = check_request(cfg)
+    chash = config_hash(cfg)
+    state = paths.read_state()
+    if state and state.get("config_hash") != chash and not force:
+        raise StoreError(
+            f"run {paths.root} exists with a different configuration; choose another "
+            f"train.run_name or pass --force to start it over"
+        )
+    if force and paths.root.exists():
+        import shutil
+
+        shutil.rmtree(paths.root)
+        shutil.rmtree(Path(t.run_dir).absolute() / "_ray" / name, ignore_errors=True)
+        state = {}
+    if state.get("status") == "finished":
+        return TrainResult(paths.root, state.get("metrics", {}), state.get("mlflow_run_id"), True)
+
+    ensure_ray()
+    quiet_ray_data()
+    cfg = fit_cluster(cfg)
+    t = cfg.train
+    dataset = build_dataset(cfg, store, train_ids)
+    run_tags = {
+        **store_tags(store.root),
+        "cellst.stage": "train",
+        "cellst.run_name": name,
+        **(tags or {}),
+    }
+    with start_run(
+        cfg.tracking,
+        paths.root,
+        cfg.name,
+        name,
+        parent_run_id=parent_run_id,
+        run_id=state.get("mlflow_run_id"),
+        tags=run_tags,
+    ) as run:
+        run_id = run.info.run_id
+        log_config(cfg)
+        paths.write_state(
+            mlflow_run_id=run_id,
+            config_hash=chash,
+            status="running",
+            train_ids=train_ids,
+            val_ids=val_ids,
+        )
+        from cellst.tracking.mlflow_utils import resolve_tracking
+
+        uri = (
+            resolve_tracking(cfg.tracking, paths.root, cfg.name)[0]
+            if cfg.tracking.enabled
+            else None
+        )
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "experiment": cfg.model_dump(mode="json"),
+                "run_path": str(paths.root),
+                "store": str(store.root),
+                "val_ids": val_ids,
+                "tracking_uri": uri,
+                "mlflow_run_id": run_id,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=t.num_workers,
+                use_gpu=t.use_gpu,
+                resources_per_worker={
+                    "CPU": t.cpus_per_worker,
+                    **({"GPU": 1} if t.use_gpu else {}),
+                },
+            ),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=str(Path(t.run_dir).absolute() / "_ray"),
+                failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_last),
+            ),
+            datasets={"train": dataset},
+        )
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        if "diverged" in metrics:
+            paths.write_state(status="diverged", metrics=metrics)
+            raise TrainingDiverged(
+                f"training diverged at epoch {metrics.get('epoch')}: {metrics['diverged']}; "
+                f"checkpoints of earlier epochs are kept in {paths.checkpoints}"
+            )
+        final = {f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+        log_metrics(final)
+        if paths.overlays.is_dir():
+            for png in sorted(paths.overlays.glob("*.png")):
+                log_artifact(png, "overlays")
+        ckpts = {p.name: str(p) for p in sorted(paths.checkpoints.iterdir()) if p.is_dir()}
+        (paths.root / "checkpoints.json").write_text(json.dumps(ckpts, indent=2))
+        log_artifact(paths.root / "checkpoints.json")
+    paths.write_state(status="finished", metrics=metrics)
+    return TrainResult(paths.root, metrics, run_id)

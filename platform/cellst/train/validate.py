@@ -1,0 +1,73 @@
+"""Validation during training: whole-image inference + HoVer post-processing + challenge F1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cellst.data.store import CellStore
+from cellst.inference.predictor import InferenceConfig, predict_maps
+from cellst.metrics.instance import image_scores, summarize
+from cellst.postprocess import PostprocessConfig, postprocess_hover
+
+
+def split_train_val(items: pd.DataFrame, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split of labelled items, stratified by modality.
+
+    Every modality with at least two items gives at least one to validation (when
+    ``fraction > 0``); a store with a single labelled item validates on it.
+    """
+    if fraction <= 0 or len(items) < 2:
+        ids = items["id"].tolist()
+        return ids, ([] if fraction <= 0 else ids)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for _, group in items.groupby("modality", sort=True):
+        ids = sorted(group["id"])
+        rng.shuffle(ids)
+        n_val = int(round(fraction * len(ids)))
+        n_val = min(max(n_val, 1 if len(ids) >= 2 else 0), len(ids) - 1)
+        val += ids[:n_val]
+        train += ids[n_val:]
+    return sorted(train), sorted(val)
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module,
+    store: CellStore,
+    ids: Sequence[str],
+    infer: InferenceConfig,
+    post: PostprocessConfig,
+    device: torch.device,
+    keep: int = 0,
+) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
+    """Mean challenge scores of ``model`` on ``ids`` (``val_f1``, ``val_pq``, ...).
+
+    Returns the metrics and the first ``keep`` predictions (for overlay figures).
+    """
+    was_training = model.training
+    model.eval()
+    rows, kept = [], []
+    for item in ids:
+        prob, hv = predict_maps(model, store.image(item), infer, device)
+        pred = postprocess_hover(prob, hv, post)
+        rows.append(
+            {
+                "id": item,
+                "modality": store.row(item).modality,
+                **image_scores(store.label(item), pred),
+            }
+        )
+        if len(kept) < keep:
+            kept.append((item, pred))
+    model.train(was_training)
+    summary = summarize(rows, by="modality")
+    metrics = {
+        f"val_{k}": float(summary[k] or 0.0)
+        for k in ("f1", "precision", "recall", "dq", "sq", "pq")
+    }
+    return metrics, kept

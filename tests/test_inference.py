@@ -1,0 +1,242 @@
+"""Whole-image inference and distributed batch prediction (`cellst predict`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from cellst.data.store import CellStore, StoreError
+from cellst.inference.batch import PredictConfig, predict
+from cellst.inference.predictor import HV_KEY, NP_KEY, InferenceConfig, blocks, predict_maps
+from cellst.model import ModelConfig, build_model, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def lite_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="hovernet-lite", width=8)
+    model = build_model(cfg).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lite", model, cfg)
+
+
+class CoordinateModel(torch.nn.Module):
+    """A stand-in network whose HoVer output is the window's centred coordinates.
+
+    Centred coordinates are what HoVer-Net predicts for one cell filling the window; they
+    are antisymmetric under flips, so flip TTA leaves them unchanged only if the un-flipped
+    channels get their signs right.
+    """
+
+    input_size = None
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(b, 1, h, w)
+        logits = torch.cat([x[:, :1] * 0, x[:, :1] * 4 - 2], 1) + self.w
+        return {NP_KEY: logits, HV_KEY: torch.cat([xs, ys], 1)}
+
+
+def test_flip_tta_restores_hover_signs():
+    image = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
+    model = CoordinateModel().eval()
+    cfg = InferenceConfig(roi=256, overlap=0.0)
+    p0, hv0 = predict_maps(model, image, cfg)
+    p1, hv1 = predict_maps(model, image, cfg.model_copy(update={"tta": True}))
+    np.testing.assert_allclose(hv1.astype(np.float32), hv0.astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(p1.astype(np.float32), p0.astype(np.float32), atol=2e-3)
+    assert np.abs(hv1[0]).mean() > 0.4  # a sign error would average the maps towards zero
+
+
+@pytest.mark.parametrize("shape", [(100, 150), (300, 500), (257, 33)])
+def test_any_image_size(lite_checkpoint, shape):
+    from cellst.model import load_model
+
+    model, _, _ = load_model(lite_checkpoint)
+    image = (np.random.default_rng(1).random(shape + (3,)) * 255).astype(np.uint8)
+    prob, hv = predict_maps(model, image, InferenceConfig(roi=128))
+    assert prob.shape == shape and hv.shape == (2,) + shape
+    assert prob.dtype == np.float16 and 0 <= prob.min() and prob.max() <= 1
+    assert np.isfinite(hv.astype(np.float32)).all()
+
+
+def test_block_mode_covers_every_pixel_once(lite_checkpoint):
+    h, w = 700, 610
+    count = np.zeros((h, w), int)
+    for (cy0, cy1, cx0, cx1), (ey0, ey1, ex0, ex1) in blocks(h, w, 256, 48):
+        count[cy0:cy1, cx0:cx1] += 1
+        assert ey0 <= cy0 and ey1 >= cy1 and ex0 <= cx0 and ex1 >= cx1
+    assert (count == 1).all()
+    from cellst.model import load_model
+
+    model, _, _ = load_model(lite_checkpoint)
+    image = (np.random.default_rng(2).random((h, w, 3)) * 255).astype(np.uint8)
+    whole = predict_maps(model, image, InferenceConfig(roi=128, block=4096))
+    tiled = predict_maps(model, image, InferenceConfig(roi=128, block=256, block_margin=96))
+    assert tiled[0].shape == whole[0].shape
+    # away from block seams the two agree closely (same network, same windows' content)
+    diff = np.abs(whole[0].astype(np.float32) - tiled[0].astype(np.float32))
+    assert np.median(diff) < 0.02
+
+
+def test_monai_fixed_size_model_output_aligns_with_input():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="hovernet-fast")).eval()
+    image = (np.random.default_rng(3).random((200, 180, 3)) * 255).astype(np.uint8)
+    prob, hv = predict_maps(model, image, InferenceConfig(sw_batch_size=4))
+    assert prob.shape == (200, 180) and hv.shape == (2, 200, 180)
+    assert np.isfinite(prob.astype(np.float32)).all()
+
+
+def _arrays_with_run(store: CellStore, set_name: str) -> dict[str, str]:
+    base = store.root / "pseudo" / set_name
+    return {
+        p.name: zarr.open_array(str(p), mode="r").attrs["run_id"]
+        for p in base.iterdir()
+        if p.is_dir() and not p.name.startswith(".")
+    }
+
+
+def test_predict_two_actors_writes_each_item_once(
+    ray_session, store_dir, lite_checkpoint, tmp_path
+):
+    store = CellStore(store_dir)
+    ids = store.ids()
+    res = predict(
+        lite_checkpoint,
+        store_dir,
+        set_name="p2",
+        out_dir=tmp_path / "tiffs",
+        ids=ids,
+        infer=InferenceConfig(roi=128),
+        resources=PredictConfig(num_actors=2),
+        progress=False,
+    )
+    assert sorted(res.written) == sorted(ids) and not res.skipped
+    assert len(set(res.written)) == len(res.written)
+    runs = _arrays_with_run(store, "p2")
+    assert sorted(runs) == sorted(ids) and len(set(runs.values())) == 1
+    stats = CellStore(store_dir).pseudo_items("p2")
+    assert sorted(stats["id"]) == sorted(ids) and (stats["n_instances"] >= 0).all()
+    for i in ids[:3]:
+        lab = store.pseudo_label("p2", i)
+        assert lab.dtype == np.int32 and lab.shape == (store.row(i).height, store.row(i).width)
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "tiffs" / f"{i}_label.tiff"), lab)
+    # a second run has nothing left to do
+    again = predict(
+        lite_checkpoint,
+        store_dir,
+        set_name="p2",
+        ids=ids,
+        infer=InferenceConfig(roi=128),
+        progress=False,
+    )
+    assert not again.written and sorted(again.skipped) == sorted(ids)
+    assert _arrays_with_run(store, "p2") == runs
+    # another checkpoint may not silently reuse the set
+    other = save_checkpoint(
+        tmp_path / "other", build_model(ModelConfig(width=8)), ModelConfig(width=8)
+    )
+    with pytest.raises(StoreError, match="--overwrite"):
+        predict(other, store_dir, set_name="p2", ids=ids, progress=False)
+
+
+def test_predict_resumes_after_kill(ray_session, store_dir, lite_checkpoint, tmp_path):
+    """Kill `cellst predict` mid-run; the re-run writes only what is missing, each once."""
+    import shutil
+
+    store_copy = tmp_path / "store"
+    shutil.copytree(store_dir, store_copy)
+    exe = Path(sys.executable).with_name("cellst")
+    cmd = [
+        str(exe),
+        "predict",
+        "--checkpoint",
+        str(lite_checkpoint),
+        "--input",
+        str(store_copy),
+        "--set-name",
+        "resume",
+        "--split",
+        "labeled",
+        "--set",
+        "inference.roi=128",
+        "--set",
+        "inference.tta=true",
+        "--num-actors",
+        "1",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    base = store_copy / "pseudo" / "resume"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = (
+            [p for p in base.glob("*") if p.is_dir() and not p.name.startswith(".")]
+            if base.is_dir()
+            else []
+        )
+        if done:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = CellStore(store_copy)
+    first = _arrays_with_run(store, "resume")
+    labeled = store.ids("labeled")
+    assert 1 <= len(first) < len(labeled), "the kill should land mid-run"
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    after = _arrays_with_run(store, "resume")
+    assert sorted(after) == sorted(labeled)
+    for item, run in first.items():
+        assert after[item] == run  # items of the killed run were not rewritten
+    assert len({after[i] for i in labeled if i not in first}) == 1
+    assert not list(base.glob(".tmp-*"))
+
+
+def test_predict_folder_to_tiffs(ray_session, synth_src, lite_checkpoint, tmp_path):
+    folder = synth_src / "test" / "images"
+    res = predict(
+        lite_checkpoint,
+        folder,
+        out_dir=tmp_path / "out",
+        infer=InferenceConfig(roi=128),
+        progress=False,
+    )
+    names = sorted(p.stem for p in folder.iterdir())
+    assert sorted(res.written) == names
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        f"{n}_label.tiff" for n in names
+    ]
+
+
+def test_predict_bad_requests(ray_session, store_dir, lite_checkpoint, tmp_path):
+    with pytest.raises(StoreError, match="not a cellst checkpoint"):
+        predict(tmp_path, store_dir, set_name="x", progress=False)
+    with pytest.raises(StoreError, match="GPU"):
+        predict(
+            lite_checkpoint,
+            store_dir,
+            set_name="x",
+            resources=PredictConfig(num_gpus_per_actor=1),
+            progress=False,
+        )
+    with pytest.raises(StoreError, match="--set-name"):
+        predict(lite_checkpoint, store_dir, progress=False)
