@@ -52,10 +52,8 @@ LARGE = textwrap.dedent(
     from cellst.data.synth import synth_image
     from cellst.inference.predictor import InferenceConfig, predict_maps
     from cellst.model import load_model
-    from cellst.postprocess import PostprocessConfig
-from cellst.postprocess.tiled import postprocess_hover
+    from cellst.postprocess import PostprocessConfig, postprocess_hover
     torch.set_num_threads(2)
-    _, lab = None, None
     img, _ = synth_image(np.random.default_rng(0), "brightfield", (1024, 1024), density=0.4)
     image = np.tile(img, (8, 8, 1))
     del img
@@ -74,7 +72,7 @@ from cellst.postprocess.tiled import postprocess_hover
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--images", type=int, default=12)
+    ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--skip-large", action="store_true")
     args = ap.parse_args()
     ray.init(num_cpus=2, logging_level="ERROR", include_dashboard=False)
@@ -103,11 +101,14 @@ def main() -> None:
                 resources=PredictConfig(num_actors=n),
                 progress=False,
             )
-            rates[n] = len(res.written) / res.seconds
+            rates[n] = (len(res.written) / res.seconds, res.steady_rate(), res.first_item_seconds)
         print(f"\nbatch prediction, {len(ids)} images of 512x512, hovernet-lite on CPU (images/s)")
         print(f"  plain in-process loop : {plain:6.2f}   (1.00x)")
-        for n, r in rates.items():
-            print(f"  ray data, {n} actor(s)  : {r:6.2f}   ({r / plain:.2f}x plain)")
+        for n, (r, steady, first) in rates.items():
+            print(
+                f"  ray data, {n} actor(s)  : {r:6.2f} end to end ({r / plain:.2f}x plain), "
+                f"{steady:6.2f} after start-up ({steady / plain:.2f}x); start-up {first:.1f} s"
+            )
         if not args.skip_large:
             print("\nlarge image, 8192x8192, hovernet-lite on CPU, in a fresh process:")
             out = subprocess.run(

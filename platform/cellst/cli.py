@@ -6,6 +6,7 @@ Every command that runs a stage takes ``--config FILE`` (YAML) and any number of
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -341,6 +342,129 @@ def train(
             f"  MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri "
             f"sqlite:///{result.run_path / 'mlflow.db'}"
         )
+
+
+@app.command()
+@user_errors
+def stpp(
+    config: Annotated[
+        str,
+        typer.Argument(
+            help="experiment YAML (see experiments/stpp.yaml); or `status RUN_DIR`",
+            metavar="CONFIG",
+        ),
+    ],
+    run_dir: Annotated[
+        Path | None,
+        typer.Argument(help="with `status`: the pipeline folder", show_default=False),
+    ] = None,
+    set_: SetOpt = None,
+    force_from: Annotated[
+        str | None,
+        typer.Option(
+            "--force-from", help="run this stage (number or name) and every later one again"
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="replace pseudo-label sets of this pipeline's names left by others"
+        ),
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="tiny model and data settings (minutes on 2 CPUs)")
+    ] = False,
+    ray_address: RayOpt = None,
+) -> None:
+    """ST++ self-training: supervised -> reliability -> pseudo-label -> re-train (x2) -> F1.
+
+    Every stage is recorded durably in RUN_DIR/stages/: re-running the same command after a
+    crash or Ctrl-C resumes at the first unfinished stage, and a finished stage is never
+    recomputed unless its inputs changed or --force-from asks. `cellst stpp status RUN_DIR`
+    shows every stage and its state. All stages are MLflow child runs of one parent run.
+    """
+    if config == "status" and not Path(config).is_file():
+        if run_dir is None:
+            _fail("usage: cellst stpp status RUN_DIR", code=2)
+        _stpp_status(run_dir)
+        return
+    if run_dir is not None:
+        _fail(f"unexpected extra argument {str(run_dir)!r}", code=2)
+    from cellst.raycluster import ensure_ray
+    from cellst.stpp import load_stpp_config, mlflow_ui_command, run_stpp
+
+    cfg = load_stpp_config(Path(config), set_ or [], quick=quick)
+    if ray_address:
+        ensure_ray(ray_address)
+    try:
+        result = run_stpp(cfg, force_from=force_from, overwrite=overwrite)
+    finally:
+        if (cfg.pipeline_dir / "stages").is_dir():
+            with contextlib.suppress(Exception):
+                _stpp_status(cfg.pipeline_dir)
+    if result.report is not None:
+        _print_f1_table(result.report)
+    console.print(f"pipeline folder: [bold]{result.pipeline_dir}[/]")
+    ui = mlflow_ui_command(result.tracking_uri)
+    if ui:
+        console.print(f"MLflow (parent run {result.parent_run_id}): {ui}", soft_wrap=True)
+
+
+@app.command("stpp-status")
+@user_errors
+def stpp_status(
+    run_dir: Annotated[Path, typer.Argument(help="an ST++ pipeline folder (stpp.run_dir/name)")],
+) -> None:
+    """Show every stage of an ST++ pipeline and its state (same as `cellst stpp status`)."""
+    _stpp_status(run_dir)
+
+
+def _stpp_status(run_dir: Path) -> None:
+    from cellst.stpp.pipeline import (
+        STAGES,
+        TITLES,
+        mlflow_ui_command,
+        outputs_summary,
+        pipeline_active,
+        pipeline_status,
+    )
+
+    meta, records = pipeline_status(run_dir)
+    active = pipeline_active(run_dir)
+    colours = {"done": "green", "running": "yellow", "failed": "red", "pending": "dim"}
+    table = Table(title=f"ST++ pipeline {run_dir}" + (" (running now)" if active else ""))
+    for col in ("#", "stage", "status", "time", "tries", "inputs", "MLflow run"):
+        table.add_column(col, justify="right" if col in ("#", "time", "tries") else "left")
+    table.add_column("outputs", overflow="fold", min_width=24)
+    for rec in records:
+        status = rec.status
+        if status == "running" and not active:
+            status = "interrupted"
+        if rec.forced and status == "pending":
+            status = "pending (forced)"
+        secs = rec.seconds
+        table.add_row(
+            str(rec.index),
+            rec.name,
+            f"[{colours.get(rec.status, 'white')}]{status}[/]",
+            f"{secs:.0f} s" if secs is not None and rec.status == "done" else "",
+            str(rec.attempts),
+            (rec.input_hash or "")[:8],
+            (rec.mlflow_run_id or "")[:8],
+            outputs_summary(rec) or (rec.error or "")[:200] or TITLES[rec.name],
+        )
+    console.print(table)
+    done = sum(r.status == "done" for r in records)
+    console.print(f"{done}/{len(STAGES)} stages done", highlight=False)
+    ui = mlflow_ui_command(meta.get("tracking_uri"))
+    if ui and meta.get("parent_run_id"):
+        console.print(f"MLflow parent run {meta['parent_run_id']}: {ui}", soft_wrap=True)
+
+
+def _print_f1_table(df) -> None:
+    from cellst.stpp.pipeline import format_f1_table
+
+    console.print(format_f1_table(df))
 
 
 def _print_frame(df, title: str) -> None:

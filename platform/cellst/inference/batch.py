@@ -65,7 +65,13 @@ class PredictResult:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    first_item_seconds: float = 0.0  # start-up: actors, model loading, first image
     stats: pd.DataFrame | None = None
+
+    def steady_rate(self) -> float:
+        """Images/s after the first item (start-up excluded)."""
+        n, dt = len(self.written) - 1, self.seconds - self.first_item_seconds
+        return n / dt if n > 0 and dt > 0 else 0.0
 
     def summary(self) -> str:
         rate = len(self.written) / self.seconds if self.seconds else 0.0
@@ -389,6 +395,8 @@ def predict(
             )
         bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if not result.written:
+                result.first_item_seconds = time.perf_counter() - t0
             result.written += [str(i) for i in batch["id"]]
             bar.update(len(batch["id"]))
         bar.close()

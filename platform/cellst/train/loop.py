@@ -123,6 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     shard = ray.train.get_dataset_shard("train")
     snapshots = set(tcfg.snapshot_epochs())
+    inject_nan_at = int(config.get("inject_nan_at_step") or 0)  # test hook: a real NaN loss
     model.train()
 
     for epoch in range(start_epoch + 1, tcfg.epochs + 1):
@@ -133,6 +134,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_size=tcfg.batch_size, batch_format="numpy", drop_last=False, prefetch_batches=2
         ):
             b = augmenter(batch).to(device, channels_last=tcfg.use_gpu and tcfg.channels_last)
+            if inject_nan_at and step + 1 == inject_nan_at:
+                b.image.fill_(float("nan"))
             try:
                 terms = train_step(
                     model,
@@ -154,6 +157,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if logger is not None and step % tcfg.log_every_steps == 0:
                 logger.log({f"step_{k}": v for k, v in terms.items()}, step)
         if diverged is not None:
+            if rank == 0:  # durable: Result.metrics follows the last *checkpointed* report
+                paths.write_state(diverged={"epoch": epoch, "message": diverged})
             ray.train.report({"epoch": epoch, "diverged": diverged})
             return
         sched.step()
@@ -164,6 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "encoder_frozen": float(frozen),
             "images_per_s": n_seen * world / seconds if seconds > 0 else 0.0,
             "epoch_seconds": seconds,
+            "resumed_from_epoch": start_epoch,
             **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
         }
         checkpoint = None
@@ -214,6 +220,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 flush=True,
             )
         ray.train.report(metrics, checkpoint=checkpoint)
+    _write_param_digest(_unwrap(model), paths.root / f"params_rank{rank}.sha256")
+
+
+def _write_param_digest(model: torch.nn.Module, path: Path) -> None:
+    """sha256 of every parameter's bytes: equal files prove the DDP ranks ended identical."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(h.hexdigest())
 
 
 def _save_overlays(store, kept, folder: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,7 @@ def train(
             mlflow_run_id=run_id,
             config_hash=chash,
             status="running",
+            diverged=None,
             train_ids=train_ids,
             val_ids=val_ids,
         )
@@ -233,6 +235,7 @@ def train(
                 "val_ids": val_ids,
                 "tracking_uri": uri,
                 "mlflow_run_id": run_id,
+                "inject_nan_at_step": int(os.environ.get("CELLST_INJECT_NAN_AT_STEP", "0")),
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=t.num_workers,
@@ -252,10 +255,11 @@ def train(
         )
         result = trainer.fit()
         metrics = dict(result.metrics or {})
-        if "diverged" in metrics:
-            paths.write_state(status="diverged", metrics=metrics)
+        diverged = paths.read_state().get("diverged")
+        if diverged:
+            paths.write_state(status="diverged")
             raise TrainingDiverged(
-                f"training diverged at epoch {metrics.get('epoch')}: {metrics['diverged']}; "
+                f"training diverged at epoch {diverged['epoch']}: {diverged['message']}; "
                 f"checkpoints of earlier epochs are kept in {paths.checkpoints}"
             )
         final = {f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
