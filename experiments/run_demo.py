@@ -1,47 +1,45 @@
-"""The main job on the embedded synthetic data (``make demo``).
+"""The main job on the embedded synthetic data (``make demo``): ST++ end to end.
 
-Steps: synthesise multi-modality microscopy -> ``cellst ingest`` into a zarr store ->
-segment the test split -> ``cellst evaluate`` (challenge F1 at IoU 0.5).
+Steps: synthesise multi-modality microscopy (fluorescence, brightfield, phase contrast,
+DIC) -> ingest into a zarr store -> ST++ with hovernet-lite (supervised training,
+reliability across snapshots, two rounds of pseudo-labelling and re-training, all on Ray)
+-> test-split F1 of supervised-only vs round 1 vs round 2, overall and per modality.
 
-The ST++ pipeline (training, pseudo-labelling) is not in this version yet; until it lands the
-test split is segmented by a classical baseline (Otsu threshold + distance-transform
-watershed) so the whole data path and the metric run end to end.
+Re-running the same command resumes: data already synthesised and ingested is kept, and
+every finished ST++ stage is skipped (see `cellst stpp status OUT/stpp/<name>`).
+
+    python experiments/run_demo.py                 # about 10-12 minutes on 2 CPU cores
+    python experiments/run_demo.py --quick         # tiny data and model, a few minutes
+    python experiments/run_demo.py --set train.epochs=12 --out my_demo
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from scipy import ndimage as ndi
-from skimage.feature import peak_local_max
-from skimage.filters import gaussian, threshold_otsu
-from skimage.segmentation import watershed
-
-from cellst.config import load_config
-from cellst.data.images import write_label_tiff
-from cellst.data.ingest import ingest
-from cellst.data.store import CellStore
-from cellst.data.synth import synthesize_dataset
-from cellst.metrics.report import format_table
-from cellst.metrics.sources import evaluate_sources
-from cellst.raycluster import ensure_ray
+#: (labelled, unlabelled, test, min side, max side) of the synthetic data
+FULL_DATA = (20, 40, 16, 256, 384)
+QUICK_DATA = (8, 8, 4, 160, 256)
 
 
-def classical_baseline(image: np.ndarray) -> np.ndarray:
-    """Otsu on the smoothed gray image (polarity from the border) + distance watershed."""
-    gray = gaussian(image.mean(axis=2), 1.5)
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]).mean()
-    fg = gray > threshold_otsu(gray) if border < gray.mean() else gray < threshold_otsu(gray)
-    fg = ndi.binary_fill_holes(ndi.binary_opening(fg, iterations=2))
-    dist = ndi.distance_transform_edt(fg)
-    peaks = peak_local_max(dist, min_distance=5, labels=ndi.label(fg)[0], exclude_border=False)
-    markers = np.zeros(fg.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    return watershed(-dist, markers, mask=fg).astype(np.int32)
+def _synthesize(out: Path, spec: tuple[int, int, int, int, int], seed: int) -> str:
+    """Write the synthetic data unless the same data is already there."""
+    from cellst.data.synth import synthesize_dataset
+
+    stamp = out / ".demo-data.json"
+    want = {"spec": list(spec), "seed": seed}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return "already there"
+    n_lab, n_unl, n_test, lo, hi = spec
+    synthesize_dataset(
+        out, n_lab, n_unl, n_test, seed=seed, min_size=lo, max_size=hi, progress=sys.stdout.isatty()
+    )
+    stamp.write_text(json.dumps(want))
+    return "written"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,47 +47,72 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(Path(__file__).with_name("demo.yaml")))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default="demo_out", help="working folder")
-    ap.add_argument("--quick", action="store_true", help="tiny data, for tests")
+    ap.add_argument("--quick", action="store_true", help="tiny data and model, for tests")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    ap.add_argument(
+        "--overwrite", action="store_true", help="replace pseudo-label sets left by another run"
+    )
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    n_lab, n_unl, n_test, size = (8, 8, 4, (160, 256)) if args.quick else (48, 96, 24, (256, 640))
 
-    print(
-        f"[1/4] synthesising {n_lab} labelled, {n_unl} unlabelled, {n_test} test images -> {out / 'src'}"
-    )
-    synthesize_dataset(
-        out / "src", n_lab, n_unl, n_test, seed=0, min_size=size[0], max_size=size[1]
-    )
-    print(f"[2/4] ingesting into {out / 'store'}")
-    ensure_ray()
-    print("      " + ingest(out / "src", out / "store", cfg.ingest).summary())
-    store = CellStore(out / "store")
-    print(
-        "[3/4] segmenting the test split with the classical baseline "
-        "(the ST++ HoVer-Net pipeline is not in this version yet)"
-    )
-    pred = out / "pred_baseline"
-    pred.mkdir(parents=True, exist_ok=True)
-    for item in store.ids("test"):
-        write_label_tiff(pred / f"{item}_label.tiff", classical_baseline(store.image(item)))
-    print("[4/4] evaluating (NeurIPS 2022 CellSeg F1 at IoU 0.5)")
-    report = evaluate_sources(
-        out / "store",
-        pred,
-        out / "report",
-        gt_split="test",
-        count_boundary=cfg.evaluate.count_boundary,
-        iou_threshold=cfg.evaluate.iou_threshold,
-    )
     from rich.console import Console
 
-    Console().print(format_table(report))
+    from cellst.config import ConfigError
+    from cellst.data.ingest import ingest
+    from cellst.data.store import StoreError
+    from cellst.raycluster import ensure_ray
+    from cellst.stpp import load_stpp_config, mlflow_ui_command, run_stpp
+    from cellst.stpp.pipeline import format_f1_table
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    out = Path(args.out).absolute()
+    t0 = time.perf_counter()
+    try:
+        cfg = load_stpp_config(
+            args.config,
+            [f"store={out / 'store'}", f"stpp.run_dir={out / 'stpp'}", *args.overrides],
+            quick=args.quick,
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    spec = QUICK_DATA if args.quick else FULL_DATA
     print(
-        f"mean F1 {report['f1']:.4f} over {report['count']} test images; "
-        f"report: {out / 'report' / 'metrics.json'}; {time.perf_counter() - t0:.0f} s"
+        f"[1/4] synthetic data: {spec[0]} labelled, {spec[1]} unlabelled, {spec[2]} test "
+        f"images of {spec[3]}-{spec[4]} px -> {out / 'src'}",
+        flush=True,
     )
+    print(f"      {_synthesize(out / 'src', spec, args.seed)}", flush=True)
+    print(f"[2/4] ingest -> {cfg.store}", flush=True)
+    ensure_ray()
+    print("      " + ingest(out / "src", cfg.store, cfg.ingest, progress=False).summary())
+    print(
+        f"[3/4] ST++ ({cfg.model.name}, {cfg.train.epochs} epochs x "
+        f"{cfg.data.crops_per_epoch} crops of {cfg.data.crop_size} px per training) -> "
+        f"{cfg.pipeline_dir}",
+        flush=True,
+    )
+    try:
+        result = run_stpp(cfg, overwrite=args.overwrite)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("[4/4] test-split evaluation (NeurIPS 2022 CellSeg F1 at IoU 0.5)")
+    if result.report is not None:
+        console.print(format_f1_table(result.report))
+        f1 = dict(zip(result.report["model"], result.report["f1"], strict=True))
+        print(
+            f"mean test F1: supervised-only {f1['supervised']:.4f}, ST++ round 1 "
+            f"{f1['round1']:.4f}, round 2 {f1['round2']:.4f} "
+            f"(table: {result.pipeline_dir / 'report.csv'})"
+        )
+    else:
+        print("no test-split evaluation (stpp.evaluate is false or the store has no test items)")
+    print(f"stages: cellst stpp status {result.pipeline_dir}")
+    ui = mlflow_ui_command(result.tracking_uri)
+    if ui:
+        print(f"MLflow: {ui}   (parent run {result.parent_run_id}, one child run per stage)")
+    ran = f"{len(result.ran)} stage(s) run, {len(result.skipped)} already done"
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s ({ran})")
     return 0
 
 

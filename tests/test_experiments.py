@@ -23,7 +23,9 @@ def test_cluster_yaml_is_valid_for_the_ray_launcher():
         validate_config(prepare_config(bad))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_experiment_configs_load(path):
     from cellst.config import load_config
 

@@ -213,8 +213,18 @@ def _wait_for(folder: Path, pattern: str, timeout: float = 300) -> None:
     raise AssertionError(f"{pattern} never appeared under {folder}")
 
 
-def _kill_when(folder: Path, pattern: str, pid_of) -> None:
-    _wait_for(folder, pattern)
+def _wait_registered(run_dir: Path, name: str) -> None:
+    """Until Ray Train's controller has registered a checkpoint of run ``name``.
+
+    Our own ``epoch_NNN`` folders are written before ``ray.train.report``, and the report
+    waits in the worker until the controller polls it: a kill in between loses it. The
+    controller writes this snapshot when it registers a checkpoint.
+    """
+    _wait_for(run_dir / "_ray" / name, "checkpoint_manager_snapshot.json")
+
+
+def _kill_when(run_dir: Path, name: str, pid_of) -> None:
+    _wait_registered(run_dir, name)
     os.kill(pid_of(), signal.SIGKILL)
 
 
@@ -234,14 +244,14 @@ def test_worker_killed_mid_run_recovers(ray_session, store_dir, tmp_path):
     run = tmp_path / "fault"
     killer = threading.Thread(
         target=_kill_when,
-        args=(run / "checkpoints", "epoch_002", lambda: int((run / "rank0.pid").read_text())),
+        args=(tmp_path, "fault", lambda: int((run / "rank0.pid").read_text())),
     )
     killer.start()
     res = train(cfg)
     killer.join()
     assert res.metrics["epoch"] == 4
-    # epoch_002 on disk means epoch 1 was registered with Ray Train: the restarted workers
-    # continue from a checkpoint instead of starting over
+    # a checkpoint was registered with Ray Train before the kill: the restarted workers
+    # continue from it instead of starting over
     assert res.metrics["resumed_from_epoch"] >= 1
 
 
@@ -270,14 +280,14 @@ def test_rerun_resumes_interrupted_run(ray_session, store_dir, tmp_path):
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    _wait_for(tmp_path / "rr" / "checkpoints", "epoch_002")
+    _wait_registered(tmp_path, "rr")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # let Ray notice the driver is gone and release the workers
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     model, _, meta = load_model(tmp_path / "rr" / "checkpoints" / "last")
-    # epoch_002 was on disk, so at least epoch 1 was registered: the re-run continues from it
+    # a checkpoint was registered before the kill: the re-run continues from it
     assert meta["epoch"] == 4 and meta["resumed_from_epoch"] >= 1
 
 

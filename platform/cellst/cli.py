@@ -356,7 +356,9 @@ def stpp(
     ],
     run_dir: Annotated[
         Path | None,
-        typer.Argument(help="with `status`: the pipeline folder", show_default=False),
+        typer.Argument(
+            help="with `status`: the pipeline folder", show_default=False, metavar="RUN_DIR"
+        ),
     ] = None,
     set_: SetOpt = None,
     force_from: Annotated[

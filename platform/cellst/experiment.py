@@ -1,7 +1,7 @@
 """The whole-experiment configuration: one section per stage of the data flow.
 
 Each stage owns its section's model (ingest, data streams, model, augmentation, loss,
-inference, post-processing, batch prediction, evaluation); this module only assembles them,
+inference, post-processing, batch prediction, evaluation, ST++); this module only assembles them,
 so stage modules can import :class:`cellst.config.Section` without import cycles.
 """
 
@@ -16,6 +16,7 @@ from cellst.model.augment import AugmentConfig
 from cellst.model.loss import LossConfig
 from cellst.model.networks import ModelConfig
 from cellst.postprocess import PostprocessConfig
+from cellst.stpp.config import StppConfig
 from cellst.tracking.config import TrackingConfig
 from cellst.train.config import TrainConfig
 
@@ -36,3 +37,4 @@ class ExperimentConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    stpp: StppConfig = StppConfig()

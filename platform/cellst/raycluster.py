@@ -10,6 +10,58 @@ from typing import Any
 import ray
 
 
+def verbose() -> bool:
+    """Whether ``CELLST_VERBOSE=1`` asks for Ray's and MLflow's INFO logs in the terminal."""
+    return os.environ.get("CELLST_VERBOSE", "0") == "1"
+
+
+def train_log_level() -> str:
+    """Console level of Ray Train's own logs (per-report and checkpoint lines are INFO)."""
+    return "INFO" if verbose() else "WARNING"
+
+
+#: Ray's own INFO/WARNING lines that say nothing a cellst user can act on, by logger name
+NOISY_LOGGERS = {
+    # Train V2 re-checks its controller every second through the state API, which needs
+    # the dashboard (ray[default]); without it every check warns
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.data": logging.WARNING,
+    # cellst turns Ray Data's progress bars off on purpose (it draws its own); Ray warns
+    "ray.data._internal.progress": logging.ERROR,
+}
+
+
+def _train_context_logger() -> str:
+    """Name of the logger of Ray Train's per-report INFO lines (named after its file)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    return spec.origin if spec and spec.origin else ""
+
+
+def quiet_logs() -> None:
+    """Lower Ray's chatty loggers in this process (unless ``CELLST_VERBOSE=1``)."""
+    if verbose():
+        return
+    for name, level in {**NOISY_LOGGERS, _train_context_logger(): logging.WARNING}.items():
+        if name:
+            logging.getLogger(name).setLevel(level)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*exclude_resources.*is deprecated")
+
+
+def quiet_runtime_env() -> dict[str, Any]:
+    """Runtime environment that quiets every Ray worker process (see :func:`quiet_logs`);
+    their INFO lines stay in the session logs (``/tmp/ray/session_latest/logs``)."""
+    if verbose():
+        return {"env_vars": {"CELLST_VERBOSE": "1"}}
+    return {
+        "env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"},
+        "worker_process_setup_hook": "cellst.raycluster.quiet_logs",
+    }
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to Ray once per process.
 
@@ -21,6 +73,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    kwargs["runtime_env"] = quiet_runtime_env()
     if address is None and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     ray.init(address=address, **kwargs)
@@ -30,12 +83,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def quiet_ray_data() -> None:
     """Keep Ray Data's per-dataset INFO logs and progress bars out of the terminal.
 
-    cellst draws its own progress bars; set ``CELLST_RAY_PROGRESS=1`` to see Ray's.
+    cellst draws its own progress bars; set ``CELLST_RAY_PROGRESS=1`` to see Ray's, and
+    ``CELLST_VERBOSE=1`` for Ray's INFO logs as well.
     """
-    verbose = os.environ.get("CELLST_RAY_PROGRESS", "0") == "1"
-    ray.data.DataContext.get_current().enable_progress_bars = verbose
-    if not verbose:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    shown = os.environ.get("CELLST_RAY_PROGRESS", "0") == "1" or verbose()
+    ray.data.DataContext.get_current().enable_progress_bars = shown
+    if not shown:
+        quiet_logs()
 
 
 def as_completed(refs: Iterable[ray.ObjectRef]) -> Iterator[Any]:

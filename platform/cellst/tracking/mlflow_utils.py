@@ -55,6 +55,14 @@ from cellst.tracking.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (database migrations, system-metrics monitor) out of the terminal,
+    unless ``CELLST_VERBOSE=1``."""
+    if os.environ.get("CELLST_VERBOSE", "0") != "1":
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 #: MLflow's limit on a parameter value (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``)
 MAX_PARAM_VALUE_LENGTH = 6000
 #: MLflow's limit on params (and tags) per ``log_batch`` request
@@ -319,6 +327,7 @@ def start_run(
         The run ends FINISHED, or FAILED (KILLED on KeyboardInterrupt) when the block raises.
         System metrics are sampled only for the outermost run of a process.
     """
+    quiet_mlflow()
     if not cfg.enabled:
         yield DisabledRun(DisabledRunInfo(run_name=run_name))
         return

@@ -9,6 +9,7 @@ from ``ray.train.get_checkpoint()``.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,8 +70,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cellst.data.store import CellStore
     from cellst.experiment import ExperimentConfig
     from cellst.model import HoVerLoss, build_model, load_into
+    from cellst.raycluster import quiet_logs
     from cellst.train.validate import validate
 
+    quiet_logs()  # also when the cluster was started without cellst's runtime environment
     cfg = ExperimentConfig.model_validate(config["experiment"])
     tcfg = cfg.train
     ctx = ray.train.get_context()
@@ -217,6 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     for k, v in metrics.items()
                     if k in ("train_loss", "val_f1", "images_per_s", "lr")
                 ),
+                file=sys.__stdout__,  # once: Ray Train's print patch would also log it
                 flush=True,
             )
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -52,7 +52,9 @@ class Augmenter:
             sample = {
                 "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
                 / 255,
-                "label": torch.from_numpy(np.ascontiguousarray(lab))[None],
+                "label": torch.from_numpy(np.array(lab, copy=True))[
+                    None
+                ],  # stream arrays are read-only
             }
             out = (self.strong if int(src) == 1 else self.standard)(sample)
             images.append(out["image"])

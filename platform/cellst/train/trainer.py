@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cellst.data.store import CellStore, StoreError
+from cellst.raycluster import train_log_level
 from cellst.train.checkpoints import RunPaths
 from cellst.train.config import TrainingDiverged
 
@@ -250,6 +251,7 @@ def train(
                 storage_path=str(Path(t.run_dir).absolute() / "_ray"),
                 failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_last),
+                logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
             ),
             datasets={"train": dataset},
         )

@@ -1,0 +1,41 @@
+"""ST++ self-training on Ray: durable stages, reliability scoring, MLflow nested runs.
+
+``run_stpp`` (and ``cellst stpp CONFIG``) runs supervised training, reliability scoring of
+the unlabelled items across snapshots, two rounds of pseudo-labelling and re-training, and
+a final test-split comparison; see :mod:`cellst.stpp.pipeline`.
+
+Names are imported lazily, so ``cellst.experiment`` can import
+:class:`cellst.stpp.config.StppConfig` without an import cycle.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_NAMES = {
+    "QUICK_OVERRIDES": "config",
+    "StppConfig": "config",
+    "load_stpp_config": "config",
+    "StppExperimentConfig": "experiment",
+    "STAGES": "pipeline",
+    "StppResult": "pipeline",
+    "StppStopped": "pipeline",
+    "mlflow_ui_command": "pipeline",
+    "pipeline_status": "pipeline",
+    "run_stpp": "pipeline",
+    "item_reliability": "reliability",
+    "score_items": "reliability",
+    "split_reliable": "reliability",
+    "StageBook": "stages",
+    "StageRecord": "stages",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"cellst.stpp.{_NAMES[name]}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,130 @@
+"""Configuration of the ST++ pipeline: the ``stpp`` section of an experiment.
+
+This module only depends on :class:`cellst.config.Section`, so
+:class:`cellst.experiment.ExperimentConfig` can hold a ``stpp: StppConfig`` field without an
+import cycle. :class:`cellst.stpp.experiment.StppExperimentConfig` is the experiment with the
+``stpp`` section and the checks that span sections (enough ST++ snapshots, training fields
+the pipeline sets itself), run when the file is loaded, so a bad request fails before
+anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator
+
+from cellst.config import ConfigError, Section, load_config
+
+#: settings of ``--quick`` (tiny model and data; minutes on 2 CPUs), applied before ``--set``
+QUICK_OVERRIDES: tuple[str, ...] = (
+    "model.name=hovernet-lite",
+    "model.width=8",
+    "data.crop_size=96",
+    "data.crops_per_epoch=32",
+    "data.crops_per_visit=4",
+    "train.epochs=3",
+    "train.batch_size=4",
+    "train.val_max_items=2",
+    "train.schedule=none",
+    "train.lr=0.001",
+    "inference.roi=96",
+    "inference.sw_batch_size=4",
+)
+
+if TYPE_CHECKING:
+    from cellst.stpp.experiment import StppExperimentConfig
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class StppConfig(Section):
+    """How ``cellst stpp`` runs the six ST++ stages (the ``stpp`` section)."""
+
+    run_dir: str = Field(
+        "runs", description="root folder of ST++ pipelines; the pipeline lives in run_dir/name"
+    )
+    name: str | None = Field(
+        None, description="pipeline name (its folder); None: the experiment name"
+    )
+    set_prefix: str | None = Field(
+        None, description="prefix of the pseudo-label sets it writes; None: the pipeline name"
+    )
+    reliable_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="share of the unlabelled items, best-scored first, kept as reliable",
+    )
+    reliability: Literal["instance_f1", "mask_iou"] = Field(
+        "instance_f1",
+        description="agreement of each earlier snapshot with the final one: instance F1 at IoU "
+        "0.5 (seed paper) or IoU of the nuclear masks (original ST++)",
+    )
+    tta: bool = Field(True, description="flip test-time augmentation when pseudo-labelling")
+    fresh_init: bool = Field(
+        True, description="re-train stages 4 and 6 from scratch (ST++); else warm-start"
+    )
+    scale_retrain_crops: bool = Field(
+        True,
+        description="stages 4 and 6 draw data.crops_per_epoch / (1 - train.pseudo_weight) crops "
+        "per epoch (at most 4x), so they see as many labelled crops as stage 1 plus the "
+        "pseudo-labelled ones, as ST++ re-trains on labelled + unlabelled images for the same "
+        "epochs; false keeps data.crops_per_epoch (the pseudo-labels then replace labelled crops)",
+    )
+    evaluate: bool = Field(
+        True, description="finally score supervised / round 1 / round 2 on the test split"
+    )
+
+    @field_validator("name", "set_prefix")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError(
+                f"must start with a letter or digit and hold only letters, digits, '.', '_' "
+                f"and '-', got {v!r}"
+            )
+        return v
+
+
+def stpp_problems(cfg) -> list[str]:
+    """What makes an experiment unfit for ST++ (checks across sections); empty when fine."""
+    out = []
+    t = cfg.train
+    epochs = t.snapshot_epochs()
+    if len(epochs) < 2 or epochs[-1] != t.epochs:
+        out.append(
+            f"ST++ scores reliability with at least two snapshots, the last one at the end of "
+            f"training; train.epochs={t.epochs} with train.snapshot_fractions="
+            f"{[round(f, 3) for f in t.snapshot_fractions]} gives snapshot epochs {epochs} "
+            f"(raise train.epochs or add fractions; the largest must be 1.0)"
+        )
+    for key in ("pseudo_set", "init_checkpoint"):
+        if getattr(t, key) is not None:
+            out.append(f"train.{key} is set by the ST++ pipeline for each stage; leave it empty")
+    if NAME_RE.match(cfg.name) is None and cfg.stpp.name is None:
+        out.append(f"the experiment name {cfg.name!r} cannot name a pipeline folder; set stpp.name")
+    return out
+
+
+def load_stpp_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), quick: bool = False
+) -> StppExperimentConfig:
+    """Load an ST++ experiment; ``quick`` applies :data:`QUICK_OVERRIDES` before ``overrides``.
+
+    Raises
+    ------
+    ConfigError
+        Naming every invalid field (fractions, snapshot settings...), before anything runs.
+    """
+    from cellst.stpp.experiment import StppExperimentConfig
+
+    every = [*(QUICK_OVERRIDES if quick else ()), *overrides]
+    cfg = load_config(path, every, model=StppExperimentConfig)
+    if not cfg.store:
+        raise ConfigError(
+            "no store configured: set `store: PATH` in the config or --set store=PATH"
+        )
+    return cfg

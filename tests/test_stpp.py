@@ -1,0 +1,491 @@
+"""ST++ pipeline: config checks, durable stage records, reliability scoring, early stop,
+and a real end-to-end run on local Ray that is SIGKILLed during stage 4 and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cellst.config import ConfigError
+from cellst.data.store import CellStore, StoreError, atomic_write_parquet, write_array
+from cellst.stpp import STAGES, StageBook, load_stpp_config, run_stpp
+from cellst.stpp.pipeline import Pipeline, StppStopped
+from cellst.stpp.reliability import (
+    agreement,
+    item_reliability,
+    n_reliable,
+    score_items,
+    split_reliable,
+)
+from cellst.stpp.stages import stable_hash
+
+runner = CliRunner()
+
+#: even smaller than --quick: the tests only check the plumbing, not the accuracy
+TINY = [
+    "data.crops_per_epoch=16",
+    "train.val_max_items=1",
+    "tracking.system_metrics=false",
+]
+
+
+def _write_config(path: Path, store: Path, run_dir: Path, **extra) -> Path:
+    data = {"name": "t", "store": str(store), "stpp": {"run_dir": str(run_dir)}, **extra}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _copy_store(store_dir: Path, dest: Path) -> Path:
+    shutil.copytree(store_dir, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("stpp.reliable_fraction=1.0", "stpp.reliable_fraction"),
+        ("stpp.reliable_fraction=0", "stpp.reliable_fraction"),
+        ("stpp.reliability=dice", "stpp.reliability"),
+        ("train.epochs=1", "snapshot"),
+        ("train.snapshot_fractions=[1.0]", "snapshot"),
+        ("train.snapshot_fractions=[0.5]", "snapshot"),
+        ("train.snapshot_fractions=[0.3, 1.5]", "train.snapshot_fractions"),
+        ("train.pseudo_set=x", "train.pseudo_set"),
+        ("stpp.set_prefix=a/b", "stpp.set_prefix"),
+    ],
+)
+def test_config_errors(tmp_path, override, field):
+    cfg = _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs")
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("[", r"\[")):
+        load_stpp_config(cfg, [override])
+
+
+def test_cli_config_error_before_anything_runs(tmp_path):
+    cfg = _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs")
+    res = runner.invoke(app(), ["stpp", str(cfg), "--set", "stpp.reliable_fraction=1.5"])
+    assert res.exit_code == 2, res.output
+    assert "stpp.reliable_fraction" in res.output
+    res = runner.invoke(app(), ["stpp", str(cfg), "--quick", "--set", "train.epochs=1"])
+    assert res.exit_code == 2 and "snapshot" in res.output
+    res = runner.invoke(app(), ["stpp", str(cfg)])  # the store does not exist
+    assert res.exit_code == 1 and "not a cellst store" in res.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_quick_settings_are_overridable(tmp_path):
+    cfg = _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs")
+    c = load_stpp_config(cfg, ["train.epochs=4"], quick=True)
+    assert c.train.epochs == 4 and c.model.width == 8  # --set wins over --quick
+    assert c.pipeline_dir == (tmp_path / "runs" / "t").absolute()
+    assert c.set_prefix == "t"
+    from cellst.experiment import ExperimentConfig
+
+    assert type(c.base()) is ExperimentConfig  # what train() and predict() take
+
+
+def app():
+    from cellst.cli import app as cli_app
+
+    return cli_app
+
+
+# ----------------------------------------------------------------------------- stage records
+def test_stage_records_skip_resume_fresh(tmp_path):
+    book = StageBook(tmp_path, ["a", "b", "c"])
+    assert [r.status for r in book.records()] == ["pending"] * 3
+    assert book.decide("a", "h1") == "fresh"
+    book.start("a", "h1", fresh=True)
+    assert book.get("a").status == "running"
+    assert book.decide("a", "h1") == "resume"  # a crash left it running
+    assert book.decide("a", "h2") == "fresh"  # ... but the inputs changed
+    rec = book.finish("a", {"x": 1}, mlflow_run_id="r1")
+    assert rec.status == "done" and rec.output_digest == stable_hash({"x": 1})
+    assert book.decide("a", "h1") == "skip"
+    assert book.decide("a", "h2") == "fresh"
+    book.start("b", "hb", fresh=True)
+    book.fail("b", "RuntimeError: boom")
+    assert book.get("b").status == "failed" and "boom" in book.get("b").error
+    assert book.decide("b", "hb") == "resume"
+    # a resumed start keeps the MLflow run id; a fresh one drops it
+    book.update("b", mlflow_run_id="rb")
+    assert book.start("b", "hb", fresh=False).mlflow_run_id == "rb"
+    assert book.start("b", "hb", fresh=True).mlflow_run_id is None
+    assert book.get("b").attempts == 3
+    # records are JSON files named <n>_<stage>.json, written atomically
+    files = sorted(p.name for p in (tmp_path / "stages").iterdir())
+    assert files == ["1_a.json", "2_b.json"]
+    assert json.loads((tmp_path / "stages" / "1_a.json").read_text())["outputs"] == {"x": 1}
+
+
+def test_force_from_invalidates_that_stage_and_later(tmp_path):
+    book = StageBook(tmp_path, ["a", "b", "c"])
+    for n in book.names:
+        book.start(n, f"h{n}", fresh=True)
+        book.finish(n, {"n": n})
+    assert book.force_from("2") == ["b", "c"]
+    assert book.get("a").status == "done" and book.decide("a", "ha") == "skip"
+    for n in ("b", "c"):
+        rec = book.get(n)
+        assert rec.status == "pending" and rec.forced and rec.outputs == {"n": n}
+        assert book.decide(n, f"h{n}") == "fresh"
+    book.start("b", "hb", fresh=True)  # a crash now must not lose the request
+    assert book.decide("b", "hb") == "fresh"
+    book.finish("b", {"n": "b"})
+    assert not book.get("b").forced and book.decide("b", "hb") == "skip"
+    assert book.resolve(3) == book.resolve("c") == book.resolve("3_c") == "c"
+    with pytest.raises(ValueError, match="unknown stage"):
+        book.resolve("9")
+
+
+def test_stable_hash_ignores_key_order():
+    assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
+    assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+
+
+def test_stage_runner_skips_reruns_and_forces(tmp_path):
+    """The real runner with a stand-in body: skip when done, rerun when inputs change."""
+    cfg = load_stpp_config(
+        _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs"),
+        ["tracking.enabled=false"],
+    )
+    calls: list[str] = []
+
+    def body(decision: str) -> dict:
+        calls.append(decision)
+        return {"value": len(calls)}
+
+    def run(inputs, force_from=None):
+        pipe = Pipeline(cfg, log=lambda _: None)
+        if force_from:
+            pipe.book.force_from(force_from)
+        return pipe.stage("reliability", inputs, body)
+
+    assert run({"a": 1}).outputs == {"value": 1}
+    assert run({"a": 1}).outputs == {"value": 1} and calls == ["fresh"]  # skipped
+    assert run({"a": 2}).outputs == {"value": 2} and calls == ["fresh", "fresh"]
+    run({"a": 2}, force_from="reliability")
+    assert calls == ["fresh"] * 3
+    pipe = Pipeline(cfg, log=lambda _: None)  # done, but its outputs were deleted
+    pipe.stage("reliability", {"a": 2}, body, present=lambda outputs: False)
+    assert calls == ["fresh"] * 4
+    pipe.stage("reliability", {"a": 2}, body, present=lambda outputs: True)
+    assert calls == ["fresh"] * 4
+
+    def crash(decision: str) -> dict:
+        calls.append(decision)
+        raise KeyboardInterrupt
+
+    pipe = Pipeline(cfg, log=lambda _: None)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.stage("reliability", {"a": 3}, crash)
+    assert pipe.book.get("reliability").status == "failed"
+    run({"a": 3})
+    assert calls[-1] == "resume" and Pipeline(cfg).book.get("reliability").status == "done"
+
+
+# ----------------------------------------------------------------------------- reliability
+def _blobs(shape, centres, r=6):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    out = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, 1):
+        out[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    return out
+
+
+def _write_set(store: CellStore, name: str, maps: dict[str, np.ndarray]) -> None:
+    import zarr
+
+    from cellst.inference.batch import collect_set_stats
+
+    base = store.root / "pseudo" / name
+    base.mkdir(parents=True, exist_ok=True)
+    for item, label in maps.items():
+        write_array(base / item, label)
+        zarr.open_array(str(base / item), mode="r+").attrs.update({"id": item})
+    collect_set_stats(store, name)
+
+
+def test_agreement_measures():
+    a = _blobs((64, 64), [(16, 16), (40, 40)])
+    empty = np.zeros_like(a)
+    for m in ("instance_f1", "mask_iou"):
+        assert agreement(a, a, m) == 1.0
+        assert agreement(empty, empty, m) == 1.0
+        assert agreement(a, empty, m) == 0.0
+    one = _blobs((64, 64), [(16, 16)])
+    assert agreement(one, a, "instance_f1") == pytest.approx(2 / 3)  # P 1, R 1/2
+    assert agreement(one, a, "mask_iou") == pytest.approx(0.5, abs=0.01)
+    # relabelling does not matter
+    assert agreement(np.where(a > 0, 3 - a, 0), a, "instance_f1") == 1.0
+    assert item_reliability([one, a, a]) == [pytest.approx(2 / 3), 1.0]
+    with pytest.raises(ValueError):
+        agreement(a, a, "dice")
+
+
+@pytest.fixture
+def scored_store(store_dir, tmp_path) -> CellStore:
+    """A copy of the session store with three hand-made 'snapshot' sets for 4 items."""
+    store = CellStore(_copy_store(store_dir, tmp_path / "store"))
+    ids = store.ids("unlabeled")
+    assert len(ids) == 4
+    shapes = {i: (int(store.row(i).height), int(store.row(i).width)) for i in ids}
+    cells = [(30, 30), (30, 80), (80, 30), (80, 80)]
+    final = {i: _blobs(shapes[i], cells) for i in ids}
+    s1, s2 = dict(final), dict(final)
+    a, b, c, d = ids
+    # a: identical in every snapshot -> 1; b: one snapshot lost half the cells -> (1/2*... )
+    s1[b] = _blobs(shapes[b], cells[:2])  # F1 vs final 2/3; s2 identical -> mean 5/6
+    s1[c] = _blobs(shapes[c], cells[:2])
+    s2[c] = _blobs(shapes[c], cells[:2])  # mean 2/3
+    s1[d] = np.zeros(shapes[d], np.int32)
+    s2[d] = _blobs(shapes[d], cells[:1])  # 0 and 2/5 -> mean 1/5
+    for name, maps in (("snap1", s1), ("snap2", s2), ("snap3", final)):
+        _write_set(store, name, maps)
+    return store
+
+
+def test_reliability_scores_rank_and_split(scored_store):
+    a, b, c, d = scored_store.ids("unlabeled")
+    sets = ["snap1", "snap2", "snap3"]
+    scores = score_items(scored_store, sets)
+    assert scores["id"].tolist() == [a, b, c, d]
+    assert scores["score"].tolist() == pytest.approx([1.0, 5 / 6, 2 / 3, 1 / 5])
+    assert scores["rank"].tolist() == [1, 2, 3, 4]
+    assert {"agree_snap1", "agree_snap2", "modality", "n_instances_final"} <= set(scores.columns)
+    reliable, unreliable, cutoff = split_reliable(scores, 0.5)
+    assert reliable == [a, b] and unreliable == [c, d] and cutoff == pytest.approx(5 / 6)
+    assert len(split_reliable(scores, 0.25)[0]) == 1
+    assert len(split_reliable(scores, 0.9)[1]) == 1  # never all reliable
+    # identical snapshots: every item scores 1 under both measures
+    same = score_items(scored_store, ["snap3", "snap3", "snap3"], measure="mask_iou")
+    assert (same["score"] == 1.0).all()
+    masks = score_items(scored_store, sets, measure="mask_iou")
+    assert masks["id"].iloc[0] == a and masks["id"].iloc[-1] == d
+    with pytest.raises(StoreError, match="lacks items"):
+        score_items(scored_store, sets, ids=[*scored_store.ids("unlabeled"), "cell_00001"])
+
+
+def test_reliability_on_ray_matches_local(ray_session, scored_store):
+    sets = ["snap1", "snap2", "snap3"]
+    local = score_items(scored_store, sets)
+    remote = score_items(scored_store, sets, use_ray=True, items_per_task=1)
+    pd.testing.assert_frame_equal(local, remote)
+
+
+def test_retrain_stages_keep_the_labelled_crops_per_epoch(tmp_path):
+    from cellst.stpp.pipeline import retrain_crops
+
+    assert retrain_crops(256, 0.5) == 512 and retrain_crops(256, 0.0) == 256
+    assert retrain_crops(100, 0.95) == 400 and retrain_crops(100, 1.0) == 100  # capped
+    cfg = load_stpp_config(
+        _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs"),
+        ["data.crops_per_epoch=64", "train.pseudo_weight=0.25"],
+    )
+    pipe = Pipeline(cfg)
+    assert pipe.stage_train_config("supervised").data.crops_per_epoch == 64
+    c4 = pipe.stage_train_config("retrain_reliable", "t-reliable", None)
+    assert c4.data.crops_per_epoch == 86 and c4.train.pseudo_set == "t-reliable"
+    assert c4.train.run_dir == str(cfg.pipeline_dir / "train")
+    cfg.stpp.scale_retrain_crops = False
+    assert Pipeline(cfg).stage_train_config("retrain_all", "t-all").data.crops_per_epoch == 64
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "k"), [(1, 0.5, 1), (2, 0.5, 1), (4, 0.5, 2), (5, 0.5, 3), (4, 0.99, 3)]
+)
+def test_n_reliable(n, fraction, k):
+    assert n_reliable(n, fraction) == k
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_foreign_pseudo_set_is_refused(store_dir, tmp_path):
+    store = CellStore(_copy_store(store_dir, tmp_path / "store"))
+    item = store.ids("unlabeled")[0]
+    _write_set(store, "t-reliable", {item: np.zeros((8, 8), np.int32)})
+    cfg = load_stpp_config(
+        _write_config(tmp_path / "c.yaml", store.root, tmp_path / "runs"), quick=True
+    )
+    with pytest.raises(StoreError, match=r"t-reliable.*--overwrite"):
+        run_stpp(cfg)
+    assert not (tmp_path / "runs" / "t" / "train").exists()  # nothing ran
+    Pipeline(cfg, overwrite=True).preflight()  # accepted with --overwrite
+
+
+def test_store_without_unlabelled_items_stops_after_stage_1(ray_session, store_dir, tmp_path):
+    root = _copy_store(store_dir, tmp_path / "store")
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    atomic_write_parquet(manifest[manifest["split"] != "unlabeled"], root / "manifest.parquet")
+    cfg = load_stpp_config(
+        _write_config(tmp_path / "c.yaml", root, tmp_path / "runs"),
+        [*TINY, "train.epochs=2", "tracking.enabled=false"],
+        quick=True,
+    )
+    with pytest.raises(StppStopped, match=r"no unlabelled items.*stopped after stage 1"):
+        run_stpp(cfg, log=lambda _: None)
+    book = StageBook(cfg.pipeline_dir, STAGES)
+    assert [r.status for r in book.records()] == ["done"] + ["pending"] * 6
+    assert (Path(book.get("supervised").outputs["best"]) / "model.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def crashed_and_resumed(ray_session, store_dir, tmp_path_factory):
+    """`cellst stpp --quick` in a subprocess, SIGKILLed during stage 4, then re-run here."""
+    tmp = tmp_path_factory.mktemp("stpp")
+    store = _copy_store(store_dir, tmp / "store")
+    config = _write_config(tmp / "stpp.yaml", store, tmp / "runs")
+    pipe_dir = tmp / "runs" / "t"
+    cmd = [str(Path(sys.executable).with_name("cellst")), "stpp", str(config), "--quick"]
+    for o in TINY:
+        cmd += ["--set", o]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    log = open(tmp / "first.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+    stage4 = pipe_dir / "stages" / "4_retrain_reliable.json"
+    train4 = pipe_dir / "train" / "t-4_retrain_reliable" / "rank0.pid"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if stage4.is_file() and json.loads(stage4.read_text())["status"] == "running":
+            if train4.is_file():  # the stage-4 training workers are up
+                break
+        time.sleep(0.2)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    first_log = (tmp / "first.log").read_text()
+    assert killed, f"the pipeline ended before stage 4 was seen running:\n{first_log[-3000:]}"
+    book = StageBook(pipe_dir, STAGES)
+    before = {r.name: r for r in book.records()}
+    train_dirs = sorted(p.name for p in (pipe_dir / "train").iterdir())
+
+    cfg = load_stpp_config(config, TINY, quick=True)
+    result = run_stpp(cfg)
+    return {
+        "result": result,
+        "before": before,
+        "train_dirs_before": train_dirs,
+        "cfg": cfg,
+        "first_log": first_log,
+    }
+
+
+def test_crash_resume_does_not_recompute_stages_1_to_3(crashed_and_resumed):
+    before, result = crashed_and_resumed["before"], crashed_and_resumed["result"]
+    assert [before[n].status for n in STAGES[:3]] == ["done"] * 3
+    assert before["retrain_reliable"].status == "running"
+    assert result.skipped == list(STAGES[:3])
+    assert result.ran == list(STAGES[3:])
+    for name in STAGES[:3]:
+        old, new = before[name], result.record(name)
+        assert (new.started_at, new.finished_at) == (old.started_at, old.finished_at)
+        assert new.mlflow_run_id == old.mlflow_run_id and new.mlflow_run_id
+        assert new.attempts == 1 and new.input_hash == old.input_hash
+    assert result.record("retrain_reliable").attempts == 2
+    # stage 1 trained once: the training folders are the three stages' and Ray's, nothing new
+    root = result.pipeline_dir / "train"
+    assert "t-1_supervised" in crashed_and_resumed["train_dirs_before"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "_ray",
+        "t-1_supervised",
+        "t-4_retrain_reliable",
+        "t-6_retrain_all",
+    ]
+    state = json.loads((root / "t-1_supervised" / "run.json").read_text())
+    assert state["mlflow_run_id"] == before["supervised"].mlflow_run_id
+
+
+def test_every_stage_done_with_outputs(crashed_and_resumed):
+    result = crashed_and_resumed["result"]
+    assert [r.status for r in result.records] == ["done"] * len(STAGES)
+    store = CellStore(crashed_and_resumed["cfg"].store)
+    unlabelled = set(store.ids("unlabeled"))
+    rel = result.record("reliability").outputs
+    assert set(rel["reliable"]) | set(rel["unreliable"]) == unlabelled
+    assert len(rel["reliable"]) == 2 and not set(rel["reliable"]) & set(rel["unreliable"])
+    sets = set(store.pseudo_sets())
+    assert {"t-snapshot_e001", "t-snapshot_e002", "t-snapshot_e003"} <= sets
+    assert set(store.pseudo_items("t-reliable")["id"]) == set(rel["reliable"])
+    assert set(store.pseudo_items("t-unreliable")["id"]) == set(rel["unreliable"])
+    assert set(store.pseudo_items("t-all")["id"]) == unlabelled
+    scores = pd.read_csv(result.pipeline_dir / "reliability" / "scores.csv")
+    assert scores["score"].between(0, 1).all() and len(scores) == len(unlabelled)
+    # the final report: supervised / round 1 / round 2, overall and per modality
+    report = result.report
+    assert report["model"].tolist() == ["supervised", "round1", "round2"]
+    assert report["f1"].between(0, 1).all()
+    mods = set(store.items(split="test")["modality"])
+    assert {f"f1_{m}" for m in mods} <= set(report.columns)
+    saved = json.loads((result.pipeline_dir / "report.json").read_text())
+    assert [r["model"] for r in saved["f1"]] == ["supervised", "round1", "round2"]
+
+
+def test_mlflow_parent_and_nested_stage_runs(crashed_and_resumed):
+    from mlflow.tracking import MlflowClient
+
+    result = crashed_and_resumed["result"]
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert "test_f1_round2" in parent.data.metrics
+    meta = json.loads((result.pipeline_dir / "pipeline.json").read_text())
+    assert meta["parent_run_id"] == result.parent_run_id  # the re-run re-attached
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
+    )
+    by_id = {r.info.run_id: r for r in children}
+    for rec in result.records:
+        assert rec.mlflow_run_id in by_id, rec.key
+        assert by_id[rec.mlflow_run_id].info.status == "FINISHED"
+    assert len(children) == len(STAGES)
+
+    def artifacts(run_id: str, path: str | None = None) -> set[str]:
+        out = set()
+        for a in client.list_artifacts(run_id, path):
+            out |= artifacts(run_id, a.path) if a.is_dir else {a.path}
+        return out
+
+    assert {"reliability/scores.csv", "reliability/split.csv", "reliability/scores.png"} <= (
+        artifacts(result.record("reliability").mlflow_run_id)
+    )
+    assert "pseudo_labels/reliable.csv" in artifacts(result.record("pseudo_reliable").mlflow_run_id)
+    assert {"pseudo_labels/unreliable.csv", "pseudo_labels/all.csv"} <= artifacts(
+        result.record("pseudo_unreliable").mlflow_run_id
+    )
+    assert "final/f1_table.csv" in artifacts(result.record("evaluate").mlflow_run_id)
+    assert {"final/f1_table.csv", "stages.csv"} <= artifacts(result.parent_run_id)
+    rel = client.get_run(result.record("reliability").mlflow_run_id).data.metrics
+    assert rel["n_reliable"] == 2 and rel["n_unreliable"] == 2
+    table = pd.read_csv(client.download_artifacts(result.parent_run_id, "final/f1_table.csv"))
+    assert table["model"].tolist() == ["supervised", "round1", "round2"]
+
+
+def test_status_command_and_rerun_is_a_no_op(crashed_and_resumed):
+    result = crashed_and_resumed["result"]
+    for args in (
+        ["stpp", "status", str(result.pipeline_dir)],
+        ["stpp-status", str(result.pipeline_dir)],
+    ):
+        res = runner.invoke(app(), args)
+        assert res.exit_code == 0, res.output
+        assert "7/7 stages done" in res.output
+        for name in STAGES:
+            assert name[:6] in res.output
+    again = run_stpp(crashed_and_resumed["cfg"], log=lambda _: None)
+    assert again.ran == [] and again.skipped == list(STAGES)
+    assert again.parent_run_id == result.parent_run_id
