@@ -18,7 +18,17 @@ from cellst.cli import app
 from cellst.metrics.report import evaluate_folders
 
 runner = CliRunner()
-COMMANDS = ["synth", "ingest", "info", "evaluate"]
+COMMANDS = [
+    "synth",
+    "ingest",
+    "info",
+    "evaluate",
+    "predict",
+    "train",
+    "stpp",
+    "stpp-status",
+    "tune",
+]
 
 
 def test_console_script_help():

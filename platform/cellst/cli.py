@@ -463,6 +463,54 @@ def _stpp_status(run_dir: Path) -> None:
         console.print(f"MLflow parent run {meta['parent_run_id']}: {ui}", soft_wrap=True)
 
 
+@app.command()
+@user_errors
+def tune(
+    config: Annotated[Path, typer.Argument(help="experiment YAML with a tune section")],
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+) -> None:
+    """Sweep post-processing or training settings with Ray Tune; scored on validation items.
+
+    tune.mode=postprocess predicts the validation items once with tune.checkpoint and tries
+    post-processing settings on the cached maps (seconds per trial); tune.mode=train trains
+    one model per trial and lets ASHA stop poor trials early. Writes results.csv, best.yaml
+    (the best settings as --set overrides) and sweep.png; every trial is an MLflow child run.
+    Re-running an interrupted sweep resumes it. See experiments/sweep_*.yaml.
+    """
+    from cellst.raycluster import ensure_ray
+    from cellst.tune.space import load_tune_config
+    from cellst.tune.sweep import run_sweep
+
+    cfg = load_tune_config(config, set_ or [])
+    ensure_ray(ray_address)
+    result = run_sweep(cfg)
+    top = result.table.head(10)
+    table = Table(title=f"best trials of {len(result.table)} ({result.metric}, validation items)")
+    for c in top.columns:
+        if c != "mlflow_run_id":
+            table.add_column(str(c), justify="left" if c in ("trial_id", "status") else "right")
+    for row in top.to_dict(orient="records"):
+        table.add_row(
+            *[
+                f"{v:.4g}" if isinstance(v, float) else str(v)
+                for k, v in row.items()
+                if k != "mlflow_run_id"
+            ]
+        )
+    console.print(table)
+    sets = " ".join(f"--set {k}={v!r}" for k, v in result.best_params.items())
+    console.print(f"best {result.metric} {result.best_score:.4f} with: {sets}", soft_wrap=True)
+    console.print(f"results: {result.sweep_dir}/results.csv, best.yaml, sweep.png")
+    if result.tracking_uri:
+        from cellst.stpp.pipeline import mlflow_ui_command
+
+        console.print(
+            f"MLflow (parent run {result.parent_run_id}): {mlflow_ui_command(result.tracking_uri)}",
+            soft_wrap=True,
+        )
+
+
 def _print_f1_table(df) -> None:
     from cellst.stpp.pipeline import format_f1_table
 

@@ -1,7 +1,7 @@
 """The whole-experiment configuration: one section per stage of the data flow.
 
 Each stage owns its section's model (ingest, data streams, model, augmentation, loss,
-inference, post-processing, batch prediction, evaluation, ST++); this module only assembles them,
+inference, post-processing, batch prediction, evaluation, ST++, Tune sweeps); this module only assembles them,
 so stage modules can import :class:`cellst.config.Section` without import cycles.
 """
 
@@ -19,6 +19,7 @@ from cellst.postprocess import PostprocessConfig
 from cellst.stpp.config import StppConfig
 from cellst.tracking.config import TrackingConfig
 from cellst.train.config import TrainConfig
+from cellst.tune.config import TuneConfig
 
 
 class ExperimentConfig(Section):
@@ -38,3 +39,4 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     stpp: StppConfig = StppConfig()
+    tune: TuneConfig = TuneConfig()

@@ -143,6 +143,7 @@ def train(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     force: bool = False,
+    callbacks: list | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.store`` with Ray Train; see the module docstring.
 
@@ -155,6 +156,8 @@ def train(
         MLflow parent run (ST++ stages nest their training runs).
     force : bool
         Train again even if a finished run with the same name and config exists.
+    callbacks : list, optional
+        Ray Train callbacks (a Tune sweep passes ``TuneReportCallback``).
 
     Raises
     ------
@@ -252,6 +255,7 @@ def train(
                 failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_last),
                 logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
+                callbacks=list(callbacks or []),
             ),
             datasets={"train": dataset},
         )

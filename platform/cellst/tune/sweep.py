@@ -1,0 +1,438 @@
+"""``cellst tune``: Ray Tune sweeps of post-processing or training settings, tracked in MLflow.
+
+Two modes (``tune.mode``):
+
+``postprocess``
+    One checkpoint predicts the validation items once (a Ray task; maps cached under the
+    sweep folder). Each trial then runs the HoVer post-processing with its settings on the
+    cached maps and reports the mean challenge F1 (``val_f1``). Seconds per trial, so
+    hundreds of settings are cheap.
+``train``
+    Each trial trains a model with its settings (augmentation probabilities, learning
+    rate, loss weights...) through Ray Train, exactly like ``cellst train``, and reports
+    ``best_val_f1`` after each epoch; ASHA stops the poor ones early.
+
+Both score on the *validation* items held out of the labelled split (``data.val_fraction``,
+the split training uses), never on the test split. Files, in ``<tune.run_dir>/<name>/``::
+
+    results.csv      one row per trial: settings, val F1, epochs, MLflow run id
+    best.yaml        the best settings as overrides (``--set`` syntax) and the full config
+    sweep.png        val F1 against each swept setting
+    maps/            postprocess mode: cached validation predictions
+    trials/          train mode: one training run per trial
+    mlflow.db        the embedded MLflow store: a parent run, one child run per trial
+
+Re-running an interrupted sweep with the same settings resumes it (``Tuner.restore``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cellst.data.store import CellStore, StoreError, atomic_write_bytes
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced."""
+
+    sweep_dir: Path
+    table: pd.DataFrame
+    metric: str
+    best_params: dict[str, Any]
+    best_score: float
+    parent_run_id: str | None
+    tracking_uri: str | None
+    resumed: bool
+
+
+def sweep_dir(cfg) -> Path:
+    return Path(cfg.tune.run_dir).absolute() / (cfg.tune.name or cfg.name)
+
+
+def sweep_hash(cfg) -> str:
+    """Identity of a sweep: everything but where it logs (a changed sweep is a new sweep)."""
+    from cellst.stpp.stages import stable_hash
+
+    return stable_hash(cfg.model_dump(mode="json", exclude={"tracking"}))
+
+
+# ----------------------------------------------------------------------------- postprocess
+def _cache_maps(checkpoint: str, store_root: str, ids: list[str], infer: dict, out: str) -> int:
+    """Predict ``ids`` with ``checkpoint`` into ``out/<id>.npz`` (prob, hv, label)."""
+    import torch
+
+    from cellst.inference.predictor import InferenceConfig, predict_maps
+    from cellst.model import load_model
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    model, _, _ = load_model(checkpoint)
+    model.eval()
+    store = CellStore(store_root)
+    cfg = InferenceConfig.model_validate(infer)
+    folder = Path(out)
+    for item in ids:
+        prob, hv = predict_maps(model, store.image(item), cfg, "cpu")
+        tmp = folder / f".{item}.tmp.npz"
+        np.savez(tmp, prob=prob, hv=hv, label=store.label(item))
+        os.replace(tmp, folder / f"{item}.npz")
+    return len(ids)
+
+
+def prepare_maps(cfg, ids: list[str], root: Path, log: Callable[[str], None]) -> Path:
+    """Validation predictions of ``tune.checkpoint``, computed once per checkpoint/settings."""
+    import ray
+
+    from cellst.stpp.pipeline import checkpoint_fingerprint
+    from cellst.stpp.stages import atomic_write_json, stable_hash
+
+    key = stable_hash(
+        {
+            "checkpoint": checkpoint_fingerprint(cfg.tune.checkpoint),
+            "infer": cfg.inference.model_dump(mode="json"),
+            "ids": sorted(ids),
+            "store": str(Path(cfg.store).absolute()),
+        }
+    )
+    folder = root / "maps" / key
+    if (folder / "done.json").is_file():
+        log(f"[tune] validation predictions cached in {folder}")
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    task = ray.remote(num_cpus=1)(_cache_maps)
+    n = ray.get(
+        task.remote(
+            str(Path(cfg.tune.checkpoint).absolute()),
+            str(Path(cfg.store).absolute()),
+            ids,
+            cfg.inference.model_dump(mode="json"),
+            str(folder),
+        )
+    )
+    atomic_write_json(folder / "done.json", {"items": ids, "checkpoint": cfg.tune.checkpoint})
+    log(f"[tune] predicted {n} validation items in {time.perf_counter() - t0:.1f} s")
+    return folder
+
+
+def score_postprocess(
+    maps: Path, ids: list[str], post: dict[str, Any], evaluate: dict[str, Any]
+) -> dict[str, float]:
+    """Mean challenge scores of the cached maps post-processed with ``post``."""
+    from cellst.metrics.instance import image_scores
+    from cellst.postprocess import PostprocessConfig, postprocess_hover
+
+    pcfg = PostprocessConfig.model_validate(post)
+    rows = []
+    for item in ids:
+        with np.load(maps / f"{item}.npz") as z:
+            pred = postprocess_hover(z["prob"], z["hv"], pcfg)
+            rows.append(image_scores(z["label"], pred, **evaluate))
+    return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in ("f1", "precision", "recall")}
+
+
+def _postprocess_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One postprocess trial: settings -> val F1 (a child MLflow run)."""
+    from ray import tune
+
+    from cellst.tracking import log_metrics, log_params, start_run
+    from cellst.tracking.config import TrackingConfig
+
+    post = dict(ctx["post"])
+    for key, value in config.items():
+        post[key.split(".", 1)[1]] = value.item() if hasattr(value, "item") else value
+    scores = score_postprocess(Path(ctx["maps"]), ctx["ids"], post, ctx["evaluate"])
+    trial = tune.get_context().get_trial_id()
+    tracking = TrackingConfig.model_validate(ctx["tracking"])
+    with start_run(
+        tracking,
+        ctx["root"],
+        ctx["experiment"],
+        f"{ctx['name']}-{trial}",
+        parent_run_id=ctx["parent_id"],
+        tags={"cellst.stage": "tune.trial", "cellst.tune.trial_id": trial},
+    ) as run:
+        log_params(config)
+        log_metrics(scores)
+        scores["mlflow_run_id"] = run.info.run_id
+    tune.report(scores)
+
+
+# ----------------------------------------------------------------------------- train
+def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One training trial: ``cellst train`` with the trial's settings, reporting each epoch."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cellst.experiment import ExperimentConfig
+    from cellst.train.trainer import train
+    from cellst.tune.space import apply
+
+    cfg = apply(ExperimentConfig.model_validate(ctx["experiment_cfg"]), config)
+    trial = tune.get_context().get_trial_id()
+    train(
+        cfg,
+        run_name=f"{ctx['name']}-{trial}",
+        parent_run_id=ctx["parent_id"],
+        tags={"cellst.stage": "tune.trial", "cellst.tune.trial_id": trial},
+        callbacks=[TuneReportCallback()],
+        force=True,  # a restored trial starts over (Tune restores its own state)
+    )
+
+
+# ----------------------------------------------------------------------------- the sweep
+def _concurrency(cfg, per_trial_cpus: float) -> int:
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    total = ray.cluster_resources()
+    if cfg.tune.mode == "train" and cfg.train.use_gpu:
+        return max(1, int(total.get("GPU", 0) // max(1, cfg.train.num_workers)))
+    return max(1, int(total.get("CPU", 1) // per_trial_cpus))
+
+
+def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
+    """Run (or resume) the sweep described by ``cfg.tune``; see the module docstring.
+
+    Raises
+    ------
+    StoreError
+        Store problems found before anything runs (no labelled or validation items).
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from cellst.config import dump_config
+    from cellst.raycluster import ensure_ray, verbose
+    from cellst.stpp.stages import atomic_write_json
+    from cellst.tracking import log_config, resolve_tracking, start_run, store_tags
+    from cellst.train.trainer import check_request, fit_cluster
+    from cellst.tune.space import to_tune
+
+    if not verbose():  # Tune's own console tables; cellst prints the results itself
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    t = cfg.tune
+    root = sweep_dir(cfg)
+    name = t.name or cfg.name
+    store, _, val_ids = check_request(cfg)
+    if not val_ids:
+        raise StoreError(
+            f"store {store.root} leaves no validation items (data.val_fraction="
+            f"{cfg.data.val_fraction}); a sweep scores settings on them, never on the test split"
+        )
+    if t.max_items:
+        val_ids = val_ids[: t.max_items]
+    ensure_ray()
+    root.mkdir(parents=True, exist_ok=True)
+    state_file = root / "sweep.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    h = sweep_hash(cfg)
+    ray_path = root / "_ray" / name
+    resumed = bool(state) and state.get("hash") == h and tune.Tuner.can_restore(str(ray_path))
+    if state and state.get("hash") != h and ray_path.exists():
+        import shutil
+
+        log(f"[tune] settings changed since the last run in {root}: starting the sweep over")
+        shutil.rmtree(ray_path)
+        state = {}
+
+    tracking = cfg.tracking
+    uri = None
+    if tracking.enabled:
+        uri, artifacts, experiment = resolve_tracking(tracking, root, cfg.name)
+        tracking = tracking.model_copy(
+            update={"tracking_uri": uri, "artifact_root": artifacts, "experiment": experiment}
+        )
+    with start_run(
+        tracking,
+        root,
+        cfg.name,
+        f"{name}-tune",
+        run_id=state.get("parent_run_id") if resumed else None,
+        tags={**store_tags(store.root), "cellst.stage": "tune", "cellst.tune.mode": t.mode},
+    ) as parent:
+        parent_id = parent.info.run_id if tracking.enabled else None
+        if not resumed:
+            log_config(cfg)
+        atomic_write_json(state_file, {"hash": h, "parent_run_id": parent_id, "uri": uri})
+        atomic_write_bytes(root / "config.yaml", dump_config(cfg).encode())
+        ctx: dict[str, Any] = {
+            "name": name,
+            "root": str(root),
+            "experiment": cfg.name,
+            "parent_id": parent_id,
+            "tracking": tracking.model_dump(mode="json"),
+        }
+        if t.mode == "postprocess":
+            ctx.update(
+                maps=str(prepare_maps(cfg, val_ids, root, log)),
+                ids=val_ids,
+                post=cfg.postprocess.model_dump(mode="json"),
+                evaluate=cfg.evaluate.model_dump(mode="json"),
+            )
+            trainable = tune.with_resources(
+                tune.with_parameters(_postprocess_trial, ctx=ctx), {"cpu": t.trial_cpus}
+            )
+            metric, per_trial = "val_f1", t.trial_cpus
+            scheduler = None
+        else:
+            run_cfg = fit_cluster(cfg)
+            run_cfg = run_cfg.model_copy(deep=True)
+            run_cfg.tracking = tracking
+            run_cfg.train.run_dir = str(root / "trials")
+            ctx["experiment_cfg"] = run_cfg.model_dump(mode="json")
+            # the trial's driver only waits on its TorchTrainer; the workers hold the CPUs
+            trainable = tune.with_resources(
+                tune.with_parameters(_train_trial, ctx=ctx), {"cpu": 0.05}
+            )
+            t_cfg = run_cfg.train
+            metric = "best_val_f1"
+            per_trial = t_cfg.num_workers * t_cfg.cpus_per_worker + 0.25 + 0.05
+            scheduler = (
+                ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=t_cfg.epochs,
+                    grace_period=min(t.grace_period, t_cfg.epochs),
+                )
+                if t.scheduler == "asha"
+                else None
+            )
+        concurrency = _concurrency(cfg, per_trial)
+        log(
+            f"[tune] {t.mode} sweep {name}: {t.num_samples} sample(s) of "
+            f"{', '.join(t.space)}; {concurrency} trial(s) at a time; scored on "
+            f"{len(val_ids)} validation items"
+        )
+        if resumed:
+            log(f"[tune] resuming the sweep in {ray_path}")
+            tuner = tune.Tuner.restore(str(ray_path), trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=to_tune(t.space),
+                tune_config=tune.TuneConfig(
+                    metric=metric,
+                    mode="max",
+                    num_samples=t.num_samples,
+                    max_concurrent_trials=concurrency,
+                    scheduler=scheduler,
+                    search_alg=BasicVariantGenerator(random_state=t.seed),
+                    trial_dirname_creator=lambda trial: trial.trial_id,
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=str(root / "_ray"),
+                    verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=1),
+                ),
+            )
+        t0 = time.perf_counter()
+        grid = tuner.fit()
+        table = results_table(grid, metric, list(t.space))
+        if table[metric].notna().sum() == 0:
+            errors = [str(r.error) for r in grid if r.error][:3]
+            raise RuntimeError(f"every trial of sweep {name} failed: {errors}")
+        best = table.iloc[0]
+        best_params = {k: _plain(best[k]) for k in t.space}
+        write_outputs(cfg, root, table, metric, best_params)
+        from cellst.tracking import log_artifact, log_figure, log_metrics, log_table
+
+        log_table(table, "tune/results.csv")
+        log_artifact(root / "best.yaml", "tune")
+        log_figure(sweep_figure(table, metric, list(t.space)), "tune/sweep.png")
+        log_metrics({f"best_{metric}": float(best[metric]), "trials": float(len(table))})
+        log(f"[tune] {len(table)} trials in {time.perf_counter() - t0:.0f} s")
+    return SweepResult(
+        root, table, metric, best_params, float(best[metric]), parent_id, uri, resumed
+    )
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+def results_table(grid, metric: str, keys: list[str]) -> pd.DataFrame:
+    """One row per trial, best first: its settings, best ``metric``, epochs, status."""
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        score = (
+            float(df[metric].max())
+            if df is not None and metric in df and df[metric].notna().any()
+            else float("nan")
+        )
+        m = r.metrics or {}
+        rows.append(
+            {
+                "trial_id": m.get("trial_id") or Path(r.path).name,
+                **{k: _plain(r.config.get(k)) for k in keys},
+                metric: score,
+                "iterations": int(m.get("training_iteration") or 0),
+                "status": "error" if r.error else "done",
+                "mlflow_run_id": m.get("mlflow_run_id"),
+            }
+        )
+    table = pd.DataFrame(rows)
+    return table.sort_values(metric, ascending=False, na_position="last").reset_index(drop=True)
+
+
+def write_outputs(cfg, root: Path, table: pd.DataFrame, metric: str, best: dict) -> None:
+    """``results.csv``, ``best.yaml`` and ``sweep.png``."""
+    import yaml
+
+    from cellst.tracking.figures import save_figure
+    from cellst.tune.space import apply, overrides_of
+
+    atomic_write_bytes(root / "results.csv", table.to_csv(index=False).encode())
+    best_cfg = apply(cfg, best)
+    doc = {
+        "metric": metric,
+        "score": float(table.iloc[0][metric]),
+        "set": overrides_of(best),
+        "config": best_cfg.model_dump(mode="json", exclude={"tune"}),
+    }
+    atomic_write_bytes(root / "best.yaml", yaml.safe_dump(doc, sort_keys=False).encode())
+    save_figure(sweep_figure(table, metric, list(best)), root / "sweep.png")
+
+
+def sweep_figure(table: pd.DataFrame, metric: str, keys: list[str]):
+    """``metric`` against each swept setting (one panel per setting), best trial marked."""
+    from cellst.tracking.figures import _new_figure
+
+    n = max(1, len(keys))
+    fig = _new_figure((3.6 * n, 3.4))
+    axes = np.atleast_1d(fig.subplots(1, n))
+    ok = table[table[metric].notna()]
+    for ax, key in zip(axes, keys, strict=False):
+        x = ok[key]
+        if x.map(lambda v: isinstance(v, int | float)).all():
+            ax.scatter(x, ok[metric], s=18, color="#4c72b0")
+            if len(ok):
+                ax.scatter([x.iloc[0]], [ok[metric].iloc[0]], s=60, color="#c44e52", label="best")
+        else:
+            labels = x.astype(str)
+            cats = sorted(labels.unique())
+            ax.scatter([cats.index(v) for v in labels], ok[metric], s=18, color="#4c72b0")
+            ax.set_xticks(range(len(cats)), cats, rotation=30, fontsize=8)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+    fig.suptitle(f"{len(ok)} trials")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+    return fig

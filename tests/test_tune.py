@@ -1,0 +1,202 @@
+"""Ray Tune sweeps: search-space checks, a postprocess sweep and a training sweep on real Ray,
+MLflow parent/child runs, outputs, and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from cellst.cli import app
+from cellst.config import ConfigError
+from cellst.model import ModelConfig, build_model, load_model, save_checkpoint
+from cellst.postprocess import PostprocessConfig
+from cellst.train.trainer import check_request
+from cellst.train.validate import validate
+from cellst.tune.space import apply, load_tune_config, to_tune
+from cellst.tune.sweep import run_sweep
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(path: Path, **data) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("space", "needle"),
+    [
+        ({"postprocess.bogus": {"uniform": [0, 1]}}, "tune.space.postprocess.bogus: unknown key"),
+        ({"postprocess.mask_threshold": {"uniform": [0.5, 1.5]}}, "mask_threshold"),
+        ({"postprocess.mask_threshold": {"uniform": [0.7, 0.3]}}, "low must be below high"),
+        ({"postprocess.mask_threshold": {"uniform": [0.3, 0.7], "choice": [1]}}, "exactly one"),
+        ({"train.lr": {"loguniform": [1e-4, 1e-2]}}, "only varies postprocess"),
+        ({}, "at least one field"),
+    ],
+)
+def test_space_errors_name_the_field(tmp_path, space, needle):
+    cfg = _config(
+        tmp_path / "s.yaml",
+        store=str(tmp_path),
+        tune={"mode": "postprocess", "checkpoint": str(tmp_path), "space": space},
+    )
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_tune_config(cfg)
+    res = runner.invoke(app, ["tune", str(cfg)])
+    assert res.exit_code == 2 and needle.split(":")[0] in res.output
+
+
+def test_missing_checkpoint_and_store_are_config_errors(tmp_path):
+    space = {"postprocess.mask_threshold": {"uniform": [0.3, 0.7]}}
+    cfg = _config(tmp_path / "s.yaml", store=str(tmp_path), tune={"space": space})
+    with pytest.raises(ConfigError, match="tune.checkpoint"):
+        load_tune_config(cfg)
+    cfg = _config(tmp_path / "s.yaml", tune={"space": space, "checkpoint": str(tmp_path)})
+    with pytest.raises(ConfigError, match="no store configured"):
+        load_tune_config(cfg)
+
+
+def test_trial_settings_apply_like_overrides():
+    from cellst.experiment import ExperimentConfig
+
+    cfg = apply(ExperimentConfig(), {"postprocess.min_object_size": 40, "train.lr": 0.01})
+    assert cfg.postprocess.min_object_size == 40 and cfg.train.lr == 0.01
+    shipped = load_tune_config(ROOT / "experiments" / "sweep_augment.yaml")
+    assert set(to_tune(shipped.tune.space)) == set(shipped.tune.space)
+
+
+@pytest.fixture(scope="module")
+def pp_sweep(ray_session, store_dir, tmp_path_factory):
+    """A postprocess sweep (CLI) on a real checkpoint, then the same command again."""
+    tmp = tmp_path_factory.mktemp("tune")
+    torch.manual_seed(3)
+    mcfg = ModelConfig(name="hovernet-lite", width=8)
+    ckpt = save_checkpoint(tmp / "ckpt", build_model(mcfg).eval(), mcfg)
+    cfg = _config(
+        tmp / "sweep.yaml",
+        name="pp",
+        store=str(store_dir),
+        model={"name": "hovernet-lite", "width": 8},
+        inference={"roi": 96, "tta": False},
+        data={"val_fraction": 0.3},
+        tracking={"system_metrics": False},
+        tune={
+            "mode": "postprocess",
+            "checkpoint": str(ckpt),
+            "num_samples": 4,
+            "run_dir": str(tmp / "runs"),
+            "space": {
+                "postprocess.mask_threshold": {"uniform": [0.3, 0.7]},
+                "postprocess.min_object_size": {"choice": [5, 40]},
+            },
+        },
+    )
+    first = runner.invoke(app, ["tune", str(cfg)])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["tune", str(cfg)])
+    assert again.exit_code == 0, again.output
+    return load_tune_config(cfg), ckpt, first.output, again.output
+
+
+def test_postprocess_sweep_scores_each_setting_on_validation_items(pp_sweep):
+    cfg, ckpt, output, _ = pp_sweep
+    root = Path(cfg.tune.run_dir) / "pp"
+    table = pd.read_csv(root / "results.csv")
+    assert len(table) == 4 and (table["status"] == "done").all()
+    assert table["val_f1"].is_monotonic_decreasing  # best first
+    assert "best val_f1" in output
+    store, _, val_ids = check_request(cfg)
+    model, _, _ = load_model(ckpt)
+    # an independent path: whole-image inference + post-processing + metric, in-process
+    for row in table.head(2).to_dict(orient="records"):
+        post = PostprocessConfig(
+            mask_threshold=row["postprocess.mask_threshold"],
+            min_object_size=int(row["postprocess.min_object_size"]),
+        )
+        got, _ = validate(model, store, val_ids, cfg.inference, post, torch.device("cpu"))
+        assert row["val_f1"] == pytest.approx(got["val_f1"], abs=1e-6)
+    best = yaml.safe_load((root / "best.yaml").read_text())
+    assert best["score"] == pytest.approx(table["val_f1"].iloc[0])
+    assert (
+        best["config"]["postprocess"]["min_object_size"]
+        == table.iloc[0]["postprocess.min_object_size"]
+    )
+    assert any(s.startswith("postprocess.mask_threshold=") for s in best["set"])
+    assert (root / "sweep.png").stat().st_size > 1000
+
+
+def test_postprocess_sweep_mlflow_runs_and_resume(pp_sweep):
+    cfg, _, _, again = pp_sweep
+    root = Path(cfg.tune.run_dir) / "pp"
+    state = json.loads((root / "sweep.json").read_text())
+    client = MlflowClient(state["uri"])
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and "best_val_f1" in parent.data.metrics
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    # the second command resumed the finished sweep: no new trial runs
+    assert len(children) == 4 and "resuming" in again
+    table = pd.read_csv(root / "results.csv")
+    by_id = {r.info.run_id: r for r in children}
+    for row in table.to_dict(orient="records"):
+        run = by_id[row["mlflow_run_id"]]
+        assert run.data.metrics["val_f1"] == pytest.approx(row["val_f1"])
+        assert float(run.data.params["postprocess.mask_threshold"]) == pytest.approx(
+            row["postprocess.mask_threshold"]
+        )
+
+
+def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
+    cfg = load_tune_config(
+        None,
+        [
+            f"store={store_dir}",
+            "name=ts",
+            "model.width=8",
+            "data.crop_size=96",
+            "data.crops_per_epoch=16",
+            "train.epochs=2",
+            "train.batch_size=4",
+            "train.val_max_items=1",
+            "inference.roi=96",
+            "tracking.system_metrics=false",
+            "tune.mode=train",
+            "tune.num_samples=1",
+            "tune.scheduler=fifo",
+            f"tune.run_dir={tmp_path}",
+            'tune.space={"train.lr": {"grid": [0.001, 0.003]}}',
+        ],
+    )
+    result = run_sweep(cfg, log=lambda _: None)
+    table = result.table
+    assert len(table) == 2 and (table["status"] == "done").all()
+    assert table["iterations"].tolist() == [2, 2]  # one report per epoch reached Tune
+    assert table["best_val_f1"].between(0, 1).all()
+    trials = sorted((tmp_path / "ts" / "trials").iterdir())
+    runs = [p for p in trials if (p / "checkpoints" / "best" / "model.json").is_file()]
+    assert len(runs) == 2
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
+    )
+    assert len(children) == 2
+    assert sorted(float(c.data.params["train.lr"]) for c in children) == [0.001, 0.003]
+    assert all("val_f1" in c.data.metrics for c in children)
+    # each trial's training run logged the settings Tune gave it, and its val F1 is the table's
+    by_lr = {float(c.data.params["train.lr"]): c for c in children}
+    for row in table.to_dict(orient="records"):
+        run = by_lr[row["train.lr"]]
+        history = client.get_metric_history(run.info.run_id, "val_f1")
+        assert max(m.value for m in history) == pytest.approx(row["best_val_f1"])
