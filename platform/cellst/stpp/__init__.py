@@ -10,8 +10,7 @@ Names are imported lazily, so ``cellst.experiment`` can import
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cellst._lazy import lazy_getattr
 
 _NAMES = {
     "QUICK_OVERRIDES": "config",
@@ -33,9 +32,4 @@ _NAMES = {
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"cellst.stpp.{_NAMES[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _NAMES)

@@ -555,20 +555,7 @@ class Pipeline:
             ),
             present=lambda o: _sets_present(store, [o.get("set")]),
         )
-        init4 = None if cfg.stpp.fresh_init else s1.outputs["best"]
-        set3 = s3.outputs["set"]
-        s4 = self.stage(
-            "retrain_reliable",
-            {
-                "train": training_hash(self.stage_train_config("retrain_reliable", set3, init4)),
-                "labelled": items_digest(store, "labeled"),
-                "s3": s3.output_digest,
-                "s1": None if init4 is None else s1.output_digest,
-            },
-            lambda d: self._train("retrain_reliable", d, set3, init4),
-            training=True,
-            present=_checkpoints_present,
-        )
+        s4 = self._retrain(store, "retrain_reliable", pseudo=s3, previous=s1)
         s5 = self.stage(
             "pseudo_unreliable",
             {
@@ -581,20 +568,7 @@ class Pipeline:
             lambda d: self._pseudo_unreliable(s4, s2, s3, tta),
             present=lambda o: _sets_present(store, [o.get("set")]),
         )
-        init6 = None if cfg.stpp.fresh_init else s4.outputs["best"]
-        set5 = s5.outputs["set"]
-        s6 = self.stage(
-            "retrain_all",
-            {
-                "train": training_hash(self.stage_train_config("retrain_all", set5, init6)),
-                "labelled": items_digest(store, "labeled"),
-                "s5": s5.output_digest,
-                "s4": None if init6 is None else s4.output_digest,
-            },
-            lambda d: self._train("retrain_all", d, set5, init6),
-            training=True,
-            present=_checkpoints_present,
-        )
+        s6 = self._retrain(store, "retrain_all", pseudo=s5, previous=s4)
         trained = {"supervised": s1, "round1": s4, "round2": s6}
         s7 = self.stage(
             "evaluate",
@@ -610,6 +584,26 @@ class Pipeline:
         )
         if s7.outputs.get("table"):
             self.report = pd.DataFrame(s7.outputs["table"])
+
+    def _retrain(
+        self, store: CellStore, stage: str, pseudo: StageRecord, previous: StageRecord
+    ) -> StageRecord:
+        """Stage 4 or 6: labelled + the pseudo-labels of ``pseudo``; warm-started from
+        ``previous``'s best checkpoint only when ``stpp.fresh_init`` is false."""
+        init = None if self.cfg.stpp.fresh_init else previous.outputs["best"]
+        pseudo_set = pseudo.outputs["set"]
+        return self.stage(
+            stage,
+            {
+                "train": training_hash(self.stage_train_config(stage, pseudo_set, init)),
+                "labelled": items_digest(store, "labeled"),
+                "pseudo": pseudo.output_digest,
+                "init": None if init is None else previous.output_digest,
+            },
+            lambda d: self._train(stage, d, pseudo_set, init),
+            training=True,
+            present=_checkpoints_present,
+        )
 
     def _reliability(self, store, s1: StageRecord, ids: list[str], infer) -> dict[str, Any]:
         from cellst.stpp.reliability import score_items, split_reliable

@@ -6,8 +6,9 @@ MLflow (which takes seconds).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from cellst._lazy import lazy_getattr
 
 __all__ = [
     "DisabledRun",
@@ -66,13 +67,6 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _FIGURES:
-        module = "cellst.tracking.figures"
-    elif name in __all__:
-        module = "cellst.tracking.mlflow_utils"
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(
+    __name__, {n: "figures" if n in _FIGURES else "mlflow_utils" for n in __all__}
+)

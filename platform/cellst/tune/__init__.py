@@ -7,8 +7,7 @@ without importing Ray Tune.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cellst._lazy import lazy_getattr
 
 _NAMES = {
     "Distribution": "config",
@@ -22,9 +21,4 @@ _NAMES = {
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"cellst.tune.{_NAMES[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _NAMES)
