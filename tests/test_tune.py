@@ -112,7 +112,7 @@ def test_postprocess_sweep_scores_each_setting_on_validation_items(pp_sweep):
     table = pd.read_csv(root / "results.csv")
     assert len(table) == 4 and (table["status"] == "done").all()
     assert table["val_f1"].is_monotonic_decreasing  # best first
-    assert "best val_f1" in output
+    assert "best val_f1" in output and "current settings: val_f1" in output
     store, _, val_ids = check_request(cfg)
     model, _, _ = load_model(ckpt)
     # an independent path: whole-image inference + post-processing + metric, in-process

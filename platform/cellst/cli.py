@@ -27,8 +27,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+#: piped or logged output gets 120 columns (rich would use 80) so result tables stay readable
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 ConfigOpt = Annotated[
     Path | None,
@@ -488,8 +489,11 @@ def tune(
     top = result.table.head(10)
     table = Table(title=f"best trials of {len(result.table)} ({result.metric}, validation items)")
     for c in top.columns:
-        if c != "mlflow_run_id":
-            table.add_column(str(c), justify="left" if c in ("trial_id", "status") else "right")
+        if c != "mlflow_run_id":  # swept fields by their last name: the table must fit
+            table.add_column(
+                str(c).rsplit(".", 1)[-1],
+                justify="left" if c in ("trial_id", "status") else "right",
+            )
     for row in top.to_dict(orient="records"):
         table.add_row(
             *[
@@ -500,6 +504,8 @@ def tune(
         )
     console.print(table)
     sets = " ".join(f"--set {k}={v!r}" for k, v in result.best_params.items())
+    if result.baseline_score is not None:
+        console.print(f"current settings: {result.metric} {result.baseline_score:.4f}")
     console.print(f"best {result.metric} {result.best_score:.4f} with: {sets}", soft_wrap=True)
     console.print(f"results: {result.sweep_dir}/results.csv, best.yaml, sweep.png")
     if result.tracking_uri:

@@ -53,6 +53,7 @@ class SweepResult:
     parent_run_id: str | None
     tracking_uri: str | None
     resumed: bool
+    baseline_score: float | None = None  # postprocess mode: the config's own settings
 
 
 def sweep_dir(cfg) -> Path:
@@ -152,7 +153,8 @@ def _postprocess_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         post[key.split(".", 1)[1]] = value.item() if hasattr(value, "item") else value
     scores = score_postprocess(Path(ctx["maps"]), ctx["ids"], post, ctx["evaluate"])
     trial = tune.get_context().get_trial_id()
-    tracking = TrackingConfig.model_validate(ctx["tracking"])
+    # seconds-long runs: no system-metrics thread (Tune may stop the actor right after)
+    tracking = TrackingConfig.model_validate({**ctx["tracking"], "system_metrics": False})
     with start_run(
         tracking,
         ctx["root"],
@@ -286,7 +288,11 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
             )
             metric, per_trial = "val_f1", t.trial_cpus
             scheduler = None
+            baseline = score_postprocess(Path(ctx["maps"]), val_ids, ctx["post"], ctx["evaluate"])[
+                "val_f1"
+            ]
         else:
+            baseline = None
             run_cfg = fit_cluster(cfg)
             run_cfg = run_cfg.model_copy(deep=True)
             run_cfg.tracking = tracking
@@ -325,9 +331,10 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
                     metric=metric,
                     mode="max",
                     num_samples=t.num_samples,
-                    max_concurrent_trials=concurrency,
                     scheduler=scheduler,
-                    search_alg=BasicVariantGenerator(random_state=t.seed),
+                    search_alg=BasicVariantGenerator(
+                        max_concurrent=concurrency, random_state=t.seed
+                    ),
                     trial_dirname_creator=lambda trial: trial.trial_id,
                 ),
                 run_config=tune.RunConfig(
@@ -345,16 +352,22 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
             raise RuntimeError(f"every trial of sweep {name} failed: {errors}")
         best = table.iloc[0]
         best_params = {k: _plain(best[k]) for k in t.space}
-        write_outputs(cfg, root, table, metric, best_params)
+        write_outputs(cfg, root, table, metric, best_params, baseline)
         from cellst.tracking import log_artifact, log_figure, log_metrics, log_table
 
         log_table(table, "tune/results.csv")
         log_artifact(root / "best.yaml", "tune")
-        log_figure(sweep_figure(table, metric, list(t.space)), "tune/sweep.png")
-        log_metrics({f"best_{metric}": float(best[metric]), "trials": float(len(table))})
+        log_figure(sweep_figure(table, metric, list(t.space), baseline), "tune/sweep.png")
+        log_metrics(
+            {
+                f"best_{metric}": float(best[metric]),
+                "trials": float(len(table)),
+                **({f"baseline_{metric}": baseline} if baseline is not None else {}),
+            }
+        )
         log(f"[tune] {len(table)} trials in {time.perf_counter() - t0:.0f} s")
     return SweepResult(
-        root, table, metric, best_params, float(best[metric]), parent_id, uri, resumed
+        root, table, metric, best_params, float(best[metric]), parent_id, uri, resumed, baseline
     )
 
 
@@ -389,7 +402,9 @@ def results_table(grid, metric: str, keys: list[str]) -> pd.DataFrame:
     return table.sort_values(metric, ascending=False, na_position="last").reset_index(drop=True)
 
 
-def write_outputs(cfg, root: Path, table: pd.DataFrame, metric: str, best: dict) -> None:
+def write_outputs(
+    cfg, root: Path, table: pd.DataFrame, metric: str, best: dict, baseline: float | None = None
+) -> None:
     """``results.csv``, ``best.yaml`` and ``sweep.png``."""
     import yaml
 
@@ -401,15 +416,17 @@ def write_outputs(cfg, root: Path, table: pd.DataFrame, metric: str, best: dict)
     doc = {
         "metric": metric,
         "score": float(table.iloc[0][metric]),
+        "current_settings_score": baseline,
         "set": overrides_of(best),
         "config": best_cfg.model_dump(mode="json", exclude={"tune"}),
     }
     atomic_write_bytes(root / "best.yaml", yaml.safe_dump(doc, sort_keys=False).encode())
-    save_figure(sweep_figure(table, metric, list(best)), root / "sweep.png")
+    save_figure(sweep_figure(table, metric, list(best), baseline), root / "sweep.png")
 
 
-def sweep_figure(table: pd.DataFrame, metric: str, keys: list[str]):
-    """``metric`` against each swept setting (one panel per setting), best trial marked."""
+def sweep_figure(table: pd.DataFrame, metric: str, keys: list[str], baseline: float | None = None):
+    """``metric`` against each swept setting (one panel per setting), best trial marked,
+    the config's own settings as a dashed line."""
     from cellst.tracking.figures import _new_figure
 
     n = max(1, len(keys))
@@ -427,6 +444,8 @@ def sweep_figure(table: pd.DataFrame, metric: str, keys: list[str]):
             cats = sorted(labels.unique())
             ax.scatter([cats.index(v) for v in labels], ok[metric], s=18, color="#4c72b0")
             ax.set_xticks(range(len(cats)), cats, rotation=30, fontsize=8)
+        if baseline is not None:
+            ax.axhline(baseline, color="#777777", linestyle="--", linewidth=1, label="current")
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
     fig.suptitle(f"{len(ok)} trials")
