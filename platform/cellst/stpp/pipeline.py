@@ -41,6 +41,7 @@ did not write is refused unless ``overwrite``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -145,8 +146,6 @@ def mlflow_ui_command(uri: str | None) -> str | None:
 
 
 def read_meta(pipeline_dir: str | Path) -> dict[str, Any]:
-    import json
-
     p = Path(pipeline_dir) / META
     return json.loads(p.read_text()) if p.is_file() else {}
 
@@ -179,8 +178,6 @@ def combine_sets(store: CellStore, sources: list[str], dest: str, meta: dict) ->
                 continue
             shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
             seen.add(item.name)
-    import json
-
     atomic_write_bytes(tmp / SET_META, json.dumps({**meta, "sources": sources}).encode())
     old = base / f".old-{dest}-{uuid.uuid4().hex[:8]}"
     if (base / dest).exists():

@@ -31,10 +31,10 @@ def overrides_of(params: Mapping[str, Any]) -> list[str]:
     """``key=value`` overrides (``--set`` syntax) of one trial's settings."""
     import json
 
-    return [f"{k}={json.dumps(_plain(v))}" for k, v in params.items()]
+    return [f"{k}={json.dumps(plain(v))}" for k, v in params.items()]
 
 
-def _plain(v: Any) -> Any:
+def plain(v: Any) -> Any:
     """numpy scalars (as Tune samples them) to Python values."""
     return v.item() if hasattr(v, "item") else v
 

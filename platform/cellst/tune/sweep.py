@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from cellst.data.store import CellStore, StoreError, atomic_write_bytes
+from cellst.tune.space import plain
 
 
 @dataclass
@@ -150,7 +151,7 @@ def _postprocess_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     post = dict(ctx["post"])
     for key, value in config.items():
-        post[key.split(".", 1)[1]] = value.item() if hasattr(value, "item") else value
+        post[key.split(".", 1)[1]] = plain(value)
     scores = score_postprocess(Path(ctx["maps"]), ctx["ids"], post, ctx["evaluate"])
     trial = tune.get_context().get_trial_id()
     # seconds-long runs: no system-metrics thread (Tune may stop the actor right after)
@@ -351,7 +352,7 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
             errors = [str(r.error) for r in grid if r.error][:3]
             raise RuntimeError(f"every trial of sweep {name} failed: {errors}")
         best = table.iloc[0]
-        best_params = {k: _plain(best[k]) for k in t.space}
+        best_params = {k: plain(best[k]) for k in t.space}
         write_outputs(cfg, root, table, metric, best_params, baseline)
         from cellst.tracking import log_artifact, log_figure, log_metrics, log_table
 
@@ -371,12 +372,6 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
     )
 
 
-def _plain(v: Any) -> Any:
-    if hasattr(v, "item"):
-        return v.item()
-    return v
-
-
 def results_table(grid, metric: str, keys: list[str]) -> pd.DataFrame:
     """One row per trial, best first: its settings, best ``metric``, epochs, status."""
     rows = []
@@ -391,7 +386,7 @@ def results_table(grid, metric: str, keys: list[str]) -> pd.DataFrame:
         rows.append(
             {
                 "trial_id": m.get("trial_id") or Path(r.path).name,
-                **{k: _plain(r.config.get(k)) for k in keys},
+                **{k: plain(r.config.get(k)) for k in keys},
                 metric: score,
                 "iterations": int(m.get("training_iteration") or 0),
                 "status": "error" if r.error else "done",
