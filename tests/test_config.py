@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from types import UnionType
+from typing import Union, get_args, get_origin
+
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from cellst.config import ConfigError, apply_overrides, dump_config, load_config
 from cellst.experiment import ExperimentConfig
@@ -57,3 +61,53 @@ def test_override_syntax():
     with pytest.raises(ConfigError, match="is a value, not a section"):
         apply_overrides({"a": 1}, ["a.b=2"])
     assert isinstance(load_config(None, ["name=x"]), ExperimentConfig)
+
+
+def _float_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted paths of every float field of a config model and its nested sections."""
+    out = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        options = get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,)
+        for opt in options:
+            if isinstance(opt, type) and issubclass(opt, BaseModel):
+                out += _float_fields(opt, f"{prefix}{name}.")
+            elif opt is float:
+                out.append(f"{prefix}{name}")
+    return out
+
+
+FLOAT_FIELDS = _float_fields(ExperimentConfig)
+
+
+def test_every_float_field_is_found():
+    # sections that are Section subclasses and plain pydantic models alike
+    assert {"train.lr", "ingest.low_percentile", "predict.num_cpus_per_actor"} <= set(FLOAT_FIELDS)
+    assert len({p.split(".")[0] for p in FLOAT_FIELDS}) >= 8
+
+
+@pytest.mark.parametrize("path", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", ".inf"])
+def test_non_finite_numbers_are_refused_in_every_field(path, value):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [f"{path}={value}"])
+    assert f"\n  {path}: " in str(exc.value)
+
+
+def test_non_finite_messages(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  lr: .inf\n")
+    with pytest.raises(
+        ConfigError, match=r"train\.lr: Input should be a finite number \(got inf\)"
+    ):
+        load_config(f)
+    # a plain pydantic section, a list of untyped choices: the nested field is named
+    with pytest.raises(ConfigError, match=r"predict\.num_cpus_per_actor: .*finite number"):
+        load_config(None, ["predict.num_cpus_per_actor=inf"])
+    with pytest.raises(ConfigError, match=r"tune\.space\.train\.lr\.choice\.1: .*finite"):
+        load_config(None, ['tune.space={"train.lr": {"choice": [0.1, .nan]}}'])
+    with pytest.raises(ConfigError, match=r"tune\.space\.train\.lr\.uniform\.1: .*finite"):
+        load_config(None, ['tune.space={"train.lr": {"uniform": [0.1, .inf]}}'])
+    cfg = load_config(None)
+    with pytest.raises(ValidationError, match="finite number"):
+        cfg.train.lr = float("inf")  # assignments are validated too

@@ -23,7 +23,7 @@ def tree_digest(root: Path) -> str:
     """Hash of every file's path and bytes under ``root`` (to prove a store is unchanged)."""
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != ".lock":
+        if p.is_file() and p.name != ".lock" and ".readers" not in p.parts:
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -246,10 +246,15 @@ def test_skip_bad_ingests_the_rest_and_reports(ray_session, synth_src, tmp_path)
 
 def test_empty_source_and_missing_folder(ray_session, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(IngestError, match="no images found"):
+    with pytest.raises(IngestError, match="no images found") as exc:
         ingest(tmp_path / "empty", tmp_path / "store", progress=False)
-    with pytest.raises(IngestError, match="does not exist"):
+    assert "--skip-bad" not in str(exc.value)  # it cannot help here
+    with pytest.raises(IngestError, match="does not exist") as exc:
         ingest(tmp_path / "nope", tmp_path / "store", progress=False)
+    assert "--skip-bad" not in str(exc.value)
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(IngestError, match="source is a file, not a folder"):
+        ingest(tmp_path / "file.png", tmp_path / "store", progress=False)
     assert not (tmp_path / "store").exists()
 
 
@@ -290,19 +295,23 @@ def test_interrupted_commit_leaves_previous_store(ray_session, synth_src, tmp_pa
     manifest_before = (store / MANIFEST).read_bytes()
     images_before = {i: CellStore(store).image(i) for i in CellStore(store).ids()}
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # Ctrl-C at the worst moment: arrays moved, manifest not yet
+    import cellst.data.store as store_mod
 
-    import cellst.data.ingest as ingest_mod
+    real_write = store_mod.atomic_write_bytes
 
-    monkeypatch.setattr(ingest_mod, "atomic_write_parquet", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    def interrupted(path, data):
+        if Path(path).name == MANIFEST:  # Ctrl-C at the worst moment: arrays moved, not this
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="interrupted, the store is unchanged"):
         ingest(src, store, IngestConfig(low_percentile=5), progress=False)
     monkeypatch.undo()
     assert (store / MANIFEST).read_bytes() == manifest_before
-    s = CellStore(store)
-    for i, img in images_before.items():
-        np.testing.assert_array_equal(s.image(i), img)
+    with CellStore(store) as s:
+        for i, img in images_before.items():
+            np.testing.assert_array_equal(s.image(i), img)
     assert not list(tmp_path.glob(".store.staging-*"))
     # the next ingest completes and cleans up the orphaned arrays
     ingest(src, store, IngestConfig(low_percentile=5), progress=False)

@@ -163,15 +163,19 @@ def ingest(
     failed ingest leaves the previous store unchanged. Re-running only ingests new or
     changed files.
     """
+    from cellst.data.ingest import check_source, summarize_manifest
     from cellst.data.ingest import ingest as run_ingest
-    from cellst.data.ingest import summarize_manifest
     from cellst.raycluster import ensure_ray
 
     cfg = _load(config, set_)
-    ensure_ray(ray_address)
-    result = run_ingest(
-        src, out, cfg.ingest, split=split, modality=modality, skip_bad=skip_bad, prune=prune
-    )
+    check_source(src)  # before Ray starts (seconds) for nothing
+    try:
+        ensure_ray(ray_address)
+        result = run_ingest(
+            src, out, cfg.ingest, split=split, modality=modality, skip_bad=skip_bad, prune=prune
+        )
+    except KeyboardInterrupt as exc:  # IngestInterrupted says whether anything was committed
+        _fail(str(exc) or "interrupted, the store is unchanged", code=130)
     console.print(f"[green]ingested[/] {src} -> {out}: {result.summary()}")
     if result.skipped:
         err_console.print(

@@ -8,12 +8,21 @@ are re-raised as :class:`ConfigError` whose message names each field's dotted pa
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -22,10 +31,50 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the field path."""
 
 
-class Section(BaseModel):
-    """Base for config sections: unknown keys are errors, assignments are validated."""
+def _non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
+    """The first ``(dotted path, value)`` of a NaN or infinite float inside ``value``."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, BaseModel):
+        items: Iterable[tuple[Any, Any]] = (
+            (k, getattr(value, k)) for k in type(value).model_fields
+        )
+    elif isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = enumerate(value)
+    else:
+        return None
+    for key, sub in items:
+        found = _non_finite(sub, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are validated, and
+    NaN or infinite numbers are refused in every field (``lr=inf`` would train nothing).
+
+    ``allow_inf_nan=False`` covers the float fields of every ``Section``; the ``*``
+    validator also covers sections that are plain pydantic models and untyped values
+    (``Any``, lists of choices), naming the nested field that holds the number.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite_everywhere(cls, value: Any) -> Any:
+        found = _non_finite(value)
+        if found is not None:
+            sub, number = found
+            raise PydanticCustomError(
+                "finite_number",
+                "Input should be a finite number",
+                {"subpath": sub, "number": repr(number)},
+            )
+        return value
 
 
 class IngestConfig(Section):
@@ -39,6 +88,15 @@ class IngestConfig(Section):
     )
     chunk: int = Field(256, ge=32, le=4096, description="zarr chunk side in pixels")
     compression_level: int = Field(1, ge=0, le=22, description="zstd level of stored arrays")
+    max_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="refuse images whose header declares more pixels (height x width) than "
+        "this, before decoding them (a 100000 x 100000 TIFF would need ~10 GB per channel)",
+    )
+    min_side: int = Field(
+        8, ge=1, description="refuse images whose height or width is below this many pixels"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> IngestConfig:
@@ -84,11 +142,17 @@ class EvaluateConfig(Section):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = [str(p) for p in e["loc"]]
+        ctx = e.get("ctx") or {}
+        if e["type"] == "finite_number" and ctx.get("subpath"):
+            loc.append(ctx["subpath"])  # a non-finite number deep inside a nested model
+        path = ".".join(loc) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = e.get("input")
+        if "number" in ctx:
+            got = float(ctx["number"])
         shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {path}: {msg}{shown}")
     return "\n".join(lines)

@@ -32,21 +32,112 @@ def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_array(path: str | Path) -> np.ndarray:
-    """Read an image file into a numpy array, keeping its dtype.
+#: leading bytes of each accepted file format (TIFF and BigTIFF in both byte orders)
+SIGNATURES = {
+    "TIFF": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "BMP": (b"BM",),
+}
+
+
+def sniff_format(path: str | Path) -> str:
+    """The image format of a file from its first bytes (``TIFF``, ``PNG``, ``JPEG``, ``BMP``).
 
     Raises
     ------
     ImageFormatError
-        If the file cannot be decoded.
+        If the file is empty or is not one of those formats, whatever its extension says
+        (a decoder would only answer "no backend ... pip install").
     """
     path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head:
+        raise ImageFormatError(f"{path}: cannot read image: the file is empty (0 bytes)")
+    for kind, magics in SIGNATURES.items():
+        if head.startswith(magics):
+            return kind
+    raise ImageFormatError(
+        f"{path}: cannot read image: the file is not an image (it starts with {head!r}; "
+        f"expected TIFF, PNG, JPEG or BMP)"
+    )
+
+
+def declared_shape(path: str | Path, kind: str | None = None) -> tuple[int, ...]:
+    """The array shape a file's header declares, read without decoding any pixels."""
+    path = Path(path)
+    kind = kind or sniff_format(path)
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        if kind == "TIFF":
+            with tifffile.TiffFile(path) as tf:
+                return tuple(int(n) for n in tf.series[0].shape)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            w, h = im.size
+            return (h, w, len(im.getbands()))
+    except Exception as exc:  # the header itself is broken
+        if type(exc).__name__ == "DecompressionBombError":  # Pillow's own, far larger limit
+            raise ImageFormatError(f"{path}: image declares too many pixels ({exc})") from None
+        raise ImageFormatError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+
+
+def declared_pixels(shape: tuple[int, ...]) -> int:
+    """Height x width of a declared shape: the product of its two largest axes (channel
+    and page axes of stacks are the small ones)."""
+    big = sorted(shape, reverse=True)[:2]
+    return int(np.prod(big, dtype=np.int64)) if big else 0
+
+
+def check_header(path: str | Path, max_pixels: int | None = None) -> str:
+    """Check a file's signature and declared size without decoding it; returns its format.
+
+    Raises
+    ------
+    ImageFormatError
+        Naming the file, if it is empty, not an image, or declares more than
+        ``max_pixels`` pixels (height x width).
+    """
+    path = Path(path)
+    kind = sniff_format(path)
+    if max_pixels is not None:
+        shape = declared_shape(path, kind)
+        n = declared_pixels(shape)
+        if n > max_pixels:
+            raise ImageFormatError(
+                f"{path}: image declares {' x '.join(map(str, shape))} = {n:,} pixels, over "
+                f"the limit ingest.max_pixels={max_pixels:,} (raise it with "
+                f"--set ingest.max_pixels=N if this machine has the memory)"
+            )
+    return kind
+
+
+def read_array(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file into a numpy array, keeping its dtype.
+
+    Parameters
+    ----------
+    max_pixels : int, optional
+        Refuse files whose header declares more pixels (height x width) than this, before
+        any pixel is decoded, so a huge or hostile file cannot exhaust memory.
+
+    Raises
+    ------
+    ImageFormatError
+        Naming the file, if it is empty, not an image, too large or cannot be decoded.
+    """
+    path = Path(path)
+    kind = check_header(path, max_pixels)
+    try:
+        if kind == "TIFF":
             arr = tifffile.imread(path)
         else:
             import imageio.v3 as iio
+            from PIL import Image
 
+            if max_pixels is not None and (Image.MAX_IMAGE_PIXELS or 0) < max_pixels:
+                Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit was checked above
             arr = iio.imread(path)
     except Exception as exc:  # any decoder error means the same thing to the user
         raise ImageFormatError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None

@@ -19,12 +19,21 @@ Guarantees
   old one by an atomic rename, so a failed or interrupted ingest leaves the previous store
   readable and unchanged.
 * Re-running on the same source only decodes new or changed files (by sha256).
+* Arrays a reader of an older manifest version may hold are kept until no live reader
+  holds that version (see :mod:`cellst.data.store`); a later ingest collects them.
+* Ctrl-C stops the Ray tasks, removes the staging folder and leaves the store unchanged
+  (:class:`IngestInterrupted`).
+* Header checks come before decoding: a file that is empty, not an image, declares more
+  than ``ingest.max_pixels`` pixels or is smaller than ``ingest.min_side`` is refused
+  by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -42,6 +51,7 @@ from cellst.data.images import (
     IMAGE_SUFFIXES,
     LABEL_SUFFIX,
     ImageFormatError,
+    check_header,
     file_sha256,
     normalize_image,
     read_array,
@@ -50,12 +60,14 @@ from cellst.data.images import (
 from cellst.data.store import (
     MANIFEST,
     MANIFEST_COLUMNS,
+    archive_manifest,
     atomic_write_bytes,
-    atomic_write_parquet,
+    collect_garbage,
     init_store,
     remove_tree,
     store_lock,
     write_array,
+    write_manifest,
 )
 from cellst.raycluster import as_completed, ensure_ray
 
@@ -63,14 +75,35 @@ REPORT = "ingest_report.json"
 
 
 class IngestError(ValueError):
-    """Ingest refused the source; ``problems`` lists ``(path, reason)`` pairs."""
+    """Ingest refused the source; ``problems`` lists ``(path, reason)`` pairs.
 
-    def __init__(self, problems: list[tuple[str, str]]):
+    ``skippable`` is false when ``--skip-bad`` cannot help (no source, nothing to ingest),
+    so the message does not suggest it.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]], skippable: bool = True):
         self.problems = problems
+        self.skippable = skippable
         lines = [f"ingest found {len(problems)} problem(s); nothing was written:"]
         lines += [f"  {path}: {why}" for path, why in problems]
-        lines.append("Fix them, or pass --skip-bad to ingest the rest and report these.")
+        if skippable:
+            lines.append("Fix them, or pass --skip-bad to ingest the rest and report these.")
         super().__init__("\n".join(lines))
+
+
+class IngestInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an ingest, after its Ray tasks were stopped and its staging removed."""
+
+    def __init__(self, committed: bool = False):
+        self.committed = committed
+        super().__init__(
+            "interrupted after the new manifest was committed: the store holds the new version"
+            if committed
+            else "interrupted, the store is unchanged"
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass
@@ -94,6 +127,10 @@ class IngestResult:
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: the manifest version committed (``CellStore.version`` of the new store)
+    version: str = ""
+    #: what :func:`cellst.data.store.collect_garbage` removed or kept for live readers
+    collected: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         return (
@@ -176,7 +213,7 @@ def scan_source(
     root = Path(src)
     problems: list[tuple[str, str]] = []
     if not root.is_dir():
-        return [], [(str(root), "source folder does not exist")]
+        return [], [(str(root), source_problem(root))]
     items: list[SourceItem] = []
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     split_dirs = [
@@ -206,13 +243,61 @@ def scan_source(
     return items, problems
 
 
+def source_problem(src: str | Path) -> str:
+    """Why ``src`` cannot be a source folder ('' when it can)."""
+    root = Path(src)
+    if not root.exists():
+        return "source folder does not exist"
+    if not root.is_dir():
+        return "source is a file, not a folder of images"
+    if not os.access(root, os.R_OK | os.X_OK):
+        return "source folder is not readable"
+    return ""
+
+
+def check_source(src: str | Path) -> None:
+    """Refuse a missing or unreadable source folder at once (before Ray starts).
+
+    Raises
+    ------
+    IngestError
+        Naming the path; it does not suggest ``--skip-bad``, which cannot help.
+    """
+    why = source_problem(src)
+    if why:
+        raise IngestError([(str(src), why)], skippable=False)
+
+
 def _read_modalities(table: Path, problems: list[tuple[str, str]]) -> dict[str, str]:
-    with open(table, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"name", "modality"} <= set(reader.fieldnames):
-            problems.append((str(table), "must have the columns name,modality"))
-            return {}
-        return {Path(r["name"]).stem: r["modality"].strip() or "unknown" for r in reader}
+    """``name -> modality`` from ``modalities.csv``; every bad row is a problem naming the
+    file and its line number."""
+    raw = table.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        problems.append(
+            (f"{table}:{line}", f"not UTF-8 text (byte {raw[exc.start]:#04x}); save it as UTF-8")
+        )
+        return {}
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or not {"name", "modality"} <= set(reader.fieldnames):
+        problems.append((f"{table}:1", "must have the columns name,modality"))
+        return {}
+    out: dict[str, str] = {}
+    try:
+        for row in reader:
+            where = f"{table}:{reader.line_num}"
+            name, modality = row.get("name"), row.get("modality")
+            if name is None or modality is None:
+                problems.append((where, "row has a missing field (expected name,modality)"))
+            elif not name.strip():
+                problems.append((where, "row has an empty name"))
+            else:
+                out[Path(name.strip()).stem] = modality.strip() or "unknown"
+    except csv.Error as exc:
+        problems.append((f"{table}:{reader.line_num}", f"not a valid CSV row ({exc})"))
+    return out
 
 
 # ----------------------------------------------------------------------------- workers
@@ -228,6 +313,9 @@ def _content_key(*parts: str) -> str:
 def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: IngestConfig) -> dict:
     """Decode, check, normalise and stage one item. Returns a manifest row or a problem."""
     try:
+        check_header(item.image, cfg.max_pixels)  # before hashing or decoding anything
+        if item.label:
+            check_header(item.label, cfg.max_pixels)
         img_sha = file_sha256(item.image)
         lab_sha = file_sha256(item.label) if item.label else ""
         norm = _norm_string(cfg)
@@ -237,14 +325,19 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
             previous["normalization"],
         ) == (img_sha, lab_sha, norm):
             return {"status": "unchanged", "row": previous}
-        raw = read_array(item.image)
+        raw = read_array(item.image, cfg.max_pixels)
         image = normalize_image(raw, cfg.low_percentile, cfg.high_percentile)
         h, w = image.shape[:2]
+        if min(h, w) < cfg.min_side:
+            raise ImageFormatError(
+                f"{item.image}: image is {h} x {w} pixels, smaller than ingest.min_side="
+                f"{cfg.min_side}"
+            )
         image_array = f"images/{item.id}.{_content_key(img_sha, norm, str(cfg.chunk))}"
         write_array(Path(staging) / image_array, image, cfg.chunk, cfg.compression_level)
         label_array, n_inst = "", -1
         if item.label:
-            label = validate_label(read_array(item.label), (h, w), item.label)
+            label = validate_label(read_array(item.label, cfg.max_pixels), (h, w), item.label)
             n_inst = int(label.max()) if label.size else 0
             label_array = f"labels/{item.id}.{_content_key(lab_sha, str(cfg.chunk))}"
             write_array(Path(staging) / label_array, label, cfg.chunk, cfg.compression_level)
@@ -267,13 +360,14 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
     except ImageFormatError as exc:
         path, _, why = str(exc).partition(": ")
         return {"status": "bad", "problem": (path, why)}
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, MemoryError, a decoder's own: named by file
         return {"status": "bad", "problem": (item.image, f"{type(exc).__name__}: {exc}")}
 
 
 # ----------------------------------------------------------------------------- driver
-def _commit(store: Path, staging: Path, manifest: pd.DataFrame) -> None:
-    """Move staged arrays into the store, then atomically switch the manifest."""
+def _commit(store: Path, staging: Path, manifest: pd.DataFrame) -> str:
+    """Move staged arrays into the store beside the old ones, then atomically switch the
+    manifest (archived under ``manifests/`` first). Returns the new version."""
     init_store(store)
     for group in ("images", "labels"):
         src_dir = staging / group
@@ -286,18 +380,19 @@ def _commit(store: Path, staging: Path, manifest: pd.DataFrame) -> None:
                 remove_tree(arr)
             else:
                 os.rename(arr, target)
-    atomic_write_parquet(manifest[list(MANIFEST_COLUMNS)], store / MANIFEST)
+    return write_manifest(store, manifest[list(MANIFEST_COLUMNS)])
 
 
-def _garbage_collect(store: Path, manifest: pd.DataFrame) -> None:
-    """Remove arrays no longer referenced by the committed manifest."""
-    live = set(manifest["image_array"]) | set(manifest["label_array"])
-    for group in ("images", "labels"):
-        d = store / group
-        if d.is_dir():
-            for arr in d.iterdir():
-                if f"{group}/{arr.name}" not in live:
-                    remove_tree(arr)
+def _stop_tasks(refs: list) -> None:
+    """Cancel the ingest's Ray tasks and wait until none runs, so none writes into the
+    staging folder after it is removed."""
+    pending = [r for r in refs if r is not None]
+    if not pending:
+        return
+    with contextlib.suppress(Exception):
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        ray.wait(pending, num_returns=len(pending), timeout=60)
 
 
 def ingest(
@@ -329,37 +424,47 @@ def ingest(
     ------
     IngestError
         Listing every problem with its file, when ``skip_bad`` is false.
+    IngestInterrupted
+        On Ctrl-C (a ``KeyboardInterrupt``), once the tasks are stopped and the staging
+        folder removed.
     """
     cfg = cfg or IngestConfig()
     store = Path(store).absolute()
+    check_source(src)
     items, problems = scan_source(src, split, modality)
     if problems and not skip_bad:
-        raise IngestError(problems)
+        raise IngestError(problems, skippable=bool(items))  # an empty source: nothing to skip
     bad_paths = {p for p, _ in problems}
     items = [it for it in items if it.image not in bad_paths and it.label not in bad_paths]
     if not items:
-        raise IngestError(problems or [(str(src), "no images to ingest")])
+        raise IngestError(problems or [(str(src), "no images to ingest")], skippable=False)
 
     lock_root = store.parent / f".{store.name}.lock"
     staging = store.parent / f".{store.name}.staging-{uuid.uuid4().hex[:8]}"
     result = IngestResult(store=str(store))
+    refs: list = []
+    committed = finished = False
     with store_lock(lock_root):
         for stale in store.parent.glob(f".{store.name}.staging-*"):
             remove_tree(stale)  # left by a killed ingest; we hold the lock, so it is dead
-        old = pd.read_parquet(store / MANIFEST) if (store / MANIFEST).is_file() else None
+        old = None
+        if (store / MANIFEST).is_file():
+            old_bytes = (store / MANIFEST).read_bytes()
+            archive_manifest(store, old_bytes)  # readers of it can still be resolved
+            old = pd.read_parquet(io.BytesIO(old_bytes))
         prev_rows = {r["id"]: r for r in old.to_dict("records")} if old is not None else {}
         try:
             ensure_ray()
             cfg_ref = ray.put(cfg)
-            refs = [
-                _ingest_one.remote(it, str(staging), prev_rows.get(it.id), cfg_ref) for it in items
-            ]
+            for it in items:
+                refs.append(_ingest_one.remote(it, str(staging), prev_rows.get(it.id), cfg_ref))
             outcomes = []
             bar = tqdm(total=len(refs), desc="ingest", unit="img", disable=not progress)
             for out in as_completed(refs):
                 outcomes.append(out)
                 bar.update(1)
             bar.close()
+            finished = True
             bad = [o["problem"] for o in outcomes if o["status"] == "bad"]
             if bad and not skip_bad:
                 raise IngestError(sorted(problems + bad))
@@ -385,13 +490,22 @@ def ingest(
                         rows[item_id] = row
             manifest = pd.DataFrame(list(rows.values()), columns=list(MANIFEST_COLUMNS))
             manifest = manifest.sort_values(["split", "id"]).reset_index(drop=True)
-            _commit(store, staging, manifest)
+            result.version = _commit(store, staging, manifest)
+            committed = True
+            result.collected = collect_garbage(store)
+            result.skipped = sorted(problems + bad)
+            report = {
+                **asdict(result),
+                "config": cfg.model_dump(),
+                "source": str(Path(src).absolute()),
+            }
+            atomic_write_bytes(store / REPORT, json.dumps(report, indent=2).encode())
+        except KeyboardInterrupt:
+            raise IngestInterrupted(committed) from None
         finally:
+            if not finished:
+                _stop_tasks(refs)  # none may write into the staging after its removal
             remove_tree(staging)
-        _garbage_collect(store, manifest)
-        result.skipped = sorted(problems + bad)
-        report = {**asdict(result), "config": cfg.model_dump(), "source": str(Path(src).absolute())}
-        atomic_write_bytes(store / REPORT, json.dumps(report, indent=2).encode())
     return result
 
 

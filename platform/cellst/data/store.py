@@ -9,23 +9,37 @@ Layout::
       labels/<id>.<key>/           (H, W) int32 instance map, relabelled 1..N
       pseudo/<set>/<id>/           (H, W) int32 pseudo-labels written by ``cellst predict``
       pseudo/<set>/items.parquet   per-item statistics of a pseudo-label set
+      manifests/<version>.parquet  every manifest version a reader may still hold
+      .readers/<pid>-<token>.json  reader leases: pid, host and the manifest version read
 
 Array names carry a content key (a hash of the source file and the normalisation), so a
-changed source gets a new array and the old one stays readable until the new manifest
-replaces the old one with an atomic rename. Readers only follow the manifest, so a write
-interrupted at any point leaves the previous store intact.
+changed source gets a new array beside the old one, and the new manifest replaces the old
+one with an atomic rename. Readers only follow the manifest, so a write interrupted at any
+point leaves the previous store intact.
+
+Consistent reads: a :class:`CellStore` pins the manifest version it opened
+(:attr:`CellStore.version`, a short hash of the manifest) and holds a lease on it until it
+is closed or its process exits. An ingest never deletes arrays of a version a live reader
+holds; :func:`collect_garbage` removes them on a later ingest, once no reader holds them
+(leases of dead processes are ignored). Reading an array that is gone raises
+:class:`StoreError` naming it, never zeros.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import io
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,8 +47,12 @@ import numpy as np
 import pandas as pd
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.storage import LocalStore
 
 MANIFEST = "manifest.parquet"
+MANIFESTS = "manifests"
+READERS = ".readers"
+TRASH = ".trash"
 FORMAT = "cellst-store/1"
 SPLITS = ("labeled", "unlabeled", "test")
 
@@ -71,9 +89,35 @@ def _slices(window: Window | None) -> tuple[slice, slice]:
     return slice(int(y0), int(y1)), slice(int(x0), int(x1))
 
 
+class _CheckedLocalStore(LocalStore):
+    """A read-only zarr store that refuses to invent data for an array that is gone.
+
+    zarr answers a missing chunk with the fill value (zeros), which is right for the
+    all-background chunks zarr never writes, but silently wrong when the whole array was
+    deleted under an open handle. A missing chunk is therefore checked against the array's
+    ``zarr.json``: when that is gone too, the read raises :class:`StoreError`.
+    """
+
+    async def get(self, key, prototype=None, byte_range=None):  # noqa: D102
+        buf = await super().get(key, prototype, byte_range)
+        if buf is None and key != "zarr.json" and not (self.root / "zarr.json").is_file():
+            raise StoreError(_missing_message(str(self.root)))
+        return buf
+
+
+def _missing_message(path: str) -> str:
+    return (
+        f"array {path} is missing (removed from the store: the manifest that named it was "
+        f"replaced and the reader held no lease on it)"
+    )
+
+
 @lru_cache(maxsize=4096)
 def _open_array(path: str) -> zarr.Array:
-    return zarr.open_array(path, mode="r")
+    """Open a stored array read-only (cached per process); :class:`StoreError` if gone."""
+    if not (Path(path) / "zarr.json").is_file():
+        raise StoreError(_missing_message(path))
+    return zarr.open_array(store=_CheckedLocalStore(path, read_only=True), mode="r")
 
 
 def write_array(path: str | Path, data: np.ndarray, chunk: int = 256, level: int = 1) -> None:
@@ -105,16 +149,33 @@ def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _locked_thing(lock_file: Path) -> str:
+    """What a lock file guards, for messages: ``.NAME.lock`` guards the store ``NAME``
+    beside it, any other lock file the folder that holds it (a run folder)."""
+    name = lock_file.name
+    if name.startswith(".") and name.endswith(".lock") and len(name) > len("..lock"):
+        return f"the store {lock_file.parent / name[1 : -len('.lock')]}"
+    return f"the folder {lock_file.parent}"
+
+
 @contextlib.contextmanager
-def store_lock(lock_file: Path) -> Iterator[None]:
-    """Exclusive advisory lock so two writers never interleave on one store."""
+def store_lock(lock_file: Path, what: str | None = None) -> Iterator[None]:
+    """Exclusive advisory lock so two writers never interleave on one store or run folder.
+
+    Parameters
+    ----------
+    what : str, optional
+        What the lock guards, for the refusal message (e.g. ``"the run folder runs/x"``);
+        by default derived from the lock file's name and folder.
+    """
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreError(
-                f"{lock_file} is held: another process is writing this store"
+                f"{lock_file} is held: another process is writing "
+                f"{what or _locked_thing(lock_file)}"
             ) from None
         try:
             yield
@@ -127,6 +188,191 @@ def init_store(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "zarr.json").exists():
         zarr.open_group(str(root), mode="a", attributes={"format": FORMAT})
+
+
+# ----------------------------------------------------------------------------- versions
+def manifest_version(data: bytes) -> str:
+    """Short hash of a manifest file's bytes: the store version a reader pins."""
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def manifest_bytes(df: pd.DataFrame) -> bytes:
+    """A manifest table as parquet bytes (what :func:`write_manifest` commits)."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def archive_manifest(root: Path, data: bytes) -> str:
+    """Keep a manifest version under ``manifests/<version>.parquet`` so that the arrays a
+    reader of that version needs can be known after the manifest is replaced."""
+    version = manifest_version(data)
+    path = Path(root) / MANIFESTS / f"{version}.parquet"
+    if not path.is_file():
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_bytes(path, data)
+    return version
+
+
+def write_manifest(root: Path, df: pd.DataFrame) -> str:
+    """Commit ``df`` as the store's manifest (archived, then an atomic rename); returns
+    its version. A manifest with the same bytes is left as it is (the version stays)."""
+    root = Path(root)
+    data = manifest_bytes(df)
+    version = archive_manifest(root, data)
+    current = root / MANIFEST
+    if not (current.is_file() and manifest_version(current.read_bytes()) == version):
+        atomic_write_bytes(current, data)
+    return version
+
+
+# ----------------------------------------------------------------------------- leases
+_HOST = socket.gethostname()
+
+
+def _proc_start(pid: int) -> str:
+    """Start time of a process (``/proc/PID/stat`` field 22), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+@dataclass
+class Lease:
+    """A reader's claim on one manifest version: ``STORE/.readers/<pid>-<token>.json``."""
+
+    path: Path
+    pid: int
+    host: str
+    version: str
+    start: str = ""
+    created: float = field(default=0.0)
+    root: str = ""
+
+    def alive(self) -> bool:
+        """Whether the reading process still runs (leases from other hosts count as alive:
+        their processes cannot be checked from here). A lease copied along with a store
+        (its recorded root is another folder) is not alive."""
+        if self.root and Path(self.root).resolve() != self.path.parent.parent.resolve():
+            return False
+        if self.host != _HOST:
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return not self.start or _proc_start(self.pid) in ("", self.start)
+
+
+@contextlib.contextmanager
+def _readers_lock(root: Path, exclusive: bool) -> Iterator[None]:
+    """Shared while a reader reads the manifest and writes its lease, exclusive while a
+    collection decides what to delete: a version is never collected between the two."""
+    folder = root / READERS
+    folder.mkdir(exist_ok=True)
+    with open(folder / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _take_lease(root: Path, version: str) -> Path:
+    pid = os.getpid()
+    path = root / READERS / f"{pid}-{uuid.uuid4().hex[:8]}.json"
+    info = {
+        "pid": pid,
+        "host": _HOST,
+        "start": _proc_start(pid),
+        "version": version,
+        "created": time.time(),
+        "root": str(root),
+    }
+    atomic_write_bytes(path, json.dumps(info).encode())
+    return path
+
+
+def _release_lease(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # a forked child never drops its parent's lease
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def read_leases(root: str | Path) -> list[Lease]:
+    """Every reader lease of a store (alive or not)."""
+    out = []
+    for p in sorted((Path(root).absolute() / READERS).glob("*.json")):
+        try:
+            d = json.loads(p.read_text())
+            out.append(
+                Lease(
+                    p,
+                    int(d["pid"]),
+                    str(d["host"]),
+                    str(d["version"]),
+                    str(d.get("start", "")),
+                    float(d.get("created", 0.0)),
+                    str(d.get("root", "")),
+                )
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # vanished meanwhile, or not ours
+    return out
+
+
+def collect_garbage(root: str | Path) -> dict:
+    """Remove arrays and archived manifests that no live reader and no current manifest
+    names; leases of dead processes are dropped. Call with the store's write lock held.
+
+    Returns
+    -------
+    dict
+        ``removed`` (array paths), ``held`` (versions kept for live readers), ``dropped``
+        (archived versions removed), ``stale_leases`` (leases of dead processes removed).
+    """
+    root = Path(root).absolute()
+    report: dict = {"removed": [], "held": [], "dropped": [], "stale_leases": 0}
+    if not (root / MANIFEST).is_file():
+        return report
+    trash = root / TRASH / uuid.uuid4().hex[:8]
+    with _readers_lock(root, exclusive=True):
+        current = (root / MANIFEST).read_bytes()
+        current_version = manifest_version(current)
+        live = []
+        for lease in read_leases(root):
+            if lease.alive():
+                live.append(lease)
+            else:
+                lease.path.unlink(missing_ok=True)
+                report["stale_leases"] += 1
+        held = {lease.version for lease in live} - {current_version}
+        report["held"] = sorted(held)
+        tables = [pd.read_parquet(io.BytesIO(current))]
+        for version in sorted(held):
+            archived = root / MANIFESTS / f"{version}.parquet"
+            if not archived.is_file():  # a reader holds a version we cannot resolve: keep all
+                report["unresolved"] = version
+                return report
+            tables.append(pd.read_parquet(archived))
+        keep = set().union(*(set(t["image_array"]) | set(t["label_array"]) for t in tables))
+        for group in ("images", "labels"):
+            folder = root / group
+            for arr in sorted(folder.iterdir()) if folder.is_dir() else []:
+                if f"{group}/{arr.name}" not in keep:
+                    trash.mkdir(parents=True, exist_ok=True)
+                    os.rename(arr, trash / f"{group}-{arr.name}")  # atomic: readers see it gone
+                    report["removed"].append(f"{group}/{arr.name}")
+        for archived in sorted((root / MANIFESTS).glob("*.parquet")):
+            if archived.stem not in held | {current_version}:
+                archived.unlink(missing_ok=True)
+                report["dropped"].append(archived.stem)
+    remove_tree(root / TRASH)  # ours, and any left by a killed collection
+    return report
 
 
 @dataclass(frozen=True)
@@ -143,10 +389,22 @@ class ItemRef:
 class CellStore:
     """Read access to a cellst store (and writing of pseudo-label sets).
 
+    A store object reads one manifest version for its whole life (:attr:`version`) and
+    holds a lease on it (a small file under ``STORE/.readers/``) until :meth:`close`, its
+    garbage collection or its process's exit, so a concurrent ``cellst ingest`` keeps that
+    version's arrays. Pickling it (to a Ray task or actor) reopens the same version there,
+    with a lease of its own.
+
     Parameters
     ----------
     root : path
         The store directory, as written by ``cellst ingest``.
+    version : str, optional
+        Open this manifest version (e.g. the one a driver opened, for its workers); the
+        current one by default. :class:`StoreError` if it has been collected.
+    lease : bool
+        Hold a reader lease (default). Without one a later ingest may remove the arrays,
+        and reads of them then raise :class:`StoreError`.
 
     Examples
     --------
@@ -156,18 +414,72 @@ class CellStore:
     (256, 256, 3)
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, version: str | None = None, *, lease: bool = True):
         self.root = Path(root).absolute()
         manifest = self.root / MANIFEST
         if not manifest.is_file():
             raise StoreError(
                 f"{self.root} is not a cellst store (no {MANIFEST}); create it with `cellst ingest`"
             )
-        self.manifest = pd.read_parquet(manifest)
+        self._release = None
+        data = self._pin(version, lease)
+        #: short hash of the manifest this object reads (record it beside results)
+        self.version: str = manifest_version(data)
+        self.manifest = pd.read_parquet(io.BytesIO(data))
         missing = [c for c in MANIFEST_COLUMNS if c not in self.manifest.columns]
         if missing:
             raise StoreError(f"{manifest}: missing columns {missing}")
         self._by_id = {r.id: r for r in self.manifest.itertuples(index=False)}
+
+    # -- versions and leases ---------------------------------------------------------------
+    def _manifest_data(self, version: str | None) -> bytes:
+        data = (self.root / MANIFEST).read_bytes()
+        if version is None or manifest_version(data) == version:
+            return data
+        archived = self.root / MANIFESTS / f"{version}.parquet"
+        if not archived.is_file():
+            raise StoreError(
+                f"store {self.root} no longer holds version {version} (current: "
+                f"{manifest_version(data)}): a later ingest replaced it and no reader held it"
+            )
+        return archived.read_bytes()
+
+    def _pin(self, version: str | None, lease: bool) -> bytes:
+        """Read the manifest and take a lease on its version, atomically w.r.t. collection."""
+        if not lease:
+            return self._manifest_data(version)
+        try:
+            with _readers_lock(self.root, exclusive=False):
+                data = self._manifest_data(version)
+                path = _take_lease(self.root, manifest_version(data))
+        except OSError:  # a read-only store or file system: nobody can re-ingest it here
+            return self._manifest_data(version)
+        self._lease_path = path
+        self._release = weakref.finalize(self, _release_lease, str(path), os.getpid())
+        return data
+
+    @property
+    def lease_path(self) -> Path | None:
+        """The lease file this object holds, or None (closed, or opened without lease)."""
+        return self._lease_path if self._release is not None and self._release.alive else None
+
+    def close(self) -> None:
+        """Release the lease; the version's arrays may be collected by a later ingest."""
+        if self._release is not None:
+            self._release()
+
+    def __enter__(self) -> CellStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self):
+        return (CellStore, (str(self.root), self.version))
+
+    def current_version(self) -> str:
+        """The version the store's manifest has now (may differ from :attr:`version`)."""
+        return manifest_version((self.root / MANIFEST).read_bytes())
 
     # -- listing ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -178,7 +490,7 @@ class CellStore:
 
     def __repr__(self) -> str:
         counts = self.manifest["split"].value_counts().to_dict()
-        return f"CellStore({str(self.root)!r}, items={counts})"
+        return f"CellStore({str(self.root)!r}, version={self.version!r}, items={counts})"
 
     def items(
         self, split: str | None = None, modality: str | None = None, labeled: bool | None = None
@@ -214,16 +526,22 @@ class CellStore:
         return ItemRef(r.id, str(self.root / r.image_array), label, int(r.height), int(r.width))
 
     # -- reading ---------------------------------------------------------------------------
+    def _read(self, item_id: str, what: str, array: str, window: Window | None) -> np.ndarray:
+        try:
+            return _open_array(str(self.root / array))[_slices(window)]
+        except StoreError as exc:
+            raise StoreError(f"item {item_id!r}: cannot read its {what}: {exc}") from None
+
     def image(self, item_id: str, window: Window | None = None) -> np.ndarray:
         """``(H, W, 3) uint8`` image, or the window ``(y0, y1, x0, x1)`` of it."""
-        return _open_array(str(self.root / self.row(item_id).image_array))[_slices(window)]
+        return self._read(item_id, "image", self.row(item_id).image_array, window)
 
     def label(self, item_id: str, window: Window | None = None) -> np.ndarray:
         """``(H, W) int32`` instance map of a labelled item, or a window of it."""
         r = self.row(item_id)
         if not r.label_array:
             raise StoreError(f"item {item_id!r} ({r.split}) has no label")
-        return _open_array(str(self.root / r.label_array))[_slices(window)]
+        return self._read(item_id, "label", r.label_array, window)
 
     # -- pseudo-label sets -----------------------------------------------------------------
     def pseudo_path(self, set_name: str, item_id: str) -> Path:
@@ -252,8 +570,11 @@ class CellStore:
     def info(self) -> dict:
         """Counts per split and modality, for ``cellst info``."""
         df = self.manifest
+        others = [x for x in read_leases(self.root) if x.path != self.lease_path and x.alive()]
         return {
             "root": str(self.root),
+            "version": self.version,
+            "readers": len(others),
             "items": len(df),
             "splits": df["split"].value_counts().to_dict(),
             "modalities": df["modality"].value_counts().to_dict(),

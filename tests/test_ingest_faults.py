@@ -1,0 +1,196 @@
+"""Hostile and broken inputs to ingest: each is refused in one line that names the file (or
+the CSV line), before any pixel is decoded where possible, and the store stays unchanged."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from cellst.config import IngestConfig
+from cellst.data.ingest import IngestError, ingest, scan_source
+from cellst.data.store import MANIFEST, CellStore, StoreError, store_lock
+
+CELLST = str(Path(sys.executable).with_name("cellst"))
+runner = CliRunner()
+
+
+def _plain(tmp_path: Path, n: int = 2, side: int = 64) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(n):
+        iio.imwrite(
+            src / f"good{i}.png",
+            (np.arange(side * side).reshape(side, side) % 251).astype(np.uint8),
+        )
+    return src
+
+
+def _sparse_tiff(path: Path, side: int = 100_000, tile: int = 1024) -> None:
+    """A TIFF declaring ``side`` x ``side`` pixels whose tiles are all empty (~1 MB)."""
+    per_row = (side + tile - 1) // tile
+    n = per_row * per_row
+
+    def tiles():
+        yield np.zeros((tile, tile), np.uint8)  # tifffile needs one real tile first
+        for _ in range(n - 1):
+            yield None  # a sparse tile: offset and byte count 0
+
+    with tifffile.TiffWriter(path, bigtiff=True) as w:
+        w.write(tiles(), shape=(side, side), dtype=np.uint8, tile=(tile, tile))
+
+
+def test_huge_declared_image_is_refused_before_decoding(ray_session, tmp_path):
+    src = _plain(tmp_path)
+    huge = src / "huge.tif"
+    _sparse_tiff(huge)
+    assert huge.stat().st_size < 5_000_000  # small on disk, 10^10 pixels declared
+    with pytest.raises(IngestError) as exc:
+        ingest(src, tmp_path / "store", progress=False)
+    msg = str(exc.value)
+    assert f"{huge}: image declares 100000 x 100000 = 10,000,000,000 pixels" in msg
+    assert "ingest.max_pixels=100,000,000" in msg and "MemoryError" not in msg
+    assert not (tmp_path / "store").exists()
+    result = ingest(src, tmp_path / "store", skip_bad=True, progress=False)
+    assert result.added == ["good0", "good1"] and result.skipped[0][0] == str(huge)
+    # the limit is a setting: a 64 x 64 image is over a limit of 1000 pixels
+    with pytest.raises(IngestError, match="good0.png: image declares 64 x 64"):
+        ingest(src, tmp_path / "store2", IngestConfig(max_pixels=1000), progress=False)
+
+
+def test_empty_and_non_image_files_are_named(ray_session, tmp_path):
+    src = _plain(tmp_path)
+    (src / "empty.png").write_bytes(b"")
+    (src / "text.png").write_bytes(b"hello, I am not a picture\n")
+    with pytest.raises(IngestError) as exc:
+        ingest(src, tmp_path / "store", progress=False)
+    msg = str(exc.value)
+    assert f"{src / 'empty.png'}: cannot read image: the file is empty (0 bytes)" in msg
+    assert f"{src / 'text.png'}: cannot read image: the file is not an image" in msg
+    assert "pip install" not in msg and "backend" not in msg
+
+
+def test_tiny_images_are_refused_unless_skipped(ray_session, tmp_path):
+    src = _plain(tmp_path)
+    iio.imwrite(src / "dot.png", np.full((1, 1), 7, np.uint8))
+    with pytest.raises(IngestError) as exc:
+        ingest(src, tmp_path / "store", progress=False)
+    assert f"{src / 'dot.png'}: image is 1 x 1 pixels, smaller than ingest.min_side=8" in str(
+        exc.value
+    )
+    result = ingest(src, tmp_path / "store", skip_bad=True, progress=False)
+    assert result.added == ["good0", "good1"] and "dot" not in CellStore(tmp_path / "store")
+    result = ingest(src, tmp_path / "store", IngestConfig(min_side=1), progress=False)
+    assert result.added == ["dot"]
+
+
+def test_modalities_csv_errors_name_the_file_and_line(tmp_path):
+    src = _plain(tmp_path)
+    table = src / "modalities.csv"
+    table.write_text("name,modality\ngood0.png,fluorescence\ngood1.png\n")
+    _, problems = scan_source(src)
+    assert problems == [(f"{table}:3", "row has a missing field (expected name,modality)")]
+    table.write_bytes(
+        b"name,modality\ngood0.png,fluorescence\ngood1.png,phase\n" + b"\xff\xfe,dic\n"
+    )
+    _, problems = scan_source(src)
+    assert problems == [(f"{table}:4", "not UTF-8 text (byte 0xff); save it as UTF-8")]
+    with pytest.raises(IngestError, match=r"modalities.csv:4: not UTF-8 text"):
+        ingest(src, tmp_path / "store", progress=False)  # refused before Ray is needed
+    table.write_text("name,modality\ngood0.png,fluorescence\ngood1.png,phase_contrast\n")
+    items, problems = scan_source(src)
+    assert not problems and [i.modality for i in items] == ["fluorescence", "phase_contrast"]
+
+
+def test_missing_source_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    import cellst.raycluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a source that does not exist")
+
+    monkeypatch.setattr(cellst.raycluster, "ensure_ray", no_ray)
+    res = runner.invoke(
+        __import__("cellst.cli", fromlist=["app"]).app,
+        ["ingest", str(tmp_path / "nope"), "--out", str(tmp_path / "store")],
+    )
+    assert res.exit_code == 1, res.output
+    out = res.output.replace("\n", "")
+    assert f"{tmp_path / 'nope'}: source folder does not exist" in out
+    assert "--skip-bad" not in out and "Traceback" not in out
+    assert not (tmp_path / "store").exists()
+
+
+def test_lock_messages_name_what_is_locked(tmp_path):
+    store = tmp_path / "store"
+    with store_lock(tmp_path / ".store.lock"):
+        with pytest.raises(
+            StoreError, match=f"is held: another process is writing the store {store}$"
+        ):
+            with store_lock(tmp_path / ".store.lock"):
+                pass
+    run = tmp_path / "runs" / "stpp-a"
+    with store_lock(run / ".lock"):
+        with pytest.raises(StoreError, match=f"another process is writing the folder {run}$"):
+            with store_lock(run / ".lock"):
+                pass
+        with pytest.raises(StoreError, match=f"another process is writing the run folder {run}$"):
+            with store_lock(run / ".lock", what=f"the run folder {run}"):
+                pass
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".readers" not in p.parts
+    }
+
+
+def test_ctrl_c_during_ingest_removes_staging_and_keeps_the_store(ray_session, tmp_path):
+    first = _plain(tmp_path)
+    store = tmp_path / "store"
+    ingest(first, store, progress=False)
+    before = _tree(store)
+    src = tmp_path / "many"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        tifffile.imwrite(src / f"im{i:02d}.tif", rng.integers(1, 60000, (768, 768), np.uint16))
+
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [CELLST, "ingest", str(src), "--out", str(store)],
+        env={**os.environ, "RAY_ADDRESS": address},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl-C would hit
+    )
+    # interrupt once the tasks are writing into the staging folder
+    while proc.poll() is None and not list(tmp_path.glob(".store.staging-*/images/*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "ingest finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, out + err
+    assert "interrupted, the store is unchanged" in err and "Traceback" not in err
+    assert not list(tmp_path.glob(".store.staging-*"))
+    # no task of the interrupted ingest is left to write into the staging folder later
+    total = ray_session.cluster_resources()["CPU"]
+    for _ in range(600):
+        if ray_session.available_resources().get("CPU", 0) >= total:
+            break
+        time.sleep(0.1)
+    assert not list(tmp_path.glob(".store.staging-*"))
+    assert _tree(store) == before
+    assert CellStore(store).ids() == ["good0", "good1"]
+    assert (store / MANIFEST).is_file()
