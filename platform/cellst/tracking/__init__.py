@@ -11,9 +11,13 @@ from typing import TYPE_CHECKING
 from cellst._lazy import lazy_getattr
 
 __all__ = [
+    "PENDING_FILE",
+    "BufferedMetricLogger",
     "DisabledRun",
     "TrackingConfig",
+    "TrackingUnavailable",
     "active_run_id",
+    "check_tracking",
     "curve_figure",
     "default_tags",
     "ensure_experiment",
@@ -27,6 +31,8 @@ __all__ = [
     "log_params",
     "log_table",
     "overlay_figure",
+    "pending_note",
+    "resend_pending",
     "resolve_tracking",
     "runs_table",
     "save_figure",
@@ -36,8 +42,22 @@ __all__ = [
     "use_tracking_uri",
 ]
 _FIGURES = {"curve_figure", "histogram_figure", "log_figure", "overlay_figure", "save_figure"}
+_BUFFERED = {
+    "PENDING_FILE",
+    "BufferedMetricLogger",
+    "TrackingUnavailable",
+    "pending_note",
+    "resend_pending",
+}
 
 if TYPE_CHECKING:
+    from cellst.tracking.buffered import (
+        PENDING_FILE,
+        BufferedMetricLogger,
+        TrackingUnavailable,
+        pending_note,
+        resend_pending,
+    )
     from cellst.tracking.figures import (
         curve_figure,
         histogram_figure,
@@ -49,6 +69,7 @@ if TYPE_CHECKING:
         DisabledRun,
         TrackingConfig,
         active_run_id,
+        check_tracking,
         default_tags,
         ensure_experiment,
         flatten_params,
@@ -68,5 +89,9 @@ if TYPE_CHECKING:
 
 
 __getattr__ = lazy_getattr(
-    __name__, {n: "figures" if n in _FIGURES else "mlflow_utils" for n in __all__}
+    __name__,
+    {
+        n: "figures" if n in _FIGURES else "buffered" if n in _BUFFERED else "mlflow_utils"
+        for n in __all__
+    },
 )

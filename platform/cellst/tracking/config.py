@@ -6,9 +6,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class TrackingConfig(BaseModel):
-    """Where and whether a stage logs to MLflow."""
+    """Where and whether a stage logs to MLflow, and how long it waits for a server."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     tracking_uri: str | None = Field(
         None,
@@ -25,6 +25,17 @@ class TrackingConfig(BaseModel):
     )
     system_metrics: bool = Field(True, description="log CPU/GPU/memory system metrics")
     enabled: bool = Field(True, description="False: log nothing, touch no files")
-
-
-# --------------------------------------------------------------------------- resolution
+    timeout_s: int = Field(
+        10,
+        ge=1,
+        le=600,
+        description="seconds one request to a tracking server may take (one quick retry); "
+        "what the server cannot take is kept in the run folder and sent later",
+    )
+    retry_every_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="while the tracking server is unreachable, seconds between attempts "
+        "(records are only appended to <run folder>/tracking-pending.jsonl meanwhile)",
+    )

@@ -22,6 +22,18 @@ cannot redirect the next one.
 
 The ``log_*`` helpers act on the active run of the calling thread and are silent no-ops
 when there is none (that is how ``TrackingConfig(enabled=False)`` disables everything).
+
+When the server fails
+---------------------
+Tracking is best-effort once a run has started: requests wait at most
+``TrackingConfig.timeout_s`` with one quick retry (MLflow's default is 7 retries over about
+4 minutes), and what the server cannot take (metrics, params, tags, artifact files, the
+run's end status) is kept in ``<run_dir>/tracking-pending.jsonl`` and sent when it answers
+again (:class:`~cellst.tracking.buffered.BufferedMetricLogger`); other losses (tables,
+figures) are said in one line. Nothing here raises because of the server after
+:func:`start_run` has begun the run. Beginning it, however, needs the server: a server that
+is down then raises :class:`~cellst.tracking.buffered.TrackingUnavailable` naming the URI
+(:func:`check_tracking` finds this before any work starts).
 """
 
 from __future__ import annotations
@@ -51,6 +63,14 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 import cellst
+from cellst.tracking.buffered import (
+    DEFAULT_TIMEOUT_S,
+    BufferedMetricLogger,
+    TrackingUnavailable,
+    classify,
+    http_limits,
+    say,
+)
 from cellst.tracking.config import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -58,9 +78,11 @@ log = logging.getLogger(__name__)
 
 def quiet_mlflow() -> None:
     """MLflow's INFO lines (database migrations, system-metrics monitor) out of the terminal,
-    unless ``CELLST_VERBOSE=1``."""
+    and the monitor's warning per failed sample (a tracking outage is said once, by
+    :class:`~cellst.tracking.buffered.BufferedMetricLogger`), unless ``CELLST_VERBOSE=1``."""
     if os.environ.get("CELLST_VERBOSE", "0") != "1":
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
 
 
 #: MLflow's limit on a parameter value (``mlflow.utils.validation.MAX_PARAM_VAL_LENGTH``)
@@ -69,6 +91,10 @@ MAX_PARAM_VALUE_LENGTH = 6000
 MAX_PARAMS_PER_BATCH = 100
 
 _SERVER_SCHEMES = {"http", "https", "databricks", "databricks-uc", "uc"}
+#: what a tracking call raises when the store fails (requests' errors are OSErrors)
+TRACKING_ERRORS = (MlflowException, OSError)
+#: the journal of each run started by :func:`start_run` in this process, by run id
+_journals: dict[str, BufferedMetricLogger] = {}
 
 
 def _sqlite_path(uri: str) -> str | None:
@@ -336,33 +362,131 @@ def start_run(
     state = _uri_state()
     mlflow.set_tracking_uri(uri)
     try:
-        experiment_id = ensure_experiment(uri, experiment, artifact_location)
-        outer = mlflow.active_run() is None
-        all_tags: dict[str, str] = {} if run_id else default_tags()
-        all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
-        run = mlflow.start_run(
-            run_id=run_id,
-            experiment_id=None if run_id else experiment_id,
-            run_name=run_name,
-            nested=nested or (run_id is not None and not outer),
-            parent_run_id=None if run_id else parent_run_id,
-            tags=all_tags,
-            log_system_metrics=bool(cfg.system_metrics and outer),
-        )
-        status = RunStatus.FINISHED
-        try:
-            yield run
-        except KeyboardInterrupt:
-            status = RunStatus.KILLED
-            raise
-        except BaseException:
-            status = RunStatus.FAILED
-            raise
-        finally:
-            if any(r.info.run_id == run.info.run_id for r in _active_stack()):
-                mlflow.end_run(RunStatus.to_string(status))
+        with http_limits(cfg.timeout_s):
+            try:
+                experiment_id = ensure_experiment(uri, experiment, artifact_location)
+                outer = mlflow.active_run() is None
+                all_tags: dict[str, str] = {} if run_id else default_tags()
+                all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+                run = mlflow.start_run(
+                    run_id=run_id,
+                    experiment_id=None if run_id else experiment_id,
+                    run_name=run_name,
+                    nested=nested or (run_id is not None and not outer),
+                    parent_run_id=None if run_id else parent_run_id,
+                    tags=all_tags,
+                    log_system_metrics=bool(cfg.system_metrics and outer),
+                )
+            except TRACKING_ERRORS as exc:
+                raise TrackingUnavailable(
+                    f"MLflow tracking at {uri} cannot start run {run_name or run_id!r} "
+                    f"({classify(exc)[1]})"
+                ) from None
+            journal = BufferedMetricLogger(
+                uri,
+                run.info.run_id,
+                run_dir,
+                timeout_s=cfg.timeout_s,
+                retry_every_s=cfg.retry_every_s,
+            )
+            _journals[run.info.run_id] = journal
+            status = RunStatus.FINISHED
+            try:
+                yield run
+            except KeyboardInterrupt:
+                status = RunStatus.KILLED
+                raise
+            except BaseException:
+                status = RunStatus.FAILED
+                raise
+            finally:
+                _journals.pop(run.info.run_id, None)
+                if any(r.info.run_id == run.info.run_id for r in _active_stack()):
+                    _end_run(run.info.run_id, RunStatus.to_string(status), journal)
+                journal.close()
     finally:
         _restore_uri_state(state)
+
+
+def _end_run(run_id: str, status: str, journal: BufferedMetricLogger) -> None:
+    """End the active run; when the server cannot take the status now, the journal keeps it
+    (behind any records still waiting) and the run leaves the stack all the same."""
+    if journal.down is None and not journal.pending.exists():
+        try:
+            mlflow.end_run(status)
+            return
+        except TRACKING_ERRORS as exc:  # end_run pops the run before it calls the server
+            if not journal.note_failure(exc):
+                say(f"tracking: the end of run {run_id} was not recorded ({classify(exc)[1]})")
+                _leave_stack(run_id)
+                return
+    _leave_stack(run_id)
+    journal.set_terminated(status)
+
+
+def _leave_stack(run_id: str) -> None:
+    """What ``mlflow.end_run`` does besides telling the server (MLflow 3.17 internals): take
+    the run off this thread's active-run stack and stop its system-metrics monitor."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    if stack and stack[-1].info.run_id == run_id:
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        stack.pop()
+        fluent._last_active_run_id.set(run_id)
+    monitor = fluent.run_id_to_system_metrics_monitor.pop(run_id, None)
+    if monitor is not None:
+        with contextlib.suppress(Exception):
+            monitor.finish()
+
+
+def check_tracking(cfg: TrackingConfig, run_dir: str | Path, experiment_default: str) -> None:
+    """Fail fast, in one line naming the URI, when the tracking server does not answer.
+
+    Only servers (``http(s)``) are asked, once, with the short timeout; local stores are
+    created when the run starts. Raises :class:`TrackingUnavailable`.
+    """
+    if not cfg.enabled:
+        return
+    uri = resolve_tracking(cfg, run_dir, experiment_default)[0]
+    if urlparse(uri).scheme.lower() not in ("http", "https"):
+        return
+    try:
+        with http_limits(cfg.timeout_s):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except TRACKING_ERRORS as exc:
+        transient, reason = classify(exc)
+        what = "is unavailable" if transient else "refuses requests"
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} {what} ({reason}); start it, set "
+            "tracking.tracking_uri to a running server, or tracking.enabled=false"
+        ) from None
+
+
+def _journal() -> tuple[str | None, BufferedMetricLogger | None]:
+    """The active run's id and, when :func:`start_run` began it here, its journal."""
+    run = mlflow.active_run()
+    if run is None:
+        return None, None
+    return run.info.run_id, _journals.get(run.info.run_id)
+
+
+def _guarded(what: str, fn, *args, **kwargs) -> bool:
+    """Call MLflow best-effort: a failure (or a server known to be down) is one line saying
+    what was not logged. Returns whether it was logged."""
+    _, journal = _journal()
+    if journal is not None and journal.down is not None:
+        say(f"tracking: {what} not logged (server {journal.uri} unavailable: {journal.down})")
+        return False
+    try:
+        with http_limits(journal.timeout_s if journal else DEFAULT_TIMEOUT_S):
+            fn(*args, **kwargs)
+        return True
+    except TRACKING_ERRORS as exc:
+        if journal is not None:
+            journal.note_failure(exc)
+        say(f"tracking: {what} not logged ({classify(exc)[1]})")
+        return False
 
 
 def _active_stack() -> list[mlflow.ActiveRun]:
@@ -407,10 +531,16 @@ def log_params(params: Mapping[str, Any]) -> dict[str, str]:
     config again); a param logged before with another value is kept and a warning names it
     (MLflow params are immutable).
     """
-    run = mlflow.active_run()
-    if run is None:
+    run_id, journal = _journal()
+    if run_id is None:
         return {}
-    existing = MlflowClient().get_run(run.info.run_id).data.params
+    existing: dict[str, str] = {}
+    if journal is None or journal.down is None:
+        try:
+            existing = MlflowClient().get_run(run_id).data.params
+        except TRACKING_ERRORS as exc:  # unknown: the server keeps equal values anyway
+            if journal is not None:
+                journal.note_failure(exc)
     todo: dict[str, str] = {}
     for key, value in params.items():
         value = str(value)[:MAX_PARAM_VALUE_LENGTH]
@@ -424,9 +554,12 @@ def log_params(params: Mapping[str, Any]) -> dict[str, str]:
                 )
             continue
         todo[key] = value
+    if journal is not None:
+        journal.log_params(todo)
+        return todo
     items = list(todo.items())
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        mlflow.log_params(dict(items[i : i + MAX_PARAMS_PER_BATCH]))
+        _guarded("params", mlflow.log_params, dict(items[i : i + MAX_PARAMS_PER_BATCH]))
     return todo
 
 
@@ -436,7 +569,12 @@ def log_config(cfg_model: BaseModel, artifact_file: str = "config.yaml") -> None
         return
     data = cfg_model.model_dump(mode="json")
     log_params(flatten_params(data))
-    mlflow.log_text(yaml.safe_dump(data, sort_keys=False), artifact_file)
+    text = yaml.safe_dump(data, sort_keys=False)
+    _, journal = _journal()
+    if journal is not None:
+        journal.log_text(text, artifact_file)
+    else:
+        _guarded(artifact_file, mlflow.log_text, text, artifact_file)
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
@@ -445,7 +583,8 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> dict[str
     MLflow itself would store NaN (as a flag) and clamp +-inf to +-1.8e308, which spoils
     charts and comparisons. Returns the metrics actually logged.
     """
-    if mlflow.active_run() is None:
+    run_id, journal = _journal()
+    if run_id is None:
         return {}
     clean: dict[str, float] = {}
     for key, value in metrics.items():
@@ -454,8 +593,10 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> dict[str
             clean[str(key)] = v
         else:
             warnings.warn(f"metric {key!r} is not finite; not logged", RuntimeWarning, stacklevel=2)
-    if clean:
-        mlflow.log_metrics(clean, step=step)
+    if clean and journal is not None:
+        journal.log(clean, step or 0)
+    elif clean:
+        _guarded("metrics", mlflow.log_metrics, clean, step=step)
     return clean
 
 
@@ -469,7 +610,7 @@ def log_table(df: pd.DataFrame, artifact_file: str) -> None:
     if mlflow.active_run() is None:
         return
     if artifact_file.endswith(".json"):
-        mlflow.log_table(df, artifact_file)
+        _guarded(artifact_file, mlflow.log_table, df, artifact_file)
         return
     artifact_path, _, name = artifact_file.rpartition("/")
     with tempfile.TemporaryDirectory(prefix="cellst-table-") as tmp:
@@ -478,19 +619,28 @@ def log_table(df: pd.DataFrame, artifact_file: str) -> None:
             df.to_parquet(local, index=False)
         else:
             df.to_csv(local, index=False)
-        mlflow.log_artifact(str(local), artifact_path or None)
+        _guarded(artifact_file, mlflow.log_artifact, str(local), artifact_path or None)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    """``mlflow.log_artifact`` on the active run; no-op outside a run."""
-    if mlflow.active_run() is not None:
-        mlflow.log_artifact(str(path), artifact_path)
+    """``mlflow.log_artifact`` on the active run; no-op outside a run. Best-effort: a file
+    the server cannot take now is uploaded later (it must still exist then)."""
+    run_id, journal = _journal()
+    if journal is not None:
+        journal.log_artifact(path, artifact_path)
+    elif run_id is not None:
+        _guarded(str(path), mlflow.log_artifact, str(path), artifact_path)
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
     """Set tags (values str'ed) on the active run; no-op outside a run."""
-    if mlflow.active_run() is not None and tags:
-        mlflow.set_tags({str(k): str(v) for k, v in tags.items()})
+    run_id, journal = _journal()
+    if run_id is None or not tags:
+        return
+    if journal is not None:
+        journal.set_tags(tags)
+    else:
+        _guarded("tags", mlflow.set_tags, {str(k): str(v) for k, v in tags.items()})
 
 
 def store_tags(store_root: str | Path) -> dict[str, Any]:
