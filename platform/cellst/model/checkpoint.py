@@ -3,7 +3,11 @@
 * ``model.pt``: the ``state_dict`` only (CPU tensors, no pickled code; loaded with
   ``weights_only=True``), without DDP ``module.`` / ``torch.compile`` ``_orig_mod.`` prefixes;
 * ``model.json``: ``{"format": "cellst-model/1", "cellst_version": ..., "model": <ModelConfig>,
-  "metadata": {...}}`` where metadata is free JSON (epoch, metrics, data version, ...).
+  "metadata": {...}}`` where metadata is free JSON (epoch, metrics, data version, ...);
+* ``postprocess.json`` (optional): post-processing settings calibrated for these weights on
+  validation items (:func:`save_postprocess`, :func:`load_postprocess`; written after training
+  by :mod:`cellst.postprocess.calibrate`). It names the sha256 of ``model.pt``, so settings
+  calibrated for other weights are never applied.
 
 :func:`save_checkpoint` writes into a temporary sibling directory and renames it into place,
 so a reader never sees a half-written checkpoint (an existing checkpoint at the same path is
@@ -35,14 +39,19 @@ __all__ = [
     "CheckpointError",
     "load_into",
     "load_model",
+    "load_postprocess",
     "read_checkpoint_info",
     "save_checkpoint",
+    "save_postprocess",
     "unwrap_model",
+    "weights_digest",
 ]
 
 FORMAT = "cellst-model/1"
+POSTPROCESS_FORMAT = "cellst-postprocess/1"
 WEIGHTS_FILE = "model.pt"
 INFO_FILE = "model.json"
+POSTPROCESS_FILE = "postprocess.json"
 _PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 8
 
@@ -168,7 +177,11 @@ def _read_state(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(weights, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"checkpoint weights {weights} cannot be read: {exc}") from exc
+        # torch's first sentence says what is wrong; the rest is advice over several lines
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise CheckpointError(
+            f"checkpoint weights {weights} cannot be read (truncated or corrupt?): {reason}"
+        ) from exc
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint weights {weights} do not hold a state_dict")
     return _clean_state_dict(state)
@@ -203,8 +216,13 @@ def load_into(
             f"checkpoint {path} holds a {_describe(ck_cfg)} model and cannot be loaded into a "
             f"{_describe(cfg)} model"
         )
-    state = _read_state(path, map_location)
-    net = unwrap_model(model)
+    what = f"checkpoint {path} ({_describe(ck_cfg)}) does not fit the {_describe(cfg)} model"
+    _load_state(unwrap_model(model), _read_state(path, map_location), what)
+    return metadata
+
+
+def _load_state(net: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` strictly, or raise a :class:`CheckpointError` ``what: <differences>``."""
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -221,12 +239,8 @@ def load_into(
             parts.append(f"unexpected keys: {_listed(unexpected)}")
         if mismatched:
             parts.append(f"shape mismatches (checkpoint vs model): {_listed(mismatched)}")
-        raise CheckpointError(
-            f"checkpoint {path} ({_describe(ck_cfg)}) does not fit the {_describe(cfg)} model: "
-            + "; ".join(parts)
-        )
+        raise CheckpointError(f"{what}: " + "; ".join(parts))
     net.load_state_dict(state, strict=True)
-    return metadata
 
 
 def load_model(
@@ -239,11 +253,98 @@ def load_model(
     (if it names a device) and in eval mode.
     """
     path = Path(directory)
-    cfg, _ = read_checkpoint_info(path)
+    cfg, metadata = read_checkpoint_info(path)
     build_cfg = cfg.model_copy(update={"pretrained_url": None})
     model = build_model(build_cfg)
-    metadata = load_into(model, build_cfg, path, map_location=map_location)
+    # built from the checkpoint's own model.json: a mismatch means the two files disagree
+    what = (
+        f"checkpoint {path}: the weights in {WEIGHTS_FILE} do not fit the {_describe(cfg)} "
+        f"model that its {INFO_FILE} describes"
+    )
+    _load_state(model, _read_state(path, map_location), what)
     if isinstance(map_location, str | torch.device):
         model = model.to(map_location)
     model.eval()
     return model, cfg, metadata
+
+
+# ----------------------------------------------------------------------------- calibration
+def weights_digest(directory: str | os.PathLike[str]) -> str:
+    """sha256 of a checkpoint's ``model.pt`` (what calibrated settings belong to)."""
+    import hashlib
+
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(
+            f"checkpoint {directory} has no {WEIGHTS_FILE} ({weights} is missing)"
+        )
+    h = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_postprocess(
+    directory: str | os.PathLike[str],
+    settings: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Store post-processing ``settings`` calibrated for the checkpoint at ``directory``.
+
+    ``settings`` are :class:`cellst.postprocess.PostprocessConfig` fields; ``meta`` is free JSON
+    (validation F1 before/after, items, ...). Written atomically (temporary file, rename) as
+    ``postprocess.json`` beside the weights, with their sha256. Returns the file's path.
+    """
+    from cellst.data.store import atomic_write_bytes
+
+    path = Path(directory)
+    read_checkpoint_info(path)  # a real checkpoint, or a CheckpointError naming it
+    doc = {
+        "format": POSTPROCESS_FORMAT,
+        "cellst_version": __version__,
+        "weights_sha256": weights_digest(path),
+        "settings": _jsonable(dict(settings)),
+        "meta": _jsonable(dict(meta or {})),
+    }
+    target = path / POSTPROCESS_FILE
+    atomic_write_bytes(target, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    return target
+
+
+def load_postprocess(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The calibrated post-processing of a checkpoint: ``{"settings": ..., "meta": ...}``.
+
+    Returns None when the checkpoint has no ``postprocess.json``, or when the file was
+    calibrated for other weights (then a ``UserWarning`` says so and nothing is applied).
+
+    Raises
+    ------
+    CheckpointError
+        The file exists but is not a readable calibration record.
+    """
+    import warnings
+
+    path = Path(directory) / POSTPROCESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON: {exc}; delete it") from exc
+    if not isinstance(doc, dict) or doc.get("format") != POSTPROCESS_FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(
+            f"{path} has format {got!r}, expected {POSTPROCESS_FORMAT!r}; delete it"
+        )
+    if not isinstance(doc.get("settings"), dict) or not isinstance(doc.get("meta", {}), dict):
+        raise CheckpointError(f"{path} has no settings mapping; delete it")
+    if doc.get("weights_sha256") != weights_digest(directory):
+        warnings.warn(
+            f"{path} was calibrated for other weights than {Path(directory) / WEIGHTS_FILE}; "
+            f"ignored",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None
+    return {"settings": dict(doc["settings"]), "meta": dict(doc.get("meta") or {})}

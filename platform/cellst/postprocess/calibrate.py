@@ -1,0 +1,370 @@
+"""Post-processing calibrated per model: thresholds tuned on a checkpoint's validation items.
+
+The HoVer watershed's thresholds (:class:`~cellst.postprocess.PostprocessConfig`) suit some
+models better than others: a model trained longer, or on pseudo-labels, is more or less
+confident. After each training (:func:`calibrate_run`, called by ``cellst train``) the model
+predicts its validation items once; a small deterministic coordinate search over
+:data:`GRID` (``mask_threshold``, ``marker_threshold``, ``min_object_size``,
+``sobel_kernel``) then post-processes the cached maps and scores them with the challenge F1,
+in seconds. A setting replaces the current one only if it scores strictly higher, so the
+result never scores below the configuration's own settings on those items. It is stored
+with the checkpoint as ``postprocess.json`` (:func:`cellst.model.checkpoint.save_postprocess`).
+
+:func:`effective_postprocess` is what prediction uses (``cellst predict``, the ST++
+pseudo-labelling, reliability and evaluation stages, the current settings of a ``cellst
+tune`` post-processing sweep): the calibrated values, except for the fields the user set
+explicitly (in the YAML file or with ``--set postprocess.x=...``), which win.
+
+Turn calibration off with ``train.calibrate_postprocess: false``; a checkpoint without
+``postprocess.json`` is post-processed with the configured settings.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from pydantic import ValidationError
+
+from cellst.postprocess.hover import PostprocessConfig
+
+__all__ = [
+    "GRID",
+    "Calibration",
+    "ValMaps",
+    "calibrate",
+    "calibrate_checkpoints",
+    "calibrate_run",
+    "effective_postprocess",
+    "predict_val_maps",
+    "score_maps",
+    "search_postprocess",
+]
+
+#: Candidate values per calibrated field, tried one field at a time (coordinate search).
+GRID: dict[str, tuple[float | int, ...]] = {
+    "mask_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "marker_threshold": (0.2, 0.3, 0.4, 0.5, 0.6),
+    "min_object_size": (0, 5, 10, 20, 40),
+    "sobel_kernel": (11, 21, 31),
+}
+#: A candidate must beat the current F1 by more than this (ties keep the current value).
+_MIN_GAIN = 1e-9
+
+
+class ValMaps(NamedTuple):
+    """One validation item's network output and ground truth."""
+
+    prob: np.ndarray  # (H, W) nuclear probability
+    hv: np.ndarray  # (2, H, W) HoVer maps
+    label: np.ndarray  # (H, W) ground-truth instances
+
+
+# ----------------------------------------------------------------------------- building blocks
+def predict_val_maps(
+    model, store, ids: Sequence[str], infer, device: Any = "cpu"
+) -> Iterator[ValMaps]:
+    """Whole-image maps of ``model`` for the store items ``ids``, with their labels, in order."""
+    import torch
+
+    from cellst.inference.predictor import predict_maps
+
+    with torch.no_grad():
+        for item in ids:
+            prob, hv = predict_maps(model, store.image(item), infer, device)
+            yield ValMaps(prob, hv, store.label(item))
+
+
+def score_maps(
+    maps: Iterable[ValMaps | tuple[np.ndarray, np.ndarray, np.ndarray]],
+    post: PostprocessConfig | Mapping[str, Any],
+    evaluate: Any = None,
+) -> dict[str, float]:
+    """Mean challenge scores (``val_f1``, ``val_precision``, ``val_recall``) of ``maps``
+    post-processed with ``post``; ``evaluate`` is an ``EvaluateConfig`` or its fields."""
+    from cellst.metrics.instance import image_scores
+    from cellst.postprocess.tiled import postprocess_hover
+
+    pcfg = post if isinstance(post, PostprocessConfig) else PostprocessConfig.model_validate(post)
+    ev = _evaluate_kwargs(evaluate)
+    rows = [
+        image_scores(label, postprocess_hover(prob, hv, pcfg), **ev) for prob, hv, label in maps
+    ]
+    if not rows:
+        raise ValueError("no validation maps to score")
+    return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in ("f1", "precision", "recall")}
+
+
+def _evaluate_kwargs(evaluate: Any) -> dict[str, Any]:
+    if evaluate is None:
+        return {}
+    data = evaluate if isinstance(evaluate, Mapping) else evaluate.model_dump()
+    return {k: data[k] for k in ("count_boundary", "iou_threshold") if k in data}
+
+
+# ----------------------------------------------------------------------------- the search
+@dataclass
+class Calibration:
+    """What a calibration found: the chosen values and the validation scores around them."""
+
+    settings: dict[str, Any]  # the calibrated fields' chosen values
+    base: dict[str, Any]  # the same fields as configured (the starting point)
+    before: dict[str, float]  # scores with ``base``
+    after: dict[str, float]  # scores with ``settings`` (never below ``before``'s F1)
+    items: list[str] = field(default_factory=list)
+    trials: int = 0
+    seconds: float = 0.0
+
+    @property
+    def f1_before(self) -> float:
+        return self.before["val_f1"]
+
+    @property
+    def f1_after(self) -> float:
+        return self.after["val_f1"]
+
+    @property
+    def changed(self) -> dict[str, Any]:
+        """Fields whose calibrated value differs from the configured one."""
+        return {k: v for k, v in self.settings.items() if self.base.get(k) != v}
+
+    def meta(self) -> dict[str, Any]:
+        """The record stored beside the settings in ``postprocess.json``."""
+        return {
+            "val_f1_before": self.f1_before,
+            "val_f1_after": self.f1_after,
+            "before": self.before,
+            "after": self.after,
+            "base": self.base,
+            "items": list(self.items),
+            "n_items": len(self.items),
+            "trials": self.trials,
+            "seconds": round(self.seconds, 3),
+            "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    def summary(self) -> str:
+        """One line: items, F1 before -> after, and the values that changed."""
+        moved = ", ".join(f"{k}={v:g}" for k, v in self.changed.items()) or "settings unchanged"
+        return (
+            f"calibrated on {len(self.items)} validation items (val F1 {self.f1_before:.3f} -> "
+            f"{self.f1_after:.3f}): {moved}"
+        )
+
+
+def search_postprocess(
+    maps: Sequence[ValMaps],
+    post: PostprocessConfig,
+    evaluate: Any = None,
+    grid: Mapping[str, Sequence[float | int]] = GRID,
+    rounds: int = 2,
+) -> Calibration:
+    """Coordinate search of the ``grid`` fields on in-memory ``maps``, starting at ``post``.
+
+    Each round tries every candidate of one field at a time (the others fixed) and keeps a
+    candidate only if its mean F1 beats the best so far by more than ``1e-9``; rounds stop
+    early when nothing moved. Candidates that ``PostprocessConfig`` rejects (e.g. a Sobel
+    kernel too wide for the tile overlap) are skipped. Deterministic, and the result never
+    scores below ``post``.
+    """
+    t0 = time.perf_counter()
+    base = {k: getattr(post, k) for k in grid}
+    seen: dict[tuple, dict[str, float]] = {}
+
+    def score(values: dict[str, Any]) -> dict[str, float] | None:
+        key = tuple(values[k] for k in grid)
+        if key not in seen:
+            try:
+                cfg = PostprocessConfig.model_validate({**post.model_dump(), **values})
+            except ValidationError:
+                return None
+            seen[key] = score_maps(maps, cfg, evaluate)
+        return seen[key]
+
+    current = dict(base)
+    before = score(current)
+    assert before is not None  # ``post`` itself is valid
+    best = before
+    for _ in range(rounds):
+        moved = False
+        for name, candidates in grid.items():
+            for value in candidates:
+                if value == current[name]:
+                    continue
+                got = score({**current, name: value})
+                if got is not None and got["val_f1"] > best["val_f1"] + _MIN_GAIN:
+                    current, best, moved = {**current, name: value}, got, True
+        if not moved:
+            break
+    return Calibration(
+        settings=current,
+        base=base,
+        before=before,
+        after=best,
+        trials=len(seen),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def calibrate(
+    model,
+    store,
+    ids: Sequence[str],
+    infer,
+    post: PostprocessConfig,
+    evaluate: Any = None,
+    *,
+    device: Any = "cpu",
+    grid: Mapping[str, Sequence[float | int]] = GRID,
+) -> Calibration:
+    """Predict ``ids`` once with ``model`` (a network or a checkpoint folder), then
+    :func:`search_postprocess` on the maps. In-process, no Ray."""
+    if isinstance(model, str | os.PathLike):
+        from cellst.model.checkpoint import load_model
+
+        model, _, _ = load_model(model, map_location=device)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        maps = list(predict_val_maps(model, store, ids, infer, device))
+    finally:
+        model.train(was_training)
+    cal = search_postprocess(maps, post, evaluate, grid)
+    cal.items = list(ids)
+    cal.seconds = time.perf_counter() - t0
+    return cal
+
+
+def calibrate_checkpoints(
+    checkpoints: Iterable[str | os.PathLike[str]],
+    store,
+    ids: Sequence[str],
+    infer,
+    post: PostprocessConfig,
+    evaluate: Any = None,
+    *,
+    device: Any = "cpu",
+) -> dict[str, Calibration]:
+    """Calibrate each checkpoint and store the result in it (``postprocess.json``).
+
+    Checkpoints holding the same weights (``best`` and ``last`` of one epoch, hard-linked
+    copies) are calibrated once. Returns ``{checkpoint path: Calibration}``.
+    """
+    from cellst.model.checkpoint import save_postprocess, weights_digest
+
+    done: dict[str, Calibration] = {}
+    out: dict[str, Calibration] = {}
+    for ck in checkpoints:
+        digest = weights_digest(ck)
+        if digest not in done:
+            done[digest] = calibrate(ck, store, ids, infer, post, evaluate, device=device)
+        cal = done[digest]
+        save_postprocess(ck, cal.settings, cal.meta())
+        out[str(ck)] = cal
+    return out
+
+
+def calibrate_run(
+    cfg, store, val_ids: Sequence[str], paths, log: Callable[[str], None] = print
+) -> dict[str, float]:
+    """After training: calibrate the run's ``best``, ``last`` and ST++ snapshot checkpoints.
+
+    Uses the validation items training scored (``val_ids[:train.val_max_items]``) and the
+    run's inference, post-processing and evaluation settings. Logs ``calib_<best|last>_*``
+    metrics (val F1 before/after, the chosen values) to the active MLflow run and returns
+    them. Does nothing when ``train.calibrate_postprocess`` is false or there is no
+    validation item. A failure is reported, not raised: the trained weights are valid
+    without calibration (they are then post-processed with the configured settings).
+    """
+    if not cfg.train.calibrate_postprocess:
+        return {}
+    ids = list(val_ids)[: cfg.train.val_max_items]
+    if not ids:
+        log("[cellst train] no validation items: post-processing not calibrated")
+        return {}
+    import torch
+
+    from cellst.tracking import log_metrics
+
+    device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+    named = [paths.checkpoints / "best", paths.checkpoints / "last", *paths.snapshots()]
+    named = [p for p in named if (p / "model.json").is_file()]
+    if not named:
+        return {}
+    try:
+        cals = calibrate_checkpoints(
+            named, store, ids, cfg.inference, cfg.postprocess, cfg.evaluate, device=device
+        )
+    except Exception as exc:  # noqa: BLE001 - the trained weights stay valid without it
+        log(
+            f"[cellst train] warning: post-processing calibration failed ({type(exc).__name__}: "
+            f"{exc}); the checkpoints keep the configured settings"
+        )
+        return {}
+    metrics: dict[str, float] = {}
+    for path, cal in cals.items():
+        name = Path(path).name
+        if name not in ("best", "last"):
+            continue
+        log(f"[cellst train] {name} checkpoint: post-processing {cal.summary()}")
+        metrics[f"calib_{name}_val_f1_before"] = cal.f1_before
+        metrics[f"calib_{name}_val_f1_after"] = cal.f1_after
+        metrics.update({f"calib_{name}_{k}": float(v) for k, v in cal.settings.items()})
+    log_metrics(metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- use
+def effective_postprocess(
+    post: PostprocessConfig | None,
+    checkpoint: str | os.PathLike[str],
+    explicit: Iterable[str] | None = None,
+) -> tuple[PostprocessConfig, str]:
+    """The post-processing to use with ``checkpoint``, and a one-line note saying which.
+
+    The checkpoint's calibrated values (``postprocess.json``) replace ``post``'s, except for
+    the fields in ``explicit`` (default: ``post.model_fields_set``, i.e. the fields given in
+    the YAML file or with ``--set``), which keep the user's values.
+
+    Raises
+    ------
+    StoreError
+        ``postprocess.json`` exists but cannot be read.
+    """
+    from cellst.data.store import StoreError
+    from cellst.model.checkpoint import CheckpointError, load_postprocess
+
+    post = post if post is not None else PostprocessConfig()
+    chosen = set(post.model_fields_set if explicit is None else explicit)
+    try:
+        record = load_postprocess(checkpoint)
+    except CheckpointError as exc:
+        raise StoreError(str(exc)) from None
+    if record is None:
+        return post, "post-processing: configured settings (checkpoint not calibrated)"
+    settings = {k: v for k, v in record["settings"].items() if k in PostprocessConfig.model_fields}
+    applied = {k: v for k, v in settings.items() if k not in chosen}
+    kept = {k: getattr(post, k) for k in settings if k in chosen}
+    try:
+        result = PostprocessConfig.model_validate({**post.model_dump(), **applied})
+    except ValidationError as exc:
+        problem = "; ".join(e["msg"] for e in exc.errors())
+        return post, (
+            f"post-processing: configured settings (the calibrated ones do not fit them: {problem})"
+        )
+    meta = record["meta"]
+    n, b, a = meta.get("n_items"), meta.get("val_f1_before"), meta.get("val_f1_after")
+    head = "post-processing: calibrated"
+    if isinstance(n, int) and isinstance(b, int | float) and isinstance(a, int | float):
+        head += f" on {n} validation items (val F1 {b:.3f} -> {a:.3f})"
+    values = ", ".join(f"{k}={v:g}" for k, v in applied.items()) or "none applied"
+    note = f"{head}: {values}"
+    if kept:
+        note += "; set explicitly, kept: " + ", ".join(f"{k}={v:g}" for k, v in kept.items())
+    return result, note

@@ -1,0 +1,386 @@
+"""Post-processing calibrated per model: the search, postprocess.json, training writes it,
+and prediction (CLI, library, ST++) uses it unless the user sets a field explicitly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from cellst.cli import app
+from cellst.config import load_config
+from cellst.data.store import CellStore, StoreError
+from cellst.inference.batch import predict
+from cellst.inference.predictor import predict_maps
+from cellst.model import (
+    CheckpointError,
+    HoVerLoss,
+    ModelConfig,
+    build_model,
+    load_model,
+    make_targets,
+    save_checkpoint,
+)
+from cellst.model.checkpoint import load_postprocess, save_postprocess
+from cellst.postprocess import PostprocessConfig, postprocess_hover
+from cellst.postprocess.calibrate import (
+    GRID,
+    ValMaps,
+    calibrate,
+    calibrate_checkpoints,
+    calibrate_run,
+    effective_postprocess,
+    search_postprocess,
+)
+from cellst.train.checkpoints import RunPaths
+from cellst.train.trainer import check_request, train
+from cellst.train.validate import validate
+
+runner = CliRunner()
+FIELDS = tuple(GRID)
+
+
+@pytest.fixture(scope="module")
+def learn_store(ray_session, tmp_path_factory) -> Path:
+    """Fluorescence and brightfield images: a tiny model learns to find cells in minutes."""
+    from cellst.data.ingest import ingest
+    from cellst.data.synth import synthesize_dataset
+
+    root = tmp_path_factory.mktemp("calib")
+    synthesize_dataset(
+        root / "src",
+        10,
+        0,
+        0,
+        seed=11,
+        min_size=192,
+        max_size=256,
+        modalities=("fluorescence", "brightfield"),
+        progress=False,
+    )
+    ingest(root / "src", root / "store", progress=False)
+    return root / "store"
+
+
+BASE = [
+    "model.width=8",
+    "inference.roi=96",
+    "data.val_fraction=0.3",
+    "train.val_max_items=3",
+    "tracking.system_metrics=false",
+]
+
+
+def _train_in_process(model, store, ids, steps: int, crop: int = 96, batch: int = 8) -> None:
+    """A few Adam steps on random flipped crops of ``ids`` (no Ray: the quickest real model)."""
+    rng = np.random.default_rng(0)
+    images = [store.image(i) for i in ids]
+    labels = [store.label(i) for i in ids]
+    loss_fn = HoVerLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        xs, ys = [], []
+        for _ in range(batch):
+            k = rng.integers(len(images))
+            y0 = rng.integers(images[k].shape[0] - crop + 1)
+            x0 = rng.integers(images[k].shape[1] - crop + 1)
+            im = images[k][y0 : y0 + crop, x0 : x0 + crop]
+            lab = labels[k][y0 : y0 + crop, x0 : x0 + crop]
+            if rng.random() < 0.5:
+                im, lab = im[:, ::-1], lab[:, ::-1]
+            xs.append(np.ascontiguousarray(im))
+            ys.append(np.ascontiguousarray(lab))
+        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
+        opt.zero_grad()
+        loss_fn(model(x), make_targets(torch.from_numpy(np.stack(ys))))["loss"].backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def learned(learn_store, tmp_path_factory):
+    """A real model trained briefly in-process on the training items of the split that
+    ``cellst train`` uses; returns the config, its checkpoint and the validation items."""
+    cfg = load_config(None, [f"store={learn_store}", *BASE])
+    store, train_ids, val_ids = check_request(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    _train_in_process(model, store, train_ids, steps=100)
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("learned") / "ck", model, cfg.model)
+    return cfg, ckpt, val_ids[: cfg.train.val_max_items]
+
+
+@pytest.fixture(scope="module")
+def calibrated(learned, learn_store, tmp_path_factory):
+    """A copy of the learned checkpoint, calibrated (``postprocess.json``)."""
+    cfg, ckpt, val_ids = learned
+    ck = tmp_path_factory.mktemp("calibrated") / "ck"
+    shutil.copytree(ckpt, ck)
+    cals = calibrate_checkpoints(
+        [ck], CellStore(learn_store), val_ids, cfg.inference, cfg.postprocess, cfg.evaluate
+    )
+    return cfg, ck, val_ids, cals[str(ck)]
+
+
+def _expected(model, store, item, infer, post) -> np.ndarray:
+    prob, hv = predict_maps(model, store.image(item), infer, "cpu")
+    return postprocess_hover(prob, hv, post)
+
+
+# ----------------------------------------------------------------------------- the search
+@pytest.mark.parametrize(
+    "start",
+    [
+        {},
+        {"mask_threshold": 0.7, "marker_threshold": 0.25, "sobel_kernel": 5},
+    ],
+)
+def test_calibration_never_lowers_val_f1(learned, learn_store, start):
+    cfg, ckpt, val_ids = learned
+    store = CellStore(learn_store)
+    post = PostprocessConfig(**start)
+    cal = calibrate(ckpt, store, val_ids, cfg.inference, post, cfg.evaluate)
+    assert cal.f1_after >= cal.f1_before and cal.items == val_ids
+    assert cal.base == {k: getattr(post, k) for k in FIELDS}
+    # training's validation (an independent path) scores both settings the same
+    model, _, _ = load_model(ckpt)
+    dev = torch.device("cpu")
+    before, _ = validate(model, store, val_ids, cfg.inference, post, dev)
+    assert cal.f1_before == pytest.approx(before["val_f1"], abs=1e-9)
+    chosen = post.model_copy(update=cal.settings)
+    after, _ = validate(model, store, val_ids, cfg.inference, chosen, dev)
+    assert cal.f1_after == pytest.approx(after["val_f1"], abs=1e-9)
+    if not start:
+        assert cal.f1_before > 0.05  # the model finds cells: not a test of empty predictions
+        # deterministic: the same inputs give the same settings
+        again = calibrate(model, store, val_ids, cfg.inference, post, cfg.evaluate)
+        assert again.settings == cal.settings and again.f1_after == cal.f1_after
+
+
+def test_ties_keep_the_configured_settings():
+    """A model that finds nothing scores F1 0 everywhere: nothing beats the configuration."""
+    rng = np.random.default_rng(0)
+    label = np.zeros((64, 64), np.int32)
+    label[10:20, 10:20] = 1
+    label[30:45, 30:40] = 2
+    maps = [ValMaps(np.zeros((64, 64), np.float16), rng.random((2, 64, 64)), label)]
+    post = PostprocessConfig(mask_threshold=0.55, sobel_kernel=15)
+    cal = search_postprocess(maps, post)
+    assert cal.f1_before == cal.f1_after == 0.0
+    assert cal.settings == {k: getattr(post, k) for k in FIELDS} and not cal.changed
+
+
+# ----------------------------------------------------------------------------- training
+def test_training_calibrates_its_checkpoints(learned, learn_store, tmp_path):
+    """``cellst train`` (Ray Train) stores calibrated settings in best/, last/ and the
+    snapshots, and logs them to its MLflow run; ``train.calibrate_postprocess=false`` not."""
+    cfg, ckpt, val_ids = learned
+    over = [
+        f"store={learn_store}",
+        *BASE,
+        f"train.run_dir={tmp_path}",
+        f"train.init_checkpoint={ckpt}",  # the learned model, one tiny step further
+        "train.lr=1e-6",
+        "train.epochs=1",
+        "data.crop_size=96",
+        "data.crops_per_epoch=8",
+        "train.batch_size=8",
+    ]
+    res = train(load_config(None, [*over, "train.run_name=calib"]))
+    paths = RunPaths(res.run_path)
+    assert paths.read_state()["val_ids"][:3] == val_ids
+    for ck in [res.best, res.last, *res.snapshots]:
+        rec = load_postprocess(ck)
+        assert rec is not None, ck
+        assert rec["meta"]["items"] == val_ids and set(rec["settings"]) == set(FIELDS)
+        assert rec["meta"]["val_f1_after"] >= rec["meta"]["val_f1_before"]
+    best = load_postprocess(res.best)
+    _, _, info = load_model(res.best)
+    # "before" is exactly the validation F1 training recorded for the best checkpoint
+    assert best["meta"]["val_f1_before"] == pytest.approx(info["val_f1"], abs=1e-9)
+    assert best["meta"]["val_f1_before"] > 0.05  # a model that finds cells
+    client = MlflowClient(f"sqlite:///{res.run_path / 'mlflow.db'}")
+    logged = client.get_run(res.mlflow_run_id).data.metrics
+    assert logged["calib_best_val_f1_before"] == pytest.approx(best["meta"]["val_f1_before"])
+    assert logged["calib_best_val_f1_after"] == pytest.approx(best["meta"]["val_f1_after"])
+    assert logged["calib_best_mask_threshold"] == pytest.approx(best["settings"]["mask_threshold"])
+    assert "calib_last_val_f1_after" in logged
+    # switched off: the same hook writes nothing
+    off = RunPaths(tmp_path / "off")
+    off.checkpoints.mkdir(parents=True)
+    shutil.copytree(ckpt, off.checkpoints / "best")
+    cfg_off = load_config(None, [*over, "train.calibrate_postprocess=false"])
+    assert calibrate_run(cfg_off, CellStore(learn_store), val_ids, off) == {}
+    assert load_postprocess(off.checkpoints / "best") is None
+
+
+# ----------------------------------------------------------------------------- postprocess.json
+def test_postprocess_json_round_trip(tmp_path):
+    torch.manual_seed(0)
+    mcfg = ModelConfig(name="hovernet-lite", width=8)
+    ck = save_checkpoint(tmp_path / "ck", build_model(mcfg), mcfg)
+    assert load_postprocess(ck) is None
+    settings = {"mask_threshold": 0.6, "marker_threshold": 0.3, "min_object_size": 20}
+    path = save_postprocess(ck, settings, {"val_f1_before": 0.5, "val_f1_after": np.float32(0.6)})
+    assert path == ck / "postprocess.json"
+    assert sorted(p.name for p in ck.iterdir()) == ["model.json", "model.pt", "postprocess.json"]
+    rec = load_postprocess(ck)
+    assert rec["settings"] == settings
+    assert rec["meta"]["val_f1_after"] == pytest.approx(0.6)
+    # settings for other weights are never applied
+    torch.manual_seed(1)
+    other = save_checkpoint(tmp_path / "other", build_model(mcfg), mcfg)
+    save_postprocess(other, settings)
+    torch.manual_seed(2)
+    save_checkpoint(other, build_model(mcfg), mcfg)  # new weights: the old record is gone
+    assert load_postprocess(other) is None
+    stale = tmp_path / "stale"
+    shutil.copytree(ck, stale)
+    shutil.copy2(other / "model.pt", stale / "model.pt")
+    with pytest.warns(UserWarning, match="other weights"):
+        assert load_postprocess(stale) is None
+    # a damaged record is a clear error (and one line from the CLI)
+    (stale / "postprocess.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="postprocess.json"):
+        load_postprocess(stale)
+    with pytest.raises(StoreError, match="postprocess.json"):
+        effective_postprocess(None, stale)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        save_postprocess(tmp_path / "nothing", settings)
+
+
+def test_effective_postprocess_explicit_fields_win(tmp_path):
+    torch.manual_seed(0)
+    mcfg = ModelConfig(name="hovernet-lite", width=8)
+    ck = save_checkpoint(tmp_path / "ck", build_model(mcfg), mcfg)
+    plain, note = effective_postprocess(PostprocessConfig(), ck)
+    assert plain == PostprocessConfig() and "not calibrated" in note
+    settings = {"mask_threshold": 0.6, "marker_threshold": 0.3, "min_object_size": 20}
+    save_postprocess(ck, settings, {"n_items": 4, "val_f1_before": 0.61, "val_f1_after": 0.66})
+    post, note = effective_postprocess(load_config(None, []).postprocess, ck)
+    assert {k: getattr(post, k) for k in settings} == settings
+    assert "calibrated on 4 validation items (val F1 0.610 -> 0.660)" in note
+    # --set and YAML values are explicit: they win over the calibrated ones
+    over = load_config(None, ["postprocess.mask_threshold=0.45"]).postprocess
+    post, note = effective_postprocess(over, ck)
+    assert post.mask_threshold == 0.45 and post.min_object_size == 20
+    assert "kept: mask_threshold=0.45" in note
+    yml = tmp_path / "e.yaml"
+    yml.write_text(yaml.safe_dump({"postprocess": {"min_object_size": 10, "tile": 1024}}))
+    post, _ = effective_postprocess(load_config(yml).postprocess, ck)
+    assert post.min_object_size == 10 and post.mask_threshold == 0.6 and post.tile == 1024
+    # calibrated values that the user's other settings make invalid are not applied
+    save_postprocess(ck, {"sobel_kernel": 101}, {})
+    tight = PostprocessConfig(tile=256, tile_overlap=64)
+    post, note = effective_postprocess(tight, ck)
+    assert post == tight and "do not fit" in note
+
+
+# ----------------------------------------------------------------------------- prediction
+def test_cli_predict_uses_calibrated_settings(calibrated, learn_store, tmp_path):
+    cfg, ck, val_ids, cal = calibrated
+    assert cal.changed  # the search moved something on this model
+    want = PostprocessConfig(**load_postprocess(ck)["settings"])
+    out = tmp_path / "tiffs"
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            "--checkpoint",
+            str(ck),
+            "--input",
+            str(learn_store),
+            "--split",
+            "labeled",
+            "--out",
+            str(out),
+            "--set",
+            "inference.roi=96",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"calibrated on {len(val_ids)} validation items" in result.output
+    store = CellStore(learn_store)
+    model, _, _ = load_model(ck)
+    differs = 0
+    for item in store.ids("labeled"):
+        got = tifffile.imread(out / f"{item}_label.tiff")
+        np.testing.assert_array_equal(got, _expected(model, store, item, cfg.inference, want))
+        plain = _expected(model, store, item, cfg.inference, PostprocessConfig())
+        differs += not np.array_equal(got, plain)
+    assert differs > 0  # the calibrated settings, not the defaults, made these maps
+
+
+def test_predict_explicit_override_wins(ray_session, calibrated, learn_store, tmp_path):
+    cfg, ck, val_ids, _ = calibrated
+    settings = load_postprocess(ck)["settings"]
+    yml = tmp_path / "e.yaml"
+    yml.write_text(yaml.safe_dump({"postprocess": {"min_object_size": 3}}))
+    user = load_config(yml, ["inference.roi=96"])
+    result = predict(
+        ck,
+        learn_store,
+        out_dir=tmp_path / "tiffs",
+        ids=val_ids,
+        infer=user.inference,
+        post=user.postprocess,
+        progress=False,
+    )
+    want = PostprocessConfig(**{**settings, "min_object_size": 3})
+    assert result.postprocess == want.model_dump()
+    assert "kept: min_object_size=3" in result.postprocess_note
+    store = CellStore(learn_store)
+    model, _, _ = load_model(ck)
+    for item in val_ids:
+        got = tifffile.imread(tmp_path / "tiffs" / f"{item}_label.tiff")
+        np.testing.assert_array_equal(got, _expected(model, store, item, cfg.inference, want))
+    # calibrated=False: exactly the settings given
+    given = predict(
+        ck,
+        learn_store,
+        out_dir=tmp_path / "plain",
+        ids=val_ids[:1],
+        infer=user.inference,
+        post=PostprocessConfig(),
+        progress=False,
+        calibrated=False,
+    )
+    assert given.postprocess == PostprocessConfig().model_dump()
+
+
+def test_stpp_prediction_uses_calibrated_settings(ray_session, calibrated, learn_store, tmp_path):
+    """The ST++ stages (reliability, pseudo-labels, evaluation) all predict through
+    ``Pipeline._predict_set``: it applies the checkpoint's calibration."""
+    from cellst.stpp import load_stpp_config
+    from cellst.stpp.pipeline import Pipeline
+
+    _, calibrated_ck, val_ids, _ = calibrated
+    store = tmp_path / "store"
+    shutil.copytree(learn_store, store)
+    ck = tmp_path / "ck"
+    shutil.copytree(calibrated_ck, ck)
+    scfg = load_stpp_config(
+        None, [f"store={store}", f"stpp.run_dir={tmp_path / 'stpp'}", "inference.roi=96"]
+    )
+    logs: list[str] = []
+    pipe = Pipeline(scfg, log=logs.append)
+    pipe.dir.mkdir(parents=True)
+    result, key = pipe._predict_set("t-test", str(ck), val_ids, scfg.inference, "p")
+    rec = load_postprocess(ck)
+    assert result.postprocess == PostprocessConfig(**rec["settings"]).model_dump()
+    assert any("calibrated on" in line for line in logs), logs
+    # the set's key follows the settings used, so a changed calibration re-predicts the set
+    (ck / "postprocess.json").unlink()
+    again, plain_key = pipe._predict_set("t-test", str(ck), val_ids, scfg.inference, "p")
+    assert plain_key != key and sorted(again.written) == sorted(val_ids)
+    assert again.postprocess == scfg.postprocess.model_dump()
+    assert json.loads((pipe.dir / "pipeline.json").read_text())["sets"]["t-test"] == plain_key
