@@ -1,233 +1,243 @@
-"""Training benchmarks (issue 4), each measured side by side in one run.
+"""Training throughput (issue 9), measured side by side in one run.
 
-1. Ray Train overhead: the same model, batch size and in-memory crops, timed per step inside
-   a Ray Train worker (1 worker) and in a plain PyTorch loop. Target: <= 1.15x.
-2. Throughput: images/s with 2 Ray Train workers vs 1 (DDP, gloo, 2 cores).
-3. hovernet-lite test-split F1 against training time, as CSV and PNG (``--out``).
-4. ``--gpu`` (on a GPU machine): HoVer-Net FAST images/s, bf16 autocast + channels_last vs fp32.
+1. **The real path against the best in-process loop, same cores, same crops.** The real
+   path is ``cellst train``: store -> Ray Data read tasks -> augmentation tasks
+   (``map_batches``) -> Ray Train worker (DDP-ready, checkpoints, validation). The
+   in-process loops read crops from the same store with the same sampler and augment them
+   with the same pipeline, either serially on the training thread or in one PyTorch
+   ``DataLoader`` worker process; the faster one is the reference. Target: >= 0.9x.
+   Also reported: the per-epoch overhead (validation and checkpoint writes) as a share of
+   the epoch.
+2. **Feeding a GPU.** Crops/s that one CPU core augments at 256 px (the production crop),
+   and so how many cores one GPU training ``hovernet-fast`` needs. The GPU's rate is
+   measured when CUDA is present, else taken from ``--gpu-images-per-s``.
 
-Run: ``.venv/bin/python benchmarks/bench_train.py [--steps 40] [--epochs 12] [--out DIR]``
+Run: ``.venv/bin/python benchmarks/bench_train.py [--epochs 4] [--crops 768] [--smoke]``
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 
 from cellst.config import load_config
-from cellst.data.synth import synth_image
-from cellst.model import HoVerLoss, build_model
-from cellst.train.step import Augmenter, make_optimizer, train_step
+from cellst.experiment import ExperimentConfig
+
+DEMO = Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"
 
 
-def crops(n: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    imgs, labs = [], []
-    for i in range(n):
-        img, lab = synth_image(rng, ("fluorescence", "brightfield")[i % 2], (size, size))
-        img = img if img.ndim == 3 else np.repeat((img / max(1, img.max()) * 255)[..., None], 3, 2)
-        imgs.append(img.astype(np.uint8))
-        labs.append(lab)
-    return {"image": np.stack(imgs), "label": np.stack(labs), "source": np.zeros(n, np.int8)}
-
-
-def plain_steps(cfg, data, steps: int, batch: int) -> list[float]:
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = build_model(cfg.model).train()
-    opt = make_optimizer(model, "adam", 1e-3, 0)
-    aug, loss_fn = Augmenter(cfg.augment, cfg.data.crop_size, seed=0), HoVerLoss(cfg.loss)
-    times, n = [], len(data["image"])
-    for s in range(steps):
-        idx = np.arange(s * batch, (s + 1) * batch) % n
-        t = time.perf_counter()
-        train_step(model, aug({k: v[idx] for k, v in data.items()}), loss_fn, opt)
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def ray_steps(cfg, data, steps: int, batch: int, workers: int) -> tuple[list[float], float]:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    def loop(c):
-        import ray.train.torch
-
-        torch.manual_seed(0)
-        torch.set_num_threads(1)
-        model = ray.train.torch.prepare_model(build_model(cfg.model).train())
-        opt = make_optimizer(model, "adam", 1e-3, 0)
-        aug, loss_fn = Augmenter(cfg.augment, cfg.data.crop_size, seed=0), HoVerLoss(cfg.loss)
-        shard = ray.train.get_dataset_shard("train")
-        times, t0 = [], time.perf_counter()
-        it = iter(shard.iter_batches(batch_size=batch, batch_format="numpy", drop_last=True))
-        for _ in range(c["steps"]):
-            t = time.perf_counter()
-            train_step(model, aug(next(it)), loss_fn, opt)
-            times.append(time.perf_counter() - t)
-        if ray.train.get_context().get_world_rank() == 0:
-            # Result.metrics only follows checkpointed reports: hand the timings over by file
-            Path(c["out"]).write_text(json.dumps(times))
-        ray.train.report({"wall": time.perf_counter() - t0})
-
-    reps = -(-steps * batch * workers // len(data["image"])) + 1
-    ds = ray.data.from_numpy(np.concatenate([data["image"]] * reps)).rename_columns(
-        {"data": "image"}
-    )
-    labels = ray.data.from_numpy(np.concatenate([data["label"]] * reps)).rename_columns(
-        {"data": "label"}
-    )
-    ds = ds.zip(labels).materialize()
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        res = TorchTrainer(
-            loop,
-            train_loop_config={"steps": steps, "out": f"{tmp}/times.json"},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, resources_per_worker={"CPU": 0.9}
-            ),
-            run_config=ray.train.RunConfig(name="bench", storage_path=tmp),
-            datasets={"train": ds},
-        ).fit()
-        total = time.perf_counter() - t
-        del res
-        return json.loads(Path(f"{tmp}/times.json").read_text()), total
-
-
-def f1_vs_time(out: Path, epochs: int) -> None:
+def make_store(root: Path, n_images: int) -> Path:
+    """A small synthetic store (development seed 11, never a quality-benchmark seed)."""
     from cellst.data.ingest import ingest
     from cellst.data.synth import synthesize_dataset
-    from cellst.inference.batch import predict
-    from cellst.metrics.sources import evaluate_sources
+
+    synthesize_dataset(root / "src", n_images, 0, 0, seed=11, min_size=256, max_size=384)
+    ingest(root / "src", root / "store", progress=False)
+    return root / "store"
+
+
+def crop_stream(cfg: ExperimentConfig, store_root: Path, seed: int = 0):
+    """Endless raw crop batches from the store, sampled as the Ray Data source samples them."""
+    from cellst.data.datasource import crop_items, read_crops
+    from cellst.data.store import CellStore
+
+    items = crop_items(CellStore(store_root), None, cfg.data.balance_by)
+    p = np.asarray([it.weight for it in items])
+    rng = np.random.default_rng(seed)
+    b, c = cfg.train.batch_size, cfg.data.crop_size
+    while True:
+        visits = rng.choice(len(items), size=8, p=p / p.sum())
+        yield from read_crops(items, visits, c, cfg.data.crops_per_visit, cfg.ingest.chunk, rng, b)
+
+
+class _AugmentedStream(torch.utils.data.IterableDataset):
+    def __init__(self, cfg: ExperimentConfig, store_root: Path):
+        self.cfg, self.root = cfg, store_root
+
+    def __iter__(self):
+        from cellst.train.step import Augmenter
+
+        aug = Augmenter(self.cfg.augment, self.cfg.data.crop_size)
+        for batch in crop_stream(self.cfg, self.root, seed=1):
+            yield aug(batch).to_numpy()
+
+
+def in_process(cfg: ExperimentConfig, store_root: Path, n_images: int, loader: bool) -> float:
+    """Images/s of a plain PyTorch loop on every core (after 5 warm-up steps)."""
+    from cellst.model import HoVerLoss, build_model
+    from cellst.train.step import Augmenter, Batch, make_optimizer, train_step
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = build_model(cfg.model).train()
+    opt = make_optimizer(model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay)
+    loss_fn = HoVerLoss(cfg.loss)
+    if loader:
+        dl = torch.utils.data.DataLoader(
+            _AugmentedStream(cfg, store_root), batch_size=None, num_workers=1, prefetch_factor=4
+        )
+        batches = (Batch.from_numpy(b) for b in dl)
+    else:
+        aug = Augmenter(cfg.augment, cfg.data.crop_size)
+        batches = (aug(b) for b in crop_stream(cfg, store_root))
+    n, t0 = 0, None
+    for i, b in enumerate(batches):
+        if i == 5:
+            n, t0 = 0, time.perf_counter()
+        train_step(model, b, loss_fn, opt)
+        n += len(b.image)
+        if t0 is not None and n >= n_images:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def real_path(cfg: ExperimentConfig, work: Path) -> dict[str, float]:
+    """``cellst train`` on the store: steady-state and whole-epoch images/s."""
     from cellst.model import load_model
-    from cellst.tracking.figures import curve_figure, save_figure
     from cellst.train.trainer import train
 
-    work = out / "f1_vs_time"
-    synthesize_dataset(work / "src", 24, 0, 8, seed=5, min_size=256, max_size=384, progress=False)
-    ingest(work / "src", work / "store", progress=False)
-    cfg = load_config(
-        None,
-        [
-            f"store={work / 'store'}",
-            f"train.run_dir={work / 'runs'}",
-            f"train.epochs={epochs}",
-            f"train.keep_last={epochs}",
-            "data.crop_size=128",
-            "data.crops_per_epoch=128",
-            "train.lr=2e-3",
-            "inference.roi=128",
-            "train.num_workers=2",
-            "train.val_every=100",
-            "tracking.system_metrics=false",
-        ],
-    )
-    res = train(cfg)
-    rows, elapsed = [], 0.0
-    for ck in sorted((res.run_path / "checkpoints").glob("epoch_*")):
-        meta = load_model(ck)[2]
-        elapsed = elapsed + meta["epoch_seconds"] if rows else meta["epoch_seconds"]
-        name = f"e{meta['epoch']:03d}"
-        predict(
-            ck,
-            work / "store",
-            set_name=name,
-            split="test",
-            infer=cfg.inference,
-            progress=False,
-            overwrite=True,
-        )
-        rep = evaluate_sources(
-            work / "store", work / "store", pred_set=name, gt_split="test", progress=False
-        )
-        rows.append(
-            {"epoch": meta["epoch"], "train_seconds": round(elapsed, 2), "test_f1": rep["f1"]}
-        )
-        print(f"  epoch {meta['epoch']:3d}  {elapsed:7.1f} s  test F1 {rep['f1']:.4f}")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "f1_vs_time.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    fig = curve_figure(
-        [r["train_seconds"] for r in rows],
-        {"hovernet-lite": [r["test_f1"] for r in rows]},
-        "training time (s, 2 CPU workers)",
-        "test-split F1 @ IoU 0.5",
-        "hovernet-lite: test F1 vs training time",
-    )
-    save_figure(fig, out / "f1_vs_time.png")
-    print(f"  wrote {out / 'f1_vs_time.csv'} and {out / 'f1_vs_time.png'}")
+    t0 = time.perf_counter()
+    res = train(cfg, run_name="bench-train")
+    wall = time.perf_counter() - t0
+    metas = [load_model(ck)[2] for ck in sorted((res.run_path / "checkpoints").glob("epoch_*"))]
+    steady = [m["images_per_s"] for m in metas[1:]] or [metas[0]["images_per_s"]]
+    epoch = [m["epoch_seconds"] for m in metas[1:]] or [metas[0]["epoch_seconds"]]
+    extra = [m.get("val_seconds", 0) + m.get("checkpoint_seconds", 0) for m in metas[1:]] or [0]
+    n = cfg.data.crops_per_epoch
+    return {
+        "steady": statistics.median(steady),
+        "with_overhead": n / (statistics.median(epoch) + statistics.median(extra)),
+        "overhead_share": statistics.median(extra)
+        / (statistics.median(epoch) + statistics.median(extra)),
+        "wall": wall,
+        "cpus_per_worker": cfg.train.cpus_per_worker or 0,
+    }
 
 
-def gpu_precision(steps: int) -> None:
+def augment_rate_256(n: int) -> float:
+    """Crops/s one CPU thread augments (standard preset, 256 px, HV targets included)."""
+    from cellst.model.augment import AugmentConfig
+    from cellst.train.step import Augmenter
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 255, (8, 256, 256, 3), dtype=np.uint8),
+        "label": np.repeat(np.arange(256 * 256, dtype=np.int32).reshape(1, 256, 256) // 700, 8, 0),
+    }
+    aug = Augmenter(AugmentConfig(), 256, seed=0)
+    aug(batch)
+    t0, done = time.perf_counter(), 0
+    while done < n:
+        aug(batch)
+        done += 8
+    return done / (time.perf_counter() - t0)
+
+
+def gpu_rate(steps: int) -> float | None:
+    """hovernet-fast training images/s at 256 px, bf16 + channels_last (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    from cellst.model import build_model
+
     cfg = load_config(None, ["model.name=hovernet-fast"])
-    model = build_model(cfg.model).cuda().train()
-    x = torch.rand(16, 3, 256, 256, device="cuda")
-    for mode in ("fp32", "bf16+channels_last"):
-        m = model.to(memory_format=torch.channels_last) if "bf16" in mode else model
-        xi = x.contiguous(memory_format=torch.channels_last) if "bf16" in mode else x
-        opt = torch.optim.Adam(m.parameters(), 1e-4)
-        for i in range(steps + 5):
-            if i == 5:
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-            with torch.autocast("cuda", torch.bfloat16, enabled="bf16" in mode):
-                out = m(xi)
-            loss = sum(v.float().mean() for v in out.values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        torch.cuda.synchronize()
-        print(f"  {mode:20s}: {steps * 16 / (time.perf_counter() - t):8.1f} images/s")
+    model = build_model(cfg.model).cuda().train().to(memory_format=torch.channels_last)
+    x = torch.rand(16, 3, 256, 256, device="cuda").contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    for i in range(steps + 5):
+        if i == 5:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = sum(v.float().mean() for v in model(x).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.cuda.synchronize()
+    return steps * 16 / (time.perf_counter() - t)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--out", default=".bench_out")
-    ap.add_argument("--skip-f1", action="store_true")
-    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--config", default=str(DEMO), help="the recipe measured (default: the demo)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--crops", type=int, default=768, help="crops per epoch of the real path")
+    ap.add_argument(
+        "--gpu-images-per-s",
+        type=float,
+        default=200.0,
+        help="hovernet-fast bf16 training rate assumed when no GPU is present",
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds), for CI")
     args = ap.parse_args()
-    if args.gpu:
-        gpu_precision(args.steps)
-        return
-    ray.init(num_cpus=2, logging_level="ERROR", include_dashboard=False)
-    from cellst.raycluster import quiet_ray_data
+    if args.smoke:
+        args.epochs, args.crops = 2, 32
 
+    from cellst.raycluster import ensure_ray, quiet_ray_data
+
+    ensure_ray()
     quiet_ray_data()
-    cfg = load_config(None, ["data.crop_size=128", "model.width=16"])
-    data = crops(64, 128)
-    plain = plain_steps(cfg, data, args.steps, args.batch)
-    r1, total1 = ray_steps(cfg, data, args.steps, args.batch, 1)
-    r2, total2 = ray_steps(cfg, data, args.steps, args.batch, 2)
-    skip = args.steps // 4  # warm-up steps
-    med = {k: statistics.median(v[skip:]) for k, v in {"plain": plain, "r1": r1, "r2": r2}.items()}
+    with tempfile.TemporaryDirectory(prefix="cellst-bench-train-") as tmp:
+        work = Path(tmp)
+        store = make_store(work, 4 if args.smoke else 12)
+        cfg = load_config(
+            args.config,
+            [
+                f"store={store}",
+                f"train.run_dir={work / 'runs'}",
+                f"train.epochs={args.epochs}",
+                f"train.keep_last={args.epochs}",
+                f"data.crops_per_epoch={args.crops}",
+                "tracking.system_metrics=false",
+                *(
+                    ["data.crop_size=64", "inference.roi=64", "train.val_max_items=1"]
+                    if args.smoke
+                    else []
+                ),
+                *args.overrides,
+            ],
+            model=ExperimentConfig,
+        )
+        n_ref = 32 if args.smoke else min(args.crops, 512)
+        serial = in_process(cfg, store, n_ref, loader=False)
+        loader = in_process(cfg, store, n_ref, loader=True)
+        real = real_path(cfg, work)
+    best = max(serial, loader)
+    c = cfg.data.crop_size
     print(
-        f"\nstep time, hovernet-lite, batch {args.batch} x 128x128 (median of {args.steps - skip})"
+        f"\ntraining images/s, {cfg.model.name} width {cfg.model.width}, batch "
+        f"{cfg.train.batch_size} x {c}x{c}, {os.cpu_count()} cores"
     )
-    print(f"  plain PyTorch loop      : {med['plain'] * 1000:7.1f} ms   (1.00x)")
+    print(f"  in-process, augmentation on the training thread : {serial:7.1f}")
+    print(f"  in-process, augmentation in a DataLoader worker : {loader:7.1f}")
     print(
-        f"  Ray Train, 1 worker     : {med['r1'] * 1000:7.1f} ms   ({med['r1'] / med['plain']:.2f}x; "
-        f"target <= 1.15x)   end to end incl. start-up {total1:.1f} s"
+        f"  cellst train (store -> Ray Data -> Ray Train)    : {real['steady']:7.1f}   "
+        f"{real['steady'] / best:.2f}x the best in-process loop (target >= 0.9x)"
     )
-    ips1 = args.batch / med["r1"]
-    ips2 = 2 * args.batch / med["r2"]
-    print(f"\nimages/s: 1 worker {ips1:.1f} | 2 workers {ips2:.1f} ({ips2 / ips1:.2f}x) on 2 cores")
-    if not args.skip_f1:
-        print("\nhovernet-lite test F1 vs training time:")
-        f1_vs_time(Path(args.out).absolute(), args.epochs)
+    print(
+        f"  ... counting validation + checkpoint per epoch  : {real['with_overhead']:7.1f}   "
+        f"{real['with_overhead'] / best:.2f}x; overhead {100 * real['overhead_share']:.1f}% "
+        f"of an epoch of {args.crops} crops"
+    )
+    aug = augment_rate_256(16 if args.smoke else 160)
+    gpu = gpu_rate(20) if not args.smoke else None
+    rate = gpu if gpu is not None else args.gpu_images_per_s
+    how = "measured" if gpu is not None else "assumed (--gpu-images-per-s)"
+    print("\nfeeding a GPU (hovernet-fast, 256 px crops):")
+    print(f"  augmentation on one CPU core : {aug:7.1f} crops/s")
+    print(f"  GPU training step            : {rate:7.1f} images/s ({how})")
+    print(
+        f"  => {rate / aug:.1f} CPU cores of augmentation tasks per GPU "
+        f"(train.augment_cpus tasks on any node of the cluster)"
+    )
 
 
 if __name__ == "__main__":

@@ -62,6 +62,34 @@ def test_flip_tta_restores_hover_signs():
     assert np.abs(hv1[0]).mean() > 0.4  # a sign error would average the maps towards zero
 
 
+class NeighbourhoodModel(torch.nn.Module):
+    """A stand-in network whose foreground logit is the 5x5 mean brightness around a pixel:
+    what a real network sees at an image edge depends on what the padding puts there."""
+
+    input_size = None
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        mean = torch.nn.functional.avg_pool2d(
+            x[:, :1], 5, stride=1, padding=2, count_include_pad=False
+        )
+        logits = torch.cat([mean * 0, (mean - 0.5) * 20], 1) + self.w
+        return {NP_KEY: logits, HV_KEY: torch.zeros_like(x[:, :2])}
+
+
+@pytest.mark.parametrize("shape", [(150, 170), (97, 61)])  # not multiples of 32 or the roi
+def test_padding_mirrors_the_image_no_false_edge(shape):
+    # a bright, flat background (brightfield): zero padding made the last rows and columns
+    # look dark to the network, which then saw a false object along the right/bottom edges
+    image = np.full(shape + (3,), 200, np.uint8)
+    prob, _ = predict_maps(NeighbourhoodModel().eval(), image, InferenceConfig(roi=128))
+    prob = prob.astype(np.float32)
+    assert np.ptp(prob) < 1e-3, "the edges see different context than the interior"
+
+
 @pytest.mark.parametrize("shape", [(100, 150), (300, 500), (257, 33)])
 def test_any_image_size(lite_checkpoint, shape):
     from cellst.model import load_model

@@ -168,7 +168,14 @@ def test_finished_run_is_not_redone(trained):
         train(changed)
 
 
+def _ckpt_temps() -> set[str]:
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("cellst-ckpt-*")}
+
+
 def test_two_phase_schedule_freezes_encoder(ray_session, store_dir, tmp_path):
+    before = _ckpt_temps()
     cfg = tiny_cfg(
         store_dir,
         tmp_path,
@@ -191,6 +198,8 @@ def test_two_phase_schedule_freezes_encoder(ray_session, store_dir, tmp_path):
     assert any(
         not torch.equal(a, b) for a, b in zip(init.parameters(), first.parameters(), strict=True)
     )
+    # each epoch's temporary checkpoint folder is removed once Ray holds its copy
+    assert _ckpt_temps() <= before
 
 
 def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_path, monkeypatch):

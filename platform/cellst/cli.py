@@ -265,6 +265,10 @@ def predict(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace an existing set / files")
     ] = False,
+    skip_bad: Annotated[
+        bool,
+        typer.Option("--skip-bad", help="images that fail are listed, not an error (exit 0)"),
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     ray_address: RayOpt = None,
@@ -273,10 +277,12 @@ def predict(
 
     Writes instance maps into the store as a pseudo-label set (--set-name) and/or as
     challenge files NAME_label.tiff (--out). Items already written are skipped, so an
-    interrupted run resumes where it stopped; no item is written twice or half-written.
+    interrupted run resumes where it stopped; no item is written twice or half-written,
+    and a set is resumed only by the model (weights and post-processing) that wrote it.
+    The checkpoint is checked before Ray starts. An image that cannot be read or predicted
+    is named and the others are written; the exit code is 1 unless --skip-bad.
     """
     from cellst.inference.batch import predict as run_predict
-    from cellst.raycluster import ensure_ray
 
     cfg = _load(config, set_)
     if num_actors is not None:
@@ -285,8 +291,7 @@ def predict(
         cfg.predict.num_gpus_per_actor = num_gpus_per_actor
     if tta is not None:
         cfg.inference.tta = tta
-    ensure_ray(ray_address)
-    result = run_predict(
+    result = run_predict(  # checks the checkpoint and the request, then starts Ray
         checkpoint,
         input,
         set_name=set_name,
@@ -296,8 +301,15 @@ def predict(
         post=cfg.postprocess,
         resources=cfg.predict,
         overwrite=overwrite,
+        skip_bad=skip_bad,
+        ray_address=ray_address,
     )
     console.print(f"[green]predicted[/] {result.summary()}")
+    if result.failed:
+        err_console.print(f"[yellow]skipped {len(result.failed)} bad image(s)[/] (--skip-bad):")
+        for _, why in result.failed:
+            err_console.print(f"  {why}", highlight=False, markup=False, soft_wrap=True)
+    console.print(result.postprocess_note, highlight=False, markup=False, soft_wrap=True)
     if result.stats is not None and len(result.stats):
         s = result.stats
         console.print(

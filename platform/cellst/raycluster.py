@@ -67,7 +67,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     An explicit ``address`` (or ``RAY_ADDRESS``) joins that cluster; otherwise Ray joins the
     cluster last started on this machine (as on the head node under ``ray submit``) or
-    starts a local one with ``num_cpus`` CPUs.
+    starts a local one with ``num_cpus`` CPUs. A local cluster started here is stopped when
+    this process ends, even by SIGKILL (:func:`cellst.reaper.watch_local_cluster`).
     """
     if ray.is_initialized():
         return
@@ -78,6 +79,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs["num_cpus"] = num_cpus
     ray.init(address=address, **kwargs)
     quiet_ray_data()
+    from cellst.reaper import watch_local_cluster
+
+    watch_local_cluster()
 
 
 def quiet_ray_data() -> None:

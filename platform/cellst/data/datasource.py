@@ -19,7 +19,7 @@ from it, so decoding is paid once for several crops.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,6 +138,9 @@ class TrainCropDatasource(Datasource):
         Crops cut from each region read.
     seed : int, optional
         Fixed crop positions (the same every pass); ``None`` draws new crops each pass.
+    transform : callable, optional
+        Applied to every block in the read task itself (training passes the augmentation,
+        so reading and augmenting are one task: no raw crops through the object store).
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class TrainCropDatasource(Datasource):
         chunk: int = 256,
         seed: int | None = None,
         block_rows: int = 64,
+        transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     ):
         super().__init__()
         if not items:
@@ -162,6 +166,7 @@ class TrainCropDatasource(Datasource):
         self.chunk = int(chunk)
         self.seed = seed
         self.block_rows = int(block_rows)
+        self.transform = transform
         w = np.asarray([it.weight for it in self.items], float)
         if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
             raise ValueError("item weights must be finite, non-negative and not all zero")
@@ -199,7 +204,7 @@ class TrainCropDatasource(Datasource):
 
     def _make_read_fn(self, task_index: int, n_visits: int, n_rows: int):
         items, p, crop, k, chunk = self.items, self.p, self.crop, self.crops_per_visit, self.chunk
-        seed, block_rows = self.seed, self.block_rows
+        seed, block_rows, transform = self.seed, self.block_rows, self.transform
 
         def read_fn() -> Iterator[Block]:
             rng = np.random.default_rng(None if seed is None else [seed, task_index])
@@ -210,7 +215,7 @@ class TrainCropDatasource(Datasource):
                     break
                 batch = {c: v[:left] for c, v in batch.items()}
                 left -= len(batch["image"])
-                yield BlockAccessor.batch_to_block(batch)
+                yield BlockAccessor.batch_to_block(transform(batch) if transform else batch)
 
         return read_fn
 
@@ -370,16 +375,31 @@ def train_crop_dataset(
     chunk: int = 256,
     parallelism: int = -1,
     read_cpus: float = 1.0,
+    transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    block_rows: int = 64,
 ) -> ray.data.Dataset:
     """A Ray Dataset of random training crops (see :class:`TrainCropDatasource`).
 
     ``read_cpus`` is the CPU share of a read task; training passes a fraction so the reads
-    fit beside workers that hold the cluster's CPUs.
+    fit beside workers that hold the cluster's CPUs. ``parallelism`` -1 gives read tasks
+    of about ``4 * block_rows`` crops each (fewer, longer tasks: start-up is paid less
+    often), and at least one per CPU of the cluster.
     """
-    ds = TrainCropDatasource(items, n_crops, crop, crops_per_visit, chunk, seed)
-    return ray.data.read_datasource(
-        ds, override_num_blocks=None if parallelism < 0 else parallelism, num_cpus=read_cpus
+    ds = TrainCropDatasource(
+        items,
+        n_crops,
+        crop,
+        crops_per_visit,
+        chunk,
+        seed,
+        block_rows=block_rows,
+        transform=transform,
     )
+    if parallelism < 0:
+        cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+        parallelism = max(1, min(math.ceil(n_crops / (4 * block_rows)), 2 * cpus) or 1)
+        parallelism = max(parallelism, min(cpus, math.ceil(n_crops / crops_per_visit)))
+    return ray.data.read_datasource(ds, override_num_blocks=parallelism, num_cpus=read_cpus)
 
 
 def image_dataset(

@@ -9,6 +9,8 @@ Layout::
       labels/<id>.<key>/           (H, W) int32 instance map, relabelled 1..N
       pseudo/<set>/<id>/           (H, W) int32 pseudo-labels written by ``cellst predict``
       pseudo/<set>/items.parquet   per-item statistics of a pseudo-label set
+      pseudo/<set>/set.json        which model wrote the set (weights and post-processing
+                                   digest), so a resume never mixes two models' labels
       manifests/<version>.parquet  every manifest version a reader may still hold
       .readers/<pid>-<token>.json  reader leases: pid, host and the manifest version read
 
@@ -72,6 +74,10 @@ MANIFEST_COLUMNS = {
     "image_array": "array path of the image inside the store",
     "label_array": "array path of the label inside the store, '' if none",
 }
+
+
+#: record of a pseudo-label set: the checkpoint and model identity that wrote it
+PSEUDO_SET_META = "set.json"
 
 
 class StoreError(RuntimeError):
@@ -549,9 +555,23 @@ class CellStore:
         return self.root / "pseudo" / set_name / item_id
 
     def pseudo_sets(self) -> list[str]:
-        """Names of the pseudo-label sets in the store."""
+        """Names of the pseudo-label sets in the store (not the hidden folders of sets
+        being built or replaced)."""
         base = self.root / "pseudo"
-        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def pseudo_set_info(self, set_name: str) -> dict:
+        """The record of a pseudo-label set (``set.json``): the checkpoint and the model
+        identity (``model_id``, ``weights_sha256``, ``postprocess``) that wrote it; an empty
+        dict when the set has none (written by an older cellst) or does not exist."""
+        path = self.root / "pseudo" / set_name / PSEUDO_SET_META
+        try:
+            info = read_json(path)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path} is not readable JSON ({exc})") from None
+        return info if isinstance(info, dict) else {}
 
     def pseudo_items(self, set_name: str) -> pd.DataFrame:
         """Per-item statistics of a pseudo-label set (the items written so far)."""

@@ -13,10 +13,22 @@ statistics as array attributes and in ``pseudo/<set>/items.parquet``) and/or cha
 files ``<out>/<id>_label.tiff``. Every item is written to a temporary name and renamed into
 place, so an item is either absent or complete; a re-run skips the items already written
 (resume) and never writes one twice.
+
+Failures:
+
+* the checkpoint is loaded and checked in the driver before any Ray work or any write, so a
+  bad one is one line and leaves nothing behind;
+* a set records the identity of the model that writes it (``set.json``: the sha256 of the
+  weights and the effective post-processing settings, :func:`model_identity`); resuming it
+  with another model is refused, so a set never mixes two models' labels. Each actor checks
+  that the weights it loaded are still the ones the driver checked;
+* an item that cannot be read, predicted or written is reported by name while the others
+  are written; :func:`predict` then raises :class:`PredictError` unless ``skip_bad``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -34,6 +46,7 @@ from tqdm.auto import tqdm
 from cellst.data.datasource import READ_CPUS
 from cellst.data.images import IMAGE_SUFFIXES, normalize_image, read_array, write_label_tiff
 from cellst.data.store import (
+    PSEUDO_SET_META,
     CellStore,
     StoreError,
     atomic_write_bytes,
@@ -43,8 +56,18 @@ from cellst.data.store import (
 )
 from cellst.inference.predictor import InferenceConfig
 
-SET_META = "set.json"
+SET_META = PSEUDO_SET_META
 ITEMS = "items.parquet"
+#: failed items named in a :class:`PredictError` message
+_MAX_NAMED = 5
+
+
+class PredictError(StoreError):
+    """Some items could not be predicted; the others were written (``result`` says which)."""
+
+    def __init__(self, message: str, result: PredictResult):
+        super().__init__(message)
+        self.result = result
 
 
 class PredictConfig(BaseModel):
@@ -64,9 +87,13 @@ class PredictResult:
 
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (id, why), bad items
+    model_id: str = ""  # digest of the weights and post-processing (see model_identity)
     seconds: float = 0.0
     first_item_seconds: float = 0.0  # start-up: actors, model loading, first image
     stats: pd.DataFrame | None = None
+    postprocess: dict[str, Any] = field(default_factory=dict)  # the settings used
+    postprocess_note: str = ""  # which ones: calibrated or configured (one line)
 
     def steady_rate(self) -> float:
         """Images/s after the first item (start-up excluded)."""
@@ -75,10 +102,55 @@ class PredictResult:
 
     def summary(self) -> str:
         rate = len(self.written) / self.seconds if self.seconds else 0.0
+        failed = f", {len(self.failed)} failed" if self.failed else ""
         return (
-            f"{len(self.written)} written, {len(self.skipped)} already done (skipped), "
+            f"{len(self.written)} written, {len(self.skipped)} already done (skipped){failed}, "
             f"{self.seconds:.1f} s ({rate:.2f} img/s)"
         )
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its type when the message is empty, else the first line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- the model
+def check_checkpoint(checkpoint: str | Path) -> str:
+    """Load the checkpoint here (``model.json``, the weights, their fit) before any Ray
+    work; returns the sha256 of its weights.
+
+    Raises
+    ------
+    StoreError
+        In one line naming the checkpoint: a missing or invalid ``model.json``, unreadable
+        or truncated weights, weights of another architecture or width.
+    """
+    from cellst.model.checkpoint import load_model, weights_digest
+
+    path = Path(checkpoint)
+    if not (path / "model.json").is_file():
+        raise StoreError(f"{path} is not a cellst checkpoint (no model.json)")
+    try:
+        load_model(path)
+        return weights_digest(path)
+    except Exception as exc:  # noqa: BLE001 - CheckpointError, or torch/MONAI on odd files
+        text = first_line(exc)
+        raise StoreError(text if str(path) in text else f"checkpoint {path}: {text}") from None
+
+
+def model_identity(weights_sha256: str, post: Any) -> dict[str, Any]:
+    """What makes a set's labels: the weights (sha256) and the effective post-processing.
+
+    ``model_id`` is a short digest of both; a set is resumed only with the same one.
+    """
+    settings = post.model_dump(mode="json")
+    doc = json.dumps({"weights_sha256": weights_sha256, "postprocess": settings}, sort_keys=True)
+    return {
+        "model_id": hashlib.sha256(doc.encode()).hexdigest()[:16],
+        "weights_sha256": weights_sha256,
+        "postprocess": settings,
+    }
 
 
 # ----------------------------------------------------------------------------- stages
@@ -88,35 +160,67 @@ class ModelActor:
     With ``write`` (the keyword arguments of :func:`postprocess_and_write`) the actor also
     post-processes and writes each item itself: on CPU-only runs a separate stage would only
     compete for the same cores (and could starve for CPUs held by the actors).
+
+    Failures never raise out of the actor (Ray would restart it forever): a model that
+    cannot be loaded, or weights that are no longer the ones the driver checked
+    (``weights_sha256``), turn every row into a fatal error row; an image that fails turns
+    its own row into an error row. Rows carry ``error`` (empty when fine) and ``fatal``.
     """
 
-    def __init__(self, checkpoint: str, infer: dict, use_gpu: bool, write: dict | None = None):
+    def __init__(
+        self,
+        checkpoint: str,
+        infer: dict,
+        use_gpu: bool,
+        write: dict | None = None,
+        weights_sha256: str | None = None,
+    ):
         import torch
 
-        from cellst.model.checkpoint import load_model
+        from cellst.model.checkpoint import load_model, weights_digest
 
         torch.set_num_threads(max(1, int(os.environ.get("CELLST_TORCH_THREADS", "1"))))
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        model, _, _ = load_model(checkpoint, map_location=self.device)
-        self.model = model.to(self.device).eval()
         self.cfg = InferenceConfig(**infer)
         self.write = write
+        self.error = ""
+        try:
+            model, _, _ = load_model(checkpoint, map_location=self.device)
+            if weights_sha256 and weights_digest(checkpoint) != weights_sha256:
+                raise StoreError(
+                    f"checkpoint {checkpoint} changed after the run started (its weights are "
+                    f"not the ones checked); nothing was predicted with the new weights"
+                )
+            self.model = model.to(self.device).eval()
+        except Exception as exc:  # noqa: BLE001 - said per row, see the class docstring
+            self.error = f"the model could not be loaded: {first_line(exc)}"
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from cellst.inference.predictor import predict_maps
 
-        probs, hvs, secs = [], [], []
-        for image in batch["image"]:
+        probs, hvs, secs, errors = [], [], [], []
+        given = batch.get("error")
+        for i, image in enumerate(batch["image"]):
             t = time.perf_counter()
-            p, m = predict_maps(self.model, np.asarray(image), self.cfg, self.device)
+            error = self.error or (str(given[i]) if given is not None else "")
+            if not error:
+                try:
+                    p, m = predict_maps(self.model, np.asarray(image), self.cfg, self.device)
+                except Exception as exc:  # noqa: BLE001 - this item fails, not the run
+                    error = f"prediction failed: {first_line(exc)}"
+            if error:
+                p, m = np.zeros((1, 1), np.float16), np.zeros((2, 1, 1), np.float16)
             probs.append(p)
             hvs.append(m)
+            errors.append(error)
             secs.append(time.perf_counter() - t)
         maps = {
             "id": batch["id"],
             "prob": _object_array(probs),
             "hv": _object_array(hvs),
             "infer_seconds": np.asarray(secs),
+            "error": np.asarray(errors, dtype=object),
+            "fatal": np.full(len(errors), bool(self.error)),
         }
         return maps if self.write is None else postprocess_and_write(maps, **self.write)
 
@@ -162,38 +266,60 @@ def postprocess_and_write(
     out_dir: str | None,
     run_id: str,
     checkpoint: str,
+    model_id: str = "",
 ) -> dict[str, Any]:
-    """HoVer post-processing of each row's maps, then atomic writes; returns statistics."""
+    """HoVer post-processing of each row's maps, then atomic writes.
+
+    Returns one row per item: ``id``, ``error`` (empty when written) and ``fatal``. Rows
+    that arrive with an error are passed on; an item whose post-processing or writing
+    fails becomes an error row (the others are still written).
+    """
     from cellst.postprocess import PostprocessConfig
     from cellst.postprocess.tiled import postprocess_hover
 
     pcfg = PostprocessConfig(**post)
-    rows = []
-    for item_id, prob, hv, secs in zip(
-        batch["id"], batch["prob"], batch["hv"], batch["infer_seconds"], strict=True
+    n = len(batch["id"])
+    errors = [str(e) for e in batch.get("error", [""] * n)]
+    fatal = [bool(f) for f in batch.get("fatal", [False] * n)]
+    for i, (item_id, prob, hv, secs) in enumerate(
+        zip(batch["id"], batch["prob"], batch["hv"], batch["infer_seconds"], strict=True)
     ):
-        t = time.perf_counter()
-        label = postprocess_hover(np.asarray(prob), np.asarray(hv), pcfg)
-        stats = {
-            "id": str(item_id),
-            **item_stats(label, np.asarray(prob)),
-            "infer_seconds": float(secs),
-            "post_seconds": time.perf_counter() - t,
-            "run_id": run_id,
-            "checkpoint": checkpoint,
-            "written_at": time.time(),
-        }
-        if out_dir is not None:
-            write_label_tiff(Path(out_dir) / f"{item_id}_label.tiff", label)
-        if store_root is not None:
-            _write_store_item(Path(store_root), set_name, str(item_id), label, stats)
-        rows.append(stats)
-    return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+        if errors[i]:
+            continue
+        try:
+            t = time.perf_counter()
+            label = postprocess_hover(np.asarray(prob), np.asarray(hv), pcfg)
+            stats = {
+                "id": str(item_id),
+                **item_stats(label, np.asarray(prob)),
+                "infer_seconds": float(secs),
+                "post_seconds": time.perf_counter() - t,
+                "run_id": run_id,
+                "checkpoint": checkpoint,
+                "model_id": model_id,
+                "written_at": time.time(),
+            }
+            if out_dir is not None:
+                write_label_tiff(Path(out_dir) / f"{item_id}_label.tiff", label)
+            if store_root is not None:
+                _write_store_item(Path(store_root), set_name, str(item_id), label, stats)
+        except Exception as exc:  # noqa: BLE001 - this item fails, not the run
+            errors[i] = f"post-processing or writing failed: {first_line(exc)}"
+    return {
+        "id": np.asarray([str(i) for i in batch["id"]], dtype=object),
+        "error": np.asarray(errors, dtype=object),
+        "fatal": np.asarray(fatal, dtype=bool),
+    }
 
 
 def _read_folder_image(row: dict[str, Any]) -> dict[str, Any]:
-    img = normalize_image(read_array(row["path"]))
-    return {"id": row["id"], "image": img}
+    """Read one image file; a file that cannot be read becomes an error row (a 1-pixel
+    placeholder image and the reason), so the other images go on."""
+    try:
+        image, error = normalize_image(read_array(row["path"])), ""
+    except Exception as exc:  # noqa: BLE001 - named by the driver with the file
+        image, error = np.zeros((1, 1, 3), np.uint8), first_line(exc)
+    return {"id": row["id"], "image": image, "error": error}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -227,24 +353,89 @@ def collect_set_stats(store: CellStore, set_name: str) -> pd.DataFrame:
     return df
 
 
-def prepare_set(store: CellStore, set_name: str, checkpoint: str, overwrite: bool) -> None:
-    """Create the pseudo-label set, or check that an existing one is ours to resume."""
+def _set_items(base: Path) -> list[str]:
+    """Items already written into a set folder (complete, since writes are atomic)."""
+    if not base.is_dir():
+        return []
+    return [p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def _mismatch(old: dict[str, Any], identity: dict[str, Any]) -> str:
+    """How the model of an existing set differs from this run's (for the refusal)."""
+    if "model_id" not in old:
+        return (
+            f"it records no model digest (written by an older cellst from checkpoint "
+            f"{old.get('checkpoint', '?')}), so it cannot be checked"
+        )
+    parts = []
+    w_old, w_new = str(old.get("weights_sha256", "?")), identity["weights_sha256"]
+    if w_old != w_new:
+        parts.append(f"weights sha256 {w_old[:12]} there, {w_new[:12]} now")
+    post_old = old.get("postprocess") or {}
+    changed = [
+        f"{k} {post_old.get(k)} there, {v} now"
+        for k, v in identity["postprocess"].items()
+        if post_old.get(k) != v
+    ]
+    if changed:
+        parts.append("post-processing " + ", ".join(changed))
+    return f"it was written by another model ({'; '.join(parts) or 'another model id'})"
+
+
+def check_resume(
+    store: CellStore, set_name: str, checkpoint: str, identity: dict[str, Any]
+) -> bool:
+    """Whether the existing set ``set_name`` was written by the model ``identity``.
+
+    Raises
+    ------
+    StoreError
+        The set holds items of another model (or of an unknown one): resuming it would mix
+        two models' labels. Says how to go on (``--overwrite``, another ``--set-name``).
+    """
+    old = store.pseudo_set_info(set_name)
+    items = _set_items(store.root / "pseudo" / set_name)
+    if old.get("model_id") != identity["model_id"] and items:
+        raise StoreError(
+            f"pseudo-label set {set_name!r} in {store.root} holds {len(items)} item(s) that "
+            f"checkpoint {Path(checkpoint).absolute()} did not predict: "
+            f"{_mismatch(old, identity)}; resuming would mix two models' labels. Pass "
+            f"--overwrite to replace the set, or choose another --set-name"
+        )
+    return old.get("model_id") == identity["model_id"]
+
+
+def prepare_set(
+    store: CellStore,
+    set_name: str,
+    checkpoint: str,
+    overwrite: bool,
+    identity: dict[str, Any] | None = None,
+) -> None:
+    """Create the pseudo-label set, or check that an existing one is ours to resume.
+
+    A set is resumed only by the model that wrote it: the same ``identity`` (see
+    :func:`model_identity`; default: the checkpoint's weights with default post-processing).
+    A set that holds items of another model is refused (nothing is written); one that holds
+    none is taken over.
+    """
+    if identity is None:
+        from cellst.model.checkpoint import weights_digest
+        from cellst.postprocess import PostprocessConfig
+
+        identity = model_identity(weights_digest(checkpoint), PostprocessConfig())
     base = store.root / "pseudo" / set_name
-    meta = {"checkpoint": str(Path(checkpoint).absolute()), "created": time.time()}
+    meta = {"checkpoint": str(Path(checkpoint).absolute()), "created": time.time(), **identity}
     if base.is_dir():
-        old = json.loads((base / SET_META).read_text()) if (base / SET_META).is_file() else {}
         if overwrite:
             remove_tree(base)
-        elif old.get("checkpoint") != meta["checkpoint"]:
-            raise StoreError(
-                f"pseudo-label set {set_name!r} in {store.root} was written from checkpoint "
-                f"{old.get('checkpoint', '?')}, not {meta['checkpoint']}; pass --overwrite to "
-                f"replace it, or choose another --set-name"
-            )
         else:
+            same = check_resume(store, set_name, checkpoint, identity)
             for tmp in base.glob(".tmp-*"):
                 remove_tree(tmp)  # half-written items of an interrupted run
-            return
+            if same:
+                return
+            # an empty set (e.g. left by a failed start): nothing to mix, take it over
     base.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(base / SET_META, json.dumps(meta, indent=2).encode())
 
@@ -292,8 +483,15 @@ def predict(
     resources: PredictConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    calibrated: bool = True,
+    skip_bad: bool = False,
+    ray_address: str | None = None,
 ) -> PredictResult:
     """Predict instance maps for a store's items (or a folder's images) on Ray.
+
+    Everything that can be checked is checked before Ray starts and before anything is
+    written: the checkpoint is loaded here (:func:`check_checkpoint`), the source and the
+    items exist, and an existing set was written by the same model (:func:`prepare_set`).
 
     Parameters
     ----------
@@ -307,21 +505,46 @@ def predict(
         Folder for challenge-format ``<id>_label.tiff`` files.
     ids, split : optional
         Which store items (default: all unlabelled items, else all items).
+    post : PostprocessConfig, optional
+        Post-processing settings (default: the defaults).
+    calibrated : bool
+        Use the checkpoint's calibrated post-processing (``postprocess.json``) for the fields
+        of ``post`` that were not set explicitly (see
+        :func:`cellst.postprocess.calibrate.effective_postprocess`); False uses ``post`` as
+        given. The result's ``postprocess`` and ``postprocess_note`` say what was used.
+    skip_bad : bool
+        Items that cannot be read, predicted or written are always reported and the others
+        written; with ``skip_bad`` they are only listed in the result's ``failed``, else
+        :class:`PredictError` is raised at the end. A model that cannot be loaded on the
+        actors raises in any case.
+    ray_address : str, optional
+        Ray cluster to join (see :func:`cellst.raycluster.ensure_ray`).
+
+    Raises
+    ------
+    StoreError
+        A bad checkpoint, source or request, or a set written by another model (before
+        anything is written); :class:`PredictError` for failed items (after the others).
     """
     from cellst.metrics.sources import is_store
     from cellst.postprocess import PostprocessConfig
     from cellst.raycluster import ensure_ray
 
     checkpoint = str(Path(checkpoint).absolute())
-    if not (Path(checkpoint) / "model.json").is_file():
-        raise StoreError(f"{checkpoint} is not a cellst checkpoint (no model.json)")
+    weights_sha256 = check_checkpoint(checkpoint)
     infer = infer or InferenceConfig()
     post = post or PostprocessConfig()
+    if calibrated:
+        from cellst.postprocess.calibrate import effective_postprocess
+
+        post, post_note = effective_postprocess(post, checkpoint)
+    else:
+        post_note = "post-processing: settings as given"
+    identity = model_identity(weights_sha256, post)
     resources = resources or PredictConfig()
     out = Path(out_dir).absolute() if out_dir is not None else None
-    ensure_ray()
-    resources = fit_resources(resources)
     store = None
+    paths: dict[str, Path] = {}
     if is_store(source):
         store = CellStore(source)
         if set_name is None and out is None:
@@ -332,8 +555,8 @@ def predict(
         missing = [i for i in ids if i not in store]
         if missing:
             raise StoreError(f"items not in store {store.root}: {missing[:5]}")
-        if set_name is not None:
-            prepare_set(store, set_name, checkpoint, overwrite)
+        if set_name is not None and not overwrite:
+            check_resume(store, set_name, checkpoint, identity)  # before Ray starts
     else:
         src = Path(source)
         if not src.is_dir():
@@ -347,6 +570,13 @@ def predict(
             if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_label")
         }
         ids = list(paths) if ids is None else ids
+        missing = [i for i in ids if i not in paths]
+        if missing:
+            raise StoreError(f"no image file for {missing[:5]} in {src}")
+    ensure_ray(ray_address)
+    resources = fit_resources(resources)
+    if store is not None and set_name is not None:
+        prepare_set(store, set_name, checkpoint, overwrite, identity)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
@@ -354,7 +584,13 @@ def predict(
                 p.unlink()
     done = done_items(store, set_name, out)
     todo = [i for i in ids if i not in done]
-    result = PredictResult(skipped=[i for i in ids if i in done])
+    result = PredictResult(
+        skipped=[i for i in ids if i in done],
+        postprocess=post.model_dump(),
+        postprocess_note=post_note,
+        model_id=identity["model_id"],
+    )
+    fatal = ""  # why the model failed on the actors (every item fails then)
     t0 = time.perf_counter()
     if todo:
         if store is not None:
@@ -371,6 +607,7 @@ def predict(
             "out_dir": str(out) if out is not None else None,
             "run_id": uuid.uuid4().hex[:12],
             "checkpoint": checkpoint,
+            "model_id": identity["model_id"],
         }
         use_gpu = resources.num_gpus_per_actor > 0
         ds = ds.map_batches(
@@ -380,6 +617,7 @@ def predict(
                 "infer": infer.model_dump(),
                 "use_gpu": use_gpu,
                 "write": None if use_gpu else write,
+                "weights_sha256": weights_sha256,
             },
             compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
             batch_size=1,
@@ -395,12 +633,39 @@ def predict(
             )
         bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if not result.written:
+            if not result.written and not result.failed:
                 result.first_item_seconds = time.perf_counter() - t0
-            result.written += [str(i) for i in batch["id"]]
+            for item, error, bad in zip(batch["id"], batch["error"], batch["fatal"], strict=True):
+                if error:
+                    name = str(paths.get(str(item), f"item {item}"))
+                    why = str(error)
+                    result.failed.append((str(item), why if name in why else f"{name}: {why}"))
+                    fatal = fatal or (why if bad else "")
+                else:
+                    result.written.append(str(item))
             bar.update(len(batch["id"]))
         bar.close()
     result.seconds = time.perf_counter() - t0
     if store is not None and set_name is not None:
         result.stats = collect_set_stats(store, set_name)
+    if result.failed and (fatal or not skip_bad):
+        raise PredictError(_failure_message(result, fatal, out, set_name), result)
     return result
+
+
+def _failure_message(result: PredictResult, fatal: str, out: Path | None, set_name) -> str:
+    """One line naming the items that failed and what became of the others."""
+    if fatal:  # the same reason for every item: say it once
+        return f"{fatal}; {len(result.failed)} item(s) not predicted"
+    n = len(result.failed)
+    named = "; ".join(why for _, why in result.failed[:_MAX_NAMED])
+    if n > _MAX_NAMED:
+        named += f"; ... ({n} in all)"
+    where = " and ".join(
+        w for w in (f"set {set_name!r}" if set_name else "", str(out) if out else "") if w
+    )
+    return (
+        f"{n} item(s) could not be predicted: {named}. The other {len(result.written)} were "
+        f"written to {where}; pass --skip-bad to accept them (exit 0), or fix the input and "
+        f"run again (finished items are skipped)"
+    )

@@ -51,6 +51,23 @@ def to_input(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)[None]
 
 
+def pad_image(x: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
+    """Pad a ``(B, C, H, W)`` batch at the bottom and right by mirroring the image.
+
+    Zero padding would show the network a black border that it was never trained on (a
+    bright-background modality then gets a false cell along the edge); reflection keeps the
+    image statistics. Pads wider than the image reflect repeatedly (edge-replicated last).
+    """
+    while bottom > 0 or right > 0:
+        h, w = x.shape[-2:]
+        b, r = min(bottom, h - 1), min(right, w - 1)
+        if b == 0 and r == 0:  # a 1-pixel side cannot be mirrored
+            return torch.nn.functional.pad(x, (0, right, 0, bottom), mode="replicate")
+        x = torch.nn.functional.pad(x, (0, r, 0, b), mode="reflect")
+        bottom, right = bottom - b, right - r
+    return x
+
+
 def _flips(tta: bool) -> list[tuple[int, ...]]:
     return [(), (3,), (2,), (2, 3)] if tta else [()]
 
@@ -71,7 +88,7 @@ def _run_windows(model: torch.nn.Module, x: torch.Tensor, cfg: InferenceConfig) 
         h, w = x.shape[-2:]
         # pad to a multiple of 32 (the lite network's stride) and at least one window
         ph, pw = max(roi, math.ceil(h / 32) * 32), max(roi, math.ceil(w / 32) * 32)
-        xp = torch.nn.functional.pad(x, (0, pw - w, 0, ph - h), mode="constant")
+        xp = pad_image(x, ph - h, pw - w)
         out = sliding_window_inference(
             xp,
             roi,
@@ -79,7 +96,7 @@ def _run_windows(model: torch.nn.Module, x: torch.Tensor, cfg: InferenceConfig) 
             _window_predictor(model),
             overlap=cfg.overlap,
             mode="gaussian",
-            padding_mode="constant",
+            padding_mode="reflect",  # never used: xp already holds at least one window
         )
         return {k: v[..., :h, :w] for k, v in out.items()}
     from monai.apps.pathology.inferers import SlidingWindowHoVerNetInferer
@@ -91,10 +108,13 @@ def _run_windows(model: torch.nn.Module, x: torch.Tensor, cfg: InferenceConfig) 
         sw_batch_size=cfg.sw_batch_size,
         overlap=1 - out_size / in_size,
         mode="gaussian",
-        padding_mode="constant",
+        padding_mode="reflect",
         extra_input_padding=(pad,) * 4,
     )
-    return inferer(x, _window_predictor(model))
+    # mirror small images up to one window first, so every pad the inferer adds can reflect
+    h, w = x.shape[-2:]
+    out = inferer(pad_image(x, max(0, in_size - h), max(0, in_size - w)), _window_predictor(model))
+    return {k: v[..., :h, :w] for k, v in out.items()}
 
 
 @torch.no_grad()

@@ -74,6 +74,12 @@ class StppConfig(Section):
         "pseudo-labelled ones, as ST++ re-trains on labelled + unlabelled images for the same "
         "epochs; false keeps data.crops_per_epoch (the pseudo-labels then replace labelled crops)",
     )
+    retrain_epochs: int | None = Field(
+        None,
+        ge=2,
+        description="epochs of the re-training stages 4 and 6; None: train.epochs. Shorter "
+        "re-trainings pair with fresh_init: false (fine-tuning the previous stage's model)",
+    )
     evaluate: bool = Field(
         True, description="finally score supervised / round 1 / round 2 on the test split"
     )

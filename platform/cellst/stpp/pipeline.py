@@ -130,6 +130,21 @@ def retrain_crops(crops: int, pseudo_weight: float, max_factor: float = 4.0) -> 
     return int(math.ceil(crops * factor))
 
 
+def training_crops(cfg) -> dict[str, int]:
+    """Training crops (epochs x crops per epoch) of the three training stages of ``cfg``:
+    the compute a supervised-only baseline needs for an equal-compute comparison."""
+    crops, epochs = cfg.data.crops_per_epoch, cfg.train.epochs
+    re_crops = (
+        retrain_crops(crops, cfg.train.pseudo_weight) if cfg.stpp.scale_retrain_crops else crops
+    )
+    re_epochs = cfg.stpp.retrain_epochs or epochs
+    return {
+        "supervised": epochs * crops,
+        "retrain_reliable": re_epochs * re_crops,
+        "retrain_all": re_epochs * re_crops,
+    }
+
+
 def checkpoint_fingerprint(path: str | Path) -> list:
     """Cheap identity of a checkpoint's weights (size and mtime of ``model.pt``)."""
     st = (Path(path) / "model.pt").stat()
@@ -298,18 +313,25 @@ class Pipeline:
         )
 
     def _open_parent(self) -> None:
-        """Create the pipeline's parent run, or re-attach the one of an earlier attempt."""
+        """Create the pipeline's parent run, or re-attach the one of an earlier attempt.
+
+        Creating it needs the tracking server (:class:`~cellst.tracking.TrackingUnavailable`
+        before any stage runs); everything after is best-effort, as all tracking is.
+        """
         if not self.tracking.enabled:
             return
         from mlflow.tracking import MlflowClient
 
         from cellst.tracking import log_config, set_tags, start_run, store_tags
+        from cellst.tracking.buffered import http_limits
+        from cellst.tracking.mlflow_utils import _guarded
 
         meta = self.meta()
         run_id = meta.get("parent_run_id") if meta.get("tracking_uri") == self.uri else None
         if run_id:
             try:
-                run = MlflowClient(self.uri).get_run(run_id)
+                with http_limits(self.tracking.timeout_s):
+                    run = MlflowClient(self.uri).get_run(run_id)
                 if run.info.lifecycle_stage == "deleted":
                     run_id = None
             except Exception:  # noqa: BLE001 - a run that cannot be read is replaced
@@ -332,18 +354,32 @@ class Pipeline:
             with _quiet_param_warnings():
                 log_config(self.cfg)
             set_tags({"cellst.stpp.attempt_started": time.strftime("%Y-%m-%d %H:%M:%S")})
-        # the parent stays RUNNING while the stages run as its children
-        MlflowClient(self.uri).update_run(self.parent_id, status="RUNNING")
+        # the parent stays RUNNING while the stages run as its children (best-effort: a
+        # failure is one line, the stages run all the same)
+        _guarded(
+            "the parent run's RUNNING status",
+            MlflowClient(self.uri).update_run,
+            self.parent_id,
+            status="RUNNING",
+        )
 
     def _close_parent(self, status: str, tags: dict | None = None) -> None:
+        """End the parent run with ``status``; best-effort: what the server cannot take now
+        is kept in the pipeline folder's pending file and sent by a later run."""
         if not self.parent_id:
             return
-        from mlflow.tracking import MlflowClient
+        from cellst.tracking import BufferedMetricLogger
 
-        client = MlflowClient(self.uri)
-        for k, v in (tags or {}).items():
-            client.set_tag(self.parent_id, k, str(v))
-        client.set_terminated(self.parent_id, status)
+        journal = BufferedMetricLogger(
+            self.uri,
+            self.parent_id,
+            self.dir,
+            timeout_s=self.tracking.timeout_s,
+            retry_every_s=self.tracking.retry_every_s,
+        )
+        journal.set_tags(tags or {})
+        journal.set_terminated(status)
+        journal.close()
 
     @contextlib.contextmanager
     def _child(self, rec: StageRecord) -> Iterator[str | None]:
@@ -452,18 +488,26 @@ class Pipeline:
             cfg.data.crops_per_epoch = retrain_crops(
                 cfg.data.crops_per_epoch, cfg.train.pseudo_weight
             )
+        if pseudo_set is not None and self.cfg.stpp.retrain_epochs is not None:
+            cfg.train.epochs = self.cfg.stpp.retrain_epochs
         return cfg
 
     def _predict_set(self, set_name: str, checkpoint: str, ids: list[str], infer, producer):
-        """Predict ``ids`` into ``set_name`` (resuming only a set made by the same producer)."""
-        from cellst.inference.batch import predict
+        """Predict ``ids`` into ``set_name`` (resuming only a set made by the same producer).
 
+        Post-processing: the checkpoint's calibrated settings, except for the fields the
+        experiment sets explicitly (:func:`cellst.postprocess.calibrate.effective_postprocess`).
+        """
+        from cellst.inference.batch import predict
+        from cellst.postprocess.calibrate import effective_postprocess
+
+        post, note = effective_postprocess(self.cfg.postprocess, checkpoint)
         key = stable_hash(
             {
                 "producer": producer,
                 "checkpoint": str(checkpoint),
                 "infer": infer.model_dump(mode="json"),
-                "post": self.cfg.postprocess.model_dump(mode="json"),
+                "post": post.model_dump(mode="json"),
                 "ids": sorted(ids),
             }
         )
@@ -477,11 +521,12 @@ class Pipeline:
             set_name=set_name,
             ids=ids,
             infer=infer,
-            post=self.cfg.postprocess,
+            post=post,
             resources=self.cfg.predict,
             progress=False,
+            calibrated=False,  # ``post`` is already the effective setting
         )
-        self.log(f"[stpp]   {set_name}: {result.summary()}")
+        self.log(f"[stpp]   {set_name}: {result.summary()}; {note}")
         return result, key
 
     def _log_pseudo_stats(self, result, artifact: str) -> dict[str, float]:
@@ -721,9 +766,23 @@ class Pipeline:
         return {"table": table.to_dict(orient="records"), "test_items": len(test)}
 
     def _finish_parent(self) -> None:
-        """Log the final F1 table and the stage summary on the parent run, and end it."""
+        """Log the final F1 table and the stage summary on the parent run, and end it.
+
+        Best-effort: with the server down, one line says so and the end of the run is kept
+        in the pending file (the table is in ``report.csv`` all the same).
+        """
         if not self.parent_id:
             return
+        from cellst.tracking import TrackingUnavailable
+        from cellst.tracking.buffered import say
+
+        try:
+            self._log_final()
+        except TrackingUnavailable as exc:
+            say(f"tracking: {exc}; the final table was not logged (see {self.dir})")
+            self._close_parent("FINISHED", {"cellst.stpp.completed": "true"})
+
+    def _log_final(self) -> None:
         from cellst.tracking import log_metrics, log_table, set_tags, start_run
 
         with start_run(self.tracking, self.dir, self.cfg.name, None, run_id=self.parent_id):
@@ -830,7 +889,7 @@ def run_stpp(
             raise ConfigError(f"--force-from: {exc}") from None
     store = pipe.preflight()
     pipe.dir.mkdir(parents=True, exist_ok=True)
-    with store_lock(pipe.dir / ".lock"):
+    with store_lock(pipe.dir / ".lock", what=f"the run folder {pipe.dir}"):
         if force_from is not None:
             names = pipe.book.force_from(force_from)
             log(f"[stpp] --force-from {force_from}: stages {', '.join(names)} will run again")

@@ -36,7 +36,21 @@ class TrainConfig(Section):
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm, 0 = off")
     num_workers: int = Field(1, ge=1, description="DDP workers")
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL, SyncBN, bf16 autocast)")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs each worker holds; its torch uses that many threads (rounded up). "
+        "None: 1 with GPUs, else about half the CPUs (the rest read and augment)",
+    )
+    augment_cpus: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs of each read-and-augment task (a Ray Data stage that runs on any "
+        "node, off the training thread); as many run as free CPUs allow",
+    )
+    prefetch_batches: int = Field(
+        4, ge=1, description="augmented batches each worker keeps ready ahead of the step"
+    )
     amp: bool = Field(True, description="bf16 autocast on GPU")
     channels_last: bool = Field(True, description="channels_last memory format on GPU")
     sync_bn: bool = Field(True, description="SyncBatchNorm across GPU workers")
@@ -52,6 +66,12 @@ class TrainConfig(Section):
     keep_last: int = Field(2, ge=1, description="latest epoch checkpoints kept")
     val_every: int = Field(1, ge=1, description="validate every N epochs (and at the end)")
     val_max_items: int = Field(32, ge=1, description="validation items scored per validation")
+    calibrate_postprocess: bool = Field(
+        True,
+        description="after training, tune the post-processing thresholds of the best/last/"
+        "snapshot checkpoints on the validation items (postprocess.json beside the weights; "
+        "predict uses them unless postprocess.* is set explicitly)",
+    )
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
     seed: int = 0
     log_every_steps: int = Field(10, ge=1)

@@ -8,14 +8,15 @@ from ``ray.train.get_checkpoint()``.
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -23,33 +24,13 @@ import torch.distributed as dist
 
 from cellst.train.checkpoints import RunPaths, keep_checkpoints, save_epoch
 from cellst.train.step import (
-    Augmenter,
+    Batch,
     TrainingDiverged,
     encoder_parameters,
     make_optimizer,
     make_scheduler,
     train_step,
 )
-
-
-class MetricLogger:
-    """Rank-0 MLflow logging into the driver's run (by id), batched per call."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
-        self.client = None
-        if tracking_uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client, self.run_id = MlflowClient(tracking_uri), run_id
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=batch)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,6 +52,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cellst.experiment import ExperimentConfig
     from cellst.model import HoVerLoss, build_model, load_into
     from cellst.raycluster import quiet_logs
+    from cellst.tracking.buffered import BufferedMetricLogger
     from cellst.train.validate import validate
 
     quiet_logs()  # also when the cluster was started without cellst's runtime environment
@@ -79,7 +61,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(tcfg.seed + rank)
-    torch.set_num_threads(max(1, int(tcfg.cpus_per_worker)))
+    # the CPUs this worker holds (Ray sets OMP threads to the integer part only)
+    torch.set_num_threads(max(1, math.ceil((tcfg.cpus_per_worker or 1.0) - 1e-6)))
     device = ray.train.torch.get_device()
     paths = RunPaths(Path(config["run_path"]))
     if rank == 0:
@@ -115,14 +98,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sched.load_state_dict(state["scheduler"])
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
 
-    store = CellStore(config["store"])
+    # the version the driver checked: a re-ingest meanwhile does not change what this run reads
+    store = CellStore(config["store"], version=config.get("store_version"))
     val_ids = config["val_ids"][: tcfg.val_max_items]
-    augmenter = Augmenter(
-        cfg.augment, cfg.data.crop_size, seed=tcfg.seed * 7919 + rank + start_epoch
-    )
     loss_fn = HoVerLoss(cfg.loss)
-    logger = (
-        MetricLogger(config.get("tracking_uri"), config.get("mlflow_run_id")) if rank == 0 else None
+    logger = (  # best-effort: a dead tracking server costs a file append per call
+        BufferedMetricLogger(
+            config.get("tracking_uri"),
+            config.get("mlflow_run_id"),
+            paths.root,
+            timeout_s=cfg.tracking.timeout_s,
+            retry_every_s=cfg.tracking.retry_every_s,
+        )
+        if rank == 0
+        else None
     )
     shard = ray.train.get_dataset_shard("train")
     snapshots = set(tcfg.snapshot_epochs())
@@ -133,10 +122,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         frozen = epoch <= tcfg.frozen_encoder_epochs
         opt.param_groups[0]["lr"] = 0.0 if frozen else opt.param_groups[1]["lr"]
         t0, n_seen, n_steps, sums, diverged = time.perf_counter(), 0, 0, {}, None
+        busy = 0.0  # seconds spent stepping; the rest of the epoch waited for data
         for batch in shard.iter_batches(
-            batch_size=tcfg.batch_size, batch_format="numpy", drop_last=False, prefetch_batches=2
-        ):
-            b = augmenter(batch).to(device, channels_last=tcfg.use_gpu and tcfg.channels_last)
+            batch_size=tcfg.batch_size,
+            batch_format="numpy",
+            drop_last=False,
+            prefetch_batches=tcfg.prefetch_batches,
+        ):  # already augmented by the stream's CPU tasks (trainer.build_dataset)
+            t_step = time.perf_counter()
+            b = Batch.from_numpy(batch).to(
+                device, channels_last=tcfg.use_gpu and tcfg.channels_last
+            )
             if inject_nan_at and step + 1 == inject_nan_at:
                 b.image.fill_(float("nan"))
             try:
@@ -152,6 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             except TrainingDiverged as exc:
                 diverged = str(exc)
                 break
+            busy += time.perf_counter() - t_step
             step += 1
             n_steps += 1
             n_seen += len(b.image)
@@ -171,12 +168,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": opt.param_groups[1]["lr"],
             "encoder_frozen": float(frozen),
             "images_per_s": n_seen * world / seconds if seconds > 0 else 0.0,
+            # share of the epoch this worker waited for augmented batches (0: never starved)
+            "data_wait_share": max(0.0, 1.0 - busy / seconds) if seconds > 0 else 0.0,
             "epoch_seconds": seconds,
             "resumed_from_epoch": start_epoch,
             **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
         }
         checkpoint = None
         if rank == 0:
+            t_val = time.perf_counter()
             if val_ids and (epoch % tcfg.val_every == 0 or epoch == tcfg.epochs):
                 val, kept = validate(
                     _unwrap(model),
@@ -193,6 +193,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if kept:
                     _save_overlays(store, kept, paths.overlays)
             metrics["best_val_f1"] = best["val_f1"]
+            metrics["val_seconds"] = time.perf_counter() - t_val
+            t_ckpt = time.perf_counter()
             tmp = Path(tempfile.mkdtemp(prefix="cellst-ckpt-")) / "checkpoint"
             state = {
                 "model": _unwrap(model).state_dict(),
@@ -212,18 +214,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 keep_last=tcfg.keep_last,
             )
             checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
+            metrics["checkpoint_seconds"] = time.perf_counter() - t_ckpt
             logger.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, epoch)
             print(
                 f"[cellst train] epoch {epoch}/{tcfg.epochs} "
                 + " ".join(
                     f"{k}={v:.4g}"
                     for k, v in metrics.items()
-                    if k in ("train_loss", "val_f1", "images_per_s", "lr")
+                    if k in ("train_loss", "val_f1", "images_per_s", "data_wait_share", "lr")
                 ),
                 file=sys.__stdout__,  # once: Ray Train's print patch would also log it
                 flush=True,
             )
-        ray.train.report(metrics, checkpoint=checkpoint)
+        try:
+            ray.train.report(metrics, checkpoint=checkpoint)  # uploads synchronously
+        finally:
+            if checkpoint is not None:  # Ray holds its own copy now: no temp folder left behind
+                shutil.rmtree(tmp.parent, ignore_errors=True)
+    if logger is not None:
+        logger.close()  # a last attempt; what is left is said in one line
     _write_param_digest(_unwrap(model), paths.root / f"params_rank{rank}.sha256")
 
 

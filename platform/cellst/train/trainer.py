@@ -8,6 +8,7 @@ checkpoint of the same ``(storage_path, name)``, and the MLflow run is re-attach
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -51,7 +52,16 @@ def config_hash(cfg) -> str:
     data["train"] = {
         k: v
         for k, v in data["train"].items()
-        if k not in ("run_dir", "run_name", "max_failures", "log_every_steps")
+        if k
+        not in (
+            "run_dir",
+            "run_name",
+            "max_failures",
+            "log_every_steps",
+            "cpus_per_worker",  # where it runs, not what it computes
+            "augment_cpus",
+            "prefetch_batches",
+        )
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -82,14 +92,15 @@ def check_request(cfg) -> tuple[CellStore, list[str], list[str]]:
 
 
 def fit_cluster(cfg):
-    """Refuse requests the Ray cluster can never satisfy; fit CPUs per worker beside reads.
+    """Refuse requests the Ray cluster can never satisfy; settle the CPUs of each worker.
 
-    Returns ``cfg`` (a copy with ``train.cpus_per_worker`` lowered, and a note printed, when
-    the workers would otherwise hold every CPU and starve the data-reading tasks).
+    The cluster must leave room for one read-and-augment task beside the workers.
+    ``train.cpus_per_worker`` left at None becomes 1 with GPUs (the GPU computes; the other
+    CPUs augment) and otherwise about half the CPUs, in whole threads (on CPUs, reading and
+    augmenting a crop costs about as much as the network's step on it). An explicit value
+    that does not fit is lowered, with a note. Returns a copy of ``cfg``.
     """
     import ray
-
-    from cellst.data.datasource import READ_CPUS
 
     t = cfg.train
     res = ray.cluster_resources()
@@ -98,25 +109,38 @@ def fit_cluster(cfg):
             f"train.use_gpu=true with train.num_workers={t.num_workers} needs {t.num_workers} "
             f"GPU(s), but the Ray cluster has {res.get('GPU', 0):g}; set train.use_gpu=false"
         )
-    room = res.get("CPU", 0) - READ_CPUS
+    room = res.get("CPU", 0) - t.augment_cpus
     if room < 0.25 * t.num_workers:
         raise StoreError(
-            f"train.num_workers={t.num_workers} does not fit on {res.get('CPU', 0):g} CPUs"
+            f"train.num_workers={t.num_workers} does not fit on {res.get('CPU', 0):g} CPUs "
+            f"beside one read-and-augment task (train.augment_cpus={t.augment_cpus:g})"
         )
-    if t.num_workers * t.cpus_per_worker > room:
+    cfg = cfg.model_copy(deep=True)
+    if t.cpus_per_worker is None:
+        # CPU training: a crop costs the read-and-augment task about as much CPU time as the
+        # small network's step, so the workers get about half the CPUs (whole threads)
+        per = 1.0 if t.use_gpu else max(1.0, float(int(room / 2 / t.num_workers)))
+        cfg.train.cpus_per_worker = min(per, room / t.num_workers)
+    elif t.num_workers * t.cpus_per_worker > room:
         per = room / t.num_workers
         print(
             f"note: {t.num_workers} workers x {t.cpus_per_worker:g} CPUs leave no room for "
-            f"data reads on {res.get('CPU', 0):g} CPUs; using {per:.2f} CPUs per worker"
+            f"data reads and augmentation on {res.get('CPU', 0):g} CPUs; using {per:.2f} CPUs "
+            "per worker"
         )
-        cfg = cfg.model_copy(deep=True)
         cfg.train.cpus_per_worker = per
     return cfg
 
 
 def build_dataset(cfg, store: CellStore, train_ids: list[str]):
-    """The crop stream: labelled items, plus the pseudo-label set if configured."""
-    from cellst.data.datasource import READ_CPUS, crop_items, train_crop_dataset
+    """The training stream: crops of the labelled items (plus the pseudo-label set if
+    configured), augmented into model-ready arrays by CPU tasks anywhere on the cluster.
+
+    Each read task augments its own crops (one operator to schedule, and no raw crops
+    handed over through the object store).
+    """
+    from cellst.data.datasource import crop_items, train_crop_dataset
+    from cellst.train.step import augment_batch
 
     t, d = cfg.train, cfg.data
     pseudo_w = t.pseudo_weight if t.pseudo_set else 0.0
@@ -132,7 +156,11 @@ def build_dataset(cfg, store: CellStore, train_ids: list[str]):
         d.crops_per_visit,
         seed=None,
         chunk=cfg.ingest.chunk,
-        read_cpus=READ_CPUS,
+        read_cpus=t.augment_cpus,
+        transform=functools.partial(
+            augment_batch, augment=cfg.augment.model_dump(mode="json"), crop=d.crop_size
+        ),
+        block_rows=max(t.batch_size, 32),
     )
 
 
@@ -165,12 +193,24 @@ def train(
         For every problem found before training starts.
     TrainingDiverged
         If the loss became non-finite; the checkpoints of earlier epochs are kept.
+    TrackingUnavailable
+        If the tracking server does not answer before training starts. Once training runs,
+        tracking is best-effort (see :mod:`cellst.tracking.buffered`).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from cellst.raycluster import ensure_ray, quiet_ray_data
-    from cellst.tracking import log_artifact, log_config, log_metrics, start_run, store_tags
+    from cellst.tracking import (
+        check_tracking,
+        log_artifact,
+        log_config,
+        log_metrics,
+        pending_note,
+        resend_pending,
+        start_run,
+        store_tags,
+    )
     from cellst.train.loop import train_loop_per_worker
 
     t = cfg.train
@@ -191,8 +231,12 @@ def train(
         shutil.rmtree(Path(t.run_dir).absolute() / "_ray" / name, ignore_errors=True)
         state = {}
     if state.get("status") == "finished":
+        note = resend_pending(cfg.tracking, paths.root, cfg.name)  # kept during an outage
+        if note != state.get("tracking"):
+            paths.write_state(tracking=note)
         return TrainResult(paths.root, state.get("metrics", {}), state.get("mlflow_run_id"), True)
 
+    check_tracking(cfg.tracking, paths.root, cfg.name)  # a dead server: one line, no work
     ensure_ray()
     quiet_ray_data()
     cfg = fit_cluster(cfg)
@@ -219,6 +263,7 @@ def train(
             mlflow_run_id=run_id,
             config_hash=chash,
             status="running",
+            error=None,
             diverged=None,
             train_ids=train_ids,
             val_ids=val_ids,
@@ -236,6 +281,7 @@ def train(
                 "experiment": cfg.model_dump(mode="json"),
                 "run_path": str(paths.root),
                 "store": str(store.root),
+                "store_version": store.version,
                 "val_ids": val_ids,
                 "tracking_uri": uri,
                 "mlflow_run_id": run_id,
@@ -259,7 +305,14 @@ def train(
             ),
             datasets={"train": dataset},
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except BaseException as exc:  # the run's own record tells why it stopped
+            paths.write_state(
+                status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}",
+            )
+            raise
         metrics = dict(result.metrics or {})
         diverged = paths.read_state().get("diverged")
         if diverged:
@@ -268,6 +321,9 @@ def train(
                 f"training diverged at epoch {diverged['epoch']}: {diverged['message']}; "
                 f"checkpoints of earlier epochs are kept in {paths.checkpoints}"
             )
+        from cellst.postprocess.calibrate import calibrate_run  # postprocess.json per ckpt
+
+        calibrate_run(cfg, store, val_ids, paths)
         final = {f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
         log_metrics(final)
         if paths.overlays.is_dir():
@@ -276,5 +332,5 @@ def train(
         ckpts = {p.name: str(p) for p in sorted(paths.checkpoints.iterdir()) if p.is_dir()}
         (paths.root / "checkpoints.json").write_text(json.dumps(ckpts, indent=2))
         log_artifact(paths.root / "checkpoints.json")
-    paths.write_state(status="finished", metrics=metrics)
+    paths.write_state(status="finished", metrics=metrics, tracking=pending_note(paths.root))
     return TrainResult(paths.root, metrics, run_id)

@@ -73,8 +73,9 @@ def _cache_maps(checkpoint: str, store_root: str, ids: list[str], infer: dict, o
     """Predict ``ids`` with ``checkpoint`` into ``out/<id>.npz`` (prob, hv, label)."""
     import torch
 
-    from cellst.inference.predictor import InferenceConfig, predict_maps
+    from cellst.inference.predictor import InferenceConfig
     from cellst.model import load_model
+    from cellst.postprocess.calibrate import predict_val_maps
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     model, _, _ = load_model(checkpoint)
@@ -82,10 +83,9 @@ def _cache_maps(checkpoint: str, store_root: str, ids: list[str], infer: dict, o
     store = CellStore(store_root)
     cfg = InferenceConfig.model_validate(infer)
     folder = Path(out)
-    for item in ids:
-        prob, hv = predict_maps(model, store.image(item), cfg, "cpu")
+    for item, maps in zip(ids, predict_val_maps(model, store, ids, cfg, "cpu"), strict=True):
         tmp = folder / f".{item}.tmp.npz"
-        np.savez(tmp, prob=prob, hv=hv, label=store.label(item))
+        np.savez(tmp, prob=maps.prob, hv=maps.hv, label=maps.label)
         os.replace(tmp, folder / f"{item}.npz")
     return len(ids)
 
@@ -130,16 +130,14 @@ def score_postprocess(
     maps: Path, ids: list[str], post: dict[str, Any], evaluate: dict[str, Any]
 ) -> dict[str, float]:
     """Mean challenge scores of the cached maps post-processed with ``post``."""
-    from cellst.metrics.instance import image_scores
-    from cellst.postprocess import PostprocessConfig, postprocess_hover
+    from cellst.postprocess.calibrate import ValMaps, score_maps
 
-    pcfg = PostprocessConfig.model_validate(post)
-    rows = []
-    for item in ids:
-        with np.load(maps / f"{item}.npz") as z:
-            pred = postprocess_hover(z["prob"], z["hv"], pcfg)
-            rows.append(image_scores(z["label"], pred, **evaluate))
-    return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in ("f1", "precision", "recall")}
+    def cached():
+        for item in ids:
+            with np.load(maps / f"{item}.npz") as z:
+                yield ValMaps(z["prob"], z["hv"], z["label"])
+
+    return score_maps(cached(), post, evaluate)
 
 
 def _postprocess_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -278,10 +276,15 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
             "tracking": tracking.model_dump(mode="json"),
         }
         if t.mode == "postprocess":
+            from cellst.postprocess.calibrate import effective_postprocess
+
+            # the current settings: what `cellst predict` uses with this checkpoint
+            post, note = effective_postprocess(cfg.postprocess, t.checkpoint)
+            log(f"[tune] {note}")
             ctx.update(
                 maps=str(prepare_maps(cfg, val_ids, root, log)),
                 ids=val_ids,
-                post=cfg.postprocess.model_dump(mode="json"),
+                post=post.model_dump(mode="json"),
                 evaluate=cfg.evaluate.model_dump(mode="json"),
             )
             trainable = tune.with_resources(
@@ -305,7 +308,7 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
             )
             t_cfg = run_cfg.train
             metric = "best_val_f1"
-            per_trial = t_cfg.num_workers * t_cfg.cpus_per_worker + 0.25 + 0.05
+            per_trial = t_cfg.num_workers * t_cfg.cpus_per_worker + t_cfg.augment_cpus + 0.05
             scheduler = (
                 ASHAScheduler(
                     time_attr="training_iteration",

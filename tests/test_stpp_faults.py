@@ -1,0 +1,75 @@
+"""ST++ pipeline faults: the parent MLflow run is best-effort tracking like every other run,
+and a second pipeline on the same run folder is refused naming the run folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cellst.data.store import StoreError, store_lock
+from cellst.stpp import load_stpp_config, run_stpp
+from cellst.stpp.pipeline import Pipeline
+from cellst.tracking import PENDING_FILE
+
+#: a port where nothing listens: every request is refused at once
+DEAD_SERVER = "http://127.0.0.1:9"
+
+
+def _config(tmp_path: Path, store: Path, *overrides: str):
+    path = tmp_path / "stpp.yaml"
+    data = {"name": "t", "store": str(store), "stpp": {"run_dir": str(tmp_path / "runs")}}
+    path.write_text(yaml.safe_dump(data))
+    return load_stpp_config(path, ["tracking.system_metrics=false", *overrides], quick=True)
+
+
+def test_second_pipeline_on_a_run_folder_is_refused_naming_it(store_dir, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(store_dir, store)
+    cfg = _config(tmp_path, store, "tracking.enabled=false")
+    cfg.pipeline_dir.mkdir(parents=True)
+    with store_lock(cfg.pipeline_dir / ".lock"):  # the first pipeline holds it
+        with pytest.raises(StoreError) as err:
+            run_stpp(cfg, log=lambda _: None)
+    assert f"the run folder {cfg.pipeline_dir}" in str(err.value)
+    assert not (cfg.pipeline_dir / "stages").exists()  # nothing ran
+
+
+def test_parent_run_status_and_tags_reach_mlflow(store_dir, tmp_path):
+    cfg = _config(tmp_path, store_dir)
+    pipe = Pipeline(cfg, log=lambda _: None)
+    pipe.dir.mkdir(parents=True)
+    pipe._resolve_tracking()
+    pipe._open_parent()
+    client = MlflowClient(pipe.uri)
+    assert client.get_run(pipe.parent_id).info.status == "RUNNING"
+    pipe._close_parent("FAILED", {"cellst.stpp.note": "x"})
+    run = client.get_run(pipe.parent_id)
+    assert run.info.status == "FAILED" and run.data.tags["cellst.stpp.note"] == "x"
+    assert not (pipe.dir / PENDING_FILE).exists()
+
+
+def test_parent_run_calls_survive_a_dead_tracking_server(store_dir, tmp_path, capsys, monkeypatch):
+    """The server went away while the stages ran: ending the parent run neither raises nor
+    waits minutes; its status is kept in the run folder (sent by a later run) and said."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own: ~2 minutes
+    cfg = _config(tmp_path, store_dir, f"tracking.tracking_uri={DEAD_SERVER}")
+    pipe = Pipeline(cfg, log=lambda _: None)
+    pipe.dir.mkdir(parents=True)
+    pipe._resolve_tracking()
+    pipe.parent_id = "0" * 32  # made while the server still answered
+
+    pipe._close_parent("FAILED", {"cellst.stpp.note": "x"})
+    pipe._finish_parent()
+
+    pending = [json.loads(x) for x in (pipe.dir / PENDING_FILE).read_text().splitlines()]
+    assert [r["kind"] for r in pending] == ["tags", "status", "tags", "status"]
+    assert [r["status"] for r in pending if r["kind"] == "status"] == ["FAILED", "FINISHED"]
+    assert {r["run_id"] for r in pending} == {pipe.parent_id}
+    err = capsys.readouterr().err
+    assert DEAD_SERVER in err and "Traceback" not in err
+    assert "kept in" in err
