@@ -22,9 +22,9 @@ from scipy import ndimage as ndi
 
 from cellst.data.synth import synth_image
 from cellst.metrics.instance import match_instances
+from cellst.model.targets import hover_maps
 from cellst.postprocess import (
     PostprocessConfig,
-    hover_maps,
     hover_to_instances,
     hover_to_instances_tiled,
     relabel_sequential,
