@@ -51,3 +51,26 @@ def store_dir(ray_session, synth_src, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store") / "store"
     ingest(synth_src, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def learn_store(ray_session, tmp_path_factory) -> Path:
+    """Fluorescence and brightfield images that a tiny model learns within minutes of CPU
+    training (one fresh store per test module: modules may add pseudo-label sets to it)."""
+    from cellst.data.ingest import ingest
+    from cellst.data.synth import synthesize_dataset
+
+    root = tmp_path_factory.mktemp("learn")
+    synthesize_dataset(
+        root / "src",
+        10,
+        0,
+        0,
+        seed=11,
+        min_size=192,
+        max_size=256,
+        modalities=("fluorescence", "brightfield"),
+        progress=False,
+    )
+    ingest(root / "src", root / "store", progress=False)
+    return root / "store"

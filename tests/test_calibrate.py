@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,28 +45,6 @@ from cellst.train.validate import validate
 
 runner = CliRunner()
 FIELDS = tuple(GRID)
-
-
-@pytest.fixture(scope="module")
-def learn_store(ray_session, tmp_path_factory) -> Path:
-    """Fluorescence and brightfield images: a tiny model learns to find cells in minutes."""
-    from cellst.data.ingest import ingest
-    from cellst.data.synth import synthesize_dataset
-
-    root = tmp_path_factory.mktemp("calib")
-    synthesize_dataset(
-        root / "src",
-        10,
-        0,
-        0,
-        seed=11,
-        min_size=192,
-        max_size=256,
-        modalities=("fluorescence", "brightfield"),
-        progress=False,
-    )
-    ingest(root / "src", root / "store", progress=False)
-    return root / "store"
 
 
 BASE = [

@@ -44,28 +44,6 @@ def tiny_cfg(store: Path, run_dir: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def learn_store(ray_session, tmp_path_factory) -> Path:
-    """Fluorescence and brightfield images: learnable within ~2 minutes of CPU training."""
-    from cellst.data.ingest import ingest
-    from cellst.data.synth import synthesize_dataset
-
-    root = tmp_path_factory.mktemp("learn")
-    synthesize_dataset(
-        root / "src",
-        10,
-        0,
-        0,
-        seed=11,
-        min_size=192,
-        max_size=256,
-        modalities=("fluorescence", "brightfield"),
-        progress=False,
-    )
-    ingest(root / "src", root / "store", progress=False)
-    return root / "store"
-
-
-@pytest.fixture(scope="module")
 def trained(learn_store, tmp_path_factory):
     """One 2-worker DDP run shared by several tests (the expensive part)."""
     run_dir = tmp_path_factory.mktemp("runs")
