@@ -194,3 +194,65 @@ def test_ctrl_c_during_ingest_removes_staging_and_keeps_the_store(ray_session, t
     assert _tree(store) == before
     assert CellStore(store).ids() == ["good0", "good1"]
     assert (store / MANIFEST).is_file()
+
+
+def _cyx_uint16(side_y: int = 700, side_x: int = 900) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 4000, (3, side_y, side_x), dtype=np.uint16)
+    img[:, :50] = 0  # empty rows: percentiles are of non-zero pixels only
+    img[1, 300:400, 200:500] = 65000  # a bright object
+    return img
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "uint8", "float32"])
+def test_tiled_tiff_normalisation_equals_the_whole_image_path(tmp_path, dtype):
+    """Exact for every dtype: histograms for 8/16-bit integers, and for floats a subsample
+    that is the whole image when the image is below ``sample_pixels``."""
+    from cellst.data.images import normalize_image, normalize_tiff_tiled, read_array
+
+    img = (_cyx_uint16() // (300 if dtype == "uint8" else 2)).astype(dtype)
+    if dtype == "int16":
+        img[0, 100:120] = -500  # negative values are non-zero pixels too
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, img, tile=(128, 128))
+    out = np.zeros((700, 900, 3), np.uint8)
+    bands = []
+
+    def write_band(y0: int, band: np.ndarray) -> None:
+        bands.append(band.shape[0])
+        out[y0 : y0 + band.shape[0]] = band
+
+    assert normalize_tiff_tiled(path, write_band, band=256) == (700, 900)
+    assert bands == [256, 256, 188]  # really written band by band
+    np.testing.assert_array_equal(out, normalize_image(read_array(path)))
+
+
+def test_large_tiff_is_ingested_band_by_band_with_bounded_memory(ray_session, tmp_path):
+    """Above ``ingest.tiled_pixels`` ingest never holds the whole image: peak traced memory
+    of the tiled reader is a fraction of decoding the file whole, and the stored image is
+    the same."""
+    import tracemalloc
+
+    from cellst.data.images import normalize_image, normalize_tiff_tiled, read_array
+
+    src = tmp_path / "src"
+    src.mkdir()
+    img = _cyx_uint16(2048, 2048)
+    tifffile.imwrite(src / "big.tif", img, tile=(256, 256))
+    expected = normalize_image(read_array(src / "big.tif"))
+
+    tracemalloc.start()
+    read_array(src / "big.tif")
+    whole_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    tracemalloc.clear_traces()
+    normalize_tiff_tiled(src / "big.tif", lambda y0, band: None, band=256)
+    tiled_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert tiled_peak < whole_peak / 3, (tiled_peak, whole_peak)
+
+    cfg = IngestConfig(tiled_pixels=1_000_000)  # 2048^2 is over it: the tiled path
+    ingest(src, tmp_path / "store", cfg=cfg, progress=False)
+    store = CellStore(tmp_path / "store")
+    (item,) = store.manifest.id.tolist()
+    np.testing.assert_array_equal(store.image(item), expected)

@@ -97,6 +97,12 @@ class IngestConfig(Section):
     min_side: int = Field(
         8, ge=1, description="refuse images whose height or width is below this many pixels"
     )
+    tiled_pixels: int = Field(
+        16_777_216,
+        ge=1,
+        description="TIFFs with more pixels than this (height x width) are read and "
+        "normalised band by band, so ingest memory stays bounded",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> IngestConfig:

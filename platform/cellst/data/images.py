@@ -8,12 +8,15 @@ baseline does: each channel is rescaled between percentiles of its non-zero pixe
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from skimage.exposure import rescale_intensity
 from skimage.segmentation import relabel_sequential
+
+from cellst.fs import atomic_write
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
 LABEL_SUFFIX = "_label"
@@ -155,10 +158,40 @@ def to_hwc(arr: np.ndarray, name: str = "image") -> np.ndarray:
     if arr.ndim == 2:
         return arr[:, :, None]
     if arr.ndim == 3:
-        if arr.shape[0] < min(arr.shape[1], arr.shape[2]) and arr.shape[0] <= 16 < arr.shape[2]:
+        if channel_axis_first(arr.shape):
             return np.moveaxis(arr, 0, -1)
         return arr
     raise ImageFormatError(f"{name}: expected a 2-D or 3-D image, got shape {arr.shape}")
+
+
+def channel_range(channel: np.ndarray, low: float = 1.0, high: float = 99.0) -> tuple[float, ...]:
+    """The intensity range :func:`normalize_channel` maps to 0-255: ``(lo, hi, top)``.
+
+    ``lo`` and ``hi`` are percentiles of the non-zero pixels, ``top`` their maximum; an
+    all-zero channel gives ``()``. Computed once, the range can be applied tile by tile
+    (:func:`apply_range`), so large images need not be normalised in one piece.
+    """
+    nz = channel[channel != 0]
+    if nz.size == 0:
+        return ()
+    lo, hi = np.percentile(nz, [low, high])
+    return float(lo), float(hi), float(nz.max())
+
+
+def apply_range(channel: np.ndarray, rng: tuple[float, ...]) -> np.ndarray:
+    """Rescale ``channel`` to uint8 with a range from :func:`channel_range`.
+
+    A degenerate percentile range rescales from the channel's maximum instead of casting
+    (the challenge baseline's cast wraps 16-bit values); 8-bit channels are then kept.
+    """
+    if not rng:
+        return np.zeros(channel.shape, np.uint8)
+    lo, hi, top = rng
+    if hi - lo > 1e-3:
+        return rescale_intensity(channel, in_range=(lo, hi), out_range=np.uint8).astype(np.uint8)
+    if channel.dtype == np.uint8:
+        return channel.copy()
+    return (np.clip(channel / top, 0, 1) * 255).astype(np.uint8) if top > 0 else channel * 0
 
 
 def normalize_channel(channel: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -168,16 +201,18 @@ def normalize_channel(channel: np.ndarray, low: float = 1.0, high: float = 99.0)
     percentile range is degenerate is rescaled from its own dtype range instead of being
     cast (the baseline's cast wraps 16-bit values).
     """
-    nz = channel[channel != 0]
-    if nz.size == 0:
-        return np.zeros(channel.shape, np.uint8)
-    lo, hi = np.percentile(nz, [low, high])
-    if hi - lo > 1e-3:
-        return rescale_intensity(channel, in_range=(lo, hi), out_range=np.uint8).astype(np.uint8)
-    if channel.dtype == np.uint8:
-        return channel.copy()
-    top = float(nz.max())
-    return (np.clip(channel / top, 0, 1) * 255).astype(np.uint8) if top > 0 else channel * 0
+    return apply_range(channel, channel_range(channel, low, high))
+
+
+def _three_channels(hwc: np.ndarray) -> np.ndarray:
+    """``(H, W, C)`` to ``(H, W, 3)``: grey repeated, two channels plus an empty third,
+    more channels cut to the first three."""
+    c = hwc.shape[2]
+    if c == 1:
+        return np.repeat(hwc, 3, axis=2)
+    if c == 2:
+        return np.concatenate([hwc, np.zeros_like(hwc[:, :, :1])], axis=2)
+    return hwc[:, :, :3]
 
 
 def normalize_image(arr: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -189,18 +224,118 @@ def normalize_image(arr: np.ndarray, low: float = 1.0, high: float = 99.0) -> np
     """
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.number)):
         raise ImageFormatError(f"unsupported image dtype {arr.dtype}")
-    hwc = to_hwc(arr)
-    c = hwc.shape[2]
-    if c == 1:
-        hwc = np.repeat(hwc, 3, axis=2)
-    elif c == 2:
-        hwc = np.concatenate([hwc, np.zeros_like(hwc[:, :, :1])], axis=2)
-    else:
-        hwc = hwc[:, :, :3]
+    hwc = _three_channels(to_hwc(arr))
     out = np.empty(hwc.shape, np.uint8)
     for i in range(3):
         out[:, :, i] = normalize_channel(hwc[:, :, i], low, high)
     return out
+
+
+def channel_axis_first(shape: tuple[int, ...]) -> bool:
+    """The rule of :func:`to_hwc`: a small first axis of a 3-D array holds channels."""
+    return len(shape) == 3 and shape[0] < min(shape[1], shape[2]) and shape[0] <= 16 < shape[2]
+
+
+def image_height_width(shape: tuple[int, ...]) -> tuple[int, int]:
+    """Height and width of a 2-D or 3-D image shape (channels first or last)."""
+    return (shape[1], shape[2]) if channel_axis_first(shape) else (shape[0], shape[1])
+
+
+def _histogram_range(hist: np.ndarray, offset: int, low: float, high: float) -> tuple[float, ...]:
+    """:func:`channel_range` from a histogram of a channel's non-zero integer values.
+
+    Order statistics read off the cumulative histogram, interpolated the way
+    ``np.percentile``'s default (linear) method does, so the result is exact.
+    """
+    n = int(hist.sum())
+    if n == 0:
+        return ()
+    cum = np.cumsum(hist)
+
+    def order_stat(k: int) -> float:  # the k-th smallest value (0-based)
+        return float(np.searchsorted(cum, k, side="right") - offset)
+
+    out = []
+    for q in (low, high):
+        pos = q / 100 * (n - 1)
+        k = int(np.floor(pos))
+        a, b = order_stat(k), order_stat(min(k + 1, n - 1))
+        out.append(a + (pos - k) * (b - a))
+    top = float(np.flatnonzero(hist)[-1] - offset)
+    return out[0], out[1], top
+
+
+def normalize_tiff_tiled(
+    path: str | Path,
+    write_band: Callable[[int, np.ndarray], None],
+    low: float = 1.0,
+    high: float = 99.0,
+    band: int = 256,
+    sample_pixels: int = 16_777_216,
+) -> tuple[int, int]:
+    """Normalise a large TIFF to ``(H, W, 3) uint8`` band by band, without loading it whole.
+
+    The file is opened through tifffile's zarr view, so only the tiles or strips of one band
+    of rows are decoded at a time. A first pass finds each channel's percentile range: for
+    8- and 16-bit integer images from exact histograms (the result then equals
+    :func:`normalize_image`), for other types from a regular subsample of at most about
+    ``sample_pixels`` pixels. A second pass rescales each band and hands it to
+    ``write_band(y0, band_array)``. Peak memory is a band, not several copies of the image.
+
+    Returns
+    -------
+    (int, int)
+        The image's height and width.
+
+    Raises
+    ------
+    ImageFormatError
+        Naming the file, if it cannot be decoded or is not a 2-D or 3-D image.
+    """
+    import zarr
+
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tf:
+            arr = zarr.open_array(store=tf.series[0].aszarr(level=0), mode="r")
+            shape = tuple(int(n) for n in arr.shape)
+            if len(shape) not in (2, 3):
+                raise ImageFormatError(f"{path}: expected a 2-D or 3-D image, got shape {shape}")
+            first = channel_axis_first(shape)
+            h, w = image_height_width(shape)
+
+            def rows(y0: int, y1: int, step: int = 1) -> np.ndarray:
+                part = arr[:, y0:y1:step, ::step] if first else arr[y0:y1:step, ::step]
+                hwc = to_hwc(np.moveaxis(part, 0, -1) if first else part, str(path))
+                return _three_channels(hwc)
+
+            dtype = np.dtype(arr.dtype)
+            if dtype.kind in "ui" and dtype.itemsize <= 2:
+                offset = -int(np.iinfo(dtype).min)
+                hists = np.zeros((3, 1 << (8 * dtype.itemsize)), np.int64)
+                for y0 in range(0, h, band):
+                    part = rows(y0, min(h, y0 + band))
+                    for i in range(3):
+                        ch = part[:, :, i]
+                        vals = ch[ch != 0].astype(np.int64) + offset
+                        hists[i] += np.bincount(vals, minlength=hists.shape[1])
+                ranges = [_histogram_range(hists[i], offset, low, high) for i in range(3)]
+            else:
+                stride = max(1, int(np.ceil(np.sqrt(h * w / sample_pixels))))
+                sample = rows(0, h, stride)
+                ranges = [channel_range(sample[:, :, i], low, high) for i in range(3)]
+                del sample
+            for y0 in range(0, h, band):
+                part = rows(y0, min(h, y0 + band))
+                out = np.empty(part.shape, np.uint8)
+                for i in range(3):
+                    out[:, :, i] = apply_range(part[:, :, i], ranges[i])
+                write_band(y0, out)
+    except ImageFormatError:
+        raise
+    except Exception as exc:  # a decoder's own error, named by file
+        raise ImageFormatError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    return h, w
 
 
 def validate_label(label: np.ndarray, image_shape: tuple[int, int], name: str) -> np.ndarray:
@@ -247,6 +382,5 @@ def write_label_tiff(path: str | Path, label: np.ndarray) -> None:
     path = Path(path)
     n = int(label.max()) if label.size else 0
     dtype = np.uint16 if n < 65536 else np.int32
-    tmp = path.with_name(f".{path.name}.tmp")
-    tifffile.imwrite(tmp, label.astype(dtype), compression="zlib")
-    tmp.replace(path)
+    data = label.astype(dtype)
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib"))

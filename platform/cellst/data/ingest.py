@@ -42,6 +42,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import ray
 from tqdm.auto import tqdm
@@ -52,8 +53,12 @@ from cellst.data.images import (
     LABEL_SUFFIX,
     ImageFormatError,
     check_header,
+    declared_pixels,
+    declared_shape,
     file_sha256,
+    image_height_width,
     normalize_image,
+    normalize_tiff_tiled,
     read_array,
     validate_label,
 )
@@ -63,6 +68,7 @@ from cellst.data.store import (
     archive_manifest,
     atomic_write_bytes,
     collect_garbage,
+    create_array,
     init_store,
     remove_tree,
     store_lock,
@@ -309,6 +315,42 @@ def _content_key(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
+def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
+    """Normalise one image into the stored array at ``target``; returns its height, width.
+
+    TIFFs declaring more than ``ingest.tiled_pixels`` pixels are read and written band by
+    band through tifffile's zarr view (:func:`normalize_tiff_tiled`), so memory stays
+    bounded; everything else is decoded whole.
+    """
+    kind = check_header(path, cfg.max_pixels)
+    shape = declared_shape(path, kind)
+    if kind == "TIFF" and len(shape) in (2, 3) and declared_pixels(shape) > cfg.tiled_pixels:
+        h, w = image_height_width(shape)
+        _check_min_side(path, h, w, cfg)
+        array = create_array(target, (h, w, 3), np.uint8, cfg.chunk, cfg.compression_level)
+
+        def write_band(y0: int, band: np.ndarray) -> None:
+            array[y0 : y0 + band.shape[0]] = band
+
+        return normalize_tiff_tiled(
+            path, write_band, cfg.low_percentile, cfg.high_percentile, band=cfg.chunk
+        )
+    image = normalize_image(
+        read_array(path, cfg.max_pixels), cfg.low_percentile, cfg.high_percentile
+    )
+    h, w = image.shape[:2]
+    _check_min_side(path, h, w, cfg)
+    write_array(target, image, cfg.chunk, cfg.compression_level)
+    return h, w
+
+
+def _check_min_side(path: str, h: int, w: int, cfg: IngestConfig) -> None:
+    if min(h, w) < cfg.min_side:
+        raise ImageFormatError(
+            f"{path}: image is {h} x {w} pixels, smaller than ingest.min_side={cfg.min_side}"
+        )
+
+
 @ray.remote(num_cpus=1, max_retries=2)
 def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: IngestConfig) -> dict:
     """Decode, check, normalise and stage one item. Returns a manifest row or a problem."""
@@ -325,16 +367,8 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
             previous["normalization"],
         ) == (img_sha, lab_sha, norm):
             return {"status": "unchanged", "row": previous}
-        raw = read_array(item.image, cfg.max_pixels)
-        image = normalize_image(raw, cfg.low_percentile, cfg.high_percentile)
-        h, w = image.shape[:2]
-        if min(h, w) < cfg.min_side:
-            raise ImageFormatError(
-                f"{item.image}: image is {h} x {w} pixels, smaller than ingest.min_side="
-                f"{cfg.min_side}"
-            )
         image_array = f"images/{item.id}.{_content_key(img_sha, norm, str(cfg.chunk))}"
-        write_array(Path(staging) / image_array, image, cfg.chunk, cfg.compression_level)
+        h, w = _stage_image(item.image, Path(staging) / image_array, cfg)
         label_array, n_inst = "", -1
         if item.label:
             label = validate_label(read_array(item.label, cfg.max_pixels), (h, w), item.label)
@@ -507,11 +541,3 @@ def ingest(
                 _stop_tasks(refs)  # none may write into the staging after its removal
             remove_tree(staging)
     return result
-
-
-def summarize_manifest(store: str | Path) -> pd.DataFrame:
-    """Items per split and modality (for the CLI's closing table)."""
-    df = pd.read_parquet(Path(store) / MANIFEST)
-    return df.pivot_table(
-        index="modality", columns="split", values="id", aggfunc="count", fill_value=0
-    )

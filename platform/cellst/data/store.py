@@ -126,19 +126,26 @@ def _open_array(path: str) -> zarr.Array:
     return zarr.open_array(store=_CheckedLocalStore(path, read_only=True), mode="r")
 
 
-def write_array(path: str | Path, data: np.ndarray, chunk: int = 256, level: int = 1) -> None:
-    """Write ``data`` as a zarr v3 array at ``path`` with spatial chunks of ``chunk`` pixels."""
-    chunks = (chunk, chunk) + tuple(data.shape[2:])
-    chunks = tuple(min(c, s) for c, s in zip(chunks, data.shape, strict=True))
-    arr = zarr.create_array(
+def create_array(
+    path: str | Path, shape: tuple[int, ...], dtype, chunk: int = 256, level: int = 1
+) -> zarr.Array:
+    """Create an empty zarr v3 array at ``path`` with spatial chunks of ``chunk`` pixels
+    (the stored-array format of images and labels), to be filled region by region."""
+    chunks = (chunk, chunk) + tuple(shape[2:])
+    chunks = tuple(min(c, s) for c, s in zip(chunks, shape, strict=True))
+    return zarr.create_array(
         str(path),
-        shape=data.shape,
-        dtype=data.dtype,
+        shape=shape,
+        dtype=dtype,
         chunks=chunks,
         compressors=ZstdCodec(level=level),
         overwrite=True,
     )
-    arr[...] = data
+
+
+def write_array(path: str | Path, data: np.ndarray, chunk: int = 256, level: int = 1) -> None:
+    """Write ``data`` as a zarr v3 array at ``path`` with spatial chunks of ``chunk`` pixels."""
+    create_array(path, data.shape, data.dtype, chunk, level)[...] = data
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -431,6 +438,8 @@ class CellStore:
         data = self._pin(version, lease)
         #: short hash of the manifest this object reads (record it beside results)
         self.version: str = manifest_version(data)
+        #: sha256 of those manifest bytes (``version`` is its first 12 hex digits)
+        self.manifest_sha256: str = hashlib.sha256(data).hexdigest()
         self.manifest = pd.read_parquet(io.BytesIO(data))
         missing = [c for c in MANIFEST_COLUMNS if c not in self.manifest.columns]
         if missing:

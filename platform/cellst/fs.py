@@ -1,0 +1,121 @@
+"""Crash-safe file writes: the one owner of cellst's atomic-write and directory-swap rules.
+
+Every file cellst writes for a user or for a later run goes through a temporary sibling and
+an atomic ``os.replace``, so a reader sees either the old file or the new one, never half of
+one, and an interrupted write leaves the previous version in place. Only the standard
+library is imported here, so any module (configs, the CLI) may use it cheaply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+def temp_sibling(path: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
+    """A fresh hidden name beside ``path``, on the same file system (so a rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
+
+    Parameters
+    ----------
+    path : path-like
+        The final file. Its folder is created if needed.
+    write : callable
+        Writes the whole file at the path it is given (``df.to_parquet``, ``fig.savefig``...).
+
+    Returns
+    -------
+    Path
+        ``path``. On any error the temporary file is removed and ``path`` is unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path, suffix=path.suffix or ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any, **dump_kwargs: Any) -> Path:
+    """Write ``data`` as indented JSON atomically (``dump_kwargs`` go to :func:`json.dumps`)."""
+    dump_kwargs.setdefault("indent", 2)
+    return atomic_write_text(path, json.dumps(data, **dump_kwargs) + "\n")
+
+
+def atomic_write_parquet(df: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a pandas DataFrame as Parquet atomically (no index column)."""
+    return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
+    """Build a folder under a temporary name and swap it into place on success.
+
+    Yields the staging folder; when the block exits normally the staging folder replaces
+    ``final`` (an existing one is moved aside first and removed only after the swap, so a
+    crash at any point leaves either the old or the new folder). On error the staging
+    folder is removed and ``final`` is untouched.
+
+    Raises
+    ------
+    FileExistsError
+        If ``final`` exists and ``overwrite`` is false.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = temp_sibling(final, suffix=".staging")
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    replace_dir(stage, final)
+
+
+def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` with the least exposure.
+
+    ``os.replace`` cannot replace a non-empty folder, so the old one is renamed aside
+    first, the new one renamed in, and only then the old one deleted.
+    """
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = temp_sibling(dst, suffix=".old")
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
