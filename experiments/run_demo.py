@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from rich.console import Console
-
+    from cellst.cli import print_whole
     from cellst.config import ConfigError
     from cellst.data.ingest import ingest
     from cellst.data.store import StoreError
@@ -63,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     from cellst.stpp import load_stpp_config, mlflow_ui_command, run_stpp
     from cellst.stpp.pipeline import format_f1_table
 
-    console = Console(width=None if sys.stdout.isatty() else 120)
     out = Path(args.out).absolute()
     t0 = time.perf_counter()
     try:
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("[4/4] test-split evaluation (NeurIPS 2022 CellSeg F1 at IoU 0.5)")
     if result.report is not None:
-        console.print(format_f1_table(result.report))
+        print_whole(format_f1_table(result.report))  # whole, even when piped
         f1 = dict(zip(result.report["model"], result.report["f1"], strict=True))
         print(
             f"mean test F1: supervised-only {f1['supervised']:.4f}, ST++ round 1 "

@@ -27,7 +27,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-#: piped or logged output gets 120 columns (rich would use 80) so result tables stay readable
+#: piped or logged output gets 120 columns (rich would use 80); tables are printed whole
+#: (:func:`print_whole`) whatever the width
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
@@ -48,10 +49,32 @@ RayOpt = Annotated[
 
 
 def _fail(message: str, code: int = 1) -> None:
+    from rich.markup import escape
+
     err_console.print(
-        f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True
+        f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True
     )
     raise typer.Exit(code)
+
+
+#: user errors that are not ValueErrors, by module and class name; looked up only among
+#: modules already imported (an error of a module never imported cannot occur), so the
+#: wrapper imports nothing: `cellst evaluate` must not pay for Ray, torch or zarr
+_USER_ERRORS = (
+    ("cellst.data.store", "StoreError"),
+    ("cellst.train.config", "TrainingDiverged"),
+    ("cellst.raycluster", "ClusterError"),
+)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError | FileExistsError | NotADirectoryError | ValueError):
+        return True  # ConfigError, ImageFormatError, IngestError, SegmentError, ...
+    for module, name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
 
 
 def user_errors(fn):
@@ -60,10 +83,6 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from cellst.config import ConfigError
-        from cellst.data.images import ImageFormatError
-        from cellst.data.ingest import IngestError
-        from cellst.data.store import StoreError
-        from cellst.train.config import TrainingDiverged
 
         if os.environ.get("CELLST_DEBUG") == "1":
             return fn(*args, **kwargs)
@@ -71,16 +90,16 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except ConfigError as exc:
             _fail(str(exc), code=2)
-        except (IngestError, StoreError, ImageFormatError, FileNotFoundError, ValueError) as exc:
+        except KeyboardInterrupt:
+            _fail("interrupted; stored data is unchanged (writes are atomic)", code=130)
+        except Exception as exc:
+            if not _is_user_error(exc):
+                raise
             _fail(
                 f"{exc}\n(set CELLST_DEBUG=1 for a traceback)"
                 if type(exc) is ValueError
                 else str(exc)
             )
-        except TrainingDiverged as exc:
-            _fail(str(exc), code=1)
-        except KeyboardInterrupt:
-            _fail("interrupted; stored data is unchanged (writes are atomic)", code=130)
 
     return wrapper
 
@@ -163,8 +182,9 @@ def ingest(
     failed ingest leaves the previous store unchanged. Re-running only ingests new or
     changed files.
     """
-    from cellst.data.ingest import check_source, summarize_manifest
+    from cellst.data.ingest import check_source
     from cellst.data.ingest import ingest as run_ingest
+    from cellst.data.store import CellStore
     from cellst.raycluster import ensure_ray
 
     cfg = _load(config, set_)
@@ -184,19 +204,18 @@ def ingest(
         )
         for path, why in result.skipped:
             err_console.print(f"  {path}: {why}", highlight=False, markup=False)
-    _print_frame(summarize_manifest(out), "items per modality and split")
+    _print_frame(_items_table(CellStore(out, lease=False).manifest), "items per modality and split")
 
 
 @app.command()
 @user_errors
 def info(store: Annotated[Path, typer.Argument(help="a cellst store")]) -> None:
     """Summarise a store: items per split and modality, instances, pseudo-label sets."""
-    from cellst.data.ingest import summarize_manifest
     from cellst.data.store import CellStore
 
     s = CellStore(store)
     console.print_json(json.dumps(s.info()))
-    _print_frame(summarize_manifest(store), "items per modality and split")
+    _print_frame(_items_table(s.manifest), "items per modality and split")
 
 
 @app.command()
@@ -221,16 +240,26 @@ def evaluate(
     --count-boundary), matching is Hungarian, F1 is 0 without true positives, and the
     score is the mean over images, exactly as the official evaluation script.
     """
+    from cellst.metrics.report import format_table
     from cellst.metrics.sources import evaluate_sources
 
     cfg = _load(config, set_)
     boundary = cfg.evaluate.count_boundary if count_boundary is None else count_boundary
-    report = evaluate_sources(
-        gt, pred, out, pred_set=pred_set, gt_split=gt_split, count_boundary=boundary
-    )
-    from cellst.metrics.report import format_table
-
-    console.print(format_table(report))
+    try:
+        report = evaluate_sources(
+            gt,
+            pred,
+            out,
+            pred_set=pred_set,
+            gt_split=gt_split,
+            count_boundary=boundary,
+            iou_threshold=cfg.evaluate.iou_threshold,
+            progress=sys.stderr.isatty(),
+        )
+    except ValueError as exc:  # a label file that is no instance map, mismatched shapes
+        _fail(str(exc), code=2)
+    _warn_unmatched(report, pred, pred_set)
+    print_whole(format_table(report))
     console.print(
         f"mean F1 = [bold]{report['f1']:.4f}[/] over {report['count']} images; "
         f"report in {out}/metrics.json"
@@ -316,6 +345,123 @@ def predict(
             f"set {set_name!r}: {len(s)} items, {int(s['n_instances'].sum())} instances, "
             f"mean {s['n_instances'].mean():.1f} per image"
         )
+
+
+@app.command()
+@user_errors
+def segment(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="image files and/or folders of images (tif, png, bmp, jpg)"),
+    ],
+    checkpoint: Annotated[
+        Path, typer.Option(help="checkpoint folder (model.json + model.pt)", show_default=False)
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="output folder (default: beside each image)"),
+    ] = None,
+    save_png: Annotated[
+        bool, typer.Option("--save-png", help="also write NAME_overlay.png (outlines, ids)")
+    ] = False,
+    save_csv: Annotated[
+        bool, typer.Option("--save-csv", help="also write per-cell measurements NAME_cells.csv")
+    ] = False,
+    save_geojson: Annotated[
+        bool, typer.Option("--save-geojson", help="also write NAME.geojson (QuPath detections)")
+    ] = False,
+    save_ome_zarr: Annotated[
+        bool, typer.Option("--save-ome-zarr", help="also write NAME.ome.zarr (image + labels)")
+    ] = False,
+    tta: Annotated[
+        bool | None, typer.Option("--tta/--no-tta", help="flip test-time augmentation")
+    ] = None,
+    exclude_on_edges: Annotated[
+        bool | None,
+        typer.Option("--exclude-on-edges", help="drop cells touching the image border"),
+    ] = None,
+    min_size: Annotated[
+        int | None, typer.Option(min=0, help="drop cells of fewer pixels (after post-processing)")
+    ] = None,
+    mask_threshold: Annotated[
+        float | None, typer.Option(help="foreground probability threshold (default: calibrated)")
+    ] = None,
+    marker_threshold: Annotated[
+        float | None, typer.Option(help="marker border-energy threshold (default: calibrated)")
+    ] = None,
+    sobel_kernel: Annotated[
+        int | None,
+        typer.Option(help="odd Sobel kernel size of the watershed (default: calibrated)"),
+    ] = None,
+    ray: Annotated[
+        bool | None,
+        typer.Option(
+            "--ray/--in-process",
+            help="run on Ray (the `cellst predict` path) or in this process; default: by size",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="in-process torch device (default: cuda if available)")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    ray_address: RayOpt = None,
+) -> None:
+    """Segment image files: NAME_label.tiff per image, plus overlays and exports on request.
+
+    Images are normalised as `cellst ingest` stores them, predicted, and post-processed with
+    the checkpoint's calibrated thresholds unless given here, with --set or in the YAML.
+    Small jobs run in this process without starting Ray; large ones (settings
+    segment.in_process_max_images / _mpx) or --ray use the distributed `cellst predict`
+    path. An image that cannot be read is named and the others are written (exit code 1).
+    """
+    from cellst.inference.segment import SegmentError
+    from cellst.inference.segment import segment as run_segment
+
+    options = {
+        "postprocess.mask_threshold": mask_threshold,
+        "postprocess.marker_threshold": marker_threshold,
+        "postprocess.sobel_kernel": sobel_kernel,
+        "inference.tta": tta,
+        "segment.exclude_on_edges": exclude_on_edges,
+        "segment.min_size": min_size,
+        "segment.save_png": save_png or None,
+        "segment.save_csv": save_csv or None,
+        "segment.save_geojson": save_geojson or None,
+        "segment.save_ome_zarr": save_ome_zarr or None,
+    }
+    # as overrides after --set: options win, and a bad value is a ConfigError naming the field
+    given = [f"{k}={json.dumps(v)}" for k, v in options.items() if v is not None]
+    cfg = _load(config, [*(set_ or []), *given])
+
+    def started(paths: list[Path], distributed: bool) -> None:
+        how = "on Ray" if distributed else "in this process"
+        console.print(f"segmenting {len(paths)} image(s) {how}", highlight=False)
+
+    try:
+        result = run_segment(
+            inputs,
+            checkpoint,
+            out_dir=out,
+            infer=cfg.inference,
+            post=cfg.postprocess,
+            segment_cfg=cfg.segment,
+            ingest=cfg.ingest,
+            resources=cfg.predict,
+            ray=ray,
+            ray_address=ray_address,
+            device=device,
+            on_start=started,
+        )
+    except SegmentError as exc:
+        _fail(str(exc), code=2)
+    console.print(result.postprocess_note, highlight=False, markup=False, soft_wrap=True)
+    where = f"in {out}" if out is not None else "beside each image"
+    console.print(f"[green]done:[/] {result.summary()}; outputs {where}", soft_wrap=True)
+    if result.failed:
+        for _, why in result.failed:
+            err_console.print(why, highlight=False, markup=False, soft_wrap=True)
+        _fail(result.failure_message())
 
 
 @app.command()
@@ -472,7 +618,7 @@ def _stpp_status(run_dir: Path) -> None:
             (rec.mlflow_run_id or "")[:8],
             outputs_summary(rec) or (rec.error or "")[:200] or TITLES[rec.name],
         )
-    console.print(table)
+    print_whole(table)
     done = sum(r.status == "done" for r in records)
     console.print(f"{done}/{len(STAGES)} stages done", highlight=False)
     ui = mlflow_ui_command(meta.get("tracking_uri"))
@@ -518,7 +664,7 @@ def tune(
                 if k != "mlflow_run_id"
             ]
         )
-    console.print(table)
+    print_whole(table)
     sets = " ".join(f"--set {k}={v!r}" for k, v in result.best_params.items())
     if result.baseline_score is not None:
         console.print(f"current settings: {result.metric} {result.baseline_score:.4f}")
@@ -533,10 +679,129 @@ def tune(
         )
 
 
+@app.command()
+@user_errors
+def export(
+    store: Annotated[Path, typer.Argument(help="a cellst store")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the NAME.ome.zarr groups")],
+    item: Annotated[
+        list[str] | None, typer.Option("--item", help="item id to export (repeatable); all")
+    ] = None,
+    pseudo: Annotated[
+        bool, typer.Option("--pseudo/--no-pseudo", help="add pseudo-label sets as label images")
+    ] = True,
+    measure: Annotated[
+        bool, typer.Option("--measure/--no-measure", help="per-cell measurements as properties")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="rewrite every export")] = False,
+) -> None:
+    """Export store items as OME-Zarr (NGFF 0.5): image, ground truth and pseudo-labels.
+
+    One OUT/<item>.ome.zarr per item, readable by napari (pip install 'cellst[napari]'),
+    the ome-zarr package, Fiji (MoBIE / n5-viewer) and QuPath's OME-Zarr support. Label
+    images carry colours and the per-cell measurements. Re-running skips unchanged items.
+    """
+    from cellst.data.store import CellStore
+    from cellst.export.omezarr import export_store
+
+    CellStore(store, lease=False)  # a clear error for a folder that is not a store
+    written = export_store(
+        store,
+        out,
+        items=item or None,
+        include_pseudo=pseudo,
+        overwrite=overwrite,
+        measure=measure,
+        progress=sys.stderr.isatty(),
+    )
+    console.print(f"{len(written)} OME-Zarr groups in {out}", highlight=False)
+
+
+@app.command()
+@user_errors
+def compare(
+    experiment: Annotated[
+        list[str] | None,
+        typer.Option("--experiment", "-e", help="experiment name (repeatable); default: all"),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="server URL, sqlite:/// URI, mlflow.db file or runs folder; default: "
+            "$MLFLOW_TRACKING_URI, else every mlflow.db under runs/",
+        ),
+    ] = None,
+    sort: Annotated[
+        str, typer.Option(help="column to sort by: test_f1, val_f1/<modality>, train.lr...")
+    ] = "test_f1",
+    ascending: Annotated[bool, typer.Option("--ascending", help="smallest first")] = False,
+    kind: Annotated[
+        list[str] | None,
+        typer.Option(help="pipeline, train, sweep, trial, stage, other or all (repeatable)"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="show the first N runs")] = 50,
+    out: Annotated[Path | None, typer.Option(help="folder for compare.csv and compare.png")] = None,
+) -> None:
+    """Compare MLflow runs without a browser: test and validation F1 per modality, each
+    run's stage, and only the config fields that differ between the runs shown."""
+    from cellst.tracking.compare import compare_command
+
+    compare_command(experiment, tracking_uri, sort, out, limit, kind, ascending)
+
+
+def _warn_unmatched(report: dict, pred: Path, pred_set: str | None) -> None:
+    """One warning per ground-truth image without prediction and per extra prediction."""
+    files: dict[str, Path] = {}
+    if pred_set is None and pred.is_dir():
+        from cellst.metrics.report import load_label_folder
+
+        with contextlib.suppress(Exception):
+            files = load_label_folder(pred)
+    where = f"set {pred_set!r} of {pred}" if pred_set else str(pred)
+    for name in report.get("missing", []):
+        err_console.print(
+            f"[yellow]warning:[/] no prediction for {name!r} in {where} (scored as F1 0)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for name in report.get("extra", []):
+        what = str(files[name]) if name in files else f"{name!r} in {where}"
+        err_console.print(
+            f"[yellow]warning:[/] prediction {what} has no ground truth (not scored)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def print_whole(renderable, out: Console | None = None) -> None:
+    """Print a table at its natural width, never cut or wrapped at the console's width.
+
+    On a terminal rich fits the table to the window; piped or logged output (where rich
+    would cut at the console width) gets a console as wide as the table needs.
+    """
+    out = out or console
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    need = out.measure(renderable, options=out.options.update_width(100_000)).maximum
+    if need <= out.width:
+        out.print(renderable)
+        return
+    Console(file=out.file, width=need, no_color=out.no_color, highlight=False).print(renderable)
+
+
 def _print_f1_table(df) -> None:
     from cellst.stpp.pipeline import format_f1_table
 
-    console.print(format_f1_table(df))
+    print_whole(format_f1_table(df))
+
+
+def _items_table(manifest):
+    """Items per modality (rows) and split (columns) of a store manifest."""
+    return manifest.pivot_table(
+        index="modality", columns="split", values="id", aggfunc="count", fill_value=0
+    )
 
 
 def _print_frame(df, title: str) -> None:
@@ -546,7 +811,7 @@ def _print_frame(df, title: str) -> None:
         table.add_column(str(c), justify="right")
     for idx, row in df.iterrows():
         table.add_row(str(idx), *[str(v) for v in row])
-    console.print(table)
+    print_whole(table)
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
 """The whole-experiment configuration: one section per stage of the data flow.
 
 Each stage owns its section's model (ingest, data streams, model, augmentation, loss,
-inference, post-processing, batch prediction, evaluation, ST++, Tune sweeps); this module only assembles them,
-so stage modules can import :class:`cellst.config.Section` without import cycles.
+inference, post-processing, batch prediction, segmentation of image files, evaluation,
+ST++, Tune sweeps); this module only assembles them, so stage modules can import
+:class:`cellst.config.Section` without import cycles. The schemas live in torch- and
+Ray-free modules, so loading a configuration imports neither.
 """
 
 from __future__ import annotations
@@ -10,12 +12,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from cellst.config import DataConfig, EvaluateConfig, IngestConfig, Section
-from cellst.inference.batch import PredictConfig
-from cellst.inference.predictor import InferenceConfig
-from cellst.model.augment import AugmentConfig
-from cellst.model.loss import LossConfig
-from cellst.model.networks import ModelConfig
-from cellst.postprocess import PostprocessConfig
+from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
+from cellst.model.config import AugmentConfig, LossConfig, ModelConfig
+from cellst.postprocess.config import PostprocessConfig
 from cellst.stpp.config import StppConfig
 from cellst.tracking.config import TrackingConfig
 from cellst.train.config import TrainConfig
@@ -35,6 +34,7 @@ class ExperimentConfig(Section):
     inference: InferenceConfig = InferenceConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
     predict: PredictConfig = PredictConfig()
+    segment: SegmentConfig = SegmentConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()

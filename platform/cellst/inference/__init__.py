@@ -1,5 +1,25 @@
-"""Inference stage: whole-image prediction and distributed batch prediction (`cellst predict`)."""
+"""Inference stage: whole-image prediction, distributed batch prediction (`cellst predict`)
+and in-process segmentation of image files (`cellst segment`).
 
-from cellst.inference.predictor import InferenceConfig, predict_maps
+Names are imported lazily, so the torch-free section schemas
+(:mod:`cellst.inference.config`) can be read without importing torch.
+"""
 
-__all__ = ["InferenceConfig", "predict_maps"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cellst._lazy import lazy_getattr
+
+_NAMES = {"InferenceConfig": "config", "PredictConfig": "config", "predict_maps": "predictor"}
+__all__ = [
+    "InferenceConfig",
+    "PredictConfig",
+    "predict_maps",
+]
+
+if TYPE_CHECKING:
+    from cellst.inference.config import InferenceConfig, PredictConfig
+    from cellst.inference.predictor import predict_maps
+
+__getattr__ = lazy_getattr(__name__, _NAMES)

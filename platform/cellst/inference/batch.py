@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from cellst.data.datasource import READ_CPUS
@@ -54,7 +53,7 @@ from cellst.data.store import (
     remove_tree,
     write_array,
 )
-from cellst.inference.predictor import InferenceConfig
+from cellst.inference.config import InferenceConfig, PredictConfig
 
 SET_META = PSEUDO_SET_META
 ITEMS = "items.parquet"
@@ -68,17 +67,6 @@ class PredictError(StoreError):
     def __init__(self, message: str, result: PredictResult):
         super().__init__(message)
         self.result = result
-
-
-class PredictConfig(BaseModel):
-    """Resources of the batch-prediction actor pool."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    num_actors: int = Field(1, ge=1, description="model replicas (actors)")
-    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor; 0 runs on CPU")
-    num_cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor")
-    postprocess_cpus: float = Field(1, gt=0, description="CPUs per post-processing task")
 
 
 @dataclass

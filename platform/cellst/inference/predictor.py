@@ -23,27 +23,11 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
-from pydantic import BaseModel, ConfigDict, Field
+
+from cellst.inference.config import InferenceConfig
 
 NP_KEY = "nucleus_prediction"
 HV_KEY = "horizontal_vertical"
-
-
-class InferenceConfig(BaseModel):
-    """How whole images are run through the network."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    roi: int = Field(
-        256, ge=32, description="sliding-window size for hovernet-lite (multiple of 32)"
-    )
-    overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap fraction")
-    sw_batch_size: int = Field(8, ge=1, description="windows per forward pass")
-    tta: bool = Field(False, description="flip test-time augmentation (4 flips)")
-    block: int = Field(2048, ge=256, description="images larger than this run block by block")
-    block_margin: int = Field(128, ge=0, description="context kept around each block")
-    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
 
 
 def to_input(image: np.ndarray) -> torch.Tensor:
@@ -84,6 +68,8 @@ def _run_windows(model: torch.nn.Module, x: torch.Tensor, cfg: InferenceConfig) 
     """Sliding-window prediction of one ``(1, 3, H, W)`` tensor; outputs have its size."""
     in_size = getattr(model, "input_size", None)
     if in_size is None:
+        from monai.inferers import sliding_window_inference
+
         roi = cfg.roi
         h, w = x.shape[-2:]
         # pad to a multiple of 32 (the lite network's stride) and at least one window

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cellst.metrics.instance import SCORE_KEYS, image_scores, summarize
+from cellst.metrics.instance import SCORE_KEYS, _as_labels, image_scores, summarize
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -160,6 +160,10 @@ def _read_labels(path: Path) -> np.ndarray:
         arr = arr.reshape([n for n in arr.shape if n != 1] or [1, 1])
     if arr.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D label image, got shape {arr.shape}")
+    try:  # checked here, where the file is known (scoring names only "gt" or "pred")
+        _as_labels(arr, str(path))
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
     return arr
 
 

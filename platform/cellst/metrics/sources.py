@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellst.data.store import MANIFEST, CellStore, StoreError
 from cellst.metrics.report import _read_labels, evaluate_pairs, load_label_folder, write_report
+
+#: :data:`cellst.data.store.MANIFEST`, named here so that scoring folders of label files
+#: does not import the store (zarr and pandas, about a second)
+_MANIFEST = "manifest.parquet"
 
 
 @dataclass
@@ -30,7 +33,7 @@ class LabelSource:
 
 def is_store(path: str | Path) -> bool:
     """Whether ``path`` is a cellst store (has a manifest)."""
-    return (Path(path) / MANIFEST).is_file()
+    return (Path(path) / _MANIFEST).is_file()
 
 
 def _folder_modalities(folder: Path) -> dict[str, str]:
@@ -59,6 +62,8 @@ def open_labels(
     """
     path = Path(path)
     if is_store(path):
+        from cellst.data.store import CellStore, StoreError
+
         store = CellStore(path)
         mods = dict(zip(store.manifest["id"], store.manifest["modality"], strict=True))
         if pseudo_set is not None:
@@ -71,6 +76,8 @@ def open_labels(
         loaders = {i: (lambda i=i: store.label(i)) for i in df["id"]}
         return LabelSource(f"{path} (split {split})", loaders, mods)
     if pseudo_set is not None:
+        from cellst.data.store import StoreError
+
         raise StoreError(f"--pred-set needs a store, but {path} is a folder")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither a folder of label TIFFs nor a cellst store")

@@ -31,23 +31,13 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 from monai.transforms import SobelGradients
-from pydantic import Field
 
-from cellst.config import Section
+from cellst.model.config import LossConfig
 from cellst.model.networks import HV_KEY, NP_KEY
 
 __all__ = ["HoVerLoss", "LossConfig", "center_crop"]
 
 _SOBEL_REACH = 2  # the 5x5 Sobel kernel reads 2 pixels on each side
-
-
-class LossConfig(Section):
-    """Weights of the HoVer-Net loss terms (defaults: MONAI HoVerNetLoss)."""
-
-    hv_mse: float = Field(2.0, ge=0, description="weight of the HV map MSE")
-    hv_mse_grad: float = Field(1.0, ge=0, description="weight of the HV Sobel-gradient MSE")
-    np_ce: float = Field(1.0, ge=0, description="weight of the NP cross-entropy")
-    np_dice: float = Field(1.0, ge=0, description="weight of the NP Dice loss")
 
 
 def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

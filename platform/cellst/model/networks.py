@@ -31,9 +31,8 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from monai.networks.nets import HoVerNet
 from monai.utils.enums import HoVerNetBranch
-from pydantic import Field, model_validator
 
-from cellst.config import Section
+from cellst.model.config import ModelConfig
 
 __all__ = [
     "HV_KEY",
@@ -48,50 +47,10 @@ __all__ = [
 NP_KEY: str = HoVerNetBranch.NP.value  # "nucleus_prediction"
 HV_KEY: str = HoVerNetBranch.HV.value  # "horizontal_vertical"
 
-ModelName = Literal["hovernet-lite", "hovernet-fast", "hovernet-original"]
-
 # channel multipliers of the lite encoder levels at 1/2, 1/4, 1/8, 1/16 and 1/32 resolution
 _LITE_MULT = (1, 2, 4, 8, 12)
 _ACT = ("relu", {"inplace": True})
 _NORM = "batch"
-
-
-class ModelConfig(Section):
-    """Which network to build. ``width`` only affects ``hovernet-lite``."""
-
-    name: ModelName = Field("hovernet-lite", description="network architecture")
-    width: int = Field(16, ge=4, le=128, description="hovernet-lite base channels (1/2 resolution)")
-    in_channels: int = Field(3, ge=1, le=16, description="input image channels")
-    pretrained_url: str | None = Field(
-        None,
-        description="hovernet-fast/original only: URL or path of preact-ResNet50 encoder weights "
-        "(MONAI HoVerNet pretrained_url)",
-    )
-    freeze_encoder: bool = Field(False, description="do not train the encoder weights")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability inside the network")
-    decoder_padding: bool = Field(
-        False, description="hovernet-fast only: padded decoder convs, output size == input size"
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ModelConfig:
-        if self.name == "hovernet-lite" and self.pretrained_url is not None:
-            raise ValueError(
-                "pretrained_url is only supported for hovernet-fast/hovernet-original "
-                "(MONAI preact-ResNet50 encoder weights); hovernet-lite trains from scratch"
-            )
-        if self.decoder_padding and self.name != "hovernet-fast":
-            raise ValueError(f"decoder_padding only applies to hovernet-fast, not {self.name}")
-        return self
-
-    def architecture(self) -> dict[str, object]:
-        """The fields that determine the parameter tensors (checkpoint compatibility)."""
-        arch: dict[str, object] = {"name": self.name, "in_channels": self.in_channels}
-        if self.name == "hovernet-lite":
-            arch["width"] = self.width
-        else:
-            arch["decoder_padding"] = self.decoder_padding
-        return arch
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,0 +1,453 @@
+"""OME-Zarr (NGFF 0.5 on zarr v3) images with label images, and the store exporter.
+
+One ``NAME.ome.zarr`` group holds an image as a ``c, y, x`` multiscale (a 2x pyramid for
+images over ``pyramid_threshold`` pixels) and a ``labels/`` group whose label images
+(``c, y, x`` with ``c = 1``, the same pyramid levels, as the spec and ``ome-zarr-models``
+ask) carry ``image-label`` metadata: a deterministic colour and a ``properties`` row (the
+per-cell measurements) per label value. Any NGFF 0.5 client (``ome-zarr``, napari,
+``ome-zarr-models``) opens it; the layout is::
+
+    NAME.ome.zarr/
+      zarr.json                 {"ome": {"version": "0.5", "multiscales": [...]}, "cellst": {...}}
+      0/, 1/, ...               image levels (C, H, W), (C, H/2, W/2), ...
+      labels/zarr.json          {"ome": {"version": "0.5", "labels": [names]}}
+      labels/<name>/zarr.json   {"ome": {"version": "0.5", "image-label": {...}, "multiscales": [...]}}
+      labels/<name>/0/, 1/, ... label levels (1, H, W), ...
+
+The cellst store keeps its own format (manifest, leases, Ray Data reads);
+:func:`export_store` writes one such group per store item, with the ground truth and each
+pseudo-label set holding the item as label images. Every group is built in a staging
+folder and swapped into place (:func:`cellst.fs.staged_dir`), so a reader never sees half
+of one and an interrupted export resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from cellst.fs import staged_dir
+
+NGFF_VERSION = "0.5"
+SUFFIX = ".ome.zarr"
+GROUND_TRUTH = "ground_truth"
+IMAGE_AXES = ("c", "y", "x")
+_AXIS_TYPES = {"c": "channel", "y": "space", "x": "space"}
+_LABEL_KEYS = ("label-value", "label_value", "label")
+
+Properties = Any  # a pandas DataFrame or a list of dicts, one row per label value
+Measure = Callable[[np.ndarray, np.ndarray], Properties]
+
+
+# ----------------------------------------------------------------------------- pyramid
+def _levels(data: np.ndarray, threshold: int, reduce: Callable[[np.ndarray], np.ndarray]):
+    """``data`` (C, H, W) and its 2x reductions until the largest side is <= threshold."""
+    levels = [data]
+    while max(levels[-1].shape[1:]) > threshold:
+        levels.append(reduce(levels[-1]))
+    return levels
+
+
+def _mean_2x(level: np.ndarray) -> np.ndarray:
+    """2x2 mean per channel (edge-padded to even sides), cast back to the input dtype."""
+    from skimage.transform import downscale_local_mean
+
+    _, h, w = level.shape
+    out = []
+    for channel in level:
+        padded = np.pad(channel, ((0, h % 2), (0, w % 2)), mode="edge")
+        mean = downscale_local_mean(padded, (2, 2))
+        if np.issubdtype(level.dtype, np.integer):
+            info = np.iinfo(level.dtype)
+            mean = np.clip(np.rint(mean), info.min, info.max)
+        out.append(mean.astype(level.dtype))
+    return np.stack(out)
+
+
+def _nearest_2x(level: np.ndarray) -> np.ndarray:
+    """Every second pixel: label values stay label values (no blending of two cells)."""
+    return np.ascontiguousarray(level[:, ::2, ::2])
+
+
+# ----------------------------------------------------------------------------- metadata
+def _axes(unit: str | None) -> list[dict[str, str]]:
+    axes = []
+    for name in IMAGE_AXES:
+        axis = {"name": name, "type": _AXIS_TYPES[name]}
+        if unit and axis["type"] == "space":
+            axis["unit"] = unit
+        axes.append(axis)
+    return axes
+
+
+def _multiscale(
+    name: str, n_levels: int, pixel_size: float, unit: str | None, kind: str, method: str
+) -> dict[str, Any]:
+    """One ``multiscales`` entry: level ``k`` is scaled by ``pixel_size * 2**k`` in y, x."""
+    datasets = [
+        {
+            "path": str(k),
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, pixel_size * 2**k, pixel_size * 2**k]}
+            ],
+        }
+        for k in range(n_levels)
+    ]
+    return {
+        "name": name,
+        "axes": _axes(unit),
+        "datasets": datasets,
+        "type": kind,
+        "metadata": {"method": method},
+    }
+
+
+def label_color(value: int) -> list[int]:
+    """A deterministic, well-spread RGBA colour for a label value (golden-ratio hues)."""
+    hue = (int(value) * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.65, 0.95)
+    return [round(r * 255), round(g * 255), round(b * 255), 255]
+
+
+def _json_value(x: Any) -> Any:
+    """A JSON-safe scalar: numpy scalars unwrapped, NaN/inf as null, others as str."""
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    return str(x)
+
+
+def _property_rows(properties: Properties | None, where: str) -> dict[int, dict[str, Any]]:
+    """Rows of a measurement table keyed by label value (its ``label``/``label-value``)."""
+    if properties is None:
+        return {}
+    records = properties.to_dict("records") if hasattr(properties, "to_dict") else list(properties)
+    rows: dict[int, dict[str, Any]] = {}
+    for rec in records:
+        key = next((k for k in _LABEL_KEYS if k in rec), None)
+        if key is None:
+            raise ValueError(f"properties of {where} need a 'label' column (the label value)")
+        value = int(rec[key])
+        row = {str(k): _json_value(v) for k, v in rec.items() if k not in _LABEL_KEYS}
+        rows[value] = {"label-value": value, **row}
+    return rows
+
+
+def _image_label(label: np.ndarray, properties: Properties | None, name: str) -> dict[str, Any]:
+    """``image-label`` metadata: one colour and one properties row per label value present
+    (values without measurements get a row with ``label-value`` only, since the spec ties
+    the two lists to the same set of values)."""
+    values = [int(v) for v in np.unique(label) if v != 0]
+    rows = _property_rows(properties, f"label {name!r}")
+    return {
+        "version": NGFF_VERSION,
+        "colors": [{"label-value": v, "rgba": label_color(v)} for v in values],
+        "properties": [rows.get(v, {"label-value": v}) for v in values],
+        "source": {"image": "../../"},
+    }
+
+
+# ----------------------------------------------------------------------------- writing
+def _as_cyx(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype == bool:
+        image = image.astype(np.uint8)
+    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise ValueError(f"image dtype {image.dtype} is neither integer nor float")
+    if image.ndim == 2:
+        return image[None]
+    if image.ndim == 3:
+        return np.moveaxis(image, -1, 0)
+    raise ValueError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
+
+
+def _write_levels(group: zarr.Group, levels: Sequence[np.ndarray], chunk: int) -> None:
+    for k, level in enumerate(levels):
+        chunks = tuple(min(c, s) for c, s in zip((1, chunk, chunk), level.shape, strict=True))
+        group.create_array(
+            str(k),
+            data=level,
+            chunks=chunks,
+            compressors=ZstdCodec(level=3),
+            dimension_names=IMAGE_AXES,
+        )
+
+
+def write_ome_zarr(
+    path: str | os.PathLike[str],
+    image: np.ndarray,
+    labels: Mapping[str, np.ndarray] | None = None,
+    properties: Mapping[str, Properties] | None = None,
+    name: str = "",
+    pyramid_threshold: int = 2048,
+    chunk: int = 256,
+    *,
+    pixel_size: float = 1.0,
+    unit: str | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    label_attributes: Mapping[str, Mapping[str, Any]] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write an image and its label images as one OME-Zarr (NGFF 0.5, zarr v3) group.
+
+    Parameters
+    ----------
+    path : path-like
+        The group folder (by convention ``NAME.ome.zarr``); built in a staging folder and
+        swapped into place.
+    image : ndarray
+        ``(H, W)`` or ``(H, W, C)``, any integer or float dtype; stored as ``c, y, x``.
+    labels : mapping, optional
+        Label image name -> ``(H, W)`` integer instance map (0 is background).
+    properties : mapping, optional
+        Label image name -> per-cell measurements (a DataFrame or a list of dicts with a
+        ``label`` or ``label-value`` column), stored as ``image-label`` ``properties``.
+    name : str
+        Name of the multiscale (default: the folder name without ``.ome.zarr``).
+    pyramid_threshold : int
+        Images whose largest side exceeds this get 2x levels until it is at most this.
+    chunk : int
+        Spatial chunk side.
+    pixel_size, unit : float, str, optional
+        Physical size of a level-0 pixel in ``unit`` (e.g. ``"micrometer"``); 1 pixel and
+        no unit by default.
+    attributes : mapping, optional
+        Extra root attributes (kept beside ``ome``, e.g. provenance under ``cellst``).
+    label_attributes : mapping, optional
+        Label name -> extra attributes of that label image group.
+    overwrite : bool
+        Replace an existing group (default); else :class:`FileExistsError`.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path = Path(path)
+    data = _as_cyx(image)
+    height, width = data.shape[1:]
+    labels = dict(labels or {})
+    properties = dict(properties or {})
+    unknown = sorted(set(properties) - set(labels))
+    if unknown:
+        raise ValueError(f"properties given for labels that are not written: {unknown}")
+    label_cyx = {}
+    for key, label in labels.items():
+        label = np.asarray(label)
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"invalid label image name {key!r}")
+        if not np.issubdtype(label.dtype, np.integer):
+            raise ValueError(f"label {key!r} must be an integer array, got {label.dtype}")
+        if label.shape != (height, width):
+            raise ValueError(
+                f"label {key!r} has shape {label.shape}, the image is {(height, width)}"
+            )
+        label_cyx[key] = label[None]
+    name = name or path.name.removesuffix(SUFFIX).removesuffix(".zarr")
+
+    levels = _levels(data, pyramid_threshold, _mean_2x)
+    with staged_dir(path, overwrite=overwrite) as stage:
+        ome = {
+            "version": NGFF_VERSION,
+            "multiscales": [
+                _multiscale(
+                    name,
+                    len(levels),
+                    pixel_size,
+                    unit,
+                    "local_mean",
+                    "skimage.transform.downscale_local_mean",
+                )
+            ],
+        }
+        root = zarr.open_group(
+            stage, mode="w", zarr_format=3, attributes={"ome": ome, **dict(attributes or {})}
+        )
+        _write_levels(root, levels, chunk)
+        if label_cyx:
+            group = root.create_group(
+                "labels", attributes={"ome": {"version": NGFF_VERSION, "labels": list(label_cyx)}}
+            )
+            for key, label in label_cyx.items():
+                label_ome = {
+                    "version": NGFF_VERSION,
+                    "image-label": _image_label(label, properties.get(key), key),
+                    "multiscales": [
+                        _multiscale(key, len(levels), pixel_size, unit, "nearest", "stride 2")
+                    ],
+                }
+                extra = dict((label_attributes or {}).get(key, {}))
+                sub = group.create_group(key, attributes={"ome": label_ome, **extra})
+                _write_levels(sub, _levels(label, pyramid_threshold, _nearest_2x), chunk)
+    return path
+
+
+# ----------------------------------------------------------------------------- reading
+def _level0(group: zarr.Group) -> zarr.Array:
+    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+    return group[datasets[0]["path"]]
+
+
+def read_ome_zarr(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Level 0 of an OME-Zarr image group as ``(H, W, C)`` and its label images as
+    ``{name: (H, W)}`` (the round trip of :func:`write_ome_zarr`)."""
+    root = zarr.open_group(Path(path), mode="r", zarr_format=3)
+    image = np.moveaxis(_level0(root)[...], 0, -1)
+    labels = {}
+    if "labels" in root:
+        group = root["labels"]
+        for key in group.attrs["ome"]["labels"]:
+            label = _level0(group[key])[...]
+            labels[key] = label.reshape(label.shape[-2:])
+    return image, labels
+
+
+def read_label_metadata(path: str | os.PathLike[str], name: str) -> dict[str, Any]:
+    """The ``image-label`` metadata (colours, properties, source) of one label image."""
+    group = zarr.open_group(Path(path) / "labels" / name, mode="r", zarr_format=3)
+    return dict(group.attrs["ome"].get("image-label", {}))
+
+
+# ----------------------------------------------------------------------------- store export
+def _pseudo_stamp(store: Any, set_name: str, item_id: str) -> str:
+    """What identifies one written pseudo-label (it is rewritten only by a new model):
+    the model's weights digest and the array's write time."""
+    meta = store.pseudo_path(set_name, item_id) / "zarr.json"
+    info = store.pseudo_set_info(set_name)
+    return f"{info.get('weights_sha256', '')}:{meta.stat().st_mtime_ns}"
+
+
+def _read_cellst_attrs(path: Path) -> dict[str, Any] | None:
+    """The ``cellst`` provenance of an existing export, None when it is not one of ours."""
+    try:
+        attrs = zarr.open_group(path, mode="r", zarr_format=3).attrs.asdict()
+    except Exception:  # noqa: BLE001 - unreadable means "not ours"
+        return None
+    cellst = attrs.get("cellst")
+    return cellst if isinstance(cellst, dict) else None
+
+
+def _cell_measurements(label: np.ndarray, image: np.ndarray) -> Any:
+    """The cell table of :mod:`cellst.export.measure` (its owner), without the id column."""
+    from cellst.export.measure import cell_table
+
+    return cell_table(label, image).drop(columns="image_id")
+
+
+def export_store(
+    store_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    items: Iterable[str] | None = None,
+    include_pseudo: bool = True,
+    overwrite: bool = False,
+    *,
+    measure: Measure | bool = True,
+    progress: bool = True,
+    pyramid_threshold: int = 2048,
+) -> list[Path]:
+    """Export store items as ``OUT/<item_id>.ome.zarr`` groups readable by OME-Zarr clients.
+
+    Each group holds the item's image, its ground truth as label image ``ground_truth``
+    (labelled items) and, with ``include_pseudo``, every pseudo-label set holding the item
+    as a label image named after the set. The store is only read.
+
+    Resume: an existing export of an item whose sources are unchanged (same image and
+    label arrays, same pseudo-labels) is skipped; one whose sources changed is rewritten;
+    ``overwrite`` rewrites all. A folder at an output path that is not a cellst export is
+    never replaced unless ``overwrite``.
+
+    Parameters
+    ----------
+    items : iterable of str, optional
+        Item ids to export (all by default); an unknown id is a :class:`StoreError`.
+    measure : callable or bool
+        ``measure(label, image) -> table`` of per-cell measurements (one row per label
+        value, with a ``label`` column), stored as the label images' ``properties``;
+        True (default) uses :func:`cellst.export.measure.cell_table` (shape, position and
+        per-channel intensities), False stores colours and label values only.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    list of Path
+        The group of every requested item, written now or before.
+    """
+    from tqdm.auto import tqdm
+
+    from cellst.data.store import CellStore, StoreError
+
+    if measure is True:
+        measure = _cell_measurements
+    measure = measure or None
+    out_dir = Path(out_dir)
+    outputs: list[Path] = []
+    with CellStore(store_path) as store:
+        ids = list(store.ids() if items is None else items)
+        unknown = [i for i in ids if i not in store]
+        if unknown:
+            raise StoreError(f"no item(s) {unknown} in store {store.root}")
+        sets = store.pseudo_sets() if include_pseudo else []
+        if GROUND_TRUTH in sets:
+            raise StoreError(
+                f"pseudo-label set name {GROUND_TRUTH!r} clashes with the ground truth"
+            )
+        for item_id in tqdm(ids, desc="export", unit="item", disable=not progress):
+            row = store.row(item_id)
+            held = [s for s in sets if (store.pseudo_path(s, item_id) / "zarr.json").is_file()]
+            stamp = {
+                "store": str(store.root),
+                "item": item_id,
+                "split": row.split,
+                "modality": row.modality,
+                "image_array": row.image_array,
+                "label_array": row.label_array,
+                "pseudo": {s: _pseudo_stamp(store, s, item_id) for s in held},
+                "measure": getattr(measure, "__qualname__", type(measure).__name__)
+                if measure
+                else "",
+            }
+            out = out_dir / f"{item_id}{SUFFIX}"
+            outputs.append(out)
+            if out.exists() and not overwrite:
+                old = _read_cellst_attrs(out)
+                if old is None:
+                    raise FileExistsError(
+                        f"{out} exists and is not a cellst export; pass overwrite to replace it"
+                    )
+                if {k: old.get(k) for k in stamp if k != "store"} == {
+                    k: v for k, v in stamp.items() if k != "store"
+                }:
+                    continue
+            image = store.image(item_id)
+            labels: dict[str, np.ndarray] = {}
+            label_attrs: dict[str, dict[str, Any]] = {}
+            if row.label_array:
+                labels[GROUND_TRUTH] = store.label(item_id)
+                label_attrs[GROUND_TRUTH] = {"cellst": {"source": row.label_path}}
+            for s in held:
+                labels[s] = store.pseudo_label(s, item_id)
+                label_attrs[s] = {"cellst": {"pseudo_set": s, **store.pseudo_set_info(s)}}
+            props = {k: measure(v, image) for k, v in labels.items()} if measure else None
+            write_ome_zarr(
+                out,
+                image,
+                labels,
+                props,
+                name=item_id,
+                pyramid_threshold=pyramid_threshold,
+                attributes={"cellst": stamp},
+                label_attributes=label_attrs,
+            )
+    return outputs

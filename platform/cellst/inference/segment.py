@@ -1,0 +1,569 @@
+"""``cellst segment``: image files in, instance maps (and optional exports) out.
+
+The one command a biologist types: files or folders of images in any format
+:mod:`cellst.data.images` reads, a checkpoint, and per image ``NAME_label.tiff`` (the
+challenge format), plus on request an overlay PNG, per-cell measurements, QuPath GeoJSON and
+an OME-Zarr. Each image goes through exactly what the trained model saw and what
+``cellst predict`` does:
+
+1. :func:`~cellst.data.images.read_array` + :func:`~cellst.data.images.normalize_image`
+   with the ``ingest`` section's percentiles (the normalisation of the store);
+2. :func:`~cellst.inference.predictor.predict_maps` (sliding window, optional flip TTA,
+   block-wise for large images);
+3. :func:`~cellst.postprocess.tiled.postprocess_hover` with the effective post-processing:
+   explicit settings (command-line options, ``--set``, the YAML file) win over the
+   checkpoint's calibrated values (:func:`~cellst.postprocess.calibrate.effective_postprocess`),
+   which win over the defaults;
+4. :func:`filter_instances`: cells touching the border (``exclude_on_edges``) and cells
+   smaller than ``min_size`` pixels are dropped, and the rest relabelled ``1..N``.
+
+Small jobs run in this process (:func:`segment_in_process`), so one image costs the imports
+and the model, not a Ray cluster start; larger ones (see
+:class:`~cellst.inference.config.SegmentConfig`) run on Ray with the batch path of ``cellst
+predict`` (:func:`segment_on_ray`). Heavy modules (torch, MONAI, Ray, the exporters) are
+imported only by the functions that need them.
+
+An image that cannot be read or segmented is reported by name while the others are
+written; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cellst.data.images import IMAGE_SUFFIXES, LABEL_SUFFIX, declared_pixels, declared_shape
+from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cellst.config import IngestConfig
+    from cellst.postprocess.config import PostprocessConfig
+
+__all__ = [
+    "OVERLAY_SUFFIX",
+    "SegmentError",
+    "SegmentResult",
+    "collect_images",
+    "filter_instances",
+    "load_segmenter",
+    "overlay_rgb",
+    "segment",
+    "segment_in_process",
+    "segment_on_ray",
+    "use_ray",
+    "write_outputs",
+]
+
+#: suffix of the overlay image (``NAME_overlay.png``); such files are never taken as inputs
+OVERLAY_SUFFIX = "_overlay"
+#: outline colour of the overlay (RGB)
+_OUTLINE = (255, 255, 0)
+
+
+class SegmentError(ValueError):
+    """The request cannot run (a missing input, no images, a bad checkpoint); one line that
+    names the path. Raised before anything is written."""
+
+
+@dataclass
+class SegmentResult:
+    """What a segmentation run did."""
+
+    written: list[str] = field(default_factory=list)  # image names
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    outputs: list[Path] = field(default_factory=list)  # every file or folder written
+    mode: str = "in-process"  # or "ray"
+    seconds: float = 0.0
+    postprocess: dict[str, Any] = field(default_factory=dict)  # the settings used
+    postprocess_note: str = ""  # one line: calibrated or configured
+
+    def summary(self) -> str:
+        failed = f", {len(self.failed)} failed" if self.failed else ""
+        return (
+            f"{len(self.written)} image(s) segmented{failed} in {self.seconds:.1f} s ({self.mode})"
+        )
+
+    def failure_message(self) -> str:
+        """One line: how many images failed (each is named in ``failed``) and were written."""
+        n = len(self.failed)
+        return (
+            f"{n} of {n + len(self.written)} image(s) could not be segmented (named above); "
+            f"the other {len(self.written)} were written"
+        )
+
+
+# ----------------------------------------------------------------------------- inputs
+def _is_input_image(path: Path) -> bool:
+    stem = path.stem
+    return (
+        path.suffix.lower() in IMAGE_SUFFIXES
+        and not path.name.startswith(".")
+        and not stem.endswith(LABEL_SUFFIX)
+        and not stem.endswith(OVERLAY_SUFFIX)
+    )
+
+
+def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The image files named by ``inputs``: files as given, folders listed (not recursively).
+
+    Files whose name ends in ``_label`` or ``_overlay`` (this command's outputs) and hidden
+    files are skipped when listing a folder.
+
+    Raises
+    ------
+    SegmentError
+        An input does not exist, a given file is not an image, a folder holds no image,
+        or two images share a name (their outputs would overwrite each other).
+    """
+    found: list[Path] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.is_file() and _is_input_image(p))
+            if not images:
+                raise SegmentError(
+                    f"{path}: no image files in this folder (expected {', '.join(IMAGE_SUFFIXES)})"
+                )
+            found.extend(images)
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise SegmentError(
+                    f"{path}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})"
+                )
+            found.append(path)
+        else:
+            raise SegmentError(f"{path}: no such file or folder")
+    if not found:
+        raise SegmentError("no input images given")
+    by_name: dict[str, Path] = {}
+    for p in found:
+        if p.stem in by_name and by_name[p.stem].resolve() != p.resolve():
+            raise SegmentError(
+                f"{by_name[p.stem]} and {p} have the same name {p.stem!r}; their outputs "
+                f"({p.stem}_label.tiff) would overwrite each other"
+            )
+        by_name.setdefault(p.stem, p)
+    return list(by_name.values())
+
+
+def use_ray(paths: Sequence[Path], cfg: SegmentConfig) -> bool:
+    """Whether a job is large enough for Ray: more images or megapixels (read from the
+    file headers, no pixel decoded) than ``cfg`` allows in-process."""
+    if len(paths) > cfg.in_process_max_images:
+        return True
+    total = 0
+    for p in paths:
+        try:
+            total += declared_pixels(declared_shape(p))
+        except Exception:  # noqa: BLE001 - a bad file is reported when it is segmented
+            continue
+    return total > cfg.in_process_max_mpx * 1e6
+
+
+def check_checkpoint_dir(checkpoint: str | os.PathLike[str]) -> Path:
+    """Cheap check (no torch import) that ``checkpoint`` is a checkpoint folder."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise SegmentError(f"checkpoint {path}: no such folder")
+    if not (path / "model.json").is_file():
+        raise SegmentError(f"checkpoint {path} is not a cellst checkpoint (no model.json)")
+    return path
+
+
+# ----------------------------------------------------------------------------- model
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_segmenter(
+    checkpoint: str | os.PathLike[str],
+    post: PostprocessConfig | None = None,
+    device: str | None = None,
+) -> tuple[Any, PostprocessConfig, str]:
+    """Load the model of ``checkpoint`` and the effective post-processing.
+
+    Returns ``(model, post, note)``: the model in eval mode on ``device`` (default: CUDA when
+    available, else CPU), the post-processing settings (explicit fields of ``post`` win over
+    the checkpoint's calibrated values, which win over the defaults) and a one-line note
+    saying which were used.
+
+    Raises
+    ------
+    SegmentError
+        The checkpoint is missing, unreadable or does not fit its own model description.
+    """
+    import torch
+
+    from cellst.model.checkpoint import load_model
+    from cellst.postprocess.calibrate import effective_postprocess
+
+    path = check_checkpoint_dir(checkpoint)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, _, _ = load_model(path, map_location=dev)
+        post, note = effective_postprocess(post, path)
+    except Exception as exc:  # noqa: BLE001 - CheckpointError, StoreError, torch errors
+        text = _first_line(exc)
+        raise SegmentError(text if str(path) in text else f"checkpoint {path}: {text}") from None
+    return model, post, note
+
+
+# ----------------------------------------------------------------------------- labels
+def filter_instances(
+    label: np.ndarray, exclude_on_edges: bool = False, min_size: int = 0
+) -> np.ndarray:
+    """Drop cells touching the image border and cells of fewer than ``min_size`` pixels.
+
+    Parameters
+    ----------
+    label : (H, W) ndarray of int
+        Instance map, 0 = background.
+    exclude_on_edges : bool
+        Remove every instance with a pixel in the first or last row or column
+        (:func:`skimage.segmentation.clear_border`).
+    min_size : int
+        Remove instances with fewer pixels (0 keeps all).
+
+    Returns
+    -------
+    ndarray
+        ``(H, W)`` int32, the remaining instances relabelled ``1..N`` in their order.
+    """
+    from cellst.postprocess.hover import relabel_sequential
+
+    lab = np.asarray(label)
+    if lab.ndim != 2:
+        raise ValueError(f"expected a 2-D instance map, got shape {lab.shape}")
+    if exclude_on_edges and lab.size:
+        from skimage.segmentation import clear_border
+
+        lab = clear_border(lab)
+    if min_size > 0 and lab.size:
+        sizes = np.bincount(lab.ravel())
+        small = sizes < min_size
+        small[0] = False
+        if small.any():
+            lab = np.where(small[lab], 0, lab)
+    return relabel_sequential(lab)
+
+
+def overlay_rgb(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """The image (``(H, W, 3) uint8``) with the outline of every instance drawn in."""
+    from skimage.segmentation import find_boundaries
+
+    out = np.array(image, dtype=np.uint8, copy=True)
+    out[find_boundaries(label, mode="inner")] = _OUTLINE
+    return out
+
+
+def _centroids(label: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, y, x)`` of every instance's centroid."""
+    flat = label.ravel()
+    n = int(flat.max()) if flat.size else 0
+    counts = np.bincount(flat, minlength=n + 1)
+    yy, xx = np.indices(label.shape)
+    sy = np.bincount(flat, weights=yy.ravel(), minlength=n + 1)
+    sx = np.bincount(flat, weights=xx.ravel(), minlength=n + 1)
+    ids = np.nonzero(counts[1:])[0] + 1
+    return ids, sy[ids] / counts[ids], sx[ids] / counts[ids]
+
+
+def write_overlay(path: Path, image: np.ndarray, label: np.ndarray) -> Path:
+    """Write ``NAME_overlay.png``: outlines and the id of each cell at its centroid."""
+    from PIL import Image, ImageDraw
+
+    from cellst.fs import atomic_write
+
+    canvas = Image.fromarray(overlay_rgb(image, label))
+    draw = ImageDraw.Draw(canvas)
+    for i, y, x in zip(*_centroids(label), strict=True):
+        text = str(int(i))
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        pos = (x - (right - left) / 2, y - (bottom - top) / 2)
+        draw.text(pos, text, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def write_outputs(
+    name: str,
+    out_dir: Path,
+    label: np.ndarray,
+    raw: np.ndarray | None,
+    image: np.ndarray | None,
+    cfg: SegmentConfig,
+) -> list[Path]:
+    """Write ``NAME_label.tiff`` and the exports ``cfg`` asks for; returns their paths.
+
+    ``raw`` is the image as read (measurements and OME-Zarr keep its values), ``image`` the
+    normalised ``(H, W, 3) uint8`` one (the overlay); either may be None when not needed.
+    """
+    from cellst.data.images import to_hwc, write_label_tiff
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    tiff = out_dir / f"{name}_label.tiff"
+    write_label_tiff(tiff, label)
+    written.append(tiff)
+    if cfg.save_png:
+        written.append(write_overlay(out_dir / f"{name}{OVERLAY_SUFFIX}.png", image, label))
+    table: pd.DataFrame | None = None
+    source = to_hwc(raw, name) if raw is not None else None
+    if cfg.save_csv or cfg.save_ome_zarr or cfg.save_geojson:
+        from cellst.export.measure import cell_table
+
+        table = cell_table(label, source, image_id=name)
+    if cfg.save_csv:
+        from cellst.export.measure import write_image_table
+
+        written.extend(write_image_table(table, out_dir, name).values())
+    if cfg.save_geojson:
+        from cellst.export.geojson import write_geojson
+
+        written.append(
+            write_geojson(label, out_dir / f"{name}.geojson", measurements=table, image_id=name)
+        )
+    if cfg.save_ome_zarr:
+        from cellst.export.omezarr import write_ome_zarr
+
+        written.append(
+            write_ome_zarr(
+                out_dir / f"{name}.ome.zarr",
+                source,
+                labels={"segmentation": label},
+                properties={"segmentation": table},
+            )
+        )
+    return written
+
+
+def _finish_tables(out_dirs: Iterable[Path], cfg: SegmentConfig) -> list[Path]:
+    """The per-run ``cells.csv`` / ``cells.parquet`` of every output folder."""
+    if not cfg.save_csv:
+        return []
+    from cellst.export.measure import combine_tables
+
+    return [p for d in sorted(set(out_dirs)) for p in combine_tables(d).values()]
+
+
+def _out_dir(path: Path, out: Path | None) -> Path:
+    return out if out is not None else path.parent
+
+
+# ----------------------------------------------------------------------------- running
+def _read(path: Path, ingest: IngestConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The image as read and normalised exactly as ``cellst ingest`` stores it."""
+    from cellst.data.images import normalize_image, read_array
+
+    raw = read_array(path, ingest.max_pixels)
+    return raw, normalize_image(raw, ingest.low_percentile, ingest.high_percentile)
+
+
+def _progress(items: Sequence[Path], enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="img", disable=None if enabled else True)
+
+
+def segment_in_process(
+    paths: Sequence[Path],
+    checkpoint: str | os.PathLike[str],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    infer: InferenceConfig | None = None,
+    post: PostprocessConfig | None = None,
+    segment_cfg: SegmentConfig | None = None,
+    ingest: IngestConfig | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> SegmentResult:
+    """Segment ``paths`` one by one in this process (no Ray).
+
+    Parameters are those of :func:`segment`. An image that fails is recorded in the
+    result's ``failed`` (path and reason) and the others are still written.
+    """
+    from cellst.config import IngestConfig
+    from cellst.inference.predictor import predict_maps
+    from cellst.postprocess.tiled import postprocess_hover
+
+    t0 = time.perf_counter()
+    infer = infer or InferenceConfig()
+    cfg = segment_cfg or SegmentConfig()
+    ingest = ingest or IngestConfig()
+    out = Path(out_dir) if out_dir is not None else None
+    model, post, note = load_segmenter(checkpoint, post, device)
+    result = SegmentResult(mode="in-process", postprocess=post.model_dump(), postprocess_note=note)
+    dev = next(model.parameters()).device
+    for path in _progress(paths, progress, "segment"):
+        try:
+            raw, image = _read(path, ingest)
+            prob, hv = predict_maps(model, image, infer, dev)
+            label = postprocess_hover(prob, hv, post)
+            label = filter_instances(label, cfg.exclude_on_edges, cfg.min_size)
+            need_raw = cfg.save_csv or cfg.save_ome_zarr or cfg.save_geojson
+            result.outputs += write_outputs(
+                path.stem, _out_dir(path, out), label, raw if need_raw else None, image, cfg
+            )
+            result.written.append(path.stem)
+        except Exception as exc:  # noqa: BLE001 - this image fails, not the run
+            why = _first_line(exc)
+            result.failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
+    result.outputs += _finish_tables((_out_dir(p, out) for p in paths), cfg)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def segment_on_ray(
+    paths: Sequence[Path],
+    checkpoint: str | os.PathLike[str],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    infer: InferenceConfig | None = None,
+    post: PostprocessConfig | None = None,
+    segment_cfg: SegmentConfig | None = None,
+    ingest: IngestConfig | None = None,
+    resources: PredictConfig | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> SegmentResult:
+    """Segment ``paths`` with the distributed batch path of ``cellst predict``.
+
+    Per output folder, :func:`cellst.inference.batch.predict` writes the post-processed
+    instance maps of the images of each input folder into a hidden staging folder; each
+    map is then filtered (:func:`filter_instances`), written as ``NAME_label.tiff`` with the
+    requested exports, and the staging folder is removed. The post-processing is resolved
+    once here (:func:`~cellst.postprocess.calibrate.effective_postprocess`) and passed as is.
+    """
+    import tifffile
+
+    from cellst.config import IngestConfig
+    from cellst.inference.batch import predict
+    from cellst.postprocess.calibrate import effective_postprocess
+
+    t0 = time.perf_counter()
+    cfg = segment_cfg or SegmentConfig()
+    ingest = ingest or IngestConfig()
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt = check_checkpoint_dir(checkpoint)
+    try:
+        post, note = effective_postprocess(post, ckpt)
+    except Exception as exc:  # noqa: BLE001 - an unreadable postprocess.json
+        raise SegmentError(_first_line(exc)) from None
+    result = SegmentResult(mode="ray", postprocess=post.model_dump(), postprocess_note=note)
+    groups: dict[tuple[Path, Path], list[Path]] = {}
+    for p in paths:
+        groups.setdefault((p.parent, _out_dir(p, out)), []).append(p)
+    for (folder, dest), members in groups.items():
+        dest.mkdir(parents=True, exist_ok=True)
+        staging = dest / f".cellst-segment-{uuid.uuid4().hex[:8]}"
+        try:
+            run = predict(
+                ckpt,
+                folder,
+                out_dir=staging,
+                ids=[p.stem for p in members],
+                infer=infer,
+                post=post,
+                resources=resources,
+                calibrated=False,
+                skip_bad=True,
+                progress=progress,
+                ray_address=ray_address,
+            )
+            by_stem = {p.stem: p for p in members}
+            result.failed += [(str(by_stem.get(i, i)), why) for i, why in run.failed]
+            for name in run.written:
+                path = by_stem[name]
+                try:
+                    label = filter_instances(
+                        tifffile.imread(staging / f"{name}_label.tiff"),
+                        cfg.exclude_on_edges,
+                        cfg.min_size,
+                    )
+                    raw = image = None
+                    if cfg.save_png or cfg.save_csv or cfg.save_geojson or cfg.save_ome_zarr:
+                        raw, image = _read(path, ingest)
+                    result.outputs += write_outputs(name, dest, label, raw, image, cfg)
+                    result.written.append(name)
+                except Exception as exc:  # noqa: BLE001 - this image fails, not the run
+                    result.failed.append((str(path), f"{path}: {_first_line(exc)}"))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    result.outputs += _finish_tables((d for _, d in groups), cfg)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def segment(
+    inputs: Iterable[str | os.PathLike[str]],
+    checkpoint: str | os.PathLike[str],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    infer: InferenceConfig | None = None,
+    post: PostprocessConfig | None = None,
+    segment_cfg: SegmentConfig | None = None,
+    ingest: IngestConfig | None = None,
+    resources: PredictConfig | None = None,
+    ray: bool | None = None,
+    ray_address: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    on_start: Callable[[list[Path], bool], None] | None = None,
+) -> SegmentResult:
+    """Segment image files or folders of images with a checkpoint.
+
+    Parameters
+    ----------
+    inputs : paths
+        Image files and folders of images (see :func:`collect_images`).
+    checkpoint : path
+        A cellst checkpoint folder (``model.json`` + ``model.pt``, optional calibrated
+        ``postprocess.json``).
+    out_dir : path, optional
+        Folder for every output; default: beside each input image.
+    infer, post, segment_cfg, ingest, resources : config sections, optional
+        Inference (sliding window, TTA), post-processing (its explicitly set fields win over
+        the calibrated ones), outputs and filters, normalisation, Ray resources.
+    ray : bool, optional
+        True: run on Ray; False: in this process; None: decide by the job's size
+        (:func:`use_ray`).
+    device : str, optional
+        In-process torch device (default CUDA when available).
+    on_start : callable, optional
+        Called with the images and the Ray decision before the model is loaded.
+
+    Raises
+    ------
+    SegmentError
+        Before anything is written, for a request that cannot run. Images that fail
+        later are in the result's ``failed``.
+    """
+    paths = collect_images(inputs)
+    check_checkpoint_dir(checkpoint)
+    cfg = segment_cfg or SegmentConfig()
+    distributed = use_ray(paths, cfg) if ray is None else ray
+    if on_start is not None:
+        on_start(paths, distributed)
+    common: dict[str, Any] = {
+        "out_dir": out_dir,
+        "infer": infer,
+        "post": post,
+        "segment_cfg": cfg,
+        "ingest": ingest,
+        "progress": progress,
+    }
+    if distributed:
+        return segment_on_ray(
+            paths, checkpoint, resources=resources, ray_address=ray_address, **common
+        )
+    return segment_in_process(paths, checkpoint, device=device, **common)

@@ -1,0 +1,107 @@
+"""`cellst evaluate` on label folders: settings honoured, bad files named, unmatched files warned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from typer.testing import CliRunner
+
+from cellst.cli import app
+
+runner = CliRunner()
+
+
+def _cell(shift: int = 0, dtype=np.uint16) -> np.ndarray:
+    """One 10 x 10 cell in the middle of a 32 x 32 map, shifted right by ``shift``."""
+    lab = np.zeros((32, 32), dtype)
+    lab[11:21, 11 + shift : 21 + shift] = 1
+    return lab
+
+
+def _folders(tmp_path: Path, gt: dict, pred: dict) -> tuple[Path, Path]:
+    g, p = tmp_path / "gt", tmp_path / "pred"
+    for folder, maps in ((g, gt), (p, pred)):
+        folder.mkdir()
+        for name, lab in maps.items():
+            tifffile.imwrite(folder / f"{name}_label.tiff", lab)
+    return g, p
+
+
+def _evaluate(gt: Path, pred: Path, out: Path, *extra: str):
+    return runner.invoke(
+        app, ["evaluate", "--gt", str(gt), "--pred", str(pred), "--out", str(out), *extra]
+    )
+
+
+def test_iou_threshold_setting_is_honoured(tmp_path):
+    # IoU of a 10 x 10 cell and its copy shifted by 2 px: 80 / 120 = 0.67
+    gt, pred = _folders(tmp_path, {"a": _cell()}, {"a": _cell(shift=2)})
+    res = _evaluate(gt, pred, tmp_path / "r1")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r1" / "metrics.json").read_text())["f1"] == 1.0
+    res = _evaluate(gt, pred, tmp_path / "r2", "--set", "evaluate.iou_threshold=0.7")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    assert report["iou_threshold"] == 0.7 and report["f1"] == 0.0
+    assert "IoU >= 0.7" in res.output
+
+
+def test_non_integer_float_label_names_the_file_exit_2(tmp_path):
+    bad = _cell(dtype=np.float32) * 1.5
+    gt, pred = _folders(tmp_path, {"a": _cell()}, {"a": bad})
+    res = _evaluate(gt, pred, tmp_path / "r")
+    assert res.exit_code == 2
+    assert "Traceback" not in res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "non-integer" in lines[0]
+    assert str(pred / "a_label.tiff") in lines[0]
+    # integral floats are fine
+    (pred / "a_label.tiff").unlink()
+    tifffile.imwrite(pred / "a_label.tiff", _cell(dtype=np.float32))
+    assert _evaluate(gt, pred, tmp_path / "r").exit_code == 0
+
+
+def test_missing_and_extra_predictions_are_warned_by_name(tmp_path):
+    gt, pred = _folders(
+        tmp_path,
+        {"a": _cell(), "b": _cell()},
+        {"a": _cell(), "zzz": _cell()},
+    )
+    res = _evaluate(gt, pred, tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert f"warning: no prediction for 'b' in {pred} (scored as F1 0)" in text
+    assert f"warning: prediction {pred / 'zzz_label.tiff'} has no ground truth" in text
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert report["missing"] == ["b"] and report["extra"] == ["zzz"]
+    assert report["f1"] == 0.5  # a scores 1, the missing b scores 0
+
+
+def test_wide_f1_table_is_printed_whole_when_piped():
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from cellst.cli import print_whole
+    from cellst.stpp.pipeline import format_f1_table
+
+    mods = [f"f1_modality_with_a_long_name_{i}" for i in range(6)]
+    df = pd.DataFrame(
+        [
+            {"model": m, "stage_index": i, "f1": 0.5 + i / 10, **dict.fromkeys(mods, 0.123456)}
+            for i, m in enumerate(["supervised", "round1", "round2"])
+        ]
+    )
+    buf = io.StringIO()
+    print_whole(format_f1_table(df), out=Console(file=buf, width=120))
+    text = buf.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) > 120
+    for name in ("supervised (stage 0)", "round1 (stage 1)", "round2 (stage 2)"):
+        row = next(line for line in text.splitlines() if name in line)
+        assert row.count("0.1235") == len(mods)
+    for m in mods:
+        assert m[3:] in text  # every column header, unbroken

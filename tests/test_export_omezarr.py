@@ -1,0 +1,328 @@
+"""OME-Zarr export: real NGFF 0.5 groups checked by third-party clients (``ome-zarr``'s
+reader, ``ome-zarr-models``' validator), and the export of a real ingested store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Label, Labels, Multiscales, Reader
+from ome_zarr_models.v05.image import Image
+from ome_zarr_models.v05.image_label import ImageLabel
+from skimage.measure import regionprops_table
+
+from cellst.data.store import CellStore, StoreError, write_array
+from cellst.export.omezarr import (
+    GROUND_TRUTH,
+    export_store,
+    label_color,
+    read_label_metadata,
+    read_ome_zarr,
+    write_ome_zarr,
+)
+
+
+def measure(label: np.ndarray, image: np.ndarray) -> pd.DataFrame:
+    """Per-cell area and mean intensity (of the first channel)."""
+    grey = image[..., 0] if image.ndim == 3 else image
+    return pd.DataFrame(
+        regionprops_table(label, grey, properties=("label", "area", "intensity_mean"))
+    )
+
+
+def blobs(shape: tuple[int, int], n: int, seed: int) -> np.ndarray:
+    """An int32 instance map with ``n`` rectangles labelled 1..n."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.int32)
+    for v in range(1, n + 1):
+        y, x = rng.integers(0, shape[0] - 12), rng.integers(0, shape[1] - 12)
+        label[y : y + 10, x : x + 10] = v
+    return label
+
+
+def nodes(path: Path) -> dict[str, object]:
+    """ome-zarr's reader: every node it finds under ``path``, by its last path part."""
+    return {n.zarr.basename(): n for n in Reader(parse_url(str(path)))()}
+
+
+def validate(path: Path) -> Image:
+    """ome-zarr-models' validation of the image group (labels included)."""
+    return Image.from_zarr(zarr.open_group(path, mode="r"))
+
+
+# ----------------------------------------------------------------------------- write / read
+def test_round_trip_small_image_labels_and_properties(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 20, (40, 50)).astype(np.float32)
+    cells, other = blobs((40, 50), 3, 1), blobs((40, 50), 2, 2).astype(np.uint16)
+    props = measure(cells, image)
+    out = write_ome_zarr(
+        tmp_path / "a.ome.zarr", image, {"cells": cells, "other": other}, {"cells": props}
+    )
+
+    back, labels = read_ome_zarr(out)
+    assert back.shape == (40, 50, 1) and back.dtype == np.float32
+    np.testing.assert_array_equal(back[..., 0], image)
+    assert set(labels) == {"cells", "other"}
+    np.testing.assert_array_equal(labels["cells"], cells)
+    assert labels["other"].dtype == np.uint16
+    np.testing.assert_array_equal(labels["other"], other)
+
+    attrs = zarr.open_group(out, mode="r").attrs["ome"]
+    assert attrs["version"] == "0.5"
+    ms = attrs["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
+    assert [a["type"] for a in ms["axes"]] == ["channel", "space", "space"]
+    assert len(ms["datasets"]) == 1
+    assert ms["datasets"][0]["coordinateTransformations"] == [
+        {"type": "scale", "scale": [1.0, 1.0, 1.0]}
+    ]
+
+    # ome-zarr's reader sees the image, the labels group and both label images
+    found = nodes(out)
+    img = found["a.ome.zarr"]
+    assert img.load(Multiscales) is not None
+    assert [d.shape for d in img.data] == [(1, 40, 50)]
+    assert img.data[0].dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(img.data[0])[0], image)
+    assert found["labels"].load(Labels) is not None
+    lab = found["cells"]
+    assert lab.load(Label) is not None
+    np.testing.assert_array_equal(np.asarray(lab.data[0])[0], cells)
+    # image-label properties: one row per cell with the measurements
+    expected = {
+        int(r.label): {"area": float(r.area), "intensity_mean": pytest.approx(r.intensity_mean)}
+        for r in props.itertuples()
+    }
+    assert lab.metadata["properties"] == expected
+    assert set(lab.metadata["color"]) == {1, 2, 3}
+    # a label image without measurements still has one property row per value
+    assert sorted(found["other"].metadata["properties"]) == [1, 2]
+
+    meta = read_label_metadata(out, "cells")
+    assert meta["colors"][0] == {"label-value": 1, "rgba": label_color(1)}
+    assert meta["source"] == {"image": "../../"}
+
+    model = validate(out)
+    assert model.labels.label_paths == ["cells", "other"]
+    label_model = model.labels.get_image_labels_group("cells")
+    assert isinstance(label_model, ImageLabel)
+    assert [p.label_value for p in label_model.ome_attributes.image_label.properties] == [1, 2, 3]
+
+
+def test_large_image_gets_a_pyramid_seen_by_ome_zarr(tmp_path):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (2100, 300, 3), dtype=np.uint8)
+    cells = blobs((2100, 300), 20, 3)
+    out = write_ome_zarr(tmp_path / "big.ome.zarr", image, {"cells": cells}, chunk=512)
+
+    found = nodes(out)
+    img, lab = found["big.ome.zarr"], found["cells"]
+    assert [d.shape for d in img.data] == [(3, 2100, 300), (3, 1050, 150)]
+    assert [d.dtype for d in img.data] == [np.uint8, np.uint8]
+    assert [d.shape for d in lab.data] == [(1, 2100, 300), (1, 1050, 150)]
+    assert [d.dtype for d in lab.data] == [np.int32, np.int32]
+    np.testing.assert_array_equal(np.asarray(img.data[0]), image.transpose(2, 0, 1))
+    # level 1 is the 2x2 mean of level 0, label level 1 the nearest (every second) pixel
+    mean = image.reshape(1050, 2, 150, 2, 3).mean(axis=(1, 3))
+    np.testing.assert_array_equal(np.asarray(img.data[1]), np.rint(mean).transpose(2, 0, 1))
+    np.testing.assert_array_equal(np.asarray(lab.data[1])[0], cells[::2, ::2])
+    scales = [t[0]["scale"] for t in img.metadata["coordinateTransformations"]]
+    assert scales == [[1.0, 1.0, 1.0], [1.0, 2.0, 2.0]]
+    assert len(validate(out).ome_attributes.multiscales[0].datasets) == 2
+
+    # at or under the threshold: a single level
+    small = write_ome_zarr(tmp_path / "s.ome.zarr", image[:2048], pyramid_threshold=2048)
+    assert [d.shape for d in nodes(small)["s.ome.zarr"].data] == [(3, 2048, 300)]
+
+
+def _edit_attrs(path: Path, edit) -> None:
+    meta = path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    edit(doc["attributes"])
+    meta.write_text(json.dumps(doc))
+
+
+def test_validator_rejects_broken_metadata(tmp_path):
+    image = np.zeros((32, 32), np.uint8)
+    good = write_ome_zarr(tmp_path / "g.ome.zarr", image, {"cells": blobs((32, 32), 2, 0)})
+    validate(good)
+
+    # image axes that do not match the arrays
+    bad = tmp_path / "axes.ome.zarr"
+    shutil.copytree(good, bad)
+    _edit_attrs(bad, lambda a: a["ome"]["multiscales"][0]["axes"].pop(0))
+    with pytest.raises(ValueError, match="axes"):
+        validate(bad)
+
+    # a label image whose colours repeat a label value
+    bad = tmp_path / "colors.ome.zarr"
+    shutil.copytree(good, bad)
+
+    def dup(a):
+        colors = a["ome"]["image-label"]["colors"]
+        colors[1]["label-value"] = colors[0]["label-value"]
+
+    _edit_attrs(bad / "labels" / "cells", dup)
+    with pytest.raises((ValueError, RuntimeError)):
+        validate(bad)
+
+
+def test_write_is_atomic_and_checks_inputs(tmp_path):
+    image = np.full((16, 16, 2), 7, np.uint16)
+    out = write_ome_zarr(tmp_path / "x.ome.zarr", image, {"cells": blobs((16, 16), 1, 0)})
+    before = read_ome_zarr(out)[0]
+    with pytest.raises(FileExistsError):
+        write_ome_zarr(out, image * 2, overwrite=False)
+    # a failure while the group is being built leaves the previous group and no staging
+    with pytest.raises(ValueError, match="'label' column"):
+        write_ome_zarr(out, image * 2, {"cells": blobs((16, 16), 1, 0)}, {"cells": [{"area": 3}]})
+    np.testing.assert_array_equal(read_ome_zarr(out)[0], before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ome.zarr"]
+    with pytest.raises(ValueError, match="shape"):
+        write_ome_zarr(tmp_path / "y.ome.zarr", image, {"cells": np.zeros((8, 8), np.int32)})
+    with pytest.raises(ValueError, match="integer"):
+        write_ome_zarr(tmp_path / "y.ome.zarr", image, {"cells": np.zeros((16, 16))})
+    assert not (tmp_path / "y.ome.zarr").exists()
+
+
+# ----------------------------------------------------------------------------- store export
+@pytest.fixture
+def store_with_pseudo(store_dir, tmp_path) -> Path:
+    """A copy of the session store with a pseudo-label set holding two items."""
+    root = tmp_path / "store"
+    shutil.copytree(store_dir, root)
+    with CellStore(root) as store:
+        ids = store.ids()[:2]
+        sizes = [(int(store.row(i).height), int(store.row(i).width)) for i in ids]
+    base = root / "pseudo" / "round1"
+    base.mkdir(parents=True)
+    (base / "set.json").write_text(json.dumps({"weights_sha256": "abc", "model_id": "m"}))
+    for k, (item_id, shape) in enumerate(zip(ids, sizes, strict=True)):
+        write_array(base / item_id, blobs(shape, 4 + k, k))
+    return root
+
+
+def test_export_store_matches_the_store_and_resumes(store_with_pseudo, tmp_path):
+    out = tmp_path / "export"
+    paths = export_store(store_with_pseudo, out, progress=False)
+
+    with CellStore(store_with_pseudo) as store:
+        ids = store.ids()
+        assert [p.name for p in paths] == [f"{i}.ome.zarr" for i in ids]
+        with_pseudo = set(ids[:2])
+        assert all(store.row(i).label_array for i in with_pseudo)  # GT and pseudo together
+        for item_id, path in zip(ids, paths, strict=True):
+            image, labels = read_ome_zarr(path)
+            np.testing.assert_array_equal(image, store.image(item_id))
+            row = store.row(item_id)
+            expected = ([GROUND_TRUTH] if row.label_array else []) + (
+                ["round1"] if item_id in with_pseudo else []
+            )
+            assert list(labels) == expected
+            if row.label_array:
+                np.testing.assert_array_equal(labels[GROUND_TRUTH], store.label(item_id))
+            if item_id in with_pseudo:
+                np.testing.assert_array_equal(
+                    labels["round1"], store.pseudo_label("round1", item_id)
+                )
+            # third-party clients open it too
+            model = validate(path)
+            found = nodes(path)
+            assert found[path.name].data[0].shape == (3, row.height, row.width)
+            for name in expected:
+                assert found[name].data[0].dtype == np.int32
+                # the cell table of cellst.export.measure, one row per cell
+                props = found[name].metadata["properties"]
+                lab = labels[name]
+                assert {v: p["area"] for v, p in props.items()} == {
+                    v: float((lab == v).sum()) for v in np.unique(lab) if v
+                }
+                assert {v: p["mean_intensity_c0"] for v, p in props.items()} == pytest.approx(
+                    {v: image[..., 0][lab == v].mean() for v in np.unique(lab) if v}
+                )
+            assert (model.labels.label_paths if model.labels else []) == expected
+
+        # resume: nothing changed, nothing rewritten
+        stamps = {p: (p / "zarr.json").stat().st_mtime_ns for p in paths}
+        assert export_store(store_with_pseudo, out, progress=False) == paths
+        assert {p: (p / "zarr.json").stat().st_mtime_ns for p in paths} == stamps
+
+        # a pseudo-label added to a third item: only that item is rewritten
+        third = ids[2]
+        shape = (int(store.row(third).height), int(store.row(third).width))
+        write_array(store.pseudo_path("round1", third), blobs(shape, 3, 9))
+        export_store(store_with_pseudo, out, progress=False)
+        changed = {p for p in paths if (p / "zarr.json").stat().st_mtime_ns != stamps[p]}
+        assert changed == {out / f"{third}.ome.zarr"}
+        np.testing.assert_array_equal(
+            read_ome_zarr(out / f"{third}.ome.zarr")[1]["round1"],
+            store.pseudo_label("round1", third),
+        )
+
+        # overwrite rewrites the requested items only
+        export_store(
+            store_with_pseudo, out, items=[ids[0]], overwrite=True, measure=False, progress=False
+        )
+        assert (paths[0] / "zarr.json").stat().st_mtime_ns != stamps[paths[0]]
+        assert "area" not in read_label_metadata(paths[0], "round1")["properties"][0]
+
+    with pytest.raises(StoreError, match="nope"):
+        export_store(store_with_pseudo, out, items=["nope"], progress=False)
+    # a folder that is not a cellst export is never replaced without overwrite
+    foreign = tmp_path / "foreign"
+    (foreign / f"{ids[0]}.ome.zarr").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not a cellst export"):
+        export_store(store_with_pseudo, foreign, items=[ids[0]], progress=False)
+
+
+def test_export_store_without_pseudo(store_with_pseudo, tmp_path):
+    with CellStore(store_with_pseudo) as store:
+        first = store.ids()[0]
+        has_gt = bool(store.row(first).label_array)
+    [path] = export_store(
+        store_with_pseudo, tmp_path / "e", items=[first], include_pseudo=False, progress=False
+    )
+    assert list(read_ome_zarr(path)[1]) == ([GROUND_TRUTH] if has_gt else [])
+
+
+def test_import_is_light():
+    """The exporter and the napari reader load neither the training stack nor Ray."""
+    code = (
+        "import sys, cellst.export.omezarr, cellst.napari.reader; "
+        "print(sorted(m for m in ('torch', 'monai', 'ray', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_export_writes_groups_that_ome_zarr_reads(store_with_pseudo, tmp_path):
+    """`cellst export` end to end, and its one-line refusals (not a store; a foreign folder)."""
+    from typer.testing import CliRunner
+
+    from cellst.cli import app
+
+    runner = CliRunner()
+    store = CellStore(store_with_pseudo, lease=False)
+    one = store.ids("labeled")[0]
+    out = tmp_path / "ome"
+    res = runner.invoke(app, ["export", str(store_with_pseudo), "--out", str(out), "--item", one])
+    assert res.exit_code == 0, res.output
+    assert "1 OME-Zarr groups" in res.output
+    node = list(Reader(parse_url(str(out / f"{one}.ome.zarr")))())[0]
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(node.data[0]), 0, -1), store.image(one))
+    bad = runner.invoke(app, ["export", str(tmp_path), "--out", str(out)])
+    assert bad.exit_code == 1 and "not a cellst store" in bad.output
+    (tmp_path / "foreign" / f"{one}.ome.zarr").mkdir(parents=True)
+    clash = runner.invoke(
+        app, ["export", str(store_with_pseudo), "--out", str(tmp_path / "foreign"), "--item", one]
+    )
+    assert clash.exit_code == 1 and "Traceback" not in clash.output, clash.output

@@ -1,0 +1,104 @@
+"""Start-up: configuration loading and the light commands import neither torch nor Ray.
+
+Each check runs in a fresh interpreter and reads ``sys.modules`` when it exits, so an
+import anywhere on the path (a config section defined in a heavy module, an eager package
+``__init__``) fails it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "ray", "monai", "mlflow")
+
+_REPORT = """
+import atexit, json, sys
+atexit.register(lambda: print("MODULES=" + json.dumps(
+    sorted(m for m in {heavy!r} if m in sys.modules))))
+"""
+
+
+def _heavy_imports(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; the heavy packages imported when it exits."""
+    script = _REPORT.format(heavy=HEAVY) + code
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    marker = [line for line in res.stdout.splitlines() if line.startswith("MODULES=")]
+    assert marker, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return json.loads(marker[-1][len("MODULES=") :])
+
+
+def _cli(*args: str) -> str:
+    return f"""
+from cellst.cli import main
+sys.argv = ["cellst", *{list(args)!r}]
+try:
+    main()
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+"""
+
+
+def test_loading_every_experiment_yaml_imports_no_torch_or_ray():
+    files = sorted(str(p) for p in (ROOT / "experiments").glob("*.yaml"))
+    assert len(files) >= 3
+    code = f"""
+from cellst.config import load_config
+for f in {files!r}:
+    load_config(f)
+"""
+    assert _heavy_imports(code) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--help",), ("info", "--help"), ("evaluate", "--help"), ("segment", "--help")],
+    ids=lambda a: " ".join(a),
+)
+def test_help_imports_no_torch_or_ray(args):
+    assert _heavy_imports(_cli(*args)) == []
+
+
+def test_evaluate_imports_no_torch_or_ray(tmp_path):
+    lab = np.zeros((4, 4), np.uint16)
+    lab[1:3, 1:3] = 1
+    for side in ("gt", "pred"):
+        (tmp_path / side).mkdir()
+        tifffile.imwrite(tmp_path / side / "x_label.tiff", lab)
+    args = ("evaluate", "--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "pred"))
+    code = _cli(*args, "--out", str(tmp_path / "report"), "--count-boundary")
+    assert _heavy_imports(code) == []
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["f1"] == 1.0
+
+
+def test_store_info_imports_no_torch_or_ray(store_dir):
+    from cellst.data.store import MANIFEST
+    from cellst.metrics.sources import _MANIFEST
+
+    assert _MANIFEST == MANIFEST  # how evaluate tells a store without importing the store
+    assert _heavy_imports(_cli("info", str(store_dir))) == []
+
+
+def test_segment_in_process_starts_no_ray(tmp_path):
+    import torch
+    from PIL import Image
+
+    from cellst.model import ModelConfig, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="hovernet-lite", width=4)
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(cfg), cfg)
+    Image.fromarray(np.full((40, 50), 128, np.uint8)).save(tmp_path / "img.png")
+    code = _cli("segment", str(tmp_path / "img.png"), "--checkpoint", str(ckpt))
+    imported = _heavy_imports(code)
+    assert "torch" in imported and "ray" not in imported
+    assert (tmp_path / "img_label.tiff").is_file()  # default: beside the image

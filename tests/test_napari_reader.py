@@ -1,0 +1,120 @@
+"""The napari reader (extra ``cellst[napari]``), driven headless through npe2's reader API:
+the manifest is registered as napari would find it, and ``npe2.read`` returns layer data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from npe2 import PluginManager, PluginManifest, read
+
+import cellst.napari
+from cellst.data.store import CellStore, write_array
+from cellst.export.omezarr import write_ome_zarr
+from cellst.napari.reader import MAX_STORE_ITEMS, STORE_GAP, get_reader
+
+MANIFEST = Path(cellst.napari.__file__).with_name("napari.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin():
+    """Register cellst's npe2 manifest (the file the entry point names)."""
+    pm = PluginManager.instance()
+    manifest = PluginManifest.from_file(MANIFEST)
+    if "cellst" not in pm:
+        pm.register(manifest)
+    yield manifest
+
+
+def layers(path: Path) -> dict[str, tuple]:
+    """``npe2.read`` through the cellst plugin, layers by name."""
+    out = read([str(path)], stack=False, plugin_name="cellst")
+    return {meta["name"]: (data, meta, kind) for data, meta, kind in out}
+
+
+def test_manifest_declares_the_reader(plugin):
+    assert plugin.name == "cellst"
+    [reader] = plugin.contributions.readers
+    assert reader.command == "cellst.get_reader"
+    assert reader.accepts_directories
+    assert "*.ome.zarr" in reader.filename_patterns
+
+
+def test_rgb_image_with_labels_and_pyramid(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (2100, 64, 3), dtype=np.uint8)
+    cells = np.zeros((2100, 64), np.int32)
+    cells[5:20, 5:20], cells[100:140, 10:40] = 1, 2
+    props = [{"label": 1, "area": 225.0}, {"label": 2, "area": 1200.0}]
+    path = write_ome_zarr(tmp_path / "rgb.ome.zarr", image, {"cells": cells}, {"cells": props})
+
+    found = layers(path)
+    assert list(found) == ["rgb", "rgb cells"]
+    data, meta, kind = found["rgb"]
+    assert kind == "image" and meta["rgb"] and meta["multiscale"]
+    assert [d.shape for d in data] == [(2100, 64, 3), (1050, 32, 3)]
+    np.testing.assert_array_equal(np.asarray(data[0]), image)
+    data, meta, kind = found["rgb cells"]
+    assert kind == "labels" and meta["multiscale"]
+    assert [d.shape for d in data] == [(2100, 64), (1050, 32)]
+    np.testing.assert_array_equal(np.asarray(data[0]), cells)
+    assert meta["features"] == {"index": [1, 2], "area": [225.0, 1200.0]}
+
+
+def test_multichannel_and_grey_images(tmp_path):
+    two = np.arange(30 * 20 * 2, dtype=np.uint16).reshape(30, 20, 2)
+    path = write_ome_zarr(tmp_path / "two.ome.zarr", two)
+    [(data, meta, kind)] = read([str(path)], stack=False, plugin_name="cellst")
+    assert kind == "image" and meta["channel_axis"] == 0 and "rgb" not in meta
+    np.testing.assert_array_equal(np.asarray(data), two.transpose(2, 0, 1))
+
+    grey = np.linspace(0, 1, 30 * 20, dtype=np.float32).reshape(30, 20)
+    path = write_ome_zarr(tmp_path / "grey.ome.zarr", grey)
+    [(data, meta, kind)] = read([str(path)], stack=False, plugin_name="cellst")
+    assert data.shape == (30, 20) and "channel_axis" not in meta
+    np.testing.assert_array_equal(np.asarray(data), grey)
+
+
+def test_store_opens_first_items_side_by_side(store_dir, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(store_dir, root)
+    with CellStore(root) as store:
+        ids = store.ids()
+        first = ids[0]
+        shape = (int(store.row(first).height), int(store.row(first).width))
+        base = root / "pseudo" / "round1"
+        base.mkdir(parents=True)
+        (base / "set.json").write_text(json.dumps({}))
+        pseudo = np.zeros(shape, np.int32)
+        pseudo[3:9, 3:9] = 1
+        write_array(base / first, pseudo)
+
+        found = layers(root)
+        shown = ids[:MAX_STORE_ITEMS]
+        assert [n for n, (_, _, k) in found.items() if k == "image"] == shown
+        x = 0.0
+        for item_id in shown:
+            row = store.row(item_id)
+            data, meta, _ = found[item_id]
+            assert meta["rgb"] and meta["translate"] == (0.0, x)
+            np.testing.assert_array_equal(data, store.image(item_id))
+            if row.label_array:
+                gt, gt_meta, kind = found[f"{item_id} ground_truth"]
+                assert kind == "labels" and gt_meta["translate"] == (0.0, x)
+                np.testing.assert_array_equal(gt, store.label(item_id))
+            x += int(row.width) + STORE_GAP
+        data, _, kind = found[f"{first} round1"]
+        assert kind == "labels"
+        np.testing.assert_array_equal(data, pseudo)
+
+
+def test_reader_refuses_other_paths(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "x.tif").write_bytes(b"")
+    assert get_reader(str(tmp_path / "plain")) is None
+    assert get_reader(str(tmp_path / "x.tif")) is None
+    with pytest.raises(ValueError, match="refused"):
+        read([str(tmp_path / "plain")], stack=False, plugin_name="cellst")

@@ -1,0 +1,309 @@
+"""`cellst segment`: image files in, NAME_label.tiff (and exports) out, in-process or on Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cellst.cli import app
+from cellst.config import load_config
+from cellst.data.images import normalize_image, read_array
+from cellst.inference.config import SegmentConfig
+from cellst.inference.predictor import predict_maps
+from cellst.inference.segment import (
+    SegmentError,
+    collect_images,
+    filter_instances,
+    segment,
+    use_ray,
+)
+from cellst.model import ModelConfig, build_model, load_model, save_checkpoint
+from cellst.model.checkpoint import save_postprocess
+from cellst.postprocess import postprocess_hover
+
+runner = CliRunner()
+
+#: (file name, shape, dtype): png and tif, grey and RGB, 8 and 16 bit, sides not multiples of 32
+IMAGES = [
+    ("grey.png", (100, 130), np.uint8),
+    ("rgb.png", (70, 90, 3), np.uint8),
+    ("fluo.tif", (120, 97), np.uint16),
+    ("rgb16.tif", (66, 81, 3), np.uint16),
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained hovernet-lite: enough to run the whole path."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="hovernet-lite", width=4)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lite", build_model(cfg), cfg)
+
+
+def _blobs(shape: tuple[int, ...], dtype, seed: int) -> np.ndarray:
+    """Bright discs on a dim noisy background (something cell-like to segment)."""
+    rng = np.random.default_rng(seed)
+    h, w = shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    img = rng.random((h, w)) * 0.2
+    for _ in range(6):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(5, 12)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 0.9
+    top = 255 if dtype == np.uint8 else 4000
+    img = (img * top).astype(dtype)
+    return np.repeat(img[:, :, None], shape[2], axis=2) if len(shape) == 3 else img
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (name, shape, dtype) in enumerate(IMAGES):
+        arr = _blobs(shape, dtype, i)
+        if name.endswith(".png"):
+            Image.fromarray(arr).save(folder / name)
+        else:
+            tifffile.imwrite(folder / name, arr)
+    return folder
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_filter_instances_removes_edge_and_small_cells_and_relabels():
+    label = np.zeros((12, 12), np.int32)
+    label[0:3, 4:7] = 3  # touches the top edge
+    label[4:8, 4:8] = 5  # 16 px, inside
+    label[9:11, 1:3] = 7  # 4 px, inside
+    label[5:7, 10:12] = 9  # touches the right edge
+    kept = filter_instances(label, exclude_on_edges=True)
+    assert kept.dtype == np.int32
+    assert set(np.unique(kept)) == {0, 1, 2}
+    assert (kept[4:8, 4:8] == 1).all() and (kept[9:11, 1:3] == 2).all()
+    assert kept[0:3, 4:7].max() == 0 and kept[5:7, 10:12].max() == 0
+    small_gone = filter_instances(label, exclude_on_edges=True, min_size=5)
+    assert set(np.unique(small_gone)) == {0, 1} and (small_gone[4:8, 4:8] == 1).all()
+    # no filter: only relabelled 1..N in order
+    assert set(np.unique(filter_instances(label))) == {0, 1, 2, 3, 4}
+
+
+def test_collect_images_lists_folders_and_refuses_bad_requests(tmp_path, images):
+    (images / "grey_label.tiff").write_bytes(b"")  # outputs of an earlier run are skipped
+    (images / "grey_overlay.png").write_bytes(b"")
+    (images / "notes.txt").write_text("x")
+    got = collect_images([images])
+    assert [p.name for p in got] == sorted(n for n, _, _ in IMAGES)
+    with pytest.raises(SegmentError, match="nope"):
+        collect_images([tmp_path / "nope"])
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(images / "grey.png", other / "grey.png")
+    with pytest.raises(SegmentError, match="same name 'grey'"):
+        collect_images([images, other / "grey.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SegmentError, match="no image files"):
+        collect_images([tmp_path / "empty"])
+
+
+def test_job_size_picks_ray_for_many_images(images):
+    paths = collect_images([images])
+    assert not use_ray(paths, SegmentConfig())
+    assert use_ray(paths, SegmentConfig(in_process_max_images=3))
+    assert use_ray(paths, SegmentConfig(in_process_max_mpx=0.01))
+
+
+# ----------------------------------------------------------------------------- in-process
+def test_segment_equals_predict_and_postprocess_with_ingest_normalisation(
+    checkpoint, images, tmp_path
+):
+    out = tmp_path / "out"
+    cfg = load_config(None, ["inference.roi=64", "postprocess.mask_threshold=0.45"])
+    result = segment([images], checkpoint, out_dir=out, infer=cfg.inference, post=cfg.postprocess)
+    assert result.mode == "in-process" and not result.failed
+    assert sorted(result.written) == sorted(Path(n).stem for n, _, _ in IMAGES)
+    model, _, _ = load_model(checkpoint)
+    for name, shape, _ in IMAGES:
+        label = tifffile.imread(out / f"{Path(name).stem}_label.tiff")
+        assert label.shape == shape[:2] and label.dtype == np.uint16
+        image = normalize_image(read_array(images / name))  # exactly what ingest stores
+        prob, hv = predict_maps(model, image, cfg.inference)
+        np.testing.assert_array_equal(label, postprocess_hover(prob, hv, cfg.postprocess))
+
+
+def test_cli_segment_folder_with_a_corrupt_image(checkpoint, images, tmp_path):
+    bad = images / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app,
+        [
+            "segment",
+            str(images),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--save-png",
+            "--exclude-on-edges",
+            "--min-size",
+            "20",
+            "--set",
+            "inference.roi=64",
+        ],
+    )
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    named = [line for line in res.output.splitlines() if str(bad) in line]
+    assert len(named) == 1 and "cannot read image" in named[0]
+    assert "1 of 5 image(s) could not be segmented" in res.output
+    for name, shape, _ in IMAGES:
+        stem = Path(name).stem
+        label = tifffile.imread(out / f"{stem}_label.tiff")
+        assert label.shape == shape[:2]
+        border = np.concatenate([label[0], label[-1], label[:, 0], label[:, -1]])
+        assert border.max() == 0  # --exclude-on-edges
+        sizes = np.bincount(label.ravel())[1:]
+        assert (sizes >= 20).all()  # --min-size, labels 1..N without gaps
+        overlay = np.asarray(Image.open(out / f"{stem}_overlay.png"))
+        assert overlay.shape == (*shape[:2], 3) and overlay.dtype == np.uint8
+    assert not (out / "broken_label.tiff").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+def test_cli_segment_missing_input_is_one_line_exit_2(checkpoint, tmp_path):
+    res = runner.invoke(
+        app, ["segment", str(tmp_path / "nope.png"), "--checkpoint", str(checkpoint)]
+    )
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "nope.png") in lines[0]
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["segment", str(tmp_path), "--checkpoint", str(tmp_path / "ck")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+
+
+def test_cli_options_and_set_win_over_calibrated_postprocessing(checkpoint, images, tmp_path):
+    ckpt = tmp_path / "calibrated"
+    shutil.copytree(checkpoint, ckpt)
+    save_postprocess(
+        ckpt,
+        {"mask_threshold": 0.6, "marker_threshold": 0.3, "sobel_kernel": 11},
+        {"n_items": 4, "val_f1_before": 0.1, "val_f1_after": 0.2},
+    )
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app,
+        [
+            "segment",
+            str(images / "grey.png"),
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--mask-threshold",
+            "0.35",
+            "--set",
+            "postprocess.sobel_kernel=15",
+            "--set",
+            "inference.roi=64",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    note = " ".join(res.output.split())
+    assert "calibrated on 4 validation items" in note
+    assert "marker_threshold=0.3" in note  # calibrated value applied
+    assert "kept: mask_threshold=0.35, sobel_kernel=15" in note  # explicit ones win
+    # the labels are those of exactly these settings
+    post = load_config(
+        None,
+        ["postprocess.mask_threshold=0.35", "postprocess.sobel_kernel=15"],
+    ).postprocess.model_copy(update={"marker_threshold": 0.3})
+    model, _, _ = load_model(ckpt)
+    prob, hv = predict_maps(
+        model,
+        normalize_image(read_array(images / "grey.png")),
+        load_config(None, ["inference.roi=64"]).inference,
+    )
+    np.testing.assert_array_equal(
+        tifffile.imread(out / "grey_label.tiff"), postprocess_hover(prob, hv, post)
+    )
+    # a bad option value names its field
+    res = runner.invoke(
+        app,
+        ["segment", str(images), "--checkpoint", str(ckpt), "--sobel-kernel", "4"],
+    )
+    assert res.exit_code == 2 and "postprocess.sobel_kernel" in res.output
+
+
+def test_cli_segment_exports(checkpoint, images, tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app,
+        [
+            "segment",
+            str(images / "rgb.png"),
+            str(images / "fluo.tif"),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--save-csv",
+            "--save-geojson",
+            "--save-ome-zarr",
+            "--set",
+            "inference.roi=64",
+            "--set",
+            "postprocess.mask_threshold=0.2",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    from cellst.export.omezarr import read_ome_zarr
+
+    for stem in ("rgb", "fluo"):
+        label = tifffile.imread(out / f"{stem}_label.tiff")
+        table = pd.read_csv(out / f"{stem}_cells.csv")
+        assert len(table) == int(label.max())
+        doc = json.loads((out / f"{stem}.geojson").read_text())
+        assert doc["type"] == "FeatureCollection" and len(doc["features"]) == int(label.max())
+        image, labels = read_ome_zarr(out / f"{stem}.ome.zarr")
+        assert image.shape[:2] == label.shape
+        np.testing.assert_array_equal(labels["segmentation"], label)
+    both = pd.read_csv(out / "cells.csv")
+    assert len(both) == sum(int(tifffile.imread(p).max()) for p in out.glob("*_label.tiff"))
+
+
+# ----------------------------------------------------------------------------- Ray
+def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, tmp_path):
+    bad = images / "broken.tif"
+    bad.write_bytes(b"II*\x00garbage")
+    cfg = load_config(None, ["inference.roi=64"])
+    seg = cfg.segment.model_copy(update={"exclude_on_edges": True})
+    ray_out, local_out = tmp_path / "ray", tmp_path / "local"
+    on_ray = segment(
+        [images], checkpoint, out_dir=ray_out, infer=cfg.inference, segment_cfg=seg, ray=True
+    )
+    assert on_ray.mode == "ray"
+    assert [p for p, _ in on_ray.failed] == [str(bad)]
+    assert str(bad) in on_ray.failed[0][1]
+    local = segment(
+        [images], checkpoint, out_dir=local_out, infer=cfg.inference, segment_cfg=seg, ray=False
+    )
+    assert (
+        sorted(on_ray.written)
+        == sorted(local.written)
+        == sorted(Path(n).stem for n, _, _ in IMAGES)
+    )
+    for stem in local.written:
+        np.testing.assert_array_equal(
+            tifffile.imread(ray_out / f"{stem}_label.tiff"),
+            tifffile.imread(local_out / f"{stem}_label.tiff"),
+        )
+    assert not [p for p in ray_out.iterdir() if p.name.startswith(".")]  # staging removed
