@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+#: fixtures that start a Ray cluster, a training or a server: a test using any of them is
+#: marked ``slow`` (``make test-fast`` leaves those out; ``make test`` runs everything)
+SLOW_FIXTURES = {
+    "ray_session",
+    "store_dir",
+    "learn_store",
+    "mlflow_server",
+    "mlflow_server_process",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: needs a Ray cluster, a training, an ST++ pipeline, a sweep, a server or a "
+        "subprocess cluster (set automatically from the fixtures a test uses)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +104,131 @@ def learn_store(ray_session, tmp_path_factory) -> Path:
     )
     ingest(root / "src", root / "store", progress=False)
     return root / "store"
+
+
+@pytest.fixture(scope="session")
+def quick_train():
+    """``quick_train(model, store, ids, steps)``: a few Adam steps on random flipped crops of
+    ``ids``, in this process (no Ray): the quickest way to a real model that finds cells."""
+    import numpy as np
+    import torch
+
+    from cellst.model import HoVerLoss, make_targets
+
+    def run(model, store, ids, steps: int, crop: int = 96, batch: int = 8):
+        rng = np.random.default_rng(0)
+        images = [store.image(i) for i in ids]
+        labels = [store.label(i) for i in ids]
+        loss_fn = HoVerLoss()
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            xs, ys = [], []
+            for _ in range(batch):
+                k = rng.integers(len(images))
+                y0 = rng.integers(images[k].shape[0] - crop + 1)
+                x0 = rng.integers(images[k].shape[1] - crop + 1)
+                im = images[k][y0 : y0 + crop, x0 : x0 + crop]
+                lab = labels[k][y0 : y0 + crop, x0 : x0 + crop]
+                if rng.random() < 0.5:
+                    im, lab = im[:, ::-1], lab[:, ::-1]
+                xs.append(np.ascontiguousarray(im))
+                ys.append(np.ascontiguousarray(lab))
+            x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
+            opt.zero_grad()
+            loss_fn(model(x), make_targets(torch.from_numpy(np.stack(ys))))["loss"].backward()
+            opt.step()
+        model.eval()
+        return model
+
+    return run
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts) that a test
+    can kill by PID and restart on the same port and backend store."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port, self.proc = folder, free_port(), None
+        folder.mkdir(parents=True, exist_ok=True)
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> MlflowServer:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # MLflow 3.17 otherwise starts a job runner with ~7 huey consumers (~1 GB RSS)
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        with open(self.folder / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("mlflow")),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{self.folder / 'srv.db'}",
+                    "--artifacts-destination",
+                    str(self.folder / "art"),
+                ],
+                cwd=self.folder,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mlflow server exited:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server not healthy:\n{self.log()}")
+            time.sleep(0.3)
+
+    def log(self) -> str:
+        return (self.folder / "server.log").read_text(errors="replace")[-3000:]
+
+    def kill(self) -> None:
+        """SIGKILL by PID (the server and its uvicorn worker: one process group)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        # the worker process may outlive the group leader for a moment
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A running :class:`MlflowServer`; yields ``(url, folder)`` and kills it afterwards."""
+    srv = MlflowServer(tmp_path / "server").start()
+    try:
+        yield srv.uri, srv.folder
+    finally:
+        srv.kill()
+
+
+@pytest.fixture
+def mlflow_server_process(tmp_path):
+    """An :class:`MlflowServer` not yet started (``.start()``, ``.kill()``, restart)."""
+    srv = MlflowServer(tmp_path / "server")
+    yield srv
+    srv.kill()

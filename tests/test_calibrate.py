@@ -21,11 +21,9 @@ from cellst.inference.batch import predict
 from cellst.inference.predictor import predict_maps
 from cellst.model import (
     CheckpointError,
-    HoVerLoss,
     ModelConfig,
     build_model,
     load_model,
-    make_targets,
     save_checkpoint,
 )
 from cellst.model.checkpoint import load_postprocess, save_postprocess
@@ -56,42 +54,15 @@ BASE = [
 ]
 
 
-def _train_in_process(model, store, ids, steps: int, crop: int = 96, batch: int = 8) -> None:
-    """A few Adam steps on random flipped crops of ``ids`` (no Ray: the quickest real model)."""
-    rng = np.random.default_rng(0)
-    images = [store.image(i) for i in ids]
-    labels = [store.label(i) for i in ids]
-    loss_fn = HoVerLoss()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        xs, ys = [], []
-        for _ in range(batch):
-            k = rng.integers(len(images))
-            y0 = rng.integers(images[k].shape[0] - crop + 1)
-            x0 = rng.integers(images[k].shape[1] - crop + 1)
-            im = images[k][y0 : y0 + crop, x0 : x0 + crop]
-            lab = labels[k][y0 : y0 + crop, x0 : x0 + crop]
-            if rng.random() < 0.5:
-                im, lab = im[:, ::-1], lab[:, ::-1]
-            xs.append(np.ascontiguousarray(im))
-            ys.append(np.ascontiguousarray(lab))
-        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
-        opt.zero_grad()
-        loss_fn(model(x), make_targets(torch.from_numpy(np.stack(ys))))["loss"].backward()
-        opt.step()
-    model.eval()
-
-
 @pytest.fixture(scope="module")
-def learned(learn_store, tmp_path_factory):
+def learned(learn_store, tmp_path_factory, quick_train):
     """A real model trained briefly in-process on the training items of the split that
     ``cellst train`` uses; returns the config, its checkpoint and the validation items."""
     cfg = load_config(None, [f"store={learn_store}", *BASE])
     store, train_ids, val_ids = check_request(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    _train_in_process(model, store, train_ids, steps=100)
+    quick_train(model, store, train_ids, steps=100)
     ckpt = save_checkpoint(tmp_path_factory.mktemp("learned") / "ck", model, cfg.model)
     return cfg, ckpt, val_ids[: cfg.train.val_max_items]
 
@@ -361,3 +332,33 @@ def test_stpp_prediction_uses_calibrated_settings(ray_session, calibrated, learn
     assert plain_key != key and sorted(again.written) == sorted(val_ids)
     assert again.postprocess == scfg.postprocess.model_dump()
     assert json.loads((pipe.dir / "pipeline.json").read_text())["sets"]["t-test"] == plain_key
+
+
+def test_validation_f1_follows_the_evaluate_section(learned, learn_store):
+    """``val_f1`` means what ``cellst evaluate``'s F1 means: the same IoU threshold and
+    boundary rule (the ``evaluate`` section), not the defaults."""
+    from cellst.config import EvaluateConfig
+    from cellst.metrics.instance import image_scores, summarize
+
+    cfg, ckpt, val_ids = learned
+    store = CellStore(learn_store)
+    model, _, _ = load_model(ckpt)
+    strict = EvaluateConfig(iou_threshold=0.9, count_boundary=True)
+    got, _ = validate(
+        model, store, val_ids, cfg.inference, cfg.postprocess, torch.device("cpu"), evaluate=strict
+    )
+    default, _ = validate(model, store, val_ids, cfg.inference, cfg.postprocess, "cpu")
+    rows = [
+        {
+            "modality": store.row(i).modality,
+            **image_scores(
+                store.label(i),
+                _expected(model, store, i, cfg.inference, cfg.postprocess),
+                count_boundary=True,
+                iou_threshold=0.9,
+            ),
+        }
+        for i in val_ids
+    ]
+    assert got["val_f1"] == pytest.approx(summarize(rows, by="modality")["f1"], abs=1e-9)
+    assert default["val_f1"] > 0.05 and got["val_f1"] < default["val_f1"]

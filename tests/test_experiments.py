@@ -27,7 +27,23 @@ def test_cluster_yaml_is_valid_for_the_ray_launcher():
     "path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_experiment_configs_load(path):
-    from cellst.config import load_config
+    """Every key a shipped YAML sets reaches the loaded config with that value (nothing is
+    dropped or renamed silently), and the resolved config reloads to the same thing."""
+    from cellst.config import dump_config, load_config
 
     cfg = load_config(path)
-    assert cfg.name
+    resolved = cfg.model_dump(mode="json")
+
+    def leaves(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    got = dict(leaves(resolved))
+    for key, value in leaves(yaml.safe_load(path.read_text())):
+        assert key in got, f"{path.name}: {key} is not a config field"
+        assert got[key] == value or got[key] == pytest.approx(value), (key, got[key], value)
+    again = load_config(None, []).model_validate(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg

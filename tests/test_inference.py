@@ -121,6 +121,7 @@ def test_block_mode_covers_every_pixel_once(lite_checkpoint):
     assert np.median(diff) < 0.02
 
 
+@pytest.mark.slow  # MONAI's full-size HoVer-Net forward passes on CPU
 def test_monai_fixed_size_model_output_aligns_with_input():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="hovernet-fast")).eval()

@@ -43,6 +43,10 @@ def _lite(path: Path, seed: int, width: int = 8) -> Path:
     return save_checkpoint(path, build_model(cfg).eval(), cfg)
 
 
+#: every test here runs `cellst predict` in a process of its own (most with its own Ray)
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def lite_checkpoint(tmp_path_factory) -> Path:
     return _lite(tmp_path_factory.mktemp("ckpt") / "lite", seed=0)

@@ -442,6 +442,9 @@ def test_mlflow_parent_and_nested_stage_runs(crashed_and_resumed):
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert "test_f1_round2" in parent.data.metrics
+    # the final model's test F1 under the names every cellst run uses (cellst compare)
+    assert parent.data.metrics["test_f1"] == parent.data.metrics["test_f1_round2"]
+    assert any(k.startswith("test_f1/") for k in parent.data.metrics)
     meta = json.loads((result.pipeline_dir / "pipeline.json").read_text())
     assert meta["parent_run_id"] == result.parent_run_id  # the re-run re-attached
     children = client.search_runs(

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cellst.data.store import StoreError, store_lock
+from cellst.data.store import CellStore, StoreError, store_lock
 from cellst.stpp import load_stpp_config, run_stpp
 from cellst.stpp.pipeline import Pipeline
 from cellst.tracking import PENDING_FILE
@@ -44,9 +44,12 @@ def test_parent_run_status_and_tags_reach_mlflow(store_dir, tmp_path):
     pipe = Pipeline(cfg, log=lambda _: None)
     pipe.dir.mkdir(parents=True)
     pipe._resolve_tracking()
-    pipe._open_parent()
+    store = CellStore(store_dir)
+    pipe._open_parent(store)
     client = MlflowClient(pipe.uri)
     assert client.get_run(pipe.parent_id).info.status == "RUNNING"
+    # the run names the manifest version it reads (the store's pinned version)
+    assert client.get_run(pipe.parent_id).data.tags["store.version"] == store.version
     pipe._close_parent("FAILED", {"cellst.stpp.note": "x"})
     run = client.get_run(pipe.parent_id)
     assert run.info.status == "FAILED" and run.data.tags["cellst.stpp.note"] == "x"

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -341,68 +338,6 @@ def test_ensure_experiment_concurrent_processes(tmp_path):
 
 
 # --------------------------------------------------------------------------- tracking server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts)."""
-    port = _free_port()
-    srv = tmp_path / "server"
-    srv.mkdir()
-    log_path = srv / "server.log"
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # MLflow 3.17 otherwise starts a job runner with ~7 huey consumer processes (~1 GB RSS)
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    cmd = [
-        str(VENV_BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{srv}/srv.db",
-        "--artifacts-destination",
-        str(srv / "art"),
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=srv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 60 s:\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield url, srv
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
 
 
 def test_tracking_server_roundtrip(tmp_path, elsewhere, mlflow_server):

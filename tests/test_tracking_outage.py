@@ -8,12 +8,8 @@ import http.server
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -34,6 +30,7 @@ from cellst.tracking import (
     start_run,
 )
 from cellst.tracking.buffered import REJECTED_FILE
+from conftest import free_port
 
 TINY = [
     "model.width=8",
@@ -56,81 +53,10 @@ def _clean_mlflow_env(monkeypatch):
         mlflow.end_run()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real ``mlflow server`` on 127.0.0.1 that a test can kill by PID and restart on the
-    same port and backend store."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.port, self.proc = folder, _free_port(), None
-        folder.mkdir(parents=True, exist_ok=True)
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job runners
-        with open(self.folder / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).with_name("mlflow")),
-                    "server",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--workers",
-                    "1",
-                    "--backend-store-uri",
-                    f"sqlite:///{self.folder / 'srv.db'}",
-                    "--artifacts-destination",
-                    str(self.folder / "art"),
-                ],
-                cwd=self.folder,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"mlflow server exited:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server not healthy:\n{self.log()}")
-            time.sleep(0.3)
-
-    def log(self) -> str:
-        return (self.folder / "server.log").read_text(errors="replace")[-3000:]
-
-    def kill(self) -> None:
-        """SIGKILL by PID (the server and its uvicorn worker: one process group)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        # the worker process may outlive the group leader for a moment
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.1)
-
-
 @pytest.fixture
-def server(tmp_path):
-    srv = Server(tmp_path / "server")
-    yield srv
-    srv.kill()
+def server(mlflow_server_process):
+    """A real mlflow server this module kills by PID and restarts."""
+    return mlflow_server_process
 
 
 def _records(path: Path) -> list[dict]:
@@ -153,7 +79,7 @@ class _Spy:
 
 
 def test_buffer_keeps_metrics_when_nothing_listens(tmp_path, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"  # refuses connections
+    uri = f"http://127.0.0.1:{free_port()}"  # refuses connections
     logger = BufferedMetricLogger(uri, "r1", tmp_path / "run", retry_every_s=3600)
     spy = _Spy(logger)
     for step in range(1, 4):
@@ -338,7 +264,7 @@ def test_training_survives_tracking_outage(ray_session, store_dir, tmp_path, ser
 
 
 def test_dead_server_at_start_fails_fast(ray_session, store_dir, tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text("name: dead-server\n")
     args = ["train", str(cfg_file), "--set", f"store={store_dir}"]

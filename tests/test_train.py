@@ -6,13 +6,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import tifffile
 import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -21,10 +22,13 @@ from cellst.cli import app
 from cellst.config import ConfigError, load_config
 from cellst.data.store import CellStore, StoreError
 from cellst.model import build_model, load_model
+from cellst.raycluster import ClusterError
 from cellst.train.config import TrainingDiverged
 from cellst.train.step import encoder_parameters
 from cellst.train.trainer import check_request, train
 from cellst.train.validate import validate
+
+CELLST = str(Path(sys.executable).with_name("cellst"))
 
 TINY = [
     "model.width=8",
@@ -43,9 +47,49 @@ def tiny_cfg(store: Path, run_dir: Path, *extra: str):
     return load_config(None, [f"store={store}", f"train.run_dir={run_dir}", *TINY, *extra])
 
 
+class ReingestDuringTraining(threading.Thread):
+    """Once the training has finished its first epoch, drop one cell from every source label
+    and run ``cellst ingest`` again into the store the training reads (issue: a re-ingest
+    used to empty the labels under a running training)."""
+
+    def __init__(self, store: Path, run_path: Path):
+        super().__init__(daemon=True)
+        self.store, self.run_path = store, run_path
+        self.v0 = CellStore(store, lease=False).version
+        self.old_labels = {
+            r.id: r.label_array for r in CellStore(store, lease=False).manifest.itertuples()
+        }
+        self.result: subprocess.CompletedProcess | None = None
+        self.epochs_done_at_commit: int | None = None
+        self.old_arrays_kept: bool | None = None
+
+    def run(self) -> None:
+        last = self.run_path / "checkpoints" / "last"
+        while not last.is_dir():
+            time.sleep(0.5)
+        for lab in sorted((self.store.parent / "src").rglob("*_label.tiff")):
+            arr = tifffile.imread(lab)
+            arr[arr == arr.max()] = 0
+            tifffile.imwrite(lab, arr)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_ADDRESS"] = "local"  # its own Ray: the training holds this cluster's CPUs
+        self.result = subprocess.run(
+            [CELLST, "ingest", str(self.store.parent / "src"), "--out", str(self.store)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        self.epochs_done_at_commit = len(list((self.run_path / "checkpoints").glob("epoch_*")))
+        self.old_arrays_kept = all(
+            (self.store / a / "zarr.json").is_file() for a in self.old_labels.values()
+        )
+
+
 @pytest.fixture(scope="module")
 def trained(learn_store, tmp_path_factory):
-    """One 2-worker DDP run shared by several tests (the expensive part)."""
+    """One 2-worker DDP run shared by several tests (the expensive part). While it runs,
+    the store it reads is re-ingested with changed labels by another process."""
     run_dir = tmp_path_factory.mktemp("runs")
     cfg = tiny_cfg(
         learn_store,
@@ -57,11 +101,39 @@ def trained(learn_store, tmp_path_factory):
         "data.crops_per_epoch=240",
         "train.lr=3e-3",
     )
-    return cfg, train(cfg)
+    reingest = ReingestDuringTraining(Path(learn_store), run_dir / "ddp")
+    reingest.start()
+    res = train(cfg)
+    reingest.join(timeout=300)
+    return cfg, res, reingest
+
+
+def test_reingest_during_training_keeps_its_version(trained, learn_store):
+    """The re-ingest commits while the training runs; the training keeps reading the version
+    it started from (its arrays stay), records it, and releases it when done, so the next
+    ingest collects the old arrays."""
+    from cellst.data.ingest import ingest
+    from cellst.data.store import read_leases
+
+    cfg, res, reingest = trained
+    assert reingest.result is not None, "the re-ingest never ran"
+    assert reingest.result.returncode == 0, reingest.result.stdout + reingest.result.stderr
+    assert "10 updated" in reingest.result.stdout
+    assert reingest.epochs_done_at_commit is not None and reingest.epochs_done_at_commit < 8
+    assert reingest.old_arrays_kept  # the running training held them
+    state = json.loads((res.run_path / "run.json").read_text())
+    assert state["status"] == "finished" and state["store_version"] == reingest.v0
+    assert CellStore(learn_store, lease=False).version != reingest.v0
+    # the training is over: no live process still holds the old version
+    assert reingest.v0 not in {lease.version for lease in read_leases(learn_store)}
+    collected = ingest(learn_store.parent / "src", learn_store, progress=False).collected
+    old = sorted(a for a in reingest.old_labels.values() if a)
+    assert sorted(collected["removed"]) == old
+    assert not any((learn_store / a).exists() for a in old)
 
 
 def test_ddp_training_learns(trained, learn_store):
-    cfg, res = trained
+    cfg, res, _ = trained
     store = CellStore(learn_store)
     val_ids = json.loads((res.run_path / "run.json").read_text())["val_ids"]
     val_ids = val_ids[: cfg.train.val_max_items]
@@ -84,13 +156,13 @@ def test_ddp_training_learns(trained, learn_store):
 
 
 def test_ranks_end_identical(trained):
-    _, res = trained
+    _, res, _ = trained
     digests = [p.read_text() for p in sorted(res.run_path.glob("params_rank*.sha256"))]
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
 def test_checkpoints_best_last_and_snapshots(trained):
-    cfg, res = trained
+    cfg, res, _ = trained
     ck = res.run_path / "checkpoints"
     epochs = sorted(p.name for p in ck.glob("epoch_*"))
     assert epochs == ["epoch_007", "epoch_008"]  # keep_last=2
@@ -106,7 +178,7 @@ def test_checkpoints_best_last_and_snapshots(trained):
 
 
 def test_mlflow_holds_the_run(trained, learn_store):
-    cfg, res = trained
+    cfg, res, _ = trained
     client = MlflowClient(f"sqlite:///{res.run_path / 'mlflow.db'}")
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED"
@@ -118,6 +190,10 @@ def test_mlflow_holds_the_run(trained, learn_store):
     assert len(run.data.tags["store.manifest_sha256"]) == 64 and "git.commit" in run.data.tags
     history = client.get_metric_history(res.mlflow_run_id, "val_f1")
     assert [m.step for m in history] == list(range(1, 9))
+    # per modality, under the names ST++ test metrics and `cellst compare` use
+    per_mod = {k for k in run.data.metrics if k.startswith("val_f1/")}
+    modalities = CellStore(learn_store, lease=False).manifest.modality.unique()
+    assert per_mod and per_mod <= {f"val_f1/{m}" for m in modalities}
     for key in (
         "train_loss",
         "train_np_dice",
@@ -137,12 +213,12 @@ def test_mlflow_holds_the_run(trained, learn_store):
 
 
 def test_finished_run_is_not_redone(trained):
-    cfg, res = trained
+    cfg, res, _ = trained
     again = train(cfg)
     assert again.resumed and again.run_path == res.run_path and again.metrics["epoch"] == 8
     changed = cfg.model_copy(deep=True)
     changed.train.lr = 1e-2
-    with pytest.raises(StoreError, match="different configuration"):
+    with pytest.raises(ConfigError, match="different configuration"):
         train(changed)
 
 
@@ -285,11 +361,16 @@ def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_pa
         tiny_cfg(store_dir, tmp_path, "train.bogus=1")
     with pytest.raises(ConfigError, match="frozen_encoder_epochs"):
         tiny_cfg(store_dir, tmp_path, "train.epochs=2", "train.frozen_encoder_epochs=2")
-    with pytest.raises(StoreError, match="no store configured"):
+    with pytest.raises(ConfigError, match="no store configured"):
         check_request(load_config(None, []))
+    # the same problem is the same exit code (2, a configuration error) for every command
+    (tmp_path / "nostore.yaml").write_text("name: x\n")
+    for cmd in (["train"], ["stpp"]):
+        res = CliRunner().invoke(app, [*cmd, str(tmp_path / "nostore.yaml")])
+        assert res.exit_code == 2 and "no store configured" in res.output, (cmd, res.output)
     with pytest.raises(StoreError, match="pseudo_set='nope'"):
         check_request(tiny_cfg(store_dir, tmp_path, "train.pseudo_set=nope"))
-    with pytest.raises(StoreError, match="GPU"):
+    with pytest.raises(ClusterError, match="GPU"):
         train(tiny_cfg(store_dir, tmp_path, "train.use_gpu=true", "train.run_name=gpu"))
     # a store with no labelled items
     unl = tmp_path / "unl"
@@ -309,64 +390,21 @@ def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_pa
     assert res.exit_code == 1 and "no labelled items" in res.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_training_logs_to_a_real_mlflow_server(ray_session, store_dir, tmp_path):
-    import urllib.request
-
-    port = _free_port()
-    mlflow_exe = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [
-            str(mlflow_exe),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'srv.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "art"),
-        ],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+def test_training_logs_to_a_real_mlflow_server(ray_session, store_dir, tmp_path, mlflow_server):
+    uri, _ = mlflow_server
+    cfg = tiny_cfg(
+        store_dir,
+        tmp_path,
+        "train.epochs=2",
+        "train.run_name=srv",
+        f"tracking.tracking_uri={uri}",
+        "name=server-exp",
     )
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
-        uri = f"http://127.0.0.1:{port}"
-        cfg = tiny_cfg(
-            store_dir,
-            tmp_path,
-            "train.epochs=2",
-            "train.run_name=srv",
-            f"tracking.tracking_uri={uri}",
-            "name=server-exp",
-        )
-        res = train(cfg)
-        client = MlflowClient(uri)
-        run = client.get_run(res.mlflow_run_id)
-        assert run.info.status == "FINISHED"
-        assert client.get_experiment(run.info.experiment_id).name == "server-exp"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [1, 2]
-        assert run.data.params["data.crop_size"] == "96"
-        assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+    res = train(cfg)
+    client = MlflowClient(uri)
+    run = client.get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "server-exp"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [1, 2]
+    assert run.data.params["data.crop_size"] == "96"
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from cellst.cli import app
 from cellst.config import ConfigError
+from cellst.data.store import CellStore
 from cellst.model import ModelConfig, build_model, load_model, save_checkpoint
 from cellst.postprocess import PostprocessConfig
 from cellst.train.trainer import check_request
@@ -74,16 +75,19 @@ def test_trial_settings_apply_like_overrides():
 
 
 @pytest.fixture(scope="module")
-def pp_sweep(ray_session, store_dir, tmp_path_factory):
-    """A postprocess sweep (CLI) on a real checkpoint, then the same command again."""
+def pp_sweep(ray_session, learn_store, tmp_path_factory, quick_train):
+    """A postprocess sweep (CLI) on a real checkpoint of a model that finds cells (so the
+    trials' scores depend on their settings), then the same command again."""
     tmp = tmp_path_factory.mktemp("tune")
     torch.manual_seed(3)
     mcfg = ModelConfig(name="hovernet-lite", width=8)
-    ckpt = save_checkpoint(tmp / "ckpt", build_model(mcfg).eval(), mcfg)
+    store = CellStore(learn_store)
+    model = quick_train(build_model(mcfg), store, store.ids("labeled"), steps=100)
+    ckpt = save_checkpoint(tmp / "ckpt", model, mcfg)
     cfg = _config(
         tmp / "sweep.yaml",
         name="pp",
-        store=str(store_dir),
+        store=str(learn_store),
         model={"name": "hovernet-lite", "width": 8},
         inference={"roi": 96, "tta": False},
         data={"val_fraction": 0.3},
@@ -112,6 +116,8 @@ def test_postprocess_sweep_scores_each_setting_on_validation_items(pp_sweep):
     table = pd.read_csv(root / "results.csv")
     assert len(table) == 4 and (table["status"] == "done").all()
     assert table["val_f1"].is_monotonic_decreasing  # best first
+    # a model that finds cells: the scores are real and depend on the trial's settings
+    assert table["val_f1"].iloc[0] > 0.05 and table["val_f1"].nunique() > 1
     assert "best val_f1" in output and "current settings: val_f1" in output
     store, _, val_ids = check_request(cfg)
     model, _, _ = load_model(ckpt)
@@ -140,6 +146,9 @@ def test_postprocess_sweep_mlflow_runs_and_resume(pp_sweep):
     client = MlflowClient(state["uri"])
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED" and "best_val_f1" in parent.data.metrics
+    # the sweep records the manifest version it read, in its state and on its run
+    assert state["store_version"] == CellStore(cfg.store).version
+    assert parent.data.tags["store.version"] == state["store_version"]
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
@@ -194,6 +203,8 @@ def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
     assert len(children) == 2
     assert sorted(float(c.data.params["train.lr"]) for c in children) == [0.001, 0.003]
     assert all("val_f1" in c.data.metrics for c in children)
+    # the parent's best score has the same name in both sweep modes
+    assert parent.data.metrics["best_val_f1"] == pytest.approx(table["best_val_f1"].max())
     # each trial's training run logged the settings Tune gave it, and its val F1 is the table's
     by_lr = {float(c.data.params["train.lr"]): c for c in children}
     for row in table.to_dict(orient="records"):

@@ -10,6 +10,10 @@ from typing import Any
 import ray
 
 
+class ClusterError(RuntimeError):
+    """A request the Ray cluster can never satisfy (GPUs or CPUs it lacks); one line, exit 1."""
+
+
 def verbose() -> bool:
     """Whether ``CELLST_VERBOSE=1`` asks for Ray's and MLflow's INFO logs in the terminal."""
     return os.environ.get("CELLST_VERBOSE", "0") == "1"

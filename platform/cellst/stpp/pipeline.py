@@ -312,7 +312,7 @@ class Pipeline:
             update={"tracking_uri": uri, "artifact_root": artifacts, "experiment": experiment}
         )
 
-    def _open_parent(self) -> None:
+    def _open_parent(self, store: CellStore) -> None:
         """Create the pipeline's parent run, or re-attach the one of an earlier attempt.
 
         Creating it needs the tracking server (:class:`~cellst.tracking.TrackingUnavailable`
@@ -337,7 +337,7 @@ class Pipeline:
             except Exception:  # noqa: BLE001 - a run that cannot be read is replaced
                 run_id = None
         tags = {
-            **store_tags(self.cfg.store),
+            **store_tags(store),
             "cellst.stage": "stpp",
             "cellst.stpp.pipeline": str(self.dir),
         }
@@ -830,12 +830,22 @@ def format_f1_table(df: pd.DataFrame):
 
 
 def table_metrics(table: pd.DataFrame) -> dict[str, float]:
-    """``test_f1_<model>`` and ``test_f1_<model>_<modality>`` from an F1 table."""
+    """Metrics of an F1 table: ``test_f1_<model>`` and ``test_f1_<model>_<modality>`` for
+    every model, and for the pipeline's final model (its last stage) the names every cellst
+    run uses, ``test_f1`` and ``test_f1/<modality>``, so that MLflow's compare view and
+    ``cellst compare`` line pipelines up with trainings and sweeps."""
     out = {}
-    for row in table.to_dict(orient="records"):
+    rows = table.to_dict(orient="records")
+    for row in rows:
         for k, v in row.items():
             if k == "f1" or k.startswith("f1_"):
                 out[f"test_{k.replace('f1', 'f1_' + row['model'], 1)}"] = v
+    if rows:
+        final = max(rows, key=lambda r: r.get("stage_index", 0))
+        out["test_f1"] = final["f1"]
+        for k, v in final.items():
+            if k.startswith("f1_"):
+                out[f"test_f1/{k[3:]}"] = v
     return {k: float(v) for k, v in out.items() if v == v}
 
 
@@ -894,14 +904,18 @@ def run_stpp(
             names = pipe.book.force_from(force_from)
             log(f"[stpp] --force-from {force_from}: stages {', '.join(names)} will run again")
         atomic_write_bytes(pipe.dir / "config.yaml", dump_config(cfg).encode())
+        seen = pipe.meta().get("store_versions", [])
         pipe.save_meta(
             pipeline=cfg.pipeline_name,
             store=str(store.root),
+            # the manifest version each attempt started from (an ingest between attempts
+            # shows here as a second entry)
+            store_versions=seen if store.version in seen else [*seen, store.version],
             set_prefix=pipe.prefix,
             created_at=pipe.meta().get("created_at", time.time()),
         )
         pipe._resolve_tracking()
-        pipe._open_parent()
+        pipe._open_parent(store)
         try:
             pipe.run(store)
         except StppStopped:

@@ -42,6 +42,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import logging
 import math
 import os
@@ -643,19 +644,39 @@ def set_tags(tags: Mapping[str, Any]) -> None:
         _guarded("tags", mlflow.set_tags, {str(k): str(v) for k, v in tags.items()})
 
 
-def store_tags(store_root: str | Path) -> dict[str, Any]:
-    """Tags identifying an image store: path, sha256 of ``manifest.parquet`` and item count.
+def store_tags(store: Any) -> dict[str, Any]:
+    """Tags identifying an image store and the manifest version a run reads.
 
-    Only ``store.path`` when the manifest is missing.
+    Parameters
+    ----------
+    store : CellStore or path
+        An open :class:`~cellst.data.store.CellStore` gives the version it pinned (what the
+        run really reads, even if an ingest commits a new one meanwhile); a path gives the
+        store's current version.
+
+    Returns
+    -------
+    dict
+        ``store.path``; with a manifest also ``store.version`` (the store's version id,
+        :attr:`CellStore.version`), ``store.manifest_sha256`` and ``store.items``.
     """
-    root = Path(store_root).expanduser().absolute()
+    if hasattr(store, "manifest_sha256"):  # an open CellStore: its pinned version
+        return {
+            "store.path": str(store.root),
+            "store.version": store.version,
+            "store.manifest_sha256": store.manifest_sha256,
+            "store.items": len(store.manifest),
+        }
+    root = Path(store).expanduser().absolute()
     tags: dict[str, Any] = {"store.path": str(root)}
     manifest = root / "manifest.parquet"
     if not manifest.is_file():
         return tags
     data = manifest.read_bytes()
-    tags["store.manifest_sha256"] = hashlib.sha256(data).hexdigest()
-    tags["store.items"] = len(pd.read_parquet(manifest))
+    digest = hashlib.sha256(data).hexdigest()
+    tags["store.version"] = digest[:12]  # as CellStore.version
+    tags["store.manifest_sha256"] = digest
+    tags["store.items"] = len(pd.read_parquet(io.BytesIO(data)))
     return tags
 
 

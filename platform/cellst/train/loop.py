@@ -123,6 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt.param_groups[0]["lr"] = 0.0 if frozen else opt.param_groups[1]["lr"]
         t0, n_seen, n_steps, sums, diverged = time.perf_counter(), 0, 0, {}, None
         busy = 0.0  # seconds spent stepping; the rest of the epoch waited for data
+        first_batch_s = None  # stream start-up: until the first augmented batch arrived
         for batch in shard.iter_batches(
             batch_size=tcfg.batch_size,
             batch_format="numpy",
@@ -130,6 +131,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             prefetch_batches=tcfg.prefetch_batches,
         ):  # already augmented by the stream's CPU tasks (trainer.build_dataset)
             t_step = time.perf_counter()
+            if first_batch_s is None:
+                first_batch_s = t_step - t0
             b = Batch.from_numpy(batch).to(
                 device, channels_last=tcfg.use_gpu and tcfg.channels_last
             )
@@ -171,6 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # share of the epoch this worker waited for augmented batches (0: never starved)
             "data_wait_share": max(0.0, 1.0 - busy / seconds) if seconds > 0 else 0.0,
             "epoch_seconds": seconds,
+            "first_batch_seconds": first_batch_s or 0.0,
             "resumed_from_epoch": start_epoch,
             **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
         }
@@ -186,6 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     cfg.postprocess,
                     device,
                     keep=3 if epoch == tcfg.epochs else 0,
+                    evaluate=cfg.evaluate,
                 )
                 metrics.update(val)
                 if val["val_f1"] > best["val_f1"]:

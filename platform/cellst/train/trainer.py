@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cellst.config import ConfigError
 from cellst.data.store import CellStore, StoreError
-from cellst.raycluster import train_log_level
+from cellst.raycluster import ClusterError, train_log_level
 from cellst.train.checkpoints import RunPaths
 from cellst.train.config import TrainingDiverged
 
@@ -71,7 +72,9 @@ def check_request(cfg) -> tuple[CellStore, list[str], list[str]]:
     from cellst.train.validate import split_train_val
 
     if not cfg.store:
-        raise StoreError("no store configured: set `store: PATH` in the config or --set store=PATH")
+        raise ConfigError(
+            "no store configured: set `store: PATH` in the config or --set store=PATH"
+        )
     store = CellStore(cfg.store)
     labelled = store.items(split="labeled", labeled=True)
     if labelled.empty:
@@ -86,9 +89,19 @@ def check_request(cfg) -> tuple[CellStore, list[str], list[str]]:
             f"(sets: {store.pseudo_sets() or 'none'}); create it with `cellst predict`"
         )
     if t.init_checkpoint is not None and not (Path(t.init_checkpoint) / "model.json").is_file():
-        raise StoreError(f"train.init_checkpoint={t.init_checkpoint} is not a cellst checkpoint")
+        raise ConfigError(f"train.init_checkpoint={t.init_checkpoint} is not a cellst checkpoint")
     train_ids, val_ids = split_train_val(labelled, cfg.data.val_fraction, cfg.data.seed)
     return store, train_ids, val_ids
+
+
+def single_node_defaults() -> None:
+    """On a one-node cluster, skip Ray Train's preemption watcher (an extra actor process
+    per training, watching for spot-node loss that cannot happen there); an explicit
+    ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` wins."""
+    import ray
+
+    if sum(1 for n in ray.nodes() if n.get("Alive")) == 1:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def fit_cluster(cfg):
@@ -105,13 +118,13 @@ def fit_cluster(cfg):
     t = cfg.train
     res = ray.cluster_resources()
     if t.use_gpu and res.get("GPU", 0) < t.num_workers:
-        raise StoreError(
+        raise ClusterError(
             f"train.use_gpu=true with train.num_workers={t.num_workers} needs {t.num_workers} "
             f"GPU(s), but the Ray cluster has {res.get('GPU', 0):g}; set train.use_gpu=false"
         )
     room = res.get("CPU", 0) - t.augment_cpus
     if room < 0.25 * t.num_workers:
-        raise StoreError(
+        raise ClusterError(
             f"train.num_workers={t.num_workers} does not fit on {res.get('CPU', 0):g} CPUs "
             f"beside one read-and-augment task (train.augment_cpus={t.augment_cpus:g})"
         )
@@ -220,7 +233,7 @@ def train(
     chash = config_hash(cfg)
     state = paths.read_state()
     if state and state.get("config_hash") != chash and not force:
-        raise StoreError(
+        raise ConfigError(
             f"run {paths.root} exists with a different configuration; choose another "
             f"train.run_name or pass --force to start it over"
         )
@@ -243,7 +256,7 @@ def train(
     t = cfg.train
     dataset = build_dataset(cfg, store, train_ids)
     run_tags = {
-        **store_tags(store.root),
+        **store_tags(store),
         "cellst.stage": "train",
         "cellst.run_name": name,
         **(tags or {}),
@@ -262,6 +275,7 @@ def train(
         paths.write_state(
             mlflow_run_id=run_id,
             config_hash=chash,
+            store_version=store.version,  # the manifest version every worker reads
             status="running",
             error=None,
             diverged=None,
@@ -275,6 +289,7 @@ def train(
             if cfg.tracking.enabled
             else None
         )
+        single_node_defaults()
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellst.config import EvaluateConfig
 from cellst.data.store import CellStore
 from cellst.inference.predictor import InferenceConfig, predict_maps
 from cellst.metrics.instance import image_scores, summarize
@@ -44,11 +45,15 @@ def validate(
     post: PostprocessConfig,
     device: torch.device,
     keep: int = 0,
+    evaluate: EvaluateConfig | None = None,
 ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
     """Mean challenge scores of ``model`` on ``ids`` (``val_f1``, ``val_pq``, ...).
 
-    Returns the metrics and the first ``keep`` predictions (for overlay figures).
+    ``evaluate`` (the config's ``evaluate`` section: IoU threshold, boundary rule) makes
+    ``val_f1`` mean what ``cellst evaluate``'s F1 means. Returns the metrics and the first
+    ``keep`` predictions (for overlay figures).
     """
+    ev = evaluate or EvaluateConfig()
     was_training = model.training
     model.eval()
     rows, kept = [], []
@@ -59,7 +64,12 @@ def validate(
             {
                 "id": item,
                 "modality": store.row(item).modality,
-                **image_scores(store.label(item), pred),
+                **image_scores(
+                    store.label(item),
+                    pred,
+                    count_boundary=ev.count_boundary,
+                    iou_threshold=ev.iou_threshold,
+                ),
             }
         )
         if len(kept) < keep:
@@ -70,4 +80,7 @@ def validate(
         f"val_{k}": float(summary[k] or 0.0)
         for k in ("f1", "precision", "recall", "dq", "sq", "pq")
     }
+    # per modality, named as ``cellst compare`` and the ST++ test metrics name them
+    for modality, block in summary.get("per_modality", {}).items():
+        metrics[f"val_f1/{modality}"] = float(block["f1"] or 0.0)
     return metrics, kept

@@ -261,12 +261,15 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
         cfg.name,
         f"{name}-tune",
         run_id=state.get("parent_run_id") if resumed else None,
-        tags={**store_tags(store.root), "cellst.stage": "tune", "cellst.tune.mode": t.mode},
+        tags={**store_tags(store), "cellst.stage": "tune", "cellst.tune.mode": t.mode},
     ) as parent:
         parent_id = parent.info.run_id if tracking.enabled else None
         if not resumed:
             log_config(cfg)
-        atomic_write_json(state_file, {"hash": h, "parent_run_id": parent_id, "uri": uri})
+        atomic_write_json(
+            state_file,
+            {"hash": h, "parent_run_id": parent_id, "uri": uri, "store_version": store.version},
+        )
         atomic_write_bytes(root / "config.yaml", dump_config(cfg).encode())
         ctx: dict[str, Any] = {
             "name": name,
@@ -364,9 +367,10 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
         log_figure(sweep_figure(table, metric, list(t.space), baseline), "tune/sweep.png")
         log_metrics(
             {
-                f"best_{metric}": float(best[metric]),
+                # the same names in both modes (``metric`` is val_f1 or best_val_f1)
+                "best_val_f1": float(best[metric]),
                 "trials": float(len(table)),
-                **({f"baseline_{metric}": baseline} if baseline is not None else {}),
+                **({"baseline_val_f1": baseline} if baseline is not None else {}),
             }
         )
         log(f"[tune] {len(table)} trials in {time.perf_counter() - t0:.0f} s")
