@@ -1,6 +1,7 @@
 """``train_loop_per_worker``: what each Ray Train worker runs.
 
-Each epoch: stream this worker's share of the crop dataset, augment, step; then rank 0
+Each epoch: take this worker's ``steps_per_epoch`` batches from the run's one crop stream
+(augmented by CPU tasks), step on each; then rank 0
 validates (whole-image F1), saves a checkpoint and reports; every rank reports the same
 number of times (``ray.train.report`` is a barrier). A restarted or resumed run continues
 from ``ray.train.get_checkpoint()``.
@@ -31,6 +32,7 @@ from cellst.train.step import (
     make_scheduler,
     train_step,
 )
+from cellst.train.trainer import steps_per_epoch
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -113,7 +115,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0
         else None
     )
-    shard = ray.train.get_dataset_shard("train")
+    # one stream for the whole run: each epoch takes its steps from it (no restart per epoch)
+    batches = iter(
+        ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=tcfg.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            prefetch_batches=tcfg.prefetch_batches,
+        )
+    )
+    n_steps_epoch = steps_per_epoch(cfg)
     snapshots = set(tcfg.snapshot_epochs())
     inject_nan_at = int(config.get("inject_nan_at_step") or 0)  # test hook: a real NaN loss
     model.train()
@@ -124,12 +135,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0, n_seen, n_steps, sums, diverged = time.perf_counter(), 0, 0, {}, None
         busy = 0.0  # seconds spent stepping; the rest of the epoch waited for data
         first_batch_s = None  # stream start-up: until the first augmented batch arrived
-        for batch in shard.iter_batches(
-            batch_size=tcfg.batch_size,
-            batch_format="numpy",
-            drop_last=False,
-            prefetch_batches=tcfg.prefetch_batches,
-        ):  # already augmented by the stream's CPU tasks (trainer.build_dataset)
+        for _ in range(n_steps_epoch):
+            batch = next(batches, None)  # augmented by the stream's CPU tasks
+            if batch is None:  # the stream holds exactly the run's batches; never early
+                break
             t_step = time.perf_counter()
             if first_batch_s is None:
                 first_batch_s = t_step - t0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,12 +146,22 @@ def fit_cluster(cfg):
     return cfg
 
 
+def steps_per_epoch(cfg) -> int:
+    """Optimizer steps of each worker per epoch: ``data.crops_per_epoch`` crops in full
+    batches over all workers (rounded up, so every rank steps equally often)."""
+    t = cfg.train
+    return max(1, math.ceil(cfg.data.crops_per_epoch / (t.num_workers * t.batch_size)))
+
+
 def build_dataset(cfg, store: CellStore, train_ids: list[str]):
     """The training stream: crops of the labelled items (plus the pseudo-label set if
     configured), augmented into model-ready arrays by CPU tasks anywhere on the cluster.
 
     Each read task augments its own crops (one operator to schedule, and no raw crops
-    handed over through the object store).
+    handed over through the object store). One stream serves every epoch (the workers
+    count :func:`steps_per_epoch` batches per epoch): restarting it each epoch cost about
+    5 s of an epoch of 25 s on 2 CPUs (``first_batch_seconds``), while one stream keeps
+    augmenting through validation and checkpoint writes.
     """
     from cellst.data.datasource import crop_items, train_crop_dataset
     from cellst.train.step import augment_batch
@@ -162,9 +173,10 @@ def build_dataset(cfg, store: CellStore, train_ids: list[str]):
         items += crop_items(
             store, None, d.balance_by, pseudo_set=t.pseudo_set, source=1, total_weight=pseudo_w
         )
+    total = steps_per_epoch(cfg) * t.batch_size * t.num_workers * t.epochs
     return train_crop_dataset(
         items,
-        d.crops_per_epoch,
+        total,
         d.crop_size,
         d.crops_per_visit,
         seed=None,
