@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-dev demo demo-quick test lint format bench clean
+.PHONY: setup setup-dev demo demo-quick test test-fast lint format bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,11 @@ demo: setup             ## the main job on the embedded synthetic data
 demo-quick: setup
 	$(BIN)/python experiments/run_demo.py --quick
 
-test: setup-dev         ## the whole test suite
-	$(BIN)/python -m pytest -q tests
+test: setup-dev         ## the whole test suite (benchmark smoke runs and the quick demo included)
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+test-fast: setup-dev    ## the inner loop: every test that needs no Ray cluster, training or server
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: setup-dev
 	$(BIN)/ruff check platform tests benchmarks experiments
@@ -40,8 +43,12 @@ format: setup-dev
 	$(BIN)/ruff format platform tests benchmarks experiments
 	$(BIN)/ruff check --fix platform tests benchmarks experiments
 
-bench: setup-dev        ## speed and memory benchmarks (ratios, side by side)
-	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+bench: setup-dev        ## speed, memory and quality benchmarks on CPU (ratios, side by side)
+	for b in benchmarks/bench_*.py; do \
+	  [ $$b = benchmarks/bench_gpu.py ] || $(BIN)/python $$b || exit 1; done
+
+gpu-check:              ## the GPU paths (on a machine with one NVIDIA GPU; about 8 minutes)
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_out

@@ -8,9 +8,11 @@ Side by side in one run, on one store of 1024 x 1024 images:
 * ``ray data 1cpu``, ``ray data 2cpu``: ``TrainCropDatasource`` through Ray Data, consumed as
                     numpy batches by the driver, with Ray Data's CPU budget capped at 1 / 2.
 
-Targets (issue 2): ray 1cpu >= 0.8x plain loop; ray 2cpu > plain loop; >= 500 crops/s.
+Targets (issue 2): ray 1cpu >= 0.8x plain loop; ray 2cpu > plain loop; >= 500 crops/s
+(reported, not asserted). ``--smoke`` runs the same comparison on two 256 x 256 images,
+64 x 64 crops and 128 crops per run, in seconds, for CI (targets not checked there).
 
-Run: ``.venv/bin/python benchmarks/bench_datasource.py [--crops 4000]``
+Run: ``.venv/bin/python benchmarks/bench_datasource.py [--crops 4000] [--smoke]``
 """
 
 from __future__ import annotations
@@ -72,7 +74,11 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=256)
     ap.add_argument("--per-visit", type=int, default=4)
     ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds), for CI")
     args = ap.parse_args()
+    if args.smoke:
+        args.crops, args.crop, args.images, args.size = 128, 64, 2, 256
     ray.init(num_cpus=2, logging_level="ERROR", include_dashboard=False)
     from cellst.raycluster import quiet_ray_data
 
@@ -80,11 +86,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, store_dir = Path(tmp) / "src", Path(tmp) / "store"
         synthesize_dataset(
-            src, args.images, 0, 0, seed=0, min_size=1024, max_size=1024, progress=False
+            src, args.images, 0, 0, seed=0, min_size=args.size, max_size=args.size, progress=False
         )
         ingest(src, store_dir, progress=False)
         items = crop_items(CellStore(store_dir))
-        ray_stream(items, 256, args.crop, args.per_visit, 2)  # warm up workers
+        ray_stream(items, min(256, args.crops), args.crop, args.per_visit, 2)  # warm up workers
         naive = naive_loop(items, args.crops // 4, args.crop, 1)
         plain = plain_loop(items, args.crops, args.crop, args.per_visit, 2)
         r1 = ray_stream(items, args.crops, args.crop, args.per_visit, 1)
@@ -101,7 +107,8 @@ def main() -> None:
     print(
         f"  ray data, 2 CPUs                    : {r2:8.0f}   ({r2 / plain:.2f}x plain; target > 1x)"
     )
-    print(f"  target >= 500 crops/s on 2 cores    : {'met' if r2 >= 500 else 'NOT met'}")
+    verdict = "not checked (smoke sizes)" if args.smoke else "met" if r2 >= 500 else "NOT met"
+    print(f"  target >= 500 crops/s on 2 cores    : {verdict}")
 
 
 if __name__ == "__main__":
