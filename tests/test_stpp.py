@@ -492,3 +492,17 @@ def test_status_command_and_rerun_is_a_no_op(crashed_and_resumed):
     again = run_stpp(crashed_and_resumed["cfg"], log=lambda _: None)
     assert again.ran == [] and again.skipped == list(STAGES)
     assert again.parent_run_id == result.parent_run_id
+
+
+def test_no_validation_items_is_refused_before_training(store_dir, tmp_path):
+    """ST++ keeps the best checkpoint by validation F1: a store split that leaves no
+    validation item is one clear error before stage 1, not a missing file after it."""
+    store = _copy_store(store_dir, tmp_path / "store")
+    cfg = load_stpp_config(
+        _write_config(tmp_path / "c.yaml", store, tmp_path / "runs"),
+        ["data.val_fraction=0"],
+        quick=True,
+    )
+    with pytest.raises(StoreError, match="no validation items"):
+        run_stpp(cfg)
+    assert not (tmp_path / "runs" / "t" / "train").exists()  # nothing ran

@@ -289,7 +289,13 @@ class Pipeline:
     def preflight(self) -> CellStore:
         from cellst.train.trainer import check_request
 
-        store, _, _ = check_request(self.cfg.base())
+        store, _, val_ids = check_request(self.cfg.base())
+        if not val_ids:
+            raise StoreError(
+                f"store {store.root} leaves no validation items (data.val_fraction="
+                f"{self.cfg.data.val_fraction}, {len(store.ids('labeled'))} labelled items): ST++ "
+                f"keeps the best checkpoint by validation F1 and calibrates on those items"
+            )
         owned = self.meta().get("sets", {})
         foreign = [s for s in self.set_names() if s in store.pseudo_sets() and s not in owned]
         if foreign and not self.overwrite:
