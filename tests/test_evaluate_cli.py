@@ -105,3 +105,32 @@ def test_wide_f1_table_is_printed_whole_when_piped():
         assert row.count("0.1235") == len(mods)
     for m in mods:
         assert m[3:] in text  # every column header, unbroken
+
+
+def test_per_cell_match_results(tmp_path):
+    """`--per-cell` writes cells.csv: each ground-truth cell with its matched predicted cell
+    and IoU, unmatched cells on either side with 0, read back with pandas."""
+    import pandas as pd
+
+    gt = np.zeros((40, 40), np.uint16)
+    gt[5:15, 5:15] = 3  # matched by pred 7, shifted 2 px: IoU 80 / 120
+    gt[20:30, 20:30] = 4  # missed
+    pred = np.zeros((40, 40), np.uint16)
+    pred[5:15, 7:17] = 7
+    pred[25:35, 5:12] = 9  # a false positive
+    g, p = _folders(tmp_path, {"a": gt}, {"a": pred})
+    res = _evaluate(g, p, tmp_path / "r", "--per-cell")
+    assert res.exit_code == 0, res.output
+    cells = pd.read_csv(tmp_path / "r" / "cells.csv").sort_values(["gt_label", "pred_label"])
+    assert cells[["id", "gt_label", "pred_label", "matched"]].values.tolist() == [
+        ["a", 0, 9, False],
+        ["a", 3, 7, True],
+        ["a", 4, 0, False],
+    ]
+    assert cells.iou.tolist() == [0.0, 80 / 120, 0.0]
+    # the per-image report holds the same counts, and no per-cell rows
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "cells" not in report and report["images"][0]["tp"] == 1
+    assert not (tmp_path / "r2").exists()
+    assert _evaluate(g, p, tmp_path / "r2").exit_code == 0
+    assert not (tmp_path / "r2" / "cells.csv").exists()  # only on request

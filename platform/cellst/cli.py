@@ -231,6 +231,10 @@ def evaluate(
     count_boundary: Annotated[
         bool | None, typer.Option("--count-boundary", help="keep cells touching the image border")
     ] = None,
+    per_cell: Annotated[
+        bool,
+        typer.Option("--per-cell", help="also write cells.csv: each cell's matched cell and IoU"),
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -255,6 +259,7 @@ def evaluate(
             count_boundary=boundary,
             iou_threshold=cfg.evaluate.iou_threshold,
             progress=sys.stderr.isatty(),
+            per_cell=per_cell,
         )
     except ValueError as exc:  # a label file that is no instance map, mismatched shapes
         _fail(str(exc), code=2)

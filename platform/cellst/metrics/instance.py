@@ -346,6 +346,44 @@ def match_instances(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5
     )
 
 
+def cell_matches(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    count_boundary: bool = False,
+    iou_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Per-cell match results of one image: which predicted cell each ground-truth cell got.
+
+    One row per ground-truth cell (``gt_label``, its matched ``pred_label`` or 0, ``iou`` of
+    the pair or 0.0, ``matched``) and one per unmatched predicted cell (``gt_label`` 0).
+    Cells touching the 2-pixel border are left out unless ``count_boundary``, as in
+    :func:`image_scores`. Labels are the files' own ids. The matching is
+    :func:`match_instances` on the whole image (the
+    per-image scores of images of :data:`LARGE_IMAGE_PIXELS` or more are patch-wise).
+    """
+    g = _as_labels(gt, "gt")
+    p = _as_labels(pred, "pred")
+    if g.shape != p.shape:
+        raise ValueError(f"gt shape {g.shape} differs from pred shape {p.shape}")
+    if not count_boundary:  # drop border cells, keeping the files' own label ids
+        g = np.where(np.isin(g, _border_labels(g, BOUNDARY_WIDTH)), 0, g)
+        p = np.where(np.isin(p, _border_labels(p, BOUNDARY_WIDTH)), 0, p)
+    m = match_instances(g, p, iou_threshold)
+    pairs = {
+        int(a): (int(b), float(iou))
+        for a, b, iou in zip(m.gt_labels, m.pred_labels, m.ious, strict=True)
+    }
+    rows = []
+    for gid in np.unique(g[g > 0]).tolist():
+        pid, iou = pairs.get(gid, (0, 0.0))
+        rows.append({"gt_label": gid, "pred_label": pid, "iou": iou, "matched": pid != 0})
+    matched_pred = {b for b, _ in pairs.values()}
+    for pid in np.unique(p[p > 0]).tolist():
+        if pid not in matched_pred:
+            rows.append({"gt_label": 0, "pred_label": pid, "iou": 0.0, "matched": False})
+    return rows
+
+
 def image_scores(
     gt: np.ndarray,
     pred: np.ndarray,

@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cellst.metrics.instance import SCORE_KEYS, _as_labels, image_scores, summarize
+from cellst.metrics.instance import (
+    SCORE_KEYS,
+    _as_labels,
+    cell_matches,
+    image_scores,
+    summarize,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -64,6 +70,7 @@ def evaluate_pairs(
     pairs: Iterable[tuple[str, np.ndarray, np.ndarray | None, str | None]],
     count_boundary: bool = False,
     iou_threshold: float = 0.5,
+    per_cell: bool = False,
 ) -> dict[str, Any]:
     """Score image pairs and summarise them.
 
@@ -83,9 +90,11 @@ def evaluate_pairs(
     dict
         The :func:`~cellst.metrics.instance.summarize` block (``f1`` is the mean F1), plus
         ``per_modality``, ``images`` (one row per image, in input order), ``missing`` (ids),
-        ``count_boundary`` and ``iou_threshold``.
+        ``count_boundary`` and ``iou_threshold``; with ``per_cell`` also ``cells``, the
+        :func:`~cellst.metrics.instance.cell_matches` rows of every image with its ``id``.
     """
     rows: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
     missing: list[str] = []
     for image_id, gt, pred, modality in pairs:
         image_id = str(image_id)
@@ -102,7 +111,14 @@ def evaluate_pairs(
             )
         scores = image_scores(gt, pred, count_boundary=count_boundary, iou_threshold=iou_threshold)
         rows.append({"id": image_id, "modality": modality, "missing": is_missing, **scores})
+        if per_cell:
+            cells.extend(
+                {"id": image_id, **row}
+                for row in cell_matches(gt, pred, count_boundary, iou_threshold)
+            )
     report = summarize(rows, by="modality")
+    if per_cell:
+        report["cells"] = cells
     report["images"] = rows
     report["missing"] = missing
     report["count_boundary"] = bool(count_boundary)
@@ -271,14 +287,24 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> 
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "metrics.json"
     csv_path = out / "metrics.csv"
-    _atomic_write(json_path, json.dumps(report, indent=2, default=_json_default) + "\n")
+    summary = {k: v for k, v in report.items() if k != "cells"}  # cells go to cells.csv
+    _atomic_write(json_path, json.dumps(summary, indent=2, default=_json_default) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in report.get("images", []):
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
     _atomic_write(csv_path, buf.getvalue())
-    return {"json": json_path, "csv": csv_path}
+    paths = {"json": json_path, "csv": csv_path}
+    if "cells" in report:  # per-cell match results: which predicted cell each cell got
+        cols = ["id", "gt_label", "pred_label", "iou", "matched"]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(report["cells"])
+        paths["cells"] = out / "cells.csv"
+        _atomic_write(paths["cells"], buf.getvalue())
+    return paths
 
 
 def _fmt(value: Any) -> str:

@@ -96,10 +96,12 @@ def evaluate_sources(
     count_boundary: bool = False,
     iou_threshold: float = 0.5,
     progress: bool = True,
+    per_cell: bool = False,
 ) -> dict[str, Any]:
     """Score every ground-truth item against its prediction; write the report if ``out``.
 
     A ground-truth item without prediction scores F1 0 and is listed under ``missing``.
+    ``per_cell`` adds the per-cell match results (``cells.csv`` in ``out``).
     """
     g = open_labels(gt, split=gt_split)
     p = open_labels(pred, pseudo_set=pred_set)
@@ -118,7 +120,9 @@ def evaluate_sources(
                 )
             yield name, gt_map, pred_map, modalities.get(name)
 
-    report = evaluate_pairs(pairs(), count_boundary=count_boundary, iou_threshold=iou_threshold)
+    report = evaluate_pairs(
+        pairs(), count_boundary=count_boundary, iou_threshold=iou_threshold, per_cell=per_cell
+    )
     report["extra"] = sorted(set(p.loaders) - set(g.loaders))
     report["gt"] = g.description
     report["pred"] = p.description
