@@ -51,6 +51,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
+from cellst import fs
+
 MANIFEST = "manifest.parquet"
 MANIFESTS = "manifests"
 READERS = ".readers"
@@ -148,18 +150,9 @@ def write_array(path: str | Path, data: np.ndarray, chunk: int = 256, level: int
     create_array(path, data.shape, data.dtype, chunk, level)[...] = data
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file through a temporary sibling and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Write a parquet table through a temporary sibling and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+# the store's atomic writes are cellst.fs's (re-exported: other modules import them here)
+atomic_write_bytes = fs.atomic_write_bytes
+atomic_write_parquet = fs.atomic_write_parquet
 
 
 def _locked_thing(lock_file: Path) -> str:

@@ -27,8 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage.measure import label as cc_label
+
+from cellst.fs import atomic_write
 
 __all__ = [
     "MODALITIES",
@@ -538,15 +539,7 @@ def image_extension(modality: str, k: int) -> str:
     raise ValueError(f"unknown modality {modality!r}")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via ``write(tmp)`` to a temporary name in the same folder, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+_atomic_write = atomic_write  # write(tmp) to a sibling, then rename (cellst.fs)
 
 
 def _save_image(path: Path, image: np.ndarray) -> None:

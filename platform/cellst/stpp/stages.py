@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from cellst import fs
 
 STATUSES = ("pending", "running", "done", "failed")
 Decision = Literal["skip", "resume", "fresh"]
@@ -42,11 +42,8 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary sibling and an atomic rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    """Write JSON atomically (:func:`cellst.fs.atomic_write_json`; non-JSON values as str)."""
+    fs.atomic_write_json(path, data, default=str)
 
 
 @dataclass

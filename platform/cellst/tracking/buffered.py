@@ -26,10 +26,11 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from cellst.fs import atomic_write_text
 
 PENDING_FILE = "tracking-pending.jsonl"
 REJECTED_FILE = "tracking-rejected.jsonl"
@@ -161,9 +162,7 @@ def _rewrite(path: Path, lines: list[str]) -> None:
     if not lines:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 def count_records(path: Path) -> int:

@@ -7,9 +7,6 @@ is needed.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from skimage.segmentation import find_boundaries
+
+from cellst.fs import atomic_write
 
 #: largest image side drawn in an overlay panel; bigger inputs are subsampled
 OVERLAY_MAX_SIDE = 768
@@ -208,14 +207,5 @@ def log_figure(fig: Figure, artifact_file: str, close: bool = True) -> None:
 def save_figure(fig: Figure, path: str | Path, dpi: int | None = None) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically (temporary file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
     return path

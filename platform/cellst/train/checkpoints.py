@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from cellst.fs import atomic_write_json
+
 MODEL_FILES = ("model.pt", "model.json")
 
 
@@ -56,10 +58,7 @@ class RunPaths:
 
     def write_state(self, **update: Any) -> dict[str, Any]:
         state = {**self.read_state(), **update}
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.state.with_name(f".run.json.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(state, indent=2, default=str))
-        os.replace(tmp, self.state)
+        atomic_write_json(self.state, state, default=str)
         return state
 
 
