@@ -111,3 +111,24 @@ def test_non_finite_messages(tmp_path):
     cfg = load_config(None)
     with pytest.raises(ValidationError, match="finite number"):
         cfg.train.lr = float("inf")  # assignments are validated too
+
+
+@pytest.mark.parametrize(
+    ("nodes", "actors", "requested", "reserve", "expected"),
+    [
+        ([1, 1], 2, 1, 0.25, 0.75),  # the 2 x 1-CPU cluster: 0.88 by the total starved reads
+        ([4], 2, 1, 0.25, 1.0),  # room enough: the request stands
+        ([2, 1], 3, 1, 0.25, 0.75),  # 2 actors on the big node, 1 on the small one
+        ([8, 8], 4, 2, 0.25, 2.0),
+        ([0.2], 1, 1, 0.25, 0.0),  # no node can hold the reads: nothing fits
+    ],
+)
+def test_actor_cpus_fit_per_node(nodes, actors, requested, reserve, expected):
+    """Every node keeps the reserve for the other stages whatever node an actor lands on."""
+    from cellst.raycluster import cpus_per_actor
+
+    share = cpus_per_actor(nodes, actors, requested, reserve)
+    assert share == pytest.approx(expected)
+    if share:
+        placed = sum(int((c - reserve) / share + 1e-9) for c in nodes)
+        assert placed >= actors and share <= requested

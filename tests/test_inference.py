@@ -19,6 +19,7 @@ from cellst.data.store import CellStore, StoreError
 from cellst.inference.batch import PredictConfig, predict
 from cellst.inference.predictor import HV_KEY, NP_KEY, InferenceConfig, blocks, predict_maps
 from cellst.model import ModelConfig, build_model, save_checkpoint
+from cellst.raycluster import ClusterError
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +260,7 @@ def test_predict_folder_to_tiffs(ray_session, synth_src, lite_checkpoint, tmp_pa
 def test_predict_bad_requests(ray_session, store_dir, lite_checkpoint, tmp_path):
     with pytest.raises(StoreError, match="not a cellst checkpoint"):
         predict(tmp_path, store_dir, set_name="x", progress=False)
-    with pytest.raises(StoreError, match="GPU"):
+    with pytest.raises(ClusterError, match="GPU"):
         predict(
             lite_checkpoint,
             store_dir,

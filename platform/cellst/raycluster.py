@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -12,6 +13,42 @@ import ray
 
 class ClusterError(RuntimeError):
     """A request the Ray cluster can never satisfy (GPUs or CPUs it lacks); one line, exit 1."""
+
+
+def alive_node_cpus() -> list[float]:
+    """CPUs of each alive node of the connected Ray cluster."""
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def cpus_per_actor(
+    node_cpus: Iterable[float], n_actors: int, requested: float, reserve: float
+) -> float:
+    """The largest CPU share per actor, at most ``requested``, that places ``n_actors``
+    actors on the nodes while every node keeps ``reserve`` CPUs for the other stages.
+
+    Fitting against the cluster's total fails on several nodes: two 1-CPU nodes, two actors
+    and a 0.25-CPU read stage gave 0.88 CPUs per actor by the total, leaving 0.12 on each
+    node, so the reads could never run. Reasoning per node gives 0.75 there.
+
+    Returns
+    -------
+    float
+        The share, or 0.0 if not even a sliver per actor fits.
+    """
+    caps = [c - reserve for c in node_cpus if c - reserve > 1e-9]
+    if not caps or n_actors < 1:
+        return 0.0
+
+    def fits(share: float) -> bool:
+        return sum(math.floor(c / share + 1e-9) for c in caps) >= n_actors
+
+    if fits(requested):
+        return float(requested)
+    # the best share divides some node's capacity exactly: try those, largest first
+    for share in sorted({c / k for c in caps for k in range(1, n_actors + 1)}, reverse=True):
+        if share < requested and fits(share):
+            return share
+    return 0.0
 
 
 def verbose() -> bool:

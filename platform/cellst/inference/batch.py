@@ -54,6 +54,7 @@ from cellst.data.store import (
     write_array,
 )
 from cellst.inference.config import InferenceConfig, PredictConfig
+from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor
 
 SET_META = PSEUDO_SET_META
 ITEMS = "items.parquet"
@@ -440,19 +441,23 @@ def fit_resources(pcfg: PredictConfig) -> PredictConfig:
     if pcfg.num_gpus_per_actor > 0:
         have = res.get("GPU", 0)
         if have < pcfg.num_gpus_per_actor:
-            raise StoreError(
+            raise ClusterError(
                 f"predict.num_gpus_per_actor={pcfg.num_gpus_per_actor} but the Ray cluster "
                 f"has {have:g} GPU(s); use 0 to run on CPUs"
             )
     other = READ_CPUS + (pcfg.postprocess_cpus if pcfg.num_gpus_per_actor > 0 else 0)
-    room = cpus - other
-    if room <= 0:
-        raise StoreError(f"the Ray cluster has {cpus:g} CPUs; predict needs more than {other:g}")
-    if pcfg.num_actors * pcfg.num_cpus_per_actor > room:
-        per_actor = room / pcfg.num_actors
+    nodes = alive_node_cpus() or [cpus]
+    per_actor = cpus_per_actor(nodes, pcfg.num_actors, pcfg.num_cpus_per_actor, other)
+    if per_actor <= 0:
+        raise ClusterError(
+            f"the Ray cluster's nodes have {', '.join(f'{c:g}' for c in nodes)} CPUs; predict "
+            f"needs more than {other:g} on a node beside its actors"
+        )
+    if per_actor < pcfg.num_cpus_per_actor:
         print(
             f"note: {pcfg.num_actors} actors x {pcfg.num_cpus_per_actor:g} CPUs do not leave "
-            f"room for the other stages on {cpus:g} CPUs; using {per_actor:.2f} CPUs per actor"
+            f"{other:g} CPUs for the other stages on every node (nodes of "
+            f"{', '.join(f'{c:g}' for c in nodes)} CPUs); using {per_actor:.2f} CPUs per actor"
         )
         pcfg = pcfg.model_copy(update={"num_cpus_per_actor": per_actor})
     return pcfg

@@ -19,7 +19,7 @@ from typing import Any
 
 from cellst.config import ConfigError
 from cellst.data.store import CellStore, StoreError
-from cellst.raycluster import ClusterError, train_log_level
+from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, train_log_level
 from cellst.train.checkpoints import RunPaths
 from cellst.train.config import TrainingDiverged
 
@@ -143,6 +143,22 @@ def fit_cluster(cfg):
             "per worker"
         )
         cfg.train.cpus_per_worker = per
+    # per node: whatever node a worker lands on, a read-and-augment task must still fit
+    nodes = alive_node_cpus() or [res.get("CPU", 0)]
+    share = cpus_per_actor(nodes, t.num_workers, cfg.train.cpus_per_worker, t.augment_cpus)
+    if share <= 0:
+        raise ClusterError(
+            f"train.num_workers={t.num_workers} does not fit on nodes of "
+            f"{', '.join(f'{c:g}' for c in nodes)} CPUs beside a read-and-augment task "
+            f"(train.augment_cpus={t.augment_cpus:g}) on each"
+        )
+    if share < cfg.train.cpus_per_worker:
+        print(
+            f"note: {t.num_workers} workers x {cfg.train.cpus_per_worker:g} CPUs leave no room "
+            f"for a read-and-augment task on nodes of {', '.join(f'{c:g}' for c in nodes)} "
+            f"CPUs; using {share:.2f} CPUs per worker"
+        )
+        cfg.train.cpus_per_worker = share
     return cfg
 
 
