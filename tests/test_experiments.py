@@ -17,6 +17,11 @@ def test_cluster_yaml_is_valid_for_the_ray_launcher():
     cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     validate_config(prepare_config(copy.deepcopy(cfg)))
     assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    # nothing listens on a public address: MLflow on the head's private address, the
+    # dashboard / job server on loopback (reached through `ray dashboard`'s SSH tunnel)
+    commands = " ".join(cfg["head_setup_commands"] + cfg["head_start_ray_commands"])
+    assert "0.0.0.0" not in commands
+    assert "--dashboard-host=127.0.0.1" in commands and "hostname -I" in commands
     bad = copy.deepcopy(cfg)
     bad["bogus"] = 1
     with pytest.raises(Exception, match="bogus"):
