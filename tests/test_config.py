@@ -132,3 +132,27 @@ def test_actor_cpus_fit_per_node(nodes, actors, requested, reserve, expected):
     if share:
         placed = sum(int((c - reserve) / share + 1e-9) for c in nodes)
         assert placed >= actors and share <= requested
+
+
+def test_config_fingerprint_counts_only_what_is_computed():
+    """Settings left at their defaults and settings of where/how a run goes do not change
+    the fingerprint, so a cellst that adds a setting does not invalidate earlier runs."""
+    from cellst.config import load_config
+    from cellst.fingerprint import config_fingerprint
+    from cellst.stpp.pipeline import training_hash
+    from cellst.train.trainer import config_hash
+
+    base = load_config(None, ["store=s", "train.lr=0.01"])
+    same = [
+        load_config(None, ["store=s", "train.lr=0.01", "train.run_dir=elsewhere"]),
+        load_config(None, ["store=s", "train.lr=0.01", "train.cpus_per_worker=3"]),
+        load_config(None, ["store=s", "train.lr=0.01", "tracking.enabled=false"]),
+        # a default written out explicitly is the same computation
+        load_config(None, ["store=s", "train.lr=0.01", f"data.crop_size={base.data.crop_size}"]),
+    ]
+    for cfg in same:
+        assert config_fingerprint(cfg) == config_fingerprint(base) == config_hash(base)
+    assert config_hash(load_config(None, ["store=s", "train.lr=0.02"])) != config_hash(base)
+    # ST++ stages: the store path and experiment name are not part of what a stage computes
+    moved = load_config(None, ["store=other", "name=n2", "train.lr=0.01"])
+    assert training_hash(moved) == training_hash(base) and config_hash(moved) != config_hash(base)

@@ -408,3 +408,22 @@ def test_training_logs_to_a_real_mlflow_server(ray_session, store_dir, tmp_path,
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [1, 2]
     assert run.data.params["data.crop_size"] == "96"
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_run_folder_of_an_older_cellst_still_opens(ray_session, store_dir, tmp_path, capsys):
+    """run.json written before config fingerprints counted only non-default settings: the
+    run is taken as unchanged (one note), not refused as 'a different configuration'."""
+    cfg = tiny_cfg(store_dir, tmp_path, "train.run_name=old")
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "run.json").write_text(
+        json.dumps({"config_hash": "0123456789abcdef", "status": "finished", "metrics": {}})
+    )
+    res = train(cfg)
+    assert res.resumed and "written by an older cellst" in capsys.readouterr().out
+    state = json.loads((run / "run.json").read_text())
+    assert state["fingerprint"] == 2 and state["status"] == "finished"
+    changed = cfg.model_copy(deep=True)
+    changed.train.lr = 0.5
+    with pytest.raises(ConfigError, match="different configuration"):  # compared from now on
+        train(changed)

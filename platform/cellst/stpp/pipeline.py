@@ -56,8 +56,9 @@ import pandas as pd
 
 from cellst.config import ConfigError, dump_config
 from cellst.data.store import CellStore, StoreError, atomic_write_bytes, remove_tree, store_lock
+from cellst.fingerprint import checkpoint_fingerprint, config_fingerprint, stable_hash
 from cellst.stpp.experiment import StppExperimentConfig
-from cellst.stpp.stages import StageBook, StageRecord, atomic_write_json, stable_hash
+from cellst.stpp.stages import StageBook, StageRecord, atomic_write_json
 
 #: stage names, in order (stage n is STAGES[n - 1])
 STAGES = (
@@ -112,16 +113,10 @@ def items_digest(store: CellStore, split: str) -> str:
 
 
 def training_hash(cfg) -> str:
-    """Hash of what a training stage computes (not where it logs, runs or predicts)."""
-    data = cfg.model_dump(mode="json", exclude={"tracking", "predict", "evaluate", "ingest"})
-    data.pop("store", None)
-    data.pop("name", None)
-    data["train"] = {
-        k: v
-        for k, v in data["train"].items()
-        if k not in ("run_dir", "run_name", "max_failures", "log_every_steps", "keep_last")
-    }
-    return stable_hash(data)
+    """Fingerprint of what a training stage computes (not where it logs, runs or predicts)."""
+    return config_fingerprint(
+        cfg, {"": ("store", "name"), "predict": ("*",), "evaluate": ("*",), "ingest": ("*",)}
+    )
 
 
 def retrain_crops(crops: int, pseudo_weight: float, max_factor: float = 4.0) -> int:
@@ -143,12 +138,6 @@ def training_crops(cfg) -> dict[str, int]:
         "retrain_reliable": re_epochs * re_crops,
         "retrain_all": re_epochs * re_crops,
     }
-
-
-def checkpoint_fingerprint(path: str | Path) -> list:
-    """Cheap identity of a checkpoint's weights (size and mtime of ``model.pt``)."""
-    st = (Path(path) / "model.pt").stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def mlflow_ui_command(uri: str | None) -> str | None:

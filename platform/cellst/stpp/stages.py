@@ -21,7 +21,6 @@ Each stage has one JSON record, ``<pipeline>/stages/<n>_<stage>.json``, written 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -30,15 +29,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cellst import fs
+from cellst.fingerprint import stable_hash  # noqa: F401 - re-exported
 
 STATUSES = ("pending", "running", "done", "failed")
 Decision = Literal["skip", "resume", "fresh"]
-
-
-def stable_hash(obj: Any, n: int = 16) -> str:
-    """Short sha256 of a JSON-serialisable object (keys sorted, so order does not matter)."""
-    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

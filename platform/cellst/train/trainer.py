@@ -9,7 +9,6 @@ checkpoint of the same ``(storage_path, name)``, and the MLflow run is re-attach
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -19,6 +18,8 @@ from typing import Any
 
 from cellst.config import ConfigError
 from cellst.data.store import CellStore, StoreError
+from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
+from cellst.fingerprint import config_fingerprint
 from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, train_log_level
 from cellst.train.checkpoints import RunPaths
 from cellst.train.config import TrainingDiverged
@@ -47,25 +48,8 @@ class TrainResult:
 
 
 def config_hash(cfg) -> str:
-    """Hash of everything that changes what training computes (not where it logs)."""
-    data = cfg.model_dump(mode="json")
-    for volatile in ("tracking",):
-        data.pop(volatile, None)
-    data["train"] = {
-        k: v
-        for k, v in data["train"].items()
-        if k
-        not in (
-            "run_dir",
-            "run_name",
-            "max_failures",
-            "log_every_steps",
-            "cpus_per_worker",  # where it runs, not what it computes
-            "augment_cpus",
-            "prefetch_batches",
-        )
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    """Fingerprint of what this training computes (:func:`cellst.fingerprint.config_fingerprint`)."""
+    return config_fingerprint(cfg)
 
 
 def check_request(cfg) -> tuple[CellStore, list[str], list[str]]:
@@ -260,6 +244,14 @@ def train(
     store, train_ids, val_ids = check_request(cfg)
     chash = config_hash(cfg)
     state = paths.read_state()
+    if not force and state and "fingerprint" not in state and state.get("config_hash") != chash:
+        # a run folder of an older cellst, whose config hash counted every default: its
+        # configuration cannot be compared any more; resume it, with a note
+        print(
+            f"note: {paths.root} was written by an older cellst; its configuration is taken "
+            "as unchanged (pass --force to start it over)"
+        )
+        state = paths.write_state(config_hash=chash, fingerprint=FINGERPRINT_VERSION)
     if state and state.get("config_hash") != chash and not force:
         raise ConfigError(
             f"run {paths.root} exists with a different configuration; choose another "
@@ -303,6 +295,7 @@ def train(
         paths.write_state(
             mlflow_run_id=run_id,
             config_hash=chash,
+            fingerprint=FINGERPRINT_VERSION,
             store_version=store.version,  # the manifest version every worker reads
             status="running",
             error=None,

@@ -63,9 +63,9 @@ def sweep_dir(cfg) -> Path:
 
 def sweep_hash(cfg) -> str:
     """Identity of a sweep: everything but where it logs (a changed sweep is a new sweep)."""
-    from cellst.stpp.stages import stable_hash
+    from cellst.fingerprint import config_fingerprint
 
-    return stable_hash(cfg.model_dump(mode="json", exclude={"tracking"}))
+    return config_fingerprint(cfg)
 
 
 # ----------------------------------------------------------------------------- postprocess
@@ -94,8 +94,8 @@ def prepare_maps(cfg, ids: list[str], root: Path, log: Callable[[str], None]) ->
     """Validation predictions of ``tune.checkpoint``, computed once per checkpoint/settings."""
     import ray
 
-    from cellst.stpp.pipeline import checkpoint_fingerprint
-    from cellst.stpp.stages import atomic_write_json, stable_hash
+    from cellst.fingerprint import checkpoint_fingerprint, stable_hash
+    from cellst.stpp.stages import atomic_write_json
 
     key = stable_hash(
         {

@@ -1,0 +1,75 @@
+"""Fingerprints: the one owner of "is this the same computation as before?".
+
+Training runs, ST++ stages and sweeps resume or skip work when their fingerprint is
+unchanged. A config fingerprint hashes only the fields a user set to something other than
+the default (``model_dump(exclude_defaults=True)``), minus the fields that say where or how
+a computation runs or logs rather than what it computes. So a new cellst version that adds
+a setting with a default does not invalidate every earlier run, and moving a run to more
+CPUs does not restart it. Only the standard library is imported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+#: version of the fingerprint recipe, stored beside fingerprints (run.json ``fingerprint``)
+VERSION = 2
+
+#: fields that change where or how a computation runs or logs, never its result
+RUN_ONLY: dict[str, tuple[str, ...]] = {
+    "tracking": ("*",),
+    "train": (
+        "run_dir",
+        "run_name",
+        "max_failures",
+        "log_every_steps",
+        "keep_last",
+        "cpus_per_worker",
+        "augment_cpus",
+        "prefetch_batches",
+    ),
+}
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """Short sha256 of a JSON-serialisable object (keys sorted, so order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def config_fingerprint(
+    cfg: Any, ignore: Mapping[str, Iterable[str]] | None = None, n: int = 16
+) -> str:
+    """Fingerprint of what a configuration computes.
+
+    Parameters
+    ----------
+    cfg : pydantic model
+        An experiment configuration (any :class:`cellst.config.Section` tree).
+    ignore : mapping, optional
+        Section -> field names to leave out besides :data:`RUN_ONLY`; ``"*"`` leaves out the
+        whole section, and the key ``""`` names top-level fields (``store``, ``name``).
+    """
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
+    rules: dict[str, set[str]] = {k: set(v) for k, v in RUN_ONLY.items()}
+    for section, fields in (ignore or {}).items():
+        rules.setdefault(section, set()).update(fields)
+    for field in rules.pop("", set()):
+        data.pop(field, None)
+    for section, fields in rules.items():
+        if "*" in fields:
+            data.pop(section, None)
+        elif isinstance(data.get(section), dict):
+            data[section] = {k: v for k, v in data[section].items() if k not in fields}
+    return stable_hash(data, n)
+
+
+def checkpoint_fingerprint(path: str | os.PathLike[str]) -> list:
+    """Cheap identity of a checkpoint's weights (path, size and mtime of ``model.pt``)."""
+    st = (Path(path) / "model.pt").stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
