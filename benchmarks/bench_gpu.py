@@ -23,8 +23,6 @@ two) so CI catches rot. Exit codes: 0 done, 1 a stage failed, 3 CUDA unavailable
 whatever was measured before.
 """
 
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import datetime as dt

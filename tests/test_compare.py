@@ -9,13 +9,11 @@ import io
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import typer
 from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
@@ -403,50 +401,11 @@ def test_clear_errors(runs_dir, tmp_path):
         collect_runs(url)
 
 
-def test_cli_command_as_proposed_for_cli_py(runs_dir, tmp_path):
-    """The ``@app.command()`` proposed for cli.py: exit 0 with the table and files, one line
-    and exit 1 for an unknown experiment or a dead server, exit 2 for a bad --sort."""
+def test_cli_compare(runs_dir, tmp_path):
+    """`cellst compare`: exit 0 with the table and files, one line and exit 1 for an unknown
+    experiment or a dead server, exit 2 for a bad --sort."""
     runs, _ = runs_dir
-    from cellst.cli import user_errors
-
-    app = typer.Typer(pretty_exceptions_enable=False)
-
-    @app.callback()
-    def _root() -> None:
-        """cellst"""
-
-    @app.command()
-    @user_errors
-    def compare(
-        experiment: Annotated[
-            list[str] | None,
-            typer.Option("--experiment", "-e", help="experiment name (repeatable); default: all"),
-        ] = None,
-        tracking_uri: Annotated[
-            str | None,
-            typer.Option(
-                "--tracking-uri",
-                help="server URL, sqlite:/// URI, mlflow.db file or runs folder; "
-                "default: $MLFLOW_TRACKING_URI, else every mlflow.db under runs/",
-            ),
-        ] = None,
-        sort: Annotated[
-            str, typer.Option(help="column to sort by: test_f1, val_f1/<modality>, train.lr...")
-        ] = "test_f1",
-        ascending: Annotated[bool, typer.Option("--ascending", help="smallest first")] = False,
-        kind: Annotated[
-            list[str] | None,
-            typer.Option(help="pipeline, train, sweep, trial, stage, other or all (repeatable)"),
-        ] = None,
-        limit: Annotated[int, typer.Option(min=1, help="show the first N runs")] = 50,
-        out: Annotated[
-            Path | None, typer.Option(help="folder for compare.csv and compare.png")
-        ] = None,
-    ) -> None:
-        """Compare MLflow runs: test/validation F1 per modality and the config that differs."""
-        from cellst.tracking.compare import compare_command
-
-        compare_command(experiment, tracking_uri, sort, out, limit, kind, ascending)
+    from cellst.cli import app
 
     runner = CliRunner()
     ok = runner.invoke(
