@@ -147,6 +147,19 @@ def save_checkpoint(
     return target
 
 
+def _read_record(path: Path, fmt: str, what: str, hint: str) -> dict[str, Any]:
+    """A JSON record of a checkpoint folder, checked to be a mapping of format ``fmt``;
+    :class:`CheckpointError` naming ``path`` (with ``what`` before and ``hint`` after)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{what}{path} is not readable JSON: {exc}{hint}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        got = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{what}{path} has format {got!r}, expected {fmt!r}{hint}")
+    return doc
+
+
 def read_checkpoint_info(directory: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any]]:
     """``(ModelConfig, metadata)`` from a checkpoint's ``model.json`` (weights not read)."""
     path = Path(directory)
@@ -155,13 +168,7 @@ def read_checkpoint_info(directory: str | os.PathLike[str]) -> tuple[ModelConfig
     info_path = path / INFO_FILE
     if not info_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no {INFO_FILE} ({info_path} is missing)")
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {info_path} is not readable JSON: {exc}") from exc
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        got = info.get("format") if isinstance(info, dict) else None
-        raise CheckpointError(f"checkpoint {info_path} has format {got!r}, expected {FORMAT!r}")
+    info = _read_record(info_path, FORMAT, "checkpoint ", "")
     try:
         cfg = ModelConfig.model_validate(info.get("model"))
     except ValidationError as exc:
@@ -328,15 +335,7 @@ def load_postprocess(directory: str | os.PathLike[str]) -> dict[str, Any] | None
     path = Path(directory) / POSTPROCESS_FILE
     if not path.is_file():
         return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not readable JSON: {exc}; delete it") from exc
-    if not isinstance(doc, dict) or doc.get("format") != POSTPROCESS_FORMAT:
-        got = doc.get("format") if isinstance(doc, dict) else None
-        raise CheckpointError(
-            f"{path} has format {got!r}, expected {POSTPROCESS_FORMAT!r}; delete it"
-        )
+    doc = _read_record(path, POSTPROCESS_FORMAT, "", "; delete it")
     if not isinstance(doc.get("settings"), dict) or not isinstance(doc.get("meta", {}), dict):
         raise CheckpointError(f"{path} has no settings mapping; delete it")
     if doc.get("weights_sha256") != weights_digest(directory):
