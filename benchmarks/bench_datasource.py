@@ -26,7 +26,7 @@ import numpy as np
 import ray
 from ray.data import ExecutionResources
 
-from cellst.data.datasource import _open_array, crop_items, read_crops, train_crop_dataset
+from cellst.data.datasource import crop_items, open_array, read_crops, train_crop_dataset
 from cellst.data.ingest import ingest
 from cellst.data.store import CellStore
 from cellst.data.synth import synthesize_dataset
@@ -41,8 +41,8 @@ def naive_loop(items, n: int, crop: int, seed: int) -> float:
         it = items[idx]
         y = int(rng.integers(0, it.ref.height - crop + 1))
         x = int(rng.integers(0, it.ref.width - crop + 1))
-        _open_array(it.ref.image)[y : y + crop, x : x + crop]
-        _open_array(it.ref.label)[y : y + crop, x : x + crop]
+        open_array(it.ref.image)[y : y + crop, x : x + crop]
+        open_array(it.ref.label)[y : y + crop, x : x + crop]
     return n / (time.perf_counter() - t)
 
 

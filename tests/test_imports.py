@@ -102,3 +102,33 @@ def test_segment_in_process_starts_no_ray(tmp_path):
     imported = _heavy_imports(code)
     assert "torch" in imported and "ray" not in imported
     assert (tmp_path / "img_label.tiff").is_file()  # default: beside the image
+
+
+def test_training_stream_transform_unpickles_without_torch():
+    """Ray Train's controller and split coordinator unpickle the training dataset: its
+    augmentation must not drag torch and MONAI into them (4-7 s each on 2 CPUs)."""
+    import pickle
+
+    from cellst.config import load_config
+    from cellst.experiment import ExperimentConfig
+    from cellst.train.step import augment_batch
+    from cellst.train.trainer import augment_transform
+
+    cfg = load_config(ROOT / "experiments" / "demo.yaml", model=ExperimentConfig)
+    transform = augment_transform(cfg)
+    blob = pickle.dumps(transform)
+    heavy = _heavy_imports(f"import pickle\nt = pickle.loads({blob!r})\nassert callable(t)")
+    assert "torch" not in heavy and "monai" not in heavy, heavy
+    # and it is the augmentation: same outputs as calling augment_batch directly
+    rng = np.random.default_rng(0)
+    c = cfg.data.crop_size
+    batch = {
+        "image": rng.integers(0, 255, (2, c, c, 3), dtype=np.uint8),
+        "label": np.zeros((2, c, c), np.int32),
+        "source": np.zeros(2, np.int64),
+    }
+    batch["label"][:, 10:30, 10:30] = 1
+    got = pickle.loads(blob)(dict(batch))
+    want = augment_batch(dict(batch), cfg.augment.model_dump(mode="json"), c)
+    assert sorted(got) == sorted(want)
+    assert all(got[k].shape == want[k].shape and got[k].dtype == want[k].dtype for k in want)

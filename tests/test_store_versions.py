@@ -21,7 +21,7 @@ from cellst.data.store import (
     MANIFESTS,
     CellStore,
     StoreError,
-    _open_array,
+    open_array,
     read_leases,
     write_array,
 )
@@ -160,16 +160,16 @@ def test_reading_a_deleted_array_raises_naming_the_item(store_dir, tmp_path):
     shutil.rmtree(root / store.row(item).label_array)  # removed behind the store's back
     with pytest.raises(StoreError, match=f"item '{item}': cannot read its label"):
         store.label(item)  # the cached handle: zarr alone would answer zeros
-    _open_array.cache_clear()
+    open_array.cache_clear()
     with pytest.raises(StoreError, match=f"item '{item}': cannot read its label"):
         CellStore(root).label(item)  # a fresh handle
     ref = store.ref(item)
     with pytest.raises(StoreError, match="is missing"):
-        _open_array(ref.label)[:4, :4]  # what Ray Data read tasks call
+        open_array(ref.label)[:4, :4]  # what Ray Data read tasks call
     # an array whose all-background chunks were never written still reads them as zeros
     write_array(tmp_path / "sparse", np.zeros((64, 64), np.int32), chunk=32)
     assert not list((tmp_path / "sparse").glob("c/*"))
-    assert _open_array(str(tmp_path / "sparse"))[...].sum() == 0
+    assert open_array(str(tmp_path / "sparse"))[...].sum() == 0
 
 
 def test_a_copied_lease_does_not_pin_the_copy(store_dir, tmp_path):

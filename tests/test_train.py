@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from cellst.cli import app
-from cellst.config import ConfigError, load_config
+from cellst.config import ConfigError, dump_config, load_config
 from cellst.data.store import CellStore, StoreError
 from cellst.model import build_model, load_model
 from cellst.raycluster import ClusterError
@@ -408,6 +408,13 @@ def test_training_logs_to_a_real_mlflow_server(ray_session, store_dir, tmp_path,
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [1, 2]
     assert run.data.params["data.crop_size"] == "96"
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # `cellst train` on the finished run points at the server, not at a SQLite file
+    yml = tmp_path / "srv.yaml"
+    yml.write_text(dump_config(cfg))
+    out = CliRunner().invoke(app, ["train", str(yml)])
+    assert out.exit_code == 0, out.output
+    assert "already finished" in out.output and uri in out.output
+    assert "sqlite" not in out.output and "mlflow ui" not in out.output
 
 
 def test_run_folder_of_an_older_cellst_still_opens(ray_session, store_dir, tmp_path, capsys):

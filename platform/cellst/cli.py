@@ -505,11 +505,11 @@ def train(
     )
     console.print(f"  best checkpoint: {result.best}")
     console.print(f"  ST++ snapshots: {', '.join(p.name for p in result.snapshots)}")
-    if result.mlflow_run_id:
-        console.print(
-            f"  MLflow run {result.mlflow_run_id}: mlflow ui --backend-store-uri "
-            f"sqlite:///{result.run_path / 'mlflow.db'}"
-        )
+    if result.mlflow_run_id:  # the store the run went to: a server or the run's SQLite file
+        from cellst.tracking import resolve_tracking, ui_command
+
+        uri = resolve_tracking(cfg.tracking, result.run_path, cfg.name)[0]
+        console.print(f"  MLflow run {result.mlflow_run_id}: {ui_command(uri)}")
 
 
 @app.command()

@@ -18,16 +18,18 @@ from it, so decoding is paid once for several crops.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 
-from cellst.data.store import CellStore, ItemRef, StoreError, _open_array
+from cellst.data.store import CellStore, ItemRef, StoreError, open_array
 
 #: training stream columns
 TRAIN_COLUMNS = ("image", "label", "source", "item", "y0", "x0")
@@ -90,8 +92,8 @@ def read_crops(
         h, w = it.ref.height, it.ref.width
         ry, rh = _axis_region(h, crop, chunk, rng)
         rx, rw = _axis_region(w, crop, chunk, rng)
-        img = _open_array(it.ref.image)[ry : ry + rh, rx : rx + rw]
-        lab = _open_array(it.ref.label)[ry : ry + rh, rx : rx + rw]
+        img = open_array(it.ref.image)[ry : ry + rh, rx : rx + rw]
+        lab = open_array(it.ref.label)[ry : ry + rh, rx : rx + rw]
         for _ in range(crops_per_visit):
             cy = int(rng.integers(0, max(rh - crop, 0) + 1))
             cx = int(rng.integers(0, max(rw - crop, 0) + 1))
@@ -118,6 +120,30 @@ def _new_block(n: int, crop: int) -> dict[str, np.ndarray]:
         "y0": np.empty(n, np.int32),
         "x0": np.empty(n, np.int32),
     }
+
+
+@dataclass(frozen=True)
+class LazyTransform:
+    """A block transform named by module and function, imported where it first runs.
+
+    A plain function (or ``functools.partial``) is pickled by reference, so every process
+    that merely carries the dataset (Ray Train's controller, its dataset manager and split
+    coordinator) imports the function's module on unpickling. For the augmentation that is
+    torch and MONAI, 4-7 s per process on 2 CPUs, two of them on the path to the first
+    training batch. Naming the function instead leaves that import to the read tasks.
+    """
+
+    module: str
+    function: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, module: str, function: str, **kwargs: Any) -> LazyTransform:
+        return cls(module, function, tuple(sorted(kwargs.items())))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fn = getattr(importlib.import_module(self.module), self.function)
+        return fn(batch, **dict(self.kwargs))
 
 
 class TrainCropDatasource(Datasource):
@@ -306,7 +332,7 @@ class ImageDatasource(Datasource):
             for s in range(0, len(tiles), block_rows):
                 part = tiles[s : s + block_rows]
                 images = [
-                    _open_array(t.ref.image)[t.y0 : t.y0 + t.h, t.x0 : t.x0 + t.w] for t in part
+                    open_array(t.ref.image)[t.y0 : t.y0 + t.h, t.x0 : t.x0 + t.w] for t in part
                 ]
                 batch = {
                     "id": np.asarray([t.ref.id for t in part], dtype=object),

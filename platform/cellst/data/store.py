@@ -121,7 +121,7 @@ def _missing_message(path: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _open_array(path: str) -> zarr.Array:
+def open_array(path: str) -> zarr.Array:
     """Open a stored array read-only (cached per process); :class:`StoreError` if gone."""
     if not (Path(path) / "zarr.json").is_file():
         raise StoreError(_missing_message(path))
@@ -536,7 +536,7 @@ class CellStore:
     # -- reading ---------------------------------------------------------------------------
     def _read(self, item_id: str, what: str, array: str, window: Window | None) -> np.ndarray:
         try:
-            return _open_array(str(self.root / array))[_slices(window)]
+            return open_array(str(self.root / array))[_slices(window)]
         except StoreError as exc:
             raise StoreError(f"item {item_id!r}: cannot read its {what}: {exc}") from None
 
@@ -587,7 +587,7 @@ class CellStore:
         path = self.pseudo_path(set_name, item_id)
         if not (path / "zarr.json").is_file():
             raise StoreError(f"pseudo-label set {set_name!r} has no item {item_id!r}")
-        return _open_array(str(path))[_slices(window)]
+        return open_array(str(path))[_slices(window)]
 
     def info(self) -> dict:
         """Counts per split and modality, for ``cellst info``."""

@@ -267,6 +267,7 @@ def postprocess_and_write(
     from cellst.postprocess.tiled import postprocess_hover
 
     pcfg = PostprocessConfig(**post)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     n = len(batch["id"])
     errors = [str(e) for e in batch.get("error", [""] * n)]
     fatal = [bool(f) for f in batch.get("fatal", [False] * n)]
@@ -287,6 +288,7 @@ def postprocess_and_write(
                 "checkpoint": checkpoint,
                 "model_id": model_id,
                 "written_at": time.time(),
+                "node_id": node,  # the Ray node that predicted it (multi-node runs)
             }
             if out_dir is not None:
                 write_label_tiff(Path(out_dir) / f"{item_id}_label.tiff", label)

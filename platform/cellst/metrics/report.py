@@ -168,7 +168,8 @@ def load_label_folder(folder: str | os.PathLike[str]) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def _read_labels(path: Path) -> np.ndarray:
+def read_labels(path: Path) -> np.ndarray:
+    """Read a 2-D label image (TIFF); a clear error naming the file if it is not one."""
     import tifffile
 
     arr = np.asarray(tifffile.imread(path))
@@ -223,10 +224,10 @@ def evaluate_folders(
 
     def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray | None, str | None]]:
         for name, gt_path in gt_files.items():
-            gt = _read_labels(gt_path)
+            gt = read_labels(gt_path)
             pred = None
             if name in pred_files:
-                pred = _read_labels(pred_files[name])
+                pred = read_labels(pred_files[name])
                 if pred.shape != gt.shape:
                     raise ValueError(
                         f"prediction {pred_files[name]} has shape {pred.shape} but its ground "

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellst.metrics.report import _read_labels, evaluate_pairs, load_label_folder, write_report
+from cellst.metrics.report import evaluate_pairs, load_label_folder, read_labels, write_report
 
 #: :data:`cellst.data.store.MANIFEST`, named here so that scoring folders of label files
 #: does not import the store (zarr and pandas, about a second)
@@ -82,7 +82,7 @@ def open_labels(
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither a folder of label TIFFs nor a cellst store")
     files = load_label_folder(path)
-    loaders = {name: (lambda p=p: _read_labels(p)) for name, p in files.items()}
+    loaders = {name: (lambda p=p: read_labels(p)) for name, p in files.items()}
     return LabelSource(str(path), loaders, _folder_modalities(path))
 
 

@@ -59,6 +59,7 @@ from cellst.data.store import CellStore, StoreError, atomic_write_bytes, remove_
 from cellst.fingerprint import checkpoint_fingerprint, config_fingerprint, stable_hash
 from cellst.stpp.experiment import StppExperimentConfig
 from cellst.stpp.stages import StageBook, StageRecord, atomic_write_json
+from cellst.tracking.config import ui_command as mlflow_ui_command  # noqa: F401 - re-exported
 
 #: stage names, in order (stage n is STAGES[n - 1])
 STAGES = (
@@ -138,15 +139,6 @@ def training_crops(cfg) -> dict[str, int]:
         "retrain_reliable": re_epochs * re_crops,
         "retrain_all": re_epochs * re_crops,
     }
-
-
-def mlflow_ui_command(uri: str | None) -> str | None:
-    """How to look at the pipeline's runs."""
-    if not uri:
-        return None
-    if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri '{uri}'"
-    return f"open {uri} in a browser (MLflow tracking server)"
 
 
 def read_meta(pipeline_dir: str | Path) -> dict[str, Any]:

@@ -39,6 +39,7 @@ __all__ = [
     "set_tags",
     "start_run",
     "store_tags",
+    "ui_command",
     "use_tracking_uri",
 ]
 _FIGURES = {"curve_figure", "histogram_figure", "log_figure", "overlay_figure", "save_figure"}
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
         pending_note,
         resend_pending,
     )
+    from cellst.tracking.config import ui_command
     from cellst.tracking.figures import (
         curve_figure,
         histogram_figure,
@@ -91,7 +93,13 @@ if TYPE_CHECKING:
 __getattr__ = lazy_getattr(
     __name__,
     {
-        n: "figures" if n in _FIGURES else "buffered" if n in _BUFFERED else "mlflow_utils"
+        n: "figures"
+        if n in _FIGURES
+        else "buffered"
+        if n in _BUFFERED
+        else "config"
+        if n == "ui_command"
+        else "mlflow_utils"
         for n in __all__
     },
 )

@@ -39,3 +39,13 @@ class TrackingConfig(BaseModel):
         description="while the tracking server is unreachable, seconds between attempts "
         "(records are only appended to <run folder>/tracking-pending.jsonl meanwhile)",
     )
+
+
+def ui_command(uri: str | None) -> str | None:
+    """How a user looks at the runs of ``uri``: the ``mlflow ui`` command for an embedded
+    SQLite store, the address itself for a tracking server; None without tracking."""
+    if not uri:
+        return None
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri '{uri}'"
+    return f"open {uri} in a browser (MLflow tracking server)"

@@ -22,7 +22,7 @@ OVERLAY_MAX_SIDE = 768
 _FILL_ALPHA = 0.35
 
 
-def _new_figure(figsize: tuple[float, float], dpi: int = 100) -> Figure:
+def new_figure(figsize: tuple[float, float], dpi: int = 100) -> Figure:
     fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -116,7 +116,7 @@ def overlay_figure(
     h, w = label.shape
     panel_w = float(np.clip(w / 100.0, 3.0, 6.0))
     panel_h = panel_w * h / w
-    fig = _new_figure((3 * panel_w, panel_h + (0.6 if title else 0.35)))
+    fig = new_figure((3 * panel_w, panel_h + (0.6 if title else 0.35)))
     axes = fig.subplots(1, 3, sharex=True, sharey=True)
     panels = [
         (rgb, "image"),
@@ -142,7 +142,7 @@ def histogram_figure(
     """Histogram of the finite ``values``, with a dashed vertical line at ``threshold``."""
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
-    fig = _new_figure((6.0, 4.0))
+    fig = new_figure((6.0, 4.0))
     ax = fig.subplots()
     if v.size:
         if isinstance(bins, str):
@@ -169,7 +169,7 @@ def curve_figure(
 ) -> Figure:
     """One line per entry of ``ys`` against ``x``, with a legend."""
     xs = np.asarray(x, dtype=np.float64)
-    fig = _new_figure((6.0, 4.0))
+    fig = new_figure((6.0, 4.0))
     ax = fig.subplots()
     for name, y in ys.items():
         yv = np.asarray(y, dtype=np.float64)

@@ -8,7 +8,6 @@ checkpoint of the same ``(storage_path, name)``, and the MLflow run is re-attach
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -153,6 +152,20 @@ def steps_per_epoch(cfg) -> int:
     return max(1, math.ceil(cfg.data.crops_per_epoch / (t.num_workers * t.batch_size)))
 
 
+def augment_transform(cfg):
+    """The read tasks' augmentation (:func:`cellst.train.step.augment_batch`), named rather
+    than pickled, so that only the read tasks import torch and MONAI for it (Ray Train's
+    controller and split coordinator carry the dataset but never augment)."""
+    from cellst.data.datasource import LazyTransform
+
+    return LazyTransform.of(
+        "cellst.train.step",
+        "augment_batch",
+        augment=cfg.augment.model_dump(mode="json"),
+        crop=cfg.data.crop_size,
+    )
+
+
 def build_dataset(cfg, store: CellStore, train_ids: list[str]):
     """The training stream: crops of the labelled items (plus the pseudo-label set if
     configured), augmented into model-ready arrays by CPU tasks anywhere on the cluster.
@@ -164,7 +177,6 @@ def build_dataset(cfg, store: CellStore, train_ids: list[str]):
     augmenting through validation and checkpoint writes.
     """
     from cellst.data.datasource import crop_items, train_crop_dataset
-    from cellst.train.step import augment_batch
 
     t, d = cfg.train, cfg.data
     pseudo_w = t.pseudo_weight if t.pseudo_set else 0.0
@@ -182,9 +194,7 @@ def build_dataset(cfg, store: CellStore, train_ids: list[str]):
         seed=None,
         chunk=cfg.ingest.chunk,
         read_cpus=t.augment_cpus,
-        transform=functools.partial(
-            augment_batch, augment=cfg.augment.model_dump(mode="json"), crop=d.crop_size
-        ),
+        transform=augment_transform(cfg),
         block_rows=max(t.batch_size, 32),
     )
 

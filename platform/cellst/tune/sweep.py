@@ -95,7 +95,7 @@ def prepare_maps(cfg, ids: list[str], root: Path, log: Callable[[str], None]) ->
     import ray
 
     from cellst.fingerprint import checkpoint_fingerprint, stable_hash
-    from cellst.stpp.stages import atomic_write_json
+    from cellst.fs import atomic_write_json
 
     key = stable_hash(
         {
@@ -215,8 +215,8 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from cellst.config import dump_config
+    from cellst.fs import atomic_write_json
     from cellst.raycluster import ensure_ray, verbose
-    from cellst.stpp.stages import atomic_write_json
     from cellst.tracking import log_config, resolve_tracking, start_run, store_tags
     from cellst.train.trainer import check_request, fit_cluster
     from cellst.tune.space import to_tune
@@ -429,10 +429,10 @@ def write_outputs(
 def sweep_figure(table: pd.DataFrame, metric: str, keys: list[str], baseline: float | None = None):
     """``metric`` against each swept setting (one panel per setting), best trial marked,
     the config's own settings as a dashed line."""
-    from cellst.tracking.figures import _new_figure
+    from cellst.tracking.figures import new_figure
 
     n = max(1, len(keys))
-    fig = _new_figure((3.6 * n, 3.4))
+    fig = new_figure((3.6 * n, 3.4))
     axes = np.atleast_1d(fig.subplots(1, n))
     ok = table[table[metric].notna()]
     for ax, key in zip(axes, keys, strict=False):
