@@ -1,0 +1,134 @@
+"""A real multi-node Ray cluster on this machine, driven the way users drive one.
+
+A head and two worker nodes, each its own raylet (``ray.cluster_utils.Cluster``, Ray's
+own multi-node test machinery), the head with no CPUs as in ``cluster.yaml`` and each worker
+node with a custom resource of its own. The ``cellst`` console script joins it through
+``RAY_ADDRESS`` (token authentication on, as Ray's default) and must give what it gives on
+this session's one-node cluster: the same store from ``cellst ingest`` and the same
+pseudo-label set from ``cellst predict`` for a fixed checkpoint, whose items were predicted
+on both worker nodes, each exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellst.data.store import CellStore
+
+CELLST = str(Path(sys.executable).with_name("cellst"))
+#: where Ray records "the cluster last started on this machine" (read by ray.init())
+RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (0 CPUs) + two worker nodes of 2 CPUs with resources ``node_a`` / ``node_b``."""
+    from ray.cluster_utils import Cluster
+
+    saved = RAY_ADDRESS_FILE.read_text() if RAY_ADDRESS_FILE.is_file() else None
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "resources": {"head": 1}, "include_dashboard": False},
+    )
+    try:
+        workers = {
+            name: c.add_node(num_cpus=2, resources={name: 1}) for name in ("node_a", "node_b")
+        }
+        c.wait_for_nodes()
+        yield c, workers
+    finally:
+        c.shutdown()
+        # the next plain ray.init() on this machine must not look for this cluster
+        if saved is None:
+            RAY_ADDRESS_FILE.unlink(missing_ok=True)
+        else:
+            RAY_ADDRESS_FILE.write_text(saved)
+
+
+def _cellst(*args: str, address: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["RAY_ADDRESS"] = address
+    res = subprocess.run([CELLST, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    assert res.returncode == 0, f"cellst {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def _same_store(a: Path, b: Path) -> None:
+    sa, sb = CellStore(a, lease=False), CellStore(b, lease=False)
+    cols = ["id", "split", "modality", "height", "width"]
+    ma = sa.manifest[cols].sort_values("id").reset_index(drop=True)
+    mb = sb.manifest[cols].sort_values("id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(ma, mb)
+    for item in ma["id"]:
+        assert np.array_equal(sa.image(item), sb.image(item)), item
+        if sa.row(item).label_array:
+            assert np.array_equal(sa.label(item), sb.label(item)), item
+
+
+def test_ingest_on_three_nodes_equals_one_node(cluster, synth_src, store_dir, tmp_path):
+    c, _ = cluster
+    _cellst("ingest", str(synth_src), "--out", str(tmp_path / "store"), address=c.address)
+    _same_store(tmp_path / "store", store_dir)
+
+
+def test_predict_spreads_over_both_worker_nodes_and_equals_one_node(
+    cluster, ray_session, store_dir, tmp_path, quick_train
+):
+    import torch
+
+    from cellst.model import ModelConfig, build_model, save_checkpoint
+
+    c, workers = cluster
+    store = tmp_path / "store"
+    shutil.copytree(store_dir, store)
+    torch.manual_seed(0)
+    mcfg = ModelConfig(name="hovernet-lite", width=8)
+    s = CellStore(store, lease=False)
+    model = quick_train(build_model(mcfg), s, s.ids("labeled")[:4], steps=30)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, mcfg)
+    args = ["predict", "--checkpoint", str(ckpt), "-i", str(store), "--split", "labeled"]
+    one_node = ray_session.get_runtime_context().gcs_address
+    _cellst(*args, "--set-name", "one", "--num-actors", "1", address=one_node)
+    _cellst(*args, "--set-name", "multi", "--num-actors", "2", address=c.address)
+
+    s = CellStore(store, lease=False)
+    one, multi = s.pseudo_items("one"), s.pseudo_items("multi")
+    assert sorted(multi["id"]) == sorted(one["id"]) == sorted(s.ids("labeled"))
+    assert multi["id"].is_unique  # each item written exactly once
+    for item in one["id"]:
+        assert np.array_equal(s.pseudo_label("one", item), s.pseudo_label("multi", item)), item
+    assert sum(int(s.pseudo_label("one", i).max()) for i in one["id"]) > 0  # cells were found
+    # both worker nodes predicted (the head has no CPUs: it cannot host an actor)
+    worker_ids = {w.node_id for w in workers.values()}
+    assert set(multi["node_id"]) == worker_ids, (set(multi["node_id"]), worker_ids)
+
+
+def test_a_client_with_a_wrong_token_is_refused(cluster):
+    """Token authentication stays on: the right token (the one Ray wrote for this machine)
+    joins, a wrong one is refused with an error, not served."""
+    c, _ = cluster
+    probe = "import ray; ray.init(); print('JOINED', len(ray.nodes()))"
+    env = {**os.environ, "RAY_ADDRESS": c.address}
+    ok = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert ok.returncode == 0 and "JOINED 3" in ok.stdout, ok.stdout + ok.stderr
+    env["RAY_AUTH_TOKEN"] = "not-the-cluster-token"
+    try:
+        bad = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("a client with a wrong token hung instead of being refused")
+    assert bad.returncode != 0 and "JOINED" not in bad.stdout
+    assert "auth" in (bad.stdout + bad.stderr).lower(), bad.stderr[-2000:]
