@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from cellst.data.ingest import ingest
     from cellst.data.store import StoreError
     from cellst.raycluster import ensure_ray
-    from cellst.stpp import load_stpp_config, mlflow_ui_command, run_stpp
+    from cellst.stpp import load_stpp_config, run_stpp
     from cellst.stpp.pipeline import format_f1_table
+    from cellst.tracking.config import ui_command
 
     out = Path(args.out).absolute()
     t0 = time.perf_counter()
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("no test-split evaluation (stpp.evaluate is false or the store has no test items)")
     print(f"stages: cellst stpp status {result.pipeline_dir}")
-    ui = mlflow_ui_command(result.tracking_uri)
+    ui = ui_command(result.tracking_uri)
     if ui:
         print(f"MLflow: {ui}   (parent run {result.parent_run_id}, one child run per stage)")
     ran = f"{len(result.ran)} stage(s) run, {len(result.skipped)} already done"

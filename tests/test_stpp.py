@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from cellst.config import ConfigError
 from cellst.data.store import CellStore, StoreError, atomic_write_parquet, write_array
+from cellst.fingerprint import stable_hash
 from cellst.stpp import STAGES, StageBook, load_stpp_config, run_stpp
 from cellst.stpp.pipeline import Pipeline, StppStopped
 from cellst.stpp.reliability import (
@@ -29,7 +30,6 @@ from cellst.stpp.reliability import (
     score_items,
     split_reliable,
 )
-from cellst.stpp.stages import stable_hash
 
 runner = CliRunner()
 

@@ -561,7 +561,8 @@ def stpp(
     if run_dir is not None:
         _fail(f"unexpected extra argument {str(run_dir)!r}", code=2)
     from cellst.raycluster import ensure_ray
-    from cellst.stpp import load_stpp_config, mlflow_ui_command, run_stpp
+    from cellst.stpp import load_stpp_config, run_stpp
+    from cellst.tracking.config import ui_command
 
     cfg = load_stpp_config(Path(config), set_ or [], quick=quick)
     if ray_address:
@@ -575,7 +576,7 @@ def stpp(
     if result.report is not None:
         _print_f1_table(result.report)
     console.print(f"pipeline folder: [bold]{result.pipeline_dir}[/]")
-    ui = mlflow_ui_command(result.tracking_uri)
+    ui = ui_command(result.tracking_uri)
     if ui:
         console.print(f"MLflow (parent run {result.parent_run_id}): {ui}", soft_wrap=True)
 
@@ -593,11 +594,11 @@ def _stpp_status(run_dir: Path) -> None:
     from cellst.stpp.pipeline import (
         STAGES,
         TITLES,
-        mlflow_ui_command,
         outputs_summary,
         pipeline_active,
         pipeline_status,
     )
+    from cellst.tracking.config import ui_command
 
     meta, records = pipeline_status(run_dir)
     active = pipeline_active(run_dir)
@@ -626,7 +627,7 @@ def _stpp_status(run_dir: Path) -> None:
     print_whole(table)
     done = sum(r.status == "done" for r in records)
     console.print(f"{done}/{len(STAGES)} stages done", highlight=False)
-    ui = mlflow_ui_command(meta.get("tracking_uri"))
+    ui = ui_command(meta.get("tracking_uri"))
     if ui and meta.get("parent_run_id"):
         console.print(f"MLflow parent run {meta['parent_run_id']}: {ui}", soft_wrap=True)
 
@@ -676,10 +677,10 @@ def tune(
     console.print(f"best {result.metric} {result.best_score:.4f} with: {sets}", soft_wrap=True)
     console.print(f"results: {result.sweep_dir}/results.csv, best.yaml, sweep.png")
     if result.tracking_uri:
-        from cellst.stpp.pipeline import mlflow_ui_command
+        from cellst.tracking.config import ui_command
 
         console.print(
-            f"MLflow (parent run {result.parent_run_id}): {mlflow_ui_command(result.tracking_uri)}",
+            f"MLflow (parent run {result.parent_run_id}): {ui_command(result.tracking_uri)}",
             soft_wrap=True,
         )
 

@@ -20,7 +20,6 @@ _NAMES = {
     "STAGES": "pipeline",
     "StppResult": "pipeline",
     "StppStopped": "pipeline",
-    "mlflow_ui_command": "pipeline",
     "pipeline_status": "pipeline",
     "run_stpp": "pipeline",
     "item_reliability": "reliability",

@@ -59,7 +59,6 @@ from cellst.data.store import CellStore, StoreError, atomic_write_bytes, remove_
 from cellst.fingerprint import checkpoint_fingerprint, config_fingerprint, stable_hash
 from cellst.stpp.experiment import StppExperimentConfig
 from cellst.stpp.stages import StageBook, StageRecord, atomic_write_json
-from cellst.tracking.config import ui_command as mlflow_ui_command  # noqa: F401 - re-exported
 
 #: stage names, in order (stage n is STAGES[n - 1])
 STAGES = (

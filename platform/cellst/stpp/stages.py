@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cellst import fs
-from cellst.fingerprint import stable_hash  # noqa: F401 - re-exported
+from cellst.fingerprint import stable_hash
 
 STATUSES = ("pending", "running", "done", "failed")
 Decision = Literal["skip", "resume", "fresh"]
