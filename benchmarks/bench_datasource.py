@@ -79,10 +79,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.crops, args.crop, args.images, args.size = 128, 64, 2, 256
-    ray.init(num_cpus=2, logging_level="ERROR", include_dashboard=False)
-    from cellst.raycluster import quiet_ray_data
+    from cellst.raycluster import ensure_ray
 
-    quiet_ray_data()
+    ensure_ray(num_cpus=2)  # a local 2-CPU cluster, or the one RAY_ADDRESS names
     with tempfile.TemporaryDirectory() as tmp:
         src, store_dir = Path(tmp) / "src", Path(tmp) / "store"
         synthesize_dataset(

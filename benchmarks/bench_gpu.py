@@ -17,8 +17,8 @@
    that time kernels ran.
 
 Run on a GPU machine with ``bash benchmarks/gpu_check.sh`` (sets up ``.venv`` if missing,
-at most 8 minutes). ``--smoke`` runs the same code path on CPU at tiny sizes (a minute or
-two) so CI catches rot. Exit codes: 0 done, 1 a stage failed, 3 CUDA unavailable (without
+at most 8 minutes). ``--smoke`` runs the same code path on CPU at tiny sizes (about a
+minute; one training, bf16 autocast on CPU) so CI catches rot. Exit codes: 0 done, 1 a stage failed, 3 CUDA unavailable (without
 ``--smoke``), 130 interrupted (e.g. by the script's time limit); ``summary.json`` holds
 whatever was measured before.
 """
@@ -90,6 +90,13 @@ SMOKE_SIZES = Sizes(
         "train.val_max_items=1",
     ),
 )
+
+
+#: the compared trainings and their settings (bf16's checkpoint is the one predicted with)
+TRAIN_RUNS: dict[str, list[str]] = {
+    "bf16": ["train.amp=true", "train.channels_last=true"],
+    "fp32": ["train.amp=false", "train.channels_last=false"],
+}
 
 
 # ----------------------------------------------------------------------------- GPU sampling
@@ -555,7 +562,7 @@ def save(out: Path, summary: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="same path on CPU, tiny sizes (~1-2 min)")
+    ap.add_argument("--smoke", action="store_true", help="same path on CPU, tiny sizes (~1 min)")
     ap.add_argument("--out", default=".bench_out/gpu_check", help="folder for summary.json/.txt")
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--epochs", type=int, default=None)
@@ -565,8 +572,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=None, help="side of the synthetic images (px)")
     ap.add_argument("--augment-cpus", type=float, default=1.0, help="train.augment_cpus on GPU")
     ap.add_argument("--sample-ms", type=int, default=200, help="nvidia-smi sampling period")
+    ap.add_argument(
+        "--runs",
+        default=None,
+        help="trainings to run, comma-separated from bf16,fp32 (default: both; --smoke: bf16, "
+        "whose CPU run takes the same path as fp32 with autocast on)",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
+    runs = (args.runs or ("bf16" if args.smoke else "bf16,fp32")).split(",")
+    if not runs or set(runs) - set(TRAIN_RUNS) or "bf16" not in runs:
+        ap.error(f"--runs: a comma-separated subset of {','.join(TRAIN_RUNS)} including bf16")
 
     import torch
 
@@ -637,10 +653,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
         ]
         summary["train"] = {}
-        for name, flags in (
-            ("bf16", ["train.amp=true", "train.channels_last=true"]),
-            ("fp32", ["train.amp=false", "train.channels_last=false"]),
-        ):
+        for name in runs:
+            flags = TRAIN_RUNS[name]
             summary["train"][name] = train_run(name, [*base, *flags, *args.overrides], sampler)
             save(out, summary)
         if use_gpu and torch.cuda.is_initialized():

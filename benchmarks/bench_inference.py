@@ -24,7 +24,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 from cellst.data.ingest import ingest
@@ -87,10 +86,9 @@ def main() -> None:
     large = (256, 2, 256, 32, 256, 64) if args.smoke else (1024, 8, 2048, 128, 2048, 256)
     if args.smoke:
         args.images = 2
-    ray.init(num_cpus=2, logging_level="ERROR", include_dashboard=False)
-    from cellst.raycluster import quiet_ray_data
+    from cellst.raycluster import ensure_ray
 
-    quiet_ray_data()
+    ensure_ray(num_cpus=2)  # a local 2-CPU cluster, or the one RAY_ADDRESS names
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synthesize_dataset(

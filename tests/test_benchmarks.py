@@ -46,17 +46,22 @@ TIMEOUTS = {"bench_stpp": 1200, "bench_quality": 900, "bench_gpu": 900}
 DEFAULT_TIMEOUT = 600
 
 
-def run_smoke(script: Path, work: Path, timeout: float) -> tuple[int, str]:
+def run_smoke(
+    script: Path, work: Path, timeout: float, ray_address: str | None = None
+) -> tuple[int, str]:
     """Run ``script --smoke`` in ``work``; exit code and output (stdout + stderr).
 
     The benchmark runs in its own process group, so a hung run is stopped with everything
-    it started (a local Ray cluster included).
+    it started. With ``ray_address`` it joins that Ray cluster (the session's: warm worker
+    processes, no cluster start-up per benchmark) instead of starting a local one.
     """
     cmd = [sys.executable, str(script), "--smoke"]
     if re.search(r'add_argument\(\s*"--out"', script.read_text()):
         cmd += ["--out", str(work / "out")]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PYTHONUNBUFFERED"] = "1"
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     log = work / "output.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
@@ -76,8 +81,9 @@ def tail(log: Path, chars: int = 4000) -> str:
 
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=[p.stem for p in BENCHMARKS])
-def test_benchmark_smoke(script: Path, tmp_path: Path) -> None:
-    code, out = run_smoke(script, tmp_path, TIMEOUTS.get(script.stem, DEFAULT_TIMEOUT))
+def test_benchmark_smoke(script: Path, tmp_path: Path, ray_session) -> None:
+    address = ray_session.get_runtime_context().gcs_address
+    code, out = run_smoke(script, tmp_path, TIMEOUTS.get(script.stem, DEFAULT_TIMEOUT), address)
     assert code == 0, f"{script.name} --smoke exited {code}:\n{out[-4000:]}"
     for marker in MARKERS.get(script.stem, DEFAULT_MARKERS):
         assert re.search(marker, out, re.MULTILINE), (
