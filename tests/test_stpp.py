@@ -20,7 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cellst.config import ConfigError
-from cellst.data.store import CellStore, StoreError, atomic_write_parquet, write_array
+from cellst.data.store import CellStore, StoreError, atomic_write_parquet
 from cellst.fingerprint import stable_hash
 from cellst.stpp import STAGES, StageBook, load_stpp_config, run_stpp
 from cellst.stpp.pipeline import Pipeline, StppStopped
@@ -81,6 +81,13 @@ def test_cli_config_error_before_anything_runs(tmp_path):
     assert "stpp.reliable_fraction" in res.output
     res = runner.invoke(app(), ["stpp", str(cfg), "--quick", "--set", "train.epochs=1"])
     assert res.exit_code == 2 and "snapshot" in res.output
+    # the sub-command form, and options before the config (both mean `stpp run`)
+    for args in (
+        ["stpp", "run", str(cfg)],
+        ["stpp", "--quick", "--set", "train.epochs=1", str(cfg)],
+    ):
+        res = runner.invoke(app(), [*args, "--set", "stpp.reliable_fraction=1.5"])
+        assert res.exit_code == 2 and "stpp.reliable_fraction" in res.output, res.output
     res = runner.invoke(app(), ["stpp", str(cfg)])  # the store does not exist
     assert res.exit_code == 1 and "not a cellst store" in res.output
     assert not (tmp_path / "runs").exists()
@@ -207,16 +214,11 @@ def _blobs(shape, centres, r=6):
 
 
 def _write_set(store: CellStore, name: str, maps: dict[str, np.ndarray]) -> None:
-    import zarr
-
-    from cellst.inference.batch import collect_set_stats
-
-    base = store.root / "pseudo" / name
-    base.mkdir(parents=True, exist_ok=True)
+    pset = store.pseudo_set(name)
+    pset.create({"checkpoint": "hand-made"})
     for item, label in maps.items():
-        write_array(base / item, label)
-        zarr.open_array(str(base / item), mode="r+").attrs.update({"id": item})
-    collect_set_stats(store, name)
+        assert pset.write_item(item, label, {"id": item})
+    pset.collect_stats()
 
 
 def test_agreement_measures():

@@ -7,10 +7,8 @@ Layout::
       manifest.parquet             one row per item; the store's single commit point
       images/<id>.<key>/           (H, W, 3) uint8, chunked (chunk, chunk, 3), zstd
       labels/<id>.<key>/           (H, W) int32 instance map, relabelled 1..N
-      pseudo/<set>/<id>/           (H, W) int32 pseudo-labels written by ``cellst predict``
-      pseudo/<set>/items.parquet   per-item statistics of a pseudo-label set
-      pseudo/<set>/set.json        which model wrote the set (weights and post-processing
-                                   digest), so a resume never mixes two models' labels
+      pseudo/<set>/                pseudo-label sets written by ``cellst predict`` and the
+                                   ST++ stages (layout: :mod:`cellst.data.pseudo`)
       manifests/<version>.parquet  every manifest version a reader may still hold
       .readers/<pid>-<token>.json  reader leases: pid, host and the manifest version read
 
@@ -551,43 +549,37 @@ class CellStore:
             raise StoreError(f"item {item_id!r} ({r.split}) has no label")
         return self._read(item_id, "label", r.label_array, window)
 
-    # -- pseudo-label sets -----------------------------------------------------------------
+    # -- pseudo-label sets (layout owned by cellst.data.pseudo) -----------------------------
+    def pseudo_set(self, set_name: str):
+        """The :class:`cellst.data.pseudo.PseudoLabelSet` ``set_name`` of this store."""
+        from cellst.data.pseudo import PseudoLabelSet
+
+        return PseudoLabelSet(self.root, set_name)
+
     def pseudo_path(self, set_name: str, item_id: str) -> Path:
         """Array path of one pseudo-label."""
-        return self.root / "pseudo" / set_name / item_id
+        return self.pseudo_set(set_name).item_path(item_id)
 
     def pseudo_sets(self) -> list[str]:
         """Names of the pseudo-label sets in the store (not the hidden folders of sets
         being built or replaced)."""
-        base = self.root / "pseudo"
-        if not base.is_dir():
-            return []
-        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        from cellst.data.pseudo import pseudo_set_names
+
+        return pseudo_set_names(self.root)
 
     def pseudo_set_info(self, set_name: str) -> dict:
         """The record of a pseudo-label set (``set.json``): the checkpoint and the model
         identity (``model_id``, ``weights_sha256``, ``postprocess``) that wrote it; an empty
         dict when the set has none (written by an older cellst) or does not exist."""
-        path = self.root / "pseudo" / set_name / PSEUDO_SET_META
-        try:
-            info = read_json(path)
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{path} is not readable JSON ({exc})") from None
-        return info if isinstance(info, dict) else {}
+        return self.pseudo_set(set_name).info()
 
     def pseudo_items(self, set_name: str) -> pd.DataFrame:
         """Per-item statistics of a pseudo-label set (the items written so far)."""
-        table = self.root / "pseudo" / set_name / "items.parquet"
-        if not table.is_file():
-            raise StoreError(f"store {self.root} has no pseudo-label set {set_name!r}")
-        return pd.read_parquet(table)
+        return self.pseudo_set(set_name).stats()
 
     def pseudo_label(self, set_name: str, item_id: str, window: Window | None = None) -> np.ndarray:
         """``(H, W) int32`` pseudo-label of an item, or a window of it."""
-        path = self.pseudo_path(set_name, item_id)
-        if not (path / "zarr.json").is_file():
-            raise StoreError(f"pseudo-label set {set_name!r} has no item {item_id!r}")
-        return open_array(str(path))[_slices(window)]
+        return self.pseudo_set(set_name).label(item_id, window)
 
     def info(self) -> dict:
         """Counts per split and modality, for ``cellst info``."""

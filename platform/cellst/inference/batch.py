@@ -44,20 +44,14 @@ from tqdm.auto import tqdm
 
 from cellst.data.datasource import READ_CPUS
 from cellst.data.images import IMAGE_SUFFIXES, normalize_image, read_array, write_label_tiff
+from cellst.data.pseudo import PseudoLabelSet
 from cellst.data.store import (
-    PSEUDO_SET_META,
     CellStore,
     StoreError,
-    atomic_write_bytes,
-    atomic_write_parquet,
-    remove_tree,
-    write_array,
 )
 from cellst.inference.config import InferenceConfig, PredictConfig
 from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor
 
-SET_META = PSEUDO_SET_META
-ITEMS = "items.parquet"
 #: failed items named in a :class:`PredictError` message
 _MAX_NAMED = 5
 
@@ -232,21 +226,6 @@ def item_stats(label: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     }
 
 
-def _write_store_item(
-    root: Path, set_name: str, item_id: str, label: np.ndarray, attrs: dict
-) -> None:
-    import zarr
-
-    base = root / "pseudo" / set_name
-    tmp = base / f".tmp-{item_id}-{uuid.uuid4().hex[:8]}"
-    write_array(tmp, label)
-    zarr.open_array(str(tmp), mode="r+").attrs.update(attrs)
-    try:
-        os.rename(tmp, base / item_id)  # atomic; fails if another writer got there first
-    except OSError:
-        remove_tree(tmp)
-
-
 def postprocess_and_write(
     batch: dict[str, Any],
     post: dict,
@@ -293,7 +272,7 @@ def postprocess_and_write(
             if out_dir is not None:
                 write_label_tiff(Path(out_dir) / f"{item_id}_label.tiff", label)
             if store_root is not None:
-                _write_store_item(Path(store_root), set_name, str(item_id), label, stats)
+                PseudoLabelSet(store_root, set_name).write_item(str(item_id), label, stats)
         except Exception as exc:  # noqa: BLE001 - this item fails, not the run
             errors[i] = f"post-processing or writing failed: {first_line(exc)}"
     return {
@@ -318,37 +297,11 @@ def done_items(store: CellStore | None, set_name: str | None, out_dir: Path | No
     """Items whose outputs already exist (complete, since writes are atomic)."""
     done: set[str] | None = None
     if store is not None and set_name is not None:
-        base = store.root / "pseudo" / set_name
-        done = (
-            {p.name for p in base.iterdir() if not p.name.startswith(".") and p.is_dir()}
-            if base.is_dir()
-            else set()
-        )
+        done = set(store.pseudo_set(set_name).done_items())
     if out_dir is not None:
         files = {p.name[: -len("_label.tiff")] for p in out_dir.glob("*_label.tiff")}
         done = files if done is None else done & files
     return done or set()
-
-
-def collect_set_stats(store: CellStore, set_name: str) -> pd.DataFrame:
-    """Rebuild ``items.parquet`` from the attributes of the arrays written so far."""
-    import zarr
-
-    base = store.root / "pseudo" / set_name
-    rows = []
-    for p in sorted(base.iterdir()):
-        if p.is_dir() and not p.name.startswith("."):
-            rows.append(dict(zarr.open_array(str(p), mode="r").attrs))
-    df = pd.DataFrame(rows)
-    atomic_write_parquet(df, base / ITEMS)
-    return df
-
-
-def _set_items(base: Path) -> list[str]:
-    """Items already written into a set folder (complete, since writes are atomic)."""
-    if not base.is_dir():
-        return []
-    return [p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
 def _mismatch(old: dict[str, Any], identity: dict[str, Any]) -> str:
@@ -385,7 +338,7 @@ def check_resume(
         two models' labels. Says how to go on (``--overwrite``, another ``--set-name``).
     """
     old = store.pseudo_set_info(set_name)
-    items = _set_items(store.root / "pseudo" / set_name)
+    items = store.pseudo_set(set_name).done_items()
     if old.get("model_id") != identity["model_id"] and items:
         raise StoreError(
             f"pseudo-label set {set_name!r} in {store.root} holds {len(items)} item(s) that "
@@ -415,20 +368,18 @@ def prepare_set(
         from cellst.postprocess import PostprocessConfig
 
         identity = model_identity(weights_digest(checkpoint), PostprocessConfig())
-    base = store.root / "pseudo" / set_name
+    pset = store.pseudo_set(set_name)
     meta = {"checkpoint": str(Path(checkpoint).absolute()), "created": time.time(), **identity}
-    if base.is_dir():
+    if pset.exists():
         if overwrite:
-            remove_tree(base)
+            pset.remove()
         else:
             same = check_resume(store, set_name, checkpoint, identity)
-            for tmp in base.glob(".tmp-*"):
-                remove_tree(tmp)  # half-written items of an interrupted run
+            pset.clear_partial()  # half-written items of an interrupted run
             if same:
                 return
             # an empty set (e.g. left by a failed start): nothing to mix, take it over
-    base.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(base / SET_META, json.dumps(meta, indent=2).encode())
+    pset.create(meta)
 
 
 def fit_resources(pcfg: PredictConfig) -> PredictConfig:
@@ -523,7 +474,7 @@ def predict(
     """
     from cellst.metrics.sources import is_store
     from cellst.postprocess import PostprocessConfig
-    from cellst.raycluster import ensure_ray
+    from cellst.raycluster import check_shared_paths, ensure_ray
 
     checkpoint = str(Path(checkpoint).absolute())
     weights_sha256 = check_checkpoint(checkpoint)
@@ -570,6 +521,11 @@ def predict(
             raise StoreError(f"no image file for {missing[:5]} in {src}")
     ensure_ray(ray_address)
     resources = fit_resources(resources)
+    # every node may host an actor: it loads the checkpoint, reads the images, writes labels
+    check_shared_paths(
+        read=[checkpoint, store.root if store is not None else src],
+        write=[store.root / "pseudo"] if store is not None and set_name else [out],
+    )
     if store is not None and set_name is not None:
         prepare_set(store, set_name, checkpoint, overwrite, identity)
     if out is not None:
@@ -642,7 +598,7 @@ def predict(
         bar.close()
     result.seconds = time.perf_counter() - t0
     if store is not None and set_name is not None:
-        result.stats = collect_set_stats(store, set_name)
+        result.stats = store.pseudo_set(set_name).collect_stats()
     if result.failed and (fatal or not skip_bad):
         raise PredictError(_failure_message(result, fatal, out, set_name), result)
     return result

@@ -43,10 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +52,7 @@ from typing import Any
 import pandas as pd
 
 from cellst.config import ConfigError, dump_config
-from cellst.data.store import CellStore, StoreError, atomic_write_bytes, remove_tree, store_lock
+from cellst.data.store import CellStore, StoreError, atomic_write_bytes, store_lock
 from cellst.fingerprint import checkpoint_fingerprint, config_fingerprint, stable_hash
 from cellst.stpp.experiment import StppExperimentConfig
 from cellst.stpp.stages import StageBook, StageRecord, atomic_write_json
@@ -154,32 +151,11 @@ def pipeline_status(pipeline_dir: str | Path) -> tuple[dict[str, Any], list[Stag
 
 
 def combine_sets(store: CellStore, sources: list[str], dest: str, meta: dict) -> pd.DataFrame:
-    """Write the pseudo-label set ``dest`` as the union of ``sources`` (hard-linked arrays).
+    """Write the pseudo-label set ``dest`` as the union of ``sources``; its statistics
+    (:meth:`cellst.data.pseudo.PseudoLabelSet.combine`)."""
+    from cellst.data.pseudo import PseudoLabelSet
 
-    Built from scratch each time: a temporary folder renamed into place, so ``dest`` is
-    either the previous complete set or the new complete set.
-    """
-    from cellst.inference.batch import SET_META, collect_set_stats
-
-    base = store.root / "pseudo"
-    for stale in [*base.glob(f".tmp-{dest}-*"), *base.glob(f".old-{dest}-*")]:
-        remove_tree(stale)  # left by an interrupted earlier attempt
-    tmp = base / f".tmp-{dest}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    seen: set[str] = set()
-    for src in sources:
-        for item in sorted((base / src).iterdir()):
-            if not item.is_dir() or item.name.startswith(".") or item.name in seen:
-                continue
-            shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
-            seen.add(item.name)
-    atomic_write_bytes(tmp / SET_META, json.dumps({**meta, "sources": sources}).encode())
-    old = base / f".old-{dest}-{uuid.uuid4().hex[:8]}"
-    if (base / dest).exists():
-        os.rename(base / dest, old)
-    os.rename(tmp, base / dest)
-    remove_tree(old)
-    return collect_set_stats(store, dest)
+    return PseudoLabelSet.combine(store.root, sources, dest, meta).stats()
 
 
 def _checkpoints_present(outputs: dict) -> bool:
@@ -191,13 +167,6 @@ def _sets_present(store: CellStore, names: list[str | None]) -> bool:
     """Whether the pseudo-label sets exist (None: a stage that wrote no set)."""
     have = set(store.pseudo_sets())
     return all(n is None or n in have for n in names)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def f1_table(reports: dict[str, dict]) -> pd.DataFrame:
@@ -499,7 +468,9 @@ class Pipeline:
         )
         sets = self.meta().get("sets", {})
         if sets.get(set_name) != key:
-            remove_tree(Path(self.cfg.store).absolute() / "pseudo" / set_name)
+            from cellst.data.pseudo import PseudoLabelSet
+
+            PseudoLabelSet(Path(self.cfg.store).absolute(), set_name).remove()
             self.save_meta(sets={**sets, set_name: key})
         result = predict(
             checkpoint,

@@ -1,0 +1,209 @@
+"""Pseudo-label sets of a store: the one owner of their layout on disk.
+
+Layout (inside the store)::
+
+    pseudo/<set>/<id>/           (H, W) int32 zarr array per item; its attributes hold the
+                                 item's statistics (instances, foreground, timings, model)
+    pseudo/<set>/set.json        the model that wrote the set (checkpoint, ``model_id``,
+                                 weights digest, post-processing), so a resume never mixes
+                                 two models' labels
+    pseudo/<set>/items.parquet   the items' statistics, rebuilt from the array attributes
+    pseudo/<set>/.tmp-<id>-*     an item being written (removed when the set is resumed)
+    pseudo/.<set>.*.staging      a set being built by :meth:`PseudoLabelSet.combine`
+
+Every item is written under a hidden name and renamed into place, so an item folder that
+exists is complete; a combined set replaces the old one with a folder swap
+(:func:`cellst.fs.staged_dir`). Writers (``cellst predict``, the ST++ stages) and readers
+(the training stream, ``cellst evaluate``, exports) all go through this module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cellst import fs
+from cellst.data.store import (
+    PSEUDO_SET_META,
+    StoreError,
+    Window,
+    _slices,
+    open_array,
+    read_json,
+    remove_tree,
+    write_array,
+)
+
+#: the set's record of the model that wrote it
+SET_META = PSEUDO_SET_META
+#: the set's per-item statistics
+ITEMS = "items.parquet"
+#: the folder of the sets inside a store
+PSEUDO_DIR = "pseudo"
+
+
+def pseudo_set_names(store_root: str | os.PathLike[str]) -> list[str]:
+    """Names of the pseudo-label sets of a store (not the hidden folders of sets being
+    built or replaced)."""
+    base = Path(store_root) / PSEUDO_DIR
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class PseudoLabelSet:
+    """One pseudo-label set, ``<store>/pseudo/<name>/``.
+
+    Parameters
+    ----------
+    store_root : path-like
+        The store's folder.
+    name : str
+        The set's name (a single path component).
+    """
+
+    def __init__(self, store_root: str | os.PathLike[str], name: str):
+        if not name or "/" in name or name.startswith("."):
+            raise StoreError(f"{name!r} is not a pseudo-label set name")
+        self.store_root = Path(store_root)
+        self.name = name
+        self.path = self.store_root / PSEUDO_DIR / name
+
+    def __repr__(self) -> str:
+        return f"PseudoLabelSet({str(self.store_root)!r}, {self.name!r})"
+
+    # -- reading ---------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def item_path(self, item_id: str) -> Path:
+        """Array folder of one item."""
+        return self.path / item_id
+
+    def has_item(self, item_id: str) -> bool:
+        return (self.item_path(item_id) / "zarr.json").is_file()
+
+    def done_items(self) -> list[str]:
+        """Items written so far (complete: every item is renamed into place when whole)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and p.name[0] != ".")
+
+    def info(self) -> dict[str, Any]:
+        """The set's record (``set.json``); an empty dict when it has none (written by an
+        older cellst) or does not exist."""
+        path = self.path / SET_META
+        try:
+            info = read_json(path)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path} is not readable JSON ({exc})") from None
+        return info if isinstance(info, dict) else {}
+
+    def stats(self) -> pd.DataFrame:
+        """Per-item statistics (``items.parquet``) of the items written so far."""
+        table = self.path / ITEMS
+        if not table.is_file():
+            raise StoreError(f"store {self.store_root} has no pseudo-label set {self.name!r}")
+        return pd.read_parquet(table)
+
+    def label(self, item_id: str, window: Window | None = None) -> np.ndarray:
+        """``(H, W) int32`` pseudo-label of an item, or a window of it."""
+        if not self.has_item(item_id):
+            raise StoreError(f"pseudo-label set {self.name!r} has no item {item_id!r}")
+        return open_array(str(self.item_path(item_id)))[_slices(window)]
+
+    # -- writing ---------------------------------------------------------------------------
+    def create(self, meta: dict[str, Any]) -> None:
+        """Create the folder (if needed) and write its record atomically."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fs.atomic_write_json(self.path / SET_META, meta, indent=2)
+
+    def clear_partial(self) -> None:
+        """Remove half-written items left by an interrupted run."""
+        if self.path.is_dir():
+            for tmp in self.path.glob(".tmp-*"):
+                remove_tree(tmp)
+
+    def write_item(self, item_id: str, label: np.ndarray, attrs: dict[str, Any]) -> bool:
+        """Write one item's label (with ``attrs`` as array attributes) atomically.
+
+        Returns False, writing nothing, when the item is already there (another writer,
+        e.g. a retried task, got there first): an item is written exactly once.
+        """
+        import zarr
+
+        tmp = self.path / f".tmp-{item_id}-{uuid.uuid4().hex[:8]}"
+        write_array(tmp, label)
+        zarr.open_array(str(tmp), mode="r+").attrs.update(attrs)
+        try:
+            os.rename(tmp, self.item_path(item_id))  # atomic; refused if the item exists
+        except OSError:
+            remove_tree(tmp)
+            return False
+        return True
+
+    def collect_stats(self) -> pd.DataFrame:
+        """Rebuild ``items.parquet`` from the attributes of the items written so far."""
+        import zarr
+
+        rows = [
+            dict(zarr.open_array(str(self.item_path(i)), mode="r").attrs) for i in self.done_items()
+        ]
+        df = pd.DataFrame(rows)
+        fs.atomic_write_parquet(df, self.path / ITEMS)
+        return df
+
+    def remove(self) -> None:
+        """Delete the set (nothing happens if it does not exist)."""
+        remove_tree(self.path)
+
+    @classmethod
+    def combine(
+        cls,
+        store_root: str | os.PathLike[str],
+        sources: list[str],
+        name: str,
+        meta: dict[str, Any],
+    ) -> PseudoLabelSet:
+        """Write the set ``name`` as the union of the sets ``sources`` (the first source
+        wins an item held by several; arrays are hard-linked where the file system allows).
+
+        Built from scratch each time in a hidden folder that is swapped into place, so the
+        set is either the previous complete one or the new complete one.
+        """
+        dest = cls(store_root, name)
+        base = dest.path.parent
+        for stale in [
+            *base.glob(f".{name}.*.staging"),
+            *base.glob(f".{name}.*.old"),
+            *base.glob(f".tmp-{name}-*"),  # names of cellst before this module
+            *base.glob(f".old-{name}-*"),
+        ]:
+            remove_tree(stale)  # left by an interrupted earlier attempt
+        with fs.staged_dir(dest.path) as stage:
+            seen: set[str] = set()
+            for src in sources:
+                for item in cls(store_root, src).done_items():
+                    if item not in seen:
+                        shutil.copytree(
+                            cls(store_root, src).item_path(item),
+                            stage / item,
+                            copy_function=_link_or_copy,
+                        )
+                        seen.add(item)
+            fs.atomic_write_json(stage / SET_META, {**meta, "sources": sources})
+        dest.collect_stats()
+        return dest
