@@ -29,9 +29,10 @@ COMMANDS = [
     "compare",
     "train",
     "stpp",
-    "stpp-status",
     "tune",
 ]
+#: commands of sub-apps (``cellst stpp run`` ...), and hidden forms kept for older scripts
+SUBCOMMANDS = [["stpp", "run"], ["stpp", "status"], ["stpp-status"]]
 
 
 def test_console_script_help():
@@ -46,6 +47,14 @@ def test_every_command_has_help(cmd):
     res = runner.invoke(app, [cmd, "--help"])
     assert res.exit_code == 0
     assert "Usage" in res.output and len(res.output) > 300
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_has_help(cmd):
+    res = runner.invoke(app, [*cmd, "--help"])
+    assert res.exit_code == 0, res.output
+    assert f"Usage: cellst {' '.join(cmd)}" in " ".join(res.output.split())
+    assert ("RUN_DIR" if cmd[-1].endswith("status") else "CONFIG") in res.output
 
 
 def test_synth_ingest_info_evaluate(ray_session, tmp_path):

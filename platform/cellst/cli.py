@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from cellst import __version__
 
@@ -512,22 +513,32 @@ def train(
         console.print(f"  MLflow run {result.mlflow_run_id}: {ui_command(uri)}")
 
 
-@app.command()
+class _RunByDefault(TyperGroup):
+    """``cellst stpp CONFIG ...`` (the form before the sub-commands) means
+    ``cellst stpp run CONFIG ...``: anything but a sub-command name or ``--help`` first."""
+
+    def parse_args(self, ctx, args):  # noqa: D102
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+stpp_app = typer.Typer(
+    cls=_RunByDefault,
+    name="stpp",
+    help="ST++ self-training: `cellst stpp run CONFIG` (or `cellst stpp CONFIG`) and "
+    "`cellst stpp status RUN_DIR`.",
+    no_args_is_help=True,
+)
+app.add_typer(stpp_app)
+
+
+@stpp_app.command("run")
 @user_errors
-def stpp(
+def stpp_run(
     config: Annotated[
-        str,
-        typer.Argument(
-            help="experiment YAML (see experiments/stpp.yaml); or `status RUN_DIR`",
-            metavar="CONFIG",
-        ),
+        Path, typer.Argument(help="experiment YAML (see experiments/stpp.yaml)", metavar="CONFIG")
     ],
-    run_dir: Annotated[
-        Path | None,
-        typer.Argument(
-            help="with `status`: the pipeline folder", show_default=False, metavar="RUN_DIR"
-        ),
-    ] = None,
     set_: SetOpt = None,
     force_from: Annotated[
         str | None,
@@ -546,25 +557,18 @@ def stpp(
     ] = False,
     ray_address: RayOpt = None,
 ) -> None:
-    """ST++ self-training: supervised -> reliability -> pseudo-label -> re-train (x2) -> F1.
+    """Run (or resume) ST++: supervised -> reliability -> pseudo-label -> re-train (x2) -> F1.
 
-    Every stage is recorded durably in RUN_DIR/stages/: re-running the same command after a
-    crash or Ctrl-C resumes at the first unfinished stage, and a finished stage is never
-    recomputed unless its inputs changed or --force-from asks. `cellst stpp status RUN_DIR`
-    shows every stage and its state. All stages are MLflow child runs of one parent run.
+    Every stage is recorded durably in the pipeline folder (stpp.run_dir/name). Re-running
+    the same command after a crash or Ctrl-C resumes at the first unfinished stage; a
+    finished stage is never recomputed unless its inputs changed or --force-from asks. All
+    stages are MLflow child runs of one parent run. `cellst stpp status RUN_DIR` shows them.
     """
-    if config == "status" and not Path(config).is_file():
-        if run_dir is None:
-            _fail("usage: cellst stpp status RUN_DIR", code=2)
-        _stpp_status(run_dir)
-        return
-    if run_dir is not None:
-        _fail(f"unexpected extra argument {str(run_dir)!r}", code=2)
     from cellst.raycluster import ensure_ray
     from cellst.stpp import load_stpp_config, run_stpp
     from cellst.tracking.config import ui_command
 
-    cfg = load_stpp_config(Path(config), set_ or [], quick=quick)
+    cfg = load_stpp_config(config, set_ or [], quick=quick)
     if ray_address:
         ensure_ray(ray_address)
     try:
@@ -581,12 +585,22 @@ def stpp(
         console.print(f"MLflow (parent run {result.parent_run_id}): {ui}", soft_wrap=True)
 
 
-@app.command("stpp-status")
+RunDirArg = Annotated[
+    Path, typer.Argument(help="an ST++ pipeline folder (stpp.run_dir/name)", metavar="RUN_DIR")
+]
+
+
+@stpp_app.command("status")
 @user_errors
-def stpp_status(
-    run_dir: Annotated[Path, typer.Argument(help="an ST++ pipeline folder (stpp.run_dir/name)")],
-) -> None:
-    """Show every stage of an ST++ pipeline and its state (same as `cellst stpp status`)."""
+def stpp_status(run_dir: RunDirArg) -> None:
+    """Show every stage of an ST++ pipeline and its state (also while it runs)."""
+    _stpp_status(run_dir)
+
+
+@app.command("stpp-status", hidden=True)
+@user_errors
+def stpp_status_legacy(run_dir: RunDirArg) -> None:
+    """Same as `cellst stpp status RUN_DIR` (kept for scripts of earlier cellst)."""
     _stpp_status(run_dir)
 
 
