@@ -12,6 +12,7 @@ on both worker nodes, each exactly once.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,10 +37,20 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     saved = RAY_ADDRESS_FILE.read_text() if RAY_ADDRESS_FILE.is_file() else None
+
+    def restore_address_file() -> None:
+        # a plain ray.init() on this machine (another test, now or later) must not join
+        # this cluster: every command here names it through RAY_ADDRESS
+        if saved is None:
+            RAY_ADDRESS_FILE.unlink(missing_ok=True)
+        else:
+            RAY_ADDRESS_FILE.write_text(saved)
+
     c = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "resources": {"head": 1}, "include_dashboard": False},
     )
+    restore_address_file()
     try:
         workers = {
             name: c.add_node(num_cpus=2, resources={name: 1}) for name in ("node_a", "node_b")
@@ -48,11 +59,7 @@ def cluster():
         yield c, workers
     finally:
         c.shutdown()
-        # the next plain ray.init() on this machine must not look for this cluster
-        if saved is None:
-            RAY_ADDRESS_FILE.unlink(missing_ok=True)
-        else:
-            RAY_ADDRESS_FILE.write_text(saved)
+        restore_address_file()
 
 
 def _cellst(*args: str, address: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -132,3 +139,45 @@ def test_a_client_with_a_wrong_token_is_refused(cluster):
         pytest.fail("a client with a wrong token hung instead of being refused")
     assert bad.returncode != 0 and "JOINED" not in bad.stdout
     assert "auth" in (bad.stdout + bad.stderr).lower(), bad.stderr[-2000:]
+
+
+SHARED_PROBE = """
+import sys, ray
+from cellst.raycluster import ClusterError, check_shared_paths
+ray.init()
+ok = check_shared_paths(read=[sys.argv[1]], write=[sys.argv[2]])
+print("CHECKED", len(ok), len(set(ok)), flush=True)
+try:
+    check_shared_paths(read=[sys.argv[3]])
+    print("NO ERROR")
+except ClusterError as exc:
+    print("ERROR", exc)
+"""
+
+
+def test_storage_is_checked_on_every_node_before_work(cluster, tmp_path):
+    """The shared-storage preflight runs a task on each of the three nodes (the 0-CPU head
+    too); a path some node cannot see is one error naming the node and the path."""
+    c, _ = cluster
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["RAY_ADDRESS"] = c.address
+    missing = tmp_path / "not-mounted-here"
+    res = subprocess.run(
+        [sys.executable, "-c", SHARED_PROBE, str(tmp_path), str(tmp_path / "runs"), str(missing)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "CHECKED 3 3" in res.stdout, res.stdout + res.stderr
+    assert (tmp_path / "runs").is_dir() and not list((tmp_path / "runs").iterdir())  # no probe left
+    line = next(x for x in res.stdout.splitlines() if x.startswith("ERROR"))
+    assert f"{missing} is not visible" in line, line
+    assert re.search(r"^ERROR node \S+ \([0-9a-f]{12}\): ", line), line
+
+
+def test_storage_check_is_skipped_on_the_drivers_own_single_node(ray_session, tmp_path):
+    from cellst.raycluster import check_shared_paths
+
+    assert check_shared_paths(read=[tmp_path / "missing"], write=[tmp_path]) == []

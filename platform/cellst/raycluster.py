@@ -143,3 +143,79 @@ def as_completed(refs: Iterable[ray.ObjectRef]) -> Iterator[Any]:
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         yield ray.get(done[0])
+
+
+def _probe_paths(read: list[str], write: list[str]) -> list[str]:
+    """On one node: what is wrong with the paths there (empty when all is well)."""
+    import pathlib
+    import uuid
+
+    problems = []
+    for p in map(pathlib.Path, read):
+        if not p.exists():
+            problems.append(f"{p} is not visible")
+    for p in map(pathlib.Path, write):
+        probe = p / f".cellst-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            problems.append(f"{p} is not writable ({exc.strerror or type(exc).__name__})")
+    return problems
+
+
+def check_shared_paths(
+    read: Iterable[str | os.PathLike[str]] = (),
+    write: Iterable[str | os.PathLike[str]] = (),
+    timeout_s: float = 120.0,
+) -> list[str]:
+    """Check, before any work, that every node of the cluster sees the paths cellst's Ray
+    tasks and workers will use: ``read`` must exist there, ``write`` must be writable.
+
+    A cluster without shared storage would otherwise fail deep inside a stage (or, worse,
+    write half of the results to a node's local disk). One zero-CPU task runs on each alive
+    node. On a single node that is the driver's own, nothing is checked (same file system).
+
+    Returns
+    -------
+    list of str
+        The IDs of the nodes checked (empty when the check was skipped).
+
+    Raises
+    ------
+    ClusterError
+        Naming the first node (address and ID) and path that failed.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    read = [str(os.path.abspath(p)) for p in read]
+    write = [str(os.path.abspath(p)) for p in write]
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    if not (read or write) or (len(nodes) == 1 and nodes[0]["NodeID"] == here):
+        return []
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_paths)
+    refs = [
+        probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(read, write)
+        for n in nodes
+    ]
+    try:
+        results = ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(
+            f"the storage check did not finish on every node within {timeout_s:.0f} s"
+        ) from None
+    except ray.exceptions.RayError as exc:  # a node died in between, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ClusterError(f"the storage check failed on a node: {first}") from None
+    for node, problems in zip(nodes, results, strict=True):
+        if problems:
+            raise ClusterError(
+                f"node {node.get('NodeManagerAddress', '?')} ({node['NodeID'][:12]}): "
+                f"{problems[0]}; every node must share the store and run folders (a network "
+                "file system mounted at the same path on each node)"
+            )
+    return [n["NodeID"] for n in nodes]

@@ -75,7 +75,7 @@ from cellst.data.store import (
     write_array,
     write_manifest,
 )
-from cellst.raycluster import as_completed, ensure_ray
+from cellst.raycluster import as_completed, check_shared_paths, ensure_ray
 
 REPORT = "ingest_report.json"
 
@@ -489,6 +489,9 @@ def ingest(
         prev_rows = {r["id"]: r for r in old.to_dict("records")} if old is not None else {}
         try:
             ensure_ray()
+            # every node reads the sources and writes arrays into the staging folder
+            staging.mkdir(parents=True, exist_ok=True)
+            check_shared_paths(read=[src], write=[staging])
             cfg_ref = ray.put(cfg)
             for it in items:
                 refs.append(_ingest_one.remote(it, str(staging), prev_rows.get(it.id), cfg_ref))

@@ -235,7 +235,7 @@ def train(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cellst.raycluster import ensure_ray, quiet_ray_data
+    from cellst.raycluster import check_shared_paths, ensure_ray, quiet_ray_data
     from cellst.tracking import (
         check_tracking,
         log_artifact,
@@ -282,6 +282,8 @@ def train(
     check_tracking(cfg.tracking, paths.root, cfg.name)  # a dead server: one line, no work
     ensure_ray()
     quiet_ray_data()
+    # every node may host a worker (checkpoints, run folder) or a read task (the store)
+    check_shared_paths(read=[store.root], write=[paths.root])
     cfg = fit_cluster(cfg)
     t = cfg.train
     dataset = build_dataset(cfg, store, train_ids)
