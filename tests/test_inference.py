@@ -144,6 +144,9 @@ def _arrays_with_run(store: CellStore, set_name: str) -> dict[str, str]:
 def test_predict_two_actors_writes_each_item_once(
     ray_session, store_dir, lite_checkpoint, tmp_path
 ):
+    import shutil
+
+    store_dir = shutil.copytree(store_dir, tmp_path / "store")  # the session store stays as is
     store = CellStore(store_dir)
     ids = store.ids()
     res = predict(
