@@ -195,13 +195,11 @@ class PseudoLabelSet:
             remove_tree(stale)  # left by an interrupted earlier attempt
         with fs.staged_dir(dest.path) as stage:
             seen: set[str] = set()
-            for src in sources:
-                for item in cls(store_root, src).done_items():
+            for source in (cls(store_root, s) for s in sources):
+                for item in source.done_items():
                     if item not in seen:
                         shutil.copytree(
-                            cls(store_root, src).item_path(item),
-                            stage / item,
-                            copy_function=_link_or_copy,
+                            source.item_path(item), stage / item, copy_function=_link_or_copy
                         )
                         seen.add(item)
             fs.atomic_write_json(stage / SET_META, {**meta, "sources": sources})
