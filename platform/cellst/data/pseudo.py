@@ -30,18 +30,17 @@ import pandas as pd
 
 from cellst import fs
 from cellst.data.store import (
-    PSEUDO_SET_META,
     StoreError,
     Window,
-    _slices,
     open_array,
     read_json,
     remove_tree,
+    window_slices,
     write_array,
 )
 
-#: the set's record of the model that wrote it
-SET_META = PSEUDO_SET_META
+#: the set's record of the model that wrote it (checkpoint, model identity)
+SET_META = "set.json"
 #: the set's per-item statistics
 ITEMS = "items.parquet"
 #: the folder of the sets inside a store
@@ -123,7 +122,7 @@ class PseudoLabelSet:
         """``(H, W) int32`` pseudo-label of an item, or a window of it."""
         if not self.has_item(item_id):
             raise StoreError(f"pseudo-label set {self.name!r} has no item {item_id!r}")
-        return open_array(str(self.item_path(item_id)))[_slices(window)]
+        return open_array(str(self.item_path(item_id)))[window_slices(window)]
 
     # -- writing ---------------------------------------------------------------------------
     def create(self, meta: dict[str, Any]) -> None:

@@ -76,10 +76,6 @@ MANIFEST_COLUMNS = {
 }
 
 
-#: record of a pseudo-label set: the checkpoint and model identity that wrote it
-PSEUDO_SET_META = "set.json"
-
-
 class StoreError(RuntimeError):
     """The store is missing, malformed, or does not hold what was asked."""
 
@@ -88,7 +84,8 @@ Window = tuple[int, int, int, int]
 """(y0, y1, x0, x1), half-open, in pixels."""
 
 
-def _slices(window: Window | None) -> tuple[slice, slice]:
+def window_slices(window: Window | None) -> tuple[slice, slice]:
+    """Array slices of a window (``None``: the whole array)."""
     if window is None:
         return slice(None), slice(None)
     y0, y1, x0, x1 = window
@@ -534,7 +531,7 @@ class CellStore:
     # -- reading ---------------------------------------------------------------------------
     def _read(self, item_id: str, what: str, array: str, window: Window | None) -> np.ndarray:
         try:
-            return open_array(str(self.root / array))[_slices(window)]
+            return open_array(str(self.root / array))[window_slices(window)]
         except StoreError as exc:
             raise StoreError(f"item {item_id!r}: cannot read its {what}: {exc}") from None
 
