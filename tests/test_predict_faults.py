@@ -96,33 +96,37 @@ def _invalid_json(src: Path, dest: Path) -> None:
     (dest / "model.json").write_text('{"format": "cellst-model/1", "model": ')
 
 
-@pytest.mark.parametrize(
-    ("damage", "expected"),
-    [
-        (_truncated, "model.pt"),
-        (_other_width, "width"),
-        (_invalid_json, "not readable JSON"),
-    ],
-    ids=["truncated-model.pt", "model.json-of-another-width", "invalid-json"],
-)
+#: ways to damage a checkpoint, and what the one-line error must name
+DAMAGES = {
+    "truncated-model.pt": (_truncated, "model.pt"),
+    "model.json-of-another-width": (_other_width, "width"),
+    "invalid-json": (_invalid_json, "not readable JSON"),
+}
+
+
 def test_bad_checkpoint_is_one_line_before_ray_and_creates_nothing(
-    ray_session, store_dir, lite_checkpoint, tmp_path, damage, expected
+    ray_session, store_dir, lite_checkpoint, tmp_path
 ):
+    """Each damaged checkpoint is refused in one line naming it, before Ray (no cluster
+    answers at ``NO_RAY``), and leaves nothing behind: then the good checkpoint writes the
+    same set into the same store at once."""
     store = _copy_store(store_dir, tmp_path)
     sets_before = CellStore(store).pseudo_sets()
-    bad = tmp_path / "bad"
-    damage(lite_checkpoint, bad)
     out = tmp_path / "tiffs"
-    args = ["predict", "--checkpoint", str(bad), "--input", str(store), "--set-name", "p"]
-    res = _run([*args, "--out", str(out)], NO_RAY)
-    assert res.returncode == 1, res.stdout + res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error:") and str(bad) in lines[0] and expected in lines[0]
-    assert "Traceback" not in res.stderr + res.stdout
-    assert CellStore(store).pseudo_sets() == sets_before
-    assert not (store / "pseudo" / "p").exists() and not out.exists()
-    # the retry with the good checkpoint is not blocked by anything the bad run left
+    for name, (damage, expected) in DAMAGES.items():
+        bad = tmp_path / name
+        damage(lite_checkpoint, bad)
+        args = ["predict", "--checkpoint", str(bad), "--input", str(store), "--set-name", "p"]
+        res = _run([*args, "--out", str(out)], NO_RAY)
+        assert res.returncode == 1, (name, res.stdout + res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1, (name, res.stderr)
+        assert lines[0].startswith("error:") and str(bad) in lines[0], (name, lines[0])
+        assert expected in lines[0], (name, lines[0])
+        assert "Traceback" not in res.stderr + res.stdout, name
+        assert CellStore(store).pseudo_sets() == sets_before, name
+        assert not (store / "pseudo" / "p").exists() and not out.exists(), name
+    # the retry with the good checkpoint is not blocked by anything the bad runs left
     res = predict(
         lite_checkpoint,
         store,

@@ -228,17 +228,25 @@ def _ckpt_temps() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("cellst-ckpt-*")}
 
 
-def test_two_phase_schedule_freezes_encoder(ray_session, store_dir, tmp_path):
+def test_two_phase_training_logs_to_a_real_mlflow_server(
+    ray_session, store_dir, tmp_path, mlflow_server
+):
+    """One 2-epoch training (each training costs about 20 s of Ray Train start-up alone)
+    checks two things: the two-phase schedule (encoder frozen in epoch 1, trained in
+    epoch 2) and what reaches a real MLflow tracking server."""
+    uri, _ = mlflow_server
     before = _ckpt_temps()
     cfg = tiny_cfg(
         store_dir,
         tmp_path,
         "train.epochs=2",
         "train.frozen_encoder_epochs=1",
-        "train.val_every=2",
-        "train.run_name=frozen",
+        "train.run_name=srv",
+        f"tracking.tracking_uri={uri}",
+        "name=server-exp",
     )
     res = train(cfg)
+    # the two-phase schedule
     torch.manual_seed(cfg.train.seed)
     init = build_model(cfg.model)
     first, _, _ = load_model(res.run_path / "checkpoints" / "epoch_001")
@@ -254,6 +262,22 @@ def test_two_phase_schedule_freezes_encoder(ray_session, store_dir, tmp_path):
     )
     # each epoch's temporary checkpoint folder is removed once Ray holds its copy
     assert _ckpt_temps() <= before
+    # the MLflow server holds the run
+    client = MlflowClient(uri)
+    run = client.get_run(res.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "server-exp"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [1, 2]
+    assert run.data.params["data.crop_size"] == "96"
+    assert run.data.params["train.frozen_encoder_epochs"] == "1"
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # `cellst train` on the finished run points at the server, not at a SQLite file
+    yml = tmp_path / "srv.yaml"
+    yml.write_text(dump_config(cfg))
+    out = CliRunner().invoke(app, ["train", str(yml)])
+    assert out.exit_code == 0, out.output
+    assert "already finished" in out.output and uri in out.output
+    assert "sqlite" not in out.output and "mlflow ui" not in out.output
 
 
 def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_path, monkeypatch):
@@ -388,33 +412,6 @@ def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_pa
     cfg_file.write_text(f"store: {unl}\n")
     res = CliRunner().invoke(app, ["train", str(cfg_file)])
     assert res.exit_code == 1 and "no labelled items" in res.output
-
-
-def test_training_logs_to_a_real_mlflow_server(ray_session, store_dir, tmp_path, mlflow_server):
-    uri, _ = mlflow_server
-    cfg = tiny_cfg(
-        store_dir,
-        tmp_path,
-        "train.epochs=2",
-        "train.run_name=srv",
-        f"tracking.tracking_uri={uri}",
-        "name=server-exp",
-    )
-    res = train(cfg)
-    client = MlflowClient(uri)
-    run = client.get_run(res.mlflow_run_id)
-    assert run.info.status == "FINISHED"
-    assert client.get_experiment(run.info.experiment_id).name == "server-exp"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")] == [1, 2]
-    assert run.data.params["data.crop_size"] == "96"
-    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    # `cellst train` on the finished run points at the server, not at a SQLite file
-    yml = tmp_path / "srv.yaml"
-    yml.write_text(dump_config(cfg))
-    out = CliRunner().invoke(app, ["train", str(yml)])
-    assert out.exit_code == 0, out.output
-    assert "already finished" in out.output and uri in out.output
-    assert "sqlite" not in out.output and "mlflow ui" not in out.output
 
 
 def test_run_folder_of_an_older_cellst_still_opens(ray_session, store_dir, tmp_path, capsys):
