@@ -498,3 +498,25 @@ def test_loss_finite_for_background_and_all_ignored() -> None:
     out = HoVerLoss()(pred, zeros, torch.ones(2, 1, 32, 32))
     assert float(out["loss"]) == 0.0
     assert float(HoVerLoss()(pred, zeros)["hv_mse_grad"]) == 0.0
+
+
+def test_stream_batch_from_read_only_arrays_warns_nothing():
+    """Ray Data hands the training loop read-only arrays; turning them into tensors must not
+    print torch's "not writable" warning into every training's output."""
+    import warnings
+
+    from cellst.train.step import Batch
+
+    batch = {
+        "image": np.zeros((2, 3, 8, 8), np.float32),
+        "hv": np.zeros((2, 2, 8, 8), np.float32),
+        "fg": np.ones((2, 8, 8), np.uint8),
+        "ignore": np.zeros((2, 8, 8), np.uint8),
+    }
+    for v in batch.values():
+        v.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = Batch.from_numpy(batch)
+    assert out.targets["np_onehot"].shape == (2, 2, 8, 8)
+    assert float(out.targets["np_onehot"][:, 1].mean()) == 1.0

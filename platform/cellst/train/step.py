@@ -13,6 +13,7 @@ only turns the model-ready arrays into tensors (:meth:`Batch.from_numpy`) and st
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -54,13 +55,20 @@ class Batch:
 
     @classmethod
     def from_numpy(cls, batch: dict[str, np.ndarray]) -> Batch:
-        """The inverse of :meth:`to_numpy` (zero-copy where the arrays allow it)."""
-        fg = torch.as_tensor(batch["fg"]).to(torch.float32)
-        return cls(
-            torch.as_tensor(batch["image"]),
-            {"np_onehot": torch.stack([1.0 - fg, fg], 1), "hv": torch.as_tensor(batch["hv"])},
-            torch.as_tensor(batch["ignore"]).to(torch.float32)[:, None],
-        )
+        """The inverse of :meth:`to_numpy` (zero-copy where the arrays allow it).
+
+        Ray Data hands over read-only arrays (views of the object store); nothing here or in
+        the step writes into them, so torch's "not writable" warning is silenced, not copied
+        around.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            fg = torch.as_tensor(batch["fg"]).to(torch.float32)
+            return cls(
+                torch.as_tensor(batch["image"]),
+                {"np_onehot": torch.stack([1.0 - fg, fg], 1), "hv": torch.as_tensor(batch["hv"])},
+                torch.as_tensor(batch["ignore"]).to(torch.float32)[:, None],
+            )
 
 
 class Augmenter:
