@@ -417,16 +417,26 @@ def _commit(store: Path, staging: Path, manifest: pd.DataFrame) -> str:
     return write_manifest(store, manifest[list(MANIFEST_COLUMNS)])
 
 
-def _stop_tasks(refs: list) -> None:
+def _stop_tasks(refs: list, grace: float = 5.0) -> None:
     """Cancel the ingest's Ray tasks and wait until none runs, so none writes into the
-    staging folder after it is removed."""
+    staging folder after it is removed.
+
+    Only tasks still running are cancelled, first politely (a ``KeyboardInterrupt`` in the
+    task), and only those still running after ``grace`` seconds are killed: force-cancelling
+    a task while its result arrives can crash the driver inside Ray's core worker ("Tried to
+    complete task that was not pending", ray-project/ray#54798).
+    """
     pending = [r for r in refs if r is not None]
     if not pending:
         return
     with contextlib.suppress(Exception):
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        ray.wait(pending, num_returns=len(pending), timeout=60)
+        _, running = ray.wait(pending, num_returns=len(pending), timeout=0)
+        for force, wait in ((False, grace), (True, 60.0)):
+            if not running:
+                return
+            for ref in running:
+                ray.cancel(ref, force=force)
+            _, running = ray.wait(running, num_returns=len(running), timeout=wait)
 
 
 def ingest(
