@@ -42,6 +42,7 @@ __all__ = [
     "calibrate_run",
     "effective_postprocess",
     "predict_val_maps",
+    "score_item",
     "score_maps",
     "search_postprocess",
 ]
@@ -80,21 +81,37 @@ def predict_val_maps(
             yield ValMaps(prob, hv, store.label(item))
 
 
+def score_item(
+    maps: ValMaps | tuple[np.ndarray, np.ndarray, np.ndarray],
+    post: PostprocessConfig,
+    evaluate: Any = None,
+) -> tuple[dict[str, float], np.ndarray]:
+    """Post-process one item's maps and score the instances against its label.
+
+    The one "post-process, score" step of every in-process evaluation of a model: the
+    validation during training (:func:`cellst.train.validate.validate`), this module's
+    calibration and ``cellst tune``'s post-processing sweeps (through :func:`score_maps`).
+    ``evaluate`` (an ``EvaluateConfig`` or its fields: IoU threshold, boundary rule) makes
+    the F1 mean what ``cellst evaluate``'s F1 means. Returns
+    :func:`cellst.metrics.instance.image_scores` and the predicted instance map.
+    """
+    from cellst.metrics.instance import image_scores
+    from cellst.postprocess.tiled import postprocess_hover
+
+    prob, hv, label = maps
+    pred = postprocess_hover(prob, hv, post)
+    return image_scores(label, pred, **_evaluate_kwargs(evaluate)), pred
+
+
 def score_maps(
     maps: Iterable[ValMaps | tuple[np.ndarray, np.ndarray, np.ndarray]],
     post: PostprocessConfig | Mapping[str, Any],
     evaluate: Any = None,
 ) -> dict[str, float]:
     """Mean challenge scores (``val_f1``, ``val_precision``, ``val_recall``) of ``maps``
-    post-processed with ``post``; ``evaluate`` is an ``EvaluateConfig`` or its fields."""
-    from cellst.metrics.instance import image_scores
-    from cellst.postprocess.tiled import postprocess_hover
-
+    post-processed with ``post`` (:func:`score_item` per item)."""
     pcfg = post if isinstance(post, PostprocessConfig) else PostprocessConfig.model_validate(post)
-    ev = _evaluate_kwargs(evaluate)
-    rows = [
-        image_scores(label, postprocess_hover(prob, hv, pcfg), **ev) for prob, hv, label in maps
-    ]
+    rows = [score_item(m, pcfg, evaluate)[0] for m in maps]
     if not rows:
         raise ValueError("no validation maps to score")
     return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in ("f1", "precision", "recall")}

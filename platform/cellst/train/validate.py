@@ -1,4 +1,5 @@
-"""Validation during training: whole-image inference + HoVer post-processing + challenge F1."""
+"""Validation during training: whole-image inference + HoVer post-processing + challenge F1
+(the same steps as the post-processing calibration and sweeps: :mod:`cellst.postprocess.calibrate`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch
 
 from cellst.config import EvaluateConfig
 from cellst.data.store import CellStore
-from cellst.inference.predictor import InferenceConfig, predict_maps
-from cellst.metrics.instance import image_scores, summarize
-from cellst.postprocess import PostprocessConfig, postprocess_hover
+from cellst.inference.predictor import InferenceConfig
+from cellst.metrics.instance import summarize
+from cellst.postprocess import PostprocessConfig
+from cellst.postprocess.calibrate import predict_val_maps, score_item
 
 
 def split_train_val(items: pd.DataFrame, fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -53,25 +55,13 @@ def validate(
     ``val_f1`` mean what ``cellst evaluate``'s F1 means. Returns the metrics and the first
     ``keep`` predictions (for overlay figures).
     """
-    ev = evaluate or EvaluateConfig()
     was_training = model.training
     model.eval()
     rows, kept = [], []
-    for item in ids:
-        prob, hv = predict_maps(model, store.image(item), infer, device)
-        pred = postprocess_hover(prob, hv, post)
-        rows.append(
-            {
-                "id": item,
-                "modality": store.row(item).modality,
-                **image_scores(
-                    store.label(item),
-                    pred,
-                    count_boundary=ev.count_boundary,
-                    iou_threshold=ev.iou_threshold,
-                ),
-            }
-        )
+    maps = predict_val_maps(model, store, ids, infer, device)
+    for item, item_maps in zip(ids, maps, strict=True):
+        scores, pred = score_item(item_maps, post, evaluate or EvaluateConfig())
+        rows.append({"id": item, "modality": store.row(item).modality, **scores})
         if len(kept) < keep:
             kept.append((item, pred))
     model.train(was_training)
