@@ -6,11 +6,12 @@ node with a custom resource of its own. The ``cellst`` console script joins it t
 ``RAY_ADDRESS`` (token authentication on, as Ray's default) and must give what it gives on
 this session's one-node cluster: the same store from ``cellst ingest`` and the same
 pseudo-label set from ``cellst predict`` for a fixed checkpoint, whose items were predicted
-on both worker nodes, each exactly once.
+on both worker nodes, each exactly once, also when a worker node is lost mid-run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -88,9 +89,17 @@ def test_ingest_on_three_nodes_equals_one_node(cluster, synth_src, store_dir, tm
     _same_store(tmp_path / "store", store_dir)
 
 
-def test_predict_spreads_over_both_worker_nodes_and_equals_one_node(
+def test_predict_spreads_over_the_nodes_and_survives_losing_one(
     cluster, ray_session, store_dir, tmp_path, quick_train
 ):
+    """`cellst predict` on the multi-node cluster writes the same set as on one node, its
+    items predicted on both worker nodes. Then a third worker node joins, takes part, and
+    is removed (its raylet and every process on it killed) once it has written an item,
+    while items are still to do: the command still ends with every item written exactly
+    once, and the same labels."""
+    import threading
+    import time
+
     import torch
 
     from cellst.model import ModelConfig, build_model, save_checkpoint
@@ -98,33 +107,67 @@ def test_predict_spreads_over_both_worker_nodes_and_equals_one_node(
     c, workers = cluster
     store = tmp_path / "store"
     shutil.copytree(store_dir, store)
+    manifest = pd.read_parquet(store / "manifest.parquet")
+    manifest["split"] = "unlabeled"  # all 16 items to predict (the default split)
+    manifest.to_parquet(store / "manifest.parquet", index=False)
     torch.manual_seed(0)
     mcfg = ModelConfig(name="hovernet-lite", width=8)
     s = CellStore(store, lease=False)
-    model = quick_train(build_model(mcfg), s, s.ids("labeled")[:4], steps=30)
+    items = s.ids()
+    model = quick_train(build_model(mcfg), s, items[:4], steps=30)
     ckpt = save_checkpoint(tmp_path / "ckpt", model, mcfg)
-    args = ["predict", "--checkpoint", str(ckpt), "-i", str(store), "--split", "labeled"]
+    # test-time flips and small windows: a few seconds per item, so the loss hits mid-run
+    args = ["predict", "--checkpoint", str(ckpt), "-i", str(store)]
+    args += ["--set", "inference.tta=true", "--set", "inference.roi=64"]
     one_node = ray_session.get_runtime_context().gcs_address
     _cellst(*args, "--set-name", "one", "--num-actors", "1", address=one_node)
     _cellst(*args, "--set-name", "multi", "--num-actors", "2", address=c.address)
 
+    doomed = c.add_node(num_cpus=2, resources={"node_c": 1})
+    c.wait_for_nodes()
+    done_at_loss: list[int] = []
+
+    def remove_when_it_has_written() -> None:
+        base = store / "pseudo" / "lost"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            written = list(base.glob("*/zarr.json")) if base.is_dir() else []
+            for p in written:
+                if json.loads(p.read_text()).get("attributes", {}).get("node_id") == doomed.node_id:
+                    done_at_loss.append(len(written))
+                    c.remove_node(doomed, allow_graceful=False)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=remove_when_it_has_written, daemon=True)
+    killer.start()
+    _cellst(*args, "--set-name", "lost", "--num-actors", "3", address=c.address, timeout=300)
+    killer.join(timeout=10)
+
     s = CellStore(store, lease=False)
-    one, multi = s.pseudo_items("one"), s.pseudo_items("multi")
-    assert sorted(multi["id"]) == sorted(one["id"]) == sorted(s.ids("labeled"))
-    assert multi["id"].is_unique  # each item written exactly once
-    for item in one["id"]:
-        assert np.array_equal(s.pseudo_label("one", item), s.pseudo_label("multi", item)), item
-    assert sum(int(s.pseudo_label("one", i).max()) for i in one["id"]) > 0  # cells were found
+    sets = {name: s.pseudo_items(name) for name in ("one", "multi", "lost")}
+    for name, df in sets.items():
+        assert sorted(df["id"]) == sorted(items), name
+        assert df["id"].is_unique, name  # each item written exactly once
+    for item in items:
+        one = s.pseudo_label("one", item)
+        assert np.array_equal(one, s.pseudo_label("multi", item)), item
+        assert np.array_equal(one, s.pseudo_label("lost", item)), item
+    assert sum(int(s.pseudo_label("one", i).max()) for i in items) > 0  # cells were found
     # both worker nodes predicted (the head has no CPUs: it cannot host an actor)
     worker_ids = {w.node_id for w in workers.values()}
-    assert set(multi["node_id"]) == worker_ids, (set(multi["node_id"]), worker_ids)
+    assert set(sets["multi"]["node_id"]) == worker_ids, (set(sets["multi"]["node_id"]), worker_ids)
+    # the lost node took part, and was lost with items still to do
+    assert done_at_loss, "the third node never wrote an item"
+    assert done_at_loss[0] < len(items), f"the node was lost after the run: {done_at_loss}"
+    assert doomed.node_id in set(sets["lost"]["node_id"])
 
 
 def test_a_client_with_a_wrong_token_is_refused(cluster):
     """Token authentication stays on: the right token (the one Ray wrote for this machine)
     joins, a wrong one is refused with an error, not served."""
     c, _ = cluster
-    probe = "import ray; ray.init(); print('JOINED', len(ray.nodes()))"
+    probe = "import ray; ray.init(); print('JOINED', sum(n['Alive'] for n in ray.nodes()))"
     env = {**os.environ, "RAY_ADDRESS": c.address}
     ok = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
