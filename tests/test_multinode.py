@@ -163,6 +163,44 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
     assert doomed.node_id in set(sets["lost"]["node_id"])
 
 
+def test_ddp_training_spans_both_worker_nodes(cluster, store_dir, tmp_path):
+    """`cellst train` with two workers on the multi-node cluster: DDP over gloo between two
+    raylets, one rank on each worker node (``train.placement_strategy=STRICT_SPREAD``),
+    ending with identical parameters on both ranks."""
+    c, workers = cluster
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("name: two-nodes\n")
+    overrides = [
+        f"store={store_dir}",
+        f"train.run_dir={tmp_path / 'runs'}",
+        "train.run_name=ddp2",
+        "train.num_workers=2",
+        "train.placement_strategy=STRICT_SPREAD",  # one rank per node, or no training
+        "train.epochs=2",
+        "model.width=8",
+        "data.crop_size=96",
+        "data.crops_per_epoch=32",
+        "train.batch_size=8",
+        "train.val_max_items=2",
+        "inference.roi=96",
+        "tracking.system_metrics=false",
+    ]
+    args = ["train", str(cfg_file)]
+    for o in overrides:
+        args += ["--set", o]
+    _cellst(*args, address=c.address)
+    run = tmp_path / "runs" / "ddp2"
+    ranks = [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    worker_ids = {w.node_id for w in workers.values()}
+    assert {r["node_id"] for r in ranks} == worker_ids, (ranks, worker_ids)
+    digests = {p.read_text() for p in run.glob("params_rank*.sha256")}
+    assert len(digests) == 1  # the ranks stayed in step across the nodes
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "finished", state
+    assert (run / "checkpoints" / "best" / "model.json").is_file()
+
+
 def test_a_client_with_a_wrong_token_is_refused(cluster):
     """Token authentication stays on: the right token (the one Ray wrote for this machine)
     joins, a wrong one is refused with an error, not served."""

@@ -159,6 +159,10 @@ def test_ranks_end_identical(trained):
     _, res, _ = trained
     digests = [p.read_text() for p in sorted(res.run_path.glob("params_rank*.sha256"))]
     assert len(digests) == 2 and digests[0] == digests[1]
+    # each rank says where it ran (node, host, process)
+    ranks = [json.loads(p.read_text()) for p in sorted((res.run_path / "workers").iterdir())]
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    assert len({r["pid"] for r in ranks}) == 2 and all(r["node_id"] for r in ranks)
 
 
 def test_checkpoints_best_last_and_snapshots(trained):

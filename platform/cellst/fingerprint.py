@@ -30,6 +30,7 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
         "log_every_steps",
         "keep_last",
         "cpus_per_worker",
+        "placement_strategy",
         "augment_cpus",
         "prefetch_batches",
     ),

@@ -42,6 +42,12 @@ class TrainConfig(Section):
         description="CPUs each worker holds; its torch uses that many threads (rounded up). "
         "None: 1 with GPUs, else about half the CPUs (the rest read and augment)",
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="how Ray places the workers on the nodes: PACK fills a node first (fast "
+        "collectives), SPREAD / STRICT_SPREAD put them on different nodes (each node's CPUs "
+        "and memory for its own worker)",
+    )
     augment_cpus: float = Field(
         0.5,
         gt=0,

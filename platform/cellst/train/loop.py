@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -23,6 +24,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from cellst.fs import atomic_write_json
 from cellst.train.checkpoints import RunPaths, keep_checkpoints, save_epoch
 from cellst.train.step import (
     Batch,
@@ -67,9 +69,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, math.ceil((tcfg.cpus_per_worker or 1.0) - 1e-6)))
     device = ray.train.torch.get_device()
     paths = RunPaths(Path(config["run_path"]))
+    paths.root.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        paths.root.mkdir(parents=True, exist_ok=True)
         (paths.root / "rank0.pid").write_text(str(os.getpid()))  # for operators (and tests)
+    # where each rank runs (multi-node clusters): node, host, process, device
+    atomic_write_json(
+        paths.root / "workers" / f"rank{rank}.json",
+        {
+            "rank": rank,
+            "world_size": world,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(device),
+        },
+    )
 
     model = build_model(cfg.model)
     if tcfg.init_checkpoint:

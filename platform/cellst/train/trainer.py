@@ -342,6 +342,7 @@ def train(
                     "CPU": t.cpus_per_worker,
                     **({"GPU": 1} if t.use_gpu else {}),
                 },
+                placement_strategy=t.placement_strategy,
             ),
             run_config=ray.train.RunConfig(
                 name=name,
