@@ -107,17 +107,14 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
     c, workers = cluster
     store = tmp_path / "store"
     shutil.copytree(store_dir, store)
-    manifest = pd.read_parquet(store / "manifest.parquet")
-    manifest["split"] = "unlabeled"  # all 16 items to predict (the default split)
-    manifest.to_parquet(store / "manifest.parquet", index=False)
     torch.manual_seed(0)
     mcfg = ModelConfig(name="hovernet-lite", width=8)
     s = CellStore(store, lease=False)
-    items = s.ids()
+    items = s.ids("labeled")
     model = quick_train(build_model(mcfg), s, items[:4], steps=30)
     ckpt = save_checkpoint(tmp_path / "ckpt", model, mcfg)
     # test-time flips and small windows: a few seconds per item, so the loss hits mid-run
-    args = ["predict", "--checkpoint", str(ckpt), "-i", str(store)]
+    args = ["predict", "--checkpoint", str(ckpt), "-i", str(store), "--split", "labeled"]
     args += ["--set", "inference.tta=true", "--set", "inference.roi=64"]
     one_node = ray_session.get_runtime_context().gcs_address
     _cellst(*args, "--set-name", "one", "--num-actors", "1", address=one_node)
@@ -161,44 +158,6 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
     assert done_at_loss, "the third node never wrote an item"
     assert done_at_loss[0] < len(items), f"the node was lost after the run: {done_at_loss}"
     assert doomed.node_id in set(sets["lost"]["node_id"])
-
-
-def test_ddp_training_spans_both_worker_nodes(cluster, store_dir, tmp_path):
-    """`cellst train` with two workers on the multi-node cluster: DDP over gloo between two
-    raylets, one rank on each worker node (``train.placement_strategy=STRICT_SPREAD``),
-    ending with identical parameters on both ranks."""
-    c, workers = cluster
-    cfg_file = tmp_path / "exp.yaml"
-    cfg_file.write_text("name: two-nodes\n")
-    overrides = [
-        f"store={store_dir}",
-        f"train.run_dir={tmp_path / 'runs'}",
-        "train.run_name=ddp2",
-        "train.num_workers=2",
-        "train.placement_strategy=STRICT_SPREAD",  # one rank per node, or no training
-        "train.epochs=2",
-        "model.width=8",
-        "data.crop_size=96",
-        "data.crops_per_epoch=32",
-        "train.batch_size=8",
-        "train.val_max_items=2",
-        "inference.roi=96",
-        "tracking.system_metrics=false",
-    ]
-    args = ["train", str(cfg_file)]
-    for o in overrides:
-        args += ["--set", o]
-    _cellst(*args, address=c.address)
-    run = tmp_path / "runs" / "ddp2"
-    ranks = [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
-    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
-    worker_ids = {w.node_id for w in workers.values()}
-    assert {r["node_id"] for r in ranks} == worker_ids, (ranks, worker_ids)
-    digests = {p.read_text() for p in run.glob("params_rank*.sha256")}
-    assert len(digests) == 1  # the ranks stayed in step across the nodes
-    state = json.loads((run / "run.json").read_text())
-    assert state["status"] == "finished", state
-    assert (run / "checkpoints" / "best" / "model.json").is_file()
 
 
 def test_a_client_with_a_wrong_token_is_refused(cluster):
@@ -262,3 +221,77 @@ def test_storage_check_is_skipped_on_the_drivers_own_single_node(ray_session, tm
     from cellst.raycluster import check_shared_paths
 
     assert check_shared_paths(read=[tmp_path / "missing"], write=[tmp_path]) == []
+
+
+def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tmp_path):
+    """`cellst train` with two ranks on different worker nodes (DDP over gloo between two
+    raylets, ``train.placement_strategy=STRICT_SPREAD``). Once Ray Train has registered a
+    checkpoint, the node of rank 1 is removed (raylet and processes killed). A spare worker
+    node is there, as an autoscaler would provide: Ray Train restarts the group from the
+    last checkpoint (``train.max_failures=1``), `cellst train` ends normally, and the two
+    ranks end with identical parameters.
+
+    Runs last in this module: the cluster has one node fewer afterwards."""
+    import threading
+    import time
+
+    c, workers = cluster
+    spare = c.add_node(num_cpus=2, resources={"node_d": 1})
+    c.wait_for_nodes()
+    nodes = {n.node_id: n for n in (*workers.values(), spare)}
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("name: node-loss\n")
+    runs = tmp_path / "runs"
+    overrides = [
+        f"store={store_dir}",
+        f"train.run_dir={runs}",
+        "train.run_name=lossy",
+        "train.num_workers=2",
+        "train.placement_strategy=STRICT_SPREAD",
+        "train.max_failures=1",
+        "train.epochs=4",
+        "train.val_every=10",
+        "model.width=8",
+        "data.crop_size=96",
+        "data.crops_per_epoch=32",
+        "train.batch_size=8",
+        "train.val_max_items=1",
+        "inference.roi=96",
+        "tracking.system_metrics=false",
+    ]
+    args = ["train", str(cfg_file)]
+    for o in overrides:
+        args += ["--set", o]
+    lost: list[str] = []
+
+    def remove_rank1_node() -> None:
+        snapshot = runs / "_ray" / "lossy" / "checkpoint_manager_snapshot.json"
+        rank1 = runs / "lossy" / "workers" / "rank1.json"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if snapshot.is_file() and rank1.is_file():
+                node_id = json.loads(rank1.read_text())["node_id"]
+                lost.append(node_id)
+                c.remove_node(nodes[node_id], allow_graceful=False)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=remove_rank1_node, daemon=True)
+    killer.start()
+    _cellst(*args, address=c.address, timeout=400)
+    killer.join(timeout=10)
+    assert lost, "no checkpoint was registered before the run ended"
+    run = runs / "lossy"
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "finished", state
+    from cellst.model.checkpoint import load_model
+
+    _, _, meta = load_model(run / "checkpoints" / "last")
+    assert meta["epoch"] == 4 and meta["resumed_from_epoch"] >= 1, meta
+    ranks = [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    assert lost[0] not in {r["node_id"] for r in ranks}  # the restarted group moved off it
+    assert len({r["node_id"] for r in ranks}) == 2  # one rank per node
+    assert {r["node_id"] for r in ranks} <= set(nodes)  # worker nodes only, never the head
+    digests = {p.read_text() for p in run.glob("params_rank*.sha256")}
+    assert len(digests) == 1  # the ranks stayed in step across the nodes
