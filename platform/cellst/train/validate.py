@@ -55,12 +55,13 @@ def validate(
     ``val_f1`` mean what ``cellst evaluate``'s F1 means. Returns the metrics and the first
     ``keep`` predictions (for overlay figures).
     """
+    ev = evaluate or EvaluateConfig()
     was_training = model.training
     model.eval()
     rows, kept = [], []
     maps = predict_val_maps(model, store, ids, infer, device)
     for item, item_maps in zip(ids, maps, strict=True):
-        scores, pred = score_item(item_maps, post, evaluate or EvaluateConfig())
+        scores, pred = score_item(item_maps, post, ev)
         rows.append({"id": item, "modality": store.row(item).modality, **scores})
         if len(kept) < keep:
             kept.append((item, pred))
