@@ -33,8 +33,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Head (0 CPUs) + two worker nodes of 2 CPUs with resources ``node_a`` / ``node_b``."""
+def cluster(ray_session):
+    """Head (0 CPUs) + two worker nodes of 2 CPUs with resources ``node_a`` / ``node_b``.
+
+    Started after the session's own ``ray.init()``, which puts ``RAY_AUTH_MODE=token`` in
+    this process's environment: ``ray.cluster_utils.Cluster`` enforces token authentication
+    only when started from such a process (without it, a client with a wrong token joined).
+    ``ray start --head``, as ``cluster.yaml`` runs it, enforces it from a plain shell.
+    """
     from ray.cluster_utils import Cluster
 
     saved = RAY_ADDRESS_FILE.read_text() if RAY_ADDRESS_FILE.is_file() else None
