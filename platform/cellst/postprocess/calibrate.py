@@ -111,7 +111,8 @@ def score_maps(
     """Mean challenge scores (``val_f1``, ``val_precision``, ``val_recall``) of ``maps``
     post-processed with ``post`` (:func:`score_item` per item)."""
     pcfg = post if isinstance(post, PostprocessConfig) else PostprocessConfig.model_validate(post)
-    rows = [score_item(m, pcfg, evaluate)[0] for m in maps]
+    ev = _evaluate_kwargs(evaluate)  # once, not per item
+    rows = [score_item(m, pcfg, ev)[0] for m in maps]
     if not rows:
         raise ValueError("no validation maps to score")
     return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in ("f1", "precision", "recall")}

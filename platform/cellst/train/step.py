@@ -27,6 +27,14 @@ from cellst.model.loss import HoVerLoss
 from cellst.model.targets import make_targets
 from cellst.train.config import TrainingDiverged
 
+#: Ray Data hands the training loop read-only arrays (views of the object store). Nothing
+#: here or in the step writes into them, so torch's warning about wrapping them is ignored
+#: for this module alone (once, at import: no per-step cost, thread-safe).
+_READ_ONLY_WARNING = "The given NumPy array is not writable"
+warnings.filterwarnings(
+    "ignore", message=_READ_ONLY_WARNING, category=UserWarning, module=r"cellst\.train\.step"
+)
+
 
 @dataclass
 class Batch:
@@ -55,20 +63,14 @@ class Batch:
 
     @classmethod
     def from_numpy(cls, batch: dict[str, np.ndarray]) -> Batch:
-        """The inverse of :meth:`to_numpy` (zero-copy where the arrays allow it).
-
-        Ray Data hands over read-only arrays (views of the object store); nothing here or in
-        the step writes into them, so torch's "not writable" warning is silenced, not copied
-        around.
-        """
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            fg = torch.as_tensor(batch["fg"]).to(torch.float32)
-            return cls(
-                torch.as_tensor(batch["image"]),
-                {"np_onehot": torch.stack([1.0 - fg, fg], 1), "hv": torch.as_tensor(batch["hv"])},
-                torch.as_tensor(batch["ignore"]).to(torch.float32)[:, None],
-            )
+        """The inverse of :meth:`to_numpy` (zero-copy where the arrays allow it; see
+        :data:`_READ_ONLY_WARNING` for Ray Data's read-only arrays)."""
+        fg = torch.as_tensor(batch["fg"]).to(torch.float32)
+        return cls(
+            torch.as_tensor(batch["image"]),
+            {"np_onehot": torch.stack([1.0 - fg, fg], 1), "hv": torch.as_tensor(batch["hv"])},
+            torch.as_tensor(batch["ignore"]).to(torch.float32)[:, None],
+        )
 
 
 class Augmenter:
