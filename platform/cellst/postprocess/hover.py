@@ -45,6 +45,16 @@ The implementation computes exactly this, only faster (0.36 s against MONAI's 11
 * Hole filling (one labelling of the complement), opening (disk decomposed into row runs,
   boolean shifts) and labelling are full-image vectorised passes on compact dtypes.
 
+Each hand-written helper is timed beside the public library call it replaces, on the
+intermediate arrays of the same 2048 x 2048 map, with equal output checked
+(``benchmarks/bench_postprocess.py``, its step table; 2026-11-29, 2 cores): label and drop
+small components 1.5x / 1.9x (mask / markers) against ``remove_small_objects`` +
+``ndi.label``; Sobel 2.7x against ``ndi.correlate1d``; distance Gaussian 4.3x; hole filling
+7.7x against ``ndi.binary_fill_holes``; opening 27x against ``skimage.morphology.opening``;
+watershed per component 4.4x against the public ``watershed``; relabelling 3.0x against
+``skimage.segmentation.relabel_sequential``. A helper that stops earning its place there
+(under 1.5x at full size) should give way to the library call.
+
 Deviations, all deliberate and documented:
 
 * Where the original and MONAI differ, MONAI is followed (so the agreement test holds):
