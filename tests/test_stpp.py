@@ -327,19 +327,23 @@ def test_foreign_pseudo_set_is_refused(store_dir, tmp_path):
     Pipeline(cfg, overwrite=True).preflight()  # accepted with --overwrite
 
 
-def test_store_without_unlabelled_items_stops_after_stage_1(ray_session, store_dir, tmp_path):
-    root = _copy_store(store_dir, tmp_path / "store")
+def test_store_without_unlabelled_items_stops_after_stage_1(crashed_and_resumed, tmp_path):
+    """The module's pipeline, copied beside a copy of its store without unlabelled items:
+    ST++ takes stage 1 over (same labelled items and configuration; nothing is trained) and
+    stops after it, naming the cause; the later stages are reset to pending."""
+    done = crashed_and_resumed["cfg"]
+    root = _copy_store(Path(done.store), tmp_path / "store")
     manifest = pd.read_parquet(root / "manifest.parquet")
     atomic_write_parquet(manifest[manifest["split"] != "unlabeled"], root / "manifest.parquet")
-    cfg = load_stpp_config(
-        _write_config(tmp_path / "c.yaml", root, tmp_path / "runs"),
-        [*TINY, "train.epochs=2", "tracking.enabled=false"],
-        quick=True,
-    )
+    shutil.copytree(done.stpp.run_dir, tmp_path / "runs")
+    cfg = done.model_copy(deep=True)
+    cfg.store, cfg.stpp.run_dir, cfg.tracking.enabled = str(root), str(tmp_path / "runs"), False
     with pytest.raises(StppStopped, match=r"no unlabelled items.*stopped after stage 1"):
         run_stpp(cfg, log=lambda _: None)
     book = StageBook(cfg.pipeline_dir, STAGES)
     assert [r.status for r in book.records()] == ["done"] + ["pending"] * 6
+    first = crashed_and_resumed["result"].record("supervised")
+    assert book.get("supervised").finished_at == first.finished_at  # not trained again
     assert (Path(book.get("supervised").outputs["best"]) / "model.pt").is_file()
 
 
