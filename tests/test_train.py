@@ -181,6 +181,32 @@ def test_checkpoints_best_last_and_snapshots(trained):
     assert all(load_model(d)[2]["val_f1"] <= best["val_f1"] for d in [res.last, *res.snapshots])
 
 
+def test_training_calibrates_its_checkpoints(trained):
+    """``cellst train`` stores post-processing calibrated on the run's validation items in
+    best/, last/ and every snapshot, starting from the validation F1 the training recorded,
+    and logs the calibration to its MLflow run."""
+    from cellst.model.checkpoint import load_postprocess
+    from cellst.postprocess.calibrate import GRID
+
+    _, res, _ = trained
+    val_ids = json.loads((res.run_path / "run.json").read_text())["val_ids"]
+    for ck in [res.best, res.last, *res.snapshots]:
+        rec = load_postprocess(ck)
+        assert rec is not None, ck
+        assert rec["meta"]["items"] == val_ids and set(rec["settings"]) == set(GRID)
+        assert rec["meta"]["val_f1_after"] >= rec["meta"]["val_f1_before"]
+    best = load_postprocess(res.best)
+    # "before" is exactly the validation F1 training recorded for the best checkpoint
+    assert best["meta"]["val_f1_before"] == pytest.approx(load_model(res.best)[2]["val_f1"])
+    assert best["meta"]["val_f1_before"] > 0.05  # a model that finds cells
+    client = MlflowClient(f"sqlite:///{res.run_path / 'mlflow.db'}")
+    logged = client.get_run(res.mlflow_run_id).data.metrics
+    assert logged["calib_best_val_f1_before"] == pytest.approx(best["meta"]["val_f1_before"])
+    assert logged["calib_best_val_f1_after"] == pytest.approx(best["meta"]["val_f1_after"])
+    assert logged["calib_best_mask_threshold"] == pytest.approx(best["settings"]["mask_threshold"])
+    assert "calib_last_val_f1_after" in logged
+
+
 def test_mlflow_holds_the_run(trained, learn_store):
     cfg, res, _ = trained
     client = MlflowClient(f"sqlite:///{res.run_path / 'mlflow.db'}")
