@@ -44,6 +44,7 @@ from cellst.postprocess.hover import (
     _separable,
     _sobel_responses,
     _watershed_masked,
+    sobel_kernels,
 )
 
 SIZE = 2048
@@ -105,12 +106,7 @@ def step_table(
     fg = prob >= cfg.mask_threshold
     comp, _ = _label_min_size(fg, cfg.min_object_size, _STRUCT4)
     fgc = comp > 0
-    smooth, deriv = (
-        np.asarray(k)
-        for k in __import__("cellst.postprocess.hover", fromlist=["sobel_kernels"]).sobel_kernels(
-            cfg.sobel_kernel
-        )
-    )
+    smooth, deriv = sobel_kernels(cfg.sobel_kernel)
     sh, sv = _sobel_responses(h, v, cfg.sobel_kernel)
     nh = 1 - (sh - sh.min()) / (sh.max() - sh.min())
     nv = 1 - (sv - sv.min()) / (sv.max() - sv.min())
@@ -194,7 +190,7 @@ def step_table(
         ),
         (
             "relabel sequential",
-            lambda: __import__("cellst.postprocess.hover", fromlist=["x"]).relabel_sequential(mlab),
+            lambda: relabel_sequential(mlab),
             "skimage relabel_sequential",
             lambda: sk_relabel(mlab)[0],
         ),
