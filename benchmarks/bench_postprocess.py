@@ -29,6 +29,7 @@ from cellst.metrics.instance import match_instances
 from cellst.model.targets import hover_maps
 from cellst.postprocess import (
     PostprocessConfig,
+    hover_steps,
     hover_to_instances,
     hover_to_instances_tiled,
     relabel_sequential,
@@ -103,21 +104,17 @@ def step_table(
     from skimage.segmentation import watershed
 
     h, v = np.ascontiguousarray(hv[0]), np.ascontiguousarray(hv[1])
+    steps = hover_steps(prob, hv, **cfg.hover_kwargs())  # the maps each step works on
     fg = prob >= cfg.mask_threshold
-    comp, _ = _label_min_size(fg, cfg.min_object_size, _STRUCT4)
+    comp, mlab = steps.mask, steps.markers
     fgc = comp > 0
     smooth, deriv = sobel_kernels(cfg.sobel_kernel)
-    sh, sv = _sobel_responses(h, v, cfg.sobel_kernel)
-    nh = 1 - (sh - sh.min()) / (sh.max() - sh.min())
-    nv = 1 - (sv - sv.min()) / (sv.max() - sv.min())
-    overall = np.maximum(nh, nv) * fgc
-    g = ((1 - overall) * fgc).astype(np.float32)
-    raw_markers = (overall < cfg.marker_threshold) & fgc
+    g = ((1 - steps.border) * fgc).astype(np.float32)
+    raw_markers = (steps.border < np.float32(cfg.marker_threshold)) & fgc
     filled = _fill_holes8(raw_markers)
     opened = _binary_opening(filled, cfg.marker_radius)
-    mlab, _ = _label_min_size(opened, cfg.min_object_size, _STRUCT4)
     gk = _gauss_kernel(cfg.distance_sigma)
-    dist = _separable(g, gk, gk, "constant")
+    dist = -steps.distance
     boxes = ndi.find_objects(comp)
 
     def ws_ours():
@@ -145,7 +142,7 @@ def step_table(
             keep = remove_small_objects(mask, min_size=cfg.min_object_size, connectivity=1)
         return ndi.label(keep, structure=_STRUCT4, output=np.int32)[0]
 
-    steps = [
+    pairs = [
         (
             "mask: label, drop small",
             lambda: _label_min_size(fg, cfg.min_object_size, _STRUCT4)[0],
@@ -201,7 +198,7 @@ def step_table(
         f"{'ratio':>7}  same  verdict"
     )
     all_same = True
-    for name, ours, lib_name, lib in steps:
+    for name, ours, lib_name, lib in pairs:
         t_o, r_o = best_of(ours, repeats)
         t_l, r_l = best_of(lib, repeats)
         if isinstance(r_o, tuple):

@@ -14,6 +14,7 @@ from cellst.metrics.instance import match_instances
 from cellst.model.targets import hover_maps
 from cellst.postprocess import (
     PostprocessConfig,
+    hover_steps,
     hover_to_instances,
     hover_to_instances_tiled,
     postprocess_hover,
@@ -237,6 +238,38 @@ def test_more_than_255_instances():
     assert out.dtype == np.int32
     assert out.max() == len(np.unique(out)) - 1 > 600
     assert match_instances(lab, out).f1 >= 0.95
+
+
+@pytest.mark.parametrize(
+    ("seed", "params"),
+    [
+        (3, {}),
+        (4, {"distance_sigma": 0.0, "marker_radius": 0}),
+        (5, {"mask_threshold": 0.3, "marker_threshold": 0.6, "sobel_kernel": 11}),
+    ],
+)
+def test_hover_steps_give_each_map_and_the_same_instances(seed, params):
+    """The step-by-step maps end in exactly the fused function's instances."""
+    prob, hv = noisy_maps(synth_labels(seed, (256, 320)), seed)
+    steps = hover_steps(prob, hv, **params)
+    out = hover_to_instances(prob, hv, **params)
+    assert out.max() > 20 and np.array_equal(steps.instances, out)
+    fg = steps.mask > 0
+    assert steps.mask.dtype == steps.markers.dtype == np.int32
+    assert steps.border.dtype == steps.distance.dtype == np.float32
+    assert not steps.border[~fg].any() and steps.border[fg].max() <= 1.0
+    assert (steps.distance <= 0).all() and not steps.markers[~fg].any()
+    assert np.array_equal(
+        np.unique(steps.instances[steps.markers > 0]), np.arange(1, out.max() + 1)
+    )
+
+
+def test_hover_steps_of_a_constant_hover_map_are_zeros():
+    prob = np.zeros((64, 64), np.float32)
+    prob[10:40, 10:40] = 1.0
+    steps = hover_steps(prob, np.zeros((2, 64, 64), np.float32))
+    assert steps.mask.max() == 1  # the mask step still ran
+    assert not (steps.border.any() or steps.markers.any() or steps.instances.any())
 
 
 def test_empty_probability_gives_zeros():
