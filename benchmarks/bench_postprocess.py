@@ -114,21 +114,21 @@ def step_table(
     filled = _fill_holes8(raw_markers)
     opened = _binary_opening(filled, cfg.marker_radius)
     gk = _gauss_kernel(cfg.distance_sigma)
-    dist = -steps.distance
+    dist = steps.distance  # the relief the watershed floods
     boxes = ndi.find_objects(comp)
 
     def ws_ours():
         out = np.zeros(comp.shape, np.int32)
         for i, sl in enumerate(boxes, 1):
             m = comp[sl] == i
-            out[sl][m] = _watershed_masked(dist[sl], mlab[sl], m, negate=True)[m]
+            out[sl][m] = _watershed_masked(dist[sl], mlab[sl], m)[m]
         return out
 
     def ws_public_per_component():
         out = np.zeros(comp.shape, np.int32)
         for i, sl in enumerate(boxes, 1):
             m = comp[sl] == i
-            r = watershed(-dist[sl], markers=mlab[sl] * m, mask=m, connectivity=1)
+            r = watershed(dist[sl], markers=mlab[sl] * m, mask=m, connectivity=1)
             out[sl][m] = r[m]
         return out
 
