@@ -387,8 +387,18 @@ def predict_run(
         "postprocess_note": res.postprocess_note,
     }
     if stats is not None and len(stats) > 1:
-        later = stats.sort_values("written_at").iloc[1:]  # the first item pays the start-up
+        ordered = stats.sort_values("written_at")
+        first, later = ordered.iloc[0], ordered.iloc[1:]  # the first item pays the start-up
         window = res.seconds - res.first_item_seconds
+        out.update(
+            # where the first item's wait went: its network call (CUDA context, kernel
+            # selection) and post-processing, the rest being actor/task start-up and reads
+            first_item_infer_seconds=float(first["infer_seconds"]),
+            first_item_post_seconds=float(first["post_seconds"]),
+            # wall clock of the steady window (GPU utilisation there, see attach_gpu)
+            steady_start_wall=float(first["written_at"]),
+            steady_end_wall=float(ordered["written_at"].iloc[-1]),
+        )
         out.update(
             infer_seconds_mean=float(later["infer_seconds"].mean()),
             post_seconds_mean=float(later["post_seconds"].mean()),
@@ -437,6 +447,8 @@ def attach_gpu(summary: dict[str, Any], sampler: GpuSampler) -> None:
     if p is not None:
         gpu, idle = sampler.summary("predict"), sampler.summary("idle-before-predict")
         p["gpu"] = gpu
+        if "steady_start_wall" in p:  # after the first item: the start-up left out
+            p["gpu_steady"] = sampler.summary([(p["steady_start_wall"], p["steady_end_wall"])])
         if gpu and idle and gpu["mem_peak_mib"] is not None and idle["mem_min_mib"] is not None:
             p["gpu_mem_peak_above_baseline_mib"] = gpu["mem_peak_mib"] - idle["mem_min_mib"]
     summary["gpu_samples"] = len(sampler.samples)
@@ -520,7 +532,7 @@ def report(summary: dict[str, Any]) -> str:
                 )
     p = summary.get("predict")
     if p:
-        g = p.get("gpu") or {}
+        g, gs = p.get("gpu") or {}, p.get("gpu_steady") or {}
         lines += [
             "",
             "prediction (cellst predict, 1 actor, post-processing in CPU tasks on GPU runs)",
@@ -531,19 +543,24 @@ def report(summary: dict[str, Any]) -> str:
             f"post-processing {_f(p.get('post_seconds_mean'), '.3f', ' s')}; actor in the network "
             f"{_f(100 * p['actor_busy_share'] if 'actor_busy_share' in p else None, '.0f', ' %')} "
             "of the steady window",
-            f"  GPU utilisation: mean {_f(g.get('util_mean_pct'), '.0f', ' %')}, median "
-            f"{_f(g.get('util_median_pct'), '.0f', ' %')}; peak GPU memory "
+            f"  first item: network {_f(p.get('first_item_infer_seconds'), '.2f', ' s')}, "
+            f"post-processing {_f(p.get('first_item_post_seconds'), '.2f', ' s')}; the rest of "
+            "its wait is actor and task start-up and reads",
+            f"  GPU utilisation after the first item: mean "
+            f"{_f(gs.get('util_mean_pct'), '.0f', ' %')}, median "
+            f"{_f(gs.get('util_median_pct'), '.0f', ' %')} (whole call, start-up included: mean "
+            f"{_f(g.get('util_mean_pct'), '.0f', ' %')}); peak GPU memory "
             f"{_f(g.get('mem_peak_mib'), '.0f', ' MiB')} "
             f"({_f(p.get('gpu_mem_peak_above_baseline_mib'), '.0f', ' MiB')} above the "
             "pre-prediction baseline)",
             f"  post-processing keeps the GPU busy: {p['verdict']}",
         ]
-        util, busy = g.get("util_median_pct"), p.get("actor_busy_share")
+        util, busy = gs.get("util_mean_pct"), p.get("actor_busy_share")
         if util is not None and busy is not None and busy >= BUSY and util < 50:
             lines.append(
-                f"  but the GPU itself is busy only {util:.0f} % of the time (median): one image "
-                "per call (inference.sw_batch_size windows) underuses it; try fractional GPUs per "
-                "actor (--num-gpus-per-actor 0.5 with 2 actors) or a larger sw_batch_size"
+                f"  but the GPU itself is busy only {util:.0f} % of the steady window (mean): one "
+                "image per call (inference.sw_batch_size windows) underuses it; try fractional "
+                "GPUs per actor (--num-gpus-per-actor 0.5 with 2 actors) or a larger sw_batch_size"
             )
     if summary.get("error"):
         lines += ["", f"stopped: {summary['error']}"]
