@@ -25,7 +25,11 @@ BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("b
 #: what each benchmark prints for its comparison (a regular expression per line to find)
 MARKERS: dict[str, tuple[str, ...]] = {
     "bench_datasource": (r"ray data, 2 CPUs\s*:\s*\d+\s+\([\d.]+x plain",),
-    "bench_gpu": (r"cellst GPU check \(smoke, CPU\)",),
+    "bench_gpu": (
+        r"cellst GPU check \(smoke, CPU\)",
+        # where the prediction's first item went (its network and post-processing seconds)
+        r"first item: network [\d.]+ s, post-processing [\d.]+ s",
+    ),
     "bench_inference": (
         r"ray data, 2 actor\(s\)\s*:.*\([\d.]+x plain\)",
         r"\d+x\d+: inference [\d.]+ s, post-processing [\d.]+ s, \d+ instances, peak RSS",
