@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from cellst.data.store import StoreError
     from cellst.raycluster import ensure_ray
     from cellst.stpp import load_stpp_config, run_stpp
-    from cellst.stpp.pipeline import format_f1_table
+    from cellst.stpp.report import format_f1_table
     from cellst.tracking.config import ui_command
 
     out = Path(args.out).absolute()

@@ -87,7 +87,7 @@ def test_wide_f1_table_is_printed_whole_when_piped():
     from rich.console import Console
 
     from cellst.cli import print_whole
-    from cellst.stpp.pipeline import format_f1_table
+    from cellst.stpp.report import format_f1_table
 
     mods = [f"f1_modality_with_a_long_name_{i}" for i in range(6)]
     df = pd.DataFrame(

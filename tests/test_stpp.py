@@ -463,6 +463,31 @@ def test_every_stage_done_with_outputs(crashed_and_resumed):
     assert [r["model"] for r in saved["f1"]] == ["supervised", "round1", "round2"]
 
 
+def test_each_stage_records_the_keys_of_its_typed_output(crashed_and_resumed):
+    """The ``TypedDict`` of each stage names exactly what the stage records (all keys of a
+    total one; no key outside a partial one), so code reading a record can rely on it."""
+    from cellst.stpp import outputs
+
+    typed = {
+        "supervised": outputs.TrainingOutput,
+        "reliability": outputs.ReliabilityOutput,
+        "pseudo_reliable": outputs.PseudoOutput,
+        "retrain_reliable": outputs.TrainingOutput,
+        "pseudo_unreliable": outputs.CombinedOutput,
+        "retrain_all": outputs.TrainingOutput,
+        "evaluate": outputs.EvaluationOutput,
+    }
+    assert list(typed) == list(STAGES)
+    for rec in crashed_and_resumed["result"].records:
+        kind, keys = typed[rec.name], set(rec.outputs)
+        if kind.__total__:
+            assert keys == set(kind.__annotations__), rec.name
+        else:
+            assert keys and keys <= set(kind.__annotations__), rec.name
+    combined = crashed_and_resumed["result"].record("pseudo_unreliable").outputs
+    assert set(combined["unreliable"]) <= set(outputs.PseudoOutput.__annotations__)
+
+
 def test_mlflow_parent_and_nested_stage_runs(crashed_and_resumed):
     from mlflow.tracking import MlflowClient
 

@@ -13,7 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from cellst.data.store import CellStore, StoreError, store_lock
 from cellst.stpp import load_stpp_config, run_stpp
-from cellst.stpp.pipeline import Pipeline
+from cellst.stpp.outputs import STAGES
+from cellst.stpp.parent_run import ParentRun
+from cellst.stpp.stages import StageBook
 from cellst.tracking import PENDING_FILE
 
 #: a port where nothing listens: every request is refused at once
@@ -41,19 +43,24 @@ def test_second_pipeline_on_a_run_folder_is_refused_naming_it(store_dir, tmp_pat
 
 def test_parent_run_status_and_tags_reach_mlflow(store_dir, tmp_path):
     cfg = _config(tmp_path, store_dir)
-    pipe = Pipeline(cfg, log=lambda _: None)
-    pipe.dir.mkdir(parents=True)
-    pipe._resolve_tracking()
+    parent = ParentRun(cfg, cfg.pipeline_dir)
+    cfg.pipeline_dir.mkdir(parents=True)
+    parent.resolve()
     store = CellStore(store_dir)
-    pipe._open_parent(store)
-    client = MlflowClient(pipe.uri)
-    assert client.get_run(pipe.parent_id).info.status == "RUNNING"
+    parent.open(store)
+    client = MlflowClient(parent.uri)
+    assert client.get_run(parent.run_id).info.status == "RUNNING"
     # the run names the manifest version it reads (the store's pinned version)
-    assert client.get_run(pipe.parent_id).data.tags["store.version"] == store.version
-    pipe._close_parent("FAILED", {"cellst.stpp.note": "x"})
-    run = client.get_run(pipe.parent_id)
+    assert client.get_run(parent.run_id).data.tags["store.version"] == store.version
+    # a second attempt re-attaches the same parent run (its id is in pipeline.json)
+    again = ParentRun(cfg, cfg.pipeline_dir)
+    again.resolve()
+    again.open(store)
+    assert again.run_id == parent.run_id
+    parent.close("FAILED", {"cellst.stpp.note": "x"})
+    run = client.get_run(parent.run_id)
     assert run.info.status == "FAILED" and run.data.tags["cellst.stpp.note"] == "x"
-    assert not (pipe.dir / PENDING_FILE).exists()
+    assert not (cfg.pipeline_dir / PENDING_FILE).exists()
 
 
 def test_parent_run_calls_survive_a_dead_tracking_server(store_dir, tmp_path, capsys, monkeypatch):
@@ -61,18 +68,18 @@ def test_parent_run_calls_survive_a_dead_tracking_server(store_dir, tmp_path, ca
     waits minutes; its status is kept in the run folder (sent by a later run) and said."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own: ~2 minutes
     cfg = _config(tmp_path, store_dir, f"tracking.tracking_uri={DEAD_SERVER}")
-    pipe = Pipeline(cfg, log=lambda _: None)
-    pipe.dir.mkdir(parents=True)
-    pipe._resolve_tracking()
-    pipe.parent_id = "0" * 32  # made while the server still answered
+    parent = ParentRun(cfg, cfg.pipeline_dir)
+    cfg.pipeline_dir.mkdir(parents=True)
+    parent.resolve()
+    parent.run_id = "0" * 32  # made while the server still answered
 
-    pipe._close_parent("FAILED", {"cellst.stpp.note": "x"})
-    pipe._finish_parent()
+    parent.close("FAILED", {"cellst.stpp.note": "x"})
+    parent.finish(StageBook(cfg.pipeline_dir, STAGES).records(), None)
 
-    pending = [json.loads(x) for x in (pipe.dir / PENDING_FILE).read_text().splitlines()]
+    pending = [json.loads(x) for x in (cfg.pipeline_dir / PENDING_FILE).read_text().splitlines()]
     assert [r["kind"] for r in pending] == ["tags", "status", "tags", "status"]
     assert [r["status"] for r in pending if r["kind"] == "status"] == ["FAILED", "FINISHED"]
-    assert {r["run_id"] for r in pending} == {pipe.parent_id}
+    assert {r["run_id"] for r in pending} == {parent.run_id}
     err = capsys.readouterr().err
     assert DEAD_SERVER in err and "Traceback" not in err
     assert "kept in" in err

@@ -605,13 +605,9 @@ def stpp_status_legacy(run_dir: RunDirArg) -> None:
 
 
 def _stpp_status(run_dir: Path) -> None:
-    from cellst.stpp.pipeline import (
-        STAGES,
-        TITLES,
-        outputs_summary,
-        pipeline_active,
-        pipeline_status,
-    )
+    from cellst.stpp.outputs import STAGES, TITLES
+    from cellst.stpp.pipeline import pipeline_active, pipeline_status
+    from cellst.stpp.report import outputs_summary
     from cellst.tracking.config import ui_command
 
     meta, records = pipeline_status(run_dir)
@@ -812,7 +808,7 @@ def print_whole(renderable, out: Console | None = None) -> None:
 
 
 def _print_f1_table(df) -> None:
-    from cellst.stpp.pipeline import format_f1_table
+    from cellst.stpp.report import format_f1_table
 
     print_whole(format_f1_table(df))
 

@@ -17,7 +17,7 @@ _NAMES = {
     "StppConfig": "config",
     "load_stpp_config": "config",
     "StppExperimentConfig": "experiment",
-    "STAGES": "pipeline",
+    "STAGES": "outputs",
     "StppResult": "pipeline",
     "StppStopped": "pipeline",
     "pipeline_status": "pipeline",

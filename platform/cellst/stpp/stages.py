@@ -1,5 +1,8 @@
 """Durable stage records: what lets an ST++ pipeline survive a crash, Ctrl-C or SIGKILL.
 
+Also the pipeline's own metadata file, ``<pipeline>/pipeline.json`` (:func:`read_meta`,
+:func:`update_meta`): the MLflow parent run, the pseudo-label sets the pipeline owns.
+
 Each stage has one JSON record, ``<pipeline>/stages/<n>_<stage>.json``, written atomically
 (temporary sibling + rename), holding:
 
@@ -32,12 +35,27 @@ from cellst import fs
 from cellst.fingerprint import stable_hash
 
 STATUSES = ("pending", "running", "done", "failed")
+#: the pipeline's metadata file, beside ``stages/``
+META = "pipeline.json"
 Decision = Literal["skip", "resume", "fresh"]
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (:func:`cellst.fs.atomic_write_json`; non-JSON values as str)."""
     fs.atomic_write_json(path, data, default=str)
+
+
+def read_meta(pipeline_dir: str | Path) -> dict[str, Any]:
+    """``pipeline.json`` of a pipeline folder (empty before the first run)."""
+    p = Path(pipeline_dir) / META
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def update_meta(pipeline_dir: str | Path, **update: Any) -> dict[str, Any]:
+    """Merge ``update`` into ``pipeline.json`` (written atomically); the new contents."""
+    meta = {**read_meta(pipeline_dir), **update}
+    atomic_write_json(Path(pipeline_dir) / META, meta)
+    return meta
 
 
 @dataclass

@@ -41,6 +41,7 @@ import pandas as pd
 
 from cellst.config import ConfigError
 from cellst.fs import atomic_write
+from cellst.stpp.outputs import MODELS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -62,9 +63,8 @@ DEFAULT_KINDS = ("pipeline", "train", "sweep")
 F1_PREFIXES = ("test_f1", "val_f1")
 #: validation F1 metrics by preference (see the module docstring)
 VAL_F1_KEYS = ("best_val_f1", "val_f1", "best_best_val_f1")
-#: ST++ model labels -> the stage that trains them, as ``cellst.stpp.pipeline.MODELS`` (not
-#: imported: that module imports torch and Ray; a test checks the two agree), last first
-STPP_MODELS = {"round2": "retrain_all", "round1": "retrain_reliable", "supervised": "supervised"}
+#: ST++ model labels -> the stage that trains them (``cellst.stpp.outputs.MODELS``), last first
+STPP_MODELS = dict(reversed(MODELS.items()))
 #: the columns every row has, in the order the table shows them
 BASE_COLUMNS = (
     "name",
