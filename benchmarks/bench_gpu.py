@@ -398,8 +398,6 @@ def predict_run(
             # wall clock of the steady window (GPU utilisation there, see attach_gpu)
             steady_start_wall=float(first["written_at"]),
             steady_end_wall=float(ordered["written_at"].iloc[-1]),
-        )
-        out.update(
             infer_seconds_mean=float(later["infer_seconds"].mean()),
             post_seconds_mean=float(later["post_seconds"].mean()),
             # the share of the steady window the actor spent in the network
