@@ -12,8 +12,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# Ray's clusters turn token authentication on by default, and `ray start` / `ray.init()`
+# find the token in ~/.ray/auth_token, but the `ray job` CLI only looks when RAY_AUTH_MODE
+# is "token": this .pth sets that default for the venv's processes when a token exists.
+RAY_TOKEN_PTH := import os; os.environ.get("RAY_AUTH_MODE") or not (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token"))) or os.environ.update(RAY_AUTH_MODE="token")
+
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -c 'import sys, sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()["purelib"], "cellst-ray-token.pth").write_text(sys.argv[1] + "\n")' '$(RAY_TOKEN_PTH)'
 	touch $@
 
 $(DEVSTAMP): pyproject.toml $(STAMP)

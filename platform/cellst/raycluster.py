@@ -133,6 +133,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs["runtime_env"] = quiet_runtime_env()
     if address is None and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
+    # a local cluster started here lives as long as this command: no dashboard process
+    # (ignored when joining a running cluster, which keeps its own)
+    kwargs["include_dashboard"] = False
     ray.init(address=address, **kwargs)
     quiet_ray_data()
     from cellst.reaper import watch_local_cluster

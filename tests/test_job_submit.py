@@ -1,0 +1,227 @@
+"""``ray job submit``, the way users drive a running cluster, on a real Ray head.
+
+A head started by ``ray start --head --block`` with its dashboard and job server on
+127.0.0.1, from the project's environment (its ``bin/`` on ``PATH``, as after activating
+``.venv``), with Ray's token authentication on. Ray's own ``ray job`` CLI submits a
+``cellst stpp run`` job with ``--working-dir``; the test reads its logs and status, stops it
+after stage 1, re-submits it, and checks that the second job starts at stage 2 without
+recomputing stage 1. A client without the token is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+#: where Ray records "the cluster last started on this machine" (read by a plain ray.init())
+RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client_env(**extra: str) -> dict[str, str]:
+    """A user's shell: the project's ``bin/`` first on PATH, nothing of this test session."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_", "MLFLOW_")) and k != "PYTHONPATH"
+    }
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    if "PYTHONPATH" in os.environ:  # a frozen copy of the sources (never the case under make)
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def head(ray_session):
+    """``ray start --head --block`` with the dashboard on a free port; its job server URL.
+
+    After the session's ``ray.init()``, which leaves Ray's token in ~/.ray/auth_token on a
+    fresh machine, so that ``ray start`` turns token authentication on, as it does for a
+    user who has used Ray before. Its own short ``--temp-dir`` (sockets live there), so
+    nothing of it is left in /tmp/ray; its processes are killed at the end (``ray stop``
+    would stop every Ray cluster on this machine, the session's too).
+    """
+    temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
+    saved = RAY_ADDRESS_FILE.read_text() if RAY_ADDRESS_FILE.is_file() else None
+    dash = _free_port()
+    log = open(temp / "head.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={_free_port()}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+            # the job agent's HTTP port: Ray's default, 52365, may be another cluster's here
+            f"--dashboard-agent-listen-port={_free_port()}",
+        ],
+        env=_client_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while _ray_job("list", url=url, check=False).returncode != 0:
+            assert proc.poll() is None, (temp / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, f"no job server at {url}"
+            time.sleep(1)
+        # the job server answers before the node's agent that runs jobs has registered
+        # ("No available agent to submit job, please try again later")
+        while True:
+            res = _ray_job("submit", "--", "python", "-c", "print('ready')", url=url, check=False)
+            if res.returncode == 0 or "No available agent" not in res.stdout + res.stderr:
+                break
+            assert time.time() < deadline, "no job agent registered"
+            time.sleep(1)
+        assert res.returncode == 0 and "ready" in res.stdout, res.stdout + res.stderr
+        yield url
+    finally:
+        # SIGKILL: on SIGTERM the node drains for up to 30 s; nothing of it is kept anyway
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # processes that left its group (workers, agents) carry the temp dir in their command
+        subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)
+        log.close()
+        if saved is None:
+            RAY_ADDRESS_FILE.unlink(missing_ok=True)
+        else:
+            RAY_ADDRESS_FILE.write_text(saved)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ray_job(*args: str, url: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        [RAY, "job", args[0], "--address", url, *args[1:]],
+        capture_output=True,
+        text=True,
+        env=_client_env(**env),
+        timeout=300,
+    )
+    if check:
+        assert res.returncode == 0, f"ray job {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def _status(url: str, job: str) -> str:
+    """PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED, as ``ray job status`` prints it."""
+    res = _ray_job("status", job, url=url)
+    out = res.stdout + res.stderr
+    m = re.search(r"Status for job '[^']+': (\w+)", out)
+    if m:
+        return m.group(1)
+    for word, phrase in (
+        ("SUCCEEDED", "succeeded"),
+        ("STOPPED", "was stopped"),
+        ("FAILED", "failed"),
+    ):
+        if f"Job '{job}' {phrase}" in out:
+            return word
+    return out
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _stage(pipe: Path, name: str) -> dict:
+    path = pipe / "stages" / name
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def test_a_client_without_the_token_is_refused(head):
+    res = _ray_job("list", url=head, check=False, RAY_AUTH_MODE="disabled")
+    assert res.returncode != 0
+    assert "Authentication required" in res.stdout + res.stderr
+
+
+def test_submit_logs_stop_and_resubmit_resumes_stpp(head, store_dir, tmp_path):
+    """The user's commands, nothing else: ``ray job submit --working-dir``, ``ray job logs``,
+    ``ray job status``, ``ray job stop``, and the same submission again."""
+    store = tmp_path / "store"
+    shutil.copytree(store_dir, store)
+    work = tmp_path / "project"  # what --working-dir uploads: the experiment YAML
+    (work / "experiments").mkdir(parents=True)
+    shutil.copy(ROOT / "experiments" / "demo.yaml", work / "experiments")
+    run_dir = tmp_path / "stpp"
+    entry = ["cellst", "stpp", "run", "experiments/demo.yaml", "--quick"]
+    for o in (f"store={store}", f"stpp.run_dir={run_dir}", "name=job", "data.crops_per_epoch=16",
+              "train.val_max_items=1", "tracking.system_metrics=false"):  # fmt: skip
+        entry += ["--set", o]
+    pipe = run_dir / "job"
+
+    def submit(job_id: str) -> None:
+        _ray_job(
+            "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(work),
+            "--", *entry, url=head,
+        )  # fmt: skip
+
+    submit("cellst-stpp-1")
+    _wait(
+        lambda: (
+            _stage(pipe, "1_supervised.json").get("status") == "done"
+            or _status(head, "cellst-stpp-1") in ("FAILED", "SUCCEEDED")
+        ),
+        600,
+        "stage 1 of the first job",
+    )
+    assert _status(head, "cellst-stpp-1") == "RUNNING", _ray_job(
+        "logs", "cellst-stpp-1", url=head
+    ).stdout[-3000:]
+    _ray_job("stop", "cellst-stpp-1", url=head)
+    _wait(lambda: _status(head, "cellst-stpp-1") == "STOPPED", 120, "the job to stop")
+    logs = _ray_job("logs", "cellst-stpp-1", url=head).stdout
+    assert "[stpp] stage 1/7 supervised" in logs and "done in" in logs, logs[-3000:]
+    first = _stage(pipe, "1_supervised.json")
+    trainings = sorted(p.name for p in (pipe / "train").iterdir())
+
+    submit("cellst-stpp-2")
+    _wait(  # the second job is at work on stage 2: enough to show where it resumed
+        lambda: (
+            _stage(pipe, "2_reliability.json").get("status") in ("running", "done")
+            or _status(head, "cellst-stpp-2") in ("FAILED", "SUCCEEDED")
+        ),
+        600,
+        "stage 2 of the re-submitted job",
+    )
+    _ray_job("stop", "cellst-stpp-2", url=head)
+    _wait(lambda: _status(head, "cellst-stpp-2") == "STOPPED", 120, "the second job to stop")
+    logs = _ray_job("logs", "cellst-stpp-2", url=head).stdout
+    skipped = "stage 1/7 supervised (supervised training on the labelled items): done, inputs "
+    assert skipped + "unchanged -> skipped" in logs, logs[-3000:]
+    assert "stage 2/7 reliability" in logs
+    assert _stage(pipe, "1_supervised.json") == first  # stage 1 untouched
+    assert sorted(p.name for p in (pipe / "train").iterdir()) == trainings  # nothing retrained
