@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import pathlib
-import signal
-import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -155,60 +152,12 @@ def quiet_ray_data() -> None:
         quiet_logs()
 
 
-#: set by :func:`latched_ctrl_c`'s SIGINT handler; read by :func:`as_completed`
-_CTRL_C = threading.Event()
-
-
-def _remember_ctrl_c(signum: int, frame: Any) -> None:
-    _CTRL_C.set()
-    signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def latched_ctrl_c() -> Iterator[None]:
-    """Make a Ctrl-C impossible to lose while the block waits on Ray.
-
-    While the driver blocks in ``ray.wait``/``ray.get``, Ray's core worker runs the Python
-    signal handler itself and turns the ``KeyboardInterrupt`` into an internal
-    "interrupted" status (``check_signals`` in ``_raylet.pyx``). Some path seems not to
-    hand it back: once in ~10 fresh-clone suites, an ingest ran to the end through a
-    Ctrl-C, with nothing on stderr. Inside this block the
-    SIGINT handler also sets a flag, and :func:`as_completed` raises ``KeyboardInterrupt``
-    for it. Only in the main thread and over Python's default handler; otherwise a no-op.
-    """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
-    _CTRL_C.clear()
-    signal.signal(signal.SIGINT, _remember_ctrl_c)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        _CTRL_C.clear()
-
-
-def _raise_latched_ctrl_c() -> None:
-    if _CTRL_C.is_set():
-        _CTRL_C.clear()
-        raise KeyboardInterrupt
-
-
 def as_completed(refs: Iterable[ray.ObjectRef]) -> Iterator[Any]:
-    """Yield task results in completion order (for progress bars).
-
-    Inside :func:`latched_ctrl_c`, a Ctrl-C that Ray swallowed is raised here.
-    """
+    """Yield task results in completion order (for progress bars)."""
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        _raise_latched_ctrl_c()
-        result = ray.get(done[0])
-        _raise_latched_ctrl_c()
-        yield result
+        yield ray.get(done[0])
 
 
 def _probe_paths(read: list[str], write: list[str]) -> list[str]:

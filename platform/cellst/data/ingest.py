@@ -75,7 +75,7 @@ from cellst.data.store import (
     write_array,
     write_manifest,
 )
-from cellst.raycluster import as_completed, check_shared_paths, ensure_ray, latched_ctrl_c
+from cellst.raycluster import as_completed, check_shared_paths, ensure_ray
 
 REPORT = "ingest_report.json"
 
@@ -507,10 +507,9 @@ def ingest(
                 refs.append(_ingest_one.remote(it, str(staging), prev_rows.get(it.id), cfg_ref))
             outcomes = []
             bar = tqdm(total=len(refs), desc="ingest", unit="img", disable=not progress)
-            with latched_ctrl_c():
-                for out in as_completed(refs):
-                    outcomes.append(out)
-                    bar.update(1)
+            for out in as_completed(refs):
+                outcomes.append(out)
+                bar.update(1)
             bar.close()
             finished = True
             bad = [o["problem"] for o in outcomes if o["status"] == "bad"]
