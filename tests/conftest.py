@@ -15,6 +15,13 @@ import pytest
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+# A suite started as a background job of a non-interactive shell (`make test &`, nohup,
+# some CI runners) inherits SIGINT *ignored*, and so would every command a test starts:
+# Python keeps an ignored SIGINT ignored, and the Ctrl-C tests would see their interrupt
+# vanish. Give this process, and through it the commands, the terminal's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 #: fixtures that start a Ray cluster, a training or a server: a test using any of them is
 #: marked ``slow`` (``make test-fast`` leaves those out; ``make test`` runs everything)
 SLOW_FIXTURES = {
