@@ -103,8 +103,11 @@ def trained(learn_store, tmp_path_factory):
     )
     reingest = ReingestDuringTraining(Path(learn_store), run_dir / "ddp")
     reingest.start()
+    sigint = signal.getsignal(signal.SIGINT)
     res = train(cfg)
     reingest.join(timeout=300)
+    # Ray Train's fit() sets its own SIGINT handler; train() puts the previous one back
+    assert signal.getsignal(signal.SIGINT) is sigint
     return cfg, res, reingest
 
 

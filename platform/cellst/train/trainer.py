@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,6 +356,10 @@ def train(
             ),
             datasets={"train": dataset},
         )
+        # fit() installs Ray Train's own SIGINT handler (abort the run) and leaves it after
+        # the run: a later Ctrl-C in this process (the next ST++ stage) would call a dead
+        # controller and exit 0. Put back whatever handled Ctrl-C before.
+        sigint = signal.getsignal(signal.SIGINT)
         try:
             result = trainer.fit()
         except BaseException as exc:  # the run's own record tells why it stopped
@@ -362,6 +368,9 @@ def train(
                 error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}",
             )
             raise
+        finally:
+            if sigint is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, sigint)
         metrics = dict(result.metrics or {})
         diverged = paths.read_state().get("diverged")
         if diverged:
