@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -31,12 +32,6 @@ RAY = str(BIN / "ray")
 RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client_env(**extra: str) -> dict[str, str]:
@@ -64,7 +59,7 @@ def head(ray_session):
     """
     temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     saved = RAY_ADDRESS_FILE.read_text() if RAY_ADDRESS_FILE.is_file() else None
-    dash = _free_port()
+    dash = free_port()
     log = open(temp / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [
@@ -72,7 +67,7 @@ def head(ray_session):
             "start",
             "--head",
             "--block",
-            f"--port={_free_port()}",
+            f"--port={free_port()}",
             "--num-cpus=2",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
@@ -80,7 +75,7 @@ def head(ray_session):
             "--disable-usage-stats",
             f"--temp-dir={temp}",
             # the job agent's HTTP port: Ray's default, 52365, may be another cluster's here
-            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
         ],
         env=_client_env(),
         stdout=log,
