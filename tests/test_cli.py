@@ -172,3 +172,14 @@ def test_evaluate_missing_inputs(tmp_path):
         ],
     )
     assert res.exit_code == 1 and "nope" in res.output
+
+
+def test_predict_refuses_an_ignore_band_outside_its_range(tmp_path):
+    """``--ignore-band`` is checked before anything loads (exit 2, naming the option)."""
+    res = runner.invoke(
+        app,
+        ["predict", "--checkpoint", str(tmp_path), "-i", str(tmp_path), "--ignore-band", "0.7"],
+    )
+    assert res.exit_code == 2
+    out = " ".join(res.output.replace("│", " ").split())  # (rich draws a box around it)
+    assert "Invalid value for '--ignore-band'" in out and "less than or equal to 0.49" in out

@@ -273,3 +273,53 @@ def test_predict_bad_requests(ray_session, store_dir, lite_checkpoint, tmp_path)
         )
     with pytest.raises(StoreError, match="--set-name"):
         predict(lite_checkpoint, store_dir, progress=False)
+
+
+def test_predict_writes_ignore_masks_that_the_training_stream_carries(
+    ray_session, store_dir, lite_checkpoint, tmp_path
+):
+    """``ignore_band``: each pseudo-label gets the mask of its uncertain pixels, the set's
+    identity records the band (a resume without it is refused), and the training stream
+    reads those pixels as encoded labels."""
+    import shutil
+
+    from cellst.data.datasource import CropItem, read_crops
+    from cellst.data.pseudo import decode_ignored
+    from cellst.inference.batch import uncertain_pixels
+    from cellst.model.checkpoint import load_model
+
+    root = shutil.copytree(store_dir, tmp_path / "store")
+    store = CellStore(root)
+    ids = store.ids("unlabeled")[:2]
+    infer = InferenceConfig(roi=128)
+    res = predict(
+        lite_checkpoint, root, set_name="p", ids=ids, infer=infer, progress=False, ignore_band=0.1
+    )
+    assert sorted(res.written) == sorted(ids)
+    pset = store.pseudo_set("p")
+    assert pset.info()["ignore_band"] == 0.1
+    model, _, _ = load_model(lite_checkpoint)
+    for i in ids:
+        prob, _ = predict_maps(model.eval(), store.image(i), infer)
+        want = uncertain_pixels(prob, res.postprocess["mask_threshold"], 0.1)
+        got = pset.ignore_mask(i).astype(bool)
+        assert got.shape == want.shape and 0 < got.sum() < got.size
+        assert (got == want).mean() > 0.999  # (torch threads may differ by an ulp)
+        stats = pset.stats().set_index("id")
+        assert stats.loc[i, "ignored_fraction"] == pytest.approx(got.mean())
+    with pytest.raises(StoreError, match="ignore band 0.1 there, 0.0 now"):
+        predict(lite_checkpoint, root, set_name="p", ids=ids, infer=infer, progress=False)
+    # the training stream: ignored pixels arrive as negative labels, and decode back
+    ref = store.ref(ids[0], "p")
+    assert ref.ignore == str(pset.ignore_path(ids[0]))
+    assert store.ref(ids[0]).ignore is None  # a labelled item's ref has none
+    h, w = ref.height, ref.width
+    crop = min(h, w)
+    (block,) = read_crops(
+        [CropItem(ref, 1.0, 1)], np.array([0]), crop, 1, 256, np.random.default_rng(0), 8
+    )
+    y0, x0 = int(block["y0"][0]), int(block["x0"][0])
+    window = (y0, y0 + crop, x0, x0 + crop)
+    lab, ign = decode_ignored(block["label"][0])
+    assert np.array_equal(lab, pset.label(ids[0], window))
+    assert np.array_equal(ign, pset.ignore_mask(ids[0], window))

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from cellst.data.pseudo import PseudoLabelSet, pseudo_set_names
@@ -109,3 +110,82 @@ def test_store_reads_sets_through_the_same_owner(tmp_path, store_dir):
     assert store.pseudo_path("p", item) == s.item_path(item)
     assert np.array_equal(store.pseudo_label("p", item), _label(4, (h, w)))
     assert store.pseudo_items("p")["id"].tolist() == [item]
+
+
+def test_ignore_masks_are_written_before_the_item_and_follow_it(tmp_path):
+    """An item's optional ignore mask: written with it, read back, carried by combine,
+    half-written ones cleared, never listed as an item."""
+    from cellst.data.pseudo import IGNORE_DIR
+
+    s = PseudoLabelSet(tmp_path, "p")
+    s.create({})
+    ignore = np.zeros((12, 10), bool)
+    ignore[2, 3:5] = True
+    assert s.write_item("a", _label(1), {"id": "a"}, ignore=ignore)
+    assert s.write_item("b", _label(2), {"id": "b"})  # no mask
+    assert s.done_items() == ["a", "b"]  # the mask folder is not an item
+    assert s.has_ignore("a") and not s.has_ignore("b") and s.ignore_mask("b") is None
+    got = s.ignore_mask("a")
+    assert got.dtype == np.uint8 and np.array_equal(got, ignore.astype(np.uint8))
+    assert np.array_equal(s.ignore_mask("a", (2, 3, 0, 10)), ignore[2:3].astype(np.uint8))
+    with pytest.raises(ValueError, match="not shaped like the label"):
+        s.write_item("c", _label(3), {"id": "c"}, ignore=np.zeros((3, 3), bool))
+    assert not s.has_item("c")
+    write_array(s.path / IGNORE_DIR / ".tmp-d-1234abcd", _label(0))  # killed mid-mask
+    s.clear_partial()
+    assert sorted(p.name for p in (s.path / IGNORE_DIR).iterdir()) == ["a"]
+    out = PseudoLabelSet.combine(tmp_path, ["p"], "all", {})
+    assert out.done_items() == ["a", "b"]
+    assert np.array_equal(out.ignore_mask("a"), ignore.astype(np.uint8))
+    assert not out.has_ignore("b")
+
+
+def test_ignored_pixels_travel_inside_the_label_and_come_back():
+    from cellst.data.pseudo import decode_ignored, encode_ignored
+
+    label = np.array([[0, 1, 1], [0, 2, 7]], np.int32)
+    ignore = np.array([[1, 1, 0], [0, 0, 1]], np.uint8)
+    enc = encode_ignored(label, ignore)
+    assert enc.dtype == np.int32
+    assert ((enc < 0) == ignore.astype(bool)).all()  # background pixels can be ignored too
+    lab, ign = decode_ignored(enc)
+    assert np.array_equal(lab, label) and np.array_equal(ign, ignore)
+    lab, ign = decode_ignored(label)  # a label with nothing ignored is left alone
+    assert np.array_equal(lab, label) and not ign.any()
+
+
+def test_augmenter_turns_encoded_pixels_into_the_loss_ignore_mask():
+    """A stream crop with encoded ignored pixels: the batch's ignore mask is exactly those
+    pixels (the spatial transforms move both alike) and the targets see the real label."""
+    from cellst.data.pseudo import encode_ignored
+    from cellst.model.augment import AugmentConfig
+    from cellst.model.targets import make_targets
+    from cellst.train.step import Augmenter
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
+    label = np.zeros((32, 32), np.int32)
+    label[4:12, 4:12], label[16:28, 10:20] = 1, 2
+    ignore = np.zeros((32, 32), np.uint8)
+    ignore[4:12, 10:16] = 1  # the edge of cell 1 and background beside it
+    quiet = AugmentConfig(flip_prob=0, rotate90_prob=0, zoom_prob=0, noise_prob=0)
+    aug = Augmenter(quiet, 32, seed=0)
+    for src in (0, 1):  # labelled crops are never encoded, but decoding is per crop anyway
+        batch = aug({"image": image, "label": encode_ignored(label, ignore)[None], "source": [src]})
+        got = batch.ignore[0, 0].numpy()
+        if src == 0:
+            assert np.array_equal(got, ignore.astype(np.float32))
+        else:  # the strong preset's Cutout may add a region, never remove one
+            assert (got[ignore == 1] == 1).all()
+        want = make_targets(torch.from_numpy(label)[None])
+        assert torch.equal(batch.targets["np_onehot"], want["np_onehot"])
+        assert torch.allclose(batch.targets["hv"], want["hv"])
+    plain = aug({"image": image, "label": label[None], "source": [0]})
+    assert not plain.ignore.any()
+    # a flip moves the mask and the label together
+    flip = Augmenter(quiet.model_copy(update={"flip_prob": 1.0}), 32, seed=1)
+    batch = flip({"image": image, "label": encode_ignored(label, ignore)[None], "source": [0]})
+    got = batch.ignore[0, 0].numpy()
+    axis = next(a for a in (0, 1) if np.array_equal(got, np.flip(ignore, a)))
+    want = make_targets(torch.from_numpy(np.ascontiguousarray(np.flip(label, axis)))[None])
+    assert torch.equal(batch.targets["np_onehot"], want["np_onehot"])

@@ -39,6 +39,7 @@ TINY = [
     "data.crops_per_epoch=16",
     "train.val_max_items=1",
     "tracking.system_metrics=false",
+    "stpp.ignore_band=0.1",  # the pseudo-label sets carry ignore masks into stages 4 and 6
 ]
 
 
@@ -451,6 +452,12 @@ def test_every_stage_done_with_outputs(crashed_and_resumed):
     assert set(store.pseudo_items(f"{p}-reliable")["id"]) == set(rel["reliable"])
     assert set(store.pseudo_items(f"{p}-unreliable")["id"]) == set(rel["unreliable"])
     assert set(store.pseudo_items(f"{p}-all")["id"]) == unlabelled
+    # stpp.ignore_band: the sets trained on carry ignore masks, the snapshots' sets do not
+    for name in (f"{p}-reliable", f"{p}-unreliable", f"{p}-all"):
+        pset = store.pseudo_set(name)
+        assert all(pset.has_ignore(i) for i in pset.done_items()), name
+        assert pset.stats()["ignored_fraction"].between(0, 1).all()
+    assert not any(store.pseudo_set(f"{p}-snapshot_e001").has_ignore(i) for i in unlabelled)
     scores = pd.read_csv(result.pipeline_dir / "reliability" / "scores.csv")
     assert scores["score"].between(0, 1).all() and len(scores) == len(unlabelled)
     # the final report: supervised / round 1 / round 2, overall and per modality

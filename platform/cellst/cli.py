@@ -304,6 +304,16 @@ def predict(
         bool,
         typer.Option("--skip-bad", help="images that fail are listed, not an error (exit 0)"),
     ] = False,
+    ignore_band: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.49,
+            help="with --set-name: also store each item's ignore mask, the pixels whose "
+            "foreground probability is within this of the mask threshold; training on the "
+            "set (train.pseudo_set) leaves them out of the loss (0: none)",
+        ),
+    ] = 0.0,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     ray_address: RayOpt = None,
@@ -338,6 +348,7 @@ def predict(
         overwrite=overwrite,
         skip_bad=skip_bad,
         ray_address=ray_address,
+        ignore_band=ignore_band,
     )
     console.print(f"[green]predicted[/] {result.summary()}")
     if result.failed:

@@ -29,6 +29,7 @@ import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 
+from cellst.data.pseudo import encode_ignored
 from cellst.data.store import CellStore, ItemRef, StoreError, open_array
 
 #: training stream columns
@@ -94,6 +95,8 @@ def read_crops(
         rx, rw = _axis_region(w, crop, chunk, rng)
         img = open_array(it.ref.image)[ry : ry + rh, rx : rx + rw]
         lab = open_array(it.ref.label)[ry : ry + rh, rx : rx + rw]
+        if it.ref.ignore is not None:
+            lab = encode_ignored(lab, open_array(it.ref.ignore)[ry : ry + rh, rx : rx + rw])
         for _ in range(crops_per_visit):
             cy = int(rng.integers(0, max(rh - crop, 0) + 1))
             cx = int(rng.integers(0, max(rw - crop, 0) + 1))
@@ -150,7 +153,8 @@ class TrainCropDatasource(Datasource):
     """Random training crops (image ``(c, c, 3) uint8``, label ``(c, c) int32``).
 
     Columns: ``image``, ``label``, ``source`` (0 labelled, 1 pseudo), ``item`` (index into
-    ``items``), ``y0``/``x0`` (crop origin in the item's image).
+    ``items``), ``y0``/``x0`` (crop origin in the item's image). Pixels of a pseudo-label's
+    ignore mask arrive as negative labels (:func:`cellst.data.pseudo.encode_ignored`).
 
     Parameters
     ----------

@@ -9,6 +9,10 @@ Layout (inside the store)::
                                  two models' labels
     pseudo/<set>/items.parquet   the items' statistics, rebuilt from the array attributes
     pseudo/<set>/.tmp-<id>-*     an item being written (removed when the set is resumed)
+    pseudo/<set>/.ignore/<id>/   optional (H, W) uint8 zarr array per item, 1 = a pixel the
+                                 writer was unsure of (its foreground probability near the
+                                 threshold); the training loss skips those pixels. Written
+                                 before the item's label, so an item that exists is complete
     pseudo/.<set>.*.staging      a set being built by :meth:`PseudoLabelSet.combine`
 
 Every item is written under a hidden name and renamed into place, so an item folder that
@@ -45,6 +49,23 @@ SET_META = "set.json"
 ITEMS = "items.parquet"
 #: the folder of the sets inside a store
 PSEUDO_DIR = "pseudo"
+#: the folder of a set's optional per-item ignore masks (hidden: not an item)
+IGNORE_DIR = ".ignore"
+
+
+def encode_ignored(label: np.ndarray, ignore: np.ndarray) -> np.ndarray:
+    """Carry an ignore mask inside the stream's label: an ignored pixel of instance ``k``
+    (0 = background) becomes ``-k - 1``, so the label keeps every instance's extent.
+
+    :func:`decode_ignored` undoes it; the augmentation does so before its transforms.
+    """
+    return np.where(ignore != 0, -label.astype(np.int32) - 1, label).astype(np.int32)
+
+
+def decode_ignored(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(label, ignore)`` from an :func:`encode_ignored` label; ``ignore`` is uint8."""
+    ignore = label < 0
+    return np.where(ignore, -label - 1, label).astype(label.dtype), ignore.astype(np.uint8)
 
 
 def pseudo_set_names(store_root: str | os.PathLike[str]) -> list[str]:
@@ -95,6 +116,21 @@ class PseudoLabelSet:
     def has_item(self, item_id: str) -> bool:
         return (self.item_path(item_id) / "zarr.json").is_file()
 
+    def ignore_path(self, item_id: str) -> Path:
+        """Array folder of one item's ignore mask (which may not exist)."""
+        return self.path / IGNORE_DIR / item_id
+
+    def has_ignore(self, item_id: str) -> bool:
+        """Whether the item has an ignore mask (sets written with an uncertainty band)."""
+        return (self.ignore_path(item_id) / "zarr.json").is_file()
+
+    def ignore_mask(self, item_id: str, window: Window | None = None) -> np.ndarray | None:
+        """``(H, W) uint8`` ignore mask of an item (1 = uncertain pixel), or a window of it;
+        None when the item has none."""
+        if not self.has_ignore(item_id):
+            return None
+        return open_array(str(self.ignore_path(item_id)))[window_slices(window)]
+
     def done_items(self) -> list[str]:
         """Items written so far (complete: every item is renamed into place when whole)."""
         if not self.path.is_dir():
@@ -133,17 +169,38 @@ class PseudoLabelSet:
     def clear_partial(self) -> None:
         """Remove half-written items left by an interrupted run."""
         if self.path.is_dir():
-            for tmp in self.path.glob(".tmp-*"):
+            for tmp in [*self.path.glob(".tmp-*"), *(self.path / IGNORE_DIR).glob(".tmp-*")]:
                 remove_tree(tmp)
 
-    def write_item(self, item_id: str, label: np.ndarray, attrs: dict[str, Any]) -> bool:
+    def write_item(
+        self,
+        item_id: str,
+        label: np.ndarray,
+        attrs: dict[str, Any],
+        ignore: np.ndarray | None = None,
+    ) -> bool:
         """Write one item's label (with ``attrs`` as array attributes) atomically.
 
+        ``ignore`` (optional, shaped like ``label``, nonzero = uncertain pixel) is written
+        first, under :data:`IGNORE_DIR`, so that an item whose label exists has its mask.
         Returns False, writing nothing, when the item is already there (another writer,
         e.g. a retried task, got there first): an item is written exactly once.
         """
         import zarr
 
+        if ignore is not None:
+            if ignore.shape != label.shape:
+                raise ValueError(
+                    f"ignore mask {ignore.shape} is not shaped like the label {label.shape}"
+                )
+            folder = self.path / IGNORE_DIR
+            folder.mkdir(exist_ok=True)
+            tmp = folder / f".tmp-{item_id}-{uuid.uuid4().hex[:8]}"
+            write_array(tmp, (ignore != 0).astype(np.uint8))
+            try:
+                os.rename(tmp, self.ignore_path(item_id))
+            except OSError:  # one from an interrupted or concurrent writer of the same model
+                remove_tree(tmp)
         tmp = self.path / f".tmp-{item_id}-{uuid.uuid4().hex[:8]}"
         write_array(tmp, label)
         zarr.open_array(str(tmp), mode="r+").attrs.update(attrs)
@@ -200,6 +257,12 @@ class PseudoLabelSet:
                         shutil.copytree(
                             source.item_path(item), stage / item, copy_function=_link_or_copy
                         )
+                        if source.has_ignore(item):
+                            shutil.copytree(
+                                source.ignore_path(item),
+                                stage / IGNORE_DIR / item,
+                                copy_function=_link_or_copy,
+                            )
                         seen.add(item)
             fs.atomic_write_json(stage / SET_META, {**meta, "sources": sources})
         dest.collect_stats()

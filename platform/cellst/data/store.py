@@ -385,6 +385,8 @@ class ItemRef:
     label: str | None
     height: int
     width: int
+    #: a pseudo-label's ignore mask (:mod:`cellst.data.pseudo`), where it has one
+    ignore: str | None = None
 
 
 class CellStore:
@@ -522,11 +524,16 @@ class CellStore:
     def ref(self, item_id: str, pseudo_set: str | None = None) -> ItemRef:
         """Absolute array paths of an item, for readers in other processes."""
         r = self.row(item_id)
+        ignore = None
         if pseudo_set is not None:
-            label = str(self.pseudo_path(pseudo_set, item_id))
+            pset = self.pseudo_set(pseudo_set)
+            label = str(pset.item_path(item_id))
+            ignore = str(pset.ignore_path(item_id)) if pset.has_ignore(item_id) else None
         else:
             label = str(self.root / r.label_array) if r.label_array else None
-        return ItemRef(r.id, str(self.root / r.image_array), label, int(r.height), int(r.width))
+        return ItemRef(
+            r.id, str(self.root / r.image_array), label, int(r.height), int(r.width), ignore
+        )
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, item_id: str, what: str, array: str, window: Window | None) -> np.ndarray:

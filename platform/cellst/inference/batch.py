@@ -122,18 +122,19 @@ def check_checkpoint(checkpoint: str | Path) -> str:
         raise StoreError(text if str(path) in text else f"checkpoint {path}: {text}") from None
 
 
-def model_identity(weights_sha256: str, post: Any) -> dict[str, Any]:
-    """What makes a set's labels: the weights (sha256) and the effective post-processing.
+def model_identity(weights_sha256: str, post: Any, ignore_band: float = 0.0) -> dict[str, Any]:
+    """What makes a set's labels: the weights (sha256), the effective post-processing and,
+    where used, the uncertainty band of the ignore masks.
 
-    ``model_id`` is a short digest of both; a set is resumed only with the same one.
+    ``model_id`` is a short digest of them; a set is resumed only with the same one. (A set
+    without ignore masks has the digest that cellst gave it before they existed.)
     """
     settings = post.model_dump(mode="json")
-    doc = json.dumps({"weights_sha256": weights_sha256, "postprocess": settings}, sort_keys=True)
-    return {
-        "model_id": hashlib.sha256(doc.encode()).hexdigest()[:16],
-        "weights_sha256": weights_sha256,
-        "postprocess": settings,
-    }
+    what: dict[str, Any] = {"weights_sha256": weights_sha256, "postprocess": settings}
+    if ignore_band:
+        what["ignore_band"] = float(ignore_band)
+    doc = json.dumps(what, sort_keys=True)
+    return {"model_id": hashlib.sha256(doc.encode()).hexdigest()[:16], **what}
 
 
 # ----------------------------------------------------------------------------- stages
@@ -226,6 +227,29 @@ def item_stats(label: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     }
 
 
+def uncertain_pixels(prob: np.ndarray, threshold: float, band: float) -> np.ndarray:
+    """Pixels whose foreground probability lies within ``band`` of the mask threshold.
+
+    Parameters
+    ----------
+    prob : (H, W) array
+        Foreground probability.
+    threshold : float
+        The post-processing's ``mask_threshold`` (foreground: ``prob >= threshold``).
+    band : float
+        Half-width of the uncertain interval; 0 marks nothing.
+
+    Returns
+    -------
+    (H, W) bool array, True where ``|prob - threshold| < band``: the pixels a pseudo-label
+    is least sure of, which the training loss then skips (the confidence filter of
+    FixMatch-style self-training, per pixel).
+    """
+    if band < 0:
+        raise ValueError(f"band must be >= 0, got {band}")
+    return np.abs(np.asarray(prob, np.float32) - np.float32(threshold)) < band
+
+
 def postprocess_and_write(
     batch: dict[str, Any],
     post: dict,
@@ -235,12 +259,14 @@ def postprocess_and_write(
     run_id: str,
     checkpoint: str,
     model_id: str = "",
+    ignore_band: float = 0.0,
 ) -> dict[str, Any]:
     """HoVer post-processing of each row's maps, then atomic writes.
 
-    Returns one row per item: ``id``, ``error`` (empty when written) and ``fatal``. Rows
-    that arrive with an error are passed on; an item whose post-processing or writing
-    fails becomes an error row (the others are still written).
+    With ``ignore_band`` > 0, a pseudo-label set also gets each item's ignore mask
+    (:func:`uncertain_pixels`). Returns one row per item: ``id``, ``error`` (empty when
+    written) and ``fatal``. Rows that arrive with an error are passed on; an item whose
+    post-processing or writing fails becomes an error row (the others are still written).
     """
     from cellst.postprocess import PostprocessConfig
     from cellst.postprocess.tiled import postprocess_hover
@@ -272,7 +298,13 @@ def postprocess_and_write(
             if out_dir is not None:
                 write_label_tiff(Path(out_dir) / f"{item_id}_label.tiff", label)
             if store_root is not None:
-                PseudoLabelSet(store_root, set_name).write_item(str(item_id), label, stats)
+                ignore = None
+                if ignore_band > 0:
+                    ignore = uncertain_pixels(np.asarray(prob), pcfg.mask_threshold, ignore_band)
+                    stats["ignored_fraction"] = float(ignore.mean()) if ignore.size else 0.0
+                PseudoLabelSet(store_root, set_name).write_item(
+                    str(item_id), label, stats, ignore=ignore
+                )
         except Exception as exc:  # noqa: BLE001 - this item fails, not the run
             errors[i] = f"post-processing or writing failed: {first_line(exc)}"
     return {
@@ -323,6 +355,9 @@ def _mismatch(old: dict[str, Any], identity: dict[str, Any]) -> str:
     ]
     if changed:
         parts.append("post-processing " + ", ".join(changed))
+    b_old, b_new = old.get("ignore_band", 0.0), identity.get("ignore_band", 0.0)
+    if b_old != b_new:
+        parts.append(f"ignore band {b_old} there, {b_new} now")
     return f"it was written by another model ({'; '.join(parts) or 'another model id'})"
 
 
@@ -432,6 +467,7 @@ def predict(
     calibrated: bool = True,
     skip_bad: bool = False,
     ray_address: str | None = None,
+    ignore_band: float = 0.0,
 ) -> PredictResult:
     """Predict instance maps for a store's items (or a folder's images) on Ray.
 
@@ -465,6 +501,10 @@ def predict(
         actors raises in any case.
     ray_address : str, optional
         Ray cluster to join (see :func:`cellst.raycluster.ensure_ray`).
+    ignore_band : float
+        With a pseudo-label set, also write each item's ignore mask: the pixels whose
+        foreground probability is within this of ``mask_threshold`` (:func:`uncertain_pixels`;
+        0 writes none). Part of the set's model identity, so a resume never mixes sets.
 
     Raises
     ------
@@ -486,7 +526,9 @@ def predict(
         post, post_note = effective_postprocess(post, checkpoint)
     else:
         post_note = "post-processing: settings as given"
-    identity = model_identity(weights_sha256, post)
+    if not 0 <= ignore_band < 0.5:
+        raise StoreError(f"ignore_band must be in [0, 0.5), got {ignore_band}")
+    identity = model_identity(weights_sha256, post, ignore_band)
     resources = resources or PredictConfig()
     out = Path(out_dir).absolute() if out_dir is not None else None
     store = None
@@ -559,6 +601,7 @@ def predict(
             "run_id": uuid.uuid4().hex[:12],
             "checkpoint": checkpoint,
             "model_id": identity["model_id"],
+            "ignore_band": float(ignore_band) if set_name else 0.0,
         }
         use_gpu = resources.num_gpus_per_actor > 0
         ds = ds.map_batches(

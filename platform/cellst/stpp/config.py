@@ -64,6 +64,14 @@ class StppConfig(Section):
         "0.5 (seed paper) or IoU of the nuclear masks (original ST++)",
     )
     tta: bool = Field(True, description="flip test-time augmentation when pseudo-labelling")
+    ignore_band: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="stages 3 and 5 mark the pixels whose foreground probability is within "
+        "this of the mask threshold as uncertain, and stages 4 and 6 leave them out of the "
+        "loss (0: every pixel of a pseudo-label counts, as in ST++)",
+    )
     fresh_init: bool = Field(
         True, description="re-train stages 4 and 6 from scratch (ST++); else warm-start"
     )

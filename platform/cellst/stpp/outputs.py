@@ -68,6 +68,7 @@ class PseudoOutput(TypedDict, total=False):
     pseudo_instances_mean: float
     pseudo_foreground_mean: float
     pseudo_prob_foreground_mean: float
+    pseudo_ignored_mean: float  # share of pixels left out of the loss (stpp.ignore_band)
     predict_seconds: float
 
 

@@ -297,6 +297,8 @@ class Pipeline:
         no_tta = cfg.inference.model_copy(update={"tta": False})
         tta = cfg.inference.model_copy(update={"tta": cfg.stpp.tta})
         post = cfg.postprocess.model_dump(mode="json")
+        # (hashed only when set: pipelines from before the option keep their hashes)
+        band = {"ignore_band": cfg.stpp.ignore_band} if cfg.stpp.ignore_band else {}
         # 2. rank the unlabelled items by how well the snapshots agree with the final model
         s2 = self.stage(
             "reliability",
@@ -319,6 +321,7 @@ class Pipeline:
                 "s2": s2.output_digest,
                 "infer": tta.model_dump(mode="json"),
                 "post": post,
+                **band,
             },
             lambda d: self.pseudo_label(
                 "reliable", s1.outputs["best"], s2.outputs["reliable"], tta, s1.output_digest
@@ -335,6 +338,7 @@ class Pipeline:
                 "s3": s3.output_digest,
                 "infer": tta.model_dump(mode="json"),
                 "post": post,
+                **band,
             },
             lambda d: self.pseudo_label_rest(s4, s2, s3, tta),
             present=lambda o: _sets_present(store, [o.get("set")]),
@@ -520,7 +524,7 @@ class Pipeline:
         set_name = f"{self.prefix}-{group}"
         if not ids:
             return PseudoOutput(set=None, key=None, items=0)
-        result, key = self.predict_set(set_name, checkpoint, ids, infer, producer)
+        result, key = self.predict_set(set_name, checkpoint, ids, infer, producer, ignore=True)
         summary = self._log_pseudo_stats(result, f"pseudo_labels/{group}.csv")
         return PseudoOutput(set=set_name, key=key, items=len(ids), checkpoint=checkpoint, **summary)
 
@@ -586,9 +590,12 @@ class Pipeline:
         return EvaluationOutput(table=table.to_dict(orient="records"), test_items=len(test))
 
     # -- shared by the bodies ------------------------------------------------------------------
-    def predict_set(self, set_name: str, checkpoint: str, ids: list[str], infer, producer):
+    def predict_set(
+        self, set_name: str, checkpoint: str, ids: list[str], infer, producer, ignore=False
+    ):
         """Predict ``ids`` into ``set_name`` (resuming only a set made by the same producer);
-        ``(PredictResult, key)``.
+        ``(PredictResult, key)``. ``ignore``: a pseudo-label set for training, which gets
+        ignore masks when ``stpp.ignore_band`` is set.
 
         Post-processing: the checkpoint's calibrated settings, except for the fields the
         experiment sets explicitly (:func:`cellst.postprocess.calibrate.effective_postprocess`).
@@ -597,15 +604,17 @@ class Pipeline:
         from cellst.postprocess.calibrate import effective_postprocess
 
         post, note = effective_postprocess(self.cfg.postprocess, checkpoint)
-        key = stable_hash(
-            {
-                "producer": producer,
-                "checkpoint": str(checkpoint),
-                "infer": infer.model_dump(mode="json"),
-                "post": post.model_dump(mode="json"),
-                "ids": sorted(ids),
-            }
-        )
+        what = {
+            "producer": producer,
+            "checkpoint": str(checkpoint),
+            "infer": infer.model_dump(mode="json"),
+            "post": post.model_dump(mode="json"),
+            "ids": sorted(ids),
+        }
+        band = self.cfg.stpp.ignore_band if ignore else 0.0
+        if band:  # (absent when 0: pipelines from before the option keep their keys)
+            what["ignore_band"] = band
+        key = stable_hash(what)
         sets = self.meta().get("sets", {})
         if sets.get(set_name) != key:
             from cellst.data.pseudo import PseudoLabelSet
@@ -622,6 +631,7 @@ class Pipeline:
             resources=self.cfg.predict,
             progress=False,
             calibrated=False,  # ``post`` is already the effective setting
+            ignore_band=band,
         )
         self.log(f"[stpp]   {set_name}: {result.summary()}; {note}")
         return result, key
@@ -640,6 +650,8 @@ class Pipeline:
             "pseudo_prob_foreground_mean": float(stats["mean_prob_foreground"].mean()),
             "predict_seconds": float(result.seconds),
         }
+        if "ignored_fraction" in stats:
+            summary["pseudo_ignored_mean"] = float(stats["ignored_fraction"].mean())
         log_metrics(summary)
         return summary
 

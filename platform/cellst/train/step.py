@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from monai.data import get_track_meta, set_track_meta
 
+from cellst.data.pseudo import decode_ignored
 from cellst.model.augment import AugmentConfig, build_augment
 from cellst.model.loss import HoVerLoss
 from cellst.model.targets import make_targets
@@ -101,6 +102,10 @@ class Augmenter:
                     None
                 ],  # stream arrays are read-only
             }
+            if (lab < 0).any():  # a pseudo-label's uncertain pixels (encode_ignored)
+                lab, ign = decode_ignored(np.asarray(lab))
+                sample["label"] = torch.from_numpy(lab)[None]
+                sample["ignore"] = torch.from_numpy(ign)[None]
             out = (self.strong if int(src) == 1 else self.standard)(sample)
             images.append(out["image"])
             labels.append(out["label"][0])
