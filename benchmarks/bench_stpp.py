@@ -22,6 +22,11 @@ Run: ``.venv/bin/python benchmarks/bench_stpp.py [--seeds 0 1] [--n-train 120] [
 data and the training crops). ``--smoke`` runs the same pipeline and comparison for one seed
 at the tiniest settings (10 images of 96-128 px, half labelled, 2 epochs of 16 crops of 64 px, width 4), for
 CI: it checks that everything runs; the F1 values and targets mean nothing there.
+
+Comparing an ST++ variant on the same seeds: re-run with the same ``--out`` and, e.g.,
+``--set stpp.ignore_band=0.2 --results ignore02.json``. The pipelines' stages 1-2 (the
+supervised model and the reliability ranking) and the equal-compute model are then reused,
+so the variants differ only in stages 3-7, from the same stage-1 model.
 """
 
 from __future__ import annotations
@@ -123,15 +128,41 @@ def run_seed(seed: int, args, out: Path) -> dict:
 
 
 def supervised_equal_compute(cfg, total_crops: int, work: Path) -> dict:
-    """Supervised-only training with ``total_crops`` training crops; its test-split F1."""
+    """Supervised-only training with ``total_crops`` training crops; its test-split F1.
+
+    Its result is kept in ``work/equal/result.json`` with a fingerprint of the training
+    and the store, so a re-run that changes only ST++ settings (``--set stpp.*``, which
+    also leaves the pipeline's stages 1-2 done) reuses it instead of training it again.
+    """
+    from cellst.data.store import CellStore
+    from cellst.fingerprint import stable_hash
+    from cellst.fs import atomic_write_json
     from cellst.inference.batch import predict
     from cellst.metrics.sources import evaluate_sources
+    from cellst.stpp.pipeline import items_digest, training_hash
     from cellst.train.trainer import train
 
     base = cfg.base()
     epochs = max(2, math.ceil(total_crops / base.data.crops_per_epoch))
     base.train.epochs = epochs
     base.train.run_dir = str(work / "equal")
+    store = CellStore(cfg.store)
+    key = stable_hash(
+        {
+            "train": training_hash(base),
+            "labelled": items_digest(store, "labeled"),
+            "test": items_digest(store, "test"),
+            "evaluate": cfg.evaluate.model_dump(mode="json"),
+        }
+    )
+    saved = work / "equal" / "result.json"
+    if saved.is_file():
+        import json
+
+        old = json.loads(saved.read_text())
+        if old.get("key") == key:
+            print(f"  supervised at equal compute: reused {saved} (same training and data)")
+            return {"f1": old["f1"], "crops": old["crops"]}
     res = train(base, run_name=f"{cfg.name}-supervised-equal")
     predict(
         res.best,
@@ -152,7 +183,9 @@ def supervised_equal_compute(cfg, total_crops: int, work: Path) -> dict:
         iou_threshold=cfg.evaluate.iou_threshold,
         progress=False,
     )
-    return {"f1": float(rep["f1"]), "crops": epochs * base.data.crops_per_epoch}
+    out = {"f1": float(rep["f1"]), "crops": epochs * base.data.crops_per_epoch}
+    atomic_write_json(saved, {**out, "key": key})
+    return out
 
 
 MODELS = {
@@ -209,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=str(ROOT / ".bench_out" / "stpp"))
+    ap.add_argument(
+        "--results",
+        default="results.json",
+        help="file name of the results in --out (e.g. one per ST++ variant over the same seeds)",
+    )
     ap.add_argument("--smoke", action="store_true", help="one seed, tiniest settings, for CI")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -244,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"args": vars(args), "seeds": rows, "summary": summary}
     from cellst.fs import atomic_write_json
 
-    atomic_write_json(out / "results.json", report)
+    atomic_write_json(out / args.results, report)
     print()
     print(f"{'model':<28}{'mean test F1':>14}{'std':>8}   per seed")
     names = MODELS
