@@ -132,6 +132,7 @@ def test_ignore_masks_are_written_before_the_item_and_follow_it(tmp_path):
         s.write_item("c", _label(3), {"id": "c"}, ignore=np.zeros((3, 3), bool))
     assert not s.has_item("c")
     write_array(s.path / IGNORE_DIR / ".tmp-d-1234abcd", _label(0))  # killed mid-mask
+    write_array(s.path / IGNORE_DIR / "e", _label(0))  # killed between mask and label
     s.clear_partial()
     assert sorted(p.name for p in (s.path / IGNORE_DIR).iterdir()) == ["a"]
     out = PseudoLabelSet.combine(tmp_path, ["p"], "all", {})

@@ -167,10 +167,17 @@ class PseudoLabelSet:
         fs.atomic_write_json(self.path / SET_META, meta, indent=2)
 
     def clear_partial(self) -> None:
-        """Remove half-written items left by an interrupted run."""
+        """Remove half-written items left by an interrupted run (and ignore masks whose
+        item was never written, so a resume never pairs a label with a stale mask)."""
         if self.path.is_dir():
             for tmp in [*self.path.glob(".tmp-*"), *(self.path / IGNORE_DIR).glob(".tmp-*")]:
                 remove_tree(tmp)
+            # a mask whose label never landed is part of an unfinished item too
+            masks = self.path / IGNORE_DIR
+            if masks.is_dir():
+                for mask in masks.iterdir():
+                    if not mask.name.startswith(".") and not self.has_item(mask.name):
+                        remove_tree(mask)
 
     def write_item(
         self,
