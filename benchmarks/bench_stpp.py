@@ -36,6 +36,7 @@ so the variants differ only in stages 3-7, from the same stage-1 model.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -161,8 +162,6 @@ def supervised_equal_compute(cfg, total_crops: int, work: Path) -> dict:
     )
     saved = work / "equal" / "result.json"
     if saved.is_file():
-        import json
-
         old = json.loads(saved.read_text())
         if old.get("key") == key:
             print(f"  supervised at equal compute: reused {saved} (same training and data)")

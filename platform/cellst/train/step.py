@@ -98,14 +98,13 @@ class Augmenter:
             sample = {
                 "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
                 / 255,
-                "label": torch.from_numpy(np.array(lab, copy=True))[
-                    None
-                ],  # stream arrays are read-only
             }
             if (lab < 0).any():  # a pseudo-label's uncertain pixels (encode_ignored)
-                lab, ign = decode_ignored(np.asarray(lab))
-                sample["label"] = torch.from_numpy(lab)[None]
+                lab, ign = decode_ignored(lab)  # (new arrays: writable)
                 sample["ignore"] = torch.from_numpy(ign)[None]
+            else:
+                lab = np.array(lab, copy=True)  # stream arrays are read-only
+            sample["label"] = torch.from_numpy(lab)[None]
             out = (self.strong if int(src) == 1 else self.standard)(sample)
             images.append(out["image"])
             labels.append(out["label"][0])
