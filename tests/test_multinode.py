@@ -69,9 +69,12 @@ def cluster(ray_session):
         restore_address_file()
 
 
-def _cellst(*args: str, address: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _cellst(
+    *args: str, address: str, timeout: float = 600, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["RAY_ADDRESS"] = address
+    env.update(env_extra or {})
     res = subprocess.run([CELLST, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert res.returncode == 0, f"cellst {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
     return res
@@ -144,8 +147,22 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
 
     killer = threading.Thread(target=remove_when_it_has_written, daemon=True)
     killer.start()
-    _cellst(*args, "--set-name", "lost", "--num-actors", "3", address=c.address, timeout=300)
-    killer.join(timeout=10)
+    # one actor per node (1.5 of a node's 2 CPUs, the read stage keeps 0.25), and no item
+    # handed out before all three actors are up: otherwise, on a loaded machine, the two
+    # warm nodes finished every item before the new node's actor had imported torch (CI)
+    try:
+        _cellst(
+            *args,
+            *("--set-name", "lost", "--num-actors", "3"),
+            *("--set", "predict.num_cpus_per_actor=1.5"),
+            address=c.address,
+            timeout=300,
+            env_extra={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "180"},
+        )
+        killer.join(timeout=10)
+    finally:
+        if not done_at_loss:  # never leave the extra node to the module's later tests
+            c.remove_node(doomed, allow_graceful=False)
 
     s = CellStore(store, lease=False)
     sets = {name: s.pseudo_items(name) for name in ("one", "multi", "lost")}
