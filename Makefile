@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-dev demo demo-quick test test-fast lint format bench gpu-check clean
+.PHONY: setup setup-dev demo demo-quick test test-host test-fast lint format bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,17 @@ demo: setup             ## the main job on the embedded synthetic data
 demo-quick: setup
 	$(BIN)/python experiments/run_demo.py --quick
 
-test: setup-dev         ## the whole test suite (benchmark smoke runs and the quick demo included)
+# the launcher test (tests/test_ray_up.py) logs in over SSH to this machine's sshd as a user
+# of its own: it needs openssh-server, rsync and Debian's python3.11 (root, with apt)
+HOST_TOOLS := /usr/sbin/sshd /usr/bin/rsync /usr/bin/python3.11
+test-host:              ## what the launcher test needs from this machine (apt, as root)
+	@for t in $(HOST_TOOLS); do [ -x $$t ] || missing=1; done; [ -z "$$missing" ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      openssh-server rsync python3.11 >/dev/null; } || \
+	  echo "note: tests/test_ray_up.py needs $(HOST_TOOLS) (apt-get install openssh-server rsync python3.11, as root)"
+
+test: setup-dev test-host ## the whole test suite (benchmark smoke runs and the quick demo included)
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: setup-dev    ## the inner loop: every test that needs no Ray cluster, training or server

@@ -16,8 +16,17 @@ import os
 import sys
 
 
+def head_tracking_uri() -> str:
+    """The MLflow server that ``cluster.yaml`` starts on the head: it listens on the head's
+    own address (the one Ray uses for this node), not on loopback, so workers reach it."""
+    from ray.util import get_node_ip_address
+
+    return f"http://{get_node_ip_address()}:{os.environ.get('CELLST_MLFLOW_PORT', '5000')}"
+
+
 def main() -> None:
-    os.environ.setdefault("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        os.environ["MLFLOW_TRACKING_URI"] = head_tracking_uri()
     os.environ.setdefault("RAY_ADDRESS", "auto")
     from cellst.cli import main as cellst_main
 

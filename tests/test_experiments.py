@@ -28,6 +28,29 @@ def test_cluster_yaml_is_valid_for_the_ray_launcher():
         validate_config(prepare_config(bad))
 
 
+#: what only the machines decide: how to reach them, and what kinds of node there are
+MACHINE_KEYS = {"cluster_name", "max_workers", "provider", "auth", "available_node_types",
+                "head_node_type"}  # fmt: skip
+
+
+def test_local_cluster_shares_everything_but_the_machines():
+    """cluster-local.yaml (Ray's local provider, over SSH) is valid for the launcher and is
+    cluster.yaml with other machines: commands, file mounts and upload filters are equal."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cloud = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    local = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(local)))
+    assert local["provider"]["type"] == "local" and local["provider"]["head_ip"] == "127.0.0.1"
+    shared = (set(cloud) | set(local)) - MACHINE_KEYS
+    assert {"setup_commands", "head_start_ray_commands", "file_mounts", "rsync_filter"} <= shared
+    for key in sorted(shared):
+        assert cloud.get(key) == local.get(key), key
+    # the upload leaves out what git ignores (.venv alone is gigabytes) and ships the token
+    assert cloud["rsync_filter"] == [".gitignore"]
+    assert cloud["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
 @pytest.mark.parametrize(
     "path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name
 )

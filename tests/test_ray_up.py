@@ -1,0 +1,197 @@
+"""``ray up`` + ``ray submit`` with ``cluster-local.yaml``, the way users launch a cluster.
+
+Ray's launcher with its ``local`` provider logs in over SSH (this machine's own sshd on
+127.0.0.1:22) as an ordinary user, runs the config's setup commands there (the checkout
+uploaded with rsync, ``pip install -e``, the MLflow server on the head's address, ``ray
+start --head`` with token authentication), and ``ray submit`` runs
+``experiments/ray_submit.py -- stpp run ...`` on that head: a whole ST++ pipeline, at tiny
+size, on the launched cluster, logged to the head's MLflow server.
+
+What the test provides is the machine, not the cluster: an account ``cellst-ci`` with an SSH
+key, and, so that the setup commands do not download gigabytes, a ``~/venv`` that sees this
+environment's packages (a ``.pth`` file; ``pip install -e ~/cellst`` still runs). The account
+is not root on purpose: ``ray up`` and ``ray down`` run ``ray stop``, which ends every Ray
+process its user may signal, and this session's own cluster must survive. Its environment
+(``~/.cellst_env``) moves what would collide with this session's cluster: Ray's temp folder,
+the dashboard agent's port, the MLflow port and the shared folder (``cluster.yaml``'s knobs).
+``make test`` installs openssh-server, rsync and python3.11 with apt (``make test-host``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+USER = "cellst-ci"
+SSHD = "/usr/sbin/sshd"
+
+pytestmark = pytest.mark.slow
+
+
+def _sh(*cmd: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _as_user(script: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return _sh("su", "-", USER, "-c", script, timeout=timeout)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _user_env() -> dict[str, str]:
+    text = (Path(f"/home/{USER}") / ".cellst_env").read_text()
+    return dict(line.removeprefix("export ").split("=", 1) for line in text.splitlines() if line)
+
+
+def _head_ip() -> str:
+    """The address the head's setup commands bind MLflow to (``hostname -I``, first)."""
+    return _sh("hostname", "-I").stdout.split()[0]
+
+
+def _require_host() -> None:
+    """The machine parts ``make test-host`` installs; one clear failure if absent."""
+    missing = [p for p in (SSHD, "/usr/bin/rsync", "/usr/bin/python3.11") if not Path(p).exists()]
+    if os.geteuid() != 0 or missing:
+        pytest.fail(
+            f"the launcher test needs root and {missing or 'sshd, rsync, python3.11'}: run "
+            "`make test-host` (apt-get install openssh-server rsync python3.11) as root"
+        )
+
+
+def _provision_user(home: Path, shared: Path, key: Path, ports: dict[str, int]) -> None:
+    """The account the launcher logs in as: key, environment, and a venv over this one's."""
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        _sh("useradd", "-m", "-s", "/bin/bash", USER).check_returncode()
+    site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    env = {
+        "RAY_TMPDIR": f"{home}/.raytmp",
+        "CELLST_SHARED": str(shared),
+        "CELLST_MLFLOW_PORT": str(ports["mlflow"]),
+        "RAY_DASHBOARD_AGENT_LISTEN_PORT": str(ports["agent"]),
+    }
+    lines = "".join(f"export {k}={v}\n" for k, v in env.items())
+    script = f"""
+set -e
+umask 022
+mkdir -p ~/.ssh ~/.raytmp && chmod 700 ~/.ssh
+cat > ~/.ssh/authorized_keys <<'EOF'
+{key.with_suffix(".pub").read_text().strip()}
+EOF
+chmod 600 ~/.ssh/authorized_keys
+cat > ~/.cellst_env <<'EOF'
+{lines}EOF
+grep -q cellst_env ~/.bashrc || sed -i '1i . ~/.cellst_env' ~/.bashrc
+test -x ~/venv/bin/python || python3.11 -m venv --without-pip ~/venv
+echo {site} > ~/venv/lib/python3.11/site-packages/cellst-host-env.pth
+for tool in ray mlflow; do
+  (echo "#!$HOME/venv/bin/python"; tail -n +2 {Path(sys.executable).parent}/$tool) > ~/venv/bin/$tool
+  chmod 755 ~/venv/bin/$tool
+done
+~/venv/bin/python -c 'import ray, torch, mlflow'
+"""
+    res = _as_user(script)
+    assert res.returncode == 0, (
+        f"could not set up {USER} (can it read {site}?):\n{res.stdout}\n{res.stderr}"
+    )
+
+
+@pytest.fixture(scope="module")
+def launched(ray_session, tmp_path_factory):
+    """``ray up -y`` with cluster-local.yaml (its auth pointed at the test account); the
+    config path, the launcher's environment and the account's shared folder. ``ray down``,
+    and every process of the account ended, afterwards."""
+    _require_host()
+    tmp = tmp_path_factory.mktemp("rayup")
+    key = tmp / "id_cellst"
+    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)).check_returncode()
+    shared = Path(tempfile.mkdtemp(prefix="cellst-shared-", dir="/tmp"))
+    shared.chmod(0o777)
+    home = Path(f"/home/{USER}")
+    _provision_user(home, shared, key, {"mlflow": free_port(), "agent": free_port()})
+    sshd = None
+    if not _listening(22):
+        Path("/run/sshd").mkdir(exist_ok=True)
+        _sh("ssh-keygen", "-A").check_returncode()
+        sshd = subprocess.Popen([SSHD, "-D", "-o", "ListenAddress=127.0.0.1"])
+        deadline = time.time() + 30
+        while not _listening(22) and time.time() < deadline:
+            time.sleep(0.2)
+    cfg = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())
+    cfg["auth"] = {"ssh_user": USER, "ssh_private_key": str(key)}
+    config = tmp / "cluster-local.yaml"  # (file_mounts' "." is the launcher's folder: ROOT)
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    env["RAY_TMPDIR"] = str(tmp)  # the launcher's own state, not in /tmp/ray
+    try:
+        up = _sh(RAY, "up", "-y", str(config), timeout=900, env=env, cwd=ROOT)
+        assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
+        yield config, env, shared
+    finally:
+        _sh(RAY, "down", "-y", str(config), timeout=300, env=env, cwd=ROOT)
+        _sh("pkill", "-KILL", "-u", USER)  # the MLflow server `ray down` leaves running
+        if sshd is not None:
+            sshd.kill()
+            sshd.wait()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_ray_submit_runs_stpp_on_the_launched_cluster(launched):
+    """``ray submit cluster-local.yaml experiments/ray_submit.py -- stpp run ...`` as in the
+    README: all seven stages on the launched cluster, its runs on the head's MLflow server,
+    every node holding the token of the machine that launched it."""
+    from cellst.data.ingest import ingest
+    from cellst.data.synth import synthesize_dataset
+
+    config, env, shared = launched
+    synthesize_dataset(shared / "src", 5, 2, 2, seed=11, min_size=96, max_size=128,
+                       progress=False)  # fmt: skip
+    ingest(shared / "src", shared / "store", progress=False)
+    _sh("chmod", "-R", "a+rwX", str(shared)).check_returncode()
+    args = ["stpp", "run", "cellst/experiments/demo.yaml", "--quick"]
+    for o in (f"store={shared / 'store'}", f"stpp.run_dir={shared / 'stpp'}", "name=launched",
+              "data.crops_per_epoch=16", "data.crop_size=64", "train.val_max_items=1",
+              "stpp.retrain_epochs=2", "inference.roi=64", "tracking.system_metrics=false"):  # fmt: skip
+        args += ["--set", o]
+    sub = _sh(
+        RAY, "submit", str(config), "experiments/ray_submit.py", "--", *args,
+        timeout=900, env=env, cwd=ROOT,
+    )  # fmt: skip
+    out = sub.stdout + sub.stderr
+    assert sub.returncode == 0, out[-5000:]
+    pipe = shared / "stpp" / "launched"
+    stages = [json.loads(p.read_text()) for p in sorted((pipe / "stages").glob("*.json"))]
+    assert [s["status"] for s in stages] == ["done"] * 7, stages
+    assert json.loads((pipe / "report.json").read_text())["test_items"] == 2
+    # the pipeline ran as the SSH user, on the cluster that `ray up` started
+    assert pwd.getpwuid((pipe / "report.json").stat().st_uid).pw_name == USER
+    # MLflow: the head's server (on its own address, not loopback) holds the parent run
+    from mlflow.tracking import MlflowClient
+
+    meta = json.loads((pipe / "pipeline.json").read_text())
+    tracking = meta["tracking_uri"]
+    assert tracking == f"http://{_head_ip()}:{_user_env()['CELLST_MLFLOW_PORT']}", tracking
+    parent = MlflowClient(tracking).get_run(meta["parent_run_id"])
+    assert parent.info.status == "FINISHED", parent.info
+    # the token: the launching machine's, shipped by file_mounts
+    token = Path.home() / ".ray" / "auth_token"
+    assert (Path(f"/home/{USER}") / ".ray" / "auth_token").read_text() == token.read_text()
