@@ -24,6 +24,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -76,13 +77,25 @@ def _require_host() -> None:
         )
 
 
-def _provision_user(home: Path, shared: Path, key: Path, ports: dict[str, int]) -> None:
-    """The account the launcher logs in as: key, environment, and a venv over this one's."""
+def _open_traversal(path: Path) -> list[tuple[Path, int]]:
+    """Let other users pass through ``path``'s folders (never read them): the account must
+    reach this environment's packages, wherever the checkout lies. The modes it changed."""
+    changed = []
+    for folder in reversed(path.parents):
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH)
+            changed.append((folder, mode))
+    return changed
+
+
+def _provision_user(home: Path, site: str, shared: Path, key: Path, ports: dict[str, int]) -> None:
+    """The account the launcher logs in as: key, environment, and a venv over this one's
+    packages (``site``)."""
     try:
         pwd.getpwnam(USER)
     except KeyError:
         _sh("useradd", "-m", "-s", "/bin/bash", USER).check_returncode()
-    site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
     env = {
         "RAY_TMPDIR": f"{home}/.raytmp",
         "CELLST_SHARED": str(shared),
@@ -127,32 +140,37 @@ def launched(ray_session, tmp_path_factory):
     shared = Path(tempfile.mkdtemp(prefix="cellst-shared-", dir="/tmp"))
     shared.chmod(0o777)
     home = Path(f"/home/{USER}")
-    _provision_user(home, shared, key, {"mlflow": free_port(), "agent": free_port()})
-    sshd = None
-    if not _listening(22):
-        Path("/run/sshd").mkdir(exist_ok=True)
-        _sh("ssh-keygen", "-A").check_returncode()
-        sshd = subprocess.Popen([SSHD, "-D", "-o", "ListenAddress=127.0.0.1"])
-        deadline = time.time() + 30
-        while not _listening(22) and time.time() < deadline:
-            time.sleep(0.2)
-    cfg = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())
-    cfg["auth"] = {"ssh_user": USER, "ssh_private_key": str(key)}
+    site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
     config = tmp / "cluster-local.yaml"  # (file_mounts' "." is the launcher's folder: ROOT)
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
     env["RAY_TMPDIR"] = str(tmp)  # the launcher's own state, not in /tmp/ray
+    opened = _open_traversal(Path(site))
+    sshd = None
     try:
+        _provision_user(home, site, shared, key, {"mlflow": free_port(), "agent": free_port()})
+        if not _listening(22):
+            Path("/run/sshd").mkdir(exist_ok=True)
+            _sh("ssh-keygen", "-A").check_returncode()
+            sshd = subprocess.Popen([SSHD, "-D", "-o", "ListenAddress=127.0.0.1"])
+            deadline = time.time() + 30
+            while not _listening(22) and time.time() < deadline:
+                time.sleep(0.2)
+        cfg = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())
+        cfg["auth"] = {"ssh_user": USER, "ssh_private_key": str(key)}
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         up = _sh(RAY, "up", "-y", str(config), timeout=900, env=env, cwd=ROOT)
         assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
         yield config, env, shared
     finally:
-        _sh(RAY, "down", "-y", str(config), timeout=300, env=env, cwd=ROOT)
+        if config.is_file():
+            _sh(RAY, "down", "-y", str(config), timeout=300, env=env, cwd=ROOT)
         _sh("pkill", "-KILL", "-u", USER)  # the MLflow server `ray down` leaves running
         if sshd is not None:
             sshd.kill()
             sshd.wait()
         shutil.rmtree(shared, ignore_errors=True)
+        for folder, mode in opened:
+            folder.chmod(mode)
 
 
 def test_ray_submit_runs_stpp_on_the_launched_cluster(launched):
