@@ -151,6 +151,20 @@ def quick_train():
     return run
 
 
+def kill_group_when(proc: subprocess.Popen, ready, timeout: float, poll: float = 0.05) -> bool:
+    """SIGKILL the process group of ``proc`` (started with ``start_new_session=True``) once
+    ``ready()`` holds, or when ``timeout`` seconds have passed; whether it was still running
+    then (False: it ended first). Waits for it either way."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(poll)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

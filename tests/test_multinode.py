@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 
 from cellst.data.store import CellStore
+from conftest import kill_group_when
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLST = str(Path(sys.executable).with_name("cellst"))
@@ -255,9 +256,6 @@ def test_stpp_runs_on_the_nodes_and_resumes_after_its_driver_is_killed(
     runs. The same command again skips stages 1-4 (records and trainings untouched), redoes
     stage 5 and ends with every stage done (stage 7's test-split F1 left out: the single-node
     ST++ tests score it); trainings and predictions ran on the worker nodes only."""
-    import signal
-    import time
-
     c, workers = cluster
     store = tmp_path / "store"
     shutil.copytree(store_dir, store)
@@ -274,15 +272,11 @@ def test_stpp_runs_on_the_nodes_and_resumes_after_its_driver_is_killed(
     log = tmp_path / "first.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(args, env=env, stdout=fh, stderr=fh, start_new_session=True)
-        deadline = time.time() + 900
-        while time.time() < deadline and proc.poll() is None:
-            if stage5.is_file() and json.loads(stage5.read_text())["status"] == "running":
-                break
-            time.sleep(0.05)
-        killed = proc.poll() is None
-        if killed:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        killed = kill_group_when(
+            proc,
+            lambda: stage5.is_file() and json.loads(stage5.read_text())["status"] == "running",
+            900,
+        )
     assert killed, f"the pipeline ended before stage 5 was seen running:\n{log.read_text()[-3000:]}"
     records = {p.name: p.read_text() for p in sorted((pipe / "stages").glob("[1-4]_*.json"))}
     assert len(records) == 4 and all('"done"' in r for r in records.values()), records

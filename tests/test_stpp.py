@@ -7,10 +7,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from cellst.stpp.reliability import (
     score_items,
     split_reliable,
 )
+from conftest import kill_group_when
 
 runner = CliRunner()
 
@@ -383,16 +382,12 @@ def crashed_and_resumed(ray_session, tmp_path_factory):
     proc = _run_demo(out, env, stdout=log, stderr=log)
     stage4 = pipe_dir / "stages" / "4_retrain_reliable.json"
     train4 = pipe_dir / "train" / f"{prefix}-4_retrain_reliable" / "rank0.pid"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if stage4.is_file() and json.loads(stage4.read_text())["status"] == "running":
-            if train4.is_file():  # the stage-4 training workers are up
-                break
-        time.sleep(0.2)
-    killed = proc.poll() is None
-    if killed:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+
+    def stage4_training() -> bool:  # stage 4 runs, and its training workers are up
+        running = stage4.is_file() and json.loads(stage4.read_text())["status"] == "running"
+        return running and train4.is_file()
+
+    killed = kill_group_when(proc, stage4_training, 600, poll=0.2)
     log.close()
     first_log = (tmp / "first.log").read_text()
     assert killed, f"the pipeline ended before stage 4 was seen running:\n{first_log[-3000:]}"
