@@ -71,12 +71,16 @@ def cluster(ray_session):
         restore_address_file()
 
 
+def _cellst_env(address: str, **extra: str) -> dict[str, str]:
+    """This environment joined to the cluster at ``address``, with cellst's own tracking."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {**env, "RAY_ADDRESS": address, **extra}
+
+
 def _cellst(
     *args: str, address: str, timeout: float = 600, env_extra: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["RAY_ADDRESS"] = address
-    env.update(env_extra or {})
+    env = _cellst_env(address, **(env_extra or {}))
     res = subprocess.run([CELLST, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert res.returncode == 0, f"cellst {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
     return res
@@ -224,8 +228,7 @@ def test_storage_is_checked_on_every_node_before_work(cluster, tmp_path):
     """The shared-storage preflight runs a task on each of the three nodes (the 0-CPU head
     too); a path some node cannot see is one error naming the node and the path."""
     c, _ = cluster
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["RAY_ADDRESS"] = c.address
+    env = _cellst_env(c.address)
     missing = tmp_path / "not-mounted-here"
     res = subprocess.run(
         [sys.executable, "-c", SHARED_PROBE, str(tmp_path), str(tmp_path / "runs"), str(missing)],
@@ -259,19 +262,23 @@ def test_stpp_runs_on_the_nodes_and_resumes_after_its_driver_is_killed(
     c, workers = cluster
     store = tmp_path / "store"
     shutil.copytree(store_dir, store)
-    args = [CELLST, "stpp", "run", str(ROOT / "experiments" / "demo.yaml"), "--quick"]
+    args = ["stpp", "run", str(ROOT / "experiments" / "demo.yaml"), "--quick"]
     for o in (f"store={store}", f"stpp.run_dir={tmp_path / 'stpp'}", "name=mn",
               "data.crops_per_epoch=16", "train.val_max_items=1", "inference.roi=64",
               "train.snapshot_fractions=[0.5, 1.0]", "stpp.evaluate=false",
               "tracking.system_metrics=false"):  # fmt: skip
         args += ["--set", o]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["RAY_ADDRESS"] = c.address
     pipe = tmp_path / "stpp" / "mn"
     stage5 = pipe / "stages" / "5_pseudo_unreliable.json"
     log = tmp_path / "first.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen(args, env=env, stdout=fh, stderr=fh, start_new_session=True)
+        proc = subprocess.Popen(
+            [CELLST, *args],
+            env=_cellst_env(c.address),
+            stdout=fh,
+            stderr=fh,
+            start_new_session=True,
+        )
         killed = kill_group_when(
             proc,
             lambda: stage5.is_file() and json.loads(stage5.read_text())["status"] == "running",
@@ -283,8 +290,7 @@ def test_stpp_runs_on_the_nodes_and_resumes_after_its_driver_is_killed(
     trainings = sorted(p.name for p in (pipe / "train").iterdir())
     assert "mn-4_retrain_reliable" in trainings and "mn-6_retrain_all" not in trainings
 
-    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    _cellst(*args, address=c.address, timeout=900)  # the same command again
     assert {p.name: p.read_text() for p in (pipe / "stages").glob("[1-4]_*.json")} == records
     after = {p.name for p in (pipe / "train").iterdir()}
     assert after - set(trainings) == {"mn-6_retrain_all"}, (trainings, after)  # none redone

@@ -27,6 +27,7 @@ import socket
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -55,11 +56,6 @@ def _as_user(script: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _user_env() -> dict[str, str]:
-    text = (Path(f"/home/{USER}") / ".cellst_env").read_text()
-    return dict(line.removeprefix("export ").split("=", 1) for line in text.splitlines() if line)
 
 
 def _head_ip() -> str:
@@ -131,7 +127,7 @@ done
 @pytest.fixture(scope="module")
 def launched(ray_session, tmp_path_factory):
     """``ray up -y`` with cluster-local.yaml (its auth pointed at the test account); the
-    config path, the launcher's environment and the account's shared folder. ``ray down``,
+    config path, the launcher's environment, the account's shared folder and MLflow port. ``ray down``,
     and every process of the account ended, afterwards."""
     _require_host()
     tmp = tmp_path_factory.mktemp("rayup")
@@ -140,14 +136,15 @@ def launched(ray_session, tmp_path_factory):
     shared = Path(tempfile.mkdtemp(prefix="cellst-shared-", dir="/tmp"))
     shared.chmod(0o777)
     home = Path(f"/home/{USER}")
-    site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    site = sysconfig.get_paths()["purelib"]  # this environment's packages
     config = tmp / "cluster-local.yaml"  # (file_mounts' "." is the launcher's folder: ROOT)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
     env["RAY_TMPDIR"] = str(tmp)  # the launcher's own state, not in /tmp/ray
     opened = _open_traversal(Path(site))
     sshd = None
     try:
-        _provision_user(home, site, shared, key, {"mlflow": free_port(), "agent": free_port()})
+        ports = {"mlflow": free_port(), "agent": free_port()}
+        _provision_user(home, site, shared, key, ports)
         if not _listening(22):
             Path("/run/sshd").mkdir(exist_ok=True)
             _sh("ssh-keygen", "-A").check_returncode()
@@ -160,7 +157,7 @@ def launched(ray_session, tmp_path_factory):
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         up = _sh(RAY, "up", "-y", str(config), timeout=900, env=env, cwd=ROOT)
         assert up.returncode == 0, (up.stdout + up.stderr)[-5000:]
-        yield config, env, shared
+        yield config, env, shared, ports["mlflow"]
     finally:
         if config.is_file():
             _sh(RAY, "down", "-y", str(config), timeout=300, env=env, cwd=ROOT)
@@ -180,7 +177,7 @@ def test_ray_submit_runs_stpp_on_the_launched_cluster(launched):
     from cellst.data.ingest import ingest
     from cellst.data.synth import synthesize_dataset
 
-    config, env, shared = launched
+    config, env, shared, mlflow_port = launched
     synthesize_dataset(shared / "src", 5, 2, 1, seed=11, min_size=96, max_size=128,
                        progress=False)  # fmt: skip
     ingest(shared / "src", shared / "store", progress=False)
@@ -218,7 +215,7 @@ def test_ray_submit_runs_stpp_on_the_launched_cluster(launched):
 
     meta = json.loads((pipe / "pipeline.json").read_text())
     tracking = meta["tracking_uri"]
-    assert tracking == f"http://{_head_ip()}:{_user_env()['CELLST_MLFLOW_PORT']}", tracking
+    assert tracking == f"http://{_head_ip()}:{mlflow_port}", tracking
     parent = MlflowClient(tracking).get_run(meta["parent_run_id"])
     assert parent.info.status == "FINISHED", parent.info
     # the token: the launching machine's, shipped by file_mounts
