@@ -52,10 +52,15 @@ def ray_session():
     """A real local Ray cluster with 2 CPUs, shared by every test of the session."""
     import ray
 
-    from cellst.raycluster import quiet_ray_data
+    from cellst.raycluster import job_runtime_env, quiet_ray_data
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level="ERROR",
+            runtime_env=job_runtime_env(),  # as every cellst command's job
+        )
     quiet_ray_data()
     yield ray
     ray.shutdown()

@@ -33,6 +33,11 @@ RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 
 pytestmark = pytest.mark.slow
 
+#: the GCS declares a node dead after this many failed health checks this far apart (Ray's
+#: defaults, 5 x 3 s, keep a killed node's work waiting about 15 s before Ray moves it). A
+#: check that merely answers slowly on this loaded machine still has Ray's 10 s timeout.
+NODE_DEATH_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
 
 @pytest.fixture(scope="module")
 def cluster(ray_session):
@@ -57,7 +62,12 @@ def cluster(ray_session):
 
     c = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "resources": {"head": 1}, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 0,
+            "resources": {"head": 1},
+            "include_dashboard": False,
+            "_system_config": NODE_DEATH_DETECTION,
+        },
     )
     restore_address_file()
     try:

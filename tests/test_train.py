@@ -464,3 +464,28 @@ def test_run_folder_of_an_older_cellst_still_opens(ray_session, store_dir, tmp_p
     changed.train.lr = 0.5
     with pytest.raises(ConfigError, match="different configuration"):  # compared from now on
         train(changed)
+
+
+_POLL_PROBE = """
+import os, ray
+from cellst.raycluster import ensure_ray
+ensure_ray()
+probe = ray.remote(lambda: os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))
+print("POLL=" + str(ray.get(probe.remote())))
+"""
+
+
+@pytest.mark.parametrize(("caller", "expected"), [(None, "0.25"), ("1.5", "1.5")])
+def test_every_process_of_a_cellst_job_polls_ray_train_often(ray_session, caller, expected):
+    """Ray Train's controller only sees a finished worker group at a health-check poll
+    (Ray's default: every 2 s; a run then ended about 5 s after its last step). cellst's
+    job runtime environment sets the interval for every process of the job (the
+    controller is one), unless the caller set it."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+    if caller:
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = caller
+    res = subprocess.run(
+        [sys.executable, "-c", _POLL_PROBE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert f"POLL={expected}" in res.stdout, res.stdout + res.stderr[-2000:]
