@@ -154,3 +154,43 @@ print("HOOK-OK")
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert "HOOK-OK" in res.stdout, res.stderr[-2000:]
+
+
+def test_training_worker_function_unpickles_without_torch():
+    """A Ray Train worker unpickles ``train_loop_per_worker`` (importing its module) before
+    it runs: the module imports neither torch nor MONAI, so the function starts the crop
+    stream before this worker spends seconds importing them."""
+    import pickle
+
+    from cellst.train.loop import train_loop_per_worker
+
+    blob = pickle.dumps(train_loop_per_worker)
+    heavy = _heavy_imports(f"import pickle\nf = pickle.loads({blob!r})\nassert callable(f)")
+    assert "torch" not in heavy and "monai" not in heavy, heavy
+
+
+def test_first_batch_is_fetched_before_it_is_asked_for():
+    """The stream's first item is fetched in the background from the start; items keep
+    their order, and an error of that first fetch reaches the first ``next()``."""
+    import threading
+
+    from cellst.train.loop import _first_item_fetched_now
+
+    started = threading.Event()
+
+    def stream():
+        started.set()
+        yield from (1, 2, 3)
+
+    items = _first_item_fetched_now(stream())
+    assert started.wait(10)  # without any next()
+    assert list(items) == [1, 2, 3]
+
+    def broken():
+        raise OSError("store unreadable")
+        yield
+
+    items = _first_item_fetched_now(broken())
+    with pytest.raises(OSError, match="store unreadable"):
+        next(items)
+    assert list(_first_item_fetched_now(iter(()))) == []

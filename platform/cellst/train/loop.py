@@ -15,26 +15,20 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray.train
-import ray.train.torch
-import torch
-import torch.distributed as dist
 
 from cellst.fs import atomic_write_json
-from cellst.train.checkpoints import RunPaths, keep_checkpoints, save_epoch
-from cellst.train.step import (
-    Batch,
-    TrainingDiverged,
-    encoder_parameters,
-    make_optimizer,
-    make_scheduler,
-    train_step,
-)
-from cellst.train.trainer import steps_per_epoch
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -43,6 +37,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _all_finite(ok: bool, device: torch.device) -> bool:
     """Whether every rank's loss is finite (so all ranks stop together)."""
+    import torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return ok
     flag = torch.tensor([1 if ok else 0], device=device)
@@ -52,22 +49,48 @@ def _all_finite(ok: bool, device: torch.device) -> bool:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function. ``config`` comes from :func:`cellst.train.trainer.train`."""
-    from cellst.data.store import CellStore
-    from cellst.experiment import ExperimentConfig
-    from cellst.model import HoVerLoss, build_model, load_into
+    from cellst.experiment import ExperimentConfig  # configs only: no torch, no Ray Data
     from cellst.raycluster import quiet_logs
-    from cellst.tracking.buffered import BufferedMetricLogger
-    from cellst.train.validate import validate
 
     quiet_logs()  # also when the cluster was started without cellst's runtime environment
     cfg = ExperimentConfig.model_validate(config["experiment"])
     tcfg = cfg.train
+    # the run's one crop stream (each epoch takes its steps from it; no restart per epoch),
+    # started before anything heavy is imported here: its read-and-augment tasks start up
+    # (new processes that import torch and MONAI) while this worker imports them too and
+    # builds its model, instead of after
+    batches = _first_item_fetched_now(
+        ray.train.get_dataset_shard("train").iter_batches(
+            batch_size=tcfg.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            prefetch_batches=tcfg.prefetch_batches,
+        )
+    )
+    import torch
+    from ray.train.torch import get_device, prepare_model
+
+    from cellst.data.store import CellStore
+    from cellst.model import HoVerLoss, build_model, load_into
+    from cellst.tracking.buffered import BufferedMetricLogger
+    from cellst.train.checkpoints import RunPaths, keep_checkpoints, save_epoch
+    from cellst.train.step import (
+        Batch,
+        TrainingDiverged,
+        encoder_parameters,
+        make_optimizer,
+        make_scheduler,
+        train_step,
+    )
+    from cellst.train.trainer import steps_per_epoch
+    from cellst.train.validate import validate
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(tcfg.seed + rank)
     # the CPUs this worker holds (Ray sets OMP threads to the integer part only)
     torch.set_num_threads(max(1, math.ceil((tcfg.cpus_per_worker or 1.0) - 1e-6)))
-    device = ray.train.torch.get_device()
+    device = get_device()
     paths = RunPaths(Path(config["run_path"]))
     paths.root.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -93,7 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if tcfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = prepare_model(model)
 
     # two param groups so the two-phase schedule can hold the encoder still (lr 0) without
     # toggling requires_grad under DDP
@@ -128,15 +151,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         if rank == 0
         else None
-    )
-    # one stream for the whole run: each epoch takes its steps from it (no restart per epoch)
-    batches = iter(
-        ray.train.get_dataset_shard("train").iter_batches(
-            batch_size=tcfg.batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            prefetch_batches=tcfg.prefetch_batches,
-        )
     )
     n_steps_epoch = steps_per_epoch(cfg)
     snapshots = set(tcfg.snapshot_epochs())
@@ -262,6 +276,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if logger is not None:
         logger.close()  # a last attempt; what is left is said in one line
     _write_param_digest(_unwrap(model), paths.root / f"params_rank{rank}.sha256")
+
+
+def _first_item_fetched_now(items: Iterator[T] | Any) -> Iterator[T]:
+    """``items`` as an iterator whose first item is already being fetched, by a background
+    thread, so that a lazy stream starts now rather than at the first ``next()``. An error
+    of that fetch is raised by the first ``next()``, as without the thread."""
+    it = iter(items)
+    box: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            box["item"] = next(it)
+        except StopIteration:
+            pass
+        except BaseException as exc:  # handed to the consumer below
+            box["error"] = exc
+
+    thread = threading.Thread(target=fetch, name="cellst-first-batch", daemon=True)
+    thread.start()
+
+    def chained() -> Iterator[T]:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        if "item" in box:
+            yield box.pop("item")
+        yield from it
+
+    return chained()
 
 
 def _write_param_digest(model: torch.nn.Module, path: Path) -> None:
