@@ -5,7 +5,9 @@ A head started by ``ray start --head --block`` with its dashboard and job server
 ``.venv``), with Ray's token authentication on. Ray's own ``ray job`` CLI submits a
 ``cellst stpp run`` job with ``--working-dir``; the test reads its logs and status, stops it
 after stage 1, re-submits it, and checks that the second job starts at stage 2 without
-recomputing stage 1. A client without the token is refused.
+recomputing stage 1. The second job's driver runs on a worker node of its own, and that
+whole node is lost during stage 2: a third submission resumes at stage 2. A client without
+the token is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,13 @@ def _client_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+@dataclass(frozen=True)
+class Head:
+    url: str  # the job server (dashboard)
+    address: str  # the GCS, for nodes that join
+    temp: Path  # its --temp-dir
+
+
 @pytest.fixture(scope="module")
 def head(ray_session):
     """``ray start --head --block`` with the dashboard on a free port; its job server URL.
@@ -59,7 +69,7 @@ def head(ray_session):
     """
     temp = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))
     saved = RAY_ADDRESS_FILE.read_text() if RAY_ADDRESS_FILE.is_file() else None
-    dash = free_port()
+    dash, gcs = free_port(), free_port()
     log = open(temp / "head.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [
@@ -67,7 +77,7 @@ def head(ray_session):
             "start",
             "--head",
             "--block",
-            f"--port={free_port()}",
+            f"--port={gcs}",
             "--num-cpus=2",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
@@ -98,7 +108,7 @@ def head(ray_session):
             assert time.time() < deadline, "no job agent registered"
             time.sleep(1)
         assert res.returncode == 0 and "ready" in res.stdout, res.stdout + res.stderr
-        yield url
+        yield Head(url, f"127.0.0.1:{gcs}", temp)
     finally:
         # SIGKILL: on SIGTERM the node drains for up to 30 s; nothing of it is kept anyway
         os.killpg(proc.pid, signal.SIGKILL)
@@ -158,14 +168,71 @@ def _stage(pipe: Path, name: str) -> dict:
 
 
 def test_a_client_without_the_token_is_refused(head):
-    res = _ray_job("list", url=head, check=False, RAY_AUTH_MODE="disabled")
+    res = _ray_job("list", url=head.url, check=False, RAY_AUTH_MODE="disabled")
     assert res.returncode != 0
     assert "Authentication required" in res.stdout + res.stderr
 
 
-def test_submit_logs_stop_and_resubmit_resumes_stpp(head, store_dir, tmp_path):
+@pytest.fixture
+def driver_node(head):
+    """A worker node of its own (``ray start --address --block``) with 0 CPUs and one unit
+    of the resource ``driver_node``: only what asks for that resource runs there. Whatever
+    the test leaves of it is killed at the end."""
+    log = open(head.temp / "driver_node.log", "w")  # noqa: SIM115
+    # its own temp folder, as on a machine of its own: nodes that share one unpack a job's
+    # working dir into the same place, replacing the folder a running driver stands in
+    temp = head.temp / "driver-node"
+    proc = subprocess.Popen(
+        [
+            RAY, "start", f"--address={head.address}", "--block", "--num-cpus=0",
+            f"--temp-dir={temp}",
+            "--resources=" + json.dumps({"driver_node": 1}), "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ],
+        env=_client_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            _lose_node(proc)
+        log.close()
+
+
+def _node_with(head: Head, resource: str) -> str | None:
+    """The ID of the alive node that has ``resource``, if any."""
+    from ray.util.state import list_nodes
+
+    for node in list_nodes(address=head.url, filters=[("state", "=", "ALIVE")]):
+        if resource in (node.resources_total or {}):
+            return node.node_id
+    return None
+
+
+def _lose_node(proc: subprocess.Popen) -> int:
+    """The whole node gone at once, as a machine that loses power: SIGKILL to every process
+    under its ``ray start`` (raylet, agents, workers, the job's supervisor and driver)."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    every = [root, *root.children(recursive=True)]
+    for p in every:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    return len(every)
+
+
+def test_submit_logs_stop_and_resubmit_resumes_stpp(head, driver_node, store_dir, tmp_path):
     """The user's commands, nothing else: ``ray job submit --working-dir``, ``ray job logs``,
-    ``ray job status``, ``ray job stop``, and the same submission again."""
+    ``ray job status``, ``ray job stop``, and the same submission again.
+
+    The second submission's driver runs on a worker node of its own
+    (``--entrypoint-resources``), and that whole node is lost while stage 2 runs (every
+    process on it SIGKILLed). The third submission resumes at stage 2 and finishes it."""
     store = tmp_path / "store"
     shutil.copytree(store_dir, store)
     work = tmp_path / "project"  # what --working-dir uploads: the experiment YAML
@@ -177,46 +244,72 @@ def test_submit_logs_stop_and_resubmit_resumes_stpp(head, store_dir, tmp_path):
               "train.val_max_items=1", "tracking.system_metrics=false"):  # fmt: skip
         entry += ["--set", o]
     pipe = run_dir / "job"
+    url = head.url
 
-    def submit(job_id: str) -> None:
+    def submit(job_id: str, *options: str) -> None:
         _ray_job(
             "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(work),
-            "--", *entry, url=head,
+            *options, "--", *entry, url=url,
         )  # fmt: skip
 
+    _wait(lambda: _node_with(head, "driver_node") is not None, 120, "the extra node")
+    lost_node = _node_with(head, "driver_node")
     submit("cellst-stpp-1")
     _wait(
         lambda: (
             _stage(pipe, "1_supervised.json").get("status") == "done"
-            or _status(head, "cellst-stpp-1") in ("FAILED", "SUCCEEDED")
+            or _status(url, "cellst-stpp-1") in ("FAILED", "SUCCEEDED")
         ),
         600,
         "stage 1 of the first job",
     )
-    assert _status(head, "cellst-stpp-1") == "RUNNING", _ray_job(
-        "logs", "cellst-stpp-1", url=head
+    assert _status(url, "cellst-stpp-1") == "RUNNING", _ray_job(
+        "logs", "cellst-stpp-1", url=url
     ).stdout[-3000:]
-    _ray_job("stop", "cellst-stpp-1", url=head)
-    _wait(lambda: _status(head, "cellst-stpp-1") == "STOPPED", 120, "the job to stop")
-    logs = _ray_job("logs", "cellst-stpp-1", url=head).stdout
+    _ray_job("stop", "cellst-stpp-1", url=url)
+    _wait(lambda: _status(url, "cellst-stpp-1") == "STOPPED", 120, "the job to stop")
+    logs = _ray_job("logs", "cellst-stpp-1", url=url).stdout
     assert "[stpp] stage 1/7 supervised" in logs and "done in" in logs, logs[-3000:]
     first = _stage(pipe, "1_supervised.json")
     trainings = sorted(p.name for p in (pipe / "train").iterdir())
 
-    submit("cellst-stpp-2")
-    _wait(  # the second job is at work on stage 2: enough to show where it resumed
+    # the second job's driver on the node of its own, which is lost during stage 2
+    submit("cellst-stpp-2", "--entrypoint-resources", json.dumps({"driver_node": 1}))
+    _wait(
         lambda: (
-            _stage(pipe, "2_reliability.json").get("status") in ("running", "done")
-            or _status(head, "cellst-stpp-2") in ("FAILED", "SUCCEEDED")
+            _stage(pipe, "2_reliability.json").get("status") == "running"
+            or _status(url, "cellst-stpp-2") in ("FAILED", "SUCCEEDED", "STOPPED")
         ),
         600,
         "stage 2 of the re-submitted job",
     )
-    _ray_job("stop", "cellst-stpp-2", url=head)
-    _wait(lambda: _status(head, "cellst-stpp-2") == "STOPPED", 120, "the second job to stop")
-    logs = _ray_job("logs", "cellst-stpp-2", url=head).stdout
+    from ray.job_submission import JobSubmissionClient
+
+    assert JobSubmissionClient(url).get_job_info("cellst-stpp-2").driver_node_id == lost_node
+    assert _stage(pipe, "1_supervised.json") == first  # skipped: stage 2 runs already
+    assert _lose_node(driver_node) >= 3  # at least ray start, its raylet and the job's driver
+    # (the first job may have begun stage 2 too before its stop took effect)
+    attempts = _stage(pipe, "2_reliability.json")["attempts"]
+
+    # the same submission once more (no node of its own now): resumes at stage 2
+    submit("cellst-stpp-3")
+    _wait(
+        lambda: (
+            _stage(pipe, "2_reliability.json").get("status") == "done"
+            or _status(url, "cellst-stpp-3") in ("FAILED", "SUCCEEDED")
+        ),
+        600,
+        "stage 2 of the third job",
+    )
+    _ray_job("stop", "cellst-stpp-3", url=url)
+    _wait(lambda: _status(url, "cellst-stpp-3") == "STOPPED", 120, "the third job to stop")
+    logs = _ray_job("logs", "cellst-stpp-3", url=url).stdout
     skipped = "stage 1/7 supervised (supervised training on the labelled items): done, inputs "
     assert skipped + "unchanged -> skipped" in logs, logs[-3000:]
     assert "stage 2/7 reliability" in logs
+    stage2 = _stage(pipe, "2_reliability.json")
+    assert stage2["status"] == "done" and stage2["attempts"] == attempts + 1, stage2
     assert _stage(pipe, "1_supervised.json") == first  # stage 1 untouched
     assert sorted(p.name for p in (pipe / "train").iterdir()) == trainings  # nothing retrained
+    # the head saw the lost node's job end: its driver is gone, not running on
+    _wait(lambda: _status(url, "cellst-stpp-2") == "FAILED", 120, "the lost job to fail")
