@@ -261,6 +261,22 @@ def test_storage_check_is_skipped_on_the_drivers_own_single_node(ray_session, tm
     assert check_shared_paths(read=[tmp_path / "missing"], write=[tmp_path]) == []
 
 
+def test_storage_check_skips_a_node_that_left_the_cluster(ray_session, tmp_path, monkeypatch):
+    """Right after a node is lost the GCS still lists it as alive for a few seconds, while
+    Ray can no longer schedule anything there (seen when ST++ was re-submitted at once
+    after the loss of its driver's node: the storage check failed the stage). Such a node
+    is skipped; the nodes that are there are still checked."""
+    import ray
+
+    from cellst.raycluster import check_shared_paths
+
+    real = ray.nodes()
+    gone = {**real[0], "NodeID": "ab" * 28, "NodeManagerAddress": "192.0.2.99"}
+    monkeypatch.setattr(ray, "nodes", lambda: [*real, gone])  # the GCS's stale view
+    checked = check_shared_paths(read=[tmp_path], write=[tmp_path / "runs"])
+    assert checked == [n["NodeID"] for n in real if n.get("Alive")]
+
+
 def test_stpp_runs_on_the_nodes_and_resumes_after_its_driver_is_killed(
     cluster, store_dir, tmp_path
 ):

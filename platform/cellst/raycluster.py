@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import pathlib
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -228,20 +229,30 @@ def check_shared_paths(
         ).remote(read, write)
         for n in nodes
     ]
-    try:
-        results = ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise ClusterError(
-            f"the storage check did not finish on every node within {timeout_s:.0f} s"
-        ) from None
-    except ray.exceptions.RayError as exc:  # a node died in between, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ClusterError(f"the storage check failed on a node: {first}") from None
-    for node, problems in zip(nodes, results, strict=True):
+    deadline = time.monotonic() + timeout_s
+    checked = []
+    for node, ref in zip(nodes, refs, strict=True):
+        try:
+            problems = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(
+                f"the storage check did not finish on every node within {timeout_s:.0f} s"
+            ) from None
+        except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError):
+            # the node left the cluster (the GCS may still list it as alive for a few
+            # seconds after it was lost): nothing will run there, so nothing to check
+            logging.getLogger(__name__).warning(
+                "node %s left the cluster during the storage check; skipped", node["NodeID"][:12]
+            )
+            continue
+        except ray.exceptions.RayError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ClusterError(f"the storage check failed on a node: {first}") from None
         if problems:
             raise ClusterError(
                 f"node {node.get('NodeManagerAddress', '?')} ({node['NodeID'][:12]}): "
                 f"{problems[0]}; every node must share the store and run folders (a network "
                 "file system mounted at the same path on each node)"
             )
-    return [n["NodeID"] for n in nodes]
+        checked.append(node["NodeID"])
+    return checked
