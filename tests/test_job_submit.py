@@ -167,6 +167,19 @@ def _stage(pipe: Path, name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _wait_stage(pipe: Path, url: str, job: str, record: str, status: str, what: str) -> None:
+    """Until the stage record has ``status``, or the job has ended (the caller's asserts
+    then say why)."""
+    _wait(
+        lambda: (
+            _stage(pipe, record).get("status") == status
+            or _status(url, job) in ("FAILED", "SUCCEEDED", "STOPPED")
+        ),
+        600,
+        what,
+    )
+
+
 def test_a_client_without_the_token_is_refused(head):
     res = _ray_job("list", url=head.url, check=False, RAY_AUTH_MODE="disabled")
     assert res.returncode != 0
@@ -255,14 +268,7 @@ def test_submit_logs_stop_and_resubmit_resumes_stpp(head, driver_node, store_dir
     _wait(lambda: _node_with(head, "driver_node") is not None, 120, "the extra node")
     lost_node = _node_with(head, "driver_node")
     submit("cellst-stpp-1")
-    _wait(
-        lambda: (
-            _stage(pipe, "1_supervised.json").get("status") == "done"
-            or _status(url, "cellst-stpp-1") in ("FAILED", "SUCCEEDED")
-        ),
-        600,
-        "stage 1 of the first job",
-    )
+    _wait_stage(pipe, url, "cellst-stpp-1", "1_supervised.json", "done", "stage 1, job 1")
     assert _status(url, "cellst-stpp-1") == "RUNNING", _ray_job(
         "logs", "cellst-stpp-1", url=url
     ).stdout[-3000:]
@@ -275,14 +281,7 @@ def test_submit_logs_stop_and_resubmit_resumes_stpp(head, driver_node, store_dir
 
     # the second job's driver on the node of its own, which is lost during stage 2
     submit("cellst-stpp-2", "--entrypoint-resources", json.dumps({"driver_node": 1}))
-    _wait(
-        lambda: (
-            _stage(pipe, "2_reliability.json").get("status") == "running"
-            or _status(url, "cellst-stpp-2") in ("FAILED", "SUCCEEDED", "STOPPED")
-        ),
-        600,
-        "stage 2 of the re-submitted job",
-    )
+    _wait_stage(pipe, url, "cellst-stpp-2", "2_reliability.json", "running", "stage 2, job 2")
     from ray.job_submission import JobSubmissionClient
 
     assert JobSubmissionClient(url).get_job_info("cellst-stpp-2").driver_node_id == lost_node
@@ -293,14 +292,7 @@ def test_submit_logs_stop_and_resubmit_resumes_stpp(head, driver_node, store_dir
 
     # the same submission once more (no node of its own now): resumes at stage 2
     submit("cellst-stpp-3")
-    _wait(
-        lambda: (
-            _stage(pipe, "2_reliability.json").get("status") == "done"
-            or _status(url, "cellst-stpp-3") in ("FAILED", "SUCCEEDED")
-        ),
-        600,
-        "stage 2 of the third job",
-    )
+    _wait_stage(pipe, url, "cellst-stpp-3", "2_reliability.json", "done", "stage 2, job 3")
     _ray_job("stop", "cellst-stpp-3", url=url)
     _wait(lambda: _status(url, "cellst-stpp-3") == "STOPPED", 120, "the third job to stop")
     logs = _ray_job("logs", "cellst-stpp-3", url=url).stdout
