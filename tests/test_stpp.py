@@ -88,6 +88,9 @@ def test_cli_config_error_before_anything_runs(tmp_path):
     ):
         res = runner.invoke(app(), [*args, "--set", "stpp.reliable_fraction=1.5"])
         assert res.exit_code == 2 and "stpp.reliable_fraction" in res.output, res.output
+    for option in ("--until", "--force-from"):  # an unknown stage, before the store is read
+        res = runner.invoke(app(), ["stpp", "run", str(cfg), option, "8"])
+        assert res.exit_code == 2 and f"{option}: unknown stage '8'" in res.output, res.output
     res = runner.invoke(app(), ["stpp", str(cfg)])  # the store does not exist
     assert res.exit_code == 1 and "not a cellst store" in res.output
     assert not (tmp_path / "runs").exists()
@@ -550,6 +553,25 @@ def test_status_command_and_rerun_is_a_no_op(crashed_and_resumed):
     again = run_stpp(crashed_and_resumed["cfg"], log=lambda _: None)
     assert again.ran == [] and again.skipped == list(STAGES)
     assert again.parent_run_id == result.parent_run_id
+
+
+def test_until_stops_after_that_stage(crashed_and_resumed):
+    """``cellst stpp run --until 2``: stages 1-2 (done: skipped) and nothing after them; the
+    records are untouched, and the same command without ``--until`` goes on."""
+    cfg, pipe_dir = crashed_and_resumed["cfg"], crashed_and_resumed["result"].pipeline_dir
+    records = {p.name: p.read_text() for p in (pipe_dir / "stages").glob("*.json")}
+    part = run_stpp(cfg, log=lambda _: None, until="reliability")
+    assert part.stopped_after == "reliability"
+    assert part.skipped == ["supervised", "reliability"] and part.ran == []
+    assert part.report is None  # stage 7 was not reached
+    args = ["stpp", "run", str(ROOT / "experiments" / "demo.yaml"), "--quick", "--until", "2"]
+    for o in (f"store={cfg.store}", f"stpp.run_dir={pipe_dir.parent}", *TINY):
+        args += ["--set", o]
+    res = runner.invoke(app(), args)
+    assert res.exit_code == 0, res.output
+    assert "stopped after stage 2/7 reliability, as asked (--until)" in res.output
+    assert "test-split F1" not in res.output  # no table: the evaluation was not reached
+    assert {p.name: p.read_text() for p in (pipe_dir / "stages").glob("*.json")} == records
 
 
 def test_demo_script_resumes_with_nothing_to_redo_and_prints_the_table(crashed_and_resumed):

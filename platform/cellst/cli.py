@@ -557,6 +557,14 @@ def stpp_run(
             "--force-from", help="run this stage (number or name) and every later one again"
         ),
     ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            "--until",
+            help="stop once this stage (number or name) is done, e.g. 2 to look at the "
+            "reliability ranking first; the same command without it goes on",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -583,7 +591,7 @@ def stpp_run(
     if ray_address:
         ensure_ray(ray_address)
     try:
-        result = run_stpp(cfg, force_from=force_from, overwrite=overwrite)
+        result = run_stpp(cfg, force_from=force_from, overwrite=overwrite, until=until)
     finally:
         if (cfg.pipeline_dir / "stages").is_dir():
             with contextlib.suppress(Exception):

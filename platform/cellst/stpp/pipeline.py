@@ -84,6 +84,10 @@ class StppStopped(StoreError):
     """The pipeline stopped early for a reason of the data (e.g. no unlabelled items)."""
 
 
+class _UntilReached(Exception):
+    """The stage the caller asked to stop after (``until``) is done: no later stage runs."""
+
+
 @dataclass
 class StppResult:
     """What a pipeline run produced."""
@@ -95,6 +99,8 @@ class StppResult:
     report: pd.DataFrame | None = None
     parent_run_id: str | None = None
     tracking_uri: str | None = None
+    #: the stage this run stopped after, as asked (``until``); None when it ran to the end
+    stopped_after: str | None = None
 
     def record(self, name: str) -> StageRecord:
         return next(r for r in self.records if r.name == name)
@@ -175,9 +181,11 @@ class Pipeline:
         *,
         overwrite: bool = False,
         log: Callable[[str], None] = print,
+        until: str | None = None,
     ):
         self.cfg = cfg
         self.overwrite = overwrite
+        self.until = until
         self.log = log
         self.dir = cfg.pipeline_dir
         self.book = StageBook(self.dir, STAGES)
@@ -258,7 +266,7 @@ class Pipeline:
         if decision == "skip":
             self.log(f"{head}: done, inputs unchanged -> skipped")
             self.skipped.append(name)
-            return self.book.get(name)
+            return self._stop_if_until(name, self.book.get(name))
         self.log(f"{head}: {'resuming' if decision == 'resume' else 'running'}")
         rec = self.book.start(name, h, fresh=decision == "fresh")
         t0 = time.perf_counter()
@@ -276,6 +284,11 @@ class Pipeline:
         rec = self.book.finish(name, dict(outputs), run_id)
         self.ran.append(name)
         self.log(f"{head}: done in {time.perf_counter() - t0:.0f} s")
+        return self._stop_if_until(name, rec)
+
+    def _stop_if_until(self, name: str, rec: StageRecord) -> StageRecord:
+        if name == self.until:
+            raise _UntilReached(name)
         return rec
 
     # -- the steps -----------------------------------------------------------------------------
@@ -661,6 +674,7 @@ def run_stpp(
     force_from: str | int | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    until: str | int | None = None,
 ) -> StppResult:
     """Run (or resume) the ST++ pipeline described by ``cfg``.
 
@@ -672,22 +686,29 @@ def run_stpp(
         Run this stage and every later one again even if done with the same inputs.
     overwrite : bool
         Replace pseudo-label sets of this pipeline's names that another run wrote.
+    until : stage number or name, optional
+        Stop once this stage is done (run or skipped): e.g. ``"reliability"`` to look at
+        the ranking before any pseudo-labelling. Running again without it goes on from the
+        next stage; nothing done is recomputed.
 
     Raises
     ------
     ConfigError
-        An unknown ``force_from`` stage.
+        An unknown ``force_from`` or ``until`` stage.
     StoreError
         Store problems (found before anything runs), a foreign pseudo-label set, another
         process running the same pipeline; :class:`StppStopped` when the store has no
         unlabelled items (after stage 1).
     """
     pipe = Pipeline(cfg, overwrite=overwrite, log=log)
-    if force_from is not None:
-        try:
-            pipe.book.resolve(force_from)
-        except ValueError as exc:
-            raise ConfigError(f"--force-from: {exc}") from None
+    for option, ref in (("--force-from", force_from), ("--until", until)):
+        if ref is not None:
+            try:
+                stage = pipe.book.resolve(ref)
+            except ValueError as exc:
+                raise ConfigError(f"{option}: {exc}") from None
+            if option == "--until":
+                pipe.until = stage
     store = pipe.preflight()
     pipe.dir.mkdir(parents=True, exist_ok=True)
     with store_lock(pipe.dir / ".lock", what=f"the run folder {pipe.dir}"):
@@ -708,8 +729,17 @@ def run_stpp(
         parent = pipe.parent
         parent.resolve()
         parent.open(store)
+        stopped_after = None
         try:
             pipe.run(store)
+        except _UntilReached as stop:
+            stopped_after = str(stop)
+            n = pipe.book.index(stopped_after)
+            parent.close("FINISHED", {"cellst.stpp.stopped_after": f"{n}_{stopped_after}"})
+            log(
+                f"[stpp] stopped after stage {n}/{len(STAGES)} {stopped_after}, as asked "
+                "(--until); the same command without --until goes on from the next stage"
+            )
         except StppStopped:
             parent.close("FINISHED", {"cellst.stpp.stopped_after": "1_supervised"})
             raise
@@ -719,7 +749,8 @@ def run_stpp(
         except BaseException:
             parent.close("FAILED")
             raise
-        parent.finish(pipe.book.records(), pipe.report)
+        if stopped_after is None:
+            parent.finish(pipe.book.records(), pipe.report)
     return StppResult(
         pipe.dir,
         pipe.book.records(),
@@ -728,6 +759,7 @@ def run_stpp(
         pipe.report,
         parent.run_id,
         parent.uri,
+        stopped_after,
     )
 
 
