@@ -56,6 +56,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # the session's own cluster, never another one on the machine
             num_cpus=2,
             include_dashboard=False,
             logging_level="ERROR",

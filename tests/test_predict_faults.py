@@ -287,7 +287,7 @@ def test_no_process_of_ours_is_left_behind(lite_checkpoint, tmp_path, how):
         tifffile.imwrite(folder / f"img{i:02d}.tif", rng.integers(0, 255, (256, 256), np.uint8))
     if how == "error":
         (folder / "img00.tif").write_bytes((folder / "img01.tif").read_bytes()[:300])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a cluster of its own
     cmd = [CELLST, "predict", "--checkpoint", str(lite_checkpoint), "--input", str(folder)]
     cmd += ["--out", str(out), "--set", "inference.roi=128"]
     log = open(tmp_path / "log.txt", "w")  # noqa: SIM115
