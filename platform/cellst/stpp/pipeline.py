@@ -181,11 +181,11 @@ class Pipeline:
         *,
         overwrite: bool = False,
         log: Callable[[str], None] = print,
-        until: str | None = None,
     ):
         self.cfg = cfg
         self.overwrite = overwrite
-        self.until = until
+        #: the stage after which :meth:`run` stops (``run_stpp(until=...)``), or None
+        self.until: str | None = None
         self.log = log
         self.dir = cfg.pipeline_dir
         self.book = StageBook(self.dir, STAGES)
@@ -669,6 +669,16 @@ class Pipeline:
         return summary
 
 
+def _stage_option(book: StageBook, option: str, ref: str | int | None) -> str | None:
+    """The stage name that ``option`` refers to (None if not given); ConfigError if unknown."""
+    if ref is None:
+        return None
+    try:
+        return book.resolve(ref)
+    except ValueError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+
+
 def run_stpp(
     cfg: StppExperimentConfig,
     force_from: str | int | None = None,
@@ -701,14 +711,8 @@ def run_stpp(
         unlabelled items (after stage 1).
     """
     pipe = Pipeline(cfg, overwrite=overwrite, log=log)
-    for option, ref in (("--force-from", force_from), ("--until", until)):
-        if ref is not None:
-            try:
-                stage = pipe.book.resolve(ref)
-            except ValueError as exc:
-                raise ConfigError(f"{option}: {exc}") from None
-            if option == "--until":
-                pipe.until = stage
+    _stage_option(pipe.book, "--force-from", force_from)
+    pipe.until = _stage_option(pipe.book, "--until", until)
     store = pipe.preflight()
     pipe.dir.mkdir(parents=True, exist_ok=True)
     with store_lock(pipe.dir / ".lock", what=f"the run folder {pipe.dir}"):
