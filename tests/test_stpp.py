@@ -556,8 +556,9 @@ def test_status_command_and_rerun_is_a_no_op(crashed_and_resumed):
 
 
 def test_until_stops_after_that_stage(crashed_and_resumed):
-    """``cellst stpp run --until 2``: stages 1-2 (done: skipped) and nothing after them; the
-    records are untouched, and the same command without ``--until`` goes on."""
+    """``run_stpp(until=...)`` and ``cellst stpp run --until 2`` on the finished pipeline:
+    stages 1-2 are considered (done: skipped) and nothing after them, no F1 table, the
+    records untouched. (Going on without ``--until`` is a plain resume, tested above.)"""
     cfg, pipe_dir = crashed_and_resumed["cfg"], crashed_and_resumed["result"].pipeline_dir
     records = {p.name: p.read_text() for p in (pipe_dir / "stages").glob("*.json")}
     part = run_stpp(cfg, log=lambda _: None, until="reliability")
