@@ -194,3 +194,42 @@ def test_first_batch_is_fetched_before_it_is_asked_for():
     with pytest.raises(OSError, match="store unreadable"):
         next(items)
     assert list(_first_item_fetched_now(iter(()))) == []
+
+
+def test_bad_checkpoint_record_fails_before_torch_is_imported(tmp_path):
+    """``cellst predict`` checks the checkpoint first: an invalid ``model.json`` is reported
+    from the torch-free :mod:`cellst.model.checkpoint_files`, without the seconds of torch
+    and MONAI imports that loading the weights costs."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.json").write_text('{"format": "cellst-model/1", "model": {"name": "nope"}}')
+    code = f"""
+from cellst.data.store import StoreError
+from cellst.inference.batch import check_checkpoint
+try:
+    check_checkpoint({str(ckpt)!r})
+except StoreError as exc:
+    assert "has an invalid model config" in str(exc) and {str(ckpt)!r} in str(exc), exc
+else:
+    raise AssertionError("no StoreError")
+"""
+    heavy = _heavy_imports(code)
+    assert "torch" not in heavy and "monai" not in heavy, heavy
+
+
+def test_checkpoint_layout_is_owned_by_one_module():
+    """The checkpoint file names are spelled once, in ``checkpoint_files``; the torch module
+    re-exports the same objects (one ``CheckpointError`` class, whichever path imports it)."""
+    import re
+
+    from cellst.model import checkpoint, checkpoint_files
+
+    assert checkpoint.CheckpointError is checkpoint_files.CheckpointError
+    assert checkpoint.read_checkpoint_info is checkpoint_files.read_checkpoint_info
+    spelled = re.compile(r"[\"'](model\.json|model\.pt|postprocess\.json)[\"']")
+    owners = {
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "platform" / "cellst").rglob("*.py")
+        if spelled.search(p.read_text())
+    }
+    assert owners == {"platform/cellst/model/checkpoint_files.py"}, owners

@@ -292,8 +292,7 @@ def test_stpp_runs_on_the_nodes_and_resumes_after_its_driver_is_killed(
     args = ["stpp", "run", str(ROOT / "experiments" / "demo.yaml"), "--quick"]
     for o in (f"store={store}", f"stpp.run_dir={tmp_path / 'stpp'}", "name=mn",
               "data.crops_per_epoch=16", "train.val_max_items=1", "inference.roi=64",
-              "train.snapshot_fractions=[0.5, 1.0]", "stpp.evaluate=false",
-              "tracking.system_metrics=false"):  # fmt: skip
+              "train.snapshot_fractions=[0.5, 1.0]", "tracking.system_metrics=false"):  # fmt: skip
         args += ["--set", o]
     pipe = tmp_path / "stpp" / "mn"
     stage5 = pipe / "stages" / "5_pseudo_unreliable.json"

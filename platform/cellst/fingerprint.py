@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cellst.model.checkpoint_files import WEIGHTS_FILE
+
 #: version of the fingerprint recipe, stored beside fingerprints (run.json ``fingerprint``)
 VERSION = 2
 
@@ -72,5 +74,5 @@ def config_fingerprint(
 
 def checkpoint_fingerprint(path: str | os.PathLike[str]) -> list:
     """Cheap identity of a checkpoint's weights (path, size and mtime of ``model.pt``)."""
-    st = (Path(path) / "model.pt").stat()
+    st = (Path(path) / WEIGHTS_FILE).stat()
     return [str(path), st.st_size, st.st_mtime_ns]

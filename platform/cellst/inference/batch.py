@@ -109,12 +109,15 @@ def check_checkpoint(checkpoint: str | Path) -> str:
         In one line naming the checkpoint: a missing or invalid ``model.json``, unreadable
         or truncated weights, weights of another architecture or width.
     """
-    from cellst.model.checkpoint import load_model, weights_digest
+    from cellst.model.checkpoint_files import INFO_FILE, is_checkpoint, read_checkpoint_info
 
     path = Path(checkpoint)
-    if not (path / "model.json").is_file():
-        raise StoreError(f"{path} is not a cellst checkpoint (no model.json)")
+    if not is_checkpoint(path):
+        raise StoreError(f"{path} is not a cellst checkpoint (no {INFO_FILE})")
     try:
+        read_checkpoint_info(path)  # a bad model.json fails here, before torch is imported
+        from cellst.model.checkpoint import load_model, weights_digest
+
         load_model(path)
         return weights_digest(path)
     except Exception as exc:  # noqa: BLE001 - CheckpointError, or torch/MONAI on odd files
@@ -399,7 +402,7 @@ def prepare_set(
     none is taken over.
     """
     if identity is None:
-        from cellst.model.checkpoint import weights_digest
+        from cellst.model.checkpoint_files import weights_digest
         from cellst.postprocess import PostprocessConfig
 
         identity = model_identity(weights_digest(checkpoint), PostprocessConfig())

@@ -42,6 +42,7 @@ import numpy as np
 
 from cellst.data.images import IMAGE_SUFFIXES, LABEL_SUFFIX, declared_pixels, declared_shape
 from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
+from cellst.model.checkpoint_files import INFO_FILE, is_checkpoint
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -175,8 +176,8 @@ def check_checkpoint_dir(checkpoint: str | os.PathLike[str]) -> Path:
     path = Path(checkpoint)
     if not path.is_dir():
         raise SegmentError(f"checkpoint {path}: no such folder")
-    if not (path / "model.json").is_file():
-        raise SegmentError(f"checkpoint {path} is not a cellst checkpoint (no model.json)")
+    if not is_checkpoint(path):
+        raise SegmentError(f"checkpoint {path} is not a cellst checkpoint (no {INFO_FILE})")
     return path
 
 

@@ -15,10 +15,11 @@ _NAMES = {
     "LossConfig": "config",
     "ModelConfig": "config",
     "build_augment": "augment",
-    "CheckpointError": "checkpoint",
+    "CheckpointError": "checkpoint_files",
+    "is_checkpoint": "checkpoint_files",
     "load_into": "checkpoint",
     "load_model": "checkpoint",
-    "read_checkpoint_info": "checkpoint",
+    "read_checkpoint_info": "checkpoint_files",
     "save_checkpoint": "checkpoint",
     "unwrap_model": "checkpoint",
     "HoVerLoss": "loss",
@@ -33,6 +34,7 @@ _NAMES = {
 __all__ = [
     "AugmentConfig",
     "CheckpointError",
+    "is_checkpoint",
     "HV_KEY",
     "HoVerLoss",
     "LossConfig",
@@ -53,14 +55,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from cellst.model.augment import build_augment
-    from cellst.model.checkpoint import (
-        CheckpointError,
-        load_into,
-        load_model,
-        read_checkpoint_info,
-        save_checkpoint,
-        unwrap_model,
-    )
+    from cellst.model.checkpoint import load_into, load_model, save_checkpoint, unwrap_model
+    from cellst.model.checkpoint_files import CheckpointError, is_checkpoint, read_checkpoint_info
     from cellst.model.config import AugmentConfig, LossConfig, ModelConfig
     from cellst.model.loss import HoVerLoss
     from cellst.model.networks import HV_KEY, NP_KEY, build_model, count_parameters

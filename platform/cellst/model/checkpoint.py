@@ -1,4 +1,5 @@
-"""Model checkpoints: a directory with ``model.pt`` and ``model.json``.
+"""Model checkpoints: a directory with ``model.pt`` and ``model.json`` (layout and records:
+:mod:`cellst.model.checkpoint_files`, torch-free).
 
 * ``model.pt``: the ``state_dict`` only (CPU tensors, no pickled code; loaded with
   ``weights_only=True``), without DDP ``module.`` / ``torch.compile`` ``_orig_mod.`` prefixes;
@@ -19,7 +20,6 @@ parameter mismatch as a :class:`CheckpointError` naming the checkpoint.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import uuid
@@ -27,16 +27,34 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from pydantic import ValidationError
 
 from cellst import __version__
+from cellst.model.checkpoint_files import (
+    FORMAT,
+    INFO_FILE,
+    POSTPROCESS_FILE,
+    POSTPROCESS_FORMAT,
+    WEIGHTS_FILE,
+    CheckpointError,
+    is_checkpoint,
+    jsonable,
+    load_postprocess,
+    read_checkpoint_info,
+    save_postprocess,
+    weights_digest,
+)
 from cellst.model.networks import ModelConfig, build_model
 
+# the folder layout and its records live in the torch-free checkpoint_files; re-exported here
 __all__ = [
     "FORMAT",
+    "INFO_FILE",
+    "POSTPROCESS_FILE",
+    "POSTPROCESS_FORMAT",
+    "WEIGHTS_FILE",
     "CheckpointError",
+    "is_checkpoint",
     "load_into",
     "load_model",
     "load_postprocess",
@@ -47,17 +65,8 @@ __all__ = [
     "weights_digest",
 ]
 
-FORMAT = "cellst-model/1"
-POSTPROCESS_FORMAT = "cellst-postprocess/1"
-WEIGHTS_FILE = "model.pt"
-INFO_FILE = "model.json"
-POSTPROCESS_FILE = "postprocess.json"
 _PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 8
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, malformed or does not fit the model it is loaded into."""
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -85,27 +94,6 @@ def _clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    """Metadata as plain JSON (numpy / torch scalars, paths, tuples; non-finite -> None)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.detach().cpu().tolist())
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"checkpoint metadata value {value!r} ({type(value).__name__}) is not JSON")
-
-
 def save_checkpoint(
     directory: str | os.PathLike[str],
     model: torch.nn.Module,
@@ -122,7 +110,7 @@ def save_checkpoint(
         "format": FORMAT,
         "cellst_version": __version__,
         "model": cfg.model_dump(mode="json"),
-        "metadata": _jsonable(dict(metadata or {})),
+        "metadata": jsonable(dict(metadata or {})),
     }
     state = _clean_state_dict(unwrap_model(model).state_dict())
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -145,36 +133,6 @@ def save_checkpoint(
         raise
     shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-def _read_record(path: Path, fmt: str, what: str, hint: str) -> dict[str, Any]:
-    """A JSON record of a checkpoint folder, checked to be a mapping of format ``fmt``;
-    :class:`CheckpointError` naming ``path`` (with ``what`` before and ``hint`` after)."""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{what}{path} is not readable JSON: {exc}{hint}") from exc
-    if not isinstance(doc, dict) or doc.get("format") != fmt:
-        got = doc.get("format") if isinstance(doc, dict) else None
-        raise CheckpointError(f"{what}{path} has format {got!r}, expected {fmt!r}{hint}")
-    return doc
-
-
-def read_checkpoint_info(directory: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any]]:
-    """``(ModelConfig, metadata)`` from a checkpoint's ``model.json`` (weights not read)."""
-    path = Path(directory)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    info_path = path / INFO_FILE
-    if not info_path.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {INFO_FILE} ({info_path} is missing)")
-    info = _read_record(info_path, FORMAT, "checkpoint ", "")
-    try:
-        cfg = ModelConfig.model_validate(info.get("model"))
-    except ValidationError as exc:
-        raise CheckpointError(f"checkpoint {info_path} has an invalid model config: {exc}") from exc
-    metadata = info.get("metadata") or {}
-    return cfg, dict(metadata)
 
 
 def _read_state(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
@@ -273,77 +231,3 @@ def load_model(
         model = model.to(map_location)
     model.eval()
     return model, cfg, metadata
-
-
-# ----------------------------------------------------------------------------- calibration
-def weights_digest(directory: str | os.PathLike[str]) -> str:
-    """sha256 of a checkpoint's ``model.pt`` (what calibrated settings belong to)."""
-    import hashlib
-
-    weights = Path(directory) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(
-            f"checkpoint {directory} has no {WEIGHTS_FILE} ({weights} is missing)"
-        )
-    h = hashlib.sha256()
-    with open(weights, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def save_postprocess(
-    directory: str | os.PathLike[str],
-    settings: Mapping[str, Any],
-    meta: Mapping[str, Any] | None = None,
-) -> Path:
-    """Store post-processing ``settings`` calibrated for the checkpoint at ``directory``.
-
-    ``settings`` are :class:`cellst.postprocess.PostprocessConfig` fields; ``meta`` is free JSON
-    (validation F1 before/after, items, ...). Written atomically (temporary file, rename) as
-    ``postprocess.json`` beside the weights, with their sha256. Returns the file's path.
-    """
-    from cellst.data.store import atomic_write_bytes
-
-    path = Path(directory)
-    read_checkpoint_info(path)  # a real checkpoint, or a CheckpointError naming it
-    doc = {
-        "format": POSTPROCESS_FORMAT,
-        "cellst_version": __version__,
-        "weights_sha256": weights_digest(path),
-        "settings": _jsonable(dict(settings)),
-        "meta": _jsonable(dict(meta or {})),
-    }
-    target = path / POSTPROCESS_FILE
-    atomic_write_bytes(target, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-    return target
-
-
-def load_postprocess(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The calibrated post-processing of a checkpoint: ``{"settings": ..., "meta": ...}``.
-
-    Returns None when the checkpoint has no ``postprocess.json``, or when the file was
-    calibrated for other weights (then a ``UserWarning`` says so and nothing is applied).
-
-    Raises
-    ------
-    CheckpointError
-        The file exists but is not a readable calibration record.
-    """
-    import warnings
-
-    path = Path(directory) / POSTPROCESS_FILE
-    if not path.is_file():
-        return None
-    doc = _read_record(path, POSTPROCESS_FORMAT, "", "; delete it")
-    if not isinstance(doc.get("settings"), dict) or not isinstance(doc.get("meta", {}), dict):
-        raise CheckpointError(f"{path} has no settings mapping; delete it")
-    if doc.get("weights_sha256") != weights_digest(directory):
-        warnings.warn(
-            f"{path} was calibrated for other weights than {Path(directory) / WEIGHTS_FILE}; "
-            f"ignored",
-            UserWarning,
-            stacklevel=2,
-        )
-        return None
-    return {"settings": dict(doc["settings"]), "meta": dict(doc.get("meta") or {})}

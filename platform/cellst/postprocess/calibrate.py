@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from pydantic import ValidationError
 
+from cellst.model.checkpoint_files import is_checkpoint
 from cellst.postprocess.hover import PostprocessConfig
 
 __all__ = [
@@ -274,7 +275,7 @@ def calibrate_checkpoints(
     Checkpoints holding the same weights (``best`` and ``last`` of one epoch, hard-linked
     copies) are calibrated once. Returns ``{checkpoint path: Calibration}``.
     """
-    from cellst.model.checkpoint import save_postprocess, weights_digest
+    from cellst.model.checkpoint_files import save_postprocess, weights_digest
 
     done: dict[str, Calibration] = {}
     out: dict[str, Calibration] = {}
@@ -312,7 +313,7 @@ def calibrate_run(
 
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
     named = [paths.checkpoints / "best", paths.checkpoints / "last", *paths.snapshots()]
-    named = [p for p in named if (p / "model.json").is_file()]
+    named = [p for p in named if is_checkpoint(p)]
     if not named:
         return {}
     try:
@@ -356,7 +357,7 @@ def effective_postprocess(
         ``postprocess.json`` exists but cannot be read.
     """
     from cellst.data.store import StoreError
-    from cellst.model.checkpoint import CheckpointError, load_postprocess
+    from cellst.model.checkpoint_files import CheckpointError, load_postprocess
 
     post = post if post is not None else PostprocessConfig()
     chosen = set(post.model_fields_set if explicit is None else explicit)

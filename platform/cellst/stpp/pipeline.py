@@ -57,6 +57,7 @@ import pandas as pd
 from cellst.config import ConfigError, dump_config
 from cellst.data.store import CellStore, StoreError, atomic_write_bytes, store_lock
 from cellst.fingerprint import checkpoint_fingerprint, config_fingerprint, stable_hash
+from cellst.model.checkpoint_files import is_checkpoint
 from cellst.stpp.experiment import StppExperimentConfig
 from cellst.stpp.outputs import (
     MODELS,
@@ -160,7 +161,7 @@ def combine_sets(store: CellStore, sources: list[str], dest: str, meta: dict) ->
 
 def _checkpoints_present(outputs: dict) -> bool:
     paths = [outputs.get("best"), *outputs.get("snapshots", [])]
-    return all(p and (Path(p) / "model.json").is_file() for p in paths)
+    return all(p and is_checkpoint(p) for p in paths)
 
 
 def _sets_present(store: CellStore, names: list[str | None]) -> bool:
@@ -734,18 +735,22 @@ def run_stpp(
         parent.resolve()
         parent.open(store)
         stopped_after = None
+
+        def stopped_tag(stage: str) -> dict[str, str]:
+            return {"cellst.stpp.stopped_after": f"{pipe.book.index(stage)}_{stage}"}
+
         try:
             pipe.run(store)
         except _UntilReached as stop:
             stopped_after = str(stop)
-            n = pipe.book.index(stopped_after)
-            parent.close("FINISHED", {"cellst.stpp.stopped_after": f"{n}_{stopped_after}"})
+            parent.close("FINISHED", stopped_tag(stopped_after))
             log(
-                f"[stpp] stopped after stage {n}/{len(STAGES)} {stopped_after}, as asked "
-                "(--until); the same command without --until goes on from the next stage"
+                f"[stpp] stopped after stage {pipe.book.index(stopped_after)}/{len(STAGES)} "
+                f"{stopped_after}, as asked (--until); the same command without --until goes "
+                "on from the next stage"
             )
         except StppStopped:
-            parent.close("FINISHED", {"cellst.stpp.stopped_after": "1_supervised"})
+            parent.close("FINISHED", stopped_tag("supervised"))
             raise
         except KeyboardInterrupt:
             parent.close("KILLED")

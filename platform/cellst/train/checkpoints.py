@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from cellst.fs import atomic_write_json
+from cellst.model.checkpoint_files import INFO_FILE, WEIGHTS_FILE
 
-MODEL_FILES = ("model.pt", "model.json")
+MODEL_FILES = (WEIGHTS_FILE, INFO_FILE)
 
 
 @dataclass(frozen=True)

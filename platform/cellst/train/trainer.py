@@ -21,6 +21,7 @@ from cellst.config import ConfigError
 from cellst.data.store import CellStore, StoreError
 from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
 from cellst.fingerprint import config_fingerprint
+from cellst.model.checkpoint_files import is_checkpoint
 from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, train_log_level
 from cellst.train.checkpoints import RunPaths
 from cellst.train.config import TrainingDiverged
@@ -74,7 +75,7 @@ def check_request(cfg) -> tuple[CellStore, list[str], list[str]]:
             f"train.pseudo_set={t.pseudo_set!r} is not in store {store.root} "
             f"(sets: {store.pseudo_sets() or 'none'}); create it with `cellst predict`"
         )
-    if t.init_checkpoint is not None and not (Path(t.init_checkpoint) / "model.json").is_file():
+    if t.init_checkpoint is not None and not is_checkpoint(t.init_checkpoint):
         raise ConfigError(f"train.init_checkpoint={t.init_checkpoint} is not a cellst checkpoint")
     train_ids, val_ids = split_train_val(labelled, cfg.data.val_fraction, cfg.data.seed)
     return store, train_ids, val_ids

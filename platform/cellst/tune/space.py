@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cellst.config import ConfigError, apply_overrides, load_config
+from cellst.model.checkpoint_files import INFO_FILE, is_checkpoint
 from cellst.tune.config import Distribution
 
 
@@ -93,9 +94,9 @@ def load_tune_config(path: str | Path | None, overrides: list[str] | tuple[str, 
     problems = space_problems(cfg)
     if problems:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(problems))
-    if cfg.tune.checkpoint and not (Path(cfg.tune.checkpoint) / "model.json").is_file():
+    if cfg.tune.checkpoint and not is_checkpoint(cfg.tune.checkpoint):
         raise ConfigError(
             f"tune.checkpoint: {cfg.tune.checkpoint} is not a cellst checkpoint folder "
-            f"(no model.json); point it at e.g. runs/<name>/checkpoints/best"
+            f"(no {INFO_FILE}); point it at e.g. runs/<name>/checkpoints/best"
         )
     return cfg
