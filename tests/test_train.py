@@ -313,6 +313,30 @@ def test_two_phase_training_logs_to_a_real_mlflow_server(
     assert "sqlite" not in out.output and "mlflow ui" not in out.output
 
 
+def test_workers_finding_no_room_stop_the_training_in_one_line(ray_session, store_dir, tmp_path):
+    """``STRICT_SPREAD`` puts each worker on its own node: this one-node cluster never holds
+    two. Ray Train alone would wait forever (for an autoscaler, as after a lost node that
+    nothing replaces); cellst stops after ``train.node_wait_s``, exit 1, in one line that
+    names the setting, and run.json says why. (The lost node: tests/test_multinode.py.)"""
+    cfg = tiny_cfg(
+        store_dir,
+        tmp_path,
+        "train.num_workers=2",
+        "train.placement_strategy=STRICT_SPREAD",
+        "train.node_wait_s=3",
+        "train.run_name=noroom",
+    )
+    yml = tmp_path / "noroom.yaml"
+    yml.write_text(dump_config(cfg))
+    res = CliRunner().invoke(app, ["train", str(yml)])
+    assert res.exit_code == 1, res.output
+    said = [line for line in res.output.splitlines() if "found no room" in line]
+    assert len(said) == 1 and "for 3 s (train.node_wait_s)" in said[0], res.output
+    assert "STRICT_SPREAD" in said[0] and "Traceback" not in res.output
+    state = json.loads((tmp_path / "noroom" / "run.json").read_text())
+    assert state["status"] == "failed" and "found no room" in state["error"]
+
+
 def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_path, monkeypatch):
     cfg = tiny_cfg(store_dir, tmp_path, "train.epochs=3", "train.run_name=nan", "train.val_every=5")
     steps_per_epoch = 64 // 8

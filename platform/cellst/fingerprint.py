@@ -29,6 +29,7 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
         "run_dir",
         "run_name",
         "max_failures",
+        "node_wait_s",
         "log_every_steps",
         "keep_last",
         "cpus_per_worker",

@@ -93,6 +93,39 @@ def _train_context_logger() -> str:
     return str(path) if path.is_file() else ""
 
 
+def found_no_room(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or wraps, Ray Train's ``WorkerGroupStartupTimeoutError``: its
+    worker group could not be placed in time (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``).
+    Told by class name: the class is private to Ray Train."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if any(c.__name__ == "WorkerGroupStartupTimeoutError" for c in type(cur).__mro__):
+            return True
+        cur = getattr(cur, "controller_failure", None) or cur.__cause__ or cur.__context__
+    return False
+
+
+class _NoRoomYet(logging.Filter):
+    """Ray Train's controller logs each timed-out wait for room for its worker group as an
+    unexpected error with a traceback. cellst expects it (``train.node_wait_s``), so the
+    record becomes one plain line; any other record passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and found_no_room(record.exc_info[1]):
+            record.msg = (
+                "no room on the cluster for the training workers yet (a lost node?); Ray "
+                "Train tries again, and cellst stops the training after train.node_wait_s"
+            )
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+#: Ray Train's controller module logger (the control loop's errors)
+TRAIN_CONTROLLER_LOGGER = "ray.train.v2._internal.execution.controller.controller"
+
+
 def quiet_logs() -> None:
     """Lower Ray's chatty loggers in this process (unless ``CELLST_VERBOSE=1``)."""
     if verbose():
@@ -100,6 +133,9 @@ def quiet_logs() -> None:
     for name, level in {**NOISY_LOGGERS, _train_context_logger(): logging.WARNING}.items():
         if name:
             logging.getLogger(name).setLevel(level)
+    controller = logging.getLogger(TRAIN_CONTROLLER_LOGGER)
+    if not any(isinstance(f, _NoRoomYet) for f in controller.filters):
+        controller.addFilter(_NoRoomYet())
     import warnings
 
     warnings.filterwarnings("ignore", message=".*exclude_resources.*is deprecated")

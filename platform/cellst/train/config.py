@@ -79,6 +79,14 @@ class TrainConfig(Section):
         "predict uses them unless postprocess.* is set explicitly)",
     )
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
+    node_wait_s: float | None = Field(
+        600,
+        gt=0,
+        description="seconds the workers may wait for room on the cluster (at the start, or "
+        "after a lost node that nothing replaces) before the training stops with its "
+        "checkpoints kept; the same command then resumes it. None: wait as long as it takes "
+        "(an autoscaler adds nodes)",
+    )
     seed: int = 0
     log_every_steps: int = Field(10, ge=1)
 

@@ -8,6 +8,7 @@ checkpoint of the same ``(storage_path, name)``, and the MLflow run is re-attach
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,13 @@ from cellst.data.store import CellStore, StoreError
 from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
 from cellst.fingerprint import config_fingerprint
 from cellst.model.checkpoint_files import is_checkpoint
-from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, train_log_level
+from cellst.raycluster import (
+    ClusterError,
+    alive_node_cpus,
+    cpus_per_actor,
+    found_no_room,
+    train_log_level,
+)
 from cellst.train.checkpoints import RunPaths
 from cellst.train.config import TrainingDiverged
 
@@ -89,6 +96,65 @@ def single_node_defaults() -> None:
 
     if sum(1 for n in ray.nodes() if n.get("Alive")) == 1:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+#: Ray Train waits this many seconds per try for its worker group's placement group
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def node_wait_policy(node_wait_s: float | None) -> tuple[dict[str, str], int]:
+    """How long Ray Train may wait for room for the workers: ``(environment, tries - 1)``.
+
+    Ray Train waits for the worker group's placement group up to
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) per try, at the start and after a
+    lost node, and by default tries forever (for an autoscaler to add a node). A fixed
+    cluster that lost a node would wait forever, so cellst allows ``train.node_wait_s`` in
+    all: tries of at most 60 s (or the length a user set in that variable), as many as fit,
+    passed as ``FailureConfig(controller_failure_limit=...)``. None keeps Ray's default.
+    """
+    if node_wait_s is None:
+        return {}, -1
+    env: dict[str, str] = {}
+    per_try = float(os.environ.get(START_TIMEOUT_ENV) or 0)
+    if per_try <= 0:
+        per_try = min(60.0, node_wait_s)
+        env[START_TIMEOUT_ENV] = f"{per_try:g}"
+    return env, max(0, math.ceil(node_wait_s / per_try) - 1)
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """``os.environ`` with ``values`` set for the block (Ray Train reads its settings from
+    the driver's environment when ``fit()`` starts its controller); then as before."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def no_room_error(cfg, paths: RunPaths) -> ClusterError:
+    """The one-line error of a training whose workers found no room for train.node_wait_s.
+    (The run resumes from the last checkpoint Ray Train registered, which can be one epoch
+    before ``last`` if the node went between the two.)"""
+    t = cfg.train
+    kept = (
+        "its checkpoints are kept"
+        if is_checkpoint(paths.checkpoints / "last")
+        else "no checkpoint yet"
+    )
+    gpus = " + 1 GPU" if t.use_gpu else ""
+    return ClusterError(
+        f"train: {t.num_workers} worker(s) of {t.cpus_per_worker:g} CPU(s){gpus} "
+        f"({t.placement_strategy}) found no room on the Ray cluster for {t.node_wait_s:g} s "
+        f"(train.node_wait_s), e.g. a lost node that nothing replaced; {kept}, and the same "
+        "command resumes the run once the cluster has room"
+    )
 
 
 def fit_cluster(cfg):
@@ -326,6 +392,7 @@ def train(
             else None
         )
         single_node_defaults()
+        wait_env, wait_tries = node_wait_policy(t.node_wait_s)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -350,7 +417,9 @@ def train(
             run_config=ray.train.RunConfig(
                 name=name,
                 storage_path=str(Path(t.run_dir).absolute() / "_ray"),
-                failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                failure_config=ray.train.FailureConfig(
+                    max_failures=t.max_failures, controller_failure_limit=wait_tries
+                ),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_last),
                 logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
                 callbacks=list(callbacks or []),
@@ -362,12 +431,18 @@ def train(
         # controller and exit 0. Put back whatever handled Ctrl-C before.
         sigint = signal.getsignal(signal.SIGINT)
         try:
-            result = trainer.fit()
+            with environ(wait_env):
+                result = trainer.fit()
         except BaseException as exc:  # the run's own record tells why it stopped
+            no_room = no_room_error(cfg, paths) if found_no_room(exc) else None
             paths.write_state(
                 status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                error=f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}",
+                error=str(no_room)
+                if no_room
+                else f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}",
             )
+            if no_room:
+                raise no_room from None
             raise
         finally:
             if sigint is not None and threading.current_thread() is threading.main_thread():
