@@ -34,6 +34,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
         r"ray data, 2 actor\(s\)\s*:.*\([\d.]+x plain\)",
         r"\d+x\d+: inference [\d.]+ s, post-processing [\d.]+ s, \d+ instances, peak RSS",
     ),
+    # the 2-node row of the table: a real 2-node cluster streamed and predicted
+    "bench_nodes": (r"^\s+2 \|\s+[\d.]+ \([\d.]+x\)",),
     "bench_metric": (r"speed-up\s*:\s*[\d.]+x", r"\| same$"),
     "bench_postprocess": (
         r"speed-up vs MONAI: [\d.]+x",
