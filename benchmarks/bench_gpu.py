@@ -267,13 +267,13 @@ def make_store(work: Path, sizes: Sizes) -> Path:
 # ----------------------------------------------------------------------------- training
 def epoch_rows(run_path: Path) -> list[dict[str, float]]:
     """Per-epoch metrics from the run's ``epoch_NNN`` checkpoints (``model.json`` only)."""
-    from cellst.model.checkpoint import read_checkpoint_info
+    from cellst.model.checkpoint_files import INFO_FILE, read_checkpoint_info
 
     rows = []
     for ck in sorted((run_path / "checkpoints").glob("epoch_*")):
         m = read_checkpoint_info(ck)[1]
         # written (hard-linked, mtime kept) right after the epoch's validation
-        saved = (ck / "model.json").stat().st_mtime
+        saved = (ck / INFO_FILE).stat().st_mtime
         secs, ips = float(m["epoch_seconds"]), float(m["images_per_s"])
         wait, first = float(m["data_wait_share"]), float(m["first_batch_seconds"])
         images = ips * secs
@@ -456,13 +456,15 @@ def keep_records(summary: dict[str, Any], out: Path) -> None:
     """Copy each training run's small records (``run.json``, ``checkpoints.json``, the
     calibrated ``postprocess.json`` of ``best``) to ``out/runs/<name>/`` before the work
     folder goes."""
+    from cellst.model.checkpoint_files import POSTPROCESS_FILE
+
     for name, r in summary.get("train", {}).items():
         root = Path(r["run_path"])
         dst = out / "runs" / name
         for src in (
             root / "run.json",
             root / "checkpoints.json",
-            root / "checkpoints" / "best" / "postprocess.json",
+            root / "checkpoints" / "best" / POSTPROCESS_FILE,
         ):
             if src.is_file():
                 dst.mkdir(parents=True, exist_ok=True)

@@ -184,10 +184,12 @@ def epoch_times(run_path: Path) -> list[float]:
 
     Each ``epoch_NNN/model.json`` is written at the end of its epoch, after validation.
     """
+    from cellst.model.checkpoint_files import INFO_FILE, is_checkpoint
+
     stamps = [
-        (ck / "model.json").stat().st_mtime
+        (ck / INFO_FILE).stat().st_mtime
         for ck in sorted((run_path / "checkpoints").glob("epoch_*"))
-        if (ck / "model.json").is_file()
+        if is_checkpoint(ck)
     ]
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
@@ -220,7 +222,7 @@ def run_budget(
     minutes: float, epochs: int, config: str, overrides: list[str], store: Path, out: Path
 ) -> dict[str, Any]:
     """Train for ``epochs`` epochs, then score the best checkpoint (by val F1) on the test."""
-    from cellst.model import read_checkpoint_info
+    from cellst.model import is_checkpoint, read_checkpoint_info
     from cellst.train.trainer import train
 
     cfg = with_epochs(config, overrides, epochs)
@@ -228,7 +230,7 @@ def run_budget(
     t0 = time.perf_counter()
     res = train(cfg, run_name=name, force=True)
     seconds = time.perf_counter() - t0
-    chosen = res.best if (res.best / "model.json").is_file() else res.last
+    chosen = res.best if is_checkpoint(res.best) else res.last
     meta = read_checkpoint_info(chosen)[1]
     report = model_report(chosen, store, cfg, f"bench-quality-{name}", out / "eval" / name)
     return {

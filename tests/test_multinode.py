@@ -340,7 +340,7 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
        processes killed). A spare worker node is there, as an autoscaler would provide: Ray
        Train restarts the group from the last checkpoint (``train.max_failures``).
     2. Once the restarted group has saved a checkpoint, the node of its rank 0 is removed
-       too. Nothing replaces it: after ``train.node_wait_s`` the command stops with exit 1
+       too. Nothing replaces it: within ``train.node_wait_s`` the command stops with exit 1
        and one line saying so (no traceback), the run's checkpoints kept.
     3. A node is added, as an operator would, and the same command resumes the run to its
        last epoch; the two ranks end with identical parameters.
@@ -363,7 +363,7 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
         "train.num_workers=2",
         "train.placement_strategy=STRICT_SPREAD",
         "train.max_failures=2",
-        "train.node_wait_s=8",
+        "train.node_wait_s=20",
         "train.epochs=6",
         "train.val_every=10",
         "model.width=8",
@@ -387,11 +387,11 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
             return []
 
     def last_epoch() -> int:
+        from cellst.model.checkpoint_files import CheckpointError, read_checkpoint_info
+
         try:
-            return json.loads((run / "checkpoints" / "last" / "model.json").read_text())[
-                "metadata"
-            ]["epoch"]
-        except (OSError, ValueError, KeyError):
+            return int(read_checkpoint_info(run / "checkpoints" / "last")[1]["epoch"])
+        except (CheckpointError, OSError, KeyError):  # not there yet, or being replaced
             return 0
 
     def remove_two_nodes() -> None:
@@ -403,12 +403,19 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
                 lost.append(now[1]["node_id"])
                 c.remove_node(nodes[lost[0]], allow_graceful=False)
             time.sleep(0.1)
-        epoch = last_epoch()
-        while time.time() < deadline and len(lost) == 1:
+        moved: list[dict] = []
+        while time.time() < deadline and not moved:  # the restarted group is up
             now = ranks()
-            moved = len(now) == 2 and lost[0] not in {r["node_id"] for r in now}
-            if moved and last_epoch() > epoch:  # the restarted group has saved one
-                lost.append(now[0]["node_id"])
+            if len(now) == 2 and lost and lost[0] not in {r["node_id"] for r in now}:
+                moved = now
+            time.sleep(0.1)
+        epoch = 0
+        while time.time() < deadline and not epoch:
+            epoch = last_epoch()
+            time.sleep(0.1)
+        while time.time() < deadline and len(lost) == 1:
+            if last_epoch() > epoch:  # the restarted group has saved one
+                lost.append(moved[0]["node_id"])
                 c.remove_node(nodes[lost[1]], allow_graceful=False)
             time.sleep(0.1)
 

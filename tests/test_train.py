@@ -331,7 +331,7 @@ def test_workers_finding_no_room_stop_the_training_in_one_line(ray_session, stor
     res = CliRunner().invoke(app, ["train", str(yml)])
     assert res.exit_code == 1, res.output
     said = [line for line in res.output.splitlines() if "found no room" in line]
-    assert len(said) == 1 and "for 3 s (train.node_wait_s)" in said[0], res.output
+    assert len(said) == 1 and "within train.node_wait_s=3 s" in said[0], res.output
     assert "STRICT_SPREAD" in said[0] and "Traceback" not in res.output
     state = json.loads((tmp_path / "noroom" / "run.json").read_text())
     assert state["status"] == "failed" and "found no room" in state["error"]

@@ -17,8 +17,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cellst.model.checkpoint_files import WEIGHTS_FILE
-
 #: version of the fingerprint recipe, stored beside fingerprints (run.json ``fingerprint``)
 VERSION = 2
 
@@ -75,5 +73,7 @@ def config_fingerprint(
 
 def checkpoint_fingerprint(path: str | os.PathLike[str]) -> list:
     """Cheap identity of a checkpoint's weights (path, size and mtime of ``model.pt``)."""
+    from cellst.model.checkpoint_files import WEIGHTS_FILE
+
     st = (Path(path) / WEIGHTS_FILE).stat()
     return [str(path), st.st_size, st.st_mtime_ns]

@@ -109,15 +109,23 @@ def check_checkpoint(checkpoint: str | Path) -> str:
         In one line naming the checkpoint: a missing or invalid ``model.json``, unreadable
         or truncated weights, weights of another architecture or width.
     """
-    from cellst.model.checkpoint_files import INFO_FILE, is_checkpoint, read_checkpoint_info
+    from cellst.model.checkpoint_files import (
+        INFO_FILE,
+        CheckpointError,
+        is_checkpoint,
+        read_checkpoint_info,
+    )
 
     path = Path(checkpoint)
     if not is_checkpoint(path):
         raise StoreError(f"{path} is not a cellst checkpoint (no {INFO_FILE})")
     try:
         read_checkpoint_info(path)  # a bad model.json fails here, before torch is imported
-        from cellst.model.checkpoint import load_model, weights_digest
+    except CheckpointError as exc:  # it names the file
+        raise StoreError(first_line(exc)) from None
+    from cellst.model.checkpoint import load_model, weights_digest
 
+    try:
         load_model(path)
         return weights_digest(path)
     except Exception as exc:  # noqa: BLE001 - CheckpointError, or torch/MONAI on odd files

@@ -34,7 +34,6 @@ _NAMES = {
 __all__ = [
     "AugmentConfig",
     "CheckpointError",
-    "is_checkpoint",
     "HV_KEY",
     "HoVerLoss",
     "LossConfig",
@@ -44,6 +43,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "hover_maps",
+    "is_checkpoint",
     "load_into",
     "load_model",
     "make_targets",

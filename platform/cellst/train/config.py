@@ -82,10 +82,10 @@ class TrainConfig(Section):
     node_wait_s: float | None = Field(
         600,
         gt=0,
-        description="seconds the workers may wait for room on the cluster (at the start, or "
-        "after a lost node that nothing replaces) before the training stops with its "
-        "checkpoints kept; the same command then resumes it. None: wait as long as it takes "
-        "(an autoscaler adds nodes)",
+        description="seconds the workers may wait in all, over the run, for room on the "
+        "cluster (at the start, or after a lost node that nothing replaces) before the "
+        "training stops with its checkpoints kept; the same command then resumes it. None: "
+        "wait as long as it takes (an autoscaler adds nodes)",
     )
     seed: int = 0
     log_every_steps: int = Field(10, ge=1)

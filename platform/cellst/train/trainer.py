@@ -109,17 +109,24 @@ def node_wait_policy(node_wait_s: float | None) -> tuple[dict[str, str], int]:
     ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) per try, at the start and after a
     lost node, and by default tries forever (for an autoscaler to add a node). A fixed
     cluster that lost a node would wait forever, so cellst allows ``train.node_wait_s`` in
-    all: tries of at most 60 s (or the length a user set in that variable), as many as fit,
-    passed as ``FailureConfig(controller_failure_limit=...)``. None keeps Ray's default.
+    all: at least two tries of at most 60 s that add up to it (a worker that fails to start
+    also costs a try), passed as ``FailureConfig(controller_failure_limit=...)``. Ray counts
+    the tries over the whole run, so the wait is a total for one ``cellst train`` call, not
+    per lost node. A try length set in that variable by the user is kept. None keeps Ray's
+    wait-forever.
     """
     if node_wait_s is None:
         return {}, -1
-    env: dict[str, str] = {}
-    per_try = float(os.environ.get(START_TIMEOUT_ENV) or 0)
-    if per_try <= 0:
-        per_try = min(60.0, node_wait_s)
-        env[START_TIMEOUT_ENV] = f"{per_try:g}"
-    return env, max(0, math.ceil(node_wait_s / per_try) - 1)
+    given = os.environ.get(START_TIMEOUT_ENV)
+    if given:
+        try:
+            per_try = float(given)
+        except ValueError:
+            raise ConfigError(f"{START_TIMEOUT_ENV}={given!r} is not a number of seconds") from None
+        if per_try > 0:
+            return {}, max(1, math.ceil(node_wait_s / per_try)) - 1
+    tries = max(2, math.ceil(node_wait_s / 60.0))
+    return {START_TIMEOUT_ENV: f"{node_wait_s / tries:g}"}, tries - 1
 
 
 @contextlib.contextmanager
@@ -151,9 +158,10 @@ def no_room_error(cfg, paths: RunPaths) -> ClusterError:
     gpus = " + 1 GPU" if t.use_gpu else ""
     return ClusterError(
         f"train: {t.num_workers} worker(s) of {t.cpus_per_worker:g} CPU(s){gpus} "
-        f"({t.placement_strategy}) found no room on the Ray cluster for {t.node_wait_s:g} s "
-        f"(train.node_wait_s), e.g. a lost node that nothing replaced; {kept}, and the same "
-        "command resumes the run once the cluster has room"
+        f"({t.placement_strategy}) found no room on the Ray cluster within "
+        f"train.node_wait_s={t.node_wait_s:g} s (the run's total wait), e.g. a lost node that "
+        f"nothing replaced; {kept}, and the same command resumes the run once the cluster "
+        "has room"
     )
 
 
@@ -355,6 +363,7 @@ def train(
     check_shared_paths(read=[store.root], write=[paths.root])
     cfg = fit_cluster(cfg)
     t = cfg.train
+    wait_env, wait_tries = node_wait_policy(t.node_wait_s)  # a bad variable: before any work
     dataset = build_dataset(cfg, store, train_ids)
     run_tags = {
         **store_tags(store),
@@ -392,7 +401,6 @@ def train(
             else None
         )
         single_node_defaults()
-        wait_env, wait_tries = node_wait_policy(t.node_wait_s)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={

@@ -179,6 +179,7 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from cellst.tune.space import apply
 
     cfg = apply(ExperimentConfig.model_validate(ctx["experiment_cfg"]), config)
+    cfg.train.node_wait_s = None  # a trial waits for room, as Tune's queued trials do
     trial = tune.get_context().get_trial_id()
     train(
         cfg,
