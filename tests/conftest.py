@@ -52,7 +52,7 @@ def ray_session():
     """A real local Ray cluster with 2 CPUs, shared by every test of the session."""
     import ray
 
-    from cellst.raycluster import job_runtime_env, quiet_ray_data
+    from cellst.raycluster import job_runtime_env, local_system_config, quiet_ray_data
 
     if not ray.is_initialized():
         ray.init(
@@ -61,6 +61,7 @@ def ray_session():
             include_dashboard=False,
             logging_level="ERROR",
             runtime_env=job_runtime_env(),  # as every cellst command's job
+            _system_config=local_system_config(2),  # as a cluster cellst starts itself
         )
     quiet_ray_data()
     yield ray

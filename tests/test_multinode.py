@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 
 from cellst.data.store import CellStore
+from cellst.raycluster import local_system_config
 from conftest import kill_group_when
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,8 @@ def cluster(ray_session):
             "num_cpus": 0,
             "resources": {"head": 1},
             "include_dashboard": False,
-            "_system_config": NODE_DEATH_DETECTION,
+            # as on a machine of its own: idle workers kept for reuse (see local_system_config)
+            "_system_config": {**NODE_DEATH_DETECTION, **local_system_config(2)},
         },
     )
     restore_address_file()

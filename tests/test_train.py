@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -513,3 +514,32 @@ def test_every_process_of_a_cellst_job_polls_ray_train_often(ray_session, caller
         [sys.executable, "-c", _POLL_PROBE], capture_output=True, text=True, env=env, timeout=300
     )
     assert f"POLL={expected}" in res.stdout, res.stdout + res.stderr[-2000:]
+
+
+_REUSE_PROBE = """
+import os, time, psutil, ray
+from cellst.raycluster import ensure_ray
+ensure_ray(num_cpus=1)
+pid = ray.remote(num_cpus=0.25)(lambda: (time.sleep(1.5), os.getpid())[1])
+first = set(ray.get([pid.remote() for _ in range(4)]))  # up to four processes at once
+time.sleep(4)  # Ray ends idle workers beyond its limit after 1 s
+alive = {p for p in first if psutil.pid_exists(p)}
+again = set(ray.get([pid.remote() for _ in range(len(alive))]))
+print(f"FIRST={len(first)} ALIVE={len(alive)} REUSED={len(alive & again)}")
+"""
+
+
+def test_a_cluster_cellst_starts_keeps_idle_workers_for_reuse():
+    """On a 1-CPU cluster Ray would keep one idle worker process and end the others after a
+    second, so each stage of a run paid process start-up (and torch + MONAI imports) again.
+    A cluster that ``ensure_ray`` starts keeps at least ``MIN_IDLE_WORKERS``: the first
+    round's processes outlive the pause and run the next round."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_num_workers")}
+    env["RAY_ADDRESS"] = "local"  # a cluster of its own
+    res = subprocess.run(
+        [sys.executable, "-c", _REUSE_PROBE], capture_output=True, text=True, env=env, timeout=300
+    )
+    found = re.search(r"FIRST=(\d+) ALIVE=(\d+) REUSED=(\d+)", res.stdout)
+    assert found, res.stdout + res.stderr[-2000:]
+    first, alive, reused = map(int, found.groups())
+    assert first >= 2 and alive == first and reused >= 1, found[0]
