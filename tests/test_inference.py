@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from cellst.data.store import CellStore, StoreError
-from cellst.inference.batch import PredictConfig, predict
+from cellst.inference.batch import PredictConfig, SetRequest, predict, predict_sets
 from cellst.inference.predictor import HV_KEY, NP_KEY, InferenceConfig, blocks, predict_maps
 from cellst.model import ModelConfig, build_model, save_checkpoint
 from cellst.raycluster import ClusterError
@@ -186,6 +186,64 @@ def test_predict_two_actors_writes_each_item_once(
     )
     with pytest.raises(StoreError, match="--overwrite"):
         predict(other, store_dir, set_name="p2", ids=ids, progress=False)
+
+
+def test_predict_sets_is_one_pass_equal_to_separate_runs_and_resumes_each_set(
+    ray_session, store_dir, lite_checkpoint, tmp_path
+):
+    """Two models (other weights, other post-processing) predict the same items in one pass:
+    each set holds what a run of its own writes, a set already half written gets only its
+    missing items, and a set written by another model is refused before anything runs."""
+    import shutil
+
+    from cellst.postprocess import PostprocessConfig
+
+    store_dir = shutil.copytree(store_dir, tmp_path / "store")
+    store = CellStore(store_dir)
+    ids = store.ids()[:6]
+    cfg = ModelConfig(name="hovernet-lite", width=8)
+    torch.manual_seed(1)
+    other = save_checkpoint(tmp_path / "other", build_model(cfg).eval(), cfg)
+    post_a, post_b = PostprocessConfig(), PostprocessConfig(mask_threshold=0.4)
+    infer = InferenceConfig(roi=128)
+    run = {"infer": infer, "calibrated": False, "progress": False}
+    predict(lite_checkpoint, store_dir, set_name="ra", ids=ids, post=post_a, **run)
+    predict(other, store_dir, set_name="rb", ids=ids, post=post_b, **run)
+    predict(other, store_dir, set_name="b", ids=ids[:2], post=post_b, **run)  # half done
+    before = _arrays_with_run(store, "b")
+
+    a, b = predict_sets(
+        store_dir,
+        [SetRequest(str(lite_checkpoint), "a", post_a), SetRequest(str(other), "b", post_b)],
+        ids,
+        infer=infer,
+        resources=PredictConfig(num_actors=2),
+        progress=False,
+    )
+    assert sorted(a.written) == sorted(ids) and not a.skipped and not a.failed
+    assert sorted(b.written) == sorted(ids[2:]) and sorted(b.skipped) == sorted(ids[:2])
+    runs_b = _arrays_with_run(store, "b")
+    assert sorted(runs_b) == sorted(ids) and {i: runs_b[i] for i in before} == before
+    one_pass = set(_arrays_with_run(store, "a").values())  # one run wrote set a, and the
+    assert len(one_pass) == 1 and {runs_b[i] for i in ids[2:]} == one_pass  # rest of set b
+    for i in ids:
+        np.testing.assert_array_equal(store.pseudo_label("a", i), store.pseudo_label("ra", i))
+        np.testing.assert_array_equal(store.pseudo_label("b", i), store.pseudo_label("rb", i))
+    assert store.pseudo_set_info("a")["model_id"] == store.pseudo_set_info("ra")["model_id"]
+    assert a.model_id != b.model_id
+
+    # set "a" was written by the first model: the second may not resume it, and set "c"
+    # (asked for in the same call) is not even created
+    with pytest.raises(StoreError, match="--overwrite"):
+        predict_sets(
+            store_dir,
+            [SetRequest(str(other), "a", post_a), SetRequest(str(lite_checkpoint), "c", post_a)],
+            ids,
+            progress=False,
+        )
+    assert not (store.root / "pseudo" / "c").exists()
+    with pytest.raises(StoreError, match="distinct set names"):
+        predict_sets(store_dir, [SetRequest(str(other), "x", post_a)] * 2, ids, progress=False)
 
 
 def test_predict_resumes_after_kill(ray_session, store_dir, lite_checkpoint, tmp_path):

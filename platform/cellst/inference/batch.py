@@ -1,7 +1,8 @@
 """``cellst predict``: distributed batch prediction on a Ray Data actor pool.
 
 The pipeline streams whole images from the store (or an image folder) into an actor pool
-(one model per actor). On GPU clusters each actor takes a GPU and the post-processing and
+(each actor holds the run's model; :func:`predict_sets` gives it several, which predict
+each image in one pass, each into its own set). On GPU clusters each actor takes a GPU and the post-processing and
 writing run in separate CPU tasks, so GPUs never wait on the watershed::
 
     images ──▶ ModelActor (GPU: predict_maps) ──▶ post-process + write (CPU tasks)
@@ -150,25 +151,32 @@ def model_identity(weights_sha256: str, post: Any, ignore_band: float = 0.0) -> 
 
 # ----------------------------------------------------------------------------- stages
 class ModelActor:
-    """Holds one model; turns image rows into probability and HoVer maps.
+    """Holds one or more models; turns image rows into probability and HoVer maps, one row
+    per (image, model).
 
-    With ``write`` (the keyword arguments of :func:`postprocess_and_write`) the actor also
-    post-processes and writes each item itself: on CPU-only runs a separate stage would only
-    compete for the same cores (and could starve for CPUs held by the actors).
+    Several models share one pass over the images (:func:`predict_sets`): each image is read
+    once and each actor is started once, whatever the number of models. ``need`` maps an
+    item to the indices of the models that still have to predict it (default: all).
+
+    With ``writes`` (per model, the keyword arguments of :func:`postprocess_and_write`) the
+    actor also post-processes and writes each item itself: on CPU-only runs a separate
+    stage would only compete for the same cores (and could starve for CPUs held by the
+    actors).
 
     Failures never raise out of the actor (Ray would restart it forever): a model that
     cannot be loaded, or weights that are no longer the ones the driver checked
-    (``weights_sha256``), turn every row into a fatal error row; an image that fails turns
-    its own row into an error row. Rows carry ``error`` (empty when fine) and ``fatal``.
+    (``weights_sha256``), turn each of its rows into a fatal error row; an image that fails
+    turns its own rows into error rows. Rows carry ``model`` (the index into ``models``),
+    ``error`` (empty when fine) and ``fatal``.
     """
 
     def __init__(
         self,
-        checkpoint: str,
+        models: list[dict[str, str]],
         infer: dict,
         use_gpu: bool,
-        write: dict | None = None,
-        weights_sha256: str | None = None,
+        writes: list[dict] | None = None,
+        need: dict[str, list[int]] | None = None,
     ):
         import torch
 
@@ -177,47 +185,82 @@ class ModelActor:
         torch.set_num_threads(max(1, int(os.environ.get("CELLST_TORCH_THREADS", "1"))))
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.cfg = InferenceConfig(**infer)
-        self.write = write
-        self.error = ""
-        try:
-            model, _, _ = load_model(checkpoint, map_location=self.device)
-            if weights_sha256 and weights_digest(checkpoint) != weights_sha256:
-                raise StoreError(
-                    f"checkpoint {checkpoint} changed after the run started (its weights are "
-                    f"not the ones checked); nothing was predicted with the new weights"
-                )
-            self.model = model.to(self.device).eval()
-        except Exception as exc:  # noqa: BLE001 - said per row, see the class docstring
-            self.error = f"the model could not be loaded: {first_line(exc)}"
+        self.writes = writes
+        self.need = need
+        self.models: list[Any] = []
+        self.errors: list[str] = []
+        for m in models:
+            checkpoint, expected = m["checkpoint"], m.get("weights_sha256")
+            try:
+                model, _, _ = load_model(checkpoint, map_location=self.device)
+                if expected and weights_digest(checkpoint) != expected:
+                    raise StoreError(
+                        f"checkpoint {checkpoint} changed after the run started (its weights "
+                        f"are not the ones checked); nothing was predicted with the new weights"
+                    )
+                self.models.append(model.to(self.device).eval())
+                self.errors.append("")
+            except Exception as exc:  # noqa: BLE001 - said per row, see the class docstring
+                self.models.append(None)
+                self.errors.append(f"the model could not be loaded: {first_line(exc)}")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from cellst.inference.predictor import predict_maps
 
-        probs, hvs, secs, errors = [], [], [], []
+        ids, which, probs, hvs, secs, errors, fatal = [], [], [], [], [], [], []
         given = batch.get("error")
         for i, image in enumerate(batch["image"]):
-            t = time.perf_counter()
-            error = self.error or (str(given[i]) if given is not None else "")
-            if not error:
-                try:
-                    p, m = predict_maps(self.model, np.asarray(image), self.cfg, self.device)
-                except Exception as exc:  # noqa: BLE001 - this item fails, not the run
-                    error = f"prediction failed: {first_line(exc)}"
-            if error:
-                p, m = np.zeros((1, 1), np.float16), np.zeros((2, 1, 1), np.float16)
-            probs.append(p)
-            hvs.append(m)
-            errors.append(error)
-            secs.append(time.perf_counter() - t)
+            item = str(batch["id"][i])
+            todo = range(len(self.models)) if self.need is None else self.need.get(item, [])
+            for k in todo:
+                t = time.perf_counter()
+                error = self.errors[k] or (str(given[i]) if given is not None else "")
+                if not error:
+                    try:
+                        p, m = predict_maps(
+                            self.models[k], np.asarray(image), self.cfg, self.device
+                        )
+                    except Exception as exc:  # noqa: BLE001 - this item fails, not the run
+                        error = f"prediction failed: {first_line(exc)}"
+                if error:
+                    p, m = np.zeros((1, 1), np.float16), np.zeros((2, 1, 1), np.float16)
+                ids.append(item)
+                which.append(k)
+                probs.append(p)
+                hvs.append(m)
+                errors.append(error)
+                fatal.append(bool(self.errors[k]))
+                secs.append(time.perf_counter() - t)
         maps = {
-            "id": batch["id"],
+            "id": np.asarray(ids, dtype=object),
+            "model": np.asarray(which, dtype=np.int32),
             "prob": _object_array(probs),
             "hv": _object_array(hvs),
-            "infer_seconds": np.asarray(secs),
+            "infer_seconds": np.asarray(secs, dtype=np.float64),
             "error": np.asarray(errors, dtype=object),
-            "fatal": np.full(len(errors), bool(self.error)),
+            "fatal": np.asarray(fatal, dtype=bool),
         }
-        return maps if self.write is None else postprocess_and_write(maps, **self.write)
+        return maps if self.writes is None else write_rows(maps, self.writes)
+
+
+def write_rows(batch: dict[str, Any], writes: list[dict]) -> dict[str, Any]:
+    """:func:`postprocess_and_write` for rows of several models: each row with the
+    settings and destination of its ``model`` (an index into ``writes``)."""
+    out: dict[str, list[Any]] = {"id": [], "model": [], "error": [], "fatal": []}
+    keys = ("id", "prob", "hv", "infer_seconds", "error", "fatal")
+    for i, k in enumerate(batch["model"]):
+        row = {key: batch[key][i : i + 1] for key in keys}
+        done = postprocess_and_write(row, **writes[int(k)])
+        out["id"].append(str(done["id"][0]))
+        out["model"].append(int(k))
+        out["error"].append(str(done["error"][0]))
+        out["fatal"].append(bool(done["fatal"][0]))
+    return {
+        "id": np.asarray(out["id"], dtype=object),
+        "model": np.asarray(out["model"], dtype=np.int32),
+        "error": np.asarray(out["error"], dtype=object),
+        "fatal": np.asarray(out["fatal"], dtype=bool),
+    }
 
 
 def _object_array(arrays: list[np.ndarray]) -> np.ndarray:
@@ -614,48 +657,192 @@ def predict(
             "model_id": identity["model_id"],
             "ignore_band": float(ignore_band) if set_name else 0.0,
         }
-        use_gpu = resources.num_gpus_per_actor > 0
-        ds = ds.map_batches(
-            ModelActor,
-            fn_constructor_kwargs={
-                "checkpoint": checkpoint,
-                "infer": infer.model_dump(),
-                "use_gpu": use_gpu,
-                "write": None if use_gpu else write,
-                "weights_sha256": weights_sha256,
-            },
-            compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
-            batch_size=1,
-            num_gpus=resources.num_gpus_per_actor or None,
-            num_cpus=resources.num_cpus_per_actor,
+        model = {"checkpoint": checkpoint, "weights_sha256": weights_sha256}
+        (fatal,) = _run_pool(
+            ds, [model], [write], None, infer, resources, [result], paths, len(todo), progress, t0
         )
-        if use_gpu:  # keep GPUs busy: post-process on CPUs in a separate stage
-            ds = ds.map_batches(
-                postprocess_and_write,
-                fn_kwargs=write,
-                batch_size=1,
-                num_cpus=resources.postprocess_cpus,
-            )
-        bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if not result.written and not result.failed:
-                result.first_item_seconds = time.perf_counter() - t0
-            for item, error, bad in zip(batch["id"], batch["error"], batch["fatal"], strict=True):
-                if error:
-                    name = str(paths.get(str(item), f"item {item}"))
-                    why = str(error)
-                    result.failed.append((str(item), why if name in why else f"{name}: {why}"))
-                    fatal = fatal or (why if bad else "")
-                else:
-                    result.written.append(str(item))
-            bar.update(len(batch["id"]))
-        bar.close()
     result.seconds = time.perf_counter() - t0
     if store is not None and set_name is not None:
         result.stats = store.pseudo_set(set_name).collect_stats()
     if result.failed and (fatal or not skip_bad):
         raise PredictError(_failure_message(result, fatal, out, set_name), result)
     return result
+
+
+@dataclass(frozen=True)
+class SetRequest:
+    """One model's part in :func:`predict_sets`: its checkpoint, the pseudo-label set it
+    writes, its post-processing (a ``PostprocessConfig``, used as given) and the
+    uncertainty band of the set's ignore masks (see :func:`uncertain_pixels`)."""
+
+    checkpoint: str
+    set_name: str
+    post: Any
+    ignore_band: float = 0.0
+
+
+def predict_sets(
+    store_root: str | Path,
+    requests: list[SetRequest],
+    ids: list[str],
+    *,
+    infer: InferenceConfig | None = None,
+    resources: PredictConfig | None = None,
+    progress: bool = True,
+    ray_address: str | None = None,
+) -> list[PredictResult]:
+    """Several models predict the same store items in one pass, each into its own set.
+
+    Each image is read once and the actor pool is started once, holding every model (ST++'s
+    snapshots in stage 2, its three models on the test split in stage 7): with ``K``
+    models this saves ``K - 1`` pool start-ups (on a GPU the first item took 50 s) and
+    ``K - 1`` reads of every image. Each set keeps :func:`predict`'s guarantees: the
+    checkpoint is checked first, a set is resumed only by the model that wrote it, items
+    already written are skipped and none is written twice.
+
+    Returns
+    -------
+    list of PredictResult
+        One per request, in order.
+
+    Raises
+    ------
+    StoreError
+        Before anything is written: a bad checkpoint, store or item, a set name given twice,
+        or a set written by another model. :class:`PredictError` (for the first set with
+        failed items) after the other items were written.
+    """
+    from cellst.raycluster import check_shared_paths, ensure_ray
+
+    infer = infer or InferenceConfig()
+    resources = resources or PredictConfig()
+    names = [r.set_name for r in requests]
+    if not requests or len(set(names)) != len(names):
+        raise StoreError(f"predict_sets needs distinct set names, got {names}")
+    store = CellStore(store_root)
+    missing = [i for i in ids if i not in store]
+    if missing:
+        raise StoreError(f"items not in store {store.root}: {missing[:5]}")
+    digests: dict[str, str] = {}
+    checkpoints, identities = [], []
+    for r in requests:
+        if not 0 <= r.ignore_band < 0.5:
+            raise StoreError(f"ignore_band must be in [0, 0.5), got {r.ignore_band}")
+        ck = str(Path(r.checkpoint).absolute())
+        if ck not in digests:
+            digests[ck] = check_checkpoint(ck)
+        checkpoints.append(ck)
+        identities.append(model_identity(digests[ck], r.post, r.ignore_band))
+        check_resume(store, r.set_name, ck, identities[-1])  # before Ray starts
+    ensure_ray(ray_address)
+    resources = fit_resources(resources)
+    check_shared_paths(read=[*digests, store.root], write=[store.root / "pseudo"])
+    run_id = uuid.uuid4().hex[:12]
+    results, writes, need = [], [], {i: [] for i in ids}
+    for k, (r, ck, identity) in enumerate(zip(requests, checkpoints, identities, strict=True)):
+        prepare_set(store, r.set_name, ck, False, identity)
+        done = set(store.pseudo_set(r.set_name).done_items())
+        for i in ids:
+            if i not in done:
+                need[i].append(k)
+        results.append(
+            PredictResult(
+                skipped=[i for i in ids if i in done],
+                postprocess=r.post.model_dump(),
+                postprocess_note="post-processing: settings as given",
+                model_id=identity["model_id"],
+            )
+        )
+        writes.append(
+            {
+                "post": r.post.model_dump(),
+                "store_root": str(store.root),
+                "set_name": r.set_name,
+                "out_dir": None,
+                "run_id": run_id,
+                "checkpoint": ck,
+                "model_id": identity["model_id"],
+                "ignore_band": float(r.ignore_band),
+            }
+        )
+    need = {i: ks for i, ks in need.items() if ks}
+    fatal = [""] * len(requests)
+    t0 = time.perf_counter()
+    if need:
+        from cellst.data.datasource import image_dataset
+
+        models = [{"checkpoint": ck, "weights_sha256": digests[ck]} for ck in checkpoints]
+        total = sum(len(ks) for ks in need.values())
+        fatal = _run_pool(
+            image_dataset(store, list(need)), models, writes, need, infer, resources, results,
+            {}, total, progress, t0,
+        )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    for r, result in zip(requests, results, strict=True):
+        result.seconds = seconds
+        result.stats = store.pseudo_set(r.set_name).collect_stats()
+    for r, result, why in zip(requests, results, fatal, strict=True):
+        if result.failed:
+            raise PredictError(_failure_message(result, why, None, r.set_name), result)
+    return results
+
+
+def _run_pool(
+    ds: Any,
+    models: list[dict[str, str]],
+    writes: list[dict],
+    need: dict[str, list[int]] | None,
+    infer: InferenceConfig,
+    resources: PredictConfig,
+    results: list[PredictResult],
+    paths: dict[str, Path],
+    total: int,
+    progress: bool,
+    t0: float,
+) -> list[str]:
+    """Stream the image rows of ``ds`` through one actor pool holding ``models`` (and, on
+    GPUs, CPU tasks that post-process and write); each row's outcome goes to its model's
+    result. Returns, per model, why it failed on the actors ("" when it did not)."""
+    use_gpu = resources.num_gpus_per_actor > 0
+    ds = ds.map_batches(
+        ModelActor,
+        fn_constructor_kwargs={
+            "models": models,
+            "infer": infer.model_dump(),
+            "use_gpu": use_gpu,
+            "writes": None if use_gpu else writes,
+            "need": need,
+        },
+        compute=ray.data.ActorPoolStrategy(size=resources.num_actors),
+        batch_size=1,
+        num_gpus=resources.num_gpus_per_actor or None,
+        num_cpus=resources.num_cpus_per_actor,
+    )
+    if use_gpu:  # keep GPUs busy: post-process on CPUs in a separate stage
+        ds = ds.map_batches(
+            write_rows,
+            fn_kwargs={"writes": writes},
+            batch_size=1,
+            num_cpus=resources.postprocess_cpus,
+        )
+    fatal = [""] * len(models)
+    bar = tqdm(total=total, desc="predict", unit="img", disable=not progress)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        rows = zip(batch["id"], batch["model"], batch["error"], batch["fatal"], strict=True)
+        for item, k, error, bad in rows:
+            result = results[int(k)]
+            if not result.written and not result.failed:
+                result.first_item_seconds = time.perf_counter() - t0
+            if error:
+                name = str(paths.get(str(item), f"item {item}"))
+                why = str(error)
+                result.failed.append((str(item), why if name in why else f"{name}: {why}"))
+                fatal[int(k)] = fatal[int(k)] or (why if bad else "")
+            else:
+                result.written.append(str(item))
+        bar.update(len(batch["id"]))
+    bar.close()
+    return fatal
 
 
 def _failure_message(result: PredictResult, fatal: str, out: Path | None, set_name) -> str:

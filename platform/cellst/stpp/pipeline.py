@@ -3,8 +3,8 @@
 Stages (each one a child MLflow run under one parent run of the pipeline)::
 
     1 supervised         Ray Train on the labelled items; ST++ snapshots at ~1/3, 2/3, end
-    2 reliability        every snapshot predicts every unlabelled item (Ray Data actor pool,
-                         no TTA, as ST++); score = mean agreement of each earlier snapshot
+    2 reliability        every snapshot predicts every unlabelled item (one pass of a Ray Data
+                         actor pool holding every snapshot, no TTA, as ST++); score = mean agreement of each earlier snapshot
                          with the final one; the top ``reliable_fraction`` are reliable
     3 pseudo_reliable    stage-1 best checkpoint pseudo-labels the reliable items (flip TTA)
     4 retrain_reliable   Ray Train on labelled + reliable pseudo-labels (fresh init; by
@@ -13,7 +13,8 @@ Stages (each one a child MLflow run under one parent run of the pipeline)::
     5 pseudo_unreliable  stage-4 best checkpoint pseudo-labels the unreliable items (TTA);
                          the reliable and unreliable pseudo-labels are then combined
     6 retrain_all        Ray Train on labelled + all pseudo-labels (fresh init)
-    7 evaluate           the test split predicted by the best checkpoints of stages 1, 4, 6:
+    7 evaluate           the test split predicted by the best checkpoints of stages 1, 4, 6
+                         (one pass holding the three models):
                          challenge F1 supervised-only vs round 1 vs round 2, per modality
 
 Modules: the stage names and each stage's typed output (:mod:`cellst.stpp.outputs`), the
@@ -474,9 +475,9 @@ class Pipeline:
                 f"stage 1 kept snapshots {[Path(s).name for s in snaps]}, expected "
                 f"{len(names)} ({names}); re-run with --force-from 1"
             )
-        keys = {}
-        for snap, set_name in zip(snaps, names, strict=True):
-            _, keys[set_name] = self.predict_set(set_name, snap, ids, infer, s1.output_digest)
+        jobs = [(name, snap, s1.output_digest) for snap, name in zip(snaps, names, strict=True)]
+        done = self.predict_sets(jobs, ids, infer)
+        keys = {name: key for name, (_, key) in zip(names, done, strict=True)}
         m = self.cfg.stpp
         scores = score_items(store, names, ids, m.reliability, use_ray=True)
         reliable, unreliable, cutoff = split_reliable(scores, m.reliable_fraction)
@@ -578,10 +579,11 @@ class Pipeline:
             return EvaluationOutput(
                 skipped=f"store {store.root} has no labelled items in split 'test'"
             )
+        sets = {label: f"{self.prefix}-test-{label}" for label in trained}
+        jobs = [(sets[k], rec.outputs["best"], rec.output_digest) for k, rec in trained.items()]
+        self.predict_sets(jobs, test, cfg.inference)
         reports = {}
-        for label, rec in trained.items():
-            set_name = f"{self.prefix}-test-{label}"
-            self.predict_set(set_name, rec.outputs["best"], test, cfg.inference, rec.output_digest)
+        for label, set_name in sets.items():
             reports[label] = evaluate_sources(
                 store.root,
                 store.root,
@@ -609,46 +611,52 @@ class Pipeline:
     ):
         """Predict ``ids`` into ``set_name`` (resuming only a set made by the same producer);
         ``(PredictResult, key)``. ``ignore``: a pseudo-label set for training, which gets
-        ignore masks when ``stpp.ignore_band`` is set.
+        ignore masks when ``stpp.ignore_band`` is set."""
+        return self.predict_sets([(set_name, checkpoint, producer)], ids, infer, ignore)[0]
 
-        Post-processing: the checkpoint's calibrated settings, except for the fields the
+    def predict_sets(
+        self, jobs: list[tuple[str, str, str]], ids: list[str], infer, ignore=False
+    ) -> list[tuple[Any, str]]:
+        """Each ``(set_name, checkpoint, producer)`` predicts ``ids`` into its set, all in one
+        pass over the images (:func:`cellst.inference.batch.predict_sets`); a set is resumed
+        only when made by the same producer. ``[(PredictResult, key)]`` in the order given.
+
+        Post-processing: each checkpoint's calibrated settings, except for the fields the
         experiment sets explicitly (:func:`cellst.postprocess.calibrate.effective_postprocess`).
         """
-        from cellst.inference.batch import predict
+        from cellst.data.pseudo import PseudoLabelSet
+        from cellst.inference.batch import SetRequest, predict_sets
         from cellst.postprocess.calibrate import effective_postprocess
 
-        post, note = effective_postprocess(self.cfg.postprocess, checkpoint)
-        what = {
-            "producer": producer,
-            "checkpoint": str(checkpoint),
-            "infer": infer.model_dump(mode="json"),
-            "post": post.model_dump(mode="json"),
-            "ids": sorted(ids),
-        }
         band = self.cfg.stpp.ignore_band if ignore else 0.0
-        if band:  # (absent when 0: pipelines from before the option keep their keys)
-            what["ignore_band"] = band
-        key = stable_hash(what)
+        requests, keys, notes = [], [], []
         sets = self.meta().get("sets", {})
-        if sets.get(set_name) != key:
-            from cellst.data.pseudo import PseudoLabelSet
-
-            PseudoLabelSet(Path(self.cfg.store).absolute(), set_name).remove()
-            self.save_meta(sets={**sets, set_name: key})
-        result = predict(
-            checkpoint,
-            self.cfg.store,
-            set_name=set_name,
-            ids=ids,
-            infer=infer,
-            post=post,
-            resources=self.cfg.predict,
-            progress=False,
-            calibrated=False,  # ``post`` is already the effective setting
-            ignore_band=band,
+        for set_name, checkpoint, producer in jobs:
+            post, note = effective_postprocess(self.cfg.postprocess, checkpoint)
+            what = {
+                "producer": producer,
+                "checkpoint": str(checkpoint),
+                "infer": infer.model_dump(mode="json"),
+                "post": post.model_dump(mode="json"),
+                "ids": sorted(ids),
+            }
+            if band:  # (absent when 0: pipelines from before the option keep their keys)
+                what["ignore_band"] = band
+            key = stable_hash(what)
+            if sets.get(set_name) != key:
+                PseudoLabelSet(Path(self.cfg.store).absolute(), set_name).remove()
+                sets = {**sets, set_name: key}
+                self.save_meta(sets=sets)
+            requests.append(SetRequest(str(checkpoint), set_name, post, band))
+            keys.append(key)
+            notes.append(note)
+        results = predict_sets(
+            self.cfg.store, requests, ids, infer=infer, resources=self.cfg.predict, progress=False
         )
-        self.log(f"[stpp]   {set_name}: {result.summary()}; {note}")
-        return result, key
+        shared = f" (one pass for {len(jobs)} models)" if len(jobs) > 1 else ""
+        for (set_name, _, _), result, note in zip(jobs, results, notes, strict=True):
+            self.log(f"[stpp]   {set_name}: {result.summary()}{shared}; {note}")
+        return list(zip(results, keys, strict=True))
 
     def _log_pseudo_stats(self, result, artifact: str) -> dict[str, float]:
         from cellst.tracking import log_metrics, log_table
