@@ -49,6 +49,26 @@ def test_every_command_has_help(cmd):
     assert "Usage" in res.output and len(res.output) > 300
 
 
+@pytest.mark.parametrize("cmd", [[c] for c in COMMANDS] + SUBCOMMANDS, ids=" ".join)
+def test_help_paragraphs_flow_to_the_terminal_width(cmd):
+    """The description under "Usage" re-flows to an 80-column terminal: every line of a
+    paragraph but its last is well filled (keeping the docstrings' own line breaks left
+    lines of one or two words)."""
+    res = runner.invoke(app, [*cmd, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert res.exit_code == 0, res.output
+    text = res.output.split("Usage:", 1)[1].split("\u256d", 1)[0]  # up to the first panel
+    paragraphs: list[list[str]] = [[]]
+    for line in text.splitlines()[1:]:  # after the usage line; rich pads blank lines
+        if line.strip():
+            paragraphs[-1].append(line.strip())
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    assert sum(map(len, paragraphs)) >= 1, text
+    for lines in paragraphs:
+        short = [ln for ln in lines[:-1] if len(ln) < 40]
+        assert not short, f"cellst {' '.join(cmd)} --help: {short}\n{text}"
+
+
 @pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=" ".join)
 def test_every_subcommand_has_help(cmd):
     res = runner.invoke(app, [*cmd, "--help"])

@@ -27,6 +27,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # paragraphs of the docstrings re-flow to the terminal's width (Rich mode keeps each
+    # source line break, which left one-word lines in an 80-column terminal)
+    rich_markup_mode="markdown",
 )
 #: piped or logged output gets 120 columns (rich would use 80); tables are printed whole
 #: (:func:`print_whole`) whatever the width
@@ -540,6 +543,7 @@ stpp_app = typer.Typer(
     help="ST++ self-training: `cellst stpp run CONFIG` (or `cellst stpp CONFIG`) and "
     "`cellst stpp status RUN_DIR`.",
     no_args_is_help=True,
+    rich_markup_mode="markdown",
 )
 app.add_typer(stpp_app)
 
