@@ -246,6 +246,60 @@ def test_predict_sets_is_one_pass_equal_to_separate_runs_and_resumes_each_set(
         predict_sets(store_dir, [SetRequest(str(other), "x", post_a)] * 2, ids, progress=False)
 
 
+def test_gpu_stage_writes_what_the_actor_writes_and_each_model_only_what_it_needs(
+    store_dir, lite_checkpoint, tmp_path
+):
+    """On GPUs the actor only predicts and CPU tasks post-process and write each row with
+    its model's settings (:func:`write_rows`); on CPUs the actor writes itself. Both give
+    the same sets (run here in this process, on CPU), and ``need`` limits each item to the
+    models that still lack it."""
+    import shutil
+
+    from cellst.inference.batch import ModelActor, model_identity, prepare_set, write_rows
+    from cellst.model.checkpoint_files import weights_digest
+    from cellst.postprocess import PostprocessConfig
+
+    store = CellStore(shutil.copytree(store_dir, tmp_path / "store"))
+    m = store.manifest
+    ids = m.assign(px=m["height"] * m["width"]).nsmallest(2, "px")["id"].tolist()
+    cfg = ModelConfig(name="hovernet-lite", width=8)
+    torch.manual_seed(2)
+    other = save_checkpoint(tmp_path / "other", build_model(cfg).eval(), cfg)
+    cks = [str(lite_checkpoint), str(other)]
+    posts = [PostprocessConfig(), PostprocessConfig(mask_threshold=0.3)]
+    models = [{"checkpoint": ck, "weights_sha256": weights_digest(ck)} for ck in cks]
+
+    def writes(prefix: str) -> list[dict]:
+        out = []
+        for k, (ck, post) in enumerate(zip(cks, posts, strict=True)):
+            identity = model_identity(models[k]["weights_sha256"], post)
+            prepare_set(store, f"{prefix}{k}", ck, False, identity)
+            out.append(
+                {"post": post.model_dump(), "store_root": str(store.root),
+                 "set_name": f"{prefix}{k}", "out_dir": None, "run_id": prefix,
+                 "checkpoint": ck, "model_id": identity["model_id"]}
+            )  # fmt: skip
+        return out
+
+    images = np.empty(len(ids), dtype=object)
+    images[:] = [store.image(i) for i in ids]
+    batch = {"id": np.asarray(ids, dtype=object), "image": images}
+    infer = InferenceConfig(roi=128).model_dump()
+    cpu = ModelActor(models, infer, False, writes=writes("cpu"))(batch)
+    gpu = write_rows(ModelActor(models, infer, False)(batch), writes("gpu"))
+    for rows in (cpu, gpu):
+        pairs = sorted(zip(rows["id"], rows["model"], strict=True))
+        assert pairs == sorted((i, k) for i in ids for k in (0, 1))
+        assert not any(rows["error"]) and not rows["fatal"].any()
+    for i in ids:
+        for k in (0, 1):
+            np.testing.assert_array_equal(
+                store.pseudo_label(f"cpu{k}", i), store.pseudo_label(f"gpu{k}", i)
+            )
+    maps = ModelActor(models, infer, False, need={ids[0]: [1]})(batch)
+    assert list(maps["id"]) == [ids[0]] and list(maps["model"]) == [1]
+
+
 def test_predict_resumes_after_kill(ray_session, store_dir, lite_checkpoint, tmp_path):
     """Kill `cellst predict` mid-run; the re-run writes only what is missing, each once."""
     import shutil
