@@ -3,7 +3,10 @@
 1. images/s of ``cellst predict``'s work on the same store items, side by side:
    a plain in-process loop (predict_maps + post-processing + write) vs the Ray Data
    pipeline with 1 and 2 model actors (CPU, hovernet-lite).
-2. Peak RSS of segmenting one 8192 x 8192 image with hovernet-lite on CPU (block-wise
+2. Several models over the same items (ST++'s stages 2 and 7): one pass of one actor pool
+   holding every model (``predict_sets``) vs one ``predict`` run per model, wall time side by
+   side (2 actors).
+3. Peak RSS of segmenting one 8192 x 8192 image with hovernet-lite on CPU (block-wise
    inference + tiled post-processing), measured in a fresh child process. Target < 4 GiB
    (reported, not asserted).
 
@@ -29,7 +32,7 @@ import torch
 from cellst.data.ingest import ingest
 from cellst.data.store import CellStore
 from cellst.data.synth import synthesize_dataset
-from cellst.inference.batch import PredictConfig, predict
+from cellst.inference.batch import PredictConfig, SetRequest, predict, predict_sets
 from cellst.inference.predictor import InferenceConfig, predict_maps
 from cellst.model import ModelConfig, build_model, load_model, save_checkpoint
 from cellst.postprocess import PostprocessConfig
@@ -78,6 +81,7 @@ LARGE = textwrap.dedent(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--models", type=int, default=3, help="models of the one-pass comparison")
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds), for CI")
     args = ap.parse_args()
@@ -85,7 +89,7 @@ def main() -> None:
     # synthetic side, tiles per side, inference block and margin, post-processing tile, overlap
     large = (256, 2, 256, 32, 256, 64) if args.smoke else (1024, 8, 2048, 128, 2048, 256)
     if args.smoke:
-        args.images = 2
+        args.images, args.models = 2, 2
     from cellst.raycluster import ensure_ray
 
     ensure_ray(num_cpus=2)  # a local 2-CPU cluster, or the one RAY_ADDRESS names
@@ -122,6 +126,26 @@ def main() -> None:
                 f"  ray data, {n} actor(s)  : {r:6.2f} end to end ({r / plain:.2f}x plain), "
                 f"{steady:6.2f} after start-up ({steady / plain:.2f}x); start-up {first:.1f} s"
             )
+        models = []
+        for k in range(args.models):
+            torch.manual_seed(100 + k)
+            models.append(save_checkpoint(tmp / f"model{k}", build_model(cfg), cfg))
+        both = {"resources": PredictConfig(num_actors=2), "progress": False}
+        t = time.perf_counter()
+        for k, ck in enumerate(models):
+            predict(ck, tmp / "store", set_name=f"sep{k}", ids=ids, calibrated=False, **both)
+        separate = time.perf_counter() - t
+        t = time.perf_counter()
+        requests = [
+            SetRequest(str(ck), f"one{k}", PostprocessConfig()) for k, ck in enumerate(models)
+        ]
+        predict_sets(tmp / "store", requests, ids, **both)
+        one_pass = time.perf_counter() - t
+        print(f"\n{args.models} models over the same {len(ids)} images, 2 actors (wall s)")
+        print(f"  one predict run per model : {separate:6.1f}   (1.00x)")
+        print(
+            f"  one pass (predict_sets)   : {one_pass:6.1f}   ({separate / one_pass:.2f}x faster)"
+        )
         if not args.skip_large:
             side = large[0] * large[1]
             print(f"\nlarge image, {side}x{side}, hovernet-lite on CPU, in a fresh process:")

@@ -32,6 +32,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
     ),
     "bench_inference": (
         r"ray data, 2 actor\(s\)\s*:.*\([\d.]+x plain\)",
+        r"one pass \(predict_sets\)\s*:\s*[\d.]+\s+\([\d.]+x faster\)",
         r"\d+x\d+: inference [\d.]+ s, post-processing [\d.]+ s, \d+ instances, peak RSS",
     ),
     # the 2-node row of the table: a real 2-node cluster streamed and predicted
