@@ -2,8 +2,9 @@
 
 The pipeline streams whole images from the store (or an image folder) into an actor pool
 (each actor holds the run's model; :func:`predict_sets` gives it several, which predict
-each image in one pass, each into its own set). On GPU clusters each actor takes a GPU and the post-processing and
-writing run in separate CPU tasks, so GPUs never wait on the watershed::
+each image in one pass, each into its own set). On GPU clusters each actor takes a GPU and
+the post-processing and writing run in separate CPU tasks, so GPUs never wait on the
+watershed::
 
     images ──▶ ModelActor (GPU: predict_maps) ──▶ post-process + write (CPU tasks)
 

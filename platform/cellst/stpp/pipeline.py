@@ -4,8 +4,9 @@ Stages (each one a child MLflow run under one parent run of the pipeline)::
 
     1 supervised         Ray Train on the labelled items; ST++ snapshots at ~1/3, 2/3, end
     2 reliability        every snapshot predicts every unlabelled item (one pass of a Ray Data
-                         actor pool holding every snapshot, no TTA, as ST++); score = mean agreement of each earlier snapshot
-                         with the final one; the top ``reliable_fraction`` are reliable
+                         actor pool holding every snapshot, no TTA, as ST++); score = mean
+                         agreement of each earlier snapshot with the final one; the top
+                         ``reliable_fraction`` are reliable
     3 pseudo_reliable    stage-1 best checkpoint pseudo-labels the reliable items (flip TTA)
     4 retrain_reliable   Ray Train on labelled + reliable pseudo-labels (fresh init; by
                          default as many labelled crops per epoch as stage 1, plus the
