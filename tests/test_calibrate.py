@@ -144,6 +144,24 @@ def test_calibration_switched_off_writes_nothing(learned, learn_store, tmp_path)
     assert load_postprocess(off.checkpoints / "best")["meta"]["items"] == val_ids
 
 
+def test_calibration_scores_more_items_than_each_epoch_validates(learned, learn_store, tmp_path):
+    """A recipe that validates 1 item per epoch for speed still calibrates on up to
+    ``train.calibrate_max_items`` validation items: thresholds tuned on a handful over-fit
+    them (bench_quality compares both rules on the test split)."""
+    cfg, ckpt, val_ids = learned
+    assert len(val_ids) >= 3
+    paths = RunPaths(tmp_path / "run")
+    paths.checkpoints.mkdir(parents=True)
+    shutil.copytree(ckpt, paths.checkpoints / "best")
+    over = [f"store={learn_store}", *BASE, f"train.run_dir={tmp_path}", "train.val_max_items=1"]
+    store = CellStore(learn_store)
+    assert calibrate_run(load_config(None, over), store, val_ids, paths)
+    assert load_postprocess(paths.checkpoints / "best")["meta"]["items"] == val_ids
+    capped = load_config(None, [*over, "train.calibrate_max_items=2"])
+    assert calibrate_run(capped, store, val_ids, paths)
+    assert load_postprocess(paths.checkpoints / "best")["meta"]["items"] == val_ids[:2]
+
+
 # ----------------------------------------------------------------------------- postprocess.json
 def test_postprocess_json_round_trip(tmp_path):
     torch.manual_seed(0)

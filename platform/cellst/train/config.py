@@ -78,6 +78,13 @@ class TrainConfig(Section):
         "snapshot checkpoints on the validation items (postprocess.json beside the weights; "
         "predict uses them unless postprocess.* is set explicitly)",
     )
+    calibrate_max_items: int = Field(
+        32,
+        ge=1,
+        description="validation items the post-processing calibration scores, once after "
+        "training (not capped by val_max_items: thresholds tuned on a handful of items "
+        "over-fit them; benchmarks/bench_quality.py compares both)",
+    )
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
     node_wait_s: float | None = Field(
         600,
