@@ -25,7 +25,7 @@ import pytest
 
 from cellst.data.store import CellStore
 from cellst.raycluster import local_system_config
-from conftest import kill_group_when
+from conftest import free_port, kill_group_when
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLST = str(Path(sys.executable).with_name("cellst"))
@@ -96,6 +96,17 @@ def _cellst(
     res = subprocess.run([CELLST, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert res.returncode == 0, f"cellst {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
     return res
+
+
+def _last_epoch(run: Path) -> int:
+    """The epoch of the run's ``last`` checkpoint; 0 before there is one (or while it is
+    being replaced). ``epoch_NNN`` folders are no proof: only ``train.keep_last`` stay."""
+    from cellst.model.checkpoint_files import CheckpointError, read_checkpoint_info
+
+    try:
+        return int(read_checkpoint_info(run / "checkpoints" / "last")[1]["epoch"])
+    except (CheckpointError, OSError, KeyError):
+        return 0
 
 
 def _same_store(a: Path, b: Path) -> None:
@@ -334,6 +345,163 @@ def test_stpp_runs_on_the_nodes_and_resumes_after_its_driver_is_killed(
     assert done["id"].is_unique and set(done["node_id"]) <= worker_ids
 
 
+class PortCut:
+    """A TCP port that forwards to ``target_port`` on 127.0.0.1 until :meth:`cut`: then it
+    refuses connections (and drops the open ones) like a dead server, until :meth:`restore`,
+    which answers again at once. A real ``mlflow server`` restarted by PID takes 10-40 s
+    here before it answers, longer than a short test training lasts after epoch 1."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.port, self.target = free_port(), target_port
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._open: list = []
+        self._listener = None
+        self.restore()
+
+    def restore(self) -> None:
+        import socket
+        import threading
+
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(64)
+        self._listener = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def cut(self) -> None:
+        import contextlib
+        import socket
+
+        # new connections: refused (shutdown wakes the accept() that close() alone does not)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.close()
+            self._open.clear()
+
+    def _accept(self, srv) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = srv.accept()
+            except OSError:  # cut
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_ddp_training_on_the_nodes_rides_out_a_tracking_outage(
+    cluster, store_dir, tmp_path, mlflow_server_process
+):
+    """`cellst train` with a rank on each worker node logs to a real MLflow server whose
+    address stops answering once epoch 1 is saved (connection refused, open connections
+    dropped: :class:`PortCut`) and answers again once epoch 3 is saved.
+
+    The training neither crashes nor waits for the server: it finishes with every epoch's
+    checkpoint. Once the server answers again, during the run, what was kept meanwhile is
+    sent (one line says so): every epoch's metrics reach the server exactly once, the run
+    ends FINISHED there, and nothing is left pending in the run folder. (A real server
+    killed by PID, kept down to the end, then restarted: test_tracking_outage.py.)"""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from cellst.tracking import PENDING_FILE
+
+    server = mlflow_server_process.start()
+    cut = PortCut(server.port)
+    c, _ = cluster
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("name: mn-outage\n")
+    runs = tmp_path / "runs"
+    epochs = 8
+    overrides = [
+        f"store={store_dir}",
+        f"train.run_dir={runs}",
+        "train.run_name=tracked",
+        "train.num_workers=2",
+        "train.placement_strategy=STRICT_SPREAD",
+        f"train.epochs={epochs}",
+        "train.val_every=100",
+        "train.calibrate_postprocess=false",
+        "model.width=8",
+        "data.crop_size=96",
+        "data.crops_per_epoch=32",
+        "train.batch_size=8",
+        "train.val_max_items=1",
+        "train.log_every_steps=1",
+        "inference.roi=96",
+        "tracking.system_metrics=false",
+        f"tracking.tracking_uri={cut.uri}",
+        "tracking.retry_every_s=0.5",
+    ]
+    args = ["train", str(cfg_file)]
+    for o in overrides:
+        args += ["--set", o]
+    run = runs / "tracked"
+    events: dict[str, int] = {}
+
+    def outage() -> None:
+        deadline = time.time() + 300
+        while _last_epoch(run) < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        cut.cut()
+        events["cut_at"] = _last_epoch(run)
+        while _last_epoch(run) < 3 and time.time() < deadline:
+            time.sleep(0.02)
+        cut.restore()
+        events["back_at"] = _last_epoch(run)
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    res = _cellst(*args, address=c.address, timeout=400)
+    thread.join(timeout=10)
+    out = res.stdout + res.stderr
+    # the outage fell inside the run: from epoch 1 to epoch 3 of 8
+    assert events.get("cut_at") in (1, 2) and events.get("back_at") in (3, 4), events
+    assert "unavailable (" in out and "is back; sent" in out, out[-3000:]
+    assert (run / "checkpoints" / f"epoch_{epochs:03d}").is_dir()
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "finished" and state["tracking"] is None, state
+    assert not (run / PENDING_FILE).exists()
+    client = MlflowClient(server.uri)
+    got = client.get_run(state["mlflow_run_id"])
+    assert got.info.status == "FINISHED"
+    for name in ("epoch", "train_loss"):
+        steps = sorted(m.step for m in client.get_metric_history(got.info.run_id, name))
+        assert steps == list(range(1, epochs + 1)), (name, steps)
+    ranks = [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
+    assert len({r["node_id"] for r in ranks}) == 2  # a rank on each worker node
+
+
 def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tmp_path):
     """`cellst train` with two ranks on different worker nodes (DDP over gloo between two
     raylets, ``train.placement_strategy=STRICT_SPREAD``).
@@ -389,12 +557,7 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
             return []
 
     def last_epoch() -> int:
-        from cellst.model.checkpoint_files import CheckpointError, read_checkpoint_info
-
-        try:
-            return int(read_checkpoint_info(run / "checkpoints" / "last")[1]["epoch"])
-        except (CheckpointError, OSError, KeyError):  # not there yet, or being replaced
-            return 0
+        return _last_epoch(run)
 
     def remove_two_nodes() -> None:
         snapshot = runs / "_ray" / "lossy" / "checkpoint_manager_snapshot.json"
