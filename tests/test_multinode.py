@@ -11,12 +11,15 @@ on both worker nodes, each exactly once, also when a worker node is lost mid-run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +138,6 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
     is removed (its raylet and every process on it killed) once it has written an item,
     while items are still to do: the command still ends with every item written exactly
     once, and the same labels."""
-    import threading
     import time
 
     import torch
@@ -352,8 +354,6 @@ class PortCut:
     here before it answers, longer than a short test training lasts after epoch 1."""
 
     def __init__(self, target_port: int):
-        import threading
-
         self.port, self.target = free_port(), target_port
         self.uri = f"http://127.0.0.1:{self.port}"
         self._lock = threading.Lock()
@@ -362,9 +362,6 @@ class PortCut:
         self.restore()
 
     def restore(self) -> None:
-        import socket
-        import threading
-
         srv = socket.socket()
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind(("127.0.0.1", self.port))
@@ -373,9 +370,6 @@ class PortCut:
         threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
 
     def cut(self) -> None:
-        import contextlib
-        import socket
-
         # new connections: refused (shutdown wakes the accept() that close() alone does not)
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
@@ -387,9 +381,6 @@ class PortCut:
             self._open.clear()
 
     def _accept(self, srv) -> None:
-        import socket
-        import threading
-
         while True:
             try:
                 client, _ = srv.accept()
@@ -407,8 +398,6 @@ class PortCut:
 
     @staticmethod
     def _pump(src, dst) -> None:
-        import contextlib
-
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 dst.sendall(data)
@@ -429,7 +418,6 @@ def test_ddp_training_on_the_nodes_rides_out_a_tracking_outage(
     sent (one line says so): every epoch's metrics reach the server exactly once, the run
     ends FINISHED there, and nothing is left pending in the run folder. (A real server
     killed by PID, kept down to the end, then restarted: test_tracking_outage.py.)"""
-    import threading
     import time
 
     from mlflow.tracking import MlflowClient
@@ -516,7 +504,6 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
        last epoch; the two ranks end with identical parameters.
 
     Runs last in this module: the cluster has two nodes fewer afterwards."""
-    import threading
     import time
 
     c, workers = cluster
@@ -556,9 +543,6 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
         except (OSError, ValueError):  # not written yet, or being replaced
             return []
 
-    def last_epoch() -> int:
-        return _last_epoch(run)
-
     def remove_two_nodes() -> None:
         snapshot = runs / "_ray" / "lossy" / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 300
@@ -576,10 +560,10 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
             time.sleep(0.1)
         epoch = 0
         while time.time() < deadline and not epoch:
-            epoch = last_epoch()
+            epoch = _last_epoch(run)
             time.sleep(0.1)
         while time.time() < deadline and len(lost) == 1:
-            if last_epoch() > epoch:  # the restarted group has saved one
+            if _last_epoch(run) > epoch:  # the restarted group has saved one
                 lost.append(moved[0]["node_id"])
                 c.remove_node(nodes[lost[1]], allow_graceful=False)
             time.sleep(0.1)
@@ -598,7 +582,7 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
     assert not any(ln.startswith("Traceback") for ln in (res.stdout + res.stderr).splitlines())
     state = json.loads((run / "run.json").read_text())
     assert state["status"] == "failed" and "found no room" in state["error"], state
-    stopped_at = last_epoch()
+    stopped_at = _last_epoch(run)
     assert 1 <= stopped_at < 6  # its checkpoints are kept
 
     extra = c.add_node(num_cpus=2, resources={"node_e": 1})
