@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,6 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
     is removed (its raylet and every process on it killed) once it has written an item,
     while items are still to do: the command still ends with every item written exactly
     once, and the same labels."""
-    import time
-
     import torch
 
     from cellst.model import ModelConfig, build_model, save_checkpoint
@@ -418,8 +417,6 @@ def test_ddp_training_on_the_nodes_rides_out_a_tracking_outage(
     sent (one line says so): every epoch's metrics reach the server exactly once, the run
     ends FINISHED there, and nothing is left pending in the run folder. (A real server
     killed by PID, kept down to the end, then restarted: test_tracking_outage.py.)"""
-    import time
-
     from mlflow.tracking import MlflowClient
 
     from cellst.tracking import PENDING_FILE
@@ -504,8 +501,6 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
        last epoch; the two ranks end with identical parameters.
 
     Runs last in this module: the cluster has two nodes fewer afterwards."""
-    import time
-
     c, workers = cluster
     spare = c.add_node(num_cpus=2, resources={"node_d": 1})
     c.wait_for_nodes()
