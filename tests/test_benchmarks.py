@@ -50,6 +50,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
         r"wrote .*quality\.csv",
         # one model's test F1 under three post-processing rules, side by side
         r"configured [\d.]+, calibrated on \d+ validation items [\d.]+, on \d+ [\d.]+",
+        # and the stored settings on flip-TTA maps (what `cellst predict --tta` gives)
+        r"\(cal_all: what training stores\), with flip TTA [\d.]+",
     ),
     "bench_startup": (r"b / a = [\d.]+",),
     "bench_stpp": (r"full ST\+\+ - supervised: [+-][\d.]+ mean F1", r"results: .*results\.json"),
