@@ -176,7 +176,8 @@ def post_rules(checkpoint: Path, cfg) -> dict[str, Any]:
     validation items each epoch scores, the rule before ``train.calibrate_max_items``;
     ``cal_all``: calibrated on up to ``train.calibrate_max_items`` validation items, what
     training now stores with the checkpoint. Validation items choose the settings; the test
-    split only scores them.
+    split only scores them. ``cal_all_tta``: the ``cal_all`` settings on flip-TTA test maps
+    (what ``cellst predict --tta`` gives with the stored settings).
     """
     from cellst.model import load_model
     from cellst.postprocess.calibrate import predict_val_maps, score_maps, search_postprocess
