@@ -169,7 +169,7 @@ def model_report(checkpoint: Path, store_path: Path, cfg, set_name: str, out: Pa
 
 
 def post_rules(checkpoint: Path, cfg) -> dict[str, Any]:
-    """Test F1 of one checkpoint post-processed three ways, side by side on the same maps.
+    """Test F1 of one checkpoint post-processed three ways on the same maps, and once on TTA maps.
 
     ``configured``: the experiment's post-processing settings; ``cal_few``: calibrated
     (:func:`cellst.postprocess.calibrate.search_postprocess`) on the ``train.val_max_items``
