@@ -117,6 +117,45 @@ def test_lite_freeze_and_dropout() -> None:
     assert count_parameters(net, trainable_only=True) < count_parameters(net)
 
 
+def test_lite_full_resolution_branch_ends() -> None:
+    """``full_res``: a stride-1 stem and a full-resolution conv block end each branch; the
+    default network's parameters (and so every earlier checkpoint) are unchanged."""
+    torch.manual_seed(0)
+    base = build_model(ModelConfig(width=8))
+    net = build_model(ModelConfig(width=8, full_res=True)).train()
+    extra = set(net.state_dict()) - set(base.state_dict())
+    assert extra and all(k.startswith(("stem_full.", "heads_full.")) for k in extra)
+    # the 1/2-resolution 1x1 heads are replaced by the full-resolution ones
+    assert {k.split(".")[2] for k in set(base.state_dict()) - set(net.state_dict())} == {"2"}
+    out = net(torch.rand(2, 3, 64, 96))
+    for value in out.values():
+        assert value.shape == (2, 2, 64, 96)
+    (out[NP_KEY].square().mean() + out[HV_KEY].abs().mean()).backward()
+    for name, param in net.named_parameters():
+        if name.startswith(("stem_full.", "heads_full.")):
+            assert param.grad is not None and float(param.grad.abs().sum()) > 0, name
+    frozen = build_model(ModelConfig(width=8, full_res=True, freeze_encoder=True))
+    assert not any(p.requires_grad for p in frozen.stem_full.parameters())
+    assert ModelConfig(width=8).architecture() == {"name": "hovernet-lite", "in_channels": 3,
+                                                   "width": 8}  # fmt: skip
+    with pytest.raises(ValidationError, match="full_res"):
+        ModelConfig(name="hovernet-fast", full_res=True)
+
+
+def test_checkpoint_full_res_is_its_own_architecture(tmp_path) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(width=8, full_res=True)
+    net = build_model(cfg).eval()
+    ckpt = save_checkpoint(tmp_path / "fr", net, cfg)
+    loaded, cfg2, _ = load_model(ckpt)
+    assert cfg2.full_res
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x)[HV_KEY], loaded(x)[HV_KEY])
+    with pytest.raises(CheckpointError, match=r"full_res=True.*hovernet-lite \(in_channels=3, "):
+        load_into(build_model(ModelConfig(width=8)), ModelConfig(width=8), ckpt)
+
+
 def test_model_config_validation() -> None:
     with pytest.raises(ValidationError, match="pretrained_url"):
         ModelConfig(pretrained_url="https://example.org/w.pth")

@@ -24,6 +24,12 @@ class ModelConfig(Section):
 
     name: ModelName = Field("hovernet-lite", description="network architecture")
     width: int = Field(16, ge=4, le=128, description="hovernet-lite base channels (1/2 resolution)")
+    full_res: bool = Field(
+        False,
+        description="hovernet-lite only: finish each branch at full resolution (a stride-1 stem "
+        "and one full-resolution conv per branch) instead of upsampling its 1/2-resolution "
+        "output; sharper borders between small touching cells, at a higher cost per pixel",
+    )
     in_channels: int = Field(3, ge=1, le=16, description="input image channels")
     pretrained_url: str | None = Field(
         None,
@@ -43,6 +49,8 @@ class ModelConfig(Section):
                 "pretrained_url is only supported for hovernet-fast/hovernet-original "
                 "(MONAI preact-ResNet50 encoder weights); hovernet-lite trains from scratch"
             )
+        if self.full_res and self.name != "hovernet-lite":
+            raise ValueError(f"full_res only applies to hovernet-lite, not {self.name}")
         if self.decoder_padding and self.name != "hovernet-fast":
             raise ValueError(f"decoder_padding only applies to hovernet-fast, not {self.name}")
         return self
@@ -52,6 +60,8 @@ class ModelConfig(Section):
         arch: dict[str, object] = {"name": self.name, "in_channels": self.in_channels}
         if self.name == "hovernet-lite":
             arch["width"] = self.width
+            if self.full_res:  # (absent when off: earlier checkpoints stay compatible)
+                arch["full_res"] = True
         else:
             arch["decoder_padding"] = self.decoder_padding
         return arch

@@ -161,6 +161,20 @@ class _UpBlock(nn.Module):
         return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
+def _Up(channels: int, mode: str) -> UpSample:  # noqa: N802 (a layer, named like one)
+    """x2 upsampling without weights (``mode``: nearest or bilinear)."""
+    return UpSample(
+        2,
+        channels,
+        channels,
+        scale_factor=2,
+        mode="nontrainable",
+        interp_mode=mode,
+        align_corners=False if mode == "bilinear" else None,
+        pre_conv=None,
+    )
+
+
 class HoVerNetLite(nn.Module):
     """Small HoVer-Net-style network: any input with sides divisible by 32, same-size output.
 
@@ -171,6 +185,12 @@ class HoVerNetLite(nn.Module):
     the stem features + two conv blocks + 1x1 conv to 2 channels, bilinearly upsampled x2.
     All convolutions are followed by BatchNorm (SyncBN-convertible) and ReLU, except the final
     1x1 heads. Nothing runs at full resolution, which keeps it fast on CPU.
+
+    With ``full_res``, a stride-1 conv block on the input (``width // 2`` channels) feeds the
+    end of each branch instead: its 1/2-resolution features are upsampled x2 (nearest),
+    concatenated with that full-resolution stem, and one conv block at full resolution comes
+    before the 1x1 head. The border between two small touching cells is one or two pixels
+    wide, below what a 1/2-resolution map can place.
     """
 
     def __init__(
@@ -179,6 +199,7 @@ class HoVerNetLite(nn.Module):
         in_channels: int = 3,
         dropout: float = 0.0,
         freeze_encoder: bool = False,
+        full_res: bool = False,
     ) -> None:
         super().__init__()
         self.name = "hovernet-lite"
@@ -218,25 +239,40 @@ class HoVerNetLite(nn.Module):
             align_corners=None,
             pre_conv=None,
         )
+        self.full_res = full_res
+        c_full = max(width // 2, 4)
+        #: full-resolution features of the input (``full_res`` only)
+        self.stem_full = _conv(in_channels, c_full, dropout=dropout) if full_res else None
         self.branches = nn.ModuleDict(
             {
                 key: nn.Sequential(
                     _conv(ch[1] + ch[0], ch[0], dropout=dropout),
                     _conv(ch[0], ch[0], dropout=dropout),
-                    Convolution(2, ch[0], 2, kernel_size=1, conv_only=True, bias=True),
-                    UpSample(
-                        2,
-                        2,
-                        2,
-                        scale_factor=2,
-                        mode="nontrainable",
-                        interp_mode="bilinear",
-                        align_corners=False,
-                        pre_conv=None,
+                    *(
+                        (_Up(ch[0], "nearest"),)
+                        if full_res
+                        else (
+                            Convolution(2, ch[0], 2, kernel_size=1, conv_only=True, bias=True),
+                            _Up(2, "bilinear"),
+                        )
                     ),
                 )
                 for key in (NP_KEY, HV_KEY)
             }
+        )
+        #: per branch: full-resolution conv block on [upsampled branch, stem_full], 1x1 head
+        self.heads_full = (
+            nn.ModuleDict(
+                {
+                    key: nn.Sequential(
+                        _conv(ch[0] + c_full, c_full, dropout=dropout),
+                        Convolution(2, c_full, 2, kernel_size=1, conv_only=True, bias=True),
+                    )
+                    for key in (NP_KEY, HV_KEY)
+                }
+            )
+            if full_res
+            else None
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -245,7 +281,8 @@ class HoVerNetLite(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if freeze_encoder:
-            for p in (*self.stem.parameters(), *self.encoder.parameters()):
+            encoder = (self.stem, self.encoder, *((self.stem_full,) if full_res else ()))
+            for p in (q for module in encoder for q in module.parameters()):
                 p.requires_grad_(False)
 
     def output_size(self, input: int) -> int:
@@ -274,7 +311,13 @@ class HoVerNetLite(nn.Module):
         for j, block in enumerate(self.decoder):
             y = block(y, skips[-2 - j])
         y = torch.cat([self.up_half(y), skips[0]], dim=1)
-        return {key: branch(y) for key, branch in self.branches.items()}
+        if self.heads_full is None:
+            return {key: branch(y) for key, branch in self.branches.items()}
+        full = self.stem_full(x)
+        return {
+            key: self.heads_full[key](torch.cat([branch(y), full], dim=1))
+            for key, branch in self.branches.items()
+        }
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -285,6 +328,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             in_channels=cfg.in_channels,
             dropout=cfg.dropout,
             freeze_encoder=cfg.freeze_encoder,
+            full_res=cfg.full_res,
         )
     mode: Literal["fast", "original"] = "fast" if cfg.name == "hovernet-fast" else "original"
     return MonaiHoVerNet(
