@@ -140,27 +140,6 @@ def _conv(
     )
 
 
-class _UpBlock(nn.Module):
-    """Nearest x2 upsampling, concatenation with the skip, one conv block."""
-
-    def __init__(self, c_in: int, c_skip: int, c_out: int, dropout: float) -> None:
-        super().__init__()
-        self.up = UpSample(
-            2,
-            in_channels=c_in,
-            out_channels=c_in,
-            scale_factor=2,
-            mode="nontrainable",
-            interp_mode="nearest",
-            align_corners=None,
-            pre_conv=None,
-        )
-        self.conv = _conv(c_in + c_skip, c_out, dropout=dropout)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([self.up(x), skip], dim=1))
-
-
 def _Up(channels: int, mode: str) -> UpSample:  # noqa: N802 (a layer, named like one)
     """x2 upsampling without weights (``mode``: nearest or bilinear)."""
     return UpSample(
@@ -173,6 +152,18 @@ def _Up(channels: int, mode: str) -> UpSample:  # noqa: N802 (a layer, named lik
         align_corners=False if mode == "bilinear" else None,
         pre_conv=None,
     )
+
+
+class _UpBlock(nn.Module):
+    """Nearest x2 upsampling, concatenation with the skip, one conv block."""
+
+    def __init__(self, c_in: int, c_skip: int, c_out: int, dropout: float) -> None:
+        super().__init__()
+        self.up = _Up(c_in, "nearest")
+        self.conv = _conv(c_in + c_skip, c_out, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
 class HoVerNetLite(nn.Module):
@@ -229,17 +220,7 @@ class HoVerNetLite(nn.Module):
         self.decoder = nn.ModuleList(
             _UpBlock(ch[i], ch[i - 1], ch[i - 1], dropout) for i in range(len(ch) - 1, 1, -1)
         )
-        self.up_half = UpSample(
-            2,
-            ch[1],
-            ch[1],
-            scale_factor=2,
-            mode="nontrainable",
-            interp_mode="nearest",
-            align_corners=None,
-            pre_conv=None,
-        )
-        self.full_res = full_res
+        self.up_half = _Up(ch[1], "nearest")
         c_full = max(width // 2, 4)
         #: full-resolution features of the input (``full_res`` only)
         self.stem_full = _conv(in_channels, c_full, dropout=dropout) if full_res else None
