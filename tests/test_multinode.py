@@ -518,7 +518,7 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
         "train.max_failures=2",
         "train.node_wait_s=20",
         # enough epochs that the second node loss lands before the last one: on a fast day
-        # the restarted group ran its last two epochs while the removal took effect (6 epochs)
+        # the restarted group saved its last (6th) epoch before the removal took effect
         f"train.epochs={epochs}",
         f"train.val_every={epochs}",
         "model.width=8",
