@@ -435,3 +435,54 @@ def test_predict_writes_ignore_masks_that_the_training_stream_carries(
     lab, ign = decode_ignored(block["label"][0])
     assert np.array_equal(lab, pset.label(ids[0], window))
     assert np.array_equal(ign, pset.ignore_mask(ids[0], window))
+
+
+def test_rescaled_maps_are_written_at_the_image_size_by_both_stages(
+    store_dir, quick_train, tmp_path
+):
+    """With cell-size rescaling the actor's maps are of an upsampled copy: the actor's own
+    writes (CPUs) and the separate post-processing tasks (GPUs) both resize the labels back,
+    to what post-processing those maps at the image's shape gives."""
+    import shutil
+
+    from cellst.inference.batch import ModelActor, model_identity, prepare_set, write_rows
+    from cellst.model import load_model
+    from cellst.model.checkpoint_files import weights_digest
+    from cellst.postprocess import PostprocessConfig, postprocess_hover
+
+    store = CellStore(shutil.copytree(store_dir, tmp_path / "store"))
+    m = store.manifest
+    ids = m.assign(px=m["height"] * m["width"]).nsmallest(2, "px")["id"].tolist()
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="hovernet-lite", width=8)
+    labelled = m[m["label_array"].astype(bool)]["id"].tolist()
+    model = quick_train(build_model(cfg), store, labelled, steps=40)  # finds some cells
+    ck = str(save_checkpoint(tmp_path / "ck", model, cfg))
+    models = [{"checkpoint": ck, "weights_sha256": weights_digest(ck)}]
+    post = PostprocessConfig()
+    # any cell found is "small": every image is upsampled 2x
+    infer = InferenceConfig(roi=128, rescale_diameter=1000)
+
+    def writes(name: str) -> list[dict]:
+        identity = model_identity(models[0]["weights_sha256"], post)
+        prepare_set(store, name, ck, False, identity)
+        return [
+            {"post": post.model_dump(), "store_root": str(store.root), "set_name": name,
+             "out_dir": None, "run_id": name, "checkpoint": ck, "model_id": identity["model_id"]}
+        ]  # fmt: skip
+
+    images = np.empty(len(ids), dtype=object)
+    images[:] = [store.image(i) for i in ids]
+    batch = {"id": np.asarray(ids, dtype=object), "image": images}
+    maps = ModelActor(models, infer.model_dump(), False)(batch)
+    for k, i in enumerate(ids):
+        assert maps["prob"][k].shape == tuple(2 * n for n in store.image(i).shape[:2])
+        assert tuple(maps["shape"][k]) == store.image(i).shape[:2]
+    ModelActor(models, infer.model_dump(), False, writes=writes("cpu"))(batch)
+    write_rows(maps, writes("gpu"))
+    model, _, _ = load_model(ck)
+    for i in ids:
+        image = store.image(i)
+        expected = postprocess_hover(*predict_maps(model, image, infer), post, image.shape[:2])
+        for name in ("cpu", "gpu"):
+            np.testing.assert_array_equal(store.pseudo_label(name, i), expected)

@@ -119,11 +119,14 @@ def test_job_size_picks_ray_for_many_images(images):
 
 
 # ----------------------------------------------------------------------------- in-process
+@pytest.mark.parametrize("rescale", [[], ["inference.rescale_diameter=1000"]], ids=["", "rescaled"])
 def test_segment_equals_predict_and_postprocess_with_ingest_normalisation(
-    checkpoint, images, tmp_path
+    checkpoint, images, tmp_path, rescale
 ):
+    """Also with cell-size rescaling, where the maps are of 2x copies (every cell this model
+    finds is below 1000 px) and the labels still of the image's size."""
     out = tmp_path / "out"
-    cfg = load_config(None, ["inference.roi=64", "postprocess.mask_threshold=0.45"])
+    cfg = load_config(None, ["inference.roi=64", "postprocess.mask_threshold=0.45", *rescale])
     result = segment([images], checkpoint, out_dir=out, infer=cfg.inference, post=cfg.postprocess)
     assert result.mode == "in-process" and not result.failed
     assert sorted(result.written) == sorted(Path(n).stem for n, _, _ in IMAGES)
@@ -133,7 +136,9 @@ def test_segment_equals_predict_and_postprocess_with_ingest_normalisation(
         assert label.shape == shape[:2] and label.dtype == np.uint16
         image = normalize_image(read_array(images / name))  # exactly what ingest stores
         prob, hv = predict_maps(model, image, cfg.inference)
-        np.testing.assert_array_equal(label, postprocess_hover(prob, hv, cfg.postprocess))
+        assert prob.shape == tuple((2 if rescale else 1) * n for n in shape[:2])
+        expected = postprocess_hover(prob, hv, cfg.postprocess, shape=shape[:2])
+        np.testing.assert_array_equal(label, expected)
 
 
 def test_cli_segment_folder_with_a_corrupt_image(checkpoint, images, tmp_path):

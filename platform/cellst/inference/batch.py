@@ -208,7 +208,7 @@ class ModelActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from cellst.inference.predictor import predict_maps
 
-        ids, which, probs, hvs, secs, errors, fatal = [], [], [], [], [], [], []
+        ids, which, probs, hvs, shapes, secs, errors, fatal = [], [], [], [], [], [], [], []
         given = batch.get("error")
         for i, image in enumerate(batch["image"]):
             item = str(batch["id"][i])
@@ -229,6 +229,7 @@ class ModelActor:
                 which.append(k)
                 probs.append(p)
                 hvs.append(m)
+                shapes.append(np.asarray(image).shape[:2])  # maps may be of a rescaled copy
                 errors.append(error)
                 fatal.append(bool(self.errors[k]))
                 secs.append(time.perf_counter() - t)
@@ -237,6 +238,7 @@ class ModelActor:
             "model": np.asarray(which, dtype=np.int32),
             "prob": _object_array(probs),
             "hv": _object_array(hvs),
+            "shape": np.asarray(shapes, dtype=np.int64).reshape(-1, 2),
             "infer_seconds": np.asarray(secs, dtype=np.float64),
             "error": np.asarray(errors, dtype=object),
             "fatal": np.asarray(fatal, dtype=bool),
@@ -248,7 +250,7 @@ def write_rows(batch: dict[str, Any], writes: list[dict]) -> dict[str, Any]:
     """:func:`postprocess_and_write` for rows of several models: each row with the
     settings and destination of its ``model`` (an index into ``writes``)."""
     out: dict[str, list[Any]] = {"id": [], "model": [], "error": [], "fatal": []}
-    keys = ("id", "prob", "hv", "infer_seconds", "error", "fatal")
+    keys = ("id", "prob", "hv", "shape", "infer_seconds", "error", "fatal")
     for i, k in enumerate(batch["model"]):
         row = {key: batch[key][i : i + 1] for key in keys}
         done = postprocess_and_write(row, **writes[int(k)])
@@ -280,6 +282,16 @@ def item_stats(label: np.ndarray, prob: np.ndarray) -> dict[str, float]:
         "mean_prob_foreground": float(prob[fg].astype(np.float32).mean()) if fg.any() else 0.0,
         "mean_cell_area": float(fg.sum() / n) if n else 0.0,
     }
+
+
+def maps_at(prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``prob`` at the image's ``shape`` (bilinear), when cell-size rescaling predicted it on an
+    upsampled copy; as it is otherwise."""
+    if prob.shape == tuple(shape):
+        return prob
+    from skimage.transform import resize
+
+    return resize(prob.astype(np.float32), shape, order=1, preserve_range=True).astype(prob.dtype)
 
 
 def uncertain_pixels(prob: np.ndarray, threshold: float, band: float) -> np.ndarray:
@@ -331,6 +343,7 @@ def postprocess_and_write(
     n = len(batch["id"])
     errors = [str(e) for e in batch.get("error", [""] * n)]
     fatal = [bool(f) for f in batch.get("fatal", [False] * n)]
+    shapes = batch.get("shape", [None] * n)
     for i, (item_id, prob, hv, secs) in enumerate(
         zip(batch["id"], batch["prob"], batch["hv"], batch["infer_seconds"], strict=True)
     ):
@@ -338,7 +351,9 @@ def postprocess_and_write(
             continue
         try:
             t = time.perf_counter()
-            label = postprocess_hover(np.asarray(prob), np.asarray(hv), pcfg)
+            shape = None if shapes[i] is None else tuple(int(v) for v in shapes[i])
+            label = postprocess_hover(np.asarray(prob), np.asarray(hv), pcfg, shape=shape)
+            prob = maps_at(np.asarray(prob), label.shape)
             stats = {
                 "id": str(item_id),
                 **item_stats(label, np.asarray(prob)),

@@ -26,6 +26,17 @@ class InferenceConfig(BaseModel):
     block: int = Field(2048, ge=256, description="images larger than this run block by block")
     block_margin: int = Field(128, ge=0, description="context kept around each block")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    rescale_diameter: float | None = Field(
+        None,
+        gt=0,
+        description="cell-size rescaling: an image whose cells (median diameter of a first "
+        "segmentation) are smaller than this many pixels is upsampled so that they reach it, "
+        "at most max_upscale times, and segmented again; the labels are resized back "
+        "(Cellpose's diameter rescaling). None: off",
+    )
+    max_upscale: float = Field(
+        2.0, ge=1.0, le=4.0, description="largest upsampling factor of rescale_diameter"
+    )
 
 
 class PredictConfig(BaseModel):

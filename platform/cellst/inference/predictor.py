@@ -10,9 +10,12 @@
   HoVer channel along the flipped axis changes sign;
 * images larger than ``block`` pixels are processed block by block (each block with a
   margin that is discarded), so the memory needed is set by the block, not the image;
-  outputs are float16.
-
-``segment_image`` adds HoVer post-processing, tiled for large images.
+  outputs are float16;
+* optional cell-size rescaling (``rescale_diameter``): an image whose cells, as a first
+  segmentation finds them, are smaller than that diameter is upsampled so that they reach
+  it and predicted again, as Cellpose rescales images to its cells' size. Its maps are then
+  of the upsampled size: :func:`cellst.postprocess.postprocess_hover` with the image's
+  ``shape`` post-processes them there and resizes the labels back.
 """
 
 from __future__ import annotations
@@ -159,11 +162,67 @@ def predict_maps(
         A cellst model (``cellst.model.build_model``) in eval mode.
     image : ndarray
         ``(H, W, 3) uint8`` (as stored), any size.
+
+    With ``cfg.rescale_diameter`` set, the maps of an image of small cells are those of its
+    upsampled copy, ``(sH, sW)`` for the factor ``s`` of :func:`rescale_factor`; post-process
+    them with ``postprocess_hover(prob, hv, post, shape=image.shape[:2])``.
     """
     cfg = cfg or InferenceConfig()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    prob, hv = _predict_whole(model, image, cfg, device)
+    scale = rescale_factor(prob, hv, cfg)
+    if scale > 1.0:
+        prob, hv = _predict_whole(model, upsample_image(image, scale), cfg, device)
+    return prob, hv
+
+
+def median_cell_diameter(label: np.ndarray) -> float:
+    """Diameter of the circle of the median cell area of an instance map (0 without cells)."""
+    areas = np.bincount(np.asarray(label).ravel())[1:]
+    areas = areas[areas > 0]
+    return float(np.sqrt(4.0 * np.median(areas) / np.pi)) if areas.size else 0.0
+
+
+def rescale_factor(prob: np.ndarray, hv: np.ndarray, cfg: InferenceConfig) -> float:
+    """Upsampling factor that brings the image's cells to ``cfg.rescale_diameter``.
+
+    The cells are those of the maps post-processed with the default settings; the factor is
+    ``rescale_diameter / median diameter``, clipped to ``[1, cfg.max_upscale]`` and rounded
+    to eighths (so that near-equal images share a size). 1.0 when rescaling is off, the
+    cells are large enough, or none are found.
+    """
+    if cfg.rescale_diameter is None:
+        return 1.0
+    from cellst.postprocess.tiled import postprocess_hover
+
+    diameter = median_cell_diameter(postprocess_hover(prob, hv))
+    if diameter <= 0:
+        return 1.0
+    scale = min(cfg.max_upscale, max(1.0, cfg.rescale_diameter / diameter))
+    return round(scale * 8) / 8
+
+
+def upsample_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """``(H, W, 3) uint8`` image resized by ``scale`` (bilinear), uint8."""
+    from skimage.transform import resize
+
+    h, w = image.shape[:2]
+    out = resize(
+        image,
+        (round(h * scale), round(w * scale)),
+        order=1,
+        preserve_range=True,
+        anti_aliasing=False,
+    )
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _predict_whole(
+    model: torch.nn.Module, image: np.ndarray, cfg: InferenceConfig, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_maps` without rescaling: whole image, or block by block."""
     h, w = image.shape[:2]
     if max(h, w) <= cfg.block + 2 * cfg.block_margin:
         p, m = predict_block(model, image, cfg, device)

@@ -409,7 +409,7 @@ def segment_in_process(
         try:
             raw, image = _read(path, ingest)
             prob, hv = predict_maps(model, image, infer, dev)
-            label = postprocess_hover(prob, hv, post)
+            label = postprocess_hover(prob, hv, post, shape=image.shape[:2])
             label = filter_instances(label, cfg.exclude_on_edges, cfg.min_size)
             need_raw = cfg.save_csv or cfg.save_ome_zarr or cfg.save_geojson
             result.outputs += write_outputs(

@@ -64,8 +64,8 @@ _MIN_GAIN = 1e-9
 class ValMaps(NamedTuple):
     """One validation item's network output and ground truth."""
 
-    prob: np.ndarray  # (H, W) nuclear probability
-    hv: np.ndarray  # (2, H, W) HoVer maps
+    prob: np.ndarray  # (H, W) nuclear probability (larger with cell-size rescaling)
+    hv: np.ndarray  # (2, H, W) HoVer maps (the same size)
     label: np.ndarray  # (H, W) ground-truth instances
 
 
@@ -102,7 +102,7 @@ def score_item(
     from cellst.postprocess.tiled import postprocess_hover
 
     prob, hv, label = maps
-    pred = postprocess_hover(prob, hv, post)
+    pred = postprocess_hover(prob, hv, post, shape=label.shape)  # maps may be rescaled
     return image_scores(label, pred, **_evaluate_kwargs(evaluate)), pred
 
 

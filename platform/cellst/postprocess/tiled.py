@@ -39,7 +39,7 @@ from cellst.postprocess.hover import (
     hover_to_instances,
 )
 
-__all__ = ["hover_to_instances_tiled", "postprocess_hover", "tile_layout"]
+__all__ = ["hover_to_instances_tiled", "postprocess_hover", "resize_labels", "tile_layout"]
 
 
 def tile_layout(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
@@ -217,7 +217,10 @@ def hover_to_instances_tiled(
 
 
 def postprocess_hover(
-    nuclear_prob: Any, hv: Any, config: PostprocessConfig | None = None
+    nuclear_prob: Any,
+    hv: Any,
+    config: PostprocessConfig | None = None,
+    shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Instance map with the parameters of ``config``, tiled when the image exceeds a tile.
 
@@ -229,16 +232,39 @@ def postprocess_hover(
         (2, H, W) HoVer maps.
     config : PostprocessConfig, optional
         Defaults to ``PostprocessConfig()``.
+    shape : (int, int), optional
+        The image's own size, when the maps are of an upsampled copy of it (cell-size
+        rescaling, ``inference.rescale_diameter``): the maps are post-processed at their
+        size, with ``min_object_size`` scaled by the area ratio, and the labels resized
+        back to ``shape`` (nearest neighbour).
 
     Returns
     -------
     numpy.ndarray
-        (H, W) int32 instance map, labels ``1..N``.
+        Instance map of ``shape`` (default (H, W)), int32, labels ``1..N``.
     """
     cfg = config or PostprocessConfig()
     height, width = _shape2d(nuclear_prob, hv)
+    rescaled = shape is not None and (int(shape[0]), int(shape[1])) != (height, width)
+    if rescaled:
+        area = height * width / (int(shape[0]) * int(shape[1]))
+        cfg = cfg.model_copy(update={"min_object_size": round(cfg.min_object_size * area)})
     if height <= cfg.tile and width <= cfg.tile:
-        return hover_to_instances(np.asarray(nuclear_prob), np.asarray(hv), **cfg.hover_kwargs())
-    return hover_to_instances_tiled(
-        nuclear_prob, hv, cfg.tile, cfg.tile_overlap, **cfg.hover_kwargs()
+        label = hover_to_instances(np.asarray(nuclear_prob), np.asarray(hv), **cfg.hover_kwargs())
+    else:
+        label = hover_to_instances_tiled(
+            nuclear_prob, hv, cfg.tile, cfg.tile_overlap, **cfg.hover_kwargs()
+        )
+    return resize_labels(label, shape) if rescaled else label
+
+
+def resize_labels(label: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``label`` resized to ``shape`` by nearest neighbour, relabelled ``1..N`` (a cell
+    smaller than a pixel of the new grid can vanish)."""
+    from skimage.segmentation import relabel_sequential
+    from skimage.transform import resize
+
+    out = resize(
+        label, tuple(int(n) for n in shape[:2]), order=0, preserve_range=True, anti_aliasing=False
     )
+    return relabel_sequential(out.astype(np.int32))[0]
