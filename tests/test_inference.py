@@ -437,52 +437,49 @@ def test_predict_writes_ignore_masks_that_the_training_stream_carries(
     assert np.array_equal(ign, pset.ignore_mask(ids[0], window))
 
 
-def test_rescaled_maps_are_written_at_the_image_size_by_both_stages(
-    store_dir, quick_train, tmp_path
-):
-    """With cell-size rescaling the actor's maps are of an upsampled copy: the actor's own
-    writes (CPUs) and the separate post-processing tasks (GPUs) both resize the labels back,
-    to what post-processing those maps at the image's shape gives."""
+def test_rescaled_maps_are_written_at_the_image_size(store_dir, lite_checkpoint, tmp_path):
+    """The actor's rows carry each image's shape; maps of an upsampled copy (cell-size
+    rescaling) are post-processed at their size and written at the image's size, equal to
+    ``postprocess_hover(..., shape=...)``: the cells of the label they were made from."""
     import shutil
 
+    from skimage.draw import disk
+
     from cellst.inference.batch import ModelActor, model_identity, prepare_set, write_rows
-    from cellst.model import load_model
+    from cellst.metrics.instance import match_instances
     from cellst.model.checkpoint_files import weights_digest
+    from cellst.model.targets import hover_maps
     from cellst.postprocess import PostprocessConfig, postprocess_hover
 
     store = CellStore(shutil.copytree(store_dir, tmp_path / "store"))
     m = store.manifest
     ids = m.assign(px=m["height"] * m["width"]).nsmallest(2, "px")["id"].tolist()
-    torch.manual_seed(0)
-    cfg = ModelConfig(name="hovernet-lite", width=8)
-    labelled = m[m["label_array"].astype(bool)]["id"].tolist()
-    model = quick_train(build_model(cfg), store, labelled, steps=40)  # finds some cells
-    ck = str(save_checkpoint(tmp_path / "ck", model, cfg))
-    models = [{"checkpoint": ck, "weights_sha256": weights_digest(ck)}]
+    ck = str(lite_checkpoint)
     post = PostprocessConfig()
-    # any cell found is "small": every image is upsampled 2x
-    infer = InferenceConfig(roi=128, rescale_diameter=1000)
-
-    def writes(name: str) -> list[dict]:
-        identity = model_identity(models[0]["weights_sha256"], post)
-        prepare_set(store, name, ck, False, identity)
-        return [
-            {"post": post.model_dump(), "store_root": str(store.root), "set_name": name,
-             "out_dir": None, "run_id": name, "checkpoint": ck, "model_id": identity["model_id"]}
-        ]  # fmt: skip
-
+    identity = model_identity(weights_digest(ck), post)
+    prepare_set(store, "rescaled", ck, False, identity)
     images = np.empty(len(ids), dtype=object)
     images[:] = [store.image(i) for i in ids]
     batch = {"id": np.asarray(ids, dtype=object), "image": images}
-    maps = ModelActor(models, infer.model_dump(), False)(batch)
-    for k, i in enumerate(ids):
-        assert maps["prob"][k].shape == tuple(2 * n for n in store.image(i).shape[:2])
-        assert tuple(maps["shape"][k]) == store.image(i).shape[:2]
-    ModelActor(models, infer.model_dump(), False, writes=writes("cpu"))(batch)
-    write_rows(maps, writes("gpu"))
-    model, _, _ = load_model(ck)
-    for i in ids:
-        image = store.image(i)
-        expected = postprocess_hover(*predict_maps(model, image, infer), post, image.shape[:2])
-        for name in ("cpu", "gpu"):
-            np.testing.assert_array_equal(store.pseudo_label(name, i), expected)
+    models = [{"checkpoint": ck, "weights_sha256": weights_digest(ck)}]
+    rows = ModelActor(models, InferenceConfig(roi=128).model_dump(), False)(batch)
+    assert [tuple(s) for s in rows["shape"]] == [im.shape[:2] for im in images]
+    labels, probs, hvs = [], [], []
+    for image in images:  # what a perfect network gives on 2x copies of discs of 10 px
+        label = np.zeros(image.shape[:2], np.int32)
+        for n, (cy, cx) in enumerate(((20, 20), (20, 45), (50, 30), (60, 70)), start=1):
+            label[disk((cy, cx), 5, shape=label.shape)] = n
+        big = np.kron(label, np.ones((2, 2), np.int32))
+        labels.append(label)
+        probs.append((big > 0).astype(np.float16))
+        hvs.append(hover_maps(big).astype(np.float16))
+    rows["prob"][:], rows["hv"][:] = probs, hvs
+    write = {"post": post.model_dump(), "store_root": str(store.root), "set_name": "rescaled",
+             "out_dir": None, "run_id": "r", "checkpoint": ck, "model_id": identity["model_id"]}  # fmt: skip
+    done = write_rows(rows, [write])
+    assert not any(done["error"])
+    for i, label, prob, hv in zip(ids, labels, probs, hvs, strict=True):
+        written = store.pseudo_label("rescaled", i)
+        assert written.shape == label.shape
+        np.testing.assert_array_equal(written, postprocess_hover(prob, hv, post, label.shape))
+        assert match_instances(label, written, 0.5).tp == 4
