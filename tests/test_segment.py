@@ -246,6 +246,27 @@ def test_cli_options_and_set_win_over_calibrated_postprocessing(checkpoint, imag
     assert res.exit_code == 2 and "postprocess.sobel_kernel" in res.output
 
 
+def test_cli_rescale_diameter_option(checkpoint, images, tmp_path):
+    """``--rescale-diameter`` is ``inference.rescale_diameter``: the labels are those of the
+    rescaled maps, at the image's size."""
+    out = tmp_path / "out"
+    args = ["segment", str(images / "grey.png"), "--checkpoint", str(checkpoint)]
+    res = runner.invoke(
+        app, [*args, "--out", str(out), "--rescale-diameter", "1000", "--set", "inference.roi=64"]
+    )
+    assert res.exit_code == 0, res.output
+    infer = load_config(None, ["inference.roi=64", "inference.rescale_diameter=1000"]).inference
+    model, _, _ = load_model(checkpoint)
+    image = normalize_image(read_array(images / "grey.png"))
+    prob, hv = predict_maps(model, image, infer)
+    assert prob.shape == (200, 260)  # this model's cells are all below 1000 px: 2x
+    label = tifffile.imread(out / "grey_label.tiff")
+    assert label.shape == (100, 130)
+    np.testing.assert_array_equal(label, postprocess_hover(prob, hv, shape=label.shape))
+    res = runner.invoke(app, [*args, "--rescale-diameter", "0"])
+    assert res.exit_code == 2
+
+
 def test_cli_segment_exports(checkpoint, images, tmp_path):
     out = tmp_path / "out"
     res = runner.invoke(

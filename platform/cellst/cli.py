@@ -300,6 +300,14 @@ def predict(
     tta: Annotated[
         bool | None, typer.Option("--tta/--no-tta", help="flip test-time augmentation")
     ] = None,
+    rescale_diameter: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            help="cell-size rescaling: images whose cells are smaller than this diameter (px) "
+            "are upsampled to it and segmented again (e.g. 20; inference.rescale_diameter)",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace an existing set / files")
     ] = False,
@@ -339,6 +347,8 @@ def predict(
         cfg.predict.num_gpus_per_actor = num_gpus_per_actor
     if tta is not None:
         cfg.inference.tta = tta
+    if rescale_diameter is not None:
+        cfg.inference.rescale_diameter = rescale_diameter
     result = run_predict(  # checks the checkpoint and the request, then starts Ray
         checkpoint,
         input,
@@ -396,6 +406,14 @@ def segment(
     tta: Annotated[
         bool | None, typer.Option("--tta/--no-tta", help="flip test-time augmentation")
     ] = None,
+    rescale_diameter: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            help="cell-size rescaling: images whose cells are smaller than this diameter (px) "
+            "are upsampled to it and segmented again (e.g. 20; inference.rescale_diameter)",
+        ),
+    ] = None,
     exclude_on_edges: Annotated[
         bool | None,
         typer.Option("--exclude-on-edges", help="drop cells touching the image border"),
@@ -443,6 +461,7 @@ def segment(
         "postprocess.marker_threshold": marker_threshold,
         "postprocess.sobel_kernel": sobel_kernel,
         "inference.tta": tta,
+        "inference.rescale_diameter": rescale_diameter,
         "segment.exclude_on_edges": exclude_on_edges,
         "segment.min_size": min_size,
         "segment.save_png": save_png or None,
