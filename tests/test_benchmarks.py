@@ -52,7 +52,9 @@ MARKERS: dict[str, tuple[str, ...]] = {
         r"configured [\d.]+, calibrated on \d+ validation items [\d.]+, on \d+ [\d.]+",
         # and the stored settings on flip-TTA maps (what `cellst predict --tta` gives)
         r"\(cal_all: what training stores\), with flip TTA [\d.]+",
-        r"with cell-size rescaling \(inference.rescale_diameter=20\) [\d.]+",
+        # and with cell-size rescaling, or without it where the recipe has it on
+        r"(with cell-size rescaling \(inference.rescale_diameter=20\)|without cell-size "
+        r"rescaling) [\d.]+",
     ),
     "bench_startup": (r"b / a = [\d.]+",),
     "bench_stpp": (r"full ST\+\+ - supervised: [+-][\d.]+ mean F1", r"results: .*results\.json"),
