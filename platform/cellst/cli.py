@@ -44,6 +44,14 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override a config field, e.g. --set data.crop_size=128"),
 ]
+RescaleOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=1.0,
+        help="cell-size rescaling: images whose cells are smaller than this diameter (px) are "
+        "upsampled to it and segmented again (e.g. 20; inference.rescale_diameter)",
+    ),
+]
 RayOpt = Annotated[
     str | None,
     typer.Option(
@@ -300,14 +308,7 @@ def predict(
     tta: Annotated[
         bool | None, typer.Option("--tta/--no-tta", help="flip test-time augmentation")
     ] = None,
-    rescale_diameter: Annotated[
-        float | None,
-        typer.Option(
-            min=1.0,
-            help="cell-size rescaling: images whose cells are smaller than this diameter (px) "
-            "are upsampled to it and segmented again (e.g. 20; inference.rescale_diameter)",
-        ),
-    ] = None,
+    rescale_diameter: RescaleOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace an existing set / files")
     ] = False,
@@ -406,14 +407,7 @@ def segment(
     tta: Annotated[
         bool | None, typer.Option("--tta/--no-tta", help="flip test-time augmentation")
     ] = None,
-    rescale_diameter: Annotated[
-        float | None,
-        typer.Option(
-            min=1.0,
-            help="cell-size rescaling: images whose cells are smaller than this diameter (px) "
-            "are upsampled to it and segmented again (e.g. 20; inference.rescale_diameter)",
-        ),
-    ] = None,
+    rescale_diameter: RescaleOpt = None,
     exclude_on_edges: Annotated[
         bool | None,
         typer.Option("--exclude-on-edges", help="drop cells touching the image border"),
