@@ -101,10 +101,10 @@ def test_calibration_never_lowers_val_f1(learned, learn_store, start):
     # training's validation (an independent path) scores both settings the same
     model, _, _ = load_model(ckpt)
     dev = torch.device("cpu")
-    before, _ = validate(model, store, val_ids, cfg.inference, post, dev)
+    before, _, _ = validate(model, store, val_ids, cfg.inference, post, dev)
     assert cal.f1_before == pytest.approx(before["val_f1"], abs=1e-9)
     chosen = post.model_copy(update=cal.settings)
-    after, _ = validate(model, store, val_ids, cfg.inference, chosen, dev)
+    after, _, _ = validate(model, store, val_ids, cfg.inference, chosen, dev)
     assert cal.f1_after == pytest.approx(after["val_f1"], abs=1e-9)
     if not start:
         assert cal.f1_before > 0.05  # the model finds cells: not a test of empty predictions
@@ -335,10 +335,10 @@ def test_validation_f1_follows_the_evaluate_section(learned, learn_store):
     store = CellStore(learn_store)
     model, _, _ = load_model(ckpt)
     strict = EvaluateConfig(iou_threshold=0.9, count_boundary=True)
-    got, _ = validate(
+    got, _, _ = validate(
         model, store, val_ids, cfg.inference, cfg.postprocess, torch.device("cpu"), evaluate=strict
     )
-    default, _ = validate(model, store, val_ids, cfg.inference, cfg.postprocess, "cpu")
+    default, _, _ = validate(model, store, val_ids, cfg.inference, cfg.postprocess, "cpu")
     rows = [
         {
             "modality": store.row(i).modality,

@@ -76,7 +76,7 @@ def names():
     from cellst.stpp.report import f1_table, table_metrics
     from cellst.train.validate import validate
 
-    train_val, _ = validate(
+    train_val, _, _ = validate(
         torch.nn.Identity(), None, [], InferenceConfig(), PostprocessConfig(), torch.device("cpu")
     )
     from cellst.model.targets import hover_maps

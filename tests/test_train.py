@@ -146,11 +146,11 @@ def test_ddp_training_learns(trained, learn_store):
     )
     torch.manual_seed(123)
     untrained = build_model(cfg.model).eval()
-    base, _ = validate(
+    base, _, _ = validate(
         untrained, store, val_ids, cfg.inference, cfg.postprocess, torch.device("cpu")
     )
     model, _, meta = load_model(res.best)
-    got, _ = validate(model, store, val_ids, cfg.inference, cfg.postprocess, torch.device("cpu"))
+    got, _, _ = validate(model, store, val_ids, cfg.inference, cfg.postprocess, torch.device("cpu"))
     print(f"val F1 untrained {base['val_f1']:.3f} -> trained {got['val_f1']:.3f}")
     # ~120 DDP steps on 2 CPUs: the nuclear mask is learned, instance separation only starts;
     # an untrained network finds no cell at all
@@ -244,6 +244,29 @@ def test_mlflow_holds_the_run(trained, learn_store):
     assert {"config.yaml", "checkpoints.json", "overlays"} <= arts
     overlays = client.list_artifacts(res.mlflow_run_id, "overlays")
     assert overlays and all(a.path.endswith(".png") for a in overlays)
+
+
+def test_best_is_the_latest_epoch_within_noise_of_the_top(trained):
+    """The 'best' checkpoint follows train.best_within_se: the state behind it knows the
+    highest-scoring epoch and its per-image F1, and 'best' is that epoch or a later one."""
+    cfg, res, _ = trained
+    client = MlflowClient(f"sqlite:///{res.run_path / 'mlflow.db'}")
+    f1 = {m.step: m.value for m in client.get_metric_history(res.mlflow_run_id, "val_f1")}
+    assert client.get_metric_history(res.mlflow_run_id, "val_f1_se")  # 3 items: its noise
+    # the resumable state of the last epoch, in Ray Train's checkpoints
+    states = [
+        torch.load(p, weights_only=False) for p in res.run_path.parent.rglob("train_state.pt")
+    ]
+    state = max(states, key=lambda st: st["epoch"])["best"]
+    top = max(f1.values())
+    assert state["top_f1"] == pytest.approx(top)
+    assert state["top_epoch"] == min(e for e, v in f1.items() if v == top)
+    val_ids = json.loads((res.run_path / "run.json").read_text())["val_ids"]
+    assert len(state["top_items"]) == len(val_ids[: cfg.train.val_max_items]) >= 2
+    assert state["top_f1"] == pytest.approx(sum(state["top_items"]) / len(state["top_items"]))
+    best_epoch = load_model(res.best)[2]["epoch"]
+    assert best_epoch == state["epoch"] == res.metrics["best_epoch"] >= state["top_epoch"]
+    assert res.metrics["best_val_f1"] == pytest.approx(f1[best_epoch])
 
 
 def test_finished_run_is_not_redone(trained):

@@ -127,7 +127,7 @@ def test_postprocess_sweep_scores_each_setting_on_validation_items(pp_sweep):
             mask_threshold=row["postprocess.mask_threshold"],
             min_object_size=int(row["postprocess.min_object_size"]),
         )
-        got, _ = validate(model, store, val_ids, cfg.inference, post, torch.device("cpu"))
+        got, _, _ = validate(model, store, val_ids, cfg.inference, post, torch.device("cpu"))
         assert row["val_f1"] == pytest.approx(got["val_f1"], abs=1e-6)
     best = yaml.safe_load((root / "best.yaml").read_text())
     assert best["score"] == pytest.approx(table["val_f1"].iloc[0])

@@ -72,6 +72,13 @@ class TrainConfig(Section):
     keep_last: int = Field(2, ge=1, description="latest epoch checkpoints kept")
     val_every: int = Field(1, ge=1, description="validate every N epochs (and at the end)")
     val_max_items: int = Field(32, ge=1, description="validation items scored per validation")
+    best_within_se: float = Field(
+        1.0,
+        ge=0,
+        description="the 'best' checkpoint is the latest epoch whose validation F1 is within "
+        "this many standard errors (paired, per image) of the highest; on a few validation "
+        "images the highest is often an early epoch's luck. 0: the highest validation F1",
+    )
     calibrate_postprocess: bool = Field(
         True,
         description="after training, tune the post-processing thresholds of the best/last/"

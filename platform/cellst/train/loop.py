@@ -74,6 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cellst.model import HoVerLoss, build_model, load_into
     from cellst.tracking.buffered import BufferedMetricLogger
     from cellst.train.checkpoints import RunPaths, keep_checkpoints, save_epoch
+    from cellst.train.selection import initial_best, update_best
     from cellst.train.step import (
         Batch,
         TrainingDiverged,
@@ -127,7 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt.add_param_group({"params": [p for p in params if id(p) not in enc]})
     sched = make_scheduler(opt, tcfg.schedule, tcfg.epochs, tcfg.step_epochs, tcfg.step_gamma)
 
-    start_epoch, step, best = 0, 0, {"val_f1": -1.0, "epoch": 0}
+    start_epoch, step, best = 0, 0, initial_best()
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
@@ -219,7 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             t_val = time.perf_counter()
             if val_ids and (epoch % tcfg.val_every == 0 or epoch == tcfg.epochs):
-                val, kept = validate(
+                val, kept, item_f1 = validate(
                     _unwrap(model),
                     store,
                     val_ids,
@@ -230,11 +231,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     evaluate=cfg.evaluate,
                 )
                 metrics.update(val)
-                if val["val_f1"] > best["val_f1"]:
-                    best = {"val_f1": val["val_f1"], "epoch": epoch}
+                best = update_best(best, epoch, val["val_f1"], item_f1, tcfg.best_within_se)
                 if kept:
                     _save_overlays(store, kept, paths.overlays)
             metrics["best_val_f1"] = best["val_f1"]
+            metrics["best_epoch"] = best["epoch"]
             metrics["val_seconds"] = time.perf_counter() - t_val
             t_ckpt = time.perf_counter()
             tmp = Path(tempfile.mkdtemp(prefix="cellst-ckpt-")) / "checkpoint"

@@ -48,12 +48,14 @@ def validate(
     device: torch.device,
     keep: int = 0,
     evaluate: EvaluateConfig | None = None,
-) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
+) -> tuple[dict[str, float], list[tuple[str, np.ndarray]], list[float]]:
     """Mean challenge scores of ``model`` on ``ids`` (``val_f1``, ``val_pq``, ...).
 
     ``evaluate`` (the config's ``evaluate`` section: IoU threshold, boundary rule) makes
-    ``val_f1`` mean what ``cellst evaluate``'s F1 means. Returns the metrics and the first
-    ``keep`` predictions (for overlay figures).
+    ``val_f1`` mean what ``cellst evaluate``'s F1 means. Returns the metrics (with
+    ``val_f1_se``, the standard error of ``val_f1``, from two items on), the first ``keep``
+    predictions (for overlay figures) and each item's F1 in the order of ``ids`` (for
+    :func:`cellst.train.selection.update_best`).
     """
     ev = evaluate or EvaluateConfig()
     was_training = model.training
@@ -74,4 +76,7 @@ def validate(
     # per modality, named as ``cellst compare`` and the ST++ test metrics name them
     for modality, block in summary.get("per_modality", {}).items():
         metrics[f"val_f1/{modality}"] = float(block["f1"] or 0.0)
-    return metrics, kept
+    if len(rows) >= 2:  # the noise of val_f1: its standard error over the images
+        f1s = np.array([r["f1"] for r in rows], dtype=float)
+        metrics["val_f1_se"] = float(f1s.std(ddof=1) / np.sqrt(len(f1s)))
+    return metrics, kept, [float(r["f1"]) for r in rows]
