@@ -56,6 +56,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
         r"(with cell-size rescaling \(inference.rescale_diameter=20\)|without cell-size "
         r"rescaling) [\d.]+",
     ),
+    # the three selection rules' test F1 on the same training, and the rule's gain
+    "bench_selection": (r"^last\s+[\d.]+", r"rule - highest: [+-][\d.]+ mean F1"),
     "bench_startup": (r"b / a = [\d.]+",),
     "bench_stpp": (r"full ST\+\+ - supervised: [+-][\d.]+ mean F1", r"results: .*results\.json"),
     "bench_targets": (r"speed-up\s+[\d.]+x", r"cellst and MONAI maps: same"),
