@@ -55,6 +55,7 @@ def run_seed(seed: int, args, out: Path) -> dict:
     from cellst.data.ingest import ingest
     from cellst.data.store import CellStore
     from cellst.data.synth import synthesize_dataset
+    from cellst.model.checkpoint_files import read_checkpoint_info
     from cellst.postprocess.calibrate import calibrate_checkpoints
     from cellst.raycluster import ensure_ray
     from cellst.train.trainer import train
@@ -94,8 +95,7 @@ def run_seed(seed: int, args, out: Path) -> dict:
     checkpoints = res.run_path / "checkpoints"
     val_f1 = {}
     for epoch in range(1, args.epochs + 1):
-        meta = json.loads((checkpoints / f"epoch_{epoch:03d}" / "model.json").read_text())
-        val_f1[epoch] = meta["metadata"]["val_f1"]
+        val_f1[epoch] = read_checkpoint_info(checkpoints / f"epoch_{epoch:03d}")[1]["val_f1"]
     top = max(val_f1.values())
     highest = min(e for e, v in val_f1.items() if v == top)
     # a copy: epoch folders may share files with best/ and last/, whose calibration stays
@@ -113,9 +113,7 @@ def run_seed(seed: int, args, out: Path) -> dict:
         cfg.evaluate,
     )
     row: dict = {"seed": seed, "val_f1": val_f1, "epoch": {"highest": highest}}
-    row["epoch"]["rule"] = json.loads((checkpoints / "best" / "model.json").read_text())[
-        "metadata"
-    ]["epoch"]
+    row["epoch"]["rule"] = read_checkpoint_info(checkpoints / "best")[1]["epoch"]
     row["epoch"]["last"] = args.epochs
     row["test_f1"], row["test_f1_per_modality"] = {}, {}
     for rule, path in zip(RULES, (chosen, checkpoints / "best", checkpoints / "last"), strict=True):
