@@ -182,7 +182,8 @@ def test_checkpoints_best_last_and_snapshots(trained):
     assert load_model(res.last)[2]["epoch"] == 8
     best = load_model(res.best)[2]
     assert best["val_f1"] == res.metrics["best_val_f1"]
-    assert all(load_model(d)[2]["val_f1"] <= best["val_f1"] for d in [res.last, *res.snapshots])
+    # which epoch is best (train.best_within_se): test_best_is_the_latest_epoch_within_noise...
+    assert 1 <= best["epoch"] <= 8 and best["epoch"] == res.metrics["best_epoch"]
 
 
 def test_training_calibrates_its_checkpoints(trained):
