@@ -3,7 +3,7 @@ of the highest.
 
 On the validation split of a weakly labelled dataset (two to six images) the epoch with the
 highest validation F1 is often an early one that happened to suit those images: on four
-``bench_stpp`` seeds (12 labelled images, 2 validated), the highest-F1 epoch scored 0.611
+``bench_stpp`` seeds (12 labelled images, 4 validated), the highest-F1 epoch scored 0.611
 test F1 on average where the last epoch scored 0.702. The rule here is a one-standard-error
 rule that prefers the longer-trained model: a later epoch takes the ``best`` name unless the
 highest-scoring epoch so far beats it by more than ``within_se`` standard errors of their
