@@ -79,6 +79,15 @@ class TrainConfig(Section):
         "this many standard errors (paired, per image) of the highest; on a few validation "
         "images the highest is often an early epoch's luck. 0: the highest validation F1",
     )
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="keep an exponential moving average of the weights (torch's "
+        "AveragedModel, decay per step; 0.99 averages about the last 100 steps); validation, "
+        "best/last/snapshot checkpoints and predictions then use the averaged weights. "
+        "0: off, the weights of the last step",
+    )
     calibrate_postprocess: bool = Field(
         True,
         description="after training, tune the post-processing thresholds of the best/last/"

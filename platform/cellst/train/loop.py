@@ -79,6 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         Batch,
         TrainingDiverged,
         encoder_parameters,
+        make_ema,
         make_optimizer,
         make_scheduler,
         train_step,
@@ -127,6 +128,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt.param_groups[0]["params"] = [p for p in params if id(p) in enc]
     opt.add_param_group({"params": [p for p in params if id(p) not in enc]})
     sched = make_scheduler(opt, tcfg.schedule, tcfg.epochs, tcfg.step_epochs, tcfg.step_gamma)
+    # the weights validated, checkpointed and predicted with: the moving average, if kept
+    ema = make_ema(_unwrap(model), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    served = ema.module if ema is not None else _unwrap(model)
 
     start_epoch, step, best = 0, 0, initial_best()
     resumed = ray.train.get_checkpoint()
@@ -137,6 +141,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
+        if ema is not None and "ema" in state:  # else it restarts from the resumed weights
+            ema.load_state_dict(state["ema"])
 
     # the version the driver checked: a re-ingest meanwhile does not change what this run reads
     store = CellStore(config["store"], version=config.get("store_version"))
@@ -189,6 +195,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             except TrainingDiverged as exc:
                 diverged = str(exc)
                 break
+            if ema is not None:
+                ema.update_parameters(_unwrap(model))
             busy += time.perf_counter() - t_step
             step += 1
             n_steps += 1
@@ -221,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_val = time.perf_counter()
             if val_ids and (epoch % tcfg.val_every == 0 or epoch == tcfg.epochs):
                 val, kept, item_f1 = validate(
-                    _unwrap(model),
+                    served,
                     store,
                     val_ids,
                     cfg.inference,
@@ -241,13 +249,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tmp = Path(tempfile.mkdtemp(prefix="cellst-ckpt-")) / "checkpoint"
             state = {
                 "model": _unwrap(model).state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "epoch": epoch,
                 "step": step,
                 "best": best,
             }
-            save_epoch(tmp, _unwrap(model), cfg.model, state, metrics)
+            save_epoch(tmp, served, cfg.model, state, metrics)
             keep_checkpoints(
                 paths,
                 tmp,

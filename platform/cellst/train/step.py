@@ -178,6 +178,16 @@ def train_step(
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
+def make_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``model``'s weights and buffers (BatchNorm statistics
+    included), updated with :meth:`~torch.optim.swa_utils.AveragedModel.update_parameters`
+    after each step; its ``module`` is the averaged model. The first update copies the
+    weights, so the average starts from the first stepped model, not from ``model`` now."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float):
     """Adam / AdamW over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
