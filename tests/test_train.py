@@ -101,6 +101,7 @@ def trained(learn_store, tmp_path_factory):
         "train.keep_last=2",
         "data.crops_per_epoch=240",
         "train.lr=3e-3",
+        "train.ema_decay=0.9",
     )
     reingest = ReingestDuringTraining(Path(learn_store), run_dir / "ddp")
     reingest.start()
@@ -247,6 +248,12 @@ def test_mlflow_holds_the_run(trained, learn_store):
     assert overlays and all(a.path.endswith(".png") for a in overlays)
 
 
+def _last_train_state(folder: Path) -> dict:
+    """The resumable state of the latest epoch, from Ray Train's checkpoints."""
+    states = [torch.load(p, weights_only=False) for p in folder.rglob("train_state.pt")]
+    return max(states, key=lambda st: st["epoch"])
+
+
 def test_best_is_the_latest_epoch_within_noise_of_the_top(trained):
     """The 'best' checkpoint follows train.best_within_se: the state behind it knows the
     highest-scoring epoch and its per-image F1, and 'best' is that epoch or a later one."""
@@ -255,10 +262,7 @@ def test_best_is_the_latest_epoch_within_noise_of_the_top(trained):
     f1 = {m.step: m.value for m in client.get_metric_history(res.mlflow_run_id, "val_f1")}
     assert client.get_metric_history(res.mlflow_run_id, "val_f1_se")  # 3 items: its noise
     # the resumable state of the last epoch, in Ray Train's checkpoints
-    states = [
-        torch.load(p, weights_only=False) for p in res.run_path.parent.rglob("train_state.pt")
-    ]
-    state = max(states, key=lambda st: st["epoch"])["best"]
+    state = _last_train_state(res.run_path.parent)["best"]
     top = max(f1.values())
     assert state["top_f1"] == pytest.approx(top)
     assert state["top_epoch"] == min(e for e, v in f1.items() if v == top)
@@ -268,6 +272,19 @@ def test_best_is_the_latest_epoch_within_noise_of_the_top(trained):
     best_epoch = load_model(res.best)[2]["epoch"]
     assert best_epoch == state["epoch"] == res.metrics["best_epoch"] >= state["top_epoch"]
     assert res.metrics["best_val_f1"] == pytest.approx(f1[best_epoch])
+
+
+def test_checkpoints_hold_the_moving_average_of_the_weights(trained):
+    """With train.ema_decay the saved (and validated) weights are the moving average, updated
+    once per step, while training goes on from the raw weights."""
+    cfg, res, _ = trained
+    assert cfg.train.ema_decay > 0
+    state = _last_train_state(res.run_path.parent)
+    assert int(state["ema"]["n_averaged"]) == state["step"] > 0
+    saved = load_model(res.last)[0].state_dict()
+    assert all(torch.equal(v, state["ema"][f"module.{k}"]) for k, v in saved.items())
+    raw = state["model"]
+    assert any(not torch.equal(saved[k], raw[k]) for k in raw if raw[k].is_floating_point())
 
 
 def test_finished_run_is_not_redone(trained):
@@ -442,6 +459,8 @@ def test_rerun_resumes_interrupted_run(ray_session, store_dir, tmp_path):
         "train.run_name=rr",
         "--set",
         "train.val_every=10",
+        "--set",
+        "train.ema_decay=0.9",
     ]
     for o in TINY:
         args += ["--set", o]
@@ -458,6 +477,9 @@ def test_rerun_resumes_interrupted_run(ray_session, store_dir, tmp_path):
     model, _, meta = load_model(tmp_path / "rr" / "checkpoints" / "last")
     # a checkpoint was registered before the kill: the re-run continues from it
     assert meta["epoch"] == 4 and meta["resumed_from_epoch"] >= 1
+    # ... and from its moving average of the weights too: one update per step of both runs
+    state = _last_train_state(tmp_path)
+    assert int(state["ema"]["n_averaged"]) == state["step"]
 
 
 def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_path):
