@@ -284,7 +284,7 @@ def item_stats(label: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     }
 
 
-def maps_at(prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def prob_at(prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """``prob`` at the image's ``shape`` (bilinear), when cell-size rescaling predicted it on an
     upsampled copy; as it is otherwise."""
     if prob.shape == tuple(shape):
@@ -353,7 +353,7 @@ def postprocess_and_write(
             t = time.perf_counter()
             shape = None if shapes[i] is None else tuple(int(v) for v in shapes[i])
             label = postprocess_hover(np.asarray(prob), np.asarray(hv), pcfg, shape=shape)
-            prob = maps_at(np.asarray(prob), label.shape)
+            prob = prob_at(np.asarray(prob), label.shape)
             stats = {
                 "id": str(item_id),
                 **item_stats(label, np.asarray(prob)),
