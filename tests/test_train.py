@@ -374,7 +374,11 @@ def test_workers_finding_no_room_stop_the_training_in_one_line(ray_session, stor
     assert res.exit_code == 1, res.output
     said = [line for line in res.output.splitlines() if "found no room" in line]
     assert len(said) == 1 and "within train.node_wait_s=3 s" in said[0], res.output
-    assert "STRICT_SPREAD" in said[0] and "Traceback" not in res.output
+    assert "STRICT_SPREAD" in said[0]
+    # no traceback of the command itself. Lines Ray forwards from its own actors start with
+    # "(ActorName pid=...)": on a loaded machine Ray Train's PlacementGroupCleaner thread may
+    # print one when its state query of the stopped controller times out (as test_multinode)
+    assert not any(ln.startswith("Traceback") for ln in res.output.splitlines()), res.output
     state = json.loads((tmp_path / "noroom" / "run.json").read_text())
     assert state["status"] == "failed" and "found no room" in state["error"]
 
