@@ -82,7 +82,7 @@ def _train_context_logger() -> str:
 
     Found from ``ray``'s own location: importing ``ray.train`` here would cost every Ray
     worker process about 0.9 s of CPU (it pulls in pandas), since this runs in all of them
-    as the setup hook of :func:`job_runtime_env`.
+    as part of the setup hook of :func:`job_runtime_env`.
     """
     import importlib.util
 
@@ -156,12 +156,31 @@ def job_runtime_env() -> dict[str, Any]:
     Train's poll interval (:data:`TRAIN_POLL_INTERVAL_S`, or the caller's own
     ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``)."""
     env = {TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_INTERVAL_S)}
-    if verbose():
-        return {"env_vars": {**env, "CELLST_VERBOSE": "1"}}
-    return {
-        "env_vars": {**env, "RAY_DATA_LOG_LEVEL": "WARNING"},
-        "worker_process_setup_hook": "cellst.raycluster.quiet_logs",
-    }
+    env.update({"CELLST_VERBOSE": "1"} if verbose() else {"RAY_DATA_LOG_LEVEL": "WARNING"})
+    return {"env_vars": env, "worker_process_setup_hook": "cellst.raycluster.setup_worker"}
+
+
+def setup_worker() -> None:
+    """Setup hook of every worker process of a cellst job: :func:`pin_cluster_address`,
+    then :func:`quiet_logs`."""
+    pin_cluster_address()
+    quiet_logs()
+
+
+def pin_cluster_address() -> None:
+    """Set ``RAY_ADDRESS`` in this worker process to the cluster it belongs to.
+
+    Ray's address lookups without an address (Ray Train's ``PlacementGroupCleaner`` asks the
+    state API about its controller that way, every second) look for the Ray instances on
+    this machine, and fail when there are several: two cellst commands each with a local
+    cluster, or a multi-node cluster started on one machine. The helper's thread then died
+    with a ``ConnectionError`` traceback in the user's terminal, and with it the clean-up of
+    a crashed run's placement group.
+    """
+    try:
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    except Exception:  # not connected (never in a Ray worker): nothing to pin
+        pass
 
 
 #: idle worker processes a cluster on one machine keeps for its jobs to reuse. Ray keeps
