@@ -373,7 +373,12 @@ def main(argv: list[str] | None = None) -> int:
             f"seed {seed}: test F1 supervised {r['test_f1']['supervised']:.4f}  equal compute "
             f"{r['test_f1']['supervised_equal']:.4f}  round 1 "
             f"{r['test_f1']['round1']:.4f}  round 2 {r['test_f1']['round2']:.4f}  "
-            f"({r['seconds']:.0f} s)",
+            + (
+                f"ST++'s schedule, labelled only {r['test_f1']['supervised_same']:.4f}  "
+                if "supervised_same" in r["test_f1"]
+                else ""
+            )
+            + f"({r['seconds']:.0f} s)",
             flush=True,
         )
     summary = summarize(rows)
