@@ -283,6 +283,18 @@ MODELS = {
 }
 
 
+def _delta(rows: list[dict], a: str, b: str) -> dict:
+    """Per-seed test F1 of model ``a`` minus model ``b``: mean, worst, seeds where a wins."""
+    d = np.array([r["test_f1"][a] - r["test_f1"][b] for r in rows])
+    return {
+        "mean": float(d.mean()),
+        "per_seed": d.round(4).tolist(),
+        "worst": float(d.min()),
+        "wins": int((d > 0).sum()),
+        "seeds": len(d),
+    }
+
+
 def summarize(rows: list[dict]) -> dict:
     out = {}
     for model in MODELS:
@@ -294,32 +306,12 @@ def summarize(rows: list[dict]) -> dict:
             "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
             "per_seed": v.round(4).tolist(),
         }
-    d = np.array([r["test_f1"]["round2"] - r["test_f1"]["supervised"] for r in rows])
-    out["delta_round2_minus_supervised"] = {
-        "mean": float(d.mean()),
-        "per_seed": d.round(4).tolist(),
-        "wins": int((d > 0).sum()),
-        "seeds": len(d),
-    }
-    e = np.array([r["test_f1"]["round2"] - r["test_f1"]["supervised_equal"] for r in rows])
-    r1 = np.array([r["test_f1"]["round1"] - r["test_f1"]["supervised"] for r in rows])
-    out["delta_round2_minus_equal_compute"] = {
-        "mean": float(e.mean()),
-        "per_seed": e.round(4).tolist(),
-        "worst": float(e.min()),
-        "wins": int((e > 0).sum()),
-        "seeds": len(e),
-    }
-    out["round1_minus_supervised"] = {"per_seed": r1.round(4).tolist(), "worst": float(r1.min())}
+    out["delta_round2_minus_supervised"] = _delta(rows, "round2", "supervised")
+    out["delta_round2_minus_equal_compute"] = _delta(rows, "round2", "supervised_equal")
+    r1 = _delta(rows, "round1", "supervised")
+    out["round1_minus_supervised"] = {"per_seed": r1["per_seed"], "worst": r1["worst"]}
     if "supervised_same" in out:
-        p = np.array([r["test_f1"]["round2"] - r["test_f1"]["supervised_same"] for r in rows])
-        out["delta_round2_minus_same_schedule"] = {
-            "mean": float(p.mean()),
-            "per_seed": p.round(4).tolist(),
-            "worst": float(p.min()),
-            "wins": int((p > 0).sum()),
-            "seeds": len(p),
-        }
+        out["delta_round2_minus_same_schedule"] = _delta(rows, "round2", "supervised_same")
     return out
 
 
