@@ -186,17 +186,13 @@ def supervised_same_schedule(cfg, stage1_best: str, work: Path) -> dict | None:
     if cfg.stpp.fresh_init:
         return None
     from cellst.fingerprint import checkpoint_fingerprint
-    from cellst.stpp.pipeline import retrain_crops
+    from cellst.stpp.pipeline import retrain_schedule
     from cellst.train.trainer import train
 
     base = cfg.base()
     base.train.run_dir = str(work / "same")
     base.train.pseudo_set = None
-    if cfg.stpp.scale_retrain_crops:
-        base.data.crops_per_epoch = retrain_crops(
-            base.data.crops_per_epoch, base.train.pseudo_weight
-        )
-    base.train.epochs = cfg.stpp.retrain_epochs or base.train.epochs
+    base.train.epochs, base.data.crops_per_epoch = retrain_schedule(cfg)
     saved = work / "same" / "result.json"
     key = _result_key(cfg, base, init=checkpoint_fingerprint(stage1_best))
     old = _reused(saved, key, "supervised with ST++'s schedule")

@@ -130,14 +130,19 @@ def retrain_crops(crops: int, pseudo_weight: float, max_factor: float = 4.0) -> 
     return int(math.ceil(crops * factor))
 
 
+def retrain_schedule(cfg) -> tuple[int, int]:
+    """Epochs and crops per epoch of a re-training stage (4 or 6) of ``cfg``."""
+    crops = cfg.data.crops_per_epoch
+    if cfg.stpp.scale_retrain_crops:
+        crops = retrain_crops(crops, cfg.train.pseudo_weight)
+    return cfg.stpp.retrain_epochs or cfg.train.epochs, crops
+
+
 def training_crops(cfg) -> dict[str, int]:
     """Training crops (epochs x crops per epoch) of the three training stages of ``cfg``:
     the compute a supervised-only baseline needs for an equal-compute comparison."""
     crops, epochs = cfg.data.crops_per_epoch, cfg.train.epochs
-    re_crops = (
-        retrain_crops(crops, cfg.train.pseudo_weight) if cfg.stpp.scale_retrain_crops else crops
-    )
-    re_epochs = cfg.stpp.retrain_epochs or epochs
+    re_epochs, re_crops = retrain_schedule(cfg)
     return {
         "supervised": epochs * crops,
         "retrain_reliable": re_epochs * re_crops,
@@ -454,12 +459,8 @@ class Pipeline:
         cfg.train.run_name = None
         cfg.train.pseudo_set = pseudo_set
         cfg.train.init_checkpoint = None if init is None else str(init)
-        if pseudo_set is not None and self.cfg.stpp.scale_retrain_crops:
-            cfg.data.crops_per_epoch = retrain_crops(
-                cfg.data.crops_per_epoch, cfg.train.pseudo_weight
-            )
-        if pseudo_set is not None and self.cfg.stpp.retrain_epochs is not None:
-            cfg.train.epochs = self.cfg.stpp.retrain_epochs
+        if pseudo_set is not None:
+            cfg.train.epochs, cfg.data.crops_per_epoch = retrain_schedule(self.cfg)
         return cfg
 
     def reliability(
