@@ -157,7 +157,12 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
     args += ["--set", "inference.tta=true", "--set", "inference.roi=64"]
     one_node = ray_session.get_runtime_context().gcs_address
     _cellst(*args, "--set-name", "one", "--num-actors", "1", address=one_node)
-    _cellst(*args, "--set-name", "multi", "--num-actors", "2", address=c.address)
+    # no item handed out before both actors are up: on a loaded machine the first one ready
+    # otherwise finished every item before the other had imported torch
+    wait_for_all = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "180"}
+    _cellst(
+        *args, "--set-name", "multi", "--num-actors", "2", address=c.address, env_extra=wait_for_all
+    )
 
     doomed = c.add_node(num_cpus=2, resources={"node_c": 1})
     c.wait_for_nodes()
@@ -187,7 +192,7 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
             *("--set", "predict.num_cpus_per_actor=1.5"),
             address=c.address,
             timeout=300,
-            env_extra={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "180"},
+            env_extra=wait_for_all,
         )
         killer.join(timeout=10)
     finally:
