@@ -304,8 +304,7 @@ def summarize(rows: list[dict]) -> dict:
         }
     out["delta_round2_minus_supervised"] = _delta(rows, "round2", "supervised")
     out["delta_round2_minus_equal_compute"] = _delta(rows, "round2", "supervised_equal")
-    r1 = _delta(rows, "round1", "supervised")
-    out["round1_minus_supervised"] = {"per_seed": r1["per_seed"], "worst": r1["worst"]}
+    out["round1_minus_supervised"] = _delta(rows, "round1", "supervised")
     if "supervised_same" in out:
         out["delta_round2_minus_same_schedule"] = _delta(rows, "round2", "supervised_same")
     return out
