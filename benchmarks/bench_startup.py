@@ -4,7 +4,11 @@
     reads and normalises one image, runs ``predict_maps`` and ``hover_to_instances``;
 (b) ``cellst segment IMAGE --checkpoint CKPT --out DIR`` on the same image, end to end
     (interpreter start, imports, model, prediction, post-processing, writing);
-(c) ``cellst evaluate`` on a pair of 4 x 4 label files.
+(c) ``cellst evaluate`` on a pair of 4 x 4 label files;
+(d) ``import monai`` whole, against (e) the same import with the hook every process cellst
+    starts installs first (:func:`cellst._monai_import.skip_monai_extras`: MONAI's optional
+    mlflow, matplotlib, pandas, scikit-learn and scipy.signal left out). Every Ray worker
+    that trains, predicts or augments pays this import once.
 
 Each is a fresh process timed by wall clock, interleaved ``--repeats`` times; the median is
 reported. Targets: b / a <= 2.0 (segment runs in-process, no Ray start) and c < 1.5 s
@@ -42,6 +46,11 @@ FLOOR = textwrap.dedent(
     prob, hv = predict_maps(model, normalize_image(read_array({image!r})))
     label = hover_to_instances(prob.astype("float32"), hv.astype("float32"))
     """
+)
+
+#: ``import monai`` as the processes cellst starts do it
+TRIMMED_MONAI = (
+    "from cellst._monai_import import skip_monai_extras; skip_monai_extras(); import monai"
 )
 
 
@@ -97,13 +106,17 @@ def main() -> None:
         seg += ["--out", str(root / "out")]
         ev = [str(BIN / "cellst"), "evaluate", "--gt", str(gt), "--pred", str(pred)]
         ev += ["--out", str(root / "report")]
-        times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        whole = [sys.executable, "-c", "import monai"]
+        trimmed = [sys.executable, "-c", TRIMMED_MONAI]
+        times: dict[str, list[float]] = {k: [] for k in "abcde"}
         for _ in range(args.repeats):
             times["a"].append(timed(floor))
             times["b"].append(timed(seg))
             times["c"].append(timed(ev))
+            times["d"].append(timed(whole))
+            times["e"].append(timed(trimmed))
         assert (root / "out" / "cells_label.tiff").is_file()
-    a, b, c = (statistics.median(times[k]) for k in "abc")
+    a, b, c, d, e = (statistics.median(times[k]) for k in "abcde")
     print(f"image {args.size} x {args.size}, hovernet-lite width {args.width}, CPU")
     print(f"median of {args.repeats} fresh processes each (wall clock, imports included):")
     print(f"  (a) python -c: load_model + predict_maps + hover_to_instances  {a:6.2f} s")
@@ -111,6 +124,9 @@ def main() -> None:
     print(f"  (c) cellst evaluate, 4 x 4 label pair                          {c:6.2f} s")
     print(f"b / a = {b / a:.2f} (target <= 2.0): {'ok' if b / a <= 2.0 else 'MISSED'}")
     print(f"c = {c:.2f} s (target < 1.5 s): {'ok' if c < 1.5 else 'MISSED'}")
+    print(f"  (d) python -c 'import monai'                                   {d:6.2f} s")
+    print(f"  (e) the same, without MONAI's unused optional extras           {e:6.2f} s")
+    print(f"MONAI import, trimmed / whole: e / d = {e / d:.2f}")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
     ),
     # the three selection rules' test F1 on the same training, and the rule's gain
     "bench_selection": (r"^last\s+[\d.]+", r"rule - highest: [+-][\d.]+ mean F1"),
-    "bench_startup": (r"b / a = [\d.]+",),
+    "bench_startup": (r"b / a = [\d.]+", r"MONAI import, trimmed / whole: e / d = [\d.]+"),
     "bench_stpp": (
         r"full ST\+\+ - supervised: [+-][\d.]+ mean F1",
         # the paired baseline: the same stage-1 model fine-tuned on labelled crops alone

@@ -169,6 +169,73 @@ def test_training_worker_function_unpickles_without_torch():
     assert "torch" not in heavy and "monai" not in heavy, heavy
 
 
+#: what MONAI's ``__init__`` imports optionally that cellst never uses through MONAI
+MONAI_EXTRAS = ("mlflow", "matplotlib", "pandas", "sklearn", "scipy.signal")
+
+
+def _after_monai(setup: str) -> dict:
+    """Run ``setup`` then ``import monai`` in a fresh interpreter; which extras it imported,
+    and whether what cellst uses of MONAI (HoVer-Net, sliding-window inference, the
+    augmentation's transforms) still works."""
+    code = f"""
+import json, sys
+{setup}
+import monai
+extras = [m for m in {MONAI_EXTRAS!r} if m in sys.modules]
+import numpy as np
+from cellst.inference.predictor import predict_maps
+from cellst.model import ModelConfig, build_augment, build_model
+from cellst.model.config import AugmentConfig
+model = build_model(ModelConfig(name="hovernet-lite", width=4)).eval()
+prob, hv = predict_maps(model, np.zeros((64, 64, 3), np.uint8))  # MONAI's inferer
+build_augment(AugmentConfig(), 32)  # MONAI's transforms
+import mlflow, pandas  # still importable as usual afterwards
+print("MONAI=" + json.dumps({{"extras": extras, "shape": [*prob.shape, *hv.shape]}}))
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    marker = [line for line in res.stdout.splitlines() if line.startswith("MONAI=")]
+    assert marker and res.returncode == 0, f"exit {res.returncode}\n{res.stderr[-3000:]}"
+    return json.loads(marker[-1][len("MONAI=") :])
+
+
+def test_monai_imports_without_its_unused_extras_and_still_works():
+    """``skip_monai_extras`` keeps MONAI's optional mlflow, matplotlib, pandas, scikit-learn
+    and scipy.signal out of its import (about 2.5 of 3.9 s here); MONAI's network,
+    transforms and inferer still work, and the extras import as usual afterwards."""
+    whole = _after_monai("")
+    assert set(whole["extras"]) == set(MONAI_EXTRAS)  # what the hook saves: MONAI does import them
+    trimmed = _after_monai(
+        "from cellst._monai_import import skip_monai_extras\nskip_monai_extras()"
+    )
+    assert trimmed["extras"] == [], trimmed
+    assert trimmed["shape"] == whole["shape"] == [64, 64, 2, 64, 64]
+
+
+def test_cellst_ray_workers_and_command_import_monai_trimmed(ray_session):
+    """The hook is installed where cellst starts processes: every Ray worker of a cellst
+    job (the runtime env's setup hook) and the ``cellst`` command."""
+
+    @ray_session.remote
+    def hook_installed() -> bool:  # an idle worker may have imported MONAI long before
+        from cellst._monai_import import SkipWhileMonaiImports
+
+        return any(isinstance(f, SkipWhileMonaiImports) for f in sys.meta_path)
+
+    assert all(ray_session.get([hook_installed.remote() for _ in range(4)]))
+    code = _cli("--help") + "\nimport monai\nprint('EXTRAS=' + json.dumps("
+    code += f"[m for m in {MONAI_EXTRAS!r} if m in sys.modules]))"
+    res = subprocess.run(
+        [sys.executable, "-c", "import json, sys\n" + code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert "EXTRAS=[]" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+
+
 def test_first_batch_is_fetched_before_it_is_asked_for():
     """The stream's first item is fetched in the background from the start; items keep
     their order, and an error of that first fetch reaches the first ``next()``."""

@@ -20,6 +20,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from cellst import __version__
+from cellst._monai_import import skip_monai_extras
 
 app = typer.Typer(
     name="cellst",
@@ -868,6 +869,7 @@ def _print_frame(df, title: str) -> None:
 
 def main() -> None:
     """Entry point of the ``cellst`` console script."""
+    skip_monai_extras()
     app(prog_name="cellst")
 
 

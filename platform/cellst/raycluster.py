@@ -12,6 +12,8 @@ from typing import Any
 
 import ray
 
+from cellst._monai_import import skip_monai_extras
+
 
 class ClusterError(RuntimeError):
     """A request the Ray cluster can never satisfy (GPUs or CPUs it lacks); one line, exit 1."""
@@ -162,9 +164,11 @@ def job_runtime_env() -> dict[str, Any]:
 
 def setup_worker() -> None:
     """Setup hook of every worker process of a cellst job: :func:`pin_cluster_address`,
-    then :func:`quiet_logs`."""
+    :func:`quiet_logs`, and MONAI's import without its unused extras
+    (:func:`cellst._monai_import.skip_monai_extras`)."""
     pin_cluster_address()
     quiet_logs()
+    skip_monai_extras()
 
 
 def pin_cluster_address() -> None:
