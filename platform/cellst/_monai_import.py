@@ -12,11 +12,14 @@ Ray Train worker, prediction actor and crop-reading task cellst starts imports M
 packages *only while MONAI's own ``__init__`` runs*. MONAI's ``optional_import`` then
 records them as missing (its documented behaviour for an absent optional package), and
 MONAI's import goes on. Any later ``import mlflow``, ``import pandas``... anywhere in the
-process (cellst's tracking, Ray Data) imports them as usual. The only things that stop
-working are the MONAI features built on them (``monai.handlers.MLFlowHandler``,
-``monai.visualize`` plots, ...), which cellst does not use. cellst installs the hook in the
-processes it starts itself (the ``cellst`` command and its Ray workers), not in a user's
-own Python session that merely imports cellst.
+process (cellst's tracking, Ray Data) imports them as usual. What stops working is only
+the MONAI features built on them, none of which cellst uses (listed by comparing MONAI's
+optional-import flags with and without the hook, MONAI 1.6): ``MLFlowHandler``, the pandas
+parts of ``monai.data`` (``CSVDataset``, ``CSVIterableDataset``, table helpers) and TCIA
+downloads, ``monai.visualize`` and the LR finder's plots, the ``embedding_collapse``
+metric, the ultrasound confidence map and the signal transforms' notch filter. cellst
+installs the hook in the processes it starts itself (the ``cellst`` command and its Ray
+workers), not in a user's own Python session that merely imports cellst.
 """
 
 from __future__ import annotations
