@@ -211,6 +211,23 @@ def test_monai_imports_without_its_unused_extras_and_still_works():
     )
     assert trimmed["extras"] == [], trimmed
     assert trimmed["shape"] == whole["shape"] == [64, 64, 2, 64, 64]
+    # CELLST_FULL_MONAI_IMPORT=1 turns the hook off (MONAI imported whole again)
+    opted_out = _after_monai(
+        "import os\nos.environ['CELLST_FULL_MONAI_IMPORT'] = '1'\n"
+        "from cellst._monai_import import skip_monai_extras\nskip_monai_extras()"
+    )
+    assert set(opted_out["extras"]) == set(MONAI_EXTRAS), opted_out
+
+
+def test_full_monai_import_choice_reaches_the_jobs_workers(monkeypatch):
+    """The driver's ``CELLST_FULL_MONAI_IMPORT`` goes into the job's runtime env, so workers
+    on other nodes (whose processes never saw the driver's environment) follow it."""
+    from cellst.raycluster import job_runtime_env
+
+    monkeypatch.delenv("CELLST_FULL_MONAI_IMPORT", raising=False)
+    assert "CELLST_FULL_MONAI_IMPORT" not in job_runtime_env()["env_vars"]
+    monkeypatch.setenv("CELLST_FULL_MONAI_IMPORT", "1")
+    assert job_runtime_env()["env_vars"]["CELLST_FULL_MONAI_IMPORT"] == "1"
 
 
 def test_cellst_ray_workers_and_command_import_monai_trimmed(ray_session):

@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-from cellst._monai_import import skip_monai_extras
+from cellst._monai_import import FULL_IMPORT_ENV, skip_monai_extras
 
 
 class ClusterError(RuntimeError):
@@ -154,11 +154,14 @@ TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 def job_runtime_env() -> dict[str, Any]:
     """Runtime environment of every cellst job: quiet worker processes (see
-    :func:`quiet_logs`; their INFO lines stay in ``/tmp/ray/session_latest/logs``) and Ray
+    :func:`quiet_logs`; their INFO lines stay in ``/tmp/ray/session_latest/logs``), Ray
     Train's poll interval (:data:`TRAIN_POLL_INTERVAL_S`, or the caller's own
-    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``)."""
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), and the caller's ``CELLST_FULL_MONAI_IMPORT``
+    where it is set (see :mod:`cellst._monai_import`)."""
     env = {TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_INTERVAL_S)}
     env.update({"CELLST_VERBOSE": "1"} if verbose() else {"RAY_DATA_LOG_LEVEL": "WARNING"})
+    if FULL_IMPORT_ENV in os.environ:  # the driver's choice holds on every node
+        env[FULL_IMPORT_ENV] = os.environ[FULL_IMPORT_ENV]
     return {"env_vars": env, "worker_process_setup_hook": "cellst.raycluster.setup_worker"}
 
 
