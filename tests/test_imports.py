@@ -219,6 +219,31 @@ def test_monai_imports_without_its_unused_extras_and_still_works():
     assert set(opted_out["extras"]) == set(MONAI_EXTRAS), opted_out
 
 
+def test_other_threads_import_the_extras_as_usual_while_monai_imports():
+    """Only the thread that runs MONAI's ``__init__`` is refused the extras: a training
+    worker's stream and metric threads import pandas and mlflow while its main thread may
+    still be importing MONAI."""
+    code = """
+import json, threading, time
+from cellst._monai_import import monai_initialising, skip_monai_extras
+skip_monai_extras()
+t = threading.Thread(target=lambda: __import__("monai"))
+t.start()
+deadline = time.time() + 120
+while not monai_initialising() and time.time() < deadline:
+    time.sleep(0.001)
+began = monai_initialising()
+import pandas  # in this thread, while MONAI imports in the other
+t.join()
+import monai
+print("RACE=" + json.dumps({"began_during": began, "pandas": pandas.__name__}))
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert 'RACE={"began_during": true, "pandas": "pandas"}' in res.stdout, res.stderr[-3000:]
+
+
 def test_full_monai_import_choice_reaches_the_jobs_workers(monkeypatch):
     """The driver's ``CELLST_FULL_MONAI_IMPORT`` goes into the job's runtime env, so workers
     on other nodes (whose processes never saw the driver's environment) follow it."""

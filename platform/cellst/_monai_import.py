@@ -9,7 +9,7 @@ inferers, none of which needs them, yet every process that imports MONAI paid fo
 Ray Train worker, prediction actor and crop-reading task cellst starts imports MONAI once.
 
 :func:`skip_monai_extras` installs an import hook that answers "not installed" for those
-packages *only while MONAI's own ``__init__`` runs*. MONAI's ``optional_import`` then
+packages *only to the thread running MONAI's own ``__init__``, while it runs*. MONAI's ``optional_import`` then
 records them as missing (its documented behaviour for an absent optional package), and
 MONAI's import goes on. Any later ``import mlflow``, ``import pandas``... anywhere in the
 process (cellst's tracking, Ray Data) imports them as usual. What stops working is only
@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.abc
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
@@ -51,8 +52,13 @@ def monai_initialising() -> bool:
 
 
 class SkipWhileMonaiImports(importlib.abc.MetaPathFinder):
-    """Import hook: the packages in :data:`SKIPPED` are "not installed" while MONAI's
-    ``__init__`` runs, and importable as usual at any other time."""
+    """Import hook: the packages in :data:`SKIPPED` are "not installed" to the thread that
+    runs MONAI's ``__init__``, while it runs; importable as usual at any other time and in
+    any other thread (a training worker's stream and metric threads import pandas and
+    mlflow while its main thread imports MONAI)."""
+
+    def __init__(self) -> None:
+        self._monai_thread: int | None = None  # the thread that began importing MONAI
 
     def find_spec(
         self,
@@ -60,7 +66,13 @@ class SkipWhileMonaiImports(importlib.abc.MetaPathFinder):
         path: Sequence[str] | None = None,
         target: ModuleType | None = None,
     ) -> ModuleSpec | None:
-        if _skipped(fullname) and monai_initialising():
+        if fullname == "monai":
+            self._monai_thread = threading.get_ident()
+        elif (
+            _skipped(fullname)
+            and threading.get_ident() == self._monai_thread
+            and monai_initialising()
+        ):
             raise ModuleNotFoundError(
                 f"No module named {fullname!r} (skipped while MONAI imports; see cellst)",
                 name=fullname,
