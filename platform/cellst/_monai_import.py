@@ -9,10 +9,10 @@ inferers, none of which needs them, yet every process that imports MONAI paid fo
 Ray Train worker, prediction actor and crop-reading task cellst starts imports MONAI once.
 
 :func:`skip_monai_extras` installs an import hook that answers "not installed" for those
-packages *only to the thread running MONAI's own ``__init__``, while it runs*. MONAI's ``optional_import`` then
-records them as missing (its documented behaviour for an absent optional package), and
-MONAI's import goes on. Any later ``import mlflow``, ``import pandas``... anywhere in the
-process (cellst's tracking, Ray Data) imports them as usual. What stops working is only
+packages *only to the thread running MONAI's own ``__init__``, while it runs*. MONAI's
+``optional_import`` then records them as missing (its documented behaviour for an absent
+optional package), and MONAI's import goes on. ``import mlflow``, ``import pandas``... in
+any other thread, or later (cellst's tracking, Ray Data), import them as usual. What stops working is only
 the MONAI features built on them, none of which cellst uses (listed by comparing MONAI's
 optional-import flags with and without the hook, MONAI 1.6): ``MLFlowHandler``, the pandas
 parts of ``monai.data`` (``CSVDataset``, ``CSVIterableDataset``, table helpers) and TCIA
