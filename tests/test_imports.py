@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,15 +27,22 @@ atexit.register(lambda: print("MODULES=" + json.dumps(
 """
 
 
+def _fresh(code: str, marker: str) -> Any:
+    """Run ``code`` in a fresh interpreter, which must succeed; the JSON value it printed
+    on its last ``MARKER=...`` line."""
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    lines = [line for line in res.stdout.splitlines() if line.startswith(f"{marker}=")]
+    assert lines and res.returncode == 0, (
+        f"exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    )
+    return json.loads(lines[-1][len(marker) + 1 :])
+
+
 def _heavy_imports(code: str) -> list[str]:
     """Run ``code`` in a fresh interpreter; the heavy packages imported when it exits."""
-    script = _REPORT.format(heavy=HEAVY) + code
-    res = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
-    marker = [line for line in res.stdout.splitlines() if line.startswith("MODULES=")]
-    assert marker and res.returncode == 0, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
-    return json.loads(marker[-1][len("MODULES=") :])
+    return _fresh(_REPORT.format(heavy=HEAVY) + code, "MODULES")
 
 
 def _cli(*args: str) -> str:
@@ -192,12 +200,7 @@ build_augment(AugmentConfig(), 32)  # MONAI's transforms
 import mlflow, pandas  # still importable as usual afterwards
 print("MONAI=" + json.dumps({{"extras": extras, "shape": [*prob.shape, *hv.shape]}}))
 """
-    res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
-    marker = [line for line in res.stdout.splitlines() if line.startswith("MONAI=")]
-    assert marker and res.returncode == 0, f"exit {res.returncode}\n{res.stderr[-3000:]}"
-    return json.loads(marker[-1][len("MONAI=") :])
+    return _fresh(code, "MONAI")
 
 
 def test_monai_imports_without_its_unused_extras_and_still_works():
@@ -238,10 +241,7 @@ t.join()
 import monai
 print("RACE=" + json.dumps({"began_during": began, "pandas": pandas.__name__}))
 """
-    res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
-    assert 'RACE={"began_during": true, "pandas": "pandas"}' in res.stdout, res.stderr[-3000:]
+    assert _fresh(code, "RACE") == {"began_during": True, "pandas": "pandas"}
 
 
 def test_full_monai_import_choice_reaches_the_jobs_workers(monkeypatch):
@@ -266,16 +266,9 @@ def test_cellst_ray_workers_and_command_import_monai_trimmed(ray_session):
         return any(isinstance(f, SkipWhileMonaiImports) for f in sys.meta_path)
 
     assert all(ray_session.get([hook_installed.remote() for _ in range(4)]))
-    code = _cli("--help") + "\nimport monai\nprint('EXTRAS=' + json.dumps("
-    code += f"[m for m in {MONAI_EXTRAS!r} if m in sys.modules]))"
-    res = subprocess.run(
-        [sys.executable, "-c", "import json, sys\n" + code],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert "EXTRAS=[]" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    code = "import json, sys\n" + _cli("--help") + "\nimport monai\nprint('EXTRAS=' + "
+    code += f"json.dumps([m for m in {MONAI_EXTRAS!r} if m in sys.modules]))"
+    assert _fresh(code, "EXTRAS") == []
 
 
 def test_first_batch_is_fetched_before_it_is_asked_for():

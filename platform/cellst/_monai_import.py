@@ -12,14 +12,15 @@ Ray Train worker, prediction actor and crop-reading task cellst starts imports M
 packages *only to the thread running MONAI's own ``__init__``, while it runs*. MONAI's
 ``optional_import`` then records them as missing (its documented behaviour for an absent
 optional package), and MONAI's import goes on. ``import mlflow``, ``import pandas``... in
-any other thread, or later (cellst's tracking, Ray Data), import them as usual. What stops working is only
-the MONAI features built on them, none of which cellst uses (listed by comparing MONAI's
-optional-import flags with and without the hook, MONAI 1.6): ``MLFlowHandler``, the pandas
-parts of ``monai.data`` (``CSVDataset``, ``CSVIterableDataset``, table helpers) and TCIA
-downloads, ``monai.visualize`` and the LR finder's plots, the ``embedding_collapse``
-metric, the ultrasound confidence map and the signal transforms' notch filter. cellst
-installs the hook in the processes it starts itself (the ``cellst`` command and its Ray
-workers), not in a user's own Python session that merely imports cellst.
+any other thread, or later (cellst's tracking, Ray Data), import them as usual. What stops
+working is only the MONAI features built on them, none of which cellst uses (listed by
+comparing MONAI's optional-import flags with and without the hook, MONAI 1.6):
+``MLFlowHandler``, the pandas parts of ``monai.data`` (``CSVDataset``,
+``CSVIterableDataset``, table helpers) and TCIA downloads, ``monai.visualize`` and the LR
+finder's plots, the ``embedding_collapse`` metric, the ultrasound confidence map and the
+signal transforms' notch filter. cellst installs the hook in the processes it starts
+itself (the ``cellst`` command and its Ray workers), not in a user's own Python session
+that merely imports cellst.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from importlib.machinery import ModuleSpec
 from types import ModuleType
 
 #: top-level packages (or modules) MONAI imports optionally that cellst never needs from it
+#: (scipy.stats only through scipy.signal)
 SKIPPED: frozenset[str] = frozenset(
     {"mlflow", "matplotlib", "pandas", "sklearn", "scipy.signal", "scipy.stats"}
 )
@@ -68,10 +70,10 @@ class SkipWhileMonaiImports(importlib.abc.MetaPathFinder):
     ) -> ModuleSpec | None:
         if fullname == "monai":
             self._monai_thread = threading.get_ident()
-        elif (
-            _skipped(fullname)
-            and threading.get_ident() == self._monai_thread
+        elif (  # cheapest test first: this runs for every module a process imports
+            threading.get_ident() == self._monai_thread
             and monai_initialising()
+            and _skipped(fullname)
         ):
             raise ModuleNotFoundError(
                 f"No module named {fullname!r} (skipped while MONAI imports; see cellst)",
