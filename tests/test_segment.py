@@ -24,6 +24,7 @@ from cellst.inference.segment import (
     filter_instances,
     segment,
     use_ray,
+    write_overlay,
 )
 from cellst.model import ModelConfig, build_model, load_model, save_checkpoint
 from cellst.model.checkpoint import save_postprocess
@@ -91,6 +92,23 @@ def test_filter_instances_removes_edge_and_small_cells_and_relabels():
     assert set(np.unique(small_gone)) == {0, 1} and (small_gone[4:8, 4:8] == 1).all()
     # no filter: only relabelled 1..N in order
     assert set(np.unique(filter_instances(label))) == {0, 1, 2, 3, 4}
+
+
+def test_overlay_writes_the_ids_that_fit_inside_their_cells(tmp_path):
+    """A big cell gets its id drawn (white text) at its centroid; cells smaller than their
+    id's text get only their outline, so that dense images stay readable."""
+    label = np.zeros((120, 120), np.int32)
+    label[10:70, 10:70] = 1  # big: "1" fits
+    for k, (y, x) in enumerate([(90, 10), (90, 40), (90, 70), (90, 100)]):
+        label[y : y + 5, x : x + 5] = k + 2  # 5 px: too small for any digit
+    image = np.full((120, 120, 3), 100, np.uint8)
+    out = write_overlay(tmp_path / "a_overlay.png", image, label)
+    rgb = np.asarray(Image.open(out))
+    white = (rgb > 200).all(axis=-1)  # the text (anti-aliased); the outlines are yellow
+    assert white[30:50, 30:50].any()  # the id of the big cell, near its centroid
+    assert not white[80:, :].any()  # no id over the small cells
+    outline = (rgb == (255, 255, 0)).all(axis=-1)
+    assert outline[90:95, 10:15].any() and outline[90:95, 100:105].any()  # outlined still
 
 
 def test_collect_images_lists_folders_and_refuses_bad_requests(tmp_path, images):

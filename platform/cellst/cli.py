@@ -394,7 +394,10 @@ def segment(
         typer.Option("--out", "-o", help="output folder (default: beside each image)"),
     ] = None,
     save_png: Annotated[
-        bool, typer.Option("--save-png", help="also write NAME_overlay.png (outlines, ids)")
+        bool,
+        typer.Option(
+            "--save-png", help="also write NAME_overlay.png (outlines; ids where they fit)"
+        ),
     ] = False,
     save_csv: Annotated[
         bool, typer.Option("--save-csv", help="also write per-cell measurements NAME_cells.csv")

@@ -281,16 +281,23 @@ def _centroids(label: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def write_overlay(path: Path, image: np.ndarray, label: np.ndarray) -> Path:
-    """Write ``NAME_overlay.png``: outlines and the id of each cell at its centroid."""
+    """Write ``NAME_overlay.png``: outlines, and the id of each cell at its centroid where
+    the id fits inside the cell's bounding box (in a dense image of small cells, ids drawn
+    over every cell would hide the cells themselves; ``NAME_cells.csv`` has them all)."""
     from PIL import Image, ImageDraw
+    from scipy.ndimage import find_objects
 
     from cellst.fs import atomic_write
 
     canvas = Image.fromarray(overlay_rgb(image, label))
     draw = ImageDraw.Draw(canvas)
+    boxes = find_objects(label)
     for i, y, x in zip(*_centroids(label), strict=True):
         text = str(int(i))
-        left, top, right, bottom = draw.textbbox((0, 0), text)
+        left, top, right, bottom = draw.textbbox((0, 0), text, stroke_width=1)
+        rows, cols = boxes[int(i) - 1]
+        if right - left > cols.stop - cols.start or bottom - top > rows.stop - rows.start:
+            continue
         pos = (x - (right - left) / 2, y - (bottom - top) / 2)
         draw.text(pos, text, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
