@@ -268,35 +268,23 @@ def overlay_rgb(image: np.ndarray, label: np.ndarray) -> np.ndarray:
     return out
 
 
-def _centroids(label: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids, y, x)`` of every instance's centroid."""
-    flat = label.ravel()
-    n = int(flat.max()) if flat.size else 0
-    counts = np.bincount(flat, minlength=n + 1)
-    yy, xx = np.indices(label.shape)
-    sy = np.bincount(flat, weights=yy.ravel(), minlength=n + 1)
-    sx = np.bincount(flat, weights=xx.ravel(), minlength=n + 1)
-    ids = np.nonzero(counts[1:])[0] + 1
-    return ids, sy[ids] / counts[ids], sx[ids] / counts[ids]
-
-
 def write_overlay(path: Path, image: np.ndarray, label: np.ndarray) -> Path:
     """Write ``NAME_overlay.png``: outlines, and the id of each cell at its centroid where
     the id fits inside the cell's bounding box (in a dense image of small cells, ids drawn
     over every cell would hide the cells themselves; ``NAME_cells.csv`` has them all)."""
     from PIL import Image, ImageDraw
-    from scipy.ndimage import find_objects
+    from skimage.measure import regionprops_table
 
     from cellst.fs import atomic_write
 
     canvas = Image.fromarray(overlay_rgb(image, label))
     draw = ImageDraw.Draw(canvas)
-    boxes = find_objects(label)
-    for i, y, x in zip(*_centroids(label), strict=True):
+    cells = regionprops_table(label, properties=("label", "centroid", "bbox"))
+    columns = ("label", "centroid-0", "centroid-1", "bbox-0", "bbox-1", "bbox-2", "bbox-3")
+    for i, y, x, y0, x0, y1, x1 in zip(*(cells[c] for c in columns), strict=True):
         text = str(int(i))
         left, top, right, bottom = draw.textbbox((0, 0), text, stroke_width=1)
-        rows, cols = boxes[int(i) - 1]
-        if right - left > cols.stop - cols.start or bottom - top > rows.stop - rows.start:
+        if right - left > x1 - x0 or bottom - top > y1 - y0:
             continue
         pos = (x - (right - left) / 2, y - (bottom - top) / 2)
         draw.text(pos, text, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
