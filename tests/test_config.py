@@ -156,3 +156,24 @@ def test_config_fingerprint_counts_only_what_is_computed():
     # ST++ stages: the store path and experiment name are not part of what a stage computes
     moved = load_config(None, ["store=other", "name=n2", "train.lr=0.01"])
     assert training_hash(moved) == training_hash(base) and config_hash(moved) != config_hash(base)
+
+
+def test_strong_augmentation_counts_only_in_trainings_on_pseudo_labels():
+    """The strong preset acts on pseudo-labelled crops alone, so its settings leave the
+    fingerprint of a supervised training (ST++ stage 1, ``cellst train``) unchanged: an ST++
+    variant with other strong augmentation re-runs the re-training stages, not stage 1."""
+    from cellst.config import load_config
+    from cellst.stpp.pipeline import training_hash
+    from cellst.train.trainer import config_hash
+
+    base = load_config(None, ["store=s"])
+    weak = load_config(None, ["store=s", "augment.cutout_prob=0", "augment.jitter_prob=0"])
+    assert training_hash(weak) == training_hash(base) and config_hash(weak) == config_hash(base)
+    # the standard preset's settings still count
+    flips = load_config(None, ["store=s", "augment.flip_prob=0"])
+    assert config_hash(flips) != config_hash(base)
+    # and on pseudo-labels the strong ones do
+    pseudo = ["store=s", "train.pseudo_set=p"]
+    assert training_hash(load_config(None, [*pseudo, "augment.cutout_prob=0"])) != (
+        training_hash(load_config(None, pseudo))
+    )

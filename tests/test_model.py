@@ -404,6 +404,35 @@ def test_augment_deterministic_under_seed() -> None:
     assert torch.equal(aug(sample)["image"], outs[0]["image"])
 
 
+def test_strong_fields_act_only_in_the_strong_preset() -> None:
+    """``AugmentConfig.STRONG_FIELDS`` (left out of a supervised training's fingerprint) are
+    the settings of the strong preset alone: changing all of them leaves the standard
+    preset's output unchanged and changes the strong one's."""
+    assert set(AugmentConfig.STRONG_FIELDS) <= set(AugmentConfig.model_fields)
+    other = ALWAYS.model_copy(
+        update={
+            "jitter_prob": 0.0,
+            "jitter_brightness": 0.1,
+            "jitter_contrast": 0.1,
+            "jitter_saturation": 0.1,
+            "jitter_hue": 0.1,
+            "grayscale_prob": 0.0,
+            "blur_prob": 0.0,
+            "blur_sigma": (3.0, 4.0),
+            "cutout_prob": 0.0,
+            "cutout_area": (0.5, 0.6),
+            "cutout_ratio": (1.0, 1.0),
+        }
+    )
+    changed = {k for k in AugmentConfig.model_fields if getattr(other, k) != getattr(ALWAYS, k)}
+    assert changed == set(AugmentConfig.STRONG_FIELDS)
+    sample = _sample(np.random.default_rng(4))
+    for preset, same in (("standard", True), ("strong", False)):
+        a = build_augment(ALWAYS, 64, preset, seed=5)(sample)
+        b = build_augment(other, 64, preset, seed=5)(sample)
+        assert torch.equal(a["image"], b["image"]) is same, preset
+
+
 def test_strong_cutout_writes_ignore() -> None:
     cfg = AugmentConfig(cutout_prob=1.0, jitter_prob=0, grayscale_prob=0, blur_prob=0)
     aug = build_augment(cfg, 64, "strong", seed=3)

@@ -56,8 +56,25 @@ def config_fingerprint(
     ignore : mapping, optional
         Section -> field names to leave out besides :data:`RUN_ONLY`; ``"*"`` leaves out the
         whole section, and the key ``""`` names top-level fields (``store``, ``name``).
+
+    Notes
+    -----
+    A training without pseudo-labels (``train.pseudo_set`` empty) also leaves out the
+    settings of the strong augmentation (``augment.STRONG_FIELDS``), which act on
+    pseudo-labelled crops alone: changing them re-runs ST++'s re-training stages, not its
+    supervised stage 1.
     """
     data = cfg.model_dump(mode="json", exclude_defaults=True)
+    strong = set(getattr(getattr(cfg, "augment", None), "STRONG_FIELDS", ()))
+    if (
+        strong
+        and isinstance(data.get("augment"), dict)
+        and not data.get("train", {}).get("pseudo_set")
+    ):
+        # (a section left empty goes too: the same dump as with the strong defaults)
+        data["augment"] = {k: v for k, v in data["augment"].items() if k not in strong}
+        if not data["augment"]:
+            del data["augment"]
     rules: dict[str, set[str]] = {k: set(v) for k, v in RUN_ONLY.items()}
     for section, fields in (ignore or {}).items():
         rules.setdefault(section, set()).update(fields)

@@ -8,7 +8,7 @@ sections (:mod:`cellst.model.networks`, :mod:`cellst.model.augment`,
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -76,6 +76,23 @@ def _prob(default: float, what: str) -> Any:
 
 class AugmentConfig(Section):
     """Probabilities and ranges of every augmentation (defaults: seed paper / ST++)."""
+
+    #: the fields of the ``strong`` preset alone, which only pseudo-labelled crops get: a
+    #: training without pseudo-labels computes the same whatever they hold, so its
+    #: fingerprint leaves them out (:func:`cellst.fingerprint.config_fingerprint`)
+    STRONG_FIELDS: ClassVar[tuple[str, ...]] = (
+        "jitter_prob",
+        "jitter_brightness",
+        "jitter_contrast",
+        "jitter_saturation",
+        "jitter_hue",
+        "grayscale_prob",
+        "blur_prob",
+        "blur_sigma",
+        "cutout_prob",
+        "cutout_area",
+        "cutout_ratio",
+    )
 
     # standard (NeurIPS 2022 CellSeg baseline)
     scale_intensity: bool = Field(
