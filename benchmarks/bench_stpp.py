@@ -186,13 +186,13 @@ def supervised_same_schedule(cfg, stage1_best: str, work: Path) -> dict | None:
     if cfg.stpp.fresh_init:
         return None
     from cellst.fingerprint import checkpoint_fingerprint
-    from cellst.stpp.pipeline import retrain_schedule
+    from cellst.stpp.pipeline import apply_retrain_schedule
     from cellst.train.trainer import train
 
     base = cfg.base()
     base.train.run_dir = str(work / "same")
     base.train.pseudo_set = None
-    base.train.epochs, base.data.crops_per_epoch = retrain_schedule(cfg)
+    apply_retrain_schedule(base, cfg)
     saved = work / "same" / "result.json"
     key = _result_key(cfg, base, init=checkpoint_fingerprint(stage1_best))
     old = _reused(saved, key, "supervised with ST++'s schedule")

@@ -309,6 +309,23 @@ def test_retrain_stages_keep_the_labelled_crops_per_epoch(tmp_path):
     assert Pipeline(cfg).stage_train_config("retrain_all", "t-all").data.crops_per_epoch == 64
 
 
+def test_retrain_lr_sets_the_rate_of_the_retraining_stages_alone(tmp_path):
+    from cellst.fingerprint import config_fingerprint
+
+    path = _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs")
+    cfg = load_stpp_config(path, ["train.lr=0.003"])
+    same = Pipeline(cfg)
+    assert same.stage_train_config("retrain_all", "t-all").train.lr == 0.003  # default: train.lr
+    low = Pipeline(load_stpp_config(path, ["train.lr=0.003", "stpp.retrain_lr=0.001"]))
+    assert low.stage_train_config("retrain_reliable", "t-rel").train.lr == 0.001
+    assert low.stage_train_config("retrain_all", "t-all").train.lr == 0.001
+    s1_low, s1 = low.stage_train_config("supervised"), same.stage_train_config("supervised")
+    assert s1_low.train.lr == 0.003
+    assert config_fingerprint(s1_low) == config_fingerprint(s1)  # stage 1 is not re-run
+    with pytest.raises(ConfigError, match=r"stpp\.retrain_lr"):
+        load_stpp_config(path, ["stpp.retrain_lr=0"])
+
+
 @pytest.mark.parametrize(
     ("n", "fraction", "k"), [(1, 0.5, 1), (2, 0.5, 1), (4, 0.5, 2), (5, 0.5, 3), (4, 0.99, 3)]
 )

@@ -89,6 +89,13 @@ class StppConfig(Section):
         description="epochs of the re-training stages 4 and 6; None: train.epochs. Shorter "
         "re-trainings pair with fresh_init: false (fine-tuning the previous stage's model)",
     )
+    retrain_lr: float | None = Field(
+        None,
+        gt=0,
+        description="peak learning rate of the re-training stages 4 and 6 (same schedule "
+        "shape as train.schedule); None: train.lr. A fine-tune (fresh_init: false) may want "
+        "less than the from-scratch rate",
+    )
     evaluate: bool = Field(
         True, description="finally score supervised / round 1 / round 2 on the test split"
     )

@@ -138,6 +138,18 @@ def retrain_schedule(cfg) -> tuple[int, int]:
     return cfg.stpp.retrain_epochs or cfg.train.epochs, crops
 
 
+def apply_retrain_schedule(training, cfg) -> None:
+    """Give ``training`` (a copy of ``cfg``'s base config) the re-training stages' schedule:
+    :func:`retrain_schedule`'s epochs and crops, and ``stpp.retrain_lr`` where set.
+
+    The one place that says how stages 4 and 6 train differently from stage 1, so that a
+    baseline given "ST++'s schedule" (``benchmarks/bench_stpp.py``) trains as they do.
+    """
+    training.train.epochs, training.data.crops_per_epoch = retrain_schedule(cfg)
+    if cfg.stpp.retrain_lr is not None:
+        training.train.lr = cfg.stpp.retrain_lr
+
+
 def training_crops(cfg) -> dict[str, int]:
     """Training crops (epochs x crops per epoch) of the three training stages of ``cfg``:
     the compute a supervised-only baseline needs for an equal-compute comparison."""
@@ -460,7 +472,7 @@ class Pipeline:
         cfg.train.pseudo_set = pseudo_set
         cfg.train.init_checkpoint = None if init is None else str(init)
         if pseudo_set is not None:
-            cfg.train.epochs, cfg.data.crops_per_epoch = retrain_schedule(self.cfg)
+            apply_retrain_schedule(cfg, self.cfg)
         return cfg
 
     def reliability(
