@@ -14,6 +14,10 @@ Each is post-processed with the thresholds calibrated on the run's validation it
 ``highest`` epoch by the same function training uses for ``best``), and scored through
 cellst's own prediction and metric with the recipe's inference settings.
 
+Beside it, what calibrating on so few items is worth: the ``rule`` checkpoint's test F1
+with the configured post-processing, with its calibrated settings, and the ceiling of the
+same search run on the test items themselves (a measurement only: nothing uses it).
+
 Run: ``RAY_ADDRESS=local .venv/bin/python benchmarks/bench_selection.py --seeds 51 52 53
 --out DIR`` (about 2.5 min per seed on 2 CPU cores). ``--smoke``: one seed of 8 tiny images,
 2 epochs, for CI (it checks that everything runs; the F1 values mean nothing there).
@@ -33,6 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ("highest", "rule", "last")
+POST = ("configured", "calibrated", "ceiling")
 
 
 def test_f1(checkpoint: Path, cfg, store) -> tuple[float, dict[str, float]]:
@@ -48,6 +53,30 @@ def test_f1(checkpoint: Path, cfg, store) -> tuple[float, dict[str, float]]:
         per[store.row(item).modality].append(score_item(maps, post, cfg.evaluate)[0]["f1"])
     every = [f for v in per.values() for f in v]
     return float(np.mean(every)), {m: float(np.mean(v)) for m, v in sorted(per.items())}
+
+
+def post_processing_f1(checkpoint: Path, cfg, store) -> dict[str, float]:
+    """Test-split F1 of ``checkpoint`` post-processed three ways: the configured settings,
+    its calibrated ones (chosen on the validation items), and the ceiling: the calibration's
+    own search (:func:`~cellst.postprocess.calibrate.search_postprocess`) run on the test
+    items, the most that any calibration over that grid could reach."""
+    from cellst.model import load_model
+    from cellst.postprocess.calibrate import (
+        effective_postprocess,
+        predict_val_maps,
+        score_maps,
+        search_postprocess,
+    )
+
+    model = load_model(checkpoint)[0].eval()
+    ids = store.items(split="test")["id"].tolist()
+    maps = list(predict_val_maps(model, store, ids, cfg.inference))
+    calibrated, _ = effective_postprocess(cfg.postprocess, checkpoint)
+    return {
+        "configured": score_maps(maps, cfg.postprocess, cfg.evaluate)["val_f1"],
+        "calibrated": score_maps(maps, calibrated, cfg.evaluate)["val_f1"],
+        "ceiling": search_postprocess(maps, cfg.postprocess, cfg.evaluate).f1_after,
+    }
 
 
 def run_seed(seed: int, args, out: Path) -> dict:
@@ -118,6 +147,7 @@ def run_seed(seed: int, args, out: Path) -> dict:
     row["test_f1"], row["test_f1_per_modality"] = {}, {}
     for rule, path in zip(RULES, (chosen, checkpoints / "best", checkpoints / "last"), strict=True):
         row["test_f1"][rule], row["test_f1_per_modality"][rule] = test_f1(path, cfg, store)
+    row["post_processing"] = post_processing_f1(checkpoints / "best", cfg, store)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -181,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {np.mean([r['test_f1_per_modality'][k][m] for r in rows]):.3f}" for k in RULES
             )
         )
+    pp = {k: np.array([r["post_processing"][k] for r in rows]) for k in POST}
+    print(
+        "post-processing of the rule's checkpoint, mean test F1: "
+        + ", ".join(f"{k} {v.mean():.4f}" for k, v in pp.items())
+        + f"; calibrated - configured {np.mean(pp['calibrated'] - pp['configured']):+.4f} "
+        f"(better on {int((pp['calibrated'] > pp['configured']).sum())}/{len(rows)}), "
+        f"ceiling - calibrated {np.mean(pp['ceiling'] - pp['calibrated']):+.4f}"
+    )
     if args.smoke:
         print("smoke settings: everything ran; the F1 values mean nothing here")
     from cellst.fs import atomic_write_json

@@ -57,7 +57,13 @@ MARKERS: dict[str, tuple[str, ...]] = {
         r"rescaling) [\d.]+",
     ),
     # the three selection rules' test F1 on the same training, and the rule's gain
-    "bench_selection": (r"^last\s+[\d.]+", r"rule - highest: [+-][\d.]+ mean F1"),
+    "bench_selection": (
+        r"^last\s+[\d.]+",
+        r"rule - highest: [+-][\d.]+ mean F1",
+        # the rule's checkpoint: configured vs calibrated post-processing, and the ceiling
+        r"configured [\d.]+, calibrated [\d.]+, ceiling [\d.]+; calibrated - configured "
+        r"[+-][\d.]+ .*ceiling - calibrated [+-][\d.]+",
+    ),
     "bench_startup": (r"b / a = [\d.]+", r"MONAI import, trimmed / whole: e / d = [\d.]+"),
     "bench_stpp": (
         r"full ST\+\+ - supervised: [+-][\d.]+ mean F1",
