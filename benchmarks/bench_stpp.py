@@ -36,7 +36,9 @@ CI: it checks that everything runs; the F1 values and targets mean nothing there
 Comparing an ST++ variant on the same seeds: re-run with the same ``--out`` and, e.g.,
 ``--set stpp.ignore_band=0.2 --results ignore02.json``. The pipelines' stages 1-2 (the
 supervised model and the reliability ranking) and the equal-compute model are then reused,
-so the variants differ only in stages 3-7, from the same stage-1 model.
+so the variants differ only in stages 3-7, from the same stage-1 model. A variant that
+changes a baseline's own training (``--set stpp.retrain_lr=0.001`` re-trains the paired
+one) trains it in a folder of its own fingerprint, beside the others'.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def run_seed(seed: int, args, out: Path) -> dict:
 def supervised_equal_compute(cfg, total_crops: int, work: Path) -> dict:
     """Supervised-only training with ``total_crops`` training crops; its test-split F1.
 
-    Its result is kept in ``work/equal/result.json`` with a fingerprint of the training
+    Its result is kept in ``work/equal/<fingerprint>/result.json`` with a fingerprint of the training
     and the store, so a re-run that changes only ST++ settings (``--set stpp.*``, which
     also leaves the pipeline's stages 1-2 done) reuses it instead of training it again.
     """
@@ -157,15 +159,16 @@ def supervised_equal_compute(cfg, total_crops: int, work: Path) -> dict:
     base = cfg.base()
     epochs = max(2, math.ceil(total_crops / base.data.crops_per_epoch))
     base.train.epochs = epochs
-    base.train.run_dir = str(work / "equal")
-    saved = work / "equal" / "result.json"
     key = _result_key(cfg, base)
+    home = _baseline_dir(work, "equal", key)
+    base.train.run_dir = str(home)
+    saved = home / "result.json"
     old = _reused(saved, key, "supervised at equal compute")
     if old is not None:
         return old
     res = train(base, run_name=f"{cfg.name}-supervised-equal")
     out = {
-        "f1": _test_f1(cfg, base, res.best, "equal", work / "equal"),
+        "f1": _test_f1(cfg, base, res.best, "equal", home),
         "crops": epochs * base.data.crops_per_epoch,
     }
     _save(saved, out, key)
@@ -190,11 +193,12 @@ def supervised_same_schedule(cfg, stage1_best: str, work: Path) -> dict | None:
     from cellst.train.trainer import train
 
     base = cfg.base()
-    base.train.run_dir = str(work / "same")
     base.train.pseudo_set = None
     apply_retrain_schedule(base, cfg)
-    saved = work / "same" / "result.json"
     key = _result_key(cfg, base, init=checkpoint_fingerprint(stage1_best))
+    home = _baseline_dir(work, "same", key)
+    base.train.run_dir = str(home)
+    saved = home / "result.json"
     old = _reused(saved, key, "supervised with ST++'s schedule")
     if old is not None:
         return old
@@ -203,7 +207,7 @@ def supervised_same_schedule(cfg, stage1_best: str, work: Path) -> dict | None:
         base.train.init_checkpoint = str(init)
         init = train(base, run_name=f"{cfg.name}-supervised-same-{rnd}").best
     out = {
-        "f1": _test_f1(cfg, base, init, "same", work / "same"),
+        "f1": _test_f1(cfg, base, init, "same", home),
         "crops": 2 * base.train.epochs * base.data.crops_per_epoch,
     }
     _save(saved, out, key)
@@ -228,11 +232,19 @@ def _result_key(cfg, training, **extra) -> str:
     )
 
 
+def _baseline_dir(work: Path, kind: str, key: str) -> Path:
+    """Folder of one baseline training (``equal`` or ``same``), one per fingerprint ``key``:
+    variants that change the baseline's own training (``--set stpp.retrain_lr=...``,
+    ``--set train.lr=...``) train theirs beside the others' instead of clashing with them."""
+    return work / kind / key
+
+
 def _reused(saved: Path, key: str, what: str) -> dict | None:
-    if saved.is_file():
-        old = json.loads(saved.read_text())
+    # (before the folder per fingerprint, a seed kept one result per kind, one level up)
+    for path in (saved, saved.parent.parent / saved.name):
+        old = json.loads(path.read_text()) if path.is_file() else {}
         if old.get("key") == key:
-            print(f"  {what}: reused {saved} (same training and data)")
+            print(f"  {what}: reused {path} (same training and data)")
             return {"f1": old["f1"], "crops": old["crops"]}
     return None
 
