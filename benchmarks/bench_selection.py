@@ -40,37 +40,37 @@ RULES = ("highest", "rule", "last")
 POST = ("configured", "calibrated", "ceiling")
 
 
-def test_f1(checkpoint: Path, cfg, store) -> tuple[float, dict[str, float]]:
-    """Test-split F1 of ``checkpoint`` (its calibrated settings), overall and per modality."""
+def test_maps(checkpoint: Path, cfg, store) -> tuple[list[str], list]:
+    """The test items' ids and ``checkpoint``'s maps of them (predicted once, scored often)."""
     from cellst.model import load_model
-    from cellst.postprocess.calibrate import effective_postprocess, predict_val_maps, score_item
+    from cellst.postprocess.calibrate import predict_val_maps
 
     model = load_model(checkpoint)[0].eval()
-    post, _ = effective_postprocess(cfg.postprocess, checkpoint)
     ids = store.items(split="test")["id"].tolist()
+    return ids, list(predict_val_maps(model, store, ids, cfg.inference))
+
+
+def test_f1(checkpoint: Path, cfg, store, maps=None) -> tuple[float, dict[str, float]]:
+    """Test-split F1 of ``checkpoint`` (its calibrated settings), overall and per modality."""
+    from cellst.postprocess.calibrate import effective_postprocess, score_item
+
+    post, _ = effective_postprocess(cfg.postprocess, checkpoint)
+    ids, maps = maps or test_maps(checkpoint, cfg, store)
     per: dict[str, list[float]] = collections.defaultdict(list)
-    for item, maps in zip(ids, predict_val_maps(model, store, ids, cfg.inference), strict=True):
-        per[store.row(item).modality].append(score_item(maps, post, cfg.evaluate)[0]["f1"])
+    for item, m in zip(ids, maps, strict=True):
+        per[store.row(item).modality].append(score_item(m, post, cfg.evaluate)[0]["f1"])
     every = [f for v in per.values() for f in v]
     return float(np.mean(every)), {m: float(np.mean(v)) for m, v in sorted(per.items())}
 
 
-def post_processing_f1(checkpoint: Path, cfg, store) -> dict[str, float]:
-    """Test-split F1 of ``checkpoint`` post-processed three ways: the configured settings,
-    its calibrated ones (chosen on the validation items), and the ceiling: the calibration's
-    own search (:func:`~cellst.postprocess.calibrate.search_postprocess`) run on the test
-    items, the most that any calibration over that grid could reach."""
-    from cellst.model import load_model
-    from cellst.postprocess.calibrate import (
-        effective_postprocess,
-        predict_val_maps,
-        score_maps,
-        search_postprocess,
-    )
+def post_processing_f1(checkpoint: Path, cfg, maps: list) -> dict[str, float]:
+    """Test-split F1 of ``checkpoint``'s test ``maps`` post-processed three ways: the
+    configured settings, its calibrated ones (chosen on the validation items), and the
+    ceiling: the calibration's own search
+    (:func:`~cellst.postprocess.calibrate.search_postprocess`) run on the test items, the
+    most that any calibration over that grid could reach."""
+    from cellst.postprocess.calibrate import effective_postprocess, score_maps, search_postprocess
 
-    model = load_model(checkpoint)[0].eval()
-    ids = store.items(split="test")["id"].tolist()
-    maps = list(predict_val_maps(model, store, ids, cfg.inference))
     calibrated, _ = effective_postprocess(cfg.postprocess, checkpoint)
     return {
         "configured": score_maps(maps, cfg.postprocess, cfg.evaluate)["val_f1"],
@@ -145,9 +145,11 @@ def run_seed(seed: int, args, out: Path) -> dict:
     row["epoch"]["rule"] = read_checkpoint_info(checkpoints / "best")[1]["epoch"]
     row["epoch"]["last"] = args.epochs
     row["test_f1"], row["test_f1_per_modality"] = {}, {}
+    best_maps = test_maps(checkpoints / "best", cfg, store)  # the rule's: scored twice below
     for rule, path in zip(RULES, (chosen, checkpoints / "best", checkpoints / "last"), strict=True):
-        row["test_f1"][rule], row["test_f1_per_modality"][rule] = test_f1(path, cfg, store)
-    row["post_processing"] = post_processing_f1(checkpoints / "best", cfg, store)
+        maps = best_maps if rule == "rule" else None
+        row["test_f1"][rule], row["test_f1_per_modality"][rule] = test_f1(path, cfg, store, maps)
+    row["post_processing"] = post_processing_f1(checkpoints / "best", cfg, best_maps[1])
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
