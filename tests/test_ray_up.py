@@ -231,6 +231,11 @@ def test_ray_submit_runs_stpp_on_the_launched_cluster(launched):
     parent = MlflowClient(tracking).get_run(meta["parent_run_id"])
     assert parent.info.status == "FINISHED", parent.info
     assert parent.data.tags["cellst.stpp.stopped_after"] == "2_reliability"
+    # ... and runs without MLflow's job runner (its huey consumers: ~1.8 GiB on the head)
+    server = _sh("pgrep", "-u", USER, "-f", "mlflow server")
+    assert server.returncode == 0, "the head's MLflow server is not running"
+    runner = _sh("pgrep", "-u", USER, "-f", "huey_consumer")
+    assert runner.returncode == 1, f"MLflow's job runner runs on the head: {runner.stdout}"
     # the token: the launching machine's, shipped by file_mounts
     token = Path.home() / ".ray" / "auth_token"
     assert (Path(f"/home/{USER}") / ".ray" / "auth_token").read_text() == token.read_text()
