@@ -23,6 +23,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from PIL import Image
 
 from cellst.data.store import CellStore, StoreError
 from cellst.inference.batch import predict
@@ -57,8 +58,8 @@ def _ray_env(ray_session) -> dict[str, str]:
     return {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
 
 
-def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([CELLST, *args], env=env, capture_output=True, text=True, timeout=600)
+def _run(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([CELLST, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _copy_store(store_dir: Path, tmp_path: Path) -> Path:
@@ -136,6 +137,37 @@ def test_bad_checkpoint_is_one_line_before_ray_and_creates_nothing(
         progress=False,
     )
     assert len(res.written) == 1
+
+
+def test_a_folder_without_images_or_with_two_of_a_name_is_refused_before_ray(
+    synth_src, lite_checkpoint, tmp_path
+):
+    """A folder with no input image (here: the split folder above ``images/``, and one of
+    only label files) is refused in one line naming it; so is one where two images share a
+    name (``a.png`` and ``a.tif`` would both be written as ``a_label.tiff``). Both before
+    Ray, and no output folder is created. (Before, the first ran Ray and exited 0 having
+    written nothing, the second predicted one of the two.)"""
+    split = synth_src / "test"  # holds images/ and labels/, no image itself
+    only_labels = split / "labels"
+    same_name = tmp_path / "same-name"
+    same_name.mkdir()
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    Image.fromarray(pixels).save(same_name / "a.png")
+    tifffile.imwrite(same_name / "a.tif", pixels)
+    cases = {
+        split: "no image files in this folder",
+        only_labels: "no image files in this folder",
+        same_name: "have the same name 'a'",
+    }
+    for folder, expected in cases.items():
+        out = tmp_path / f"out-{folder.name}"
+        args = ["predict", "--checkpoint", str(lite_checkpoint), "--input", str(folder)]
+        res = _run([*args, "--out", str(out)], NO_RAY, timeout=120)  # (Ray: no answer)
+        assert res.returncode == 1, (folder, res.stdout + res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), (folder, res.stderr)
+        assert str(folder) in lines[0] and expected in lines[0], (folder, lines[0])
+        assert not out.exists(), folder
 
 
 # ----------------------------------------------------------------------------- bad images

@@ -622,15 +622,8 @@ def predict(
         if out is None:
             raise StoreError("predicting a folder of images needs --out DIR")
         set_name = None
-        paths = {
-            p.stem: p
-            for p in sorted(src.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_label")
-        }
+        paths = _folder_images(src, ids)
         ids = list(paths) if ids is None else ids
-        missing = [i for i in ids if i not in paths]
-        if missing:
-            raise StoreError(f"no image file for {missing[:5]} in {src}")
     ensure_ray(ray_address)
     resources = fit_resources(resources)
     # every node may host an actor: it loads the checkpoint, reads the images, writes labels
@@ -683,6 +676,40 @@ def predict(
     if result.failed and (fatal or not skip_bad):
         raise PredictError(_failure_message(result, fatal, out, set_name), result)
     return result
+
+
+def _folder_images(src: Path, ids: list[str] | None) -> dict[str, Path]:
+    """The input images of folder ``src`` by name (``NAME_label.tiff`` is written per name),
+    as ``cellst segment`` lists a folder (:func:`cellst.inference.segment.is_input_image`).
+
+    Raises
+    ------
+    StoreError
+        The folder holds no image, an item of ``ids`` has no image there, or two of the
+        images asked for share a name (``a.png`` and ``a.tif``: one output for both).
+    """
+    from cellst.inference.segment import is_input_image
+
+    found: dict[str, list[Path]] = {}
+    for p in sorted(src.iterdir()):
+        if p.is_file() and is_input_image(p):
+            found.setdefault(p.stem, []).append(p)
+    if not found:
+        raise StoreError(
+            f"{src}: no image files in this folder (expected {', '.join(IMAGE_SUFFIXES)})"
+        )
+    wanted = list(found) if ids is None else ids
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise StoreError(f"no image file for {missing[:5]} in {src}")
+    for name in wanted:
+        if len(found[name]) > 1:
+            a, b = found[name][:2]
+            raise StoreError(
+                f"{a} and {b} have the same name {name!r}; their outputs "
+                f"({name}_label.tiff) would overwrite each other"
+            )
+    return {name: found[name][0] for name in wanted}
 
 
 @dataclass(frozen=True)
