@@ -45,7 +45,7 @@ import ray
 from tqdm.auto import tqdm
 
 from cellst.data.datasource import READ_CPUS
-from cellst.data.images import IMAGE_SUFFIXES, normalize_image, read_array, write_label_tiff
+from cellst.data.images import normalize_image, read_array, write_label_tiff
 from cellst.data.pseudo import PseudoLabelSet
 from cellst.data.store import (
     CellStore,
@@ -680,36 +680,25 @@ def predict(
 
 def _folder_images(src: Path, ids: list[str] | None) -> dict[str, Path]:
     """The input images of folder ``src`` by name (``NAME_label.tiff`` is written per name),
-    as ``cellst segment`` lists a folder (:func:`cellst.inference.segment.is_input_image`).
+    listed as ``cellst segment`` lists a folder (:func:`cellst.inference.segment.collect_images`).
 
     Raises
     ------
     StoreError
-        The folder holds no image, an item of ``ids`` has no image there, or two of the
-        images asked for share a name (``a.png`` and ``a.tif``: one output for both).
+        The folder holds no image, two of its images share a name (``a.png`` and ``a.tif``:
+        one output for both), or an item of ``ids`` has no image there.
     """
-    from cellst.inference.segment import is_input_image
+    from cellst.inference.segment import SegmentError, collect_images
 
-    found: dict[str, list[Path]] = {}
-    for p in sorted(src.iterdir()):
-        if p.is_file() and is_input_image(p):
-            found.setdefault(p.stem, []).append(p)
-    if not found:
-        raise StoreError(
-            f"{src}: no image files in this folder (expected {', '.join(IMAGE_SUFFIXES)})"
-        )
+    try:
+        found = {p.stem: p for p in collect_images([src])}
+    except SegmentError as exc:
+        raise StoreError(str(exc)) from None
     wanted = list(found) if ids is None else ids
     missing = [i for i in wanted if i not in found]
     if missing:
         raise StoreError(f"no image file for {missing[:5]} in {src}")
-    for name in wanted:
-        if len(found[name]) > 1:
-            a, b = found[name][:2]
-            raise StoreError(
-                f"{a} and {b} have the same name {name!r}; their outputs "
-                f"({name}_label.tiff) would overwrite each other"
-            )
-    return {name: found[name][0] for name in wanted}
+    return {name: found[name] for name in wanted}
 
 
 @dataclass(frozen=True)

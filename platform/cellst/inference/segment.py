@@ -104,9 +104,7 @@ class SegmentResult:
 
 
 # ----------------------------------------------------------------------------- inputs
-def is_input_image(path: Path) -> bool:
-    """Whether a file found in a folder is an input image: an image suffix, not hidden, and
-    not one of cellst's own outputs (``NAME_label.tiff``, ``NAME_overlay.png``)."""
+def _is_input_image(path: Path) -> bool:
     stem = path.stem
     return (
         path.suffix.lower() in IMAGE_SUFFIXES
@@ -132,7 +130,7 @@ def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            images = sorted(p for p in path.iterdir() if p.is_file() and is_input_image(p))
+            images = sorted(p for p in path.iterdir() if p.is_file() and _is_input_image(p))
             if not images:
                 raise SegmentError(
                     f"{path}: no image files in this folder (expected {', '.join(IMAGE_SUFFIXES)})"
