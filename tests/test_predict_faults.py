@@ -155,7 +155,8 @@ def test_a_folder_without_images_or_with_two_of_a_name_is_refused_before_ray(
     Image.fromarray(pixels).save(same_name / "a.png")
     tifffile.imwrite(same_name / "a.tif", pixels)
     cases = {
-        split: "no image files in this folder",
+        split: f"no image files in this folder (expected .tif, .tiff, .png, .bmp, .jpg, "
+        f".jpeg); did you mean {split / 'images'}/ (4 images)?",
         only_labels: "no image files in this folder",
         same_name: "have the same name 'a'",
     }

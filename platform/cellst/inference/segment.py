@@ -114,6 +114,20 @@ def _is_input_image(path: Path) -> bool:
     )
 
 
+def _folder_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _is_input_image(p))
+
+
+def _subfolder_hint(folder: Path) -> str:
+    """``"; did you mean SUB/ (N images)?"`` for the first subfolder holding images (a
+    challenge-layout split keeps them in ``images/``), else ``""``."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        n = len(_folder_images(sub))
+        if n:
+            return f"; did you mean {sub}/ ({n} image{'s' if n > 1 else ''})?"
+    return ""
+
+
 def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """The image files named by ``inputs``: files as given, folders listed (not recursively).
 
@@ -130,10 +144,11 @@ def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            images = sorted(p for p in path.iterdir() if p.is_file() and _is_input_image(p))
+            images = _folder_images(path)
             if not images:
                 raise SegmentError(
-                    f"{path}: no image files in this folder (expected {', '.join(IMAGE_SUFFIXES)})"
+                    f"{path}: no image files in this folder (expected "
+                    f"{', '.join(IMAGE_SUFFIXES)}){_subfolder_hint(path)}"
                 )
             found.extend(images)
         elif path.is_file():
