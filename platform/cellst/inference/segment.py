@@ -114,7 +114,7 @@ def _is_input_image(path: Path) -> bool:
     )
 
 
-def _folder_images(folder: Path) -> list[Path]:
+def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and _is_input_image(p))
 
 
@@ -122,7 +122,7 @@ def _subfolder_hint(folder: Path) -> str:
     """``"; did you mean SUB/ (N images)?"`` for the first subfolder holding images (a
     challenge-layout split keeps them in ``images/``), else ``""``."""
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        n = len(_folder_images(sub))
+        n = len(_images_in(sub))
         if n:
             return f"; did you mean {sub}/ ({n} image{'s' if n > 1 else ''})?"
     return ""
@@ -144,7 +144,7 @@ def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            images = _folder_images(path)
+            images = _images_in(path)
             if not images:
                 raise SegmentError(
                     f"{path}: no image files in this folder (expected "
