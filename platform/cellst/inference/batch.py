@@ -622,8 +622,8 @@ def predict(
         if out is None:
             raise StoreError("predicting a folder of images needs --out DIR")
         set_name = None
-        paths = _folder_images(src, ids)
-        ids = list(paths) if ids is None else ids
+        paths = _folder_images(src, ids)  # by name, in the order of ids where given
+        ids = list(paths)
     ensure_ray(ray_address)
     resources = fit_resources(resources)
     # every node may host an actor: it loads the checkpoint, reads the images, writes labels
