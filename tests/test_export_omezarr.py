@@ -326,3 +326,50 @@ def test_cli_export_writes_groups_that_ome_zarr_reads(store_with_pseudo, tmp_pat
         app, ["export", str(store_with_pseudo), "--out", str(tmp_path / "foreign"), "--item", one]
     )
     assert clash.exit_code == 1 and "Traceback" not in clash.output, clash.output
+
+
+def test_int64_images_and_a_file_at_the_group_name(tmp_path):
+    """tifffile's int64 (numpy ``longlong``) is stored as int64; a plain file at the group
+    name is replaced whole, with nothing left beside it."""
+    image = np.arange(32 * 32, dtype=np.longlong).reshape(32, 32)
+    path = tmp_path / "x.ome.zarr"
+    path.write_text("in the way")
+    write_ome_zarr(path, image, {"cells": blobs((32, 32), 1, 0)})
+    back = read_ome_zarr(path)[0]
+    assert back.dtype == np.int64
+    np.testing.assert_array_equal(back[..., 0] if back.ndim == 3 else back, image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ome.zarr"]
+
+
+def test_cli_export_bad_requests_are_one_line(store_with_pseudo, tmp_path):
+    """An --out that is a file, a corrupt chunk in the store: one line, exit 1; an item
+    given twice is exported (and counted) once."""
+    from typer.testing import CliRunner
+
+    from cellst.cli import app
+
+    runner = CliRunner()
+    store = CellStore(store_with_pseudo, lease=False)
+    one, two = store.ids("labeled")[:2]
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    res = runner.invoke(app, ["export", str(store_with_pseudo), "--out", str(afile)])
+    assert res.exit_code == 1, res.output
+    assert res.output.strip() == f"error: {afile} is a file, not a folder"
+    assert afile.read_text() == "mine"
+
+    out = tmp_path / "ome"
+    res = runner.invoke(
+        app, ["export", str(store_with_pseudo), "--out", str(out), "--item", one, "--item", one]
+    )
+    assert res.exit_code == 0 and "1 OME-Zarr groups" in res.output, res.output
+
+    chunk = next(
+        p for p in (store_with_pseudo / store.row(two).image_array).rglob("c/**/*") if p.is_file()
+    )
+    chunk.write_bytes(b"garbage")
+    res = runner.invoke(app, ["export", str(store_with_pseudo), "--out", str(out), "--item", two])
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert f"item {two!r}: its image" in lines[0] and "has a corrupt chunk" in lines[0]

@@ -122,8 +122,11 @@ def test_collect_images_lists_folders_and_refuses_bad_requests(tmp_path, images)
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(images / "grey.png", other / "grey.png")
+    # beside each image (no --out) the two 'grey' outputs go to two folders: no clash
+    both = collect_images([images, other / "grey.png"])
+    assert sum(p.name == "grey.png" for p in both) == 2
     with pytest.raises(SegmentError, match="same name 'grey'"):
-        collect_images([images, other / "grey.png"])
+        collect_images([images, other / "grey.png"], out_dir=tmp_path / "out")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegmentError, match="no image files"):
         collect_images([tmp_path / "empty"])
@@ -209,6 +212,102 @@ def test_cli_segment_missing_input_is_one_line_exit_2(checkpoint, tmp_path):
     assert "Traceback" not in res.output
     res = runner.invoke(app, ["segment", str(tmp_path), "--checkpoint", str(tmp_path / "ck")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+
+
+def _segment(*args: str):
+    return runner.invoke(app, ["segment", *args, "--set", "inference.roi=64"])
+
+
+def test_cli_segment_never_replaces_files_it_did_not_write(checkpoint, images, tmp_path):
+    """A ground truth kept beside its image, another tool's GeoJSON or OME-Zarr at an output
+    name: refused before anything runs (all left as they were) unless --overwrite; cellst's
+    own outputs are replaced on a re-run."""
+    truth = np.zeros((100, 130), np.uint16)
+    truth[10:30, 10:30] = 1
+    tifffile.imwrite(images / "grey_label.tiff", truth)  # the user's ground truth
+    (images / "rgb.geojson").write_text('{"type":"FeatureCollection","features":[]}')
+    (images / "fluo.ome.zarr").mkdir()
+    (images / "fluo.ome.zarr" / "zarr.json").write_text('{"zarr_format":3}')
+    before = {p: p.read_bytes() for p in images.rglob("*") if p.is_file()}
+    ck = ["--checkpoint", str(checkpoint)]
+
+    res = _segment(str(images), *ck, "--save-geojson", "--save-ome-zarr")
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert f"{images / 'fluo.ome.zarr'} (and 2 more) exists and was not written by cellst" in line
+    assert "--overwrite" in line
+    assert {p: p.read_bytes() for p in images.rglob("*") if p.is_file()} == before
+
+    # without the exports only the ground truth is in the way; --out elsewhere is fine
+    res = _segment(str(images), *ck)
+    assert res.exit_code == 2 and str(images / "grey_label.tiff") in res.output
+    out = tmp_path / "out"
+    args = [str(images), *ck, "--out", str(out), "--save-geojson", "--save-ome-zarr"]
+    assert _segment(*args).exit_code == 0
+    assert _segment(*args).exit_code == 0  # a re-run replaces cellst's own outputs
+    assert {p: p.read_bytes() for p in images.rglob("*") if p.is_file()} == before
+
+    res = _segment(str(images), *ck, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert tifffile.imread(images / "grey_label.tiff").shape == truth.shape
+    assert not np.array_equal(tifffile.imread(images / "grey_label.tiff"), truth)
+
+
+def test_cli_segment_refuses_an_output_folder_it_cannot_write(checkpoint, images, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out in (afile, afile / "sub"):
+        res = _segment(str(images), "--checkpoint", str(checkpoint), "--out", str(out))
+        assert res.exit_code == 2, res.output
+        assert (
+            res.output.strip()
+            == f"error: cannot write the outputs: {afile} is a file, not a folder"
+        )
+    assert afile.read_text() == "mine"
+    # a folder where the run table goes: one line naming it, no traceback
+    out = tmp_path / "out"
+    (out / "cells.csv").mkdir(parents=True)
+    res = _segment(
+        str(images / "grey.png"), "--checkpoint", str(checkpoint), "--out", str(out), "--save-csv"
+    )
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1] == f"error: {out / 'cells.csv'}: Is a directory"
+
+
+def test_cli_segment_run_table_holds_this_runs_images_only(checkpoint, images, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pd.DataFrame({"label": [None], "x": [1.0]}).to_parquet(out / "mine_cells.parquet")
+    ck = ["--checkpoint", str(checkpoint), "--out", str(out), "--save-csv"]
+    ck += ["--set", "postprocess.mask_threshold=0.2"]
+    assert _segment(str(images / "grey.png"), str(images / "rgb.png"), *ck).exit_code == 0
+    table = pd.read_csv(out / "cells.csv")
+    assert set(table["image_id"]) == {"grey", "rgb"}
+    res = _segment(str(images / "rgb.png"), *ck)
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out / "cells.csv")
+    assert set(table["image_id"]) == {"rgb"}
+    assert len(table) == int(tifffile.imread(out / "rgb_label.tiff").max()) > 0
+    assert (out / "grey_cells.csv").is_file()  # the earlier run's own table is kept
+
+
+def test_cli_segment_names_a_bad_device_or_a_checkpoint_file(checkpoint, images):
+    res = _segment(str(images), "--checkpoint", str(checkpoint), "--device", "bogus")
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines()[-1] == (
+        "error: --device bogus: not a torch device (e.g. cpu, cuda, cuda:1)"
+    )
+    res = _segment(str(images), "--checkpoint", str(checkpoint / "model.pt"))
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == (
+        f"error: checkpoint {checkpoint / 'model.pt'} is a file; a checkpoint is the folder "
+        f"holding model.json and the weights; pass its folder {checkpoint}"
+    )
+    assert not list(images.glob("*_label.tiff"))
 
 
 def test_cli_options_and_set_win_over_calibrated_postprocessing(checkpoint, images, tmp_path):

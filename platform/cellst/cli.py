@@ -7,6 +7,7 @@ Every command that runs a stage takes ``--config FILE`` (YAML) and any number of
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -80,9 +81,29 @@ _USER_ERRORS = (
 )
 
 
+#: errors of the file system a user can mend (permissions, a read-only or full disk, a
+#: folder where a file goes), shown as one line naming the path instead of a traceback
+_STORAGE_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR}
+)
+
+
+def _storage_error_line(exc: OSError) -> str:
+    """``PATH: reason``: the destination of a failed rename, else the file; a hidden
+    temporary name (``.NAME.1a2b3c4d.tmp``) is shown as its folder, where the user acts."""
+    name = exc.filename2 or exc.filename
+    path = Path(name) if name else None
+    if path is not None and path.name.startswith("."):
+        path = path.parent
+    reason = exc.strerror or type(exc).__name__
+    return f"{path}: {reason}" if path is not None else reason
+
+
 def _is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, FileNotFoundError | FileExistsError | NotADirectoryError | ValueError):
         return True  # ConfigError, ImageFormatError, IngestError, SegmentError, ...
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return True
     for module, name in _USER_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(exc, cls):
@@ -108,6 +129,8 @@ def user_errors(fn):
         except Exception as exc:
             if not _is_user_error(exc):
                 raise
+            if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+                _fail(_storage_error_line(exc))
             _fail(
                 f"{exc}\n(set CELLST_DEBUG=1 for a traceback)"
                 if type(exc) is ValueError
@@ -439,6 +462,14 @@ def segment(
     device: Annotated[
         str | None, typer.Option(help="in-process torch device (default: cuda if available)")
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="replace files at the output names that cellst did not write (e.g. a "
+            "NAME_label.tiff ground truth beside its image); refused by default",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     ray_address: RayOpt = None,
@@ -488,6 +519,7 @@ def segment(
             ray=ray,
             ray_address=ray_address,
             device=device,
+            overwrite=overwrite,
             on_start=started,
         )
     except SegmentError as exc:
@@ -753,7 +785,7 @@ def export(
 ) -> None:
     """Export store items as OME-Zarr (NGFF 0.5): image, ground truth and pseudo-labels.
 
-    One OUT/<item>.ome.zarr per item, readable by napari (pip install 'cellst[napari]'),
+    One OUT/ITEM.ome.zarr per item, readable by napari (pip install 'cellst[napari]'),
     the ome-zarr package, Fiji (MoBIE / n5-viewer) and QuPath's OME-Zarr support. Label
     images carry colours and the per-cell measurements. Re-running skips unchanged items.
     """
@@ -789,7 +821,7 @@ def compare(
         ),
     ] = None,
     sort: Annotated[
-        str, typer.Option(help="column to sort by: test_f1, val_f1/<modality>, train.lr...")
+        str, typer.Option(help="column to sort by: test_f1, val_f1/MODALITY, train.lr...")
     ] = "test_f1",
     ascending: Annotated[bool, typer.Option("--ascending", help="smallest first")] = False,
     kind: Annotated[

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,40 @@ def temp_sibling(path: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
     """A fresh hidden name beside ``path``, on the same file system (so a rename is atomic)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{suffix}")
+
+
+class NotWritableError(ValueError):
+    """A folder cellst must write into cannot take files; one line naming it."""
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """Raise :class:`NotWritableError` when :func:`unwritable_reason` finds a reason."""
+    reason = unwritable_reason(folder)
+    if reason:
+        raise NotWritableError(reason)
+
+
+def unwritable_reason(folder: str | os.PathLike[str]) -> str | None:
+    """Why files cannot be created in ``folder``, in one line naming it; None when they can.
+
+    A folder that does not exist yet is judged by its nearest existing parent (where it
+    would be created). The check creates and removes one hidden file, so it sees what a
+    write would meet: permissions, a read-only file system, an immutable folder, or a file
+    where the folder should be. Nothing is left behind.
+    """
+    folder = Path(folder)
+    where = folder
+    while not where.exists() and where.parent != where:
+        where = where.parent
+    if not where.is_dir():
+        return f"{where} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".cellst-probe-", dir=where)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return f"{where} is not writable ({exc.strerror or type(exc).__name__})"
+    return None
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
@@ -103,8 +138,9 @@ def staged_dir(final: str | os.PathLike[str], overwrite: bool = True) -> Iterato
 def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Move folder ``src`` to ``dst``, replacing an existing ``dst`` with the least exposure.
 
-    ``os.replace`` cannot replace a non-empty folder, so the old one is renamed aside
-    first, the new one renamed in, and only then the old one deleted.
+    ``os.replace`` cannot replace a non-empty folder, so the old one (a folder, or a file
+    at that name) is renamed aside first, the new one renamed in, and only then the old
+    one deleted.
     """
     src, dst = Path(src), Path(dst)
     old = None
@@ -118,4 +154,7 @@ def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
             os.replace(old, dst)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # a file or link where the folder goes: rmtree would leave it behind
+            old.unlink(missing_ok=True)

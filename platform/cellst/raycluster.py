@@ -257,20 +257,21 @@ def as_completed(refs: Iterable[ray.ObjectRef]) -> Iterator[Any]:
 
 def _probe_paths(read: list[str], write: list[str]) -> list[str]:
     """On one node: what is wrong with the paths there (empty when all is well)."""
-    import uuid
+    from cellst.fs import unwritable_reason
 
     problems = []
     for p in map(pathlib.Path, read):
         if not p.exists():
             problems.append(f"{p} is not visible")
     for p in map(pathlib.Path, write):
-        probe = p / f".cellst-probe-{uuid.uuid4().hex[:8]}"
         try:
             p.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
         except OSError as exc:
             problems.append(f"{p} is not writable ({exc.strerror or type(exc).__name__})")
+            continue
+        reason = unwritable_reason(p)
+        if reason:
+            problems.append(reason)
     return problems
 
 

@@ -374,13 +374,32 @@ def validate_label(label: np.ndarray, image_shape: tuple[int, int], name: str) -
     return relabelled.astype(np.int32)
 
 
+#: the TIFF ``Software`` tag of the label maps cellst writes (how it knows its own files)
+SOFTWARE_TAG = "cellst"
+
+
 def write_label_tiff(path: str | Path, label: np.ndarray) -> None:
     """Write an instance map as a challenge ``NAME_label.tiff`` (zlib), atomically.
 
-    Uses uint16 when the instance count fits, else int32 (never uint8, which wraps).
+    Uses uint16 when the instance count fits, else int32 (never uint8, which wraps). The
+    file's ``Software`` tag says ``cellst`` (:func:`is_cellst_label_tiff`).
     """
     path = Path(path)
     n = int(label.max()) if label.size else 0
     dtype = np.uint16 if n < 65536 else np.int32
     data = label.astype(dtype)
-    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib"))
+    atomic_write(
+        path,
+        lambda tmp: tifffile.imwrite(tmp, data, compression="zlib", software=SOFTWARE_TAG),
+    )
+
+
+def is_cellst_label_tiff(path: str | Path) -> bool:
+    """Whether ``path`` is a label map cellst wrote (its ``Software`` tag), so that it may
+    be replaced; False for any other file, readable or not (e.g. a user's ground truth)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tag = tif.pages[0].tags.get("Software")
+            return tag is not None and tag.value == SOFTWARE_TAG
+    except Exception:  # noqa: BLE001 - not a TIFF we can read: not ours
+        return False

@@ -537,10 +537,18 @@ class CellStore:
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, item_id: str, what: str, array: str, window: Window | None) -> np.ndarray:
+        path = self.root / array
         try:
-            return open_array(str(self.root / array))[window_slices(window)]
+            opened = open_array(str(path))
         except StoreError as exc:
             raise StoreError(f"item {item_id!r}: cannot read its {what}: {exc}") from None
+        try:
+            return opened[window_slices(window)]
+        except Exception as exc:  # noqa: BLE001 - a chunk the codec cannot decode
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise StoreError(
+                f"item {item_id!r}: its {what} {path} has a corrupt chunk ({first})"
+            ) from None
 
     def image(self, item_id: str, window: Window | None = None) -> np.ndarray:
         """``(H, W, 3) uint8`` image, or the window ``(y0, y1, x0, x1)`` of it."""

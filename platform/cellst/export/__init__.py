@@ -16,9 +16,11 @@ _NAMES = {
     "write_image_table": "measure",
     "label_to_features": "geojson",
     "write_geojson": "geojson",
+    "is_cellst_geojson": "geojson",
     "write_ome_zarr": "omezarr",
     "read_ome_zarr": "omezarr",
     "export_store": "omezarr",
+    "cellst_provenance": "omezarr",
 }
 __all__ = sorted(_NAMES)
 

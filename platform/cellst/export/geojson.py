@@ -221,5 +221,19 @@ def write_geojson(
         ``path``.
     """
     features = label_to_features(label, measurements, image_id, classification)
-    text = json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":"))
+    collection = {"type": "FeatureCollection", "cellst": {"image": image_id}}
+    collection["features"] = features
+    text = json.dumps(collection, separators=(",", ":"))
     return atomic_write_text(path, text + "\n")
+
+
+def is_cellst_geojson(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a GeoJSON file :func:`write_geojson` wrote (so it may be
+    replaced): its ``cellst`` member (a GeoJSON foreign member, which QuPath ignores) comes
+    before the features, so only the file's start is read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b'{"type":"FeatureCollection","cellst":')

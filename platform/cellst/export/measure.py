@@ -221,11 +221,22 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return out.astype(columns)
 
 
-def combine_tables(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+def combine_tables(
+    out_dir: str | os.PathLike[str], names: Iterable[str] | None = None
+) -> dict[str, Path]:
     """Build the per-run ``cells.parquet`` / ``cells.csv`` from the per-image Parquet files.
 
-    Reads every ``*_cells.parquet`` in ``out_dir`` (sorted by name) and writes their
-    concatenation; with no per-image file the run table is empty but has all columns.
+    Parameters
+    ----------
+    out_dir : path-like
+        The folder of the per-image ``NAME_cells.parquet`` files.
+    names : iterable of str, optional
+        The images of this run: only their tables are combined, so the run table holds
+        neither an earlier run's images nor a user's own ``*_cells.parquet`` files. None:
+        every ``*_cells.parquet`` in ``out_dir``.
+
+    Concatenates the tables sorted by file name; with none the run table is empty but has
+    all columns.
 
     Returns
     -------
@@ -233,11 +244,14 @@ def combine_tables(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
         File name -> path of the two files written.
     """
     out_dir = Path(out_dir)
-    paths = sorted(
-        p
-        for p in out_dir.glob(f"*{TABLE_SUFFIX}.parquet")
-        if not p.name.startswith(".") and p.is_file()
-    )
+    if names is not None:
+        paths = sorted(out_dir / f"{_check_name(n)}{TABLE_SUFFIX}.parquet" for n in names)
+    else:
+        paths = sorted(
+            p
+            for p in out_dir.glob(f"*{TABLE_SUFFIX}.parquet")
+            if not p.name.startswith(".") and p.is_file()
+        )
     frames = [pd.read_parquet(p) for p in paths]
     return _write_pair(_concat(frames), out_dir, RUN_TABLE)
 

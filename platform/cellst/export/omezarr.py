@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from cellst.fs import staged_dir
+from cellst.fs import check_writable, staged_dir
 
 NGFF_VERSION = "0.5"
 SUFFIX = ".ome.zarr"
@@ -163,6 +163,9 @@ def _as_cyx(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype == bool:
         image = image.astype(np.uint8)
+    # the plain dtype of the same kind and size: tifffile returns numpy's `longlong` for
+    # int64 TIFFs, a dtype zarr does not map although it equals int64
+    image = image.view(np.dtype(image.dtype.str))
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise ValueError(f"image dtype {image.dtype} is neither integer nor float")
     if image.ndim == 2:
@@ -328,8 +331,9 @@ def _pseudo_stamp(store: Any, set_name: str, item_id: str) -> str:
     return f"{info.get('weights_sha256', '')}:{meta.stat().st_mtime_ns}"
 
 
-def _read_cellst_attrs(path: Path) -> dict[str, Any] | None:
-    """The ``cellst`` provenance of an existing export, None when it is not one of ours."""
+def cellst_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``cellst`` attributes of an OME-Zarr group cellst wrote (export provenance, or the
+    image ``cellst segment`` wrote it for); None when it is not one of ours."""
     try:
         attrs = zarr.open_group(path, mode="r", zarr_format=3).attrs.asdict()
     except Exception:  # noqa: BLE001 - unreadable means "not ours"
@@ -392,9 +396,10 @@ def export_store(
         measure = _cell_measurements
     measure = measure or None
     out_dir = Path(out_dir)
+    check_writable(out_dir)  # one line before any work, not a traceback at the first item
     outputs: list[Path] = []
     with CellStore(store_path) as store:
-        ids = list(store.ids() if items is None else items)
+        ids = list(dict.fromkeys(store.ids() if items is None else items))  # once each
         unknown = [i for i in ids if i not in store]
         if unknown:
             raise StoreError(f"no item(s) {unknown} in store {store.root}")
@@ -421,7 +426,7 @@ def export_store(
             out = out_dir / f"{item_id}{SUFFIX}"
             outputs.append(out)
             if out.exists() and not overwrite:
-                old = _read_cellst_attrs(out)
+                old = cellst_provenance(out)
                 if old is None:
                     raise FileExistsError(
                         f"{out} exists and is not a cellst export; pass overwrite to replace it"

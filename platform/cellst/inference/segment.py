@@ -54,7 +54,9 @@ __all__ = [
     "OVERLAY_SUFFIX",
     "SegmentError",
     "SegmentResult",
+    "check_outputs",
     "collect_images",
+    "foreign_outputs",
     "filter_instances",
     "load_segmenter",
     "overlay_rgb",
@@ -128,17 +130,21 @@ def _subfolder_hint(folder: Path) -> str:
     return ""
 
 
-def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+def collect_images(
+    inputs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None
+) -> list[Path]:
     """The image files named by ``inputs``: files as given, folders listed (not recursively).
 
     Files whose name ends in ``_label`` or ``_overlay`` (this command's outputs) and hidden
-    files are skipped when listing a folder.
+    files are skipped when listing a folder. ``out_dir`` is where the outputs go (None:
+    beside each image); two images of one name clash only when their outputs share a folder.
 
     Raises
     ------
     SegmentError
         An input does not exist, a given file is not an image, a folder holds no image,
-        or two images share a name (their outputs would overwrite each other).
+        or two images of one name write to the same folder (their outputs would overwrite
+        each other).
     """
     found: list[Path] = []
     for raw in inputs:
@@ -161,14 +167,16 @@ def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
             raise SegmentError(f"{path}: no such file or folder")
     if not found:
         raise SegmentError("no input images given")
-    by_name: dict[str, Path] = {}
+    out = Path(out_dir) if out_dir is not None else None
+    by_name: dict[tuple[Path, str], Path] = {}
     for p in found:
-        if p.stem in by_name and by_name[p.stem].resolve() != p.resolve():
+        key = (_out_dir(p, out).resolve(), p.stem)
+        if key in by_name and by_name[key].resolve() != p.resolve():
             raise SegmentError(
-                f"{by_name[p.stem]} and {p} have the same name {p.stem!r}; their outputs "
+                f"{by_name[key]} and {p} have the same name {p.stem!r}; their outputs "
                 f"({p.stem}_label.tiff) would overwrite each other"
             )
-        by_name.setdefault(p.stem, p)
+        by_name.setdefault(key, p)
     return list(by_name.values())
 
 
@@ -189,6 +197,12 @@ def use_ray(paths: Sequence[Path], cfg: SegmentConfig) -> bool:
 def check_checkpoint_dir(checkpoint: str | os.PathLike[str]) -> Path:
     """Cheap check (no torch import) that ``checkpoint`` is a checkpoint folder."""
     path = Path(checkpoint)
+    if path.is_file():
+        hint = f"; pass its folder {path.parent}" if is_checkpoint(path.parent) else ""
+        raise SegmentError(
+            f"checkpoint {path} is a file; a checkpoint is the folder holding {INFO_FILE} "
+            f"and the weights{hint}"
+        )
     if not path.is_dir():
         raise SegmentError(f"checkpoint {path}: no such folder")
     if not is_checkpoint(path):
@@ -226,6 +240,12 @@ def load_segmenter(
 
     path = check_checkpoint_dir(checkpoint)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(dev).type
+    except (RuntimeError, ValueError):
+        raise SegmentError(f"--device {dev}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SegmentError(f"--device {dev}: CUDA is not available on this machine")
     try:
         model, _, _ = load_model(path, map_location=dev)
         post, note = effective_postprocess(post, path)
@@ -353,22 +373,89 @@ def write_outputs(
                 source,
                 labels={"segmentation": label},
                 properties={"segmentation": table},
+                attributes={"cellst": {"command": "segment", "image": name}},
             )
         )
     return written
 
 
-def _finish_tables(out_dirs: Iterable[Path], cfg: SegmentConfig) -> list[Path]:
-    """The per-run ``cells.csv`` / ``cells.parquet`` of every output folder."""
+def _finish_tables(written: Iterable[tuple[Path, str]], cfg: SegmentConfig) -> list[Path]:
+    """The per-run ``cells.csv`` / ``cells.parquet`` of every output folder, from the
+    tables of the images this run wrote there (``(folder, name)`` pairs)."""
     if not cfg.save_csv:
         return []
     from cellst.export.measure import combine_tables
 
-    return [p for d in sorted(set(out_dirs)) for p in combine_tables(d).values()]
+    names: dict[Path, list[str]] = {}
+    for folder, name in written:
+        names.setdefault(folder, []).append(name)
+    return [p for d in sorted(names) for p in combine_tables(d, names[d]).values()]
 
 
 def _out_dir(path: Path, out: Path | None) -> Path:
     return out if out is not None else path.parent
+
+
+def foreign_outputs(
+    paths: Sequence[Path], out_dir: str | os.PathLike[str] | None, cfg: SegmentConfig
+) -> list[Path]:
+    """Files at this run's output names that cellst did not write, which a run would
+    replace: a ``NAME_label.tiff`` (a ground truth kept beside its image), and with the
+    exports asked for, a ``NAME.geojson`` or ``NAME.ome.zarr`` of another tool. A file
+    cellst wrote (its TIFF tag, GeoJSON member or OME-Zarr attributes say so) is not
+    listed: re-running a segmentation replaces its own outputs."""
+    from cellst.data.images import is_cellst_label_tiff
+
+    checks: list[tuple[str, Callable[[Path], bool]]] = [("_label.tiff", is_cellst_label_tiff)]
+    if cfg.save_geojson:
+        from cellst.export.geojson import is_cellst_geojson
+
+        checks.append((".geojson", is_cellst_geojson))
+    if cfg.save_ome_zarr:
+        from cellst.export.omezarr import cellst_provenance
+
+        checks.append((".ome.zarr", lambda p: cellst_provenance(p) is not None))
+    out = Path(out_dir) if out_dir is not None else None
+    found = []
+    for p in paths:
+        for suffix, ours in checks:
+            target = _out_dir(p, out) / f"{p.stem}{suffix}"
+            if target.exists() and not ours(target):
+                found.append(target)
+    return found
+
+
+def check_outputs(
+    paths: Sequence[Path],
+    out_dir: str | os.PathLike[str] | None,
+    cfg: SegmentConfig,
+    overwrite: bool = False,
+) -> None:
+    """Refuse, before anything runs, a run whose outputs cannot be written (a folder that
+    is not writable, a file given as ``--out``) or would replace files cellst did not
+    write (:func:`foreign_outputs`; ``overwrite`` allows it).
+
+    Raises
+    ------
+    SegmentError
+        One line naming the folder or the first such file.
+    """
+    from cellst.fs import unwritable_reason
+
+    out = Path(out_dir) if out_dir is not None else None
+    for folder in sorted({_out_dir(p, out) for p in paths}):
+        reason = unwritable_reason(folder)
+        if reason:
+            raise SegmentError(f"cannot write the outputs: {reason}")
+    if overwrite:
+        return
+    foreign = foreign_outputs(paths, out_dir, cfg)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise SegmentError(
+            f"{foreign[0]}{more} exists and was not written by cellst (a ground truth, or "
+            f"another tool's file?); choose another --out, or pass --overwrite to replace it"
+        )
 
 
 # ----------------------------------------------------------------------------- running
@@ -415,6 +502,7 @@ def segment_in_process(
     model, post, note = load_segmenter(checkpoint, post, device)
     result = SegmentResult(mode="in-process", postprocess=post.model_dump(), postprocess_note=note)
     dev = next(model.parameters()).device
+    tables: list[tuple[Path, str]] = []  # (folder, name) of each image written
     for path in _progress(paths, progress, "segment"):
         try:
             raw, image = _read(path, ingest)
@@ -422,14 +510,16 @@ def segment_in_process(
             label = postprocess_hover(prob, hv, post, shape=image.shape[:2])
             label = filter_instances(label, cfg.exclude_on_edges, cfg.min_size)
             need_raw = cfg.save_csv or cfg.save_ome_zarr or cfg.save_geojson
+            dest = _out_dir(path, out)
             result.outputs += write_outputs(
-                path.stem, _out_dir(path, out), label, raw if need_raw else None, image, cfg
+                path.stem, dest, label, raw if need_raw else None, image, cfg
             )
             result.written.append(path.stem)
+            tables.append((dest, path.stem))
         except Exception as exc:  # noqa: BLE001 - this image fails, not the run
             why = _first_line(exc)
             result.failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
-    result.outputs += _finish_tables((_out_dir(p, out) for p in paths), cfg)
+    result.outputs += _finish_tables(tables, cfg)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -472,6 +562,7 @@ def segment_on_ray(
         raise SegmentError(_first_line(exc)) from None
     result = SegmentResult(mode="ray", postprocess=post.model_dump(), postprocess_note=note)
     groups: dict[tuple[Path, Path], list[Path]] = {}
+    tables: list[tuple[Path, str]] = []  # (folder, name) of each image written
     for p in paths:
         groups.setdefault((p.parent, _out_dir(p, out)), []).append(p)
     for (folder, dest), members in groups.items():
@@ -506,11 +597,12 @@ def segment_on_ray(
                         raw, image = _read(path, ingest)
                     result.outputs += write_outputs(name, dest, label, raw, image, cfg)
                     result.written.append(name)
+                    tables.append((dest, name))
                 except Exception as exc:  # noqa: BLE001 - this image fails, not the run
                     result.failed.append((str(path), f"{path}: {_first_line(exc)}"))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    result.outputs += _finish_tables((d for _, d in groups), cfg)
+    result.outputs += _finish_tables(tables, cfg)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -529,6 +621,7 @@ def segment(
     ray_address: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
     on_start: Callable[[list[Path], bool], None] | None = None,
 ) -> SegmentResult:
     """Segment image files or folders of images with a checkpoint.
@@ -550,6 +643,9 @@ def segment(
         (:func:`use_ray`).
     device : str, optional
         In-process torch device (default CUDA when available).
+    overwrite : bool
+        Replace files at the output names that cellst did not write (see
+        :func:`check_outputs`); by default such a run is refused.
     on_start : callable, optional
         Called with the images and the Ray decision before the model is loaded.
 
@@ -559,9 +655,10 @@ def segment(
         Before anything is written, for a request that cannot run. Images that fail
         later are in the result's ``failed``.
     """
-    paths = collect_images(inputs)
+    paths = collect_images(inputs, out_dir)
     check_checkpoint_dir(checkpoint)
     cfg = segment_cfg or SegmentConfig()
+    check_outputs(paths, out_dir, cfg, overwrite)
     distributed = use_ray(paths, cfg) if ray is None else ray
     if on_start is not None:
         on_start(paths, distributed)
