@@ -310,6 +310,28 @@ def test_cli_segment_names_a_bad_device_or_a_checkpoint_file(checkpoint, images)
     assert not list(images.glob("*_label.tiff"))
 
 
+def test_stacks_of_planes_are_refused_by_name_not_read_as_channels(checkpoint, images):
+    """A z-stack (ImageJ metadata, any number of planes) or a 3-D array with no axis that
+    can hold channels is named as such; the 2-D images beside it are still segmented."""
+    plane = _blobs((64, 80), np.uint8, 0)
+    tifffile.imwrite(
+        images / "zstack.tif", np.stack([plane] * 4), imagej=True, metadata={"axes": "ZYX"}
+    )
+    tifffile.imwrite(images / "planes.tif", np.stack([plane] * 20))  # no axes metadata
+    tifffile.imwrite(images / "channels.tif", np.stack([plane] * 3))  # 3 pages: channels
+    res = _segment(str(images), "--checkpoint", str(checkpoint))
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    assert f"{images / 'zstack.tif'}: a z-stack of 4 planes (axes ZYX" in res.output
+    assert f"{images / 'planes.tif'}: a 3-D image of shape (20, 64, 80) has no channel axis" in (
+        res.output
+    )
+    assert "2 of 7 image(s) could not be segmented" in res.output
+    assert tifffile.imread(images / "channels_label.tiff").shape == (64, 80)
+    assert not (images / "zstack_label.tiff").exists()
+    assert not (images / "planes_label.tiff").exists()
+
+
 def test_cli_options_and_set_win_over_calibrated_postprocessing(checkpoint, images, tmp_path):
     ckpt = tmp_path / "calibrated"
     shutil.copytree(checkpoint, ckpt)

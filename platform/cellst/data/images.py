@@ -134,7 +134,10 @@ def read_array(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     kind = check_header(path, max_pixels)
     try:
         if kind == "TIFF":
-            arr = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tf:
+                series = tf.series[0]
+                _refuse_stack(path, series.axes, series.shape)
+                arr = series.asarray()
         else:
             import imageio.v3 as iio
             from PIL import Image
@@ -142,24 +145,50 @@ def read_array(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
             if max_pixels is not None and (Image.MAX_IMAGE_PIXELS or 0) < max_pixels:
                 Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit was checked above
             arr = iio.imread(path)
+    except ImageFormatError:
+        raise
     except Exception as exc:  # any decoder error means the same thing to the user
         raise ImageFormatError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
     arr = np.asarray(arr)
     if arr.size == 0:
         raise ImageFormatError(f"{path}: image is empty (shape {arr.shape})")
+    if arr.ndim == 3:
+        to_hwc(arr, str(path))  # a stack of planes is refused here, naming the file
     return arr
+
+
+#: TIFF axes (tifffile's codes) of a stack of planes rather than channels: depth, time
+_STACK_AXES = {"Z": "z-stack", "T": "time series"}
+
+
+def _refuse_stack(path: Path, axes: str, shape: tuple[int, ...]) -> None:
+    """A TIFF whose metadata declares several z-planes or time points is not a 2-D image;
+    its planes would otherwise be read as channels (or as rows)."""
+    for axis, size in zip(axes, shape, strict=False):
+        if axis in _STACK_AXES and size > 1:
+            raise ImageFormatError(
+                f"{path}: a {_STACK_AXES[axis]} of {size} planes (axes {axes}, shape "
+                f"{tuple(shape)}); cellst segments 2-D images: save one plane or a projection"
+            )
 
 
 def to_hwc(arr: np.ndarray, name: str = "image") -> np.ndarray:
     """Bring a 2-D or 3-D array to ``(H, W, C)``; channel-first stacks are transposed.
 
     The channel axis is the last one unless the first is clearly smaller than both others.
+    A 3-D array with neither a first nor a last axis of at most 16 has no channel axis (a
+    stack of planes) and is refused.
     """
     if arr.ndim == 2:
         return arr[:, :, None]
     if arr.ndim == 3:
         if channel_axis_first(arr.shape):
             return np.moveaxis(arr, 0, -1)
+        if arr.shape[2] > 16:
+            raise ImageFormatError(
+                f"{name}: a 3-D image of shape {arr.shape} has no channel axis of at most 16 "
+                f"(a z-stack or time series?); cellst segments 2-D images with channels"
+            )
         return arr
     raise ImageFormatError(f"{name}: expected a 2-D or 3-D image, got shape {arr.shape}")
 
@@ -297,6 +326,7 @@ def normalize_tiff_tiled(
     path = Path(path)
     try:
         with tifffile.TiffFile(path) as tf:
+            _refuse_stack(path, tf.series[0].axes, tf.series[0].shape)
             arr = zarr.open_array(store=tf.series[0].aszarr(level=0), mode="r")
             shape = tuple(int(n) for n in arr.shape)
             if len(shape) not in (2, 3):
