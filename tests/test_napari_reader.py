@@ -78,6 +78,41 @@ def test_multichannel_and_grey_images(tmp_path):
     np.testing.assert_array_equal(np.asarray(data), grey)
 
 
+def test_ome_zarr_of_other_writers_follows_its_axes(tmp_path):
+    """Groups written by ome-zarr-py: a 2-D ``yx`` image is one 2-D layer (not one layer
+    per row), a ``tczyx`` one keeps its channels split and its z axis, with a scale per
+    axis; labels follow their own axes."""
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image, write_labels
+
+    yx = np.arange(200 * 150, dtype=np.uint16).reshape(200, 150)
+    group = zarr.open_group(str(tmp_path / "yx.ome.zarr"), mode="w", zarr_format=3)
+    write_image(yx, group, axes="yx", fmt=FormatV05(), scaler=None)
+    [(data, meta, kind)] = read([str(tmp_path / "yx.ome.zarr")], stack=False, plugin_name="cellst")
+    data = data[0] if meta.get("multiscale") else data  # level 0
+    assert kind == "image" and "channel_axis" not in meta and "rgb" not in meta
+    assert data.shape == (200, 150) and len(meta["scale"]) == 2
+    np.testing.assert_array_equal(np.asarray(data), yx)
+
+    stack = np.arange(2 * 3 * 64 * 48, dtype=np.uint8).reshape(1, 2, 3, 64, 48)
+    group = zarr.open_group(str(tmp_path / "5d.ome.zarr"), mode="w", zarr_format=3)
+    write_image(stack, group, axes="tczyx", fmt=FormatV05(), scaler=None)
+    cells = np.zeros((1, 1, 3, 64, 48), np.uint16)
+    cells[0, 0, 1, 10:20, 10:20] = 1
+    write_labels(cells, group, name="cells", axes="tczyx", fmt=FormatV05(), scaler=None)
+    found = layers(tmp_path / "5d.ome.zarr")
+    [(data, meta, kind)] = [v for v in found.values() if v[2] == "image"]
+    data = data[0] if meta.get("multiscale") else data
+    assert kind == "image" and meta["channel_axis"] == 0
+    assert data.shape == (2, 3, 64, 48) and len(meta["scale"]) == len(meta["translate"]) == 3
+    np.testing.assert_array_equal(np.asarray(data), stack[0])
+    [(label, lmeta, lkind)] = [v for k, v in found.items() if k.endswith("cells")]
+    label = label[0] if lmeta.get("multiscale") else label
+    assert lkind == "labels" and label.shape == (3, 64, 48) and len(lmeta["scale"]) == 3
+    np.testing.assert_array_equal(np.asarray(label), cells[0, 0])
+
+
 def test_store_opens_first_items_side_by_side(store_dir, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(store_dir, root)

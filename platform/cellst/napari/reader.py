@@ -67,23 +67,54 @@ def read(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
 
 
 # ----------------------------------------------------------------------------- layers
+def _squeeze(
+    levels: list[Any], axes: Sequence[str], scale: Sequence[float]
+) -> tuple[list[Any], list[str], list[float]]:
+    """Drop the axes of size 1 other than ``y`` and ``x`` (a ``t``, ``c`` or ``z`` of one),
+    from every level, the axis names and the scale."""
+    shape = levels[0].shape
+    keep = [i for i, n in enumerate(shape) if n > 1 or axes[i] in ("y", "x")]
+    index = tuple(slice(None) if i in keep else 0 for i in range(len(shape)))
+    return (
+        [lv[index] for lv in levels],
+        [axes[i] for i in keep],
+        [float(scale[i]) for i in keep],
+    )
+
+
+def _placement(
+    axes: Sequence[str], scale: Sequence[float], translate: tuple[float, float]
+) -> dict[str, Any]:
+    """napari's ``scale`` and ``translate`` of a layer with these axes: ``translate``
+    moves it in y and x, the other axes stay at 0."""
+    shift = [translate[0] if a == "y" else translate[1] if a == "x" else 0.0 for a in axes]
+    return {"scale": tuple(scale), "translate": tuple(shift)}
+
+
 def _image_layer(
-    levels: list[Any], name: str, scale: tuple[float, float], translate: tuple[float, float]
+    levels: list[Any],
+    name: str,
+    axes: Sequence[str],
+    scale: Sequence[float],
+    translate: tuple[float, float] = (0.0, 0.0),
 ) -> LayerData:
-    """An image layer from ``(C, H, W)`` levels: RGB for 3-channel uint8, one channel
-    squeezed, otherwise split along ``channel_axis``."""
+    """An image layer from levels with these axis names (NGFF's ``t``, ``c``, ``z``, ``y``,
+    ``x``; ``c`` the channel axis): axes of size 1 dropped, a 3-channel uint8 image shown as
+    RGB, other multichannel images split along ``channel_axis``."""
     import numpy as np
 
+    levels, axes, scale = _squeeze(levels, axes, scale)
     meta: dict[str, Any] = {"name": name}
-    channels = levels[0].shape[0]
-    if channels == 3 and levels[0].dtype == np.uint8:
-        levels = [lv.transpose(1, 2, 0) for lv in levels]
-        meta["rgb"] = True
-    elif channels == 1:
-        levels = [lv[0] for lv in levels]
-    else:
-        meta["channel_axis"] = 0
-    meta.update(scale=scale, translate=translate)
+    if "c" in axes:
+        ch = axes.index("c")
+        if levels[0].shape[ch] == 3 and levels[0].dtype == np.uint8:
+            levels = [np.moveaxis(lv, ch, -1) for lv in levels]
+            meta["rgb"] = True
+        else:
+            meta["channel_axis"] = ch
+        scale = [v for a, v in zip(axes, scale, strict=True) if a != "c"]
+        axes = [a for a in axes if a != "c"]
+    meta.update(_placement(axes, scale, translate))
     if len(levels) > 1:
         meta["multiscale"] = True
         return levels, meta, "image"
@@ -94,13 +125,14 @@ def _labels_layer(
     levels: list[Any],
     name: str,
     properties: list[dict[str, Any]] | None,
-    scale: tuple[float, float],
-    translate: tuple[float, float],
+    axes: Sequence[str],
+    scale: Sequence[float],
+    translate: tuple[float, float] = (0.0, 0.0),
 ) -> LayerData:
-    """A labels layer from ``(1, H, W)`` (or ``(H, W)``) levels; the ``image-label``
-    properties become features (the ``index`` column holds the label value)."""
-    levels = [lv.reshape(lv.shape[-2:]) for lv in levels]
-    meta: dict[str, Any] = {"name": name, "scale": scale, "translate": translate}
+    """A labels layer (axes of size 1 dropped, so cellst's ``(1, H, W)`` labels are 2-D);
+    the ``image-label`` properties become features (``index`` holds the label value)."""
+    levels, axes, scale = _squeeze(levels, axes, scale)
+    meta: dict[str, Any] = {"name": name, **_placement(axes, scale, translate)}
     if properties:
         columns = sorted({k for row in properties for k in row} - {"label-value"})
         features = {"index": [row["label-value"] for row in properties]}
@@ -113,17 +145,23 @@ def _labels_layer(
     return levels[0], meta, "labels"
 
 
-def _group_levels(group: Any) -> tuple[list[Any], tuple[float, float]]:
-    """Lazy dask arrays of a multiscale group's levels and the level-0 y, x scale."""
+def _group_levels(group: Any) -> tuple[list[Any], list[str], list[float]]:
+    """Lazy dask arrays of a multiscale group's levels, its axis names (NGFF ``axes``; the
+    channel axis, by name or type, called ``c``) and the level-0 scale of each axis."""
     import dask.array as da
 
     ms = group.attrs["ome"]["multiscales"][0]
     levels = [da.from_zarr(group[d["path"]]) for d in ms["datasets"]]
-    scale = (1.0, 1.0)
+    ndim = levels[0].ndim
+    axes = []
+    for i, a in enumerate(ms.get("axes") or ["c", "y", "x"][-ndim:]):
+        kind, name = (a.get("type"), a.get("name")) if isinstance(a, dict) else (None, a)
+        axes.append("c" if kind == "channel" or name == "c" else str(name or f"dim{i}"))
+    scale = [1.0] * ndim
     for t in ms["datasets"][0].get("coordinateTransformations", []):
-        if t.get("type") == "scale":
-            scale = (float(t["scale"][-2]), float(t["scale"][-1]))
-    return levels, scale
+        if t.get("type") == "scale" and len(t["scale"]) == ndim:
+            scale = [float(v) for v in t["scale"]]
+    return levels, axes, scale
 
 
 def read_ome_zarr_layers(path: PathLike) -> list[LayerData]:
@@ -133,17 +171,15 @@ def read_ome_zarr_layers(path: PathLike) -> list[LayerData]:
     path = Path(path)
     root = zarr.open_group(path, mode="r", zarr_format=3)
     name = root.attrs["ome"]["multiscales"][0].get("name") or path.name.removesuffix(".ome.zarr")
-    levels, scale = _group_levels(root)
-    layers = [_image_layer(levels, name, scale, (0.0, 0.0))]
+    levels, axes, scale = _group_levels(root)
+    layers = [_image_layer(levels, name, axes, scale)]
     if "labels" in root:
         group = root["labels"]
         for key in group.attrs["ome"]["labels"]:
             sub = group[key]
-            label_levels, label_scale = _group_levels(sub)
             props = sub.attrs["ome"].get("image-label", {}).get("properties")
-            layers.append(
-                _labels_layer(label_levels, f"{name} {key}", props, label_scale, (0.0, 0.0))
-            )
+            levels, axes, scale = _group_levels(sub)
+            layers.append(_labels_layer(levels, f"{name} {key}", props, axes, scale))
     return layers
 
 
@@ -160,18 +196,15 @@ def read_store(path: PathLike, max_items: int = MAX_STORE_ITEMS) -> list[LayerDa
         for item_id in store.ids()[:max_items]:
             row = store.row(item_id)
             at = (0.0, x0)
-            layers.append(
-                _image_layer([store.image(item_id).transpose(2, 0, 1)], item_id, (1.0, 1.0), at)
-            )
+            image = [store.image(item_id)]
+            layers.append(_image_layer(image, item_id, ("y", "x", "c"), (1.0,) * 3, at))
+            yx, one = ("y", "x"), (1.0, 1.0)
             if row.label_array:
-                layers.append(
-                    _labels_layer(
-                        [store.label(item_id)], f"{item_id} {GROUND_TRUTH}", None, (1.0, 1.0), at
-                    )
-                )
+                label = [store.label(item_id)]
+                layers.append(_labels_layer(label, f"{item_id} {GROUND_TRUTH}", None, yx, one, at))
             for s in sets:
                 if (store.pseudo_path(s, item_id) / "zarr.json").is_file():
-                    label = store.pseudo_label(s, item_id)
-                    layers.append(_labels_layer([label], f"{item_id} {s}", None, (1.0, 1.0), at))
+                    label = [store.pseudo_label(s, item_id)]
+                    layers.append(_labels_layer(label, f"{item_id} {s}", None, yx, one, at))
             x0 += int(row.width) + STORE_GAP
     return layers
