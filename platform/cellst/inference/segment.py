@@ -343,7 +343,7 @@ def write_outputs(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    tiff = out_dir / f"{name}_label.tiff"
+    tiff = out_dir / f"{name}{LABEL_SUFFIX}.tiff"
     write_label_tiff(tiff, label)
     written.append(tiff)
     if cfg.save_png:
@@ -406,7 +406,9 @@ def foreign_outputs(
     listed: re-running a segmentation replaces its own outputs."""
     from cellst.data.images import is_cellst_label_tiff
 
-    checks: list[tuple[str, Callable[[Path], bool]]] = [("_label.tiff", is_cellst_label_tiff)]
+    checks: list[tuple[str, Callable[[Path], bool]]] = [
+        (f"{LABEL_SUFFIX}.tiff", is_cellst_label_tiff)
+    ]
     if cfg.save_geojson:
         from cellst.export.geojson import is_cellst_geojson
 
