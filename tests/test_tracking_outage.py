@@ -275,6 +275,39 @@ def test_dead_server_at_start_fails_fast(ray_session, store_dir, tmp_path):
     assert f"MLflow tracking server {uri} is unavailable (connection refused)" in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "dead").exists()  # nothing started
+    # --force over an earlier run: refused the same way, the earlier run left whole
+    best = tmp_path / "dead" / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    (best / "model.pt").write_bytes(b"weights")
+    (tmp_path / "dead" / "run.json").write_text('{"status": "finished"}')
+    res = CliRunner().invoke(app, [*args, "--force"])
+    assert res.exit_code == 1, res.output
+    assert f"MLflow tracking server {uri} is unavailable (connection refused)" in res.output
+    assert (best / "model.pt").read_bytes() == b"weights"
+
+
+def test_dead_server_stops_a_sweep_before_it_discards_the_last_one(store_dir, tmp_path):
+    """`cellst tune` with changed settings starts its sweep over; with the tracking server
+    down it stops first, in one line, and the earlier sweep's trials are still there."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(
+        "name: dead-sweep\ntune:\n  mode: train\n  num_samples: 2\n"
+        "  space:\n    train.lr: {choice: [0.001, 0.003]}\n"
+    )
+    earlier = tmp_path / "tune" / "dead-sweep"
+    trials = earlier / "_ray" / "dead-sweep"
+    trials.mkdir(parents=True)
+    (trials / "experiment_state.json").write_text("{}")
+    (earlier / "sweep.json").write_text('{"hash": "an earlier sweep"}')
+    args = ["tune", str(cfg_file), "--set", f"store={store_dir}"]
+    for o in [f"tune.run_dir={tmp_path / 'tune'}", f"tracking.tracking_uri={uri}"]:
+        args += ["--set", o]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert f"MLflow tracking server {uri} is unavailable (connection refused)" in res.output
+    assert "Traceback" not in res.output and "starting the sweep over" not in res.output
+    assert (trials / "experiment_state.json").read_text() == "{}"
 
 
 def test_failed_training_is_recorded(ray_session, store_dir, tmp_path):

@@ -344,11 +344,8 @@ def train(
             f"run {paths.root} exists with a different configuration; choose another "
             f"train.run_name or pass --force to start it over"
         )
-    if force and paths.root.exists():
-        import shutil
-
-        shutil.rmtree(paths.root)
-        shutil.rmtree(Path(t.run_dir).absolute() / "_ray" / name, ignore_errors=True)
+    restart = force and paths.root.exists()  # the old run is removed once the new can run
+    if restart:
         state = {}
     if state.get("status") == "finished":
         note = resend_pending(cfg.tracking, paths.root, cfg.name)  # kept during an outage
@@ -364,6 +361,11 @@ def train(
     cfg = fit_cluster(cfg)
     t = cfg.train
     wait_env, wait_tries = node_wait_policy(t.node_wait_s)  # a bad variable: before any work
+    if restart:  # every check passed: only now is the earlier run (and its checkpoints) gone
+        import shutil
+
+        shutil.rmtree(paths.root)
+        shutil.rmtree(Path(t.run_dir).absolute() / "_ray" / name, ignore_errors=True)
     dataset = build_dataset(cfg, store, train_ids)
     run_tags = {
         **store_tags(store),

@@ -218,7 +218,13 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
     from cellst.config import dump_config
     from cellst.fs import atomic_write_json
     from cellst.raycluster import ensure_ray, verbose
-    from cellst.tracking import log_config, resolve_tracking, start_run, store_tags
+    from cellst.tracking import (
+        check_tracking,
+        log_config,
+        resolve_tracking,
+        start_run,
+        store_tags,
+    )
     from cellst.train.trainer import check_request, fit_cluster
     from cellst.tune.space import to_tune
 
@@ -235,6 +241,8 @@ def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
         )
     if t.max_items:
         val_ids = val_ids[: t.max_items]
+    # a dead server: one line before Ray starts, and before an earlier sweep is discarded
+    check_tracking(cfg.tracking, root, cfg.name)
     ensure_ray()
     root.mkdir(parents=True, exist_ok=True)
     state_file = root / "sweep.json"
