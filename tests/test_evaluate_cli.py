@@ -134,3 +134,33 @@ def test_per_cell_match_results(tmp_path):
     assert not (tmp_path / "r2").exists()
     assert _evaluate(g, p, tmp_path / "r2").exit_code == 0
     assert not (tmp_path / "r2" / "cells.csv").exists()  # only on request
+
+
+def test_a_bad_modalities_csv_beside_the_labels_is_named(tmp_path):
+    """Read as ingest reads it: the file and line in one line, no traceback."""
+    gt, pred = _folders(tmp_path, {"a": _cell()}, {"a": _cell()})
+    (gt / "modalities.csv").write_text("foo,bar\na,b\n")
+    res = _evaluate(gt, pred, tmp_path / "r")
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == (
+        f"error: {gt / 'modalities.csv'}:1: must have the columns name,modality"
+    )
+    (gt / "modalities.csv").write_bytes(b"name,modality\na,fluo\xffrescence\n")
+    res = _evaluate(gt, pred, tmp_path / "r")
+    assert res.exit_code == 2, res.output
+    assert f"{gt / 'modalities.csv'}:2: not UTF-8 text" in res.output
+    (gt / "modalities.csv").write_text("name,modality\na.tif,fluorescence\n")
+    res = _evaluate(gt, pred, tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    assert "fluorescence" in (tmp_path / "r" / "metrics.json").read_text()  # the modality used
+
+
+def test_a_store_as_prediction_needs_a_pseudo_label_set(store_dir, tmp_path):
+    """``--pred STORE`` without ``--pred-set`` scored the store's ground truth against
+    itself (F1 1.0); it is refused, naming the flag."""
+    res = _evaluate(store_dir, store_dir, tmp_path / "r")
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().startswith(
+        f"error: --pred {store_dir} is a store: name the pseudo-label set to score with --pred-set"
+    )
+    assert not (tmp_path / "r").exists()

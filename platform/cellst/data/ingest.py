@@ -31,7 +31,6 @@ Guarantees
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import io
 import json
@@ -62,6 +61,7 @@ from cellst.data.images import (
     read_array,
     validate_label,
 )
+from cellst.data.modalities import MODALITIES_FILE, read_modalities
 from cellst.data.store import (
     MANIFEST,
     MANIFEST_COLUMNS,
@@ -242,8 +242,8 @@ def scan_source(
             problems.append((its[1].image, f"duplicate id {item_id!r}: also {its[0].image}"))
     if not items and not problems:
         problems.append((str(root), f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
-    table = root / "modalities.csv"
-    names = _read_modalities(table, problems) if table.is_file() else {}
+    table = root / MODALITIES_FILE
+    names = read_modalities(table, problems) if table.is_file() else {}
     for it in items:
         it.modality = modality or names.get(it.id, "unknown")
     return items, problems
@@ -272,38 +272,6 @@ def check_source(src: str | Path) -> None:
     why = source_problem(src)
     if why:
         raise IngestError([(str(src), why)], skippable=False)
-
-
-def _read_modalities(table: Path, problems: list[tuple[str, str]]) -> dict[str, str]:
-    """``name -> modality`` from ``modalities.csv``; every bad row is a problem naming the
-    file and its line number."""
-    raw = table.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        problems.append(
-            (f"{table}:{line}", f"not UTF-8 text (byte {raw[exc.start]:#04x}); save it as UTF-8")
-        )
-        return {}
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames or not {"name", "modality"} <= set(reader.fieldnames):
-        problems.append((f"{table}:1", "must have the columns name,modality"))
-        return {}
-    out: dict[str, str] = {}
-    try:
-        for row in reader:
-            where = f"{table}:{reader.line_num}"
-            name, modality = row.get("name"), row.get("modality")
-            if name is None or modality is None:
-                problems.append((where, "row has a missing field (expected name,modality)"))
-            elif not name.strip():
-                problems.append((where, "row has an empty name"))
-            else:
-                out[Path(name.strip()).stem] = modality.strip() or "unknown"
-    except csv.Error as exc:
-        problems.append((f"{table}:{reader.line_num}", f"not a valid CSV row ({exc})"))
-    return out
 
 
 # ----------------------------------------------------------------------------- workers

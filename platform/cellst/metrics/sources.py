@@ -6,7 +6,6 @@ ground truth, a store's pseudo-label set as prediction, or challenge-format fold
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +36,14 @@ def is_store(path: str | Path) -> bool:
 
 
 def _folder_modalities(folder: Path) -> dict[str, str]:
-    """``modalities.csv`` from the folder or up to two levels above (challenge layout)."""
+    """``modalities.csv`` from the folder or up to two levels above (challenge layout),
+    read as ``cellst ingest`` reads it (a bad row is a one-line error naming file and line)."""
+    from cellst.data.modalities import MODALITIES_FILE, modalities_or_error
+
     for d in (folder, folder.parent, folder.parent.parent):
-        table = d / "modalities.csv"
+        table = d / MODALITIES_FILE
         if table.is_file():
-            with open(table, newline="") as fh:
-                return {Path(r["name"]).stem: r["modality"] for r in csv.DictReader(fh)}
+            return modalities_or_error(table)
     return {}
 
 
@@ -103,6 +104,14 @@ def evaluate_sources(
     A ground-truth item without prediction scores F1 0 and is listed under ``missing``.
     ``per_cell`` adds the per-cell match results (``cells.csv`` in ``out``).
     """
+    if pred_set is None and is_store(pred):
+        from cellst.data.store import CellStore, StoreError
+
+        sets = CellStore(pred, lease=False).pseudo_sets()
+        raise StoreError(
+            f"--pred {pred} is a store: name the pseudo-label set to score with --pred-set "
+            f"({', '.join(sets) if sets else 'it holds none'}); its ground truth is --gt's side"
+        )
     g = open_labels(gt, split=gt_split)
     p = open_labels(pred, pseudo_set=pred_set)
     if not g.loaders:
