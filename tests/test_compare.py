@@ -422,6 +422,33 @@ def test_cli_compare(runs_dir, tmp_path):
     assert sort.exit_code == 2 and "--sort: no column 'bogus'" in sort.output
 
 
+def test_files_that_are_not_mlflow_stores_are_refused_unchanged(tmp_path):
+    """Another program's SQLite database, an empty file, a CSV: one line naming the file,
+    and the file as it was (MlflowClient would have written MLflow's schema into it)."""
+    import sqlite3
+
+    from cellst.cli import app
+
+    foreign = tmp_path / "foreign.db"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE mydata (x INTEGER)")
+    con.commit()
+    con.close()
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    csv = tmp_path / "modalities.csv"
+    csv.write_text("name,modality\na,b\n")
+    for path in (foreign, empty, csv):
+        before = path.read_bytes()
+        for uri in (str(path), f"sqlite:///{path}"):
+            res = CliRunner().invoke(app, ["compare", "--tracking-uri", uri])
+            assert res.exit_code == 1, res.output
+            line = res.output.strip()
+            assert line.startswith(f"error: {path}: not an MLflow database"), line
+            assert len(line.splitlines()) == 1 and "Traceback" not in line
+        assert path.read_bytes() == before
+
+
 def test_module_imports_no_torch_ray_or_monai():
     code = (
         "import sys, cellst.tracking.compare as c\n"

@@ -140,6 +140,31 @@ def find_stores(folder: str | Path) -> list[str]:
     return found
 
 
+def check_mlflow_db(db: str | Path) -> None:
+    """Refuse, without changing it, a database file that is not an MLflow store.
+
+    ``MlflowClient`` would create and migrate MLflow's schema in any SQLite file it is
+    given (an empty file, another program's database), so the file is first opened
+    read-only and its tables looked at. Raises :class:`CompareError` naming the file.
+    """
+    import sqlite3
+
+    path = Path(db)
+    try:
+        con = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise CompareError(f"{path}: not an MLflow database ({exc})") from None
+    if not {"experiments", "runs"} <= tables:
+        raise CompareError(
+            f"{path}: not an MLflow database (no experiments and runs tables); compare "
+            "reads MLflow stores and never changes a file"
+        )
+
+
 def _is_server(uri: str) -> bool:
     return urlparse(uri).scheme.lower() in ("http", "https")
 
@@ -182,7 +207,7 @@ def collect_runs(
         params as ``params.<field>``.
     """
     from cellst.tracking.buffered import http_limits
-    from cellst.tracking.mlflow_utils import TRACKING_ERRORS, quiet_mlflow
+    from cellst.tracking.mlflow_utils import TRACKING_ERRORS, _sqlite_path, quiet_mlflow
 
     quiet_mlflow()
     if tracking_uri is None or isinstance(tracking_uri, str | Path):
@@ -194,6 +219,9 @@ def collect_runs(
     known: set[str] = set()
     frames = []
     for uri in uris:
+        db = _sqlite_path(uri) if urlparse(uri).scheme.lower() == "sqlite" else None
+        if db is not None:
+            check_mlflow_db(db)
         try:
             with http_limits(timeout_s, retries=0):
                 got, names = _store_runs(uri, wanted, max_runs)
