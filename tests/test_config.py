@@ -177,3 +177,42 @@ def test_strong_augmentation_counts_only_in_trainings_on_pseudo_labels():
     assert training_hash(load_config(None, [*pseudo, "augment.cutout_prob=0"])) != (
         training_hash(load_config(None, pseudo))
     )
+
+
+def test_config_files_that_are_not_mappings_are_named(tmp_path):
+    """A folder, a binary file, a document that is a scalar or a list: one error naming
+    the file. An empty file, or an empty section, means the defaults."""
+    folder = tmp_path / "cfgdir"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=f"config file {folder} is a folder, not a YAML file"):
+        load_config(folder)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ConfigError, match=f"config file {binary} is not UTF-8 text"):
+        load_config(binary)
+    for doc in ("0", "false", "[]", "- a", "text"):
+        path = tmp_path / "doc.yaml"
+        path.write_text(doc + "\n")
+        with pytest.raises(ConfigError, match="must hold a mapping of sections"):
+            load_config(path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set yet\n")
+    assert load_config(empty) == ExperimentConfig()
+    section = tmp_path / "section.yaml"
+    section.write_text("name: x\nevaluate:\n  # iou_threshold: 0.7\n")
+    assert load_config(section).evaluate == ExperimentConfig().evaluate
+    assert load_config(section, ["evaluate.count_boundary=true"]).evaluate.count_boundary
+
+
+def test_set_keeps_the_text_of_names():
+    """A '#' is text in --set, not a YAML comment; numbers and dates given to text fields
+    stay the text they were."""
+    assert load_config(None, ["name=run #2"]).name == "run #2"
+    assert load_config(None, ["name=2024"]).name == "2024"
+    assert load_config(None, ["train.run_name=2026-12-02"]).train.run_name == "2026-12-02"
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001  # numbers stay numbers
+    with pytest.raises(ConfigError, match="must start with a letter or digit"):
+        load_config(None, ["stpp.name=run #2"])  # refused whole, not cut to 'run'
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.lr=[1,2"])
+    assert len(str(err.value).splitlines()) == 1

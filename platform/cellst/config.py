@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -61,7 +62,12 @@ class Section(BaseModel):
     (``Any``, lists of choices), naming the nested field that holds the number.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        allow_inf_nan=False,
+        coerce_numbers_to_str=True,  # `--set name=2024` names a run "2024"
+    )
 
     @field_validator("*", mode="after")
     @classmethod
@@ -164,6 +170,21 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader without implicit dates: ``run_name: 2026-12-02`` stays the text
+    it is (a config holds no date fields, and a date is no valid name)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into a key path and a YAML-parsed value.
 
@@ -177,9 +198,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({first})") from None
+    if (value is None or isinstance(value, str)) and re.search(r"\s#", raw):
+        value = raw.strip()  # `name=run #2`: text, not a YAML comment that drops "#2"
     return key.split("."), value
 
 
@@ -205,12 +229,23 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _load_yaml(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+            f"{exc.start}); is it a YAML file?"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if data is None:  # an empty file, or only comments: every default
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {p} must hold a mapping of sections, got {type(data).__name__}"
@@ -236,6 +271,10 @@ def load_config(
         model = ExperimentConfig  # type: ignore[assignment]
     overrides = list(overrides)
     data = read_yaml(path) if path is not None else {}
+    for key, field in model.model_fields.items():  # `evaluate:` left empty: its defaults
+        ann = field.annotation
+        if data.get(key, {}) is None and isinstance(ann, type) and issubclass(ann, BaseModel):
+            data[key] = {}
     data = apply_overrides(data, overrides)
     source = str(path) if path is not None else "defaults"
     if overrides:
