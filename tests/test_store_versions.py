@@ -182,3 +182,26 @@ def test_a_copied_lease_does_not_pin_the_copy(store_dir, tmp_path):
         assert len(copied) == 1 and not copied[0].alive()
     assert reader.lease_path is None
     assert all(x.path.name != copied[0].path.name for x in read_leases(store_dir))
+
+
+def test_a_broken_manifest_is_named_and_ingest_archives_nothing(store_dir, synth_src, tmp_path):
+    """A truncated manifest.parquet: `cellst info` and `cellst ingest` name the file in
+    one line; ingest refuses before it archives the broken bytes as a version."""
+    from typer.testing import CliRunner
+
+    from cellst.cli import app
+
+    root = tmp_path / "store"
+    shutil.copytree(store_dir, root)
+    manifest = root / "manifest.parquet"
+    manifest.write_bytes(manifest.read_bytes()[:100])
+    archived = sorted(p.name for p in (root / "manifests").iterdir())
+    runner = CliRunner()
+    res = runner.invoke(app, ["info", str(root)])
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().startswith(f"error: {manifest}: not a valid manifest (")
+    assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["ingest", str(synth_src), "--out", str(root)])
+    assert res.exit_code == 1, res.output
+    assert f"{manifest}: not a valid manifest (" in res.output and "Traceback" not in res.output
+    assert sorted(p.name for p in (root / "manifests").iterdir()) == archived

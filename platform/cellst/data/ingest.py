@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -70,6 +69,7 @@ from cellst.data.store import (
     collect_garbage,
     create_array,
     init_store,
+    parse_manifest,
     remove_tree,
     store_lock,
     write_array,
@@ -462,8 +462,8 @@ def ingest(
         old = None
         if (store / MANIFEST).is_file():
             old_bytes = (store / MANIFEST).read_bytes()
+            old = parse_manifest(old_bytes, store / MANIFEST)  # a broken one: nothing archived
             archive_manifest(store, old_bytes)  # readers of it can still be resolved
-            old = pd.read_parquet(io.BytesIO(old_bytes))
         prev_rows = {r["id"]: r for r in old.to_dict("records")} if old is not None else {}
         try:
             ensure_ray()

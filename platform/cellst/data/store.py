@@ -204,6 +204,16 @@ def manifest_bytes(df: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def parse_manifest(data: bytes, where: str | Path) -> pd.DataFrame:
+    """The manifest table from its Parquet bytes; a file that is not one (truncated,
+    overwritten) is a :class:`StoreError` naming ``where``."""
+    try:
+        return pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors for a broken file vary
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StoreError(f"{where}: not a valid manifest ({first})") from None
+
+
 def archive_manifest(root: Path, data: bytes) -> str:
     """Keep a manifest version under ``manifests/<version>.parquet`` so that the arrays a
     reader of that version needs can be known after the manifest is replaced."""
@@ -430,7 +440,7 @@ class CellStore:
         self.version: str = manifest_version(data)
         #: sha256 of those manifest bytes (``version`` is its first 12 hex digits)
         self.manifest_sha256: str = hashlib.sha256(data).hexdigest()
-        self.manifest = pd.read_parquet(io.BytesIO(data))
+        self.manifest = parse_manifest(data, manifest)
         missing = [c for c in MANIFEST_COLUMNS if c not in self.manifest.columns]
         if missing:
             raise StoreError(f"{manifest}: missing columns {missing}")
