@@ -288,6 +288,29 @@ def test_incremental_reingest(ray_session, synth_src, tmp_path):
     assert "new_one" not in CellStore(store)
 
 
+def test_reingest_reports_what_changed_besides_pixels(ray_session, synth_src, tmp_path):
+    """A new modality or chunking on a re-ingest is an update (was reported unchanged, and
+    the chunking kept); an unknown --split is refused before anything is read."""
+    src = _copy_src(synth_src, tmp_path)
+    store = tmp_path / "store"
+    ingest(src, store, progress=False)
+    before = CellStore(store).manifest
+    other = sorted(before.loc[before["modality"] != "fluorescence", "id"])
+    assert 0 < len(other) < 16
+    again = ingest(src, store, modality="fluorescence", progress=False)
+    assert sorted(again.updated) == other and len(again.unchanged) == 16 - len(other)
+    assert set(CellStore(store).manifest["modality"]) == {"fluorescence"}
+    rechunked = ingest(src, store, IngestConfig(chunk=64), modality="fluorescence", progress=False)
+    assert len(rechunked.updated) == 16
+    import zarr
+
+    s = CellStore(store)
+    stored = zarr.open_array(str(store / s.row(s.ids()[0]).image_array), mode="r")
+    assert stored.chunks[:2] == (64, 64)
+    with pytest.raises(IngestError, match="unknown split 'labelled'"):
+        ingest(src, store, split="labelled", progress=False)
+
+
 def test_interrupted_commit_leaves_previous_store(ray_session, synth_src, tmp_path, monkeypatch):
     src = _copy_src(synth_src, tmp_path)
     store = tmp_path / "store"

@@ -200,7 +200,11 @@ def ingest(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     split: Annotated[
-        str | None, typer.Option(help="split for a plain folder (default unlabeled)")
+        str | None,
+        typer.Option(
+            help="split of every image found: labeled, unlabeled or test (default: from the "
+            "challenge layout's folder names; unlabeled for a plain folder)"
+        ),
     ] = None,
     modality: Annotated[
         str | None, typer.Option(help="modality of every image (else modalities.csv)")

@@ -64,6 +64,7 @@ from cellst.data.modalities import MODALITIES_FILE, read_modalities
 from cellst.data.store import (
     MANIFEST,
     MANIFEST_COLUMNS,
+    SPLITS,
     archive_manifest,
     atomic_write_bytes,
     collect_garbage,
@@ -218,6 +219,8 @@ def scan_source(
     """
     root = Path(src)
     problems: list[tuple[str, str]] = []
+    if split is not None and split not in SPLITS:
+        return [], [("--split", f"unknown split {split!r} (one of {', '.join(SPLITS)})")]
     if not root.is_dir():
         return [], [(str(root), source_problem(root))]
     items: list[SourceItem] = []
@@ -329,13 +332,14 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
         img_sha = file_sha256(item.image)
         lab_sha = file_sha256(item.label) if item.label else ""
         norm = _norm_string(cfg)
+        image_array = f"images/{item.id}.{_content_key(img_sha, norm, str(cfg.chunk))}"
         if previous is not None and (
             previous["source_sha256"],
             previous["label_sha256"],
             previous["normalization"],
-        ) == (img_sha, lab_sha, norm):
+            previous["image_array"],  # its key holds the chunking: a new one restages it
+        ) == (img_sha, lab_sha, norm, image_array):
             return {"status": "unchanged", "row": previous}
-        image_array = f"images/{item.id}.{_content_key(img_sha, norm, str(cfg.chunk))}"
         h, w = _stage_image(item.image, Path(staging) / image_array, cfg)
         label_array, n_inst = "", -1
         if item.label:
@@ -490,12 +494,19 @@ def ingest(
                     continue
                 row = dict(o["row"])
                 it = by_item[row["id"]]
-                row.update(
-                    split=it.split, modality=it.modality, source_path=it.image, label_path=it.label
-                )
+                where = {
+                    "split": it.split,
+                    "modality": it.modality,
+                    "source_path": it.image,
+                    "label_path": it.label,
+                }
+                status = o["status"]
+                if status == "unchanged" and any(row.get(k) != v for k, v in where.items()):
+                    status = "updated"  # same pixels, but another split, modality or path
+                row.update(where)
                 rows[row["id"]] = row
                 {"new": result.added, "updated": result.updated, "unchanged": result.unchanged}[
-                    o["status"]
+                    status
                 ].append(row["id"])
             for item_id, row in prev_rows.items():
                 if item_id not in rows:
