@@ -83,3 +83,22 @@ def test_parent_run_calls_survive_a_dead_tracking_server(store_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert DEAD_SERVER in err and "Traceback" not in err
     assert "kept in" in err
+
+
+def test_status_names_a_corrupt_record(tmp_path):
+    """A truncated ``pipeline.json`` or stage record: `cellst stpp status` names the file
+    in one line (was json's bare 'Expecting property name ...')."""
+    from typer.testing import CliRunner
+
+    from cellst.cli import app
+
+    (tmp_path / "stages").mkdir()
+    for broken in (tmp_path / "pipeline.json", tmp_path / "stages" / "1_supervised.json"):
+        broken.write_text('{"stag')
+        res = CliRunner().invoke(app, ["stpp", "status", str(tmp_path)])
+        assert res.exit_code == 1, res.output
+        assert res.output.strip() == (
+            f"error: {broken}: not valid JSON (Unterminated string starting at: line 1 "
+            "column 2 (char 1)); restore or remove it"
+        )
+        broken.unlink()

@@ -59,6 +59,20 @@ def unwritable_reason(folder: str | os.PathLike[str]) -> str | None:
     return None
 
 
+class CorruptFileError(ValueError):
+    """A file cellst wrote cannot be parsed any more (edited, truncated); names the file."""
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON document in ``path``; :class:`CorruptFileError` naming the file when it is
+    not valid JSON (a truncated or hand-edited record)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: not valid JSON ({exc}); restore or remove it") from None
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
 

@@ -24,7 +24,6 @@ Each stage has one JSON record, ``<pipeline>/stages/<n>_<stage>.json``, written 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,7 +47,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def read_meta(pipeline_dir: str | Path) -> dict[str, Any]:
     """``pipeline.json`` of a pipeline folder (empty before the first run)."""
     p = Path(pipeline_dir) / META
-    return json.loads(p.read_text()) if p.is_file() else {}
+    return fs.read_json(p) if p.is_file() else {}
 
 
 def update_meta(pipeline_dir: str | Path, **update: Any) -> dict[str, Any]:
@@ -122,7 +121,7 @@ class StageBook:
     def get(self, name: str) -> StageRecord:
         p = self.path(name)
         if p.is_file():
-            return StageRecord.from_dict(json.loads(p.read_text()))
+            return StageRecord.from_dict(fs.read_json(p))
         return StageRecord(self.index(name), name)
 
     def records(self) -> list[StageRecord]:
