@@ -549,11 +549,9 @@ class CellStore:
     def _read(self, item_id: str, what: str, array: str, window: Window | None) -> np.ndarray:
         path = self.root / array
         try:
-            opened = open_array(str(path))
-        except StoreError as exc:
+            return open_array(str(path))[window_slices(window)]
+        except StoreError as exc:  # missing (also through a cached handle)
             raise StoreError(f"item {item_id!r}: cannot read its {what}: {exc}") from None
-        try:
-            return opened[window_slices(window)]
         except Exception as exc:  # noqa: BLE001 - a chunk the codec cannot decode
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise StoreError(
