@@ -72,6 +72,7 @@ SMOKE_OVERRIDES = (
     "inference.roi=64",
     "inference.sw_batch_size=4",
     "tracking.system_metrics=false",
+    "train.num_workers=0",  # in this process (Ray Train's local mode): no worker start-up
 )
 CALIBRATION_EPOCHS = 3
 SMOKE_CALIBRATION_EPOCHS = 2

@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "train.batch_size=4",
             "inference.roi=64",
             "inference.sw_batch_size=4",
+            "train.num_workers=0",  # in this process (Ray Train's local mode): no start-up
             *args.overrides,
         ]
     out = Path(args.out).absolute()

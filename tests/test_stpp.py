@@ -39,6 +39,10 @@ TINY = [
     "train.val_max_items=1",
     "tracking.system_metrics=false",
     "stpp.ignore_band=0.1",  # the pseudo-label sets carry ignore masks into stages 4 and 6
+    # the trainings run in the pipeline's own process (Ray Train's local mode), which saves
+    # their worker start-up (about 25 s each on 2 CPUs); ST++ over Ray Train's workers runs
+    # in test_multinode.py, test_job_submit.py and test_ray_up.py
+    "train.num_workers=0",
 ]
 
 
@@ -440,11 +444,11 @@ def test_crash_resume_does_not_recompute_stages_1_to_3(crashed_and_resumed):
         assert new.mlflow_run_id == old.mlflow_run_id and new.mlflow_run_id
         assert new.attempts == 1 and new.input_hash == old.input_hash
     assert result.record("retrain_reliable").attempts == 2
-    # stage 1 trained once: the training folders are the three stages' and Ray's, nothing new
+    # stage 1 trained once: the training folders are the three stages', nothing new (and
+    # no Ray Train storage: the trainings ran in the pipeline's process)
     root, p = result.pipeline_dir / "train", crashed_and_resumed["prefix"]
     assert f"{p}-1_supervised" in crashed_and_resumed["train_dirs_before"]
     assert sorted(x.name for x in root.iterdir()) == [
-        "_ray",
         f"{p}-1_supervised",
         f"{p}-4_retrain_reliable",
         f"{p}-6_retrain_all",

@@ -28,6 +28,7 @@ from cellst.train.config import TrainingDiverged
 from cellst.train.step import encoder_parameters
 from cellst.train.trainer import check_request, train
 from cellst.train.validate import validate
+from conftest import kill_group_when
 
 CELLST = str(Path(sys.executable).with_name("cellst"))
 
@@ -486,6 +487,47 @@ def test_rerun_resumes_interrupted_run(ray_session, store_dir, tmp_path):
     assert int(state["ema"]["n_averaged"]) == state["step"]
 
 
+def test_training_in_this_process_resumes_where_it_was_killed(ray_session, store_dir, tmp_path):
+    """``train.num_workers=0``: Ray Train's local mode runs the same loop in the ``cellst
+    train`` process itself (no worker actor; Ray Train keeps no checkpoint of its own). Killed
+    mid-run, the same command continues from the run's own resume state."""
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("name: local-test\n")
+    args = [CELLST, "train", str(cfg_file)]
+    for o in (
+        f"store={store_dir}",
+        f"train.run_dir={tmp_path}",
+        *TINY,
+        "train.num_workers=0",
+        "train.epochs=6",
+        "train.run_name=local",
+        "train.val_every=10",
+        "train.ema_decay=0.9",
+    ):
+        args += ["--set", o]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    run = tmp_path / "local"
+    first = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    killed = kill_group_when(first, (run / "resume" / "train_state.pt").is_file, 300)
+    assert killed, "the run finished before its first epoch's state was seen"
+    again = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:]
+    _, _, meta = load_model(run / "checkpoints" / "last")
+    assert meta["epoch"] == 6 and 1 <= meta["resumed_from_epoch"] < 6
+    # the loop ran in the command's own process, and Ray Train kept nothing of its own
+    assert json.loads((run / "workers" / "rank0.json").read_text())["pid"] == again.pid
+    assert not (tmp_path / "_ray" / "local").exists()
+    # the moving average resumed too: one update per step of both runs
+    state = torch.load(run / "resume" / "train_state.pt", weights_only=False)
+    assert state["epoch"] == 6 and int(state["ema"]["n_averaged"]) == state["step"]
+    assert "Reported metrics" not in out and "local mode" not in out  # Ray's INFO kept quiet
+
+
 def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.epochs"):
         tiny_cfg(store_dir, tmp_path, "train.epochs=0")
@@ -504,6 +546,13 @@ def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_pa
         check_request(tiny_cfg(store_dir, tmp_path, "train.pseudo_set=nope"))
     with pytest.raises(ClusterError, match="GPU"):
         train(tiny_cfg(store_dir, tmp_path, "train.use_gpu=true", "train.run_name=gpu"))
+    # training in this process (Ray Train's local mode): CPUs only, and no Tune callbacks
+    local = ("train.num_workers=0", "train.run_name=local")
+    with pytest.raises(ConfigError, match="num_workers=0 trains in this process on its CPUs"):
+        train(tiny_cfg(store_dir, tmp_path, *local, "train.use_gpu=true"))
+    with pytest.raises(ConfigError, match="num_workers=0 .* cannot report to Ray Train callbacks"):
+        train(tiny_cfg(store_dir, tmp_path, *local), callbacks=[object()])
+    assert not (tmp_path / "local").exists()
     # a store with no labelled items
     unl = tmp_path / "unl"
     shutil.copytree(store_dir, unl)

@@ -63,6 +63,10 @@ def test_missing_checkpoint_and_store_are_config_errors(tmp_path):
     cfg = _config(tmp_path / "s.yaml", tune={"space": space, "checkpoint": str(tmp_path)})
     with pytest.raises(ConfigError, match="no store configured"):
         load_tune_config(cfg)
+    # a training sweep reports through Ray Train's callbacks: not from a run in one process
+    cfg = _config(tmp_path / "s.yaml", store=str(tmp_path), tune={"space": space, "mode": "train"})
+    with pytest.raises(ConfigError, match="train.num_workers: 0 trains in one process"):
+        load_tune_config(cfg, ["train.num_workers=0"])
 
 
 def test_trial_settings_apply_like_overrides():

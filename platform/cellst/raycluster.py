@@ -76,6 +76,11 @@ NOISY_LOGGERS = {
     "ray.data": logging.WARNING,
     # cellst turns Ray Data's progress bars off on purpose (it draws its own); Ray warns
     "ray.data._internal.progress": logging.ERROR,
+    # local-mode training (train.num_workers=0) runs in this process: Ray Train's INFO
+    # lines (local mode, the device, every report's whole metrics dict) would land here
+    "ray.train.v2.api.config": logging.WARNING,
+    "ray.train.v2._internal.execution.train_fn_utils": logging.WARNING,
+    "ray.train.torch.train_loop_utils": logging.WARNING,
 }
 
 

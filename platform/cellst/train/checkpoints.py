@@ -7,11 +7,13 @@ Layout of ``<run_dir>/<run_name>/``::
     checkpoints/best/              best validation F1
     checkpoints/last/              the latest epoch
     checkpoints/snapshot_e007/     ST++ snapshots (about 1/3, 2/3 and the end), always kept
+    resume/train_state.pt          the latest epoch's training state (train.num_workers=0)
     overlays/<item>.png            image | label | prediction of validation items
 
 Every checkpoint directory holds ``model.pt`` and ``model.json`` (loadable with
 ``cellst.model.load_model``); the resumable training state (optimizer, scheduler, epoch)
-lives only in Ray Train's own checkpoints.
+lives in Ray Train's own checkpoints, or, for a run in this process (``train.num_workers=0``,
+where Ray Train keeps none), in ``resume/train_state.pt``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from cellst.fs import atomic_write_json
 from cellst.model.checkpoint_files import INFO_FILE, WEIGHTS_FILE
 
 MODEL_FILES = (WEIGHTS_FILE, INFO_FILE)
+#: the resumable training state beside a Ray checkpoint's model files
+TRAIN_STATE_FILE = "train_state.pt"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,11 @@ class RunPaths:
     @property
     def state(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def resume_state(self) -> Path:
+        """The latest epoch's training state of a run in this process (local mode)."""
+        return self.root / "resume" / TRAIN_STATE_FILE
 
     def snapshots(self) -> list[Path]:
         """ST++ snapshots in epoch order."""
@@ -70,7 +79,15 @@ def save_epoch(
     from cellst.model import save_checkpoint
 
     save_checkpoint(directory, model, model_cfg, {k: v for k, v in metrics.items()})
-    torch.save(state, directory / "train_state.pt")
+    torch.save(state, directory / TRAIN_STATE_FILE)
+
+
+def keep_resume_state(paths: RunPaths, src: Path) -> None:
+    """Keep the training state of checkpoint directory ``src`` as the run's resume state
+    (atomically: a re-run reads the previous epoch's whole state, or this one's)."""
+    from cellst.fs import atomic_write
+
+    atomic_write(paths.resume_state, lambda tmp: shutil.copyfile(src / TRAIN_STATE_FILE, tmp))
 
 
 def _publish(src: Path, dst: Path) -> None:

@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cellst.data.store import CellStore
     from cellst.model import HoVerLoss, build_model, load_into
     from cellst.tracking.buffered import BufferedMetricLogger
-    from cellst.train.checkpoints import RunPaths, keep_checkpoints, save_epoch
+    from cellst.train.checkpoints import RunPaths, keep_checkpoints, keep_resume_state, save_epoch
     from cellst.train.selection import initial_best, update_best
     from cellst.train.step import (
         Batch,
@@ -133,10 +133,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     served = ema.module if ema is not None else _unwrap(model)
 
     start_epoch, step, best = 0, 0, initial_best()
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            state = torch.load(Path(d) / "train_state.pt", map_location=device, weights_only=False)
+    local = bool(config.get("local"))  # in the driver's process: Ray Train keeps no state
+    state = _resume_state(paths, local, device)
+    if state is not None:
         _unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -257,6 +256,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "best": best,
             }
             save_epoch(tmp, served, cfg.model, state, metrics)
+            if local:
+                keep_resume_state(paths, tmp)
             keep_checkpoints(
                 paths,
                 tmp,
@@ -286,6 +287,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if logger is not None:
         logger.close()  # a last attempt; what is left is said in one line
     _write_param_digest(_unwrap(model), paths.root / f"params_rank{rank}.sha256")
+
+
+def _resume_state(paths, local: bool, device: torch.device) -> dict[str, Any] | None:
+    """The training state to continue from: Ray Train's restored checkpoint, or in local
+    mode (``train.num_workers=0``) the run's own ``resume/train_state.pt``; None: start."""
+    import torch
+
+    from cellst.train.checkpoints import TRAIN_STATE_FILE
+
+    if local:
+        path = paths.resume_state
+        if not path.is_file():
+            return None
+        return torch.load(path, map_location=device, weights_only=False)
+    resumed = ray.train.get_checkpoint()
+    if resumed is None:
+        return None
+    with resumed.as_directory() as d:
+        return torch.load(Path(d) / TRAIN_STATE_FILE, map_location=device, weights_only=False)
 
 
 def _first_item_fetched_now(items: Iterator[T] | Any) -> Iterator[T]:

@@ -4,6 +4,12 @@ Everything that can be wrong with the request (config values, a store without la
 items, a missing pseudo-label set, GPUs the cluster lacks) is reported before any worker
 starts. Re-running with the same run name resumes: Ray Train V2 restores the latest
 checkpoint of the same ``(storage_path, name)``, and the MLflow run is re-attached.
+
+``train.num_workers=0`` runs the same ``train_loop_per_worker`` in this process (Ray Train's
+local mode): no controller, worker or helper actors start, which on a small machine saves
+about 25 s per training (measured on 2 CPUs: 12-14 s against 37-40 s for a 2-epoch run).
+The crop stream still runs as Ray Data tasks. Ray Train keeps no checkpoints there, so the
+loop keeps its resumable state in ``<run>/resume/`` itself; failures are not retried.
 """
 
 from __future__ import annotations
@@ -81,6 +87,11 @@ def check_request(cfg) -> tuple[CellStore, list[str], list[str]]:
         raise StoreError(
             f"train.pseudo_set={t.pseudo_set!r} is not in store {store.root} "
             f"(sets: {store.pseudo_sets() or 'none'}); create it with `cellst predict`"
+        )
+    if t.num_workers == 0 and t.use_gpu:
+        raise ConfigError(
+            "train.num_workers=0 trains in this process on its CPUs; set train.num_workers=1 "
+            "for a GPU worker"
         )
     if t.init_checkpoint is not None and not is_checkpoint(t.init_checkpoint):
         raise ConfigError(f"train.init_checkpoint={t.init_checkpoint} is not a cellst checkpoint")
@@ -178,6 +189,8 @@ def fit_cluster(cfg):
 
     t = cfg.train
     res = ray.cluster_resources()
+    if t.num_workers == 0:
+        return _fit_local(cfg, res.get("CPU", 0))
     if t.use_gpu and res.get("GPU", 0) < t.num_workers:
         raise ClusterError(
             f"train.use_gpu=true with train.num_workers={t.num_workers} needs {t.num_workers} "
@@ -222,11 +235,40 @@ def fit_cluster(cfg):
     return cfg
 
 
+def _fit_local(cfg, cluster_cpus: float):
+    """:func:`fit_cluster` for ``train.num_workers=0`` (Ray Train's local mode): the
+    training runs in this process, which holds no Ray resources, so its CPUs are only
+    settled (as for one worker) and kept from the read-and-augment tasks by
+    :func:`build_dataset`."""
+    t = cfg.train
+    room = cluster_cpus - t.augment_cpus
+    if room < 0.25:
+        raise ClusterError(
+            f"train.num_workers=0 does not leave one read-and-augment task "
+            f"(train.augment_cpus={t.augment_cpus:g}) room on {cluster_cpus:g} CPUs"
+        )
+    cfg = cfg.model_copy(deep=True)
+    if t.cpus_per_worker is None:
+        cfg.train.cpus_per_worker = min(max(1.0, float(int(room / 2))), room)
+    elif t.cpus_per_worker > room:
+        print(
+            f"note: train.cpus_per_worker={t.cpus_per_worker:g} leaves no room for data reads "
+            f"and augmentation on {cluster_cpus:g} CPUs; using {room:.2f} CPUs"
+        )
+        cfg.train.cpus_per_worker = room
+    return cfg
+
+
+def training_ranks(cfg) -> int:
+    """Processes that step: ``train.num_workers``, or 1 where that is 0 (local mode)."""
+    return max(1, cfg.train.num_workers)
+
+
 def steps_per_epoch(cfg) -> int:
     """Optimizer steps of each worker per epoch: ``data.crops_per_epoch`` crops in full
     batches over all workers (rounded up, so every rank steps equally often)."""
     t = cfg.train
-    return max(1, math.ceil(cfg.data.crops_per_epoch / (t.num_workers * t.batch_size)))
+    return max(1, math.ceil(cfg.data.crops_per_epoch / (training_ranks(cfg) * t.batch_size)))
 
 
 def augment_transform(cfg):
@@ -262,8 +304,8 @@ def build_dataset(cfg, store: CellStore, train_ids: list[str]):
         items += crop_items(
             store, None, d.balance_by, pseudo_set=t.pseudo_set, source=1, total_weight=pseudo_w
         )
-    total = steps_per_epoch(cfg) * t.batch_size * t.num_workers * t.epochs
-    return train_crop_dataset(
+    total = steps_per_epoch(cfg) * t.batch_size * training_ranks(cfg) * t.epochs
+    dataset = train_crop_dataset(
         items,
         total,
         d.crop_size,
@@ -274,6 +316,15 @@ def build_dataset(cfg, store: CellStore, train_ids: list[str]):
         transform=augment_transform(cfg),
         block_rows=max(t.batch_size, 32),
     )
+    if t.num_workers == 0:
+        # local mode: this process steps on train.cpus_per_worker threads that Ray does not
+        # count, so the read tasks are kept to the rest (Ray Train's workers hold theirs)
+        import ray
+        from ray.data import ExecutionResources
+
+        free = max(t.augment_cpus, ray.cluster_resources().get("CPU", 0) - t.cpus_per_worker)
+        dataset.context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=free)
+    return dataset
 
 
 def train(
@@ -326,6 +377,11 @@ def train(
     from cellst.train.loop import train_loop_per_worker
 
     t = cfg.train
+    if callbacks and t.num_workers == 0:
+        raise ConfigError(
+            "train.num_workers=0 (training in this process) cannot report to Ray Train "
+            "callbacks such as a Tune sweep's; set train.num_workers to 1 or more"
+        )
     name = run_name or t.run_name or f"{cfg.name}-train"
     paths = RunPaths(Path(t.run_dir).absolute() / name)
     store, train_ids, val_ids = check_request(cfg)
@@ -414,6 +470,7 @@ def train(
                 "tracking_uri": uri,
                 "mlflow_run_id": run_id,
                 "inject_nan_at_step": int(os.environ.get("CELLST_INJECT_NAN_AT_STEP", "0")),
+                "local": t.num_workers == 0,  # the loop keeps its own resumable state
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=t.num_workers,
@@ -423,7 +480,9 @@ def train(
                     **({"GPU": 1} if t.use_gpu else {}),
                 },
                 placement_strategy=t.placement_strategy,
-            ),
+            )
+            if t.num_workers
+            else ray.train.ScalingConfig(num_workers=0),  # local mode: in this process
             run_config=ray.train.RunConfig(
                 name=name,
                 storage_path=str(Path(t.run_dir).absolute() / "_ray"),
@@ -440,6 +499,9 @@ def train(
         # the run: a later Ctrl-C in this process (the next ST++ stage) would call a dead
         # controller and exit 0. Put back whatever handled Ctrl-C before.
         sigint = signal.getsignal(signal.SIGINT)
+        import torch
+
+        threads = torch.get_num_threads()  # local mode: the loop sets this process's
         try:
             with environ(wait_env):
                 result = trainer.fit()
@@ -455,6 +517,7 @@ def train(
                 raise no_room from None
             raise
         finally:
+            torch.set_num_threads(threads)
             if sigint is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, sigint)
         metrics = dict(result.metrics or {})

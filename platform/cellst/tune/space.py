@@ -75,6 +75,11 @@ def space_problems(cfg) -> list[str]:
                 break
     if t.mode == "postprocess" and not t.checkpoint:
         problems.append("tune.checkpoint: a postprocess sweep needs the checkpoint to sweep on")
+    if t.mode == "train" and cfg.train.num_workers == 0:
+        problems.append(
+            "train.num_workers: 0 trains in one process and reports to no Tune trial; a "
+            "training sweep needs 1 or more"
+        )
     return problems
 
 
