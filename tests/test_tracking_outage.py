@@ -216,13 +216,18 @@ def _wait_for(path: Path, timeout: float = 300) -> None:
 
 def test_training_survives_tracking_outage(ray_session, store_dir, tmp_path, server):
     """The server is killed by PID after epoch 1 and stays down to the end: the training
-    goes on, finishes and says so; restarted, the server gets every epoch on a re-run."""
+    goes on, finishes and says so; restarted, the server gets every epoch on a re-run.
+
+    The training runs in this process (``train.num_workers=0``, Ray Train's local mode),
+    where the loop's logger and the driver's MLflow run share one process; a DDP training
+    on two nodes rides out an outage in test_multinode.py."""
     from cellst.train.trainer import train
 
     server.start()
     cfg = _cfg(
         store_dir,
         tmp_path,
+        "train.num_workers=0",
         "train.epochs=3",
         "train.val_every=10",
         "train.run_name=outage",

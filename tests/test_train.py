@@ -307,14 +307,16 @@ def _ckpt_temps() -> set[str]:
 def test_two_phase_training_logs_to_a_real_mlflow_server(
     ray_session, store_dir, tmp_path, mlflow_server
 ):
-    """One 2-epoch training (each training costs about 20 s of Ray Train start-up alone)
-    checks two things: the two-phase schedule (encoder frozen in epoch 1, trained in
-    epoch 2) and what reaches a real MLflow tracking server."""
+    """One 2-epoch training checks two things: the two-phase schedule (encoder frozen in
+    epoch 1, trained in epoch 2) and what reaches a real MLflow tracking server. It trains
+    in this process (``train.num_workers=0``, Ray Train's local mode: no worker start-up,
+    about 25 s); a DDP training logs to a real server in test_multinode.py."""
     uri, _ = mlflow_server
     before = _ckpt_temps()
     cfg = tiny_cfg(
         store_dir,
         tmp_path,
+        "train.num_workers=0",
         "train.epochs=2",
         "train.frozen_encoder_epochs=1",
         "train.run_name=srv",
@@ -385,7 +387,16 @@ def test_workers_finding_no_room_stop_the_training_in_one_line(ray_session, stor
 
 
 def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_path, monkeypatch):
-    cfg = tiny_cfg(store_dir, tmp_path, "train.epochs=3", "train.run_name=nan", "train.val_every=5")
+    # in this process (Ray Train's local mode): the loop's check is the same, without the
+    # worker start-up; across DDP ranks the check is an all-reduce (_all_finite)
+    cfg = tiny_cfg(
+        store_dir,
+        tmp_path,
+        "train.num_workers=0",
+        "train.epochs=3",
+        "train.run_name=nan",
+        "train.val_every=5",
+    )
     steps_per_epoch = 64 // 8
     monkeypatch.setenv("CELLST_INJECT_NAN_AT_STEP", str(steps_per_epoch + 3))  # inside epoch 2
     with pytest.raises(TrainingDiverged, match="diverged at epoch 2") as exc:
