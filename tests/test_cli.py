@@ -178,6 +178,23 @@ def test_config_error_exit_code_names_field(tmp_path):
     assert "ingest.chunk" in res.output
 
 
+def test_out_given_as_a_file_is_named_in_one_line(tmp_path, synth_src):
+    """``--out`` naming an existing file: one line naming it (exit 1) before any work, where
+    ingest, evaluate and compare printed a bare ``[Errno 17] File exists`` after it."""
+    taken = tmp_path / "taken"
+    taken.write_text("a user's file")
+    for args in (
+        ["ingest", str(synth_src), "--out", str(taken)],
+        ["evaluate", "--gt", str(synth_src), "--pred", str(synth_src), "--out", str(taken)],
+        ["compare", "--tracking-uri", str(tmp_path / "mlruns"), "--out", str(taken)],
+    ):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1, (args[0], res.output)
+        assert f"{taken} is a file, not a folder" in res.output.replace("\n", ""), res.output
+        assert "Errno" not in res.output and "Traceback" not in res.output
+    assert taken.read_text() == "a user's file"
+
+
 def test_evaluate_missing_inputs(tmp_path):
     res = runner.invoke(
         app,

@@ -225,10 +225,12 @@ def ingest(
     from cellst.data.ingest import check_source
     from cellst.data.ingest import ingest as run_ingest
     from cellst.data.store import CellStore
+    from cellst.fs import check_writable
     from cellst.raycluster import ensure_ray
 
     cfg = _load(config, set_)
     check_source(src)  # before Ray starts (seconds) for nothing
+    check_writable(out)  # e.g. a file at the store's name: one line, not [Errno 17]
     try:
         ensure_ray(ray_address)
         result = run_ingest(
@@ -284,10 +286,12 @@ def evaluate(
     --count-boundary), matching is Hungarian, F1 is 0 without true positives, and the
     score is the mean over images, exactly as the official evaluation script.
     """
+    from cellst.fs import check_writable
     from cellst.metrics.report import format_table
     from cellst.metrics.sources import evaluate_sources
 
     cfg = _load(config, set_)
+    check_writable(out)  # before the scoring, not a bare [Errno 17] after it
     boundary = cfg.evaluate.count_boundary if count_boundary is None else count_boundary
     try:
         report = evaluate_sources(
@@ -837,8 +841,11 @@ def compare(
 ) -> None:
     """Compare MLflow runs without a browser: test and validation F1 per modality, each
     run's stage, and only the config fields that differ between the runs shown."""
+    from cellst.fs import check_writable
     from cellst.tracking.compare import compare_command
 
+    if out is not None:
+        check_writable(out)
     compare_command(experiment, tracking_uri, sort, out, limit, kind, ascending)
 
 
