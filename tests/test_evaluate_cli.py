@@ -64,6 +64,21 @@ def test_non_integer_float_label_names_the_file_exit_2(tmp_path):
     assert _evaluate(gt, pred, tmp_path / "r").exit_code == 0
 
 
+def test_a_truncated_label_tiff_is_named_as_unreadable(tmp_path):
+    """A label file cut short (a copy interrupted) is named as unreadable, in one line; it
+    was ``expected a 2-D label image, got shape (0,)`` after a stray tifffile log line."""
+    big = np.zeros((128, 128), np.uint16)
+    big[20:60, 20:60] = 1
+    gt, pred = _folders(tmp_path, {"a": big}, {"a": big})
+    cut = pred / "a_label.tiff"
+    cut.write_bytes(cut.read_bytes()[:4000])
+    res = _evaluate(gt, pred, tmp_path / "r")
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and f"{cut}: cannot read image" in lines[0], res.output
+    assert "shape (0,)" not in res.output
+
+
 def test_missing_and_extra_predictions_are_warned_by_name(tmp_path):
     gt, pred = _folders(
         tmp_path,

@@ -169,10 +169,11 @@ def load_label_folder(folder: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 def read_labels(path: Path) -> np.ndarray:
-    """Read a 2-D label image (TIFF); a clear error naming the file if it is not one."""
-    import tifffile
+    """Read a 2-D label image (TIFF); a clear error naming the file if it is not one
+    (:func:`cellst.data.images.read_array`: a truncated or corrupt file says so)."""
+    from cellst.data.images import read_array
 
-    arr = np.asarray(tifffile.imread(path))
+    arr = read_array(path)
     if arr.ndim > 2:
         arr = arr.reshape([n for n in arr.shape if n != 1] or [1, 1])
     if arr.ndim != 2:
