@@ -351,3 +351,24 @@ def test_scan_reports_layout_problems_together(tmp_path, synth_src):
     _, problems = scan_source(src)
     reasons = " ".join(r for _, r in problems)
     assert "without a label" in reasons and "duplicate id" in reasons
+
+
+def test_nan_and_infinite_pixels_normalise_without_warnings():
+    """A float image with NaN (masked) and infinite (saturated) pixels: NaN is background
+    (0), +inf the brightest (255), -inf 0; the finite pixels are normalised as if those were
+    absent, with no numpy RuntimeWarning (there used to be one per channel)."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    img = rng.uniform(100, 1000, (64, 64)).astype(np.float32)
+    bad = img.copy()
+    bad[:8] = np.nan
+    bad[8:12] = np.inf
+    bad[12:14] = -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = normalize_image(bad, 1, 99)
+    assert out.dtype == np.uint8
+    assert (out[:8] == 0).all() and (out[8:12] == 255).all() and (out[12:14] == 0).all()
+    rest = normalize_image(img[14:], 1, 99)  # the finite rows alone set the range
+    assert np.array_equal(out[14:], rest)

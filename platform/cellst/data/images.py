@@ -198,9 +198,12 @@ def channel_range(channel: np.ndarray, low: float = 1.0, high: float = 99.0) -> 
 
     ``lo`` and ``hi`` are percentiles of the non-zero pixels, ``top`` their maximum; an
     all-zero channel gives ``()``. Computed once, the range can be applied tile by tile
-    (:func:`apply_range`), so large images need not be normalised in one piece.
+    (:func:`apply_range`), so large images need not be normalised in one piece. NaN and
+    infinite pixels of a float image (masked or saturated regions) are left out.
     """
     nz = channel[channel != 0]
+    if nz.dtype.kind == "f":
+        nz = nz[np.isfinite(nz)]
     if nz.size == 0:
         return ()
     lo, hi = np.percentile(nz, [low, high])
@@ -211,11 +214,15 @@ def apply_range(channel: np.ndarray, rng: tuple[float, ...]) -> np.ndarray:
     """Rescale ``channel`` to uint8 with a range from :func:`channel_range`.
 
     A degenerate percentile range rescales from the channel's maximum instead of casting
-    (the challenge baseline's cast wraps 16-bit values); 8-bit channels are then kept.
+    (the challenge baseline's cast wraps 16-bit values); 8-bit channels are then kept. NaN
+    pixels become 0, infinite ones 0 or 255 by their sign.
     """
     if not rng:
         return np.zeros(channel.shape, np.uint8)
     lo, hi, top = rng
+    if channel.dtype.kind == "f" and not np.isfinite(channel).all():
+        # NaN as background, +inf as the brightest finite pixel, -inf as the darkest
+        channel = np.nan_to_num(channel, nan=lo, posinf=top, neginf=lo)
     if hi - lo > 1e-3:
         return rescale_intensity(channel, in_range=(lo, hi), out_range=np.uint8).astype(np.uint8)
     if channel.dtype == np.uint8:
