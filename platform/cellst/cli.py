@@ -1,7 +1,9 @@
 """The ``cellst`` command line: a thin layer over the stage packages.
 
-Every command that runs a stage takes ``--config FILE`` (YAML) and any number of
-``--set key.path=value`` overrides; errors name the offending field, file or item.
+Every command that runs a stage takes a config (YAML) and any number of ``--set
+key.path=value`` overrides: ``train``, ``stpp`` and ``tune`` take the experiment file as
+their argument (``cellst train experiments/supervised.yaml``), the others ``--config FILE``.
+Errors name the offending field, file or item.
 """
 
 from __future__ import annotations
