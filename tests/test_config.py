@@ -63,6 +63,23 @@ def test_override_syntax():
     assert isinstance(load_config(None, ["name=x"]), ExperimentConfig)
 
 
+def test_set_reaches_a_dotted_key_of_the_tune_space(tmp_path):
+    """``tune.space`` maps dotted field names to distributions: ``--set
+    tune.space.postprocess.mask_threshold=...`` sets that one entry (it was split on every
+    dot into a nested mapping and refused), keeping the file's other entries."""
+    f = tmp_path / "sweep.yaml"
+    f.write_text("tune:\n  space:\n    train.lr: {grid: [0.001, 0.003]}\n")
+    cfg = load_config(f, ["tune.space.postprocess.mask_threshold={uniform: [0.3, 0.6]}"])
+    assert set(cfg.tune.space) == {"train.lr", "postprocess.mask_threshold"}
+    assert cfg.tune.space["postprocess.mask_threshold"].uniform == (0.3, 0.6)
+    assert cfg.tune.space["train.lr"].grid == [0.001, 0.003]
+    # a bad key inside the space is still named whole
+    with pytest.raises(ConfigError, match=r"tune\.space\.postprocess\.bogus"):
+        from cellst.tune.space import load_tune_config
+
+        load_tune_config(f, ["store=x", "tune.space.postprocess.bogus={grid: [1]}"])
+
+
 def _float_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Dotted paths of every float field of a config model and its nested sections."""
     out = []

@@ -188,7 +188,7 @@ def _load_yaml(text: str) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into a key path and a YAML-parsed value.
 
-    >>> parse_override("train.lr=1e-3")
+    >>> parse_override("train.lr=0.001")
     (['train', 'lr'], 0.001)
     """
     if "=" not in text:
@@ -207,11 +207,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``key.path=value`` override applied."""
+def key_path(path: list[str], model: type[BaseModel] | None) -> list[str]:
+    """``path`` as keys of ``model``'s nested data: past a field that is a mapping (such as
+    ``tune.space``, whose keys are dotted field names) the rest of the path is one key.
+
+    >>> from cellst.experiment import ExperimentConfig
+    >>> key_path("tune.space.train.lr".split("."), ExperimentConfig)
+    ['tune', 'space', 'train.lr']
+    """
+    import typing
+
+    for i, part in enumerate(path[:-1]):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return path
+        ann = field.annotation
+        if typing.get_origin(ann) is dict:
+            return [*path[: i + 1], ".".join(path[i + 1 :])]
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return path
+
+
+def apply_overrides(
+    data: Mapping[str, Any], overrides: Iterable[str], model: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key.path=value`` override applied; with the
+    ``model`` the data is for, a path into a mapping field keeps its dotted key whole
+    (:func:`key_path`)."""
     out: dict[str, Any] = copy.deepcopy(dict(data))
     for text in overrides:
         path, value = parse_override(text)
+        path = key_path(path, model)
         node = out
         for i, part in enumerate(path[:-1]):
             nxt = node.get(part)
@@ -275,7 +301,7 @@ def load_config(
         ann = field.annotation
         if data.get(key, {}) is None and isinstance(ann, type) and issubclass(ann, BaseModel):
             data[key] = {}
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, overrides, model)
     source = str(path) if path is not None else "defaults"
     if overrides:
         source += " + --set " + " ".join(overrides)
