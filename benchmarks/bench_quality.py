@@ -73,6 +73,7 @@ SMOKE_OVERRIDES = (
     "inference.sw_batch_size=4",
     "tracking.system_metrics=false",
     "train.num_workers=0",  # in this process (Ray Train's local mode): no worker start-up
+    "predict.num_actors=0",  # and no actor pool
 )
 CALIBRATION_EPOCHS = 3
 SMOKE_CALIBRATION_EPOCHS = 2

@@ -64,9 +64,11 @@ SMOKE_OVERRIDES = (
     "inference.roi=64",
     "inference.sw_batch_size=4",
     "tracking.system_metrics=false",
-    # in this process (Ray Train's local mode): the smoke run checks this script, not the
-    # worker start-up that six tiny trainings would each pay (about 25 s on 2 CPUs)
+    # in this process (Ray Train's local mode, no actor pool): the smoke run checks this
+    # script, not the start-up of workers and actors that its six tiny trainings (about
+    # 25 s each on 2 CPUs) and six predictions (about 5 s each) would pay
     "train.num_workers=0",
+    "predict.num_actors=0",
 )
 
 
@@ -269,6 +271,7 @@ def _test_f1(cfg, base, checkpoint, tag: str, work: Path) -> float:
         set_name=f"{cfg.name}-test-{tag}",
         split="test",
         infer=base.inference,
+        resources=cfg.predict,  # as stage 7 predicts (--set predict.* applies to both)
         progress=False,
         overwrite=True,
     )

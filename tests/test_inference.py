@@ -189,13 +189,17 @@ def test_predict_two_actors_writes_each_item_once(
 
 
 def test_predict_sets_is_one_pass_equal_to_separate_runs_and_resumes_each_set(
-    ray_session, store_dir, lite_checkpoint, tmp_path
+    ray_session, store_dir, lite_checkpoint, tmp_path, monkeypatch
 ):
     """Two models (other weights, other post-processing) predict the same items in one pass:
     each set holds what a run of its own writes, a set already half written gets only its
-    missing items, and a set written by another model is refused before anything runs."""
+    missing items, and a set written by another model is refused before anything runs.
+
+    The runs of their own predict in this process (``predict.num_actors=0``, no actor pool),
+    so the pool's sets are also checked equal to the in-process path's."""
     import shutil
 
+    from cellst.inference.batch import ModelActor
     from cellst.postprocess import PostprocessConfig
 
     store_dir = shutil.copytree(store_dir, tmp_path / "store")
@@ -206,10 +210,16 @@ def test_predict_sets_is_one_pass_equal_to_separate_runs_and_resumes_each_set(
     other = save_checkpoint(tmp_path / "other", build_model(cfg).eval(), cfg)
     post_a, post_b = PostprocessConfig(), PostprocessConfig(mask_threshold=0.4)
     infer = InferenceConfig(roi=128)
-    run = {"infer": infer, "calibrated": False, "progress": False}
-    predict(lite_checkpoint, store_dir, set_name="ra", ids=ids, post=post_a, **run)
-    predict(other, store_dir, set_name="rb", ids=ids, post=post_b, **run)
-    predict(other, store_dir, set_name="b", ids=ids[:2], post=post_b, **run)  # half done
+    here = PredictConfig(num_actors=0)
+    run = {"infer": infer, "calibrated": False, "progress": False, "resources": here}
+    calls: list[int] = []  # the model's calls seen in this process
+    with monkeypatch.context() as m:
+        real = ModelActor.__call__
+        m.setattr(ModelActor, "__call__", lambda self, b: calls.append(1) or real(self, b))
+        predict(lite_checkpoint, store_dir, set_name="ra", ids=ids, post=post_a, **run)
+        predict(other, store_dir, set_name="rb", ids=ids, post=post_b, **run)
+        predict(other, store_dir, set_name="b", ids=ids[:2], post=post_b, **run)  # half done
+    assert len(calls) == 2 * len(ids) + 2  # every image, here, not in an actor
     before = _arrays_with_run(store, "b")
 
     a, b = predict_sets(
@@ -381,6 +391,14 @@ def test_predict_bad_requests(ray_session, store_dir, lite_checkpoint, tmp_path)
             store_dir,
             set_name="x",
             resources=PredictConfig(num_gpus_per_actor=1),
+            progress=False,
+        )
+    with pytest.raises(ClusterError, match="num_actors=0 predicts in this process on its CPUs"):
+        predict(
+            lite_checkpoint,
+            store_dir,
+            set_name="x",
+            resources=PredictConfig(num_actors=0, num_gpus_per_actor=1),
             progress=False,
         )
     with pytest.raises(StoreError, match="--set-name"):

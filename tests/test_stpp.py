@@ -39,10 +39,12 @@ TINY = [
     "train.val_max_items=1",
     "tracking.system_metrics=false",
     "stpp.ignore_band=0.1",  # the pseudo-label sets carry ignore masks into stages 4 and 6
-    # the trainings run in the pipeline's own process (Ray Train's local mode), which saves
-    # their worker start-up (about 25 s each on 2 CPUs); ST++ over Ray Train's workers runs
-    # in test_multinode.py, test_job_submit.py and test_ray_up.py
+    # the trainings and predictions run in the pipeline's own process (Ray Train's local
+    # mode, no actor pool), which saves their workers' and actors' start-up (about 25 and
+    # 5 s each on 2 CPUs); ST++ over Ray Train's workers and actor pools runs in
+    # test_multinode.py, test_job_submit.py and test_ray_up.py
     "train.num_workers=0",
+    "predict.num_actors=0",
 ]
 
 

@@ -334,7 +334,8 @@ def predict(
         str | None, typer.Option(help="store split to predict (default: unlabeled)")
     ] = None,
     num_actors: Annotated[
-        int | None, typer.Option(min=1, help="model replicas (actor pool size)")
+        int | None,
+        typer.Option(min=0, help="model replicas (actor pool size); 0: in this process"),
     ] = None,
     num_gpus_per_actor: Annotated[
         float | None, typer.Option(min=0, help="GPUs per actor (0: CPU)")

@@ -494,6 +494,13 @@ def fit_resources(pcfg: PredictConfig) -> PredictConfig:
     leaves no room for the read tasks (and, on GPUs, the post-processing stage) is scaled
     down with a note, since a pipeline whose stages cannot all be scheduled waits forever.
     """
+    if pcfg.num_actors == 0:  # in this process: it holds no Ray resources to fit
+        if pcfg.num_gpus_per_actor > 0:
+            raise ClusterError(
+                "predict.num_actors=0 predicts in this process on its CPUs; set "
+                "predict.num_actors to 1 or more for GPU actors"
+            )
+        return pcfg
     res = ray.cluster_resources()
     cpus = res.get("CPU", 0)
     if pcfg.num_gpus_per_actor > 0:
@@ -834,8 +841,15 @@ def _run_pool(
 ) -> list[str]:
     """Stream the image rows of ``ds`` through one actor pool holding ``models`` (and, on
     GPUs, CPU tasks that post-process and write); each row's outcome goes to its model's
-    result. Returns, per model, why it failed on the actors ("" when it did not)."""
+    result. Returns, per model, why it failed on the actors ("" when it did not).
+
+    With ``resources.num_actors == 0`` the same :class:`ModelActor` runs in this process on
+    the rows the read tasks stream here (no actor process to start and import torch in).
+    """
     use_gpu = resources.num_gpus_per_actor > 0
+    if resources.num_actors == 0:
+        return _run_here(ds, models, writes, need, infer, resources, results, paths, total,
+                         progress, t0)  # fmt: skip
     ds = ds.map_batches(
         ModelActor,
         fn_constructor_kwargs={
@@ -860,21 +874,64 @@ def _run_pool(
     fatal = [""] * len(models)
     bar = tqdm(total=total, desc="predict", unit="img", disable=not progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        rows = zip(batch["id"], batch["model"], batch["error"], batch["fatal"], strict=True)
-        for item, k, error, bad in rows:
-            result = results[int(k)]
-            if not result.written and not result.failed:
-                result.first_item_seconds = time.perf_counter() - t0
-            if error:
-                name = str(paths.get(str(item), f"item {item}"))
-                why = str(error)
-                result.failed.append((str(item), why if name in why else f"{name}: {why}"))
-                fatal[int(k)] = fatal[int(k)] or (why if bad else "")
-            else:
-                result.written.append(str(item))
+        _take_rows(batch, results, paths, fatal, t0)
         bar.update(len(batch["id"]))
     bar.close()
     return fatal
+
+
+def _run_here(
+    ds: Any,
+    models: list[dict[str, str]],
+    writes: list[dict],
+    need: dict[str, list[int]] | None,
+    infer: InferenceConfig,
+    resources: PredictConfig,
+    results: list[PredictResult],
+    paths: dict[str, Path],
+    total: int,
+    progress: bool,
+    t0: float,
+) -> list[str]:
+    """:func:`_run_pool` with the model in this process (``predict.num_actors=0``)."""
+    import torch
+
+    threads = torch.get_num_threads()  # the actor sets the process's own; put it back
+    try:
+        actor = ModelActor(models, infer.model_dump(), False, writes, need)
+        torch.set_num_threads(max(1, int(resources.num_cpus_per_actor)))  # as an actor's
+        fatal = [""] * len(models)
+        bar = tqdm(total=total, desc="predict", unit="img", disable=not progress)
+        for image in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            batch = actor(image)
+            _take_rows(batch, results, paths, fatal, t0)
+            bar.update(len(batch["id"]))
+        bar.close()
+    finally:
+        torch.set_num_threads(threads)
+    return fatal
+
+
+def _take_rows(
+    batch: dict[str, Any],
+    results: list[PredictResult],
+    paths: dict[str, Path],
+    fatal: list[str],
+    t0: float,
+) -> None:
+    """Record each row's outcome (written, or failed and why) in its model's result."""
+    rows = zip(batch["id"], batch["model"], batch["error"], batch["fatal"], strict=True)
+    for item, k, error, bad in rows:
+        result = results[int(k)]
+        if not result.written and not result.failed:
+            result.first_item_seconds = time.perf_counter() - t0
+        if error:
+            name = str(paths.get(str(item), f"item {item}"))
+            why = str(error)
+            result.failed.append((str(item), why if name in why else f"{name}: {why}"))
+            fatal[int(k)] = fatal[int(k)] or (why if bad else "")
+        else:
+            result.written.append(str(item))
 
 
 def _failure_message(result: PredictResult, fatal: str, out: Path | None, set_name) -> str:

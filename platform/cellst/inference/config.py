@@ -44,7 +44,12 @@ class PredictConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    num_actors: int = Field(1, ge=1, description="model replicas (actors)")
+    num_actors: int = Field(
+        1,
+        ge=0,
+        description="model replicas (actors); 0: predict in this process (no actor to start, "
+        "about 5 s less per call on 2 CPUs; images are still read by Ray Data tasks)",
+    )
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor; 0 runs on CPU")
     num_cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor")
     postprocess_cpus: float = Field(1, gt=0, description="CPUs per post-processing task")
