@@ -183,21 +183,22 @@ def fit_cluster(cfg):
     ``train.cpus_per_worker`` left at None becomes 1 with GPUs (the GPU computes; the other
     CPUs augment) and otherwise about half the CPUs, in whole threads (on CPUs, reading and
     augmenting a crop costs about as much as the network's step on it). An explicit value
-    that does not fit is lowered, with a note. Returns a copy of ``cfg``.
+    that does not fit is lowered, with a note. A training in this process
+    (``train.num_workers=0``) is settled as one worker; it holds no Ray resources, so
+    :func:`build_dataset` keeps the read tasks off its CPUs. Returns a copy of ``cfg``.
     """
     import ray
 
     t = cfg.train
+    n = training_ranks(cfg)
     res = ray.cluster_resources()
-    if t.num_workers == 0:
-        return _fit_local(cfg, res.get("CPU", 0))
-    if t.use_gpu and res.get("GPU", 0) < t.num_workers:
+    if t.use_gpu and res.get("GPU", 0) < n:
         raise ClusterError(
-            f"train.use_gpu=true with train.num_workers={t.num_workers} needs {t.num_workers} "
+            f"train.use_gpu=true with train.num_workers={t.num_workers} needs {n} "
             f"GPU(s), but the Ray cluster has {res.get('GPU', 0):g}; set train.use_gpu=false"
         )
     room = res.get("CPU", 0) - t.augment_cpus
-    if room < 0.25 * t.num_workers:
+    if room < 0.25 * n:
         raise ClusterError(
             f"train.num_workers={t.num_workers} does not fit on {res.get('CPU', 0):g} CPUs "
             f"beside one read-and-augment task (train.augment_cpus={t.augment_cpus:g})"
@@ -206,16 +207,18 @@ def fit_cluster(cfg):
     if t.cpus_per_worker is None:
         # CPU training: a crop costs the read-and-augment task about as much CPU time as the
         # small network's step, so the workers get about half the CPUs (whole threads)
-        per = 1.0 if t.use_gpu else max(1.0, float(int(room / 2 / t.num_workers)))
-        cfg.train.cpus_per_worker = min(per, room / t.num_workers)
-    elif t.num_workers * t.cpus_per_worker > room:
-        per = room / t.num_workers
+        per = 1.0 if t.use_gpu else max(1.0, float(int(room / 2 / n)))
+        cfg.train.cpus_per_worker = min(per, room / n)
+    elif n * t.cpus_per_worker > room:
+        per = room / n
         print(
-            f"note: {t.num_workers} workers x {t.cpus_per_worker:g} CPUs leave no room for "
+            f"note: {n} workers x {t.cpus_per_worker:g} CPUs leave no room for "
             f"data reads and augmentation on {res.get('CPU', 0):g} CPUs; using {per:.2f} CPUs "
             "per worker"
         )
         cfg.train.cpus_per_worker = per
+    if t.num_workers == 0:  # in this process: on this node, whatever the others hold
+        return cfg
     # per node: whatever node a worker lands on, a read-and-augment task must still fit
     nodes = alive_node_cpus() or [res.get("CPU", 0)]
     share = cpus_per_actor(nodes, t.num_workers, cfg.train.cpus_per_worker, t.augment_cpus)
@@ -232,30 +235,6 @@ def fit_cluster(cfg):
             f"CPUs; using {share:.2f} CPUs per worker"
         )
         cfg.train.cpus_per_worker = share
-    return cfg
-
-
-def _fit_local(cfg, cluster_cpus: float):
-    """:func:`fit_cluster` for ``train.num_workers=0`` (Ray Train's local mode): the
-    training runs in this process, which holds no Ray resources, so its CPUs are only
-    settled (as for one worker) and kept from the read-and-augment tasks by
-    :func:`build_dataset`."""
-    t = cfg.train
-    room = cluster_cpus - t.augment_cpus
-    if room < 0.25:
-        raise ClusterError(
-            f"train.num_workers=0 does not leave one read-and-augment task "
-            f"(train.augment_cpus={t.augment_cpus:g}) room on {cluster_cpus:g} CPUs"
-        )
-    cfg = cfg.model_copy(deep=True)
-    if t.cpus_per_worker is None:
-        cfg.train.cpus_per_worker = min(max(1.0, float(int(room / 2))), room)
-    elif t.cpus_per_worker > room:
-        print(
-            f"note: train.cpus_per_worker={t.cpus_per_worker:g} leaves no room for data reads "
-            f"and augmentation on {cluster_cpus:g} CPUs; using {room:.2f} CPUs"
-        )
-        cfg.train.cpus_per_worker = room
     return cfg
 
 
