@@ -445,6 +445,42 @@ def test_cli_segment_exports(checkpoint, images, tmp_path):
     assert len(both) == sum(int(tifffile.imread(p).max()) for p in out.glob("*_label.tiff"))
 
 
+def test_an_export_failing_leaves_the_images_earlier_outputs_whole(
+    checkpoint, images, tmp_path, monkeypatch
+):
+    """A re-run whose OME-Zarr export fails for one image (the disk is full): that image is
+    reported failed and keeps its earlier label, table and GeoJSON byte for byte, where a
+    new label used to be left beside the old exports; the other image is replaced whole,
+    and no staging folder is left behind."""
+    import errno
+
+    import cellst.export.omezarr as omezarr
+
+    out = tmp_path / "out"
+    args = ["segment", str(images / "rgb.png"), str(images / "fluo.tif"), "--checkpoint",
+            str(checkpoint), "--out", str(out), "--save-csv", "--save-geojson",
+            "--save-ome-zarr", "--set", "inference.roi=64"]  # fmt: skip
+    first = runner.invoke(app, [*args, "--set", "postprocess.mask_threshold=0.2"])
+    assert first.exit_code == 0, first.output
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and "fluo" in p.name}
+    assert {"fluo_label.tiff", "fluo_cells.csv", "fluo.geojson"} <= set(kept)
+    rgb_before = (out / "rgb_label.tiff").read_bytes()
+    real = omezarr.write_ome_zarr
+
+    def full_disk(path, *a, **k):
+        if "fluo" in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(omezarr, "write_ome_zarr", full_disk)
+    again = runner.invoke(app, [*args, "--set", "postprocess.mask_threshold=0.6"])
+    assert again.exit_code == 1 and "fluo.tif" in again.output, again.output
+    for name, data in kept.items():
+        assert (out / name).read_bytes() == data, name
+    assert (out / "rgb_label.tiff").read_bytes() != rgb_before  # the other image: replaced
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
 # ----------------------------------------------------------------------------- Ray
 def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, tmp_path):
     bad = images / "broken.tif"

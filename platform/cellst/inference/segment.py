@@ -338,10 +338,43 @@ def write_outputs(
 
     ``raw`` is the image as read (measurements and OME-Zarr keep its values), ``image`` the
     normalised ``(H, W, 3) uint8`` one (the overlay); either may be None when not needed.
+
+    All or nothing per image: everything is written into a hidden folder beside the outputs
+    first and moved into place only once all of it is written, so an export that fails
+    (a full disk, say) leaves the image's earlier outputs as they were, not a new label
+    beside old exports.
     """
-    from cellst.data.images import to_hwc, write_label_tiff
+    from cellst.fs import replace_dir, temp_sibling
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    stage = temp_sibling(out_dir / name, suffix=".partial")
+    stage.mkdir()
+    try:
+        staged = _write_outputs_into(stage, name, label, raw, image, cfg)
+        final = []
+        for path in [*staged[1:], staged[0]]:  # the label last: it says the image is done
+            dest = out_dir / path.name
+            if path.is_dir():
+                replace_dir(path, dest)
+            else:
+                os.replace(path, dest)
+            final.append(dest)
+        return final
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_outputs_into(
+    out_dir: Path,
+    name: str,
+    label: np.ndarray,
+    raw: np.ndarray | None,
+    image: np.ndarray | None,
+    cfg: SegmentConfig,
+) -> list[Path]:
+    """:func:`write_outputs`' files, written into ``out_dir`` (its staging folder)."""
+    from cellst.data.images import to_hwc, write_label_tiff
+
     written: list[Path] = []
     tiff = out_dir / f"{name}{LABEL_SUFFIX}.tiff"
     write_label_tiff(tiff, label)
