@@ -372,3 +372,11 @@ def test_nan_and_infinite_pixels_normalise_without_warnings():
     assert (out[:8] == 0).all() and (out[8:12] == 255).all() and (out[12:14] == 0).all()
     rest = normalize_image(img[14:], 1, 99)  # the finite rows alone set the range
     assert np.array_equal(out[14:], rest)
+    # a constant image (a degenerate range: scaled from its maximum) keeps the same rule
+    flat = np.full((16, 16), 5.0, np.float32)
+    flat[:4], flat[4:6], flat[6:8] = np.nan, np.inf, -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = normalize_image(flat, 1, 99)
+    assert (out[:4] == 0).all() and (out[4:6] == 255).all() and (out[6:8] == 0).all()
+    assert (out[8:] == 255).all()

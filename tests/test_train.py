@@ -537,6 +537,15 @@ def test_training_in_this_process_resumes_where_it_was_killed(ray_session, store
     state = torch.load(run / "resume" / "train_state.pt", weights_only=False)
     assert state["epoch"] == 6 and int(state["ema"]["n_averaged"]) == state["step"]
     assert "Reported metrics" not in out and "local mode" not in out  # Ray's INFO kept quiet
+    # killed after its last epoch was saved (say, during the calibration): the re-run has no
+    # epoch left to train and still reports the last one's metrics
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "status": "running", "metrics": {}}))
+    third = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "finished" and record["metrics"]["epoch"] == 6
+    assert "None" not in third.stdout, third.stdout[-2000:]
 
 
 def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_path):

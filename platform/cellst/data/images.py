@@ -221,8 +221,11 @@ def apply_range(channel: np.ndarray, rng: tuple[float, ...]) -> np.ndarray:
         return np.zeros(channel.shape, np.uint8)
     lo, hi, top = rng
     if channel.dtype.kind == "f" and not np.isfinite(channel).all():
-        # NaN as background, +inf as the brightest finite pixel, -inf as the darkest
-        channel = np.nan_to_num(channel, nan=lo, posinf=top, neginf=lo)
+        # NaN as background (0), +inf as the brightest (255), -inf as the darkest (0)
+        out = apply_range(np.nan_to_num(channel, nan=lo, posinf=top, neginf=lo), rng)
+        out[np.isnan(channel) | np.isneginf(channel)] = 0
+        out[np.isposinf(channel)] = 255
+        return out
     if hi - lo > 1e-3:
         return rescale_intensity(channel, in_range=(lo, hi), out_range=np.uint8).astype(np.uint8)
     if channel.dtype == np.uint8:

@@ -895,19 +895,25 @@ def _run_here(
 ) -> list[str]:
     """:func:`_run_pool` with the model in this process (``predict.num_actors=0``)."""
     import torch
+    from ray.data import ExecutionResources
 
+    # this process predicts on num_cpus_per_actor threads that Ray does not count: the
+    # read tasks are kept to the rest of the cluster's CPUs
+    own = max(1, int(resources.num_cpus_per_actor))
+    free = max(READ_CPUS, ray.cluster_resources().get("CPU", 0) - own)
+    ds.context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=free)
     threads = torch.get_num_threads()  # the actor sets the process's own; put it back
+    fatal = [""] * len(models)
+    bar = tqdm(total=total, desc="predict", unit="img", disable=not progress)
     try:
         actor = ModelActor(models, infer.model_dump(), False, writes, need)
-        torch.set_num_threads(max(1, int(resources.num_cpus_per_actor)))  # as an actor's
-        fatal = [""] * len(models)
-        bar = tqdm(total=total, desc="predict", unit="img", disable=not progress)
+        torch.set_num_threads(own)  # as an actor's
         for image in ds.iter_batches(batch_size=1, batch_format="numpy"):
             batch = actor(image)
             _take_rows(batch, results, paths, fatal, t0)
             bar.update(len(batch["id"]))
-        bar.close()
     finally:
+        bar.close()
         torch.set_num_threads(threads)
     return fatal
 

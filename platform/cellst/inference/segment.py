@@ -347,10 +347,15 @@ def write_outputs(
     from cellst.fs import replace_dir, temp_sibling
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f".{name}.*.partial"):  # left by a run killed mid-image
+        shutil.rmtree(stale, ignore_errors=True)
     stage = temp_sibling(out_dir / name, suffix=".partial")
     stage.mkdir()
     try:
-        staged = _write_outputs_into(stage, name, label, raw, image, cfg)
+        try:
+            staged = _write_outputs_into(stage, name, label, raw, image, cfg)
+        except Exception as exc:  # named where the file would have gone, not the stage
+            raise SegmentError(str(exc).replace(str(stage), str(out_dir))) from exc
         final = []
         for path in [*staged[1:], staged[0]]:  # the label last: it says the image is done
             dest = out_dir / path.name

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,21 +90,21 @@ def keep_resume_state(paths: RunPaths, src: Path) -> None:
 
 
 def _publish(src: Path, dst: Path) -> None:
-    """Copy the model files of ``src`` to ``dst`` atomically (temp sibling + rename)."""
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}")
+    """Copy the model files of ``src`` to ``dst`` atomically (temp sibling, then
+    :func:`cellst.fs.replace_dir`, which puts the old folder back if the swap fails)."""
+    from cellst.fs import replace_dir, temp_sibling
+
+    tmp = temp_sibling(dst, suffix="")
     tmp.mkdir(parents=True)
-    for name in MODEL_FILES:
-        try:
-            os.link(src / name, tmp / name)
-        except OSError:
-            shutil.copy2(src / name, tmp / name)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(dst, old)
-    os.rename(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        for name in MODEL_FILES:
+            try:
+                os.link(src / name, tmp / name)
+            except OSError:
+                shutil.copy2(src / name, tmp / name)
+        replace_dir(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def keep_checkpoints(

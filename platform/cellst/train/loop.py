@@ -92,7 +92,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed + rank)
     # the CPUs this worker holds (Ray sets OMP threads to the integer part only)
     torch.set_num_threads(max(1, math.ceil((tcfg.cpus_per_worker or 1.0) - 1e-6)))
-    device = get_device()
+    # local mode (the driver's process) holds no GPU: Ray's get_device() would pick any
+    # visible one there
+    device = torch.device("cpu") if config.get("local") else get_device()
     paths = RunPaths(Path(config["run_path"]))
     paths.root.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -256,8 +258,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "best": best,
             }
             save_epoch(tmp, served, cfg.model, state, metrics)
-            if local:
-                keep_resume_state(paths, tmp)
             keep_checkpoints(
                 paths,
                 tmp,
@@ -266,6 +266,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 is_snapshot=epoch in snapshots,
                 keep_last=tcfg.keep_last,
             )
+            if local:  # after the epoch's folders: a re-run never skips an unpublished epoch
+                keep_resume_state(paths, tmp)
             checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
             metrics["checkpoint_seconds"] = time.perf_counter() - t_ckpt
             logger.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, epoch)

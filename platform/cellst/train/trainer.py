@@ -192,6 +192,8 @@ def fit_cluster(cfg):
     t = cfg.train
     n = training_ranks(cfg)
     res = ray.cluster_resources()
+    if t.num_workers == 0:  # in this process: sized by the CPUs of its own node
+        res = {"CPU": driver_node_cpus()}
     if t.use_gpu and res.get("GPU", 0) < n:
         raise ClusterError(
             f"train.use_gpu=true with train.num_workers={t.num_workers} needs {n} "
@@ -236,6 +238,28 @@ def fit_cluster(cfg):
         )
         cfg.train.cpus_per_worker = share
     return cfg
+
+
+def last_epoch_metrics(paths: RunPaths) -> dict[str, Any]:
+    """The metrics saved with the run's last checkpoint: what a run that resumed with no
+    epoch left to train reports (in local mode Ray Train restores no checkpoint whose
+    metrics it could return)."""
+    from cellst.model.checkpoint_files import read_checkpoint_info
+
+    last = paths.checkpoints / "last"
+    return read_checkpoint_info(last)[1] if is_checkpoint(last) else {}
+
+
+def driver_node_cpus() -> float:
+    """CPUs of the node this process runs on (a training in this process steps there);
+    the machine's cores where that node gives Ray none (a head started with 0 CPUs)."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == me and node.get("Resources", {}).get("CPU", 0) > 0:
+            return float(node["Resources"]["CPU"])
+    return float(os.cpu_count() or 1)
 
 
 def training_ranks(cfg) -> int:
@@ -499,7 +523,7 @@ def train(
             torch.set_num_threads(threads)
             if sigint is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, sigint)
-        metrics = dict(result.metrics or {})
+        metrics = dict(result.metrics or {}) or last_epoch_metrics(paths)
         diverged = paths.read_state().get("diverged")
         if diverged:
             paths.write_state(status="diverged")
