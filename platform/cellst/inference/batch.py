@@ -35,6 +35,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -848,8 +849,30 @@ def _run_pool(
     """
     use_gpu = resources.num_gpus_per_actor > 0
     if resources.num_actors == 0:
-        return _run_here(ds, models, writes, need, infer, resources, results, paths, total,
-                         progress, t0)  # fmt: skip
+        batches = _predict_here(ds, models, writes, need, infer, resources)
+    else:
+        batches = _pool(ds, models, writes, need, infer, resources, use_gpu)
+    fatal = [""] * len(models)
+    bar = tqdm(total=total, desc="predict", unit="img", disable=not progress)
+    try:
+        for batch in batches:
+            _take_rows(batch, results, paths, fatal, t0)
+            bar.update(len(batch["id"]))
+    finally:
+        bar.close()
+    return fatal
+
+
+def _pool(
+    ds: Any,
+    models: list[dict[str, str]],
+    writes: list[dict],
+    need: dict[str, list[int]] | None,
+    infer: InferenceConfig,
+    resources: PredictConfig,
+    use_gpu: bool,
+) -> Iterator[dict[str, Any]]:
+    """The result rows of ``ds`` through an actor pool (plus, on GPUs, writing tasks)."""
     ds = ds.map_batches(
         ModelActor,
         fn_constructor_kwargs={
@@ -871,29 +894,19 @@ def _run_pool(
             batch_size=1,
             num_cpus=resources.postprocess_cpus,
         )
-    fatal = [""] * len(models)
-    bar = tqdm(total=total, desc="predict", unit="img", disable=not progress)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        _take_rows(batch, results, paths, fatal, t0)
-        bar.update(len(batch["id"]))
-    bar.close()
-    return fatal
+    return ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def _run_here(
+def _predict_here(
     ds: Any,
     models: list[dict[str, str]],
     writes: list[dict],
     need: dict[str, list[int]] | None,
     infer: InferenceConfig,
     resources: PredictConfig,
-    results: list[PredictResult],
-    paths: dict[str, Path],
-    total: int,
-    progress: bool,
-    t0: float,
-) -> list[str]:
-    """:func:`_run_pool` with the model in this process (``predict.num_actors=0``)."""
+) -> Iterator[dict[str, Any]]:
+    """The result rows of ``ds`` through one :class:`ModelActor` in this process
+    (``predict.num_actors=0``)."""
     import torch
     from ray.data import ExecutionResources
 
@@ -903,19 +916,13 @@ def _run_here(
     free = max(READ_CPUS, ray.cluster_resources().get("CPU", 0) - own)
     ds.context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=free)
     threads = torch.get_num_threads()  # the actor sets the process's own; put it back
-    fatal = [""] * len(models)
-    bar = tqdm(total=total, desc="predict", unit="img", disable=not progress)
     try:
         actor = ModelActor(models, infer.model_dump(), False, writes, need)
         torch.set_num_threads(own)  # as an actor's
         for image in ds.iter_batches(batch_size=1, batch_format="numpy"):
-            batch = actor(image)
-            _take_rows(batch, results, paths, fatal, t0)
-            bar.update(len(batch["id"]))
+            yield actor(image)
     finally:
-        bar.close()
         torch.set_num_threads(threads)
-    return fatal
 
 
 def _take_rows(
