@@ -323,7 +323,11 @@ def test_two_phase_training_logs_to_a_real_mlflow_server(
         f"tracking.tracking_uri={uri}",
         "name=server-exp",
     )
+    rng, threads = torch.random.get_rng_state(), torch.get_num_threads()
     res = train(cfg)
+    # the training seeded this process's generator and set its threads: both are put back
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert torch.get_num_threads() == threads
     # the two-phase schedule
     torch.manual_seed(cfg.train.seed)
     init = build_model(cfg.model)

@@ -55,6 +55,25 @@ def cpus_per_actor(
     return 0.0
 
 
+def leave_cpus_to_driver(dataset: Any, driver_cpus: float, minimum: float) -> float:
+    """Keep ``dataset``'s tasks off the CPUs this process computes on outside Ray.
+
+    A training or prediction in the driver (``train.num_workers=0``,
+    ``predict.num_actors=0``) steps on ``driver_cpus`` threads that Ray does not count;
+    without a limit the stream's read tasks would take every CPU and slow it down.
+
+    Returns
+    -------
+    float
+        The CPUs left to the stream: the cluster's less ``driver_cpus``, at least ``minimum``.
+    """
+    from ray.data import ExecutionResources
+
+    free = max(minimum, ray.cluster_resources().get("CPU", 0) - driver_cpus)
+    dataset.context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=free)
+    return free
+
+
 def verbose() -> bool:
     """Whether ``CELLST_VERBOSE=1`` asks for Ray's and MLflow's INFO logs in the terminal."""
     return os.environ.get("CELLST_VERBOSE", "0") == "1"

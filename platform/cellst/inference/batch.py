@@ -53,7 +53,7 @@ from cellst.data.store import (
     StoreError,
 )
 from cellst.inference.config import InferenceConfig, PredictConfig
-from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor
+from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, leave_cpus_to_driver
 
 #: failed items named in a :class:`PredictError` message
 _MAX_NAMED = 5
@@ -908,13 +908,11 @@ def _predict_here(
     """The result rows of ``ds`` through one :class:`ModelActor` in this process
     (``predict.num_actors=0``)."""
     import torch
-    from ray.data import ExecutionResources
 
     # this process predicts on num_cpus_per_actor threads that Ray does not count: the
     # read tasks are kept to the rest of the cluster's CPUs
     own = max(1, int(resources.num_cpus_per_actor))
-    free = max(READ_CPUS, ray.cluster_resources().get("CPU", 0) - own)
-    ds.context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=free)
+    leave_cpus_to_driver(ds, own, minimum=READ_CPUS)
     threads = torch.get_num_threads()  # the actor sets the process's own; put it back
     try:
         actor = ModelActor(models, infer.model_dump(), False, writes, need)

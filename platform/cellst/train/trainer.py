@@ -15,6 +15,7 @@ loop keeps its resumable state in ``<run>/resume/`` itself; failures are not ret
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -322,14 +323,27 @@ def build_dataset(cfg, store: CellStore, train_ids: list[str]):
     if t.num_workers == 0:
         # local mode: this process steps on train.cpus_per_worker threads that Ray does not
         # count, so the read tasks are kept to the rest (Ray Train's workers hold theirs)
-        import ray
-        from ray.data import ExecutionResources
+        from cellst.raycluster import leave_cpus_to_driver
 
-        free = max(t.augment_cpus, ray.cluster_resources().get("CPU", 0) - t.cpus_per_worker)
-        dataset.context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=free)
+        leave_cpus_to_driver(dataset, t.cpus_per_worker, minimum=t.augment_cpus)
     return dataset
 
 
+def _keeps_torch_rng(fn):
+    """Run ``fn`` on a fork of torch's CPU generator: a training seeds it (the loop in local
+    mode, model building, calibration), and the caller's random stream must not change."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_keeps_torch_rng
 def train(
     cfg,
     *,
