@@ -280,7 +280,7 @@ def test_export_store_matches_the_store_and_resumes(store_with_pseudo, tmp_path)
     # a folder that is not a cellst export is never replaced without overwrite
     foreign = tmp_path / "foreign"
     (foreign / f"{ids[0]}.ome.zarr").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="not a cellst export"):
+    with pytest.raises(FileExistsError, match="not a cellst export; pass --overwrite"):
         export_store(store_with_pseudo, foreign, items=[ids[0]], progress=False)
 
 

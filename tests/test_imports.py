@@ -312,6 +312,7 @@ try:
     check_checkpoint({str(ckpt)!r})
 except StoreError as exc:
     assert "has an invalid model config" in str(exc) and {str(ckpt)!r} in str(exc), exc
+    assert "model.name: " in str(exc) and "'nope'" in str(exc) and "\\n" not in str(exc), exc
 else:
     raise AssertionError("no StoreError")
 """

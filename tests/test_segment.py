@@ -254,6 +254,38 @@ def test_cli_segment_never_replaces_files_it_did_not_write(checkpoint, images, t
     assert not np.array_equal(tifffile.imread(images / "grey_label.tiff"), truth)
 
 
+def test_cli_segment_never_replaces_a_users_overlay_or_tables(checkpoint, images, tmp_path):
+    """The user's own ``NAME_overlay.png``, ``NAME_cells.csv`` / ``.parquet`` and the
+    folder's ``cells.csv`` / ``.parquet`` at this run's output names: refused unless
+    --overwrite (they were replaced silently); cellst's own are replaced on a re-run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {
+        out / "grey_overlay.png": b"mine",
+        out / "rgb_cells.csv": b"my,own\n1,2\n",
+        out / "fluo_cells.parquet": b"mine",
+        out / "cells.csv": b"my,precious,data\n",
+        out / "cells.parquet": b"mine",
+    }
+    ck = ["--checkpoint", str(checkpoint), "--out", str(out)]
+    for path, data in mine.items():
+        path.write_bytes(data)
+        asked = "--save-png" if path.suffix == ".png" else "--save-csv"
+        res = _segment(str(images), *ck, asked)
+        assert res.exit_code == 2, (path.name, res.output)
+        assert f"{path} exists and was not written by cellst" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+        assert path.read_bytes() == data and not (out / "grey_label.tiff").exists()
+        path.unlink()
+    both = [*ck, "--save-png", "--save-csv"]
+    assert _segment(str(images), *both).exit_code == 0
+    res = _segment(str(images), *both)  # its own outputs: replaced
+    assert res.exit_code == 0, res.output
+    (out / "cells.csv").write_bytes(mine[out / "cells.csv"])
+    assert _segment(str(images), *both, "--overwrite").exit_code == 0
+    assert (out / "cells.csv").read_text().startswith("image_id,label,")
+
+
 def test_cli_segment_refuses_an_output_folder_it_cannot_write(checkpoint, images, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("mine")
@@ -265,15 +297,16 @@ def test_cli_segment_refuses_an_output_folder_it_cannot_write(checkpoint, images
             == f"error: cannot write the outputs: {afile} is a file, not a folder"
         )
     assert afile.read_text() == "mine"
-    # a folder where the run table goes: one line naming it, no traceback
+    # a folder where the run table goes: refused before anything runs, in one line naming it
     out = tmp_path / "out"
     (out / "cells.csv").mkdir(parents=True)
     res = _segment(
         str(images / "grey.png"), "--checkpoint", str(checkpoint), "--out", str(out), "--save-csv"
     )
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output
-    assert res.output.strip().splitlines()[-1] == f"error: {out / 'cells.csv'}: Is a directory"
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert f"{out / 'cells.csv'} exists and was not written by cellst" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["cells.csv"]
 
 
 def test_cli_segment_run_table_holds_this_runs_images_only(checkpoint, images, tmp_path):

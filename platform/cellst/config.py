@@ -152,13 +152,19 @@ class EvaluateConfig(Section):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+    return "\n".join([f"invalid configuration ({source}):", *(f"  {x}" for x in field_errors(err))])
+
+
+def field_errors(err: ValidationError, prefix: str = "") -> list[str]:
+    """One ``path.of.field: reason (got value)`` line per error of ``err``, each path
+    preceded by ``prefix`` (e.g. ``"model."`` for a checkpoint's model section)."""
+    lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         ctx = e.get("ctx") or {}
         if e["type"] == "finite_number" and ctx.get("subpath"):
             loc.append(ctx["subpath"])  # a non-finite number deep inside a nested model
-        path = ".".join(loc) or "<root>"
+        path = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -166,8 +172,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if "number" in ctx:
             got = float(ctx["number"])
         shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {path}: {msg}{shown}")
-    return "\n".join(lines)
+        lines.append(f"{path}: {msg}{shown}")
+    return lines
 
 
 class _Loader(yaml.SafeLoader):

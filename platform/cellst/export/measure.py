@@ -30,6 +30,7 @@ __all__ = [
     "cell_table",
     "check_label",
     "combine_tables",
+    "is_cellst_table",
     "table_columns",
     "write_cell_tables",
     "write_image_table",
@@ -181,6 +182,25 @@ def _check_name(name: str) -> str:
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ValueError(f"invalid image name {name!r} for a table file")
     return name
+
+
+def is_cellst_table(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` (``.csv`` or ``.parquet``) holds a cell table as cellst writes it:
+    its columns begin with :func:`table_columns`' shape columns, in order. Another tool's
+    ``cells.csv`` does not, and a run must not replace it unasked."""
+    path = Path(path)
+    expected = list(table_columns(0))[:-1]  # without touches_border, which ends the table
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            names = list(pq.read_schema(path).names)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                names = fh.readline().rstrip("\r\n").split(",")
+    except (OSError, UnicodeDecodeError, ValueError):  # not a table at all (pyarrow: too)
+        return False
+    return names[: len(expected)] == expected
 
 
 def _write_pair(df: pd.DataFrame, out_dir: Path, stem: str) -> dict[str, Path]:

@@ -429,7 +429,8 @@ def export_store(
                 old = cellst_provenance(out)
                 if old is None:
                     raise FileExistsError(
-                        f"{out} exists and is not a cellst export; pass overwrite to replace it"
+                        f"{out} exists and is not a cellst export; pass --overwrite "
+                        "(overwrite=True) to replace it"
                     )
                 if {k: old.get(k) for k in stamp if k != "store"} == {
                     k: v for k, v in stamp.items() if k != "store"

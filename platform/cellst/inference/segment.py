@@ -308,6 +308,7 @@ def write_overlay(path: Path, image: np.ndarray, label: np.ndarray) -> Path:
     the id fits inside the cell's bounding box (in a dense image of small cells, ids drawn
     over every cell would hide the cells themselves; ``NAME_cells.csv`` has them all)."""
     from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
     from skimage.measure import regionprops_table
 
     from cellst.fs import atomic_write
@@ -323,7 +324,24 @@ def write_overlay(path: Path, image: np.ndarray, label: np.ndarray) -> Path:
             continue
         pos = (x - (right - left) / 2, y - (bottom - top) / 2)
         draw.text(pos, text, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
-    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    info = PngInfo()
+    info.add_text(_PNG_SOFTWARE_KEY, "cellst")  # so that a re-run knows it may replace it
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG", pnginfo=info))
+
+
+#: PNG text key that marks an overlay as cellst's (:func:`is_cellst_overlay`)
+_PNG_SOFTWARE_KEY = "Software"
+
+
+def is_cellst_overlay(path: Path) -> bool:
+    """Whether ``path`` is an overlay PNG that cellst wrote (its ``Software`` text says so)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get(_PNG_SOFTWARE_KEY) == "cellst"
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
 
 
 def write_outputs(
@@ -439,14 +457,21 @@ def foreign_outputs(
 ) -> list[Path]:
     """Files at this run's output names that cellst did not write, which a run would
     replace: a ``NAME_label.tiff`` (a ground truth kept beside its image), and with the
-    exports asked for, a ``NAME.geojson`` or ``NAME.ome.zarr`` of another tool. A file
-    cellst wrote (its TIFF tag, GeoJSON member or OME-Zarr attributes say so) is not
-    listed: re-running a segmentation replaces its own outputs."""
+    outputs asked for, a ``NAME_overlay.png``, ``NAME_cells.csv`` / ``.parquet``, the
+    folder's ``cells.csv`` / ``.parquet``, a ``NAME.geojson`` or a ``NAME.ome.zarr`` of
+    another tool or of the user. A file cellst wrote (its TIFF tag, PNG text, table columns,
+    GeoJSON member or OME-Zarr attributes say so) is not listed: re-running a segmentation
+    replaces its own outputs."""
     from cellst.data.images import is_cellst_label_tiff
+    from cellst.export.measure import RUN_TABLE, TABLE_SUFFIX, is_cellst_table
 
     checks: list[tuple[str, Callable[[Path], bool]]] = [
         (f"{LABEL_SUFFIX}.tiff", is_cellst_label_tiff)
     ]
+    if cfg.save_png:
+        checks.append((f"{OVERLAY_SUFFIX}.png", is_cellst_overlay))
+    if cfg.save_csv:
+        checks += [(f"{TABLE_SUFFIX}{ext}", is_cellst_table) for ext in (".csv", ".parquet")]
     if cfg.save_geojson:
         from cellst.export.geojson import is_cellst_geojson
 
@@ -456,13 +481,17 @@ def foreign_outputs(
 
         checks.append((".ome.zarr", lambda p: cellst_provenance(p) is not None))
     out = Path(out_dir) if out_dir is not None else None
-    found = []
-    for p in paths:
-        for suffix, ours in checks:
-            target = _out_dir(p, out) / f"{p.stem}{suffix}"
-            if target.exists() and not ours(target):
-                found.append(target)
-    return found
+    targets = [
+        (_out_dir(p, out) / f"{p.stem}{suffix}", ours) for p in paths for suffix, ours in checks
+    ]
+    if cfg.save_csv:  # each output folder's run table
+        folders = sorted({_out_dir(p, out) for p in paths})
+        targets += [
+            (d / f"{RUN_TABLE}{ext}", is_cellst_table)
+            for d in folders
+            for ext in (".csv", ".parquet")
+        ]
+    return [target for target, ours in targets if target.exists() and not ours(target)]
 
 
 def check_outputs(

@@ -104,7 +104,10 @@ def read_checkpoint_info(directory: str | os.PathLike[str]) -> tuple[ModelConfig
     try:
         cfg = ModelConfig.model_validate(info.get("model"))
     except ValidationError as exc:
-        raise CheckpointError(f"checkpoint {info_path} has an invalid model config: {exc}") from exc
+        from cellst.config import field_errors
+
+        why = "; ".join(field_errors(exc, "model."))
+        raise CheckpointError(f"checkpoint {info_path} has an invalid model config: {why}") from exc
     metadata = info.get("metadata") or {}
     return cfg, dict(metadata)
 
