@@ -165,6 +165,8 @@ def test_segment_equals_predict_and_postprocess_with_ingest_normalisation(
 def test_cli_segment_folder_with_a_corrupt_image(checkpoint, images, tmp_path):
     bad = images / "broken.png"
     bad.write_bytes(b"not a png at all")
+    gone = images / "gone.tif"
+    gone.symlink_to(images / "moved-away.tif")  # a dangling link: named, not skipped unseen
     out = tmp_path / "out"
     res = runner.invoke(
         app,
@@ -187,7 +189,8 @@ def test_cli_segment_folder_with_a_corrupt_image(checkpoint, images, tmp_path):
     assert "Traceback" not in res.output
     named = [line for line in res.output.splitlines() if str(bad) in line]
     assert len(named) == 1 and "cannot read image" in named[0]
-    assert "1 of 5 image(s) could not be segmented" in res.output
+    assert len([line for line in res.output.splitlines() if str(gone) in line]) == 1
+    assert "2 of 6 image(s) could not be segmented" in res.output
     for name, shape, _ in IMAGES:
         stem = Path(name).stem
         label = tifffile.imread(out / f"{stem}_label.tiff")

@@ -117,7 +117,13 @@ def _is_input_image(path: Path) -> bool:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and _is_input_image(p))
+    """The folder's input images; a dangling link of an image name is listed too, so that
+    the run names it as unreadable instead of leaving it out unseen."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if (p.is_file() or (p.is_symlink() and not p.exists())) and _is_input_image(p)
+    )
 
 
 def _subfolder_hint(folder: Path) -> str:
