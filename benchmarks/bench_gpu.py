@@ -307,8 +307,7 @@ def steady(rows: list[dict[str, float]], key: str) -> float:
 
 def train_run(name: str, overrides: list[str], sampler: GpuSampler) -> dict[str, Any]:
     """One ``cellst train`` run; its per-epoch and steady-state figures."""
-    from cellst.config import load_config
-    from cellst.experiment import ExperimentConfig
+    from cellst.experiment import ExperimentConfig, load_config
     from cellst.train.trainer import train
 
     cfg = load_config(None, overrides, model=ExperimentConfig)
@@ -676,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             save(out, summary)
         if use_gpu and torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # the driver calibrated on the GPU: free its cached blocks
-        from cellst.config import load_config
+        from cellst.experiment import load_config
 
         infer = load_config(None, [*base, *args.overrides]).inference
         summary["predict"] = predict_run(

@@ -64,8 +64,8 @@ def start_cluster(n_nodes: int, cpus: int):
 
 def stream_rate(store_dir: Path, crops: int, crop: int) -> float:
     """Crops/s of the training stream after its first batch."""
-    from cellst.config import load_config
     from cellst.data.store import CellStore
+    from cellst.experiment import load_config
     from cellst.train.trainer import build_dataset
 
     cfg = load_config(

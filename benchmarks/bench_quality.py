@@ -231,8 +231,7 @@ def post_rules(checkpoint: Path, cfg) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- budgets
 def load(config: str, overrides: list[str]):
     """The experiment config (:class:`cellst.experiment.ExperimentConfig`) with overrides."""
-    from cellst.config import load_config
-    from cellst.experiment import ExperimentConfig
+    from cellst.experiment import ExperimentConfig, load_config
 
     return load_config(config, overrides, model=ExperimentConfig)
 

@@ -80,10 +80,10 @@ def post_processing_f1(checkpoint: Path, cfg, maps: list) -> dict[str, float]:
 
 
 def run_seed(seed: int, args, out: Path) -> dict:
-    from cellst.config import load_config
     from cellst.data.ingest import ingest
     from cellst.data.store import CellStore
     from cellst.data.synth import synthesize_dataset
+    from cellst.experiment import load_config
     from cellst.model.checkpoint_files import read_checkpoint_info
     from cellst.postprocess.calibrate import calibrate_checkpoints
     from cellst.raycluster import ensure_ray

@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellst.config import load_config
-from cellst.experiment import ExperimentConfig
+from cellst.experiment import ExperimentConfig, load_config
 
 DEMO = Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"
 

@@ -14,8 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from cellst.cli import app
-from cellst.config import load_config
 from cellst.data.store import CellStore, StoreError
+from cellst.experiment import load_config
 from cellst.inference.batch import predict
 from cellst.inference.predictor import predict_maps
 from cellst.model import (

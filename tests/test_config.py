@@ -8,8 +8,8 @@ from typing import Union, get_args, get_origin
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from cellst.config import ConfigError, apply_overrides, dump_config, load_config
-from cellst.experiment import ExperimentConfig
+from cellst.config import ConfigError, apply_overrides, dump_config
+from cellst.experiment import ExperimentConfig, load_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -98,7 +98,7 @@ FLOAT_FIELDS = _float_fields(ExperimentConfig)
 
 
 def test_every_float_field_is_found():
-    # sections that are Section subclasses and plain pydantic models alike
+    # every section of the experiment
     assert {"train.lr", "ingest.low_percentile", "predict.num_cpus_per_actor"} <= set(FLOAT_FIELDS)
     assert len({p.split(".")[0] for p in FLOAT_FIELDS}) >= 8
 
@@ -118,7 +118,7 @@ def test_non_finite_messages(tmp_path):
         ConfigError, match=r"train\.lr: Input should be a finite number \(got inf\)"
     ):
         load_config(f)
-    # a plain pydantic section, a list of untyped choices: the nested field is named
+    # a nested section, a list of untyped choices: the nested field is named
     with pytest.raises(ConfigError, match=r"predict\.num_cpus_per_actor: .*finite number"):
         load_config(None, ["predict.num_cpus_per_actor=inf"])
     with pytest.raises(ConfigError, match=r"tune\.space\.train\.lr\.choice\.1: .*finite"):
@@ -128,6 +128,26 @@ def test_non_finite_messages(tmp_path):
     cfg = load_config(None)
     with pytest.raises(ValidationError, match="finite number"):
         cfg.train.lr = float("inf")  # assignments are validated too
+
+
+def test_every_section_refuses_non_finite_numbers_when_built_alone():
+    """Sections are built outside an experiment too (a checkpoint's post-processing, a
+    sweep's trial inference settings): the same rules hold there."""
+    sections = {
+        name: field.annotation
+        for name, field in ExperimentConfig.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
+    assert {"inference", "predict", "postprocess", "tracking", "segment"} <= set(sections)
+    for name, section in sections.items():
+        assert section.model_config.get("allow_inf_nan") is False, name
+        assert section.model_config.get("extra") == "forbid", name
+    for path in FLOAT_FIELDS:
+        section, _, field = path.partition(".")
+        if "." in field:
+            continue
+        with pytest.raises(ValidationError, match="finite number"):
+            sections[section](**{field: float("inf")})
 
 
 @pytest.mark.parametrize(
@@ -154,7 +174,7 @@ def test_actor_cpus_fit_per_node(nodes, actors, requested, reserve, expected):
 def test_config_fingerprint_counts_only_what_is_computed():
     """Settings left at their defaults and settings of where/how a run goes do not change
     the fingerprint, so a cellst that adds a setting does not invalidate earlier runs."""
-    from cellst.config import load_config
+    from cellst.experiment import load_config
     from cellst.fingerprint import config_fingerprint
     from cellst.stpp.pipeline import training_hash
     from cellst.train.trainer import config_hash
@@ -179,7 +199,7 @@ def test_strong_augmentation_counts_only_in_trainings_on_pseudo_labels():
     """The strong preset acts on pseudo-labelled crops alone, so its settings leave the
     fingerprint of a supervised training (ST++ stage 1, ``cellst train``) unchanged: an ST++
     variant with other strong augmentation re-runs the re-training stages, not stage 1."""
-    from cellst.config import load_config
+    from cellst.experiment import load_config
     from cellst.stpp.pipeline import training_hash
     from cellst.train.trainer import config_hash
 

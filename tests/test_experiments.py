@@ -57,7 +57,8 @@ def test_local_cluster_shares_everything_but_the_machines():
 def test_experiment_configs_load(path):
     """Every key a shipped YAML sets reaches the loaded config with that value (nothing is
     dropped or renamed silently), and the resolved config reloads to the same thing."""
-    from cellst.config import dump_config, load_config
+    from cellst.config import dump_config
+    from cellst.experiment import load_config
 
     cfg = load_config(path)
     resolved = cfg.model_dump(mode="json")

@@ -60,11 +60,68 @@ def test_loading_every_experiment_yaml_imports_no_torch_or_ray():
     files = sorted(str(p) for p in (ROOT / "experiments").glob("*.yaml"))
     assert len(files) >= 3
     code = f"""
-from cellst.config import load_config
+from cellst.config import ConfigError
+from cellst.experiment import load_config
+from cellst.stpp import load_stpp_config
+from cellst.tune.space import load_tune_config
 for f in {files!r}:
     load_config(f)
+    for loader in (load_stpp_config, load_tune_config):  # not every file is an ST++ / sweep
+        try:
+            loader(f, ["store=s"])
+        except ConfigError:
+            pass
 """
     assert _heavy_imports(code) == []
+
+
+def _cellst_imports(module: str) -> set[str]:
+    """The ``cellst`` modules that ``module``'s source imports anywhere: at the top, inside
+    functions, or under ``TYPE_CHECKING`` (an import cycle hidden in a function is still one)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None, module
+    found = set()
+    for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # `from cellst.x import config` imports a module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if _is_module(sub) else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.split(".")[0] == "cellst"}
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_configuration_modules_form_no_import_cycle():
+    """Every module the experiment schema and its loaders reach, through any import
+    statement, is imported before the modules that import it: no cycles, not even inside
+    functions (issue 12), and none of them is a heavy stage module."""
+    import graphlib
+
+    roots = ["cellst.experiment", "cellst.stpp.experiment", "cellst.tune.config"]
+    graph: dict[str, set[str]] = {}
+    todo = list(roots)
+    while todo:
+        mod = todo.pop()
+        if mod in graph:
+            continue
+        graph[mod] = _cellst_imports(mod) - {mod}
+        todo.extend(graph[mod])
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a cycle
+    assert {"cellst.config", "cellst.stpp.config", "cellst.train.config"} <= set(order)
+    heavy = [m for m in order if m.rsplit(".", 1)[-1] in ("trainer", "pipeline", "networks")]
+    assert heavy == [], heavy
 
 
 @pytest.mark.parametrize(
@@ -117,8 +174,7 @@ def test_training_stream_transform_unpickles_without_torch():
     augmentation must not drag torch and MONAI into them (4-7 s each on 2 CPUs)."""
     import pickle
 
-    from cellst.config import load_config
-    from cellst.experiment import ExperimentConfig
+    from cellst.experiment import ExperimentConfig, load_config
     from cellst.train.step import augment_batch
     from cellst.train.trainer import augment_transform
 

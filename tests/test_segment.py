@@ -14,8 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cellst.cli import app
-from cellst.config import load_config
 from cellst.data.images import normalize_image, read_array
+from cellst.experiment import load_config
 from cellst.inference.config import SegmentConfig
 from cellst.inference.predictor import predict_maps
 from cellst.inference.segment import (

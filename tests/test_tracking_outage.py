@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from cellst.cli import app
-from cellst.config import load_config
+from cellst.experiment import load_config
 from cellst.tracking import (
     PENDING_FILE,
     BufferedMetricLogger,

@@ -20,8 +20,9 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from cellst.cli import app
-from cellst.config import ConfigError, dump_config, load_config
+from cellst.config import ConfigError, dump_config
 from cellst.data.store import CellStore, StoreError
+from cellst.experiment import load_config
 from cellst.model import build_model, load_model
 from cellst.raycluster import ClusterError
 from cellst.train.config import TrainingDiverged

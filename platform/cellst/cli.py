@@ -143,7 +143,7 @@ def user_errors(fn):
 
 
 def _load(config: Path | None, overrides: list[str] | None):
-    from cellst.config import load_config
+    from cellst.experiment import load_config
 
     return load_config(config, overrides or [])
 

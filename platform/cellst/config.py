@@ -28,6 +28,21 @@ from pydantic_core import PydanticCustomError
 M = TypeVar("M", bound=BaseModel)
 
 
+#: names that become folder names (experiments, pipelines, sweeps, pseudo-label sets)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_name(value: str | None) -> str | None:
+    """``value`` if it can name a folder (:data:`NAME_RE`), else ``ValueError`` (a pydantic
+    field validator's message)."""
+    if value is not None and not NAME_RE.match(value):
+        raise ValueError(
+            f"must start with a letter or digit and hold only letters, digits, '.', '_' "
+            f"and '-', got {value!r}"
+        )
+    return value
+
+
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the field path."""
 
@@ -57,9 +72,10 @@ class Section(BaseModel):
     """Base for config sections: unknown keys are errors, assignments are validated, and
     NaN or infinite numbers are refused in every field (``lr=inf`` would train nothing).
 
-    ``allow_inf_nan=False`` covers the float fields of every ``Section``; the ``*``
-    validator also covers sections that are plain pydantic models and untyped values
-    (``Any``, lists of choices), naming the nested field that holds the number.
+    ``allow_inf_nan=False`` covers the float fields of every ``Section``, also built on
+    its own (a checkpoint's post-processing, a sweep trial's inference settings); the ``*``
+    validator also covers untyped values (``Any``, lists of choices), naming the nested
+    field that holds the number.
     """
 
     model_config = ConfigDict(
@@ -285,22 +301,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(
-    path: str | Path | None = None,
-    overrides: Iterable[str] = (),
-    model: type[M] | None = None,
-) -> M:
+def load_yaml_config(path: str | Path | None, overrides: Iterable[str], model: type[M]) -> M:
     """Load ``path`` (optional) into ``model``, apply overrides and validate.
+
+    The generic loader of every configuration model; :func:`cellst.experiment.load_config`
+    is the one commands use (an experiment by default).
 
     Raises
     ------
     ConfigError
         With one line per invalid field, each naming the field's dotted path.
     """
-    if model is None:
-        from cellst.experiment import ExperimentConfig
-
-        model = ExperimentConfig  # type: ignore[assignment]
     overrides = list(overrides)
     data = read_yaml(path) if path is not None else {}
     for key, field in model.model_fields.items():  # `evaluate:` left empty: its defaults

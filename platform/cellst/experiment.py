@@ -9,9 +9,19 @@ Ray-free modules, so loading a configuration imports neither.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TypeVar
+
 from pydantic import Field
 
-from cellst.config import DataConfig, EvaluateConfig, IngestConfig, Section
+from cellst.config import (
+    DataConfig,
+    EvaluateConfig,
+    IngestConfig,
+    Section,
+    load_yaml_config,
+)
 from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
 from cellst.model.config import AugmentConfig, LossConfig, ModelConfig
 from cellst.postprocess.config import PostprocessConfig
@@ -19,6 +29,8 @@ from cellst.stpp.config import StppConfig
 from cellst.tracking.config import TrackingConfig
 from cellst.train.config import TrainConfig
 from cellst.tune.config import TuneConfig
+
+__all__ = ["ExperimentConfig", "load_config"]
 
 
 class ExperimentConfig(Section):
@@ -40,3 +52,22 @@ class ExperimentConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     stpp: StppConfig = StppConfig()
     tune: TuneConfig = TuneConfig()
+
+
+E = TypeVar("E", bound=ExperimentConfig)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    model: type[E] = ExperimentConfig,  # type: ignore[assignment]
+) -> E:
+    """The experiment in the YAML file ``path`` (None: the defaults), with ``--set``
+    ``overrides`` applied, validated as ``model``.
+
+    Raises
+    ------
+    ConfigError
+        With one line per invalid field, each naming the field's dotted path.
+    """
+    return load_yaml_config(path, overrides, model)

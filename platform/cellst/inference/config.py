@@ -7,15 +7,15 @@ are defined here so configurations load without importing those.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from cellst.config import Section
 
 __all__ = ["InferenceConfig", "PredictConfig", "SegmentConfig"]
 
 
-class InferenceConfig(BaseModel):
+class InferenceConfig(Section):
     """How whole images are run through the network."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     roi: int = Field(
         256, ge=32, description="sliding-window size for hovernet-lite (multiple of 32)"
@@ -39,10 +39,8 @@ class InferenceConfig(BaseModel):
     )
 
 
-class PredictConfig(BaseModel):
+class PredictConfig(Section):
     """Resources of the batch-prediction actor pool."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     num_actors: int = Field(
         1,
@@ -55,15 +53,13 @@ class PredictConfig(BaseModel):
     postprocess_cpus: float = Field(1, gt=0, description="CPUs per post-processing task")
 
 
-class SegmentConfig(BaseModel):
+class SegmentConfig(Section):
     """What ``cellst segment`` writes and when it runs on Ray instead of in-process.
 
     Small jobs (at most ``in_process_max_images`` images and ``in_process_max_mpx``
     megapixels in all) run in the calling process, with no Ray start-up; larger ones, or
     ``--ray``, use the distributed batch path of ``cellst predict``.
     """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     exclude_on_edges: bool = Field(False, description="drop cells touching the image border")
     min_size: int = Field(

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from pydantic import ValidationError
 
+from cellst.experiment import ExperimentConfig
 from cellst.model.checkpoint_files import is_checkpoint
 from cellst.postprocess.hover import PostprocessConfig
 
@@ -292,7 +293,7 @@ def calibrate_checkpoints(
 
 
 def calibrate_run(
-    cfg, store, val_ids: Sequence[str], paths, log: Callable[[str], None] = print
+    cfg: ExperimentConfig, store, val_ids: Sequence[str], paths, log: Callable[[str], None] = print
 ) -> dict[str, float]:
     """After training: calibrate the run's ``best``, ``last`` and ST++ snapshot checkpoints.
 

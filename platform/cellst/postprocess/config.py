@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from cellst.config import Section
 
 __all__ = ["HoverParams", "PostprocessConfig", "halo_width"]
 
 
-class HoverParams(BaseModel):
+class HoverParams(Section):
     """Parameters of :func:`hover_to_instances` (see :class:`PostprocessConfig`)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     mask_threshold: float = Field(0.5, gt=0.0, le=1.0, description="foreground: prob >= this")
     marker_threshold: float = Field(

@@ -15,7 +15,8 @@ from cellst._lazy import lazy_getattr
 _NAMES = {
     "QUICK_OVERRIDES": "config",
     "StppConfig": "config",
-    "load_stpp_config": "config",
+    "load_stpp_config": "experiment",
+    "stpp_problems": "experiment",
     "StppExperimentConfig": "experiment",
     "STAGES": "outputs",
     "StppResult": "pipeline",

@@ -10,13 +10,11 @@ anything runs.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
-from cellst.config import ConfigError, Section, load_config
+from cellst.config import Section, check_name
 
 #: settings of ``--quick`` (tiny model and data; minutes on 2 CPUs), applied before ``--set``
 QUICK_OVERRIDES: tuple[str, ...] = (
@@ -33,11 +31,6 @@ QUICK_OVERRIDES: tuple[str, ...] = (
     "inference.roi=96",
     "inference.sw_batch_size=4",
 )
-
-if TYPE_CHECKING:
-    from cellst.stpp.experiment import StppExperimentConfig
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class StppConfig(Section):
@@ -103,50 +96,4 @@ class StppConfig(Section):
     @field_validator("name", "set_prefix")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
-        if v is not None and not NAME_RE.match(v):
-            raise ValueError(
-                f"must start with a letter or digit and hold only letters, digits, '.', '_' "
-                f"and '-', got {v!r}"
-            )
-        return v
-
-
-def stpp_problems(cfg) -> list[str]:
-    """What makes an experiment unfit for ST++ (checks across sections); empty when fine."""
-    out = []
-    t = cfg.train
-    epochs = t.snapshot_epochs()
-    if len(epochs) < 2 or epochs[-1] != t.epochs:
-        out.append(
-            f"ST++ scores reliability with at least two snapshots, the last one at the end of "
-            f"training; train.epochs={t.epochs} with train.snapshot_fractions="
-            f"{[round(f, 3) for f in t.snapshot_fractions]} gives snapshot epochs {epochs} "
-            f"(raise train.epochs or add fractions; the largest must be 1.0)"
-        )
-    for key in ("pseudo_set", "init_checkpoint"):
-        if getattr(t, key) is not None:
-            out.append(f"train.{key} is set by the ST++ pipeline for each stage; leave it empty")
-    if NAME_RE.match(cfg.name) is None and cfg.stpp.name is None:
-        out.append(f"the experiment name {cfg.name!r} cannot name a pipeline folder; set stpp.name")
-    return out
-
-
-def load_stpp_config(
-    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), quick: bool = False
-) -> StppExperimentConfig:
-    """Load an ST++ experiment; ``quick`` applies :data:`QUICK_OVERRIDES` before ``overrides``.
-
-    Raises
-    ------
-    ConfigError
-        Naming every invalid field (fractions, snapshot settings...), before anything runs.
-    """
-    from cellst.stpp.experiment import StppExperimentConfig
-
-    every = [*(QUICK_OVERRIDES if quick else ()), *overrides]
-    cfg = load_config(path, every, model=StppExperimentConfig)
-    if not cfg.store:
-        raise ConfigError(
-            "no store configured: set `store: PATH` in the config or --set store=PATH"
-        )
-    return cfg
+        return check_name(v)

@@ -1,13 +1,38 @@
-"""The experiment run by the ST++ pipeline: every section of an experiment plus ``stpp``."""
+"""The experiment run by the ST++ pipeline: every section of an experiment plus ``stpp``,
+with the checks that span sections, and its loader."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import model_validator
 
-from cellst.experiment import ExperimentConfig
-from cellst.stpp.config import stpp_problems
+from cellst.config import NAME_RE, ConfigError
+from cellst.experiment import ExperimentConfig, load_config
+from cellst.stpp.config import QUICK_OVERRIDES
+
+__all__ = ["StppExperimentConfig", "load_stpp_config", "stpp_problems"]
+
+
+def stpp_problems(cfg: ExperimentConfig) -> list[str]:
+    """What makes an experiment unfit for ST++ (checks across sections); empty when fine."""
+    out = []
+    t = cfg.train
+    epochs = t.snapshot_epochs()
+    if len(epochs) < 2 or epochs[-1] != t.epochs:
+        out.append(
+            f"ST++ scores reliability with at least two snapshots, the last one at the end of "
+            f"training; train.epochs={t.epochs} with train.snapshot_fractions="
+            f"{[round(f, 3) for f in t.snapshot_fractions]} gives snapshot epochs {epochs} "
+            f"(raise train.epochs or add fractions; the largest must be 1.0)"
+        )
+    for key in ("pseudo_set", "init_checkpoint"):
+        if getattr(t, key) is not None:
+            out.append(f"train.{key} is set by the ST++ pipeline for each stage; leave it empty")
+    if NAME_RE.match(cfg.name) is None and cfg.stpp.name is None:
+        out.append(f"the experiment name {cfg.name!r} cannot name a pipeline folder; set stpp.name")
+    return out
 
 
 class StppExperimentConfig(ExperimentConfig):
@@ -37,3 +62,22 @@ class StppExperimentConfig(ExperimentConfig):
         """The plain experiment (``stpp`` at its defaults), as training and prediction take it."""
         data = self.model_dump(mode="json", exclude={"stpp"})
         return ExperimentConfig.model_validate(data)
+
+
+def load_stpp_config(
+    path: str | Path | None, overrides: Sequence[str] = (), quick: bool = False
+) -> StppExperimentConfig:
+    """Load an ST++ experiment; ``quick`` applies :data:`QUICK_OVERRIDES` before ``overrides``.
+
+    Raises
+    ------
+    ConfigError
+        Naming every invalid field (fractions, snapshot settings...), before anything runs.
+    """
+    every = [*(QUICK_OVERRIDES if quick else ()), *overrides]
+    cfg = load_config(path, every, model=StppExperimentConfig)
+    if not cfg.store:
+        raise ConfigError(
+            "no store configured: set `store: PATH` in the config or --set store=PATH"
+        )
+    return cfg

@@ -58,6 +58,7 @@ import pandas as pd
 
 from cellst.config import ConfigError, dump_config
 from cellst.data.store import CellStore, StoreError, atomic_write_bytes, store_lock
+from cellst.experiment import ExperimentConfig
 from cellst.fingerprint import checkpoint_fingerprint, config_fingerprint, stable_hash
 from cellst.model.checkpoint_files import is_checkpoint
 from cellst.stpp.experiment import StppExperimentConfig
@@ -117,7 +118,7 @@ def items_digest(store: CellStore, split: str) -> str:
     return stable_hash(df[cols].values.tolist())
 
 
-def training_hash(cfg) -> str:
+def training_hash(cfg: ExperimentConfig) -> str:
     """Fingerprint of what a training stage computes (not where it logs, runs or predicts)."""
     return config_fingerprint(
         cfg, {"": ("store", "name"), "predict": ("*",), "evaluate": ("*",), "ingest": ("*",)}
@@ -130,7 +131,7 @@ def retrain_crops(crops: int, pseudo_weight: float, max_factor: float = 4.0) -> 
     return int(math.ceil(crops * factor))
 
 
-def retrain_schedule(cfg) -> tuple[int, int]:
+def retrain_schedule(cfg: StppExperimentConfig) -> tuple[int, int]:
     """Epochs and crops per epoch of a re-training stage (4 or 6) of ``cfg``."""
     crops = cfg.data.crops_per_epoch
     if cfg.stpp.scale_retrain_crops:
@@ -138,7 +139,7 @@ def retrain_schedule(cfg) -> tuple[int, int]:
     return cfg.stpp.retrain_epochs or cfg.train.epochs, crops
 
 
-def apply_retrain_schedule(training, cfg) -> None:
+def apply_retrain_schedule(training: ExperimentConfig, cfg: StppExperimentConfig) -> None:
     """Give ``training`` (a copy of ``cfg``'s base config) the re-training stages' schedule:
     :func:`retrain_schedule`'s epochs and crops, and ``stpp.retrain_lr`` where set.
 
@@ -150,7 +151,7 @@ def apply_retrain_schedule(training, cfg) -> None:
         training.train.lr = cfg.stpp.retrain_lr
 
 
-def training_crops(cfg) -> dict[str, int]:
+def training_crops(cfg: StppExperimentConfig) -> dict[str, int]:
     """Training crops (epochs x crops per epoch) of the three training stages of ``cfg``:
     the compute a supervised-only baseline needs for an equal-compute comparison."""
     crops, epochs = cfg.data.crops_per_epoch, cfg.train.epochs
@@ -714,7 +715,7 @@ def run_stpp(
     Parameters
     ----------
     cfg : StppExperimentConfig
-        From :func:`cellst.stpp.config.load_stpp_config`.
+        From :func:`cellst.stpp.experiment.load_stpp_config`.
     force_from : stage number or name, optional
         Run this stage and every later one again even if done with the same inputs.
     overwrite : bool

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cellst.fs import atomic_write_text
+from cellst.tracking.config import TrackingConfig
 
 PENDING_FILE = "tracking-pending.jsonl"
 REJECTED_FILE = "tracking-rejected.jsonl"
@@ -452,7 +453,7 @@ def pending_note(run_dir: str | Path) -> str | None:
     return "; ".join(notes) or None
 
 
-def resend_pending(cfg, run_dir: str | Path, experiment_default: str) -> str | None:
+def resend_pending(cfg: TrackingConfig, run_dir: str | Path, experiment_default: str) -> str | None:
     """Send the records a run folder keeps from an outage; returns :func:`pending_note`.
 
     ``cfg`` is the :class:`~cellst.tracking.TrackingConfig` of the run. Does nothing (and

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from cellst.config import Section
 
 
-class TrackingConfig(BaseModel):
+class TrackingConfig(Section):
     """Where and whether a stage logs to MLflow, and how long it waits for a server."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     tracking_uri: str | None = Field(
         None,

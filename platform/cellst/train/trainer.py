@@ -27,6 +27,7 @@ from typing import Any
 
 from cellst.config import ConfigError
 from cellst.data.store import CellStore, StoreError
+from cellst.experiment import ExperimentConfig
 from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
 from cellst.fingerprint import config_fingerprint
 from cellst.model.checkpoint_files import is_checkpoint
@@ -63,12 +64,12 @@ class TrainResult:
         return RunPaths(self.run_path).snapshots()
 
 
-def config_hash(cfg) -> str:
+def config_hash(cfg: ExperimentConfig) -> str:
     """Fingerprint of what this training computes (:func:`cellst.fingerprint.config_fingerprint`)."""
     return config_fingerprint(cfg)
 
 
-def check_request(cfg) -> tuple[CellStore, list[str], list[str]]:
+def check_request(cfg: ExperimentConfig) -> tuple[CellStore, list[str], list[str]]:
     """Validate the store side of a training request; returns the store and the split."""
     from cellst.train.validate import split_train_val
 
@@ -157,7 +158,7 @@ def environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
-def no_room_error(cfg, paths: RunPaths) -> ClusterError:
+def no_room_error(cfg: ExperimentConfig, paths: RunPaths) -> ClusterError:
     """The one-line error of a training whose workers found no room for train.node_wait_s.
     (The run resumes from the last checkpoint Ray Train registered, which can be one epoch
     before ``last`` if the node went between the two.)"""
@@ -177,7 +178,7 @@ def no_room_error(cfg, paths: RunPaths) -> ClusterError:
     )
 
 
-def fit_cluster(cfg):
+def fit_cluster(cfg: ExperimentConfig):
     """Refuse requests the Ray cluster can never satisfy; settle the CPUs of each worker.
 
     The cluster must leave room for one read-and-augment task beside the workers.
@@ -263,19 +264,19 @@ def driver_node_cpus() -> float:
     return float(os.cpu_count() or 1)
 
 
-def training_ranks(cfg) -> int:
+def training_ranks(cfg: ExperimentConfig) -> int:
     """Processes that step: ``train.num_workers``, or 1 where that is 0 (local mode)."""
     return max(1, cfg.train.num_workers)
 
 
-def steps_per_epoch(cfg) -> int:
+def steps_per_epoch(cfg: ExperimentConfig) -> int:
     """Optimizer steps of each worker per epoch: ``data.crops_per_epoch`` crops in full
     batches over all workers (rounded up, so every rank steps equally often)."""
     t = cfg.train
     return max(1, math.ceil(cfg.data.crops_per_epoch / (training_ranks(cfg) * t.batch_size)))
 
 
-def augment_transform(cfg):
+def augment_transform(cfg: ExperimentConfig):
     """The read tasks' augmentation (:func:`cellst.train.step.augment_batch`), named rather
     than pickled, so that only the read tasks import torch and MONAI for it (Ray Train's
     controller and split coordinator carry the dataset but never augment)."""
@@ -289,7 +290,7 @@ def augment_transform(cfg):
     )
 
 
-def build_dataset(cfg, store: CellStore, train_ids: list[str]):
+def build_dataset(cfg: ExperimentConfig, store: CellStore, train_ids: list[str]):
     """The training stream: crops of the labelled items (plus the pseudo-label set if
     configured), augmented into model-ready arrays by CPU tasks anywhere on the cluster.
 

@@ -24,8 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cellst.config import Section
-from cellst.stpp.config import NAME_RE
+from cellst.config import Section, check_name
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 
@@ -107,9 +106,7 @@ class TuneConfig(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
-        if v is not None and not NAME_RE.match(v):
-            raise ValueError(f"must hold only letters, digits, '.', '_' and '-', got {v!r}")
-        return v
+        return check_name(v)
 
     @field_validator("space")
     @classmethod

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from cellst.config import ConfigError, apply_overrides, load_config
+from cellst.config import ConfigError, apply_overrides
+from cellst.experiment import ExperimentConfig, load_config
 from cellst.model.checkpoint_files import INFO_FILE, is_checkpoint
 from cellst.tune.config import Distribution
+
+E = TypeVar("E", bound=ExperimentConfig)
 
 
 def to_tune(space: Mapping[str, Distribution]) -> dict[str, Any]:
@@ -40,13 +43,13 @@ def plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def apply(cfg, params: Mapping[str, Any]):
+def apply(cfg: E, params: Mapping[str, Any]) -> E:
     """``cfg`` with one trial's settings applied (validated like ``--set`` overrides)."""
     data = apply_overrides(cfg.model_dump(mode="json"), overrides_of(params))
     return type(cfg).model_validate(data)
 
 
-def space_problems(cfg) -> list[str]:
+def space_problems(cfg: ExperimentConfig) -> list[str]:
     """Keys or bounds of ``cfg.tune.space`` the experiment schema rejects, by field path."""
     base = cfg.model_dump(mode="json")
     problems = []
@@ -83,7 +86,9 @@ def space_problems(cfg) -> list[str]:
     return problems
 
 
-def load_tune_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()):
+def load_tune_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
     """Load an experiment for ``cellst tune`` and check its search space.
 
     Raises

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from cellst.data.store import CellStore, StoreError, atomic_write_bytes
+from cellst.experiment import ExperimentConfig
 from cellst.tune.space import plain
 
 
@@ -57,11 +58,11 @@ class SweepResult:
     baseline_score: float | None = None  # postprocess mode: the config's own settings
 
 
-def sweep_dir(cfg) -> Path:
+def sweep_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.tune.run_dir).absolute() / (cfg.tune.name or cfg.name)
 
 
-def sweep_hash(cfg) -> str:
+def sweep_hash(cfg: ExperimentConfig) -> str:
     """Identity of a sweep: everything but where it logs (a changed sweep is a new sweep)."""
     from cellst.fingerprint import config_fingerprint
 
@@ -90,7 +91,9 @@ def _cache_maps(checkpoint: str, store_root: str, ids: list[str], infer: dict, o
     return len(ids)
 
 
-def prepare_maps(cfg, ids: list[str], root: Path, log: Callable[[str], None]) -> Path:
+def prepare_maps(
+    cfg: ExperimentConfig, ids: list[str], root: Path, log: Callable[[str], None]
+) -> Path:
     """Validation predictions of ``tune.checkpoint``, computed once per checkpoint/settings."""
     import ray
 
@@ -192,7 +195,7 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- the sweep
-def _concurrency(cfg, per_trial_cpus: float) -> int:
+def _concurrency(cfg: ExperimentConfig, per_trial_cpus: float) -> int:
     import ray
 
     if cfg.tune.max_concurrent_trials:
@@ -203,7 +206,7 @@ def _concurrency(cfg, per_trial_cpus: float) -> int:
     return max(1, int(total.get("CPU", 1) // per_trial_cpus))
 
 
-def run_sweep(cfg, log: Callable[[str], None] = print) -> SweepResult:
+def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> SweepResult:
     """Run (or resume) the sweep described by ``cfg.tune``; see the module docstring.
 
     Raises
