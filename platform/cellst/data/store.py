@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -50,13 +49,16 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
 from cellst import fs
+from cellst.data import layout
 
-MANIFEST = "manifest.parquet"
-MANIFESTS = "manifests"
-READERS = ".readers"
-TRASH = ".trash"
-FORMAT = "cellst-store/1"
-SPLITS = ("labeled", "unlabeled", "test")
+# the store's file names and version hash, owned by the stdlib-only data.layout
+FORMAT, MANIFEST, MANIFESTS = layout.FORMAT, layout.MANIFEST, layout.MANIFESTS
+READERS, SPLITS, TRASH = layout.READERS, layout.SPLITS, layout.TRASH
+is_store, manifest_sha256, manifest_version = (
+    layout.is_store,
+    layout.manifest_sha256,
+    layout.manifest_version,
+)
 
 #: manifest columns, in order, with their meaning
 MANIFEST_COLUMNS = {
@@ -192,11 +194,6 @@ def init_store(root: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- versions
-def manifest_version(data: bytes) -> str:
-    """Short hash of a manifest file's bytes: the store version a reader pins."""
-    return hashlib.sha256(data).hexdigest()[:12]
-
-
 def manifest_bytes(df: pd.DataFrame) -> bytes:
     """A manifest table as parquet bytes (what :func:`write_manifest` commits)."""
     buf = io.BytesIO()
@@ -439,7 +436,7 @@ class CellStore:
         #: short hash of the manifest this object reads (record it beside results)
         self.version: str = manifest_version(data)
         #: sha256 of those manifest bytes (``version`` is its first 12 hex digits)
-        self.manifest_sha256: str = hashlib.sha256(data).hexdigest()
+        self.manifest_sha256: str = manifest_sha256(data)
         self.manifest = parse_manifest(data, manifest)
         missing = [c for c in MANIFEST_COLUMNS if c not in self.manifest.columns]
         if missing:

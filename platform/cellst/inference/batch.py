@@ -52,6 +52,7 @@ from cellst.data.store import (
     CellStore,
     StoreError,
 )
+from cellst.errors import first_line
 from cellst.inference.config import InferenceConfig, PredictConfig
 from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, leave_cpus_to_driver
 
@@ -93,12 +94,6 @@ class PredictResult:
             f"{len(self.written)} written, {len(self.skipped)} already done (skipped){failed}, "
             f"{self.seconds:.1f} s ({rate:.2f} img/s)"
         )
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one line: its type when the message is empty, else the first line."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- the model
@@ -590,7 +585,7 @@ def predict(
         A bad checkpoint, source or request, or a set written by another model (before
         anything is written); :class:`PredictError` for failed items (after the others).
     """
-    from cellst.metrics.sources import is_store
+    from cellst.data.layout import is_store
     from cellst.postprocess import PostprocessConfig
     from cellst.raycluster import check_shared_paths, ensure_ray
 

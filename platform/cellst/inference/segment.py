@@ -47,6 +47,7 @@ from cellst.data.images import (
     declared_pixels,
     declared_shape,
 )
+from cellst.errors import first_line
 from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
 from cellst.model.checkpoint_files import INFO_FILE, is_checkpoint
 
@@ -223,11 +224,6 @@ def check_checkpoint_dir(checkpoint: str | os.PathLike[str]) -> Path:
 
 
 # ----------------------------------------------------------------------------- model
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def load_segmenter(
     checkpoint: str | os.PathLike[str],
     post: PostprocessConfig | None = None,
@@ -262,7 +258,7 @@ def load_segmenter(
         model, _, _ = load_model(path, map_location=dev)
         post, note = effective_postprocess(post, path)
     except Exception as exc:  # noqa: BLE001 - CheckpointError, StoreError, torch errors
-        text = _first_line(exc)
+        text = first_line(exc)
         raise SegmentError(text if str(path) in text else f"checkpoint {path}: {text}") from None
     return model, post, note
 
@@ -598,7 +594,7 @@ def segment_in_process(
             result.written.append(path.stem)
             tables.append((dest, path.stem))
         except Exception as exc:  # noqa: BLE001 - this image fails, not the run
-            why = _first_line(exc)
+            why = first_line(exc)
             result.failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
     result.outputs += _finish_tables(tables, cfg)
     result.seconds = time.perf_counter() - t0
@@ -640,7 +636,7 @@ def segment_on_ray(
     try:
         post, note = effective_postprocess(post, ckpt)
     except Exception as exc:  # noqa: BLE001 - an unreadable postprocess.json
-        raise SegmentError(_first_line(exc)) from None
+        raise SegmentError(first_line(exc)) from None
     result = SegmentResult(mode="ray", postprocess=post.model_dump(), postprocess_note=note)
     groups: dict[tuple[Path, Path], list[Path]] = {}
     tables: list[tuple[Path, str]] = []  # (folder, name) of each image written
@@ -680,7 +676,7 @@ def segment_on_ray(
                     result.written.append(name)
                     tables.append((dest, name))
                 except Exception as exc:  # noqa: BLE001 - this image fails, not the run
-                    result.failed.append((str(path), f"{path}: {_first_line(exc)}"))
+                    result.failed.append((str(path), f"{path}: {first_line(exc)}"))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     result.outputs += _finish_tables(tables, cfg)

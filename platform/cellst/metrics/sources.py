@@ -14,11 +14,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from cellst.data.layout import is_store
 from cellst.metrics.report import evaluate_pairs, load_label_folder, read_labels, write_report
-
-#: :data:`cellst.data.store.MANIFEST`, named here so that scoring folders of label files
-#: does not import the store (zarr and pandas, about a second)
-_MANIFEST = "manifest.parquet"
 
 
 @dataclass
@@ -28,11 +25,6 @@ class LabelSource:
     description: str
     loaders: dict[str, Callable[[], np.ndarray]]
     modalities: dict[str, str] = field(default_factory=dict)
-
-
-def is_store(path: str | Path) -> bool:
-    """Whether ``path`` is a cellst store (has a manifest)."""
-    return (Path(path) / _MANIFEST).is_file()
 
 
 def _folder_modalities(folder: Path) -> dict[str, str]:

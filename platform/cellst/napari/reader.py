@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cellst.data.layout import is_store
+
 #: items of a cellst store opened at once (in manifest order)
 MAX_STORE_ITEMS = 4
 #: pixels between two store items laid side by side
@@ -44,15 +46,11 @@ def _is_ome_zarr(path: Path) -> bool:
     return "multiscales" in attrs.get("ome", {})
 
 
-def _is_store(path: Path) -> bool:
-    return (path / "manifest.parquet").is_file()
-
-
 def get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerData]] | None:
     """The reader for ``path`` when it is an OME-Zarr image group or a cellst store (or a
     list of those), else None so that napari tries other readers."""
     paths = [Path(p) for p in ([path] if isinstance(path, str | os.PathLike) else path)]
-    if not paths or not all(_is_ome_zarr(p) or _is_store(p) for p in paths):
+    if not paths or not all(_is_ome_zarr(p) or is_store(p) for p in paths):
         return None
     return read
 
@@ -62,7 +60,7 @@ def read(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     paths = [Path(p) for p in ([path] if isinstance(path, str | os.PathLike) else path)]
     layers: list[LayerData] = []
     for p in paths:
-        layers += read_store(p) if _is_store(p) else read_ome_zarr_layers(p)
+        layers += read_store(p) if is_store(p) else read_ome_zarr_layers(p)
     return layers
 
 

@@ -53,7 +53,7 @@ class ParentRun:
         from mlflow.tracking import MlflowClient
 
         from cellst.tracking import log_config, set_tags, start_run, store_tags
-        from cellst.tracking.mlflow_utils import _guarded
+        from cellst.tracking.mlflow_utils import guarded
 
         tags = {**store_tags(store), "cellst.stage": "stpp", "cellst.stpp.pipeline": str(self.dir)}
         with start_run(
@@ -71,7 +71,7 @@ class ParentRun:
             set_tags({"cellst.stpp.attempt_started": time.strftime("%Y-%m-%d %H:%M:%S")})
         # the parent stays RUNNING while the stages run as its children (best-effort: a
         # failure is one line, the stages run all the same)
-        _guarded(
+        guarded(
             "the parent run's RUNNING status",
             MlflowClient(self.uri).update_run,
             self.run_id,

@@ -194,11 +194,11 @@ def log_figure(fig: Figure, artifact_file: str, close: bool = True) -> None:
     """Log ``fig`` to the active MLflow run (no-op outside a run), then close it."""
     import mlflow
 
-    from cellst.tracking.mlflow_utils import _guarded
+    from cellst.tracking.mlflow_utils import guarded
 
     try:
         if mlflow.active_run() is not None:  # best-effort: a failure is said in one line
-            _guarded(artifact_file, mlflow.log_figure, fig, artifact_file)
+            guarded(artifact_file, mlflow.log_figure, fig, artifact_file)
     finally:
         if close:
             close_figure(fig)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import io
 import logging
 import math
@@ -64,6 +63,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 import cellst
+from cellst.data.layout import MANIFEST, is_store, manifest_sha256, manifest_version
 from cellst.tracking.buffered import (
     DEFAULT_TIMEOUT_S,
     BufferedMetricLogger,
@@ -472,7 +472,7 @@ def _journal() -> tuple[str | None, BufferedMetricLogger | None]:
     return run.info.run_id, _journals.get(run.info.run_id)
 
 
-def _guarded(what: str, fn, *args, **kwargs) -> bool:
+def guarded(what: str, fn, *args, **kwargs) -> bool:
     """Call MLflow best-effort: a failure (or a server known to be down) is one line saying
     what was not logged. Returns whether it was logged."""
     _, journal = _journal()
@@ -560,7 +560,7 @@ def log_params(params: Mapping[str, Any]) -> dict[str, str]:
         return todo
     items = list(todo.items())
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        _guarded("params", mlflow.log_params, dict(items[i : i + MAX_PARAMS_PER_BATCH]))
+        guarded("params", mlflow.log_params, dict(items[i : i + MAX_PARAMS_PER_BATCH]))
     return todo
 
 
@@ -575,7 +575,7 @@ def log_config(cfg_model: BaseModel, artifact_file: str = "config.yaml") -> None
     if journal is not None:
         journal.log_text(text, artifact_file)
     else:
-        _guarded(artifact_file, mlflow.log_text, text, artifact_file)
+        guarded(artifact_file, mlflow.log_text, text, artifact_file)
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
@@ -597,7 +597,7 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> dict[str
     if clean and journal is not None:
         journal.log(clean, step or 0)
     elif clean:
-        _guarded("metrics", mlflow.log_metrics, clean, step=step)
+        guarded("metrics", mlflow.log_metrics, clean, step=step)
     return clean
 
 
@@ -611,7 +611,7 @@ def log_table(df: pd.DataFrame, artifact_file: str) -> None:
     if mlflow.active_run() is None:
         return
     if artifact_file.endswith(".json"):
-        _guarded(artifact_file, mlflow.log_table, df, artifact_file)
+        guarded(artifact_file, mlflow.log_table, df, artifact_file)
         return
     artifact_path, _, name = artifact_file.rpartition("/")
     with tempfile.TemporaryDirectory(prefix="cellst-table-") as tmp:
@@ -620,7 +620,7 @@ def log_table(df: pd.DataFrame, artifact_file: str) -> None:
             df.to_parquet(local, index=False)
         else:
             df.to_csv(local, index=False)
-        _guarded(artifact_file, mlflow.log_artifact, str(local), artifact_path or None)
+        guarded(artifact_file, mlflow.log_artifact, str(local), artifact_path or None)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
@@ -630,7 +630,7 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     if journal is not None:
         journal.log_artifact(path, artifact_path)
     elif run_id is not None:
-        _guarded(str(path), mlflow.log_artifact, str(path), artifact_path)
+        guarded(str(path), mlflow.log_artifact, str(path), artifact_path)
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
@@ -641,7 +641,7 @@ def set_tags(tags: Mapping[str, Any]) -> None:
     if journal is not None:
         journal.set_tags(tags)
     else:
-        _guarded("tags", mlflow.set_tags, {str(k): str(v) for k, v in tags.items()})
+        guarded("tags", mlflow.set_tags, {str(k): str(v) for k, v in tags.items()})
 
 
 def store_tags(store: Any) -> dict[str, Any]:
@@ -669,13 +669,11 @@ def store_tags(store: Any) -> dict[str, Any]:
         }
     root = Path(store).expanduser().absolute()
     tags: dict[str, Any] = {"store.path": str(root)}
-    manifest = root / "manifest.parquet"
-    if not manifest.is_file():
+    if not is_store(root):
         return tags
-    data = manifest.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    tags["store.version"] = digest[:12]  # as CellStore.version
-    tags["store.manifest_sha256"] = digest
+    data = (root / MANIFEST).read_bytes()
+    tags["store.version"] = manifest_version(data)  # as CellStore.version
+    tags["store.manifest_sha256"] = manifest_sha256(data)
     tags["store.items"] = len(pd.read_parquet(io.BytesIO(data)))
     return tags
 

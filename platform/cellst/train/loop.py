@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 def _all_finite(ok: bool, device: torch.device) -> bool:
     """Whether every rank's loss is finite (so all ranks stop together)."""
     import torch
@@ -71,7 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train.torch import get_device, prepare_model
 
     from cellst.data.store import CellStore
-    from cellst.model import HoVerLoss, build_model, load_into
+    from cellst.model import HoVerLoss, build_model, load_into, unwrap_model
     from cellst.tracking.buffered import BufferedMetricLogger
     from cellst.train.checkpoints import RunPaths, keep_checkpoints, keep_resume_state, save_epoch
     from cellst.train.selection import initial_best, update_best
@@ -131,14 +127,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt.add_param_group({"params": [p for p in params if id(p) not in enc]})
     sched = make_scheduler(opt, tcfg.schedule, tcfg.epochs, tcfg.step_epochs, tcfg.step_gamma)
     # the weights validated, checkpointed and predicted with: the moving average, if kept
-    ema = make_ema(_unwrap(model), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
-    served = ema.module if ema is not None else _unwrap(model)
+    ema = make_ema(unwrap_model(model), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    served = ema.module if ema is not None else unwrap_model(model)
 
     start_epoch, step, best = 0, 0, initial_best()
     local = bool(config.get("local"))  # in the driver's process: Ray Train keeps no state
     state = _resume_state(paths, local, device)
     if state is not None:
-        _unwrap(model).load_state_dict(state["model"])
+        unwrap_model(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
@@ -197,7 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 diverged = str(exc)
                 break
             if ema is not None:
-                ema.update_parameters(_unwrap(model))
+                ema.update_parameters(unwrap_model(model))
             busy += time.perf_counter() - t_step
             step += 1
             n_steps += 1
@@ -249,7 +245,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t_ckpt = time.perf_counter()
             tmp = Path(tempfile.mkdtemp(prefix="cellst-ckpt-")) / "checkpoint"
             state = {
-                "model": _unwrap(model).state_dict(),
+                "model": unwrap_model(model).state_dict(),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
@@ -288,7 +284,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 shutil.rmtree(tmp.parent, ignore_errors=True)
     if logger is not None:
         logger.close()  # a last attempt; what is left is said in one line
-    _write_param_digest(_unwrap(model), paths.root / f"params_rank{rank}.sha256")
+    _write_param_digest(unwrap_model(model), paths.root / f"params_rank{rank}.sha256")
 
 
 def _resume_state(paths, local: bool, device: torch.device) -> dict[str, Any] | None:
