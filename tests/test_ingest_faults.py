@@ -4,6 +4,7 @@ the CSV line), before any pixel is decoded where possible, and the store stays u
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,6 +128,51 @@ def test_missing_source_is_refused_before_ray_starts(tmp_path, monkeypatch):
     assert f"{tmp_path / 'nope'}: source folder does not exist" in out
     assert "--skip-bad" not in out and "Traceback" not in out
     assert not (tmp_path / "store").exists()
+
+
+def test_a_folder_of_the_users_files_never_becomes_a_store(tmp_path, monkeypatch):
+    """``--out`` naming the source folder (its ``labels/`` are the ground truth) or the
+    folder above it: refused before Ray starts, every file kept. A store would manage
+    ``images/`` and ``labels/`` and garbage-collect what its manifest does not name."""
+    import cellst.raycluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for an --out that cannot be a store")
+
+    monkeypatch.setattr(cellst.raycluster, "ensure_ray", no_ray)
+    data = _plain(tmp_path)
+    (data / "labels").mkdir()
+    tifffile.imwrite(data / "labels" / "good0_label.tiff", np.ones((64, 64), np.uint16))
+    (tmp_path / "proj" / "images").mkdir(parents=True)
+    iio.imwrite(tmp_path / "proj" / "images" / "a.png", np.zeros((64, 64), np.uint8))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    app = __import__("cellst.cli", fromlist=["app"]).app
+    for src, out in ((data, data), (tmp_path / "proj" / "images", tmp_path / "proj")):
+        res = runner.invoke(app, ["ingest", str(src), "--out", str(out)])
+        assert res.exit_code == 1, res.output
+        text = res.output.replace("\n", "")
+        assert f"{out}: is not a cellst store and is not empty" in text, text
+        assert "Traceback" not in text and "--skip-bad" not in text
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    with pytest.raises(IngestError, match="is not a cellst store"):  # the library refuses too
+        ingest(data, data)
+
+
+def test_garbage_collection_removes_only_the_stores_own_arrays(store_dir, tmp_path):
+    from cellst.data.store import collect_garbage
+
+    store = tmp_path / "store"
+    shutil.copytree(store_dir, store)
+    (store / "labels" / "mine_label.tiff").write_bytes(b"a user's file")
+    (store / "images" / "notes").mkdir()
+    orphan = store / "images" / "orphan-0123456789ab"
+    orphan.mkdir()
+    (orphan / "zarr.json").write_text("{}")
+    report = collect_garbage(store)
+    assert report["removed"] == ["images/orphan-0123456789ab"]
+    assert (store / "labels" / "mine_label.tiff").read_bytes() == b"a user's file"
+    assert (store / "images" / "notes").is_dir() and not orphan.exists()
+    CellStore(store, lease=False).image(CellStore(store, lease=False).ids()[0])
 
 
 def test_lock_messages_name_what_is_locked(tmp_path):

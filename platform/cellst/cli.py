@@ -198,7 +198,15 @@ def synth(
 @user_errors
 def ingest(
     src: Annotated[Path, typer.Argument(help="image folder: challenge layout or plain images")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="store to create or update")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="store to create (in a new or empty folder) or update; its images/, labels/ "
+            "and manifests/ are cellst's",
+        ),
+    ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     split: Annotated[
@@ -224,7 +232,7 @@ def ingest(
     failed ingest leaves the previous store unchanged. Re-running only ingests new or
     changed files.
     """
-    from cellst.data.ingest import check_source
+    from cellst.data.ingest import check_source, check_target
     from cellst.data.ingest import ingest as run_ingest
     from cellst.data.store import CellStore
     from cellst.fs import check_writable
@@ -233,6 +241,7 @@ def ingest(
     cfg = _load(config, set_)
     check_source(src)  # before Ray starts (seconds) for nothing
     check_writable(out)  # e.g. a file at the store's name: one line, not [Errno 17]
+    check_target(out)  # a folder of the user's own files never becomes a store
     try:
         ensure_ray(ray_address)
         result = run_ingest(

@@ -60,6 +60,7 @@ from cellst.data.images import (
     read_array,
     validate_label,
 )
+from cellst.data.layout import is_store_root
 from cellst.data.modalities import MODALITIES_FILE, read_modalities
 from cellst.data.store import (
     MANIFEST,
@@ -277,6 +278,36 @@ def check_source(src: str | Path) -> None:
         raise IngestError([(str(src), why)], skippable=False)
 
 
+def check_target(store: str | Path) -> None:
+    """Refuse a ``--out`` folder that holds anything and is not a cellst store.
+
+    A store manages its ``images/`` and ``labels/`` folders (arrays no manifest names are
+    garbage-collected), so a folder of the user's own files, often the source folder
+    itself, must not become one.
+
+    Raises
+    ------
+    IngestError
+        Naming the folder; it does not suggest ``--skip-bad``, which cannot help.
+    """
+    root = Path(store)
+    if not root.is_dir() or is_store_root(root):
+        return  # new (check_writable names a file in its way), or a store
+    held = sorted(p.name for p in root.iterdir())
+    if held:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise IngestError(
+            [
+                (
+                    str(store),
+                    f"is not a cellst store and is not empty (holds {shown}); ingest writes a "
+                    "store into a new or empty folder: choose another --out",
+                )
+            ],
+            skippable=False,
+        )
+
+
 # ----------------------------------------------------------------------------- workers
 def _norm_string(cfg: IngestConfig) -> str:
     return f"percentile-nonzero:{cfg.low_percentile:g}-{cfg.high_percentile:g}->uint8"
@@ -447,6 +478,7 @@ def ingest(
     cfg = cfg or IngestConfig()
     store = Path(store).absolute()
     check_source(src)
+    check_target(store)
     items, problems = scan_source(src, split, modality)
     if problems and not skip_bad:
         raise IngestError(problems, skippable=bool(items))  # an empty source: nothing to skip

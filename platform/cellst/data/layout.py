@@ -8,6 +8,7 @@ tags) import them from here, without zarr and pandas.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ __all__ = [
     "SPLITS",
     "TRASH",
     "is_store",
+    "is_store_root",
+    "is_zarr_array",
     "manifest_sha256",
     "manifest_version",
 ]
@@ -34,6 +37,25 @@ SPLITS = ("labeled", "unlabeled", "test")
 def is_store(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a cellst store (a folder with a manifest)."""
     return (Path(path) / MANIFEST).is_file()
+
+
+def is_store_root(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a cellst store or the start of one: a manifest, or the root group
+    marker (``zarr.json`` with this format) that a first ingest writes before its manifest."""
+    root = Path(path)
+    if is_store(root):
+        return True
+    try:
+        meta = json.loads((root / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("attributes") or {}).get("format") == FORMAT
+
+
+def is_zarr_array(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder holding a zarr array (what a store's ``images/`` and
+    ``labels/`` hold; anything else there is not the store's to remove)."""
+    return (Path(path) / "zarr.json").is_file()
 
 
 def manifest_sha256(data: bytes) -> str:

@@ -337,6 +337,9 @@ def collect_garbage(root: str | Path) -> dict:
     """Remove arrays and archived manifests that no live reader and no current manifest
     names; leases of dead processes are dropped. Call with the store's write lock held.
 
+    Only zarr arrays are removed from ``images/`` and ``labels/``: a file or folder a user
+    put there (say, the label TIFFs of a source folder) is left alone.
+
     Returns
     -------
     dict
@@ -371,7 +374,7 @@ def collect_garbage(root: str | Path) -> dict:
         for group in ("images", "labels"):
             folder = root / group
             for arr in sorted(folder.iterdir()) if folder.is_dir() else []:
-                if f"{group}/{arr.name}" not in keep:
+                if f"{group}/{arr.name}" not in keep and layout.is_zarr_array(arr):
                     trash.mkdir(parents=True, exist_ok=True)
                     os.rename(arr, trash / f"{group}-{arr.name}")  # atomic: readers see it gone
                     report["removed"].append(f"{group}/{arr.name}")
