@@ -27,6 +27,7 @@ from PIL import Image
 
 from cellst.data.store import CellStore, StoreError
 from cellst.inference.batch import predict
+from cellst.inference.config import PredictConfig
 from cellst.inference.predictor import InferenceConfig
 from cellst.model import ModelConfig, build_model, save_checkpoint
 from cellst.postprocess import PostprocessConfig
@@ -268,6 +269,65 @@ def test_resume_refuses_another_model_and_resumes_the_same(
     after = _run_ids(store, "s")
     assert sorted(after) == sorted(ids) and all(after[i] == runs[i] for i in runs)
     assert set(CellStore(root).pseudo_items("s")["model_id"]) == {first.model_id}
+
+
+def test_an_out_folder_is_resumed_only_by_its_model_and_never_loses_other_files(
+    ray_session, synth_src, store_dir, lite_checkpoint, tmp_path
+):
+    """``--out`` holding the ground truth, or another model's labels: refused in one line
+    before Ray, every file kept (before, each counted as already predicted: exit 0 with the
+    ground truth left as the "prediction"; and ``--overwrite`` deleted every
+    ``*_label.tiff`` there, this run's or not). ``--overwrite`` replaces this run's files
+    only; a re-run of the same model keeps its files. A mistyped ``--split`` is refused
+    (before, every item of the store was predicted)."""
+    from cellst.data.images import label_tiff_model_id, write_label_tiff
+
+    folder, good = _folder_with_a_corrupt_image(synth_src, tmp_path)
+    for p in folder.glob("broken*"):
+        p.unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    truth = np.zeros((64, 64), np.uint16)
+    truth[8:20, 8:20] = 1
+    tifffile.imwrite(out / f"{good[0]}_label.tiff", truth)  # the user's ground truth
+    tifffile.imwrite(out / "unrelated_label.tiff", truth)  # not an item of this run
+    write_label_tiff(out / f"{good[1]}_label.tiff", truth, model_id="another-model")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = ["predict", "--checkpoint", str(lite_checkpoint), "--input", str(folder)]
+    res = _run([*args, "--out", str(out), "--set", "inference.roi=128"], NO_RAY, timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{out / good[0]}_label.tiff was not written by cellst" in lines[0]
+    assert "--overwrite" in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / f"{good[0]}_label.tiff").unlink()
+    with pytest.raises(StoreError, match="holds the labels of another model"):
+        predict(lite_checkpoint, folder, out_dir=out, infer=ROI, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == {
+        k: v for k, v in before.items() if k != f"{good[0]}_label.tiff"
+    }
+
+    local = PredictConfig(num_actors=0)
+    res = predict(
+        lite_checkpoint,
+        folder,
+        out_dir=out,
+        infer=ROI,
+        resources=local,
+        overwrite=True,
+        progress=False,
+    )
+    assert sorted(res.written) == good and not res.skipped
+    assert (out / "unrelated_label.tiff").read_bytes() == before["unrelated_label.tiff"]
+    assert {label_tiff_model_id(out / f"{n}_label.tiff") for n in good} == {res.model_id}
+    again = predict(
+        lite_checkpoint, folder, out_dir=out, infer=ROI, resources=local, progress=False
+    )
+    assert sorted(again.skipped) == good and not again.written
+
+    with pytest.raises(StoreError, match="split 'tset' has no items"):
+        predict(lite_checkpoint, store_dir, out_dir=tmp_path / "o2", split="tset", infer=ROI)
+    assert not (tmp_path / "o2").exists()
 
 
 def test_an_empty_set_of_another_model_is_taken_over(

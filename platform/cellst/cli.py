@@ -334,13 +334,20 @@ def predict(
         Path, typer.Option("--input", "-i", help="a cellst store or a folder of images")
     ],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="folder for NAME_label.tiff files")
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="folder for NAME_label.tiff files; a re-run keeps the files this model "
+            "wrote and does the rest",
+        ),
     ] = None,
     set_name: Annotated[
         str | None, typer.Option(help="pseudo-label set to write into the store")
     ] = None,
     split: Annotated[
-        str | None, typer.Option(help="store split to predict (default: unlabeled)")
+        str | None,
+        typer.Option(help="store split to predict (default: unlabeled, else every item)"),
     ] = None,
     num_actors: Annotated[
         int | None,
@@ -354,7 +361,12 @@ def predict(
     ] = None,
     rescale_diameter: RescaleOpt = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="replace an existing set / files")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="replace an existing set, and this run's NAME_label.tiff files in --out "
+            "(also files cellst did not write or another model wrote; nothing else there)",
+        ),
     ] = False,
     skip_bad: Annotated[
         bool,

@@ -8,8 +8,10 @@ baseline does: each channel is rescaled between percentiles of its non-zero pixe
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -418,20 +420,43 @@ def validate_label(label: np.ndarray, image_shape: tuple[int, int], name: str) -
 SOFTWARE_TAG = "cellst"
 
 
-def write_label_tiff(path: str | Path, label: np.ndarray) -> None:
+def write_label_tiff(path: str | Path, label: np.ndarray, model_id: str | None = None) -> None:
     """Write an instance map as a challenge ``NAME_label.tiff`` (zlib), atomically.
 
     Uses uint16 when the instance count fits, else int32 (never uint8, which wraps). The
-    file's ``Software`` tag says ``cellst`` (:func:`is_cellst_label_tiff`).
+    file's ``Software`` tag says ``cellst`` (:func:`is_cellst_label_tiff`); ``model_id``
+    (the digest of the model and post-processing that made it) goes in its JSON image
+    description, so a resumed ``cellst predict --out`` only keeps its own model's files
+    (:func:`label_tiff_model_id`).
     """
     path = Path(path)
     n = int(label.max()) if label.size else 0
     dtype = np.uint16 if n < 65536 else np.int32
     data = label.astype(dtype)
+    meta: dict[str, Any] = {}
+    if model_id is not None:  # tifffile's own shaped description, plus the model
+        meta = {"description": json.dumps({"shape": list(data.shape), "model_id": model_id})}
+        meta["metadata"] = None
     atomic_write(
         path,
-        lambda tmp: tifffile.imwrite(tmp, data, compression="zlib", software=SOFTWARE_TAG),
+        lambda tmp: tifffile.imwrite(tmp, data, compression="zlib", software=SOFTWARE_TAG, **meta),
     )
+
+
+def label_tiff_model_id(path: str | Path) -> str | None:
+    """The ``model_id`` a cellst label TIFF records (:func:`write_label_tiff`); None for a
+    file cellst did not write, or wrote without one."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            tag = page.tags.get("Software")
+            if tag is None or tag.value != SOFTWARE_TAG:
+                return None
+            doc = json.loads(page.description or "{}")
+    except Exception:  # noqa: BLE001 - unreadable, or not JSON: no record
+        return None
+    value = doc.get("model_id") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def is_cellst_label_tiff(path: str | Path) -> bool:

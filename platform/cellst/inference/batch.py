@@ -46,7 +46,13 @@ import ray
 from tqdm.auto import tqdm
 
 from cellst.data.datasource import READ_CPUS
-from cellst.data.images import normalize_image, read_array, write_label_tiff
+from cellst.data.images import (
+    is_cellst_label_tiff,
+    label_tiff_model_id,
+    normalize_image,
+    read_array,
+    write_label_tiff,
+)
 from cellst.data.pseudo import PseudoLabelSet
 from cellst.data.store import (
     CellStore,
@@ -362,7 +368,7 @@ def postprocess_and_write(
                 "node_id": node,  # the Ray node that predicted it (multi-node runs)
             }
             if out_dir is not None:
-                write_label_tiff(Path(out_dir) / f"{item_id}_label.tiff", label)
+                write_label_tiff(Path(out_dir) / f"{item_id}_label.tiff", label, model_id)
             if store_root is not None:
                 ignore = None
                 if ignore_band > 0:
@@ -391,15 +397,59 @@ def _read_folder_image(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- driver
-def done_items(store: CellStore | None, set_name: str | None, out_dir: Path | None) -> set[str]:
-    """Items whose outputs already exist (complete, since writes are atomic)."""
+def done_items(
+    store: CellStore | None, set_name: str | None, out_done: set[str] | None
+) -> set[str]:
+    """Items whose outputs already exist (complete, since writes are atomic): done in the
+    set and, with ``--out``, among ``out_done`` (:func:`check_out_folder`)."""
     done: set[str] | None = None
     if store is not None and set_name is not None:
         done = set(store.pseudo_set(set_name).done_items())
-    if out_dir is not None:
-        files = {p.name[: -len("_label.tiff")] for p in out_dir.glob("*_label.tiff")}
-        done = files if done is None else done & files
+    if out_done is not None:
+        done = out_done if done is None else done & out_done
     return done or set()
+
+
+def check_out_folder(out: Path, ids: list[str], model_id: str, overwrite: bool) -> set[str]:
+    """The items of ``ids`` whose ``NAME_label.tiff`` in ``out`` this model already wrote.
+
+    Only this run's items are looked at; nothing else in ``out`` is ever touched. With
+    ``overwrite`` none is done (each is replaced when its new file is written, atomically).
+
+    Raises
+    ------
+    StoreError
+        Before anything runs, unless ``overwrite``: an output name holds a file cellst did
+        not write (say, the ground truth), or a label map of another model or
+        post-processing (no silent resume of another model's folder).
+    """
+    if not out.is_dir():
+        return set()
+    done: set[str] = set()
+    foreign: list[Path] = []
+    other: list[Path] = []
+    for item in ids:
+        path = out / f"{item}_label.tiff"
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if not is_cellst_label_tiff(path):
+            foreign.append(path)
+        elif label_tiff_model_id(path) == model_id:
+            done.add(item)
+        else:
+            other.append(path)
+    if overwrite:
+        return set()
+    for paths, why in (
+        (foreign, "was not written by cellst"),
+        (other, "holds the labels of another model or post-processing"),
+    ):
+        if paths:
+            more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+            raise StoreError(
+                f"{paths[0]}{more} {why}; pass --overwrite to replace them, or choose another --out"
+            )
+    return done
 
 
 def _mismatch(old: dict[str, Any], identity: dict[str, Any]) -> str:
@@ -610,8 +660,13 @@ def predict(
         store = CellStore(source)
         if set_name is None and out is None:
             raise StoreError("give --set-name (write into the store) and/or --out (tiff files)")
-        if ids is None:
-            df = store.items(split=split) if split else store.items(split="unlabeled")
+        if ids is None and split:
+            ids = store.items(split=split)["id"].tolist()
+            if not ids:
+                have = ", ".join(sorted(set(store.manifest["split"]))) or "none"
+                raise StoreError(f"split {split!r} has no items in {store.root} (splits: {have})")
+        elif ids is None:  # the unlabelled items, else every item
+            df = store.items(split="unlabeled")
             ids = (df if len(df) else store.items())["id"].tolist()
         missing = [i for i in ids if i not in store]
         if missing:
@@ -627,6 +682,7 @@ def predict(
         set_name = None
         paths = _folder_images(src, ids)  # by name, in the order of ids where given
         ids = list(paths)
+    out_done = None if out is None else check_out_folder(out, ids, identity["model_id"], overwrite)
     ensure_ray(ray_address)
     resources = fit_resources(resources)
     # every node may host an actor: it loads the checkpoint, reads the images, writes labels
@@ -638,10 +694,7 @@ def predict(
         prepare_set(store, set_name, checkpoint, overwrite, identity)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for p in out.glob("*_label.tiff"):
-                p.unlink()
-    done = done_items(store, set_name, out)
+    done = done_items(store, set_name, out_done)
     todo = [i for i in ids if i not in done]
     result = PredictResult(
         skipped=[i for i in ids if i in done],
