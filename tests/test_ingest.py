@@ -286,6 +286,15 @@ def test_incremental_reingest(ray_session, synth_src, tmp_path):
     assert "new_one" in CellStore(store) and not ingest(src, store, progress=False).removed
     assert ingest(src, store, prune=True, progress=False).removed == ["new_one"]
     assert "new_one" not in CellStore(store)
+    # a file that is still there but now unreadable is skipped, not pruned: its item stays,
+    # with the arrays it had (before, --skip-bad --prune dropped it)
+    broken = _first(src / "test" / "images")
+    kept = CellStore(store).row(broken.stem)
+    broken.write_bytes(b"")
+    res = ingest(src, store, prune=True, skip_bad=True, progress=False)
+    assert [p for p, _ in res.skipped] == [str(broken)] and not res.removed
+    assert CellStore(store).row(broken.stem).image_array == kept.image_array
+    assert (store / kept.image_array).is_dir()
 
 
 def test_reingest_reports_what_changed_besides_pixels(ray_session, synth_src, tmp_path):

@@ -396,9 +396,10 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
         return {"status": "new" if previous is None else "updated", "row": row}
     except ImageFormatError as exc:
         path, _, why = str(exc).partition(": ")
-        return {"status": "bad", "problem": (path, why)}
+        return {"status": "bad", "id": item.id, "problem": (path, why)}
     except Exception as exc:  # OSError, MemoryError, a decoder's own: named by file
-        return {"status": "bad", "problem": (item.image, f"{type(exc).__name__}: {exc}")}
+        problem = (item.image, f"{type(exc).__name__}: {exc}")
+        return {"status": "bad", "id": item.id, "problem": problem}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -465,7 +466,8 @@ def ingest(
         Ingest the good files and report the bad ones in ``STORE/ingest_report.json``
         instead of refusing the whole source.
     prune : bool
-        Drop items whose source files are no longer under ``src``.
+        Drop items whose source files are no longer under ``src`` (an item skipped as bad
+        is still there: its previous version is kept).
 
     Raises
     ------
@@ -483,7 +485,8 @@ def ingest(
     if problems and not skip_bad:
         raise IngestError(problems, skippable=bool(items))  # an empty source: nothing to skip
     bad_paths = {p for p, _ in problems}
-    items = [it for it in items if it.image not in bad_paths and it.label not in bad_paths]
+    skipped_ids = {it.id for it in items if it.image in bad_paths or it.label in bad_paths}
+    items = [it for it in items if it.id not in skipped_ids]
     if not items:
         raise IngestError(problems or [(str(src), "no images to ingest")], skippable=False)
 
@@ -519,6 +522,7 @@ def ingest(
             bad = [o["problem"] for o in outcomes if o["status"] == "bad"]
             if bad and not skip_bad:
                 raise IngestError(sorted(problems + bad))
+            skipped_ids |= {o["id"] for o in outcomes if o["status"] == "bad"}
             by_item = {it.id: it for it in items}
             rows: dict[str, dict] = {}
             for o in outcomes:
@@ -541,8 +545,8 @@ def ingest(
                     status
                 ].append(row["id"])
             for item_id, row in prev_rows.items():
-                if item_id not in rows:
-                    if prune:
+                if item_id not in rows:  # a skipped item is still in SRC: --prune keeps it
+                    if prune and item_id not in skipped_ids:
                         result.removed.append(item_id)
                     else:
                         rows[item_id] = row
