@@ -95,6 +95,29 @@ def test_missing_and_extra_predictions_are_warned_by_name(tmp_path):
     assert report["f1"] == 0.5  # a scores 1, the missing b scores 0
 
 
+def test_a_prediction_folder_that_pairs_with_nothing_is_an_error(tmp_path):
+    """An empty --pred, one of PNG label files, or one whose names match no ground truth:
+    exit 1 naming the folder, and no report (before: exit 0, F1 0 for every image, as if
+    the model had found no cell)."""
+    import imageio.v3 as iio
+
+    gt, pred = _folders(tmp_path, {"a": _cell(), "b": _cell()}, {"x": _cell()})
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "png").mkdir()
+    iio.imwrite(tmp_path / "png" / "a_label.png", _cell().astype(np.uint8))
+    cases = {
+        pred: f"none of the 1 predictions in {pred} names a ground-truth image",
+        tmp_path / "empty": f"no prediction label images in {tmp_path / 'empty'}",
+        tmp_path / "png": "e.g. a_label.png: predictions are TIFFs",
+    }
+    for folder, expected in cases.items():
+        res = _evaluate(gt, folder, tmp_path / "r")
+        assert res.exit_code == 1, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and expected in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "r").exists()
+
+
 def test_wide_f1_table_is_printed_whole_when_piped():
     import io
 

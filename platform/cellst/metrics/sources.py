@@ -79,6 +79,26 @@ def open_labels(
     return LabelSource(str(path), loaders, _folder_modalities(path))
 
 
+def _nothing_to_score(g: LabelSource, p: LabelSource, pred: Path) -> str:
+    """Why no prediction pairs with a ground-truth item: one line naming the prediction
+    side (scoring it would print F1 0 for every image, as if the model had found nothing)."""
+    first = sorted(g.loaders)[0]
+    if p.loaders:
+        return (
+            f"none of the {len(p.loaders)} predictions in {p.description} names a ground-truth "
+            f"image of {g.description} (e.g. {sorted(p.loaders)[0]!r} there, {first!r} here)"
+        )
+    hint = ""
+    if pred.is_dir():
+        others = sorted(f.name for f in pred.iterdir() if f.is_file() and "_label" in f.stem)
+        if others:
+            hint = f"; it holds {len(others)} other label file(s), e.g. {others[0]}: predictions are TIFFs"
+    return (
+        f"no prediction label images in {p.description} (expected NAME_label.tiff for the "
+        f"{len(g.loaders)} ground-truth images, e.g. {first}_label.tiff){hint}"
+    )
+
+
 def evaluate_sources(
     gt: str | Path,
     pred: str | Path,
@@ -108,6 +128,8 @@ def evaluate_sources(
     p = open_labels(pred, pseudo_set=pred_set)
     if not g.loaders:
         raise FileNotFoundError(f"no ground-truth label images in {g.description}")
+    if not set(p.loaders) & set(g.loaders):
+        raise FileNotFoundError(_nothing_to_score(g, p, Path(pred)))
     modalities = {**p.modalities, **g.modalities}
 
     def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray | None, str | None]]:
