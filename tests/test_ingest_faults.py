@@ -80,6 +80,25 @@ def test_empty_and_non_image_files_are_named(ray_session, tmp_path):
     assert "pip install" not in msg and "backend" not in msg
 
 
+def test_images_of_unusable_shape_or_type_are_named(ray_session, tmp_path):
+    """Decoded fine but not a micrograph cellst can use: each problem names its file
+    (before, "image: expected a 2-D or 3-D image", "unsupported image dtype bool: " and
+    "TypeError: a must be an array of real numbers" named no file, or not this one)."""
+    from PIL import Image
+
+    src = _plain(tmp_path)
+    tifffile.imwrite(src / "hyper.tif", np.zeros((2, 3, 64, 64), np.uint8))
+    Image.fromarray(np.eye(64, dtype=bool)).save(src / "mask.png")  # 1-bit
+    tifffile.imwrite(src / "complex.tif", np.ones((64, 64), np.complex64))
+    with pytest.raises(IngestError) as exc:
+        ingest(src, tmp_path / "store", progress=False)
+    msg = str(exc.value)
+    assert f"{src / 'hyper.tif'}: expected a 2-D or 3-D image, got shape (2, 3, 64, 64)" in msg
+    assert f"{src / 'mask.png'}: a 1-bit (binary) image is a mask" in msg
+    assert f"{src / 'complex.tif'}: unsupported image dtype complex64" in msg
+    assert "\n  image:" not in msg and "TypeError" not in msg
+
+
 def test_tiny_images_are_refused_unless_skipped(ray_session, tmp_path):
     src = _plain(tmp_path)
     iio.imwrite(src / "dot.png", np.full((1, 1), 7, np.uint8))

@@ -256,16 +256,20 @@ def _three_channels(hwc: np.ndarray) -> np.ndarray:
     return hwc[:, :, :3]
 
 
-def normalize_image(arr: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+def normalize_image(
+    arr: np.ndarray, low: float = 1.0, high: float = 99.0, name: str | Path = "image"
+) -> np.ndarray:
     """Any image array to ``(H, W, 3) uint8``.
 
     Grayscale is repeated to three channels, RGBA and multichannel keep their first three
     channels, two-channel images get an empty third channel; each channel is normalised
-    with :func:`normalize_channel`.
+    with :func:`normalize_channel`. ``name`` (the file) starts every error message.
     """
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.number)):
-        raise ImageFormatError(f"unsupported image dtype {arr.dtype}")
-    hwc = _three_channels(to_hwc(arr))
+    if arr.dtype == bool:
+        raise ImageFormatError(f"{name}: a 1-bit (binary) image is a mask, not a micrograph")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ImageFormatError(f"{name}: unsupported image dtype {arr.dtype}")
+    hwc = _three_channels(to_hwc(arr, str(name)))
     out = np.empty(hwc.shape, np.uint8)
     for i in range(3):
         out[:, :, i] = normalize_channel(hwc[:, :, i], low, high)

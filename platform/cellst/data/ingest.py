@@ -338,7 +338,7 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
             path, write_band, cfg.low_percentile, cfg.high_percentile, band=cfg.chunk
         )
     image = normalize_image(
-        read_array(path, cfg.max_pixels), cfg.low_percentile, cfg.high_percentile
+        read_array(path, cfg.max_pixels), cfg.low_percentile, cfg.high_percentile, name=path
     )
     h, w = image.shape[:2]
     _check_min_side(path, h, w, cfg)

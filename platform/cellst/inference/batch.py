@@ -390,7 +390,7 @@ def _read_folder_image(row: dict[str, Any]) -> dict[str, Any]:
     """Read one image file; a file that cannot be read becomes an error row (a 1-pixel
     placeholder image and the reason), so the other images go on."""
     try:
-        image, error = normalize_image(read_array(row["path"])), ""
+        image, error = normalize_image(read_array(row["path"]), name=row["path"]), ""
     except Exception as exc:  # noqa: BLE001 - named by the driver with the file
         image, error = np.zeros((1, 1, 3), np.uint8), first_line(exc)
     return {"id": row["id"], "image": image, "error": error}

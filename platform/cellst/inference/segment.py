@@ -541,7 +541,7 @@ def _read(path: Path, ingest: IngestConfig) -> tuple[np.ndarray, np.ndarray]:
     from cellst.data.images import normalize_image, read_array
 
     raw = read_array(path, ingest.max_pixels)
-    return raw, normalize_image(raw, ingest.low_percentile, ingest.high_percentile)
+    return raw, normalize_image(raw, ingest.low_percentile, ingest.high_percentile, name=path)
 
 
 def _progress(items: Sequence[Path], enabled: bool, desc: str):
@@ -676,7 +676,8 @@ def segment_on_ray(
                     result.written.append(name)
                     tables.append((dest, name))
                 except Exception as exc:  # noqa: BLE001 - this image fails, not the run
-                    result.failed.append((str(path), f"{path}: {first_line(exc)}"))
+                    why = first_line(exc)
+                    result.failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     result.outputs += _finish_tables(tables, cfg)
