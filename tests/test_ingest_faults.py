@@ -78,6 +78,16 @@ def test_empty_and_non_image_files_are_named(ray_session, tmp_path):
     assert f"{src / 'empty.png'}: cannot read image: the file is empty (0 bytes)" in msg
     assert f"{src / 'text.png'}: cannot read image: the file is not an image" in msg
     assert "pip install" not in msg and "backend" not in msg
+    # a dangling link of an image name is named too (before: left out unseen, exit 0)
+    (src / "empty.png").unlink()
+    (src / "text.png").unlink()
+    (src / "moved.tif").symlink_to(tmp_path / "gone.tif")
+    with pytest.raises(IngestError, match="nothing was written") as exc:
+        ingest(src, tmp_path / "store", progress=False)
+    assert f"{src / 'moved.tif'}: a link to a missing file ({tmp_path / 'gone.tif'})" in str(
+        exc.value
+    )
+    assert not (tmp_path / "store").exists()
 
 
 def test_images_of_unusable_shape_or_type_are_named(ray_session, tmp_path):

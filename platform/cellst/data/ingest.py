@@ -164,6 +164,15 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _dangling_images(folder: Path, problems: list[tuple[str, str]]) -> None:
+    """Name each link of an image name whose target is gone (``is_file()`` is False for
+    it, so it would be left out unseen)."""
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink() and not p.exists() and not p.name.startswith("."):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                problems.append((str(p), f"a link to a missing file ({os.readlink(p)})"))
+
+
 def _label_stem(p: Path) -> str | None:
     stem = p.stem
     return stem[: -len(LABEL_SUFFIX)] if stem.endswith(LABEL_SUFFIX) else None
@@ -173,9 +182,11 @@ def _scan_folder(
     images_dir: Path, labels_dir: Path | None, split: str, problems: list[tuple[str, str]]
 ) -> list[SourceItem]:
     files = sorted(p for p in images_dir.iterdir() if _is_image(p))
+    _dangling_images(images_dir, problems)
     label_files = [p for p in files if _label_stem(p) is not None]
     image_files = [p for p in files if _label_stem(p) is None]
     if labels_dir is not None and labels_dir.is_dir():
+        _dangling_images(labels_dir, problems)
         for p in sorted(q for q in labels_dir.iterdir() if _is_image(q)):
             if _label_stem(p) is None:
                 problems.append((str(p), "label file name must be NAME_label.tiff"))
