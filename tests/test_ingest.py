@@ -389,3 +389,24 @@ def test_nan_and_infinite_pixels_normalise_without_warnings():
         out = normalize_image(flat, 1, 99)
     assert (out[:4] == 0).all() and (out[4:6] == 255).all() and (out[6:8] == 0).all()
     assert (out[8:] == 255).all()
+
+
+@pytest.mark.parametrize(
+    ("folder", "split"),
+    [
+        ("Training-labeled", "labeled"),
+        ("train-unlabeled-part1", "unlabeled"),
+        ("TrainUnlabeled", "unlabeled"),
+        ("Tuning", "test"),
+        ("Testing", "test"),
+        ("val", "test"),
+        ("labeled", "labeled"),
+        ("plates_untested", "plates_untested"),  # was "test": "test" inside a word
+        ("interval_5min", "interval_5min"),  # was "test" too ("val")
+        ("relabeled by hand", "relabeled_by_hand"),  # was "labeled"
+    ],
+)
+def test_a_folder_name_means_a_split_by_its_words(folder, split):
+    from cellst.data.ingest import split_of_folder
+
+    assert split_of_folder(folder) == split

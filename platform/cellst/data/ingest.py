@@ -149,13 +149,18 @@ class IngestResult:
 
 
 # ----------------------------------------------------------------------------- scanning
-def _split_name(folder: str) -> str:
+def split_of_folder(folder: str) -> str:
+    """The split a source sub-folder's name means, by its words (``-``, ``_``, ``.`` and
+    spaces separate them): the challenge's ``Training-labeled``, ``train-unlabeled-*`` and
+    ``Tuning`` / ``Testing``, or ``labeled``, ``unlabeled``, ``test``, ``val``. Any other
+    name is kept as its own split (``plates_untested`` is not a test split)."""
     low = folder.lower()
-    if "unlabel" in low:
+    words = [w for w in re.split(r"[^a-z0-9]+", low) if w]
+    if any(w.startswith("unlabel") for w in words) or "unlabel" in low:
         return "unlabeled"
-    if "test" in low or "tuning" in low or "val" in low:
+    if any(w.startswith(("test", "tuning")) or w in ("val", "valid", "validation") for w in words):
         return "test"
-    if "label" in low or "train" in low:
+    if any(w.startswith(("label", "train")) for w in words):
         return "labeled"
     return re.sub(r"[^a-z0-9_-]+", "_", low)
 
@@ -248,7 +253,7 @@ def scan_source(
     for d in split_dirs:
         images_dir = d / "images" if (d / "images").is_dir() else d
         labels_dir = d / "labels" if (d / "labels").is_dir() else None
-        items += _scan_folder(images_dir, labels_dir, split or _split_name(d.name), problems)
+        items += _scan_folder(images_dir, labels_dir, split or split_of_folder(d.name), problems)
     by_id: dict[str, list[SourceItem]] = defaultdict(list)
     for it in items:
         by_id[it.id].append(it)
