@@ -421,6 +421,17 @@ def test_cli_compare(runs_dir, tmp_path):
     sort = runner.invoke(app, ["compare", "--tracking-uri", str(runs), "--sort", "bogus"])
     assert sort.exit_code == 2 and "--sort: no column 'bogus'" in sort.output
 
+    # its own files are replaced by a re-run; a user's compare.csv only with --overwrite
+    args = ["compare", "--tracking-uri", str(runs), "-e", EXP, "--out", str(tmp_path / "o")]
+    assert runner.invoke(app, args).exit_code == 0
+    (tmp_path / "o" / "compare.csv").write_text("mine,notes\n1,2\n")
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert "compare.csv was not written by cellst compare" in " ".join(refused.output.split())
+    assert (tmp_path / "o" / "compare.csv").read_text() == "mine,notes\n1,2\n"
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert (tmp_path / "o" / "compare.csv").read_text().startswith("name,kind,")
+
 
 def test_files_that_are_not_mlflow_stores_are_refused_unchanged(tmp_path):
     """Another program's SQLite database, an empty file, a CSV: one line naming the file,

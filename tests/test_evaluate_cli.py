@@ -118,6 +118,24 @@ def test_a_prediction_folder_that_pairs_with_nothing_is_an_error(tmp_path):
         assert not (tmp_path / "r").exists()
 
 
+def test_a_users_files_in_the_report_folder_are_kept_unless_overwrite(tmp_path):
+    """--out holding the user's own metrics.csv: exit 2 naming it, nothing scored or
+    written; a re-run over evaluate's own report replaces it; --overwrite replaces theirs."""
+    gt, pred = _folders(tmp_path, {"a": _cell()}, {"a": _cell()})
+    out = tmp_path / "r"
+    assert _evaluate(gt, pred, out, "--per-cell").exit_code == 0
+    assert _evaluate(gt, pred, out, "--per-cell").exit_code == 0  # its own files: replaced
+    for name in ("metrics.json", "metrics.csv", "cells.csv"):
+        (out / name).write_text("my,own\n")
+        res = _evaluate(gt, pred, out)
+        assert res.exit_code == 2, res.output
+        text = " ".join(res.output.split())
+        assert f"{out / name} was not written by cellst evaluate" in text and "--overwrite" in text
+        assert (out / name).read_text() == "my,own\n"
+        assert _evaluate(gt, pred, out, "--per-cell", "--overwrite").exit_code == 0
+        assert (out / name).read_text() != "my,own\n"
+
+
 def test_wide_f1_table_is_printed_whole_when_piped():
     import io
 

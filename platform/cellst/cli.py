@@ -288,6 +288,12 @@ def evaluate(
         bool,
         typer.Option("--per-cell", help="also write cells.csv: each cell's matched cell and IoU"),
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="replace metrics.json / metrics.csv / cells.csv of another tool"
+        ),
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -298,11 +304,12 @@ def evaluate(
     score is the mean over images, exactly as the official evaluation script.
     """
     from cellst.fs import check_writable
-    from cellst.metrics.report import format_table
+    from cellst.metrics.report import foreign_report_files, format_table
     from cellst.metrics.sources import evaluate_sources
 
     cfg = _load(config, set_)
     check_writable(out)  # before the scoring, not a bare [Errno 17] after it
+    _refuse_foreign(foreign_report_files(out), "cellst evaluate", overwrite)
     boundary = cfg.evaluate.count_boundary if count_boundary is None else count_boundary
     try:
         report = evaluate_sources(
@@ -862,15 +869,32 @@ def compare(
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="show the first N runs")] = 50,
     out: Annotated[Path | None, typer.Option(help="folder for compare.csv and compare.png")] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="replace compare.csv / compare.png of another tool"),
+    ] = False,
 ) -> None:
     """Compare MLflow runs without a browser: test and validation F1 per modality, each
     run's stage, and only the config fields that differ between the runs shown."""
     from cellst.fs import check_writable
-    from cellst.tracking.compare import compare_command
+    from cellst.tracking.compare import compare_command, foreign_outputs
 
     if out is not None:
         check_writable(out)
+        _refuse_foreign(foreign_outputs(out), "cellst compare", overwrite)
     compare_command(experiment, tracking_uri, sort, out, limit, kind, ascending)
+
+
+def _refuse_foreign(paths: list[Path], writer: str, overwrite: bool) -> None:
+    """Exit 2, before any work, when this run would replace files ``writer`` did not
+    write (unless ``--overwrite``)."""
+    if paths and not overwrite:
+        more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+        _fail(
+            f"{paths[0]}{more} was not written by {writer}; pass --overwrite to replace it, "
+            "or choose another --out",
+            code=2,
+        )
 
 
 def _warn_unmatched(report: dict, pred: Path, pred_set: str | None) -> None:

@@ -19,6 +19,7 @@ from skimage.exposure import rescale_intensity
 from skimage.segmentation import relabel_sequential
 
 from cellst.fs import atomic_write
+from cellst.provenance import SOFTWARE_TAG
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
 LABEL_SUFFIX = "_label"
@@ -421,7 +422,6 @@ def validate_label(label: np.ndarray, image_shape: tuple[int, int], name: str) -
 
 
 #: the TIFF ``Software`` tag of the label maps cellst writes (how it knows its own files)
-SOFTWARE_TAG = "cellst"
 
 
 def write_label_tiff(path: str | Path, label: np.ndarray, model_id: str | None = None) -> None:

@@ -23,6 +23,7 @@ import pandas as pd
 from skimage.measure import regionprops_table
 
 from cellst.fs import atomic_write, atomic_write_parquet
+from cellst.provenance import csv_begins_with
 
 __all__ = [
     "RUN_TABLE",
@@ -190,15 +191,13 @@ def is_cellst_table(path: str | os.PathLike[str]) -> bool:
     ``cells.csv`` does not, and a run must not replace it unasked."""
     path = Path(path)
     expected = list(table_columns(0))[:-1]  # without touches_border, which ends the table
-    try:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
+    if path.suffix != ".parquet":
+        return csv_begins_with(path, expected)
+    import pyarrow.parquet as pq
 
-            names = list(pq.read_schema(path).names)
-        else:
-            with open(path, encoding="utf-8") as fh:
-                names = fh.readline().rstrip("\r\n").split(",")
-    except (OSError, UnicodeDecodeError, ValueError):  # not a table at all (pyarrow: too)
+    try:
+        names = list(pq.read_schema(path).names)
+    except (OSError, ValueError):  # not a table at all (pyarrow's errors are both)
         return False
     return names[: len(expected)] == expected
 

@@ -43,13 +43,13 @@ import numpy as np
 from cellst.data.images import (
     IMAGE_SUFFIXES,
     LABEL_SUFFIX,
-    SOFTWARE_TAG,
     declared_pixels,
     declared_shape,
 )
 from cellst.errors import first_line
 from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
 from cellst.model.checkpoint_files import INFO_FILE, is_checkpoint
+from cellst.provenance import PNG_SOFTWARE_KEY, SOFTWARE_TAG, is_cellst_png
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -311,10 +311,6 @@ def overlay_rgb(image: np.ndarray, label: np.ndarray) -> np.ndarray:
     return out
 
 
-#: PNG text key that marks an overlay as cellst's, with the label TIFFs' ``Software`` value
-_PNG_SOFTWARE_KEY = "Software"
-
-
 def write_overlay(path: Path, image: np.ndarray, label: np.ndarray) -> Path:
     """Write ``NAME_overlay.png``: outlines, and the id of each cell at its centroid where
     the id fits inside the cell's bounding box (in a dense image of small cells, ids drawn
@@ -337,19 +333,13 @@ def write_overlay(path: Path, image: np.ndarray, label: np.ndarray) -> Path:
         pos = (x - (right - left) / 2, y - (bottom - top) / 2)
         draw.text(pos, text, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
     info = PngInfo()
-    info.add_text(_PNG_SOFTWARE_KEY, SOFTWARE_TAG)  # so that a re-run may replace it
+    info.add_text(PNG_SOFTWARE_KEY, SOFTWARE_TAG)  # so that a re-run may replace it
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG", pnginfo=info))
 
 
 def is_cellst_overlay(path: Path) -> bool:
     """Whether ``path`` is an overlay PNG that cellst wrote (its ``Software`` text says so)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return getattr(im, "text", {}).get(_PNG_SOFTWARE_KEY) == SOFTWARE_TAG
-    except (OSError, UnidentifiedImageError, ValueError):
-        return False
+    return is_cellst_png(path)
 
 
 def write_outputs(

@@ -256,6 +256,36 @@ def _json_default(obj: Any) -> Any:
 _atomic_write = atomic_write_text  # temporary sibling, then rename (cellst.fs)
 
 
+#: columns of the per-cell match table (``cells.csv``)
+CELL_COLUMNS = ("id", "gt_label", "pred_label", "iou", "matched")
+
+
+def _is_cellst_metrics_json(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(doc, dict) and {"f1", "count", "images"} <= set(doc)
+
+
+def foreign_report_files(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """The files at :func:`write_report`'s names in ``out_dir`` that it did not write (a
+    user's own ``metrics.csv``, say), which writing the report would replace."""
+    from cellst.provenance import csv_begins_with
+
+    out = Path(out_dir)
+    ours = {
+        "metrics.json": _is_cellst_metrics_json,
+        "metrics.csv": lambda p: csv_begins_with(p, CSV_COLUMNS),
+        "cells.csv": lambda p: csv_begins_with(p, CELL_COLUMNS),
+    }
+    return [
+        out / name
+        for name, check in ours.items()
+        if (out / name).exists() and not check(out / name)
+    ]
+
+
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write ``metrics.json`` (the whole report) and ``metrics.csv`` (one row per image).
 
@@ -288,9 +318,10 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> 
     _atomic_write(csv_path, buf.getvalue())
     paths = {"json": json_path, "csv": csv_path}
     if "cells" in report:  # per-cell match results: which predicted cell each cell got
-        cols = ["id", "gt_label", "pred_label", "iou", "matched"]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(
+            buf, fieldnames=CELL_COLUMNS, extrasaction="ignore", lineterminator="\n"
+        )
         writer.writeheader()
         writer.writerows(report["cells"])
         paths["cells"] = out / "cells.csv"

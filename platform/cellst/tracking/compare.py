@@ -41,6 +41,7 @@ import pandas as pd
 
 from cellst.config import ConfigError
 from cellst.fs import atomic_write
+from cellst.provenance import PNG_SOFTWARE_KEY, SOFTWARE_TAG, csv_begins_with, is_cellst_png
 from cellst.stpp.outputs import MODELS
 
 if TYPE_CHECKING:
@@ -523,9 +524,23 @@ def write_outputs(
     out = Path(out_dir)
     csv = atomic_write(out / f"{stem}.csv", lambda tmp: table.to_csv(tmp, index=False))
     fig = f1_figure(table)
-    png = atomic_write(out / f"{stem}.png", lambda tmp: fig.savefig(tmp, format="png"))
+    mark = {PNG_SOFTWARE_KEY: SOFTWARE_TAG}  # so that a re-run may replace it
+    png = atomic_write(
+        out / f"{stem}.png", lambda tmp: fig.savefig(tmp, format="png", metadata=mark)
+    )
     fig.clear()
     return csv, png
+
+
+def foreign_outputs(out_dir: str | Path, stem: str = "compare") -> list[Path]:
+    """Files at :func:`write_outputs`' names in ``out_dir`` that cellst did not write (a
+    user's own ``compare.csv``, say), which writing the table would replace."""
+    out = Path(out_dir)
+    checks = {
+        out / f"{stem}.csv": lambda p: csv_begins_with(p, BASE_COLUMNS),
+        out / f"{stem}.png": is_cellst_png,
+    }
+    return [p for p, ours in checks.items() if p.exists() and not ours(p)]
 
 
 def f1_figure(table: pd.DataFrame):
