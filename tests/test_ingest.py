@@ -410,3 +410,24 @@ def test_a_folder_name_means_a_split_by_its_words(folder, split):
     from cellst.data.ingest import split_of_folder
 
     assert split_of_folder(folder) == split
+
+
+def test_a_palette_png_label_is_read_as_its_indices(ray_session, tmp_path):
+    """Labelling tools save instance maps as indexed PNGs: the ids are the palette indices
+    (before, the palette's RGB colours were read and refused as "shape (64, 64, 3)")."""
+    from PIL import Image
+
+    src = tmp_path / "src" / "labeled"
+    (src / "images").mkdir(parents=True)
+    (src / "labels").mkdir()
+    iio.imwrite(
+        src / "images" / "a.png", (np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)
+    )
+    ids = np.zeros((64, 64), np.uint8)
+    ids[4:20, 4:20], ids[30:50, 30:50] = 1, 2
+    pal = Image.fromarray(ids, mode="P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    pal.save(src / "labels" / "a_label.png")
+    ingest(tmp_path / "src", tmp_path / "store", progress=False)
+    label = CellStore(tmp_path / "store").label("a")
+    np.testing.assert_array_equal(label, ids.astype(label.dtype))

@@ -119,7 +119,9 @@ def check_header(path: str | Path, max_pixels: int | None = None) -> str:
     return kind
 
 
-def read_array(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+def read_array(
+    path: str | Path, max_pixels: int | None = None, labels: bool = False
+) -> np.ndarray:
     """Read an image file into a numpy array, keeping its dtype.
 
     Parameters
@@ -127,6 +129,9 @@ def read_array(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     max_pixels : int, optional
         Refuse files whose header declares more pixels (height x width) than this, before
         any pixel is decoded, so a huge or hostile file cannot exhaust memory.
+    labels : bool
+        The file is a label map: a palette (indexed) PNG gives its indices, the instance
+        ids (as labelling tools save them), not the colours of its palette.
 
     Raises
     ------
@@ -147,7 +152,11 @@ def read_array(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
 
             if max_pixels is not None and (Image.MAX_IMAGE_PIXELS or 0) < max_pixels:
                 Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit was checked above
-            arr = iio.imread(path)
+            indexed = False
+            if labels:
+                with Image.open(path) as im:
+                    indexed = im.mode == "P"
+            arr = iio.imread(path, mode="P") if indexed else iio.imread(path)
     except ImageFormatError:
         raise
     except Exception as exc:  # any decoder error means the same thing to the user

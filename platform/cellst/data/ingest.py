@@ -390,7 +390,8 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
         h, w = _stage_image(item.image, Path(staging) / image_array, cfg)
         label_array, n_inst = "", -1
         if item.label:
-            label = validate_label(read_array(item.label, cfg.max_pixels), (h, w), item.label)
+            label = read_array(item.label, cfg.max_pixels, labels=True)
+            label = validate_label(label, (h, w), item.label)
             n_inst = int(label.max()) if label.size else 0
             label_array = f"labels/{item.id}.{_content_key(lab_sha, str(cfg.chunk))}"
             write_array(Path(staging) / label_array, label, cfg.chunk, cfg.compression_level)

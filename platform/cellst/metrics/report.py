@@ -173,7 +173,7 @@ def read_labels(path: Path) -> np.ndarray:
     (:func:`cellst.data.images.read_array`: a truncated or corrupt file says so)."""
     from cellst.data.images import read_array
 
-    arr = read_array(path)
+    arr = read_array(path, labels=True)
     if arr.ndim > 2:
         arr = arr.reshape([n for n in arr.shape if n != 1] or [1, 1])
     if arr.ndim != 2:
