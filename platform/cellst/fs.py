@@ -1,4 +1,5 @@
-"""Crash-safe file writes: the one owner of cellst's atomic-write and directory-swap rules.
+"""Crash-safe file writes: the one owner of cellst's atomic-write, directory-swap and
+file-lock rules.
 
 Every file cellst writes for a user or for a later run goes through a temporary sibling and
 an atomic ``os.replace``, so a reader sees either the old file or the new one, never half of
@@ -9,6 +10,7 @@ library is imported here, so any module (configs, the CLI) may use it cheaply.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -172,3 +174,46 @@ def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
             shutil.rmtree(old, ignore_errors=True)
         else:  # a file or link where the folder goes: rmtree would leave it behind
             old.unlink(missing_ok=True)
+
+
+class LockHeld(RuntimeError):
+    """:func:`file_lock` with ``wait=False`` found the lock held by another process."""
+
+
+@contextlib.contextmanager
+def file_lock(
+    path: str | os.PathLike[str], *, shared: bool = False, wait: bool = True
+) -> Iterator[None]:
+    """An advisory ``flock`` on the file ``path`` (created, with its folder, if needed),
+    held for the block: exclusive, or ``shared`` with other shared holders. Released when
+    the block exits, and by the kernel if the process dies.
+
+    Raises
+    ------
+    LockHeld
+        With ``wait=False``, when another process holds it (raised on entering the block).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, mode)
+        except BlockingIOError:
+            raise LockHeld(str(path)) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def is_locked(path: str | os.PathLike[str]) -> bool:
+    """Whether another process holds an exclusive :func:`file_lock` on ``path`` now (a
+    missing file is not locked; nothing is created)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        with file_lock(path, wait=False):
+            return False
+    except LockHeld:
+        return True

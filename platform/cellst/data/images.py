@@ -119,9 +119,7 @@ def check_header(path: str | Path, max_pixels: int | None = None) -> str:
     return kind
 
 
-def read_array(
-    path: str | Path, max_pixels: int | None = None, labels: bool = False
-) -> np.ndarray:
+def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = False) -> np.ndarray:
     """Read an image file into a numpy array, keeping its dtype.
 
     Parameters

@@ -28,7 +28,6 @@ holds; :func:`collect_garbage` removes them on a later ingest, once no reader ho
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import os
@@ -171,19 +170,15 @@ def store_lock(lock_file: Path, what: str | None = None) -> Iterator[None]:
         What the lock guards, for the refusal message (e.g. ``"the run folder runs/x"``);
         by default derived from the lock file's name and folder.
     """
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "w") as fh:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            held.enter_context(fs.file_lock(lock_file, wait=False))
+        except fs.LockHeld:
             raise StoreError(
                 f"{lock_file} is held: another process is writing "
                 f"{what or _locked_thing(lock_file)}"
             ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield
 
 
 def init_store(root: Path) -> None:
@@ -280,14 +275,8 @@ class Lease:
 def _readers_lock(root: Path, exclusive: bool) -> Iterator[None]:
     """Shared while a reader reads the manifest and writes its lease, exclusive while a
     collection decides what to delete: a version is never collected between the two."""
-    folder = root / READERS
-    folder.mkdir(exist_ok=True)
-    with open(folder / ".lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with fs.file_lock(root / READERS / ".lock", shared=not exclusive):
+        yield
 
 
 def _take_lease(root: Path, version: str) -> Path:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 import torch
 
 from cellst import __version__
+from cellst.fs import staged_dir
 from cellst.model.checkpoint_files import (
     FORMAT,
     INFO_FILE,
@@ -113,25 +112,12 @@ def save_checkpoint(
         "metadata": jsonable(dict(metadata or {})),
     }
     state = _clean_state_dict(unwrap_model(model).state_dict())
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = target.parent / f".{target.name}.tmp-{tag}"
-    old = target.parent / f".{target.name}.old-{tag}"
-    tmp.mkdir()
-    try:
+    with staged_dir(target) as tmp:  # the old folder is replaced only once this is whole
         torch.save(state, tmp / WEIGHTS_FILE)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         for f in (tmp / WEIGHTS_FILE, tmp / INFO_FILE):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return target
 
 

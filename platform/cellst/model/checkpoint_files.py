@@ -137,7 +137,7 @@ def save_postprocess(
     (validation F1 before/after, items, ...). Written atomically (temporary file, rename) as
     ``postprocess.json`` beside the weights, with their sha256. Returns the file's path.
     """
-    from cellst.data.store import atomic_write_bytes
+    from cellst.fs import atomic_write_bytes
 
     path = Path(directory)
     read_checkpoint_info(path)  # a real checkpoint, or a CheckpointError naming it

@@ -57,9 +57,10 @@ from typing import Any
 import pandas as pd
 
 from cellst.config import ConfigError, dump_config
-from cellst.data.store import CellStore, StoreError, atomic_write_bytes, store_lock
+from cellst.data.store import CellStore, StoreError, store_lock
 from cellst.experiment import ExperimentConfig
 from cellst.fingerprint import checkpoint_fingerprint, config_fingerprint, stable_hash
+from cellst.fs import atomic_write_bytes
 from cellst.model.checkpoint_files import is_checkpoint
 from cellst.stpp.experiment import StppExperimentConfig
 from cellst.stpp.outputs import (
@@ -797,15 +798,6 @@ def run_stpp(
 
 def pipeline_active(pipeline_dir: str | Path) -> bool:
     """Whether a process holds the pipeline's lock (is running it now)."""
-    import fcntl
+    from cellst.fs import is_locked
 
-    lock = Path(pipeline_dir) / ".lock"
-    if not lock.is_file():
-        return False
-    with open(lock, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return False
+    return is_locked(Path(pipeline_dir) / ".lock")

@@ -39,7 +39,6 @@ is down then raises :class:`~cellst.tracking.buffered.TrackingUnavailable` namin
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import io
 import logging
@@ -64,6 +63,7 @@ from pydantic import BaseModel
 
 import cellst
 from cellst.data.layout import MANIFEST, is_store, manifest_sha256, manifest_version
+from cellst.fs import file_lock
 from cellst.tracking.buffered import (
     DEFAULT_TIMEOUT_S,
     BufferedMetricLogger,
@@ -194,13 +194,8 @@ def _sqlite_lock(uri: str) -> Iterator[None]:
     if db is None:
         yield
         return
-    Path(db).parent.mkdir(parents=True, exist_ok=True)
-    with open(db + ".lock", "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(db + ".lock"):
+        yield
 
 
 def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cellst.data.store import CellStore, StoreError, atomic_write_bytes
+from cellst.data.store import CellStore, StoreError
 from cellst.experiment import ExperimentConfig
+from cellst.fs import atomic_write, atomic_write_bytes
 from cellst.tune.space import plain
 
 
@@ -85,9 +86,8 @@ def _cache_maps(checkpoint: str, store_root: str, ids: list[str], infer: dict, o
     cfg = InferenceConfig.model_validate(infer)
     folder = Path(out)
     for item, maps in zip(ids, predict_val_maps(model, store, ids, cfg, "cpu"), strict=True):
-        tmp = folder / f".{item}.tmp.npz"
-        np.savez(tmp, prob=maps.prob, hv=maps.hv, label=maps.label)
-        os.replace(tmp, folder / f"{item}.npz")
+        arrays = {"prob": maps.prob, "hv": maps.hv, "label": maps.label}
+        atomic_write(folder / f"{item}.npz", lambda tmp, a=arrays: np.savez(tmp, **a))
     return len(ids)
 
 

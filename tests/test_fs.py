@@ -1,0 +1,53 @@
+"""cellst.fs: the one file lock (exclusive / shared / try-only), across real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cellst.fs import LockHeld, file_lock, is_locked
+
+
+def _hold(path: Path, shared: bool) -> subprocess.Popen:
+    """Another process holding ``path``'s lock until its stdin closes."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from cellst.fs import file_lock
+        with file_lock({str(path)!r}, shared={shared}):
+            print("held", flush=True)
+            sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_exclusive_shared_and_try_locks_between_processes(tmp_path):
+    lock = tmp_path / "sub" / ".lock"
+    assert not is_locked(lock) and not lock.exists()  # asking creates nothing
+    other = _hold(lock, shared=False)
+    try:
+        assert is_locked(lock)
+        with pytest.raises(LockHeld), file_lock(lock, wait=False):
+            pass
+    finally:
+        other.communicate("")
+    assert not is_locked(lock)
+    reader = _hold(lock, shared=True)
+    try:
+        with file_lock(lock, shared=True, wait=False):  # shared holders coexist
+            pass
+        with pytest.raises(LockHeld), file_lock(lock, wait=False):  # a writer waits
+            pass
+    finally:
+        reader.communicate("")
+    with file_lock(lock, wait=False):
+        pass
