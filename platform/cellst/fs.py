@@ -65,10 +65,16 @@ class CorruptFileError(ValueError):
     """A file cellst wrote cannot be parsed any more (edited, truncated); names the file."""
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
+_REQUIRED: Any = object()
+
+
+def read_json(path: str | os.PathLike[str], missing: Any = _REQUIRED) -> Any:
     """The JSON document in ``path``; :class:`CorruptFileError` naming the file when it is
-    not valid JSON (a truncated or hand-edited record)."""
+    not valid JSON (a truncated or hand-edited record). With ``missing``, a file that does
+    not exist reads as that value (e.g. ``{}`` for a record not written yet)."""
     path = Path(path)
+    if missing is not _REQUIRED and not path.is_file():
+        return missing
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:

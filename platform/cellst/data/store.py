@@ -612,5 +612,5 @@ def remove_tree(path: Path) -> None:
 
 
 def read_json(path: Path) -> dict:
-    """Read a JSON file, or an empty dict when it does not exist."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """Read a JSON file, or an empty dict when it does not exist (:func:`cellst.fs.read_json`)."""
+    return fs.read_json(path, missing={})

@@ -410,7 +410,7 @@ def export_store(
             )
         for item_id in tqdm(ids, desc="export", unit="item", disable=not progress):
             row = store.row(item_id)
-            held = [s for s in sets if (store.pseudo_path(s, item_id) / "zarr.json").is_file()]
+            held = [s for s in sets if store.pseudo_set(s).has_item(item_id)]
             stamp = {
                 "store": str(store.root),
                 "item": item_id,

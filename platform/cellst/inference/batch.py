@@ -53,7 +53,7 @@ from cellst.data.images import (
     read_array,
     write_label_tiff,
 )
-from cellst.data.pseudo import PseudoLabelSet
+from cellst.data.pseudo import PSEUDO_DIR, PseudoLabelSet
 from cellst.data.store import (
     CellStore,
     StoreError,
@@ -688,7 +688,7 @@ def predict(
     # every node may host an actor: it loads the checkpoint, reads the images, writes labels
     check_shared_paths(
         read=[checkpoint, store.root if store is not None else src],
-        write=[store.root / "pseudo"] if store is not None and set_name else [out],
+        write=[store.root / PSEUDO_DIR] if store is not None and set_name else [out],
     )
     if store is not None and set_name is not None:
         prepare_set(store, set_name, checkpoint, overwrite, identity)
@@ -824,7 +824,7 @@ def predict_sets(
         check_resume(store, r.set_name, ck, identities[-1])  # before Ray starts
     ensure_ray(ray_address)
     resources = fit_resources(resources)
-    check_shared_paths(read=[*digests, store.root], write=[store.root / "pseudo"])
+    check_shared_paths(read=[*digests, store.root], write=[store.root / PSEUDO_DIR])
     run_id = uuid.uuid4().hex[:12]
     results, writes, need = [], [], {i: [] for i in ids}
     for k, (r, ck, identity) in enumerate(zip(requests, checkpoints, identities, strict=True)):

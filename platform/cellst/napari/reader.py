@@ -201,7 +201,7 @@ def read_store(path: PathLike, max_items: int = MAX_STORE_ITEMS) -> list[LayerDa
                 label = [store.label(item_id)]
                 layers.append(_labels_layer(label, f"{item_id} {GROUND_TRUTH}", None, yx, one, at))
             for s in sets:
-                if (store.pseudo_path(s, item_id) / "zarr.json").is_file():
+                if store.pseudo_set(s).has_item(item_id):
                     label = [store.pseudo_label(s, item_id)]
                     layers.append(_labels_layer(label, f"{item_id} {s}", None, yx, one, at))
             x0 += int(row.width) + STORE_GAP

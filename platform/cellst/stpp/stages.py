@@ -47,7 +47,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def read_meta(pipeline_dir: str | Path) -> dict[str, Any]:
     """``pipeline.json`` of a pipeline folder (empty before the first run)."""
     p = Path(pipeline_dir) / META
-    return fs.read_json(p) if p.is_file() else {}
+    return fs.read_json(p, missing={})
 
 
 def update_meta(pipeline_dir: str | Path, **update: Any) -> dict[str, Any]:

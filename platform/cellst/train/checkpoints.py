@@ -18,7 +18,6 @@ where Ray Train keeps none), in ``resume/train_state.pt``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from cellst.fs import atomic_write_json
+from cellst.fs import atomic_write_json, read_json
 from cellst.model.checkpoint_files import INFO_FILE, WEIGHTS_FILE
 
 MODEL_FILES = (WEIGHTS_FILE, INFO_FILE)
@@ -63,7 +62,7 @@ class RunPaths:
         return sorted(self.checkpoints.glob("snapshot_e*"))
 
     def read_state(self) -> dict[str, Any]:
-        return json.loads(self.state.read_text()) if self.state.is_file() else {}
+        return read_json(self.state, missing={})
 
     def write_state(self, **update: Any) -> dict[str, Any]:
         state = {**self.read_state(), **update}
