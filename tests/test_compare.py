@@ -431,6 +431,16 @@ def test_cli_compare(runs_dir, tmp_path):
     assert (tmp_path / "o" / "compare.csv").read_text() == "mine,notes\n1,2\n"
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
     assert (tmp_path / "o" / "compare.csv").read_text().startswith("name,kind,")
+    # a figure saved before the PNG mark (plain matplotlib) beside its table is still ours
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    fig.savefig(tmp_path / "o" / "compare.png", format="png")
+    plt.close(fig)
+    assert runner.invoke(app, args).exit_code == 0
 
 
 def test_files_that_are_not_mlflow_stores_are_refused_unchanged(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cellst.fs import LockHeld, file_lock, is_locked
+from cellst.fs import LockHeld, file_lock, is_locked, staged_dir
 
 
 def _hold(path: Path, shared: bool) -> subprocess.Popen:
@@ -51,3 +51,14 @@ def test_exclusive_shared_and_try_locks_between_processes(tmp_path):
         reader.communicate("")
     with file_lock(lock, wait=False):
         pass
+
+
+def test_a_staged_folder_that_cannot_be_swapped_in_is_removed(tmp_path):
+    final = tmp_path / "ckpt"
+    final.symlink_to(tmp_path / "gone")  # a dangling link where the folder goes
+    with pytest.raises(OSError), staged_dir(final) as stage:
+        (stage / "model.pt").write_bytes(b"weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging folder left
+    with staged_dir(tmp_path / "ok") as stage:
+        (stage / "a").write_text("1")
+    assert (tmp_path / "ok" / "a").read_text() == "1"

@@ -400,6 +400,9 @@ def test_nan_and_infinite_pixels_normalise_without_warnings():
         ("Tuning", "test"),
         ("Testing", "test"),
         ("val", "test"),
+        ("val2017", "test"),
+        ("Evaluation", "test"),
+        ("testset", "test"),
         ("labeled", "labeled"),
         ("plates_untested", "plates_untested"),  # was "test": "test" inside a word
         ("interval_5min", "interval_5min"),  # was "test" too ("val")

@@ -185,6 +185,12 @@ def test_a_folder_of_the_users_files_never_becomes_a_store(tmp_path, monkeypatch
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     with pytest.raises(IngestError, match="is not a cellst store"):  # the library refuses too
         ingest(data, data)
+    from cellst.data.ingest import check_target
+
+    fresh = tmp_path / "fresh-volume"
+    (fresh / "lost+found").mkdir(parents=True)
+    (fresh / ".DS_Store").write_bytes(b"")
+    check_target(fresh)  # hidden files and a volume's lost+found are no one's data
 
 
 def test_garbage_collection_removes_only_the_stores_own_arrays(store_dir, tmp_path):

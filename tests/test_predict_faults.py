@@ -303,6 +303,9 @@ def test_an_out_folder_is_resumed_only_by_its_model_and_never_loses_other_files(
     (out / f"{good[0]}_label.tiff").unlink()
     with pytest.raises(StoreError, match="holds the labels of another model"):
         predict(lite_checkpoint, folder, out_dir=out, infer=ROI, progress=False)
+    write_label_tiff(out / f"{good[2]}_label.tiff", truth)  # as `cellst segment` writes it
+    with pytest.raises(StoreError, match="without a record of its model"):
+        predict(lite_checkpoint, folder, out_dir=out, ids=[good[2]], infer=ROI, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == {
         k: v for k, v in before.items() if k != f"{good[0]}_label.tiff"
     }

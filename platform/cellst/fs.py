@@ -151,10 +151,10 @@ def staged_dir(final: str | os.PathLike[str], overwrite: bool = True) -> Iterato
     stage.mkdir()
     try:
         yield stage
+        replace_dir(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    replace_dir(stage, final)
 
 
 def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -214,8 +214,9 @@ def file_lock(
 
 
 def is_locked(path: str | os.PathLike[str]) -> bool:
-    """Whether another process holds an exclusive :func:`file_lock` on ``path`` now (a
-    missing file is not locked; nothing is created)."""
+    """Whether anyone holds a :func:`file_lock` on ``path`` now, shared or exclusive, this
+    process included (``flock`` locks belong to each opened file); a missing file is not
+    locked and nothing is created."""
     if not Path(path).is_file():
         return False
     try:

@@ -152,13 +152,13 @@ class IngestResult:
 def split_of_folder(folder: str) -> str:
     """The split a source sub-folder's name means, by its words (``-``, ``_``, ``.`` and
     spaces separate them): the challenge's ``Training-labeled``, ``train-unlabeled-*`` and
-    ``Tuning`` / ``Testing``, or ``labeled``, ``unlabeled``, ``test``, ``val``. Any other
-    name is kept as its own split (``plates_untested`` is not a test split)."""
+    ``Tuning`` / ``Testing``, or ``labeled``, ``unlabeled``, ``test*``, ``val*``, ``eval*``.
+    Any other name is kept as its own split (``plates_untested`` is not a test split)."""
     low = folder.lower()
     words = [w for w in re.split(r"[^a-z0-9]+", low) if w]
     if any(w.startswith("unlabel") for w in words) or "unlabel" in low:
         return "unlabeled"
-    if any(w.startswith(("test", "tuning")) or w in ("val", "valid", "validation") for w in words):
+    if any(w.startswith(("test", "tuning", "val", "eval")) for w in words):
         return "test"
     if any(w.startswith(("label", "train")) for w in words):
         return "labeled"
@@ -309,7 +309,10 @@ def check_target(store: str | Path) -> None:
     root = Path(store)
     if not root.is_dir() or is_store_root(root):
         return  # new (check_writable names a file in its way), or a store
-    held = sorted(p.name for p in root.iterdir())
+    # hidden files (.DS_Store, .gitkeep) and a fresh volume's lost+found are no one's data
+    held = sorted(
+        p.name for p in root.iterdir() if not p.name.startswith(".") and p.name != "lost+found"
+    )
     if held:
         shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
         raise IngestError(

@@ -428,21 +428,27 @@ def check_out_folder(out: Path, ids: list[str], model_id: str, overwrite: bool) 
     done: set[str] = set()
     foreign: list[Path] = []
     other: list[Path] = []
+    unrecorded: list[Path] = []
     for item in ids:
         path = out / f"{item}_label.tiff"
         if not (path.exists() or path.is_symlink()):
             continue
         if not is_cellst_label_tiff(path):
             foreign.append(path)
-        elif label_tiff_model_id(path) == model_id:
+        elif (written_by := label_tiff_model_id(path)) == model_id:
             done.add(item)
         else:
-            other.append(path)
+            (unrecorded if written_by is None else other).append(path)
     if overwrite:
         return set()
     for paths, why in (
         (foreign, "was not written by cellst"),
         (other, "holds the labels of another model or post-processing"),
+        (
+            unrecorded,
+            "was written by cellst without a record of its model (by `cellst "
+            "segment` or a cellst before 2026-12-03), so it cannot be resumed",
+        ),
     ):
         if paths:
             more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""

@@ -536,11 +536,23 @@ def foreign_outputs(out_dir: str | Path, stem: str = "compare") -> list[Path]:
     """Files at :func:`write_outputs`' names in ``out_dir`` that cellst did not write (a
     user's own ``compare.csv``, say), which writing the table would replace."""
     out = Path(out_dir)
-    checks = {
-        out / f"{stem}.csv": lambda p: csv_begins_with(p, BASE_COLUMNS),
-        out / f"{stem}.png": is_cellst_png,
-    }
-    return [p for p, ours in checks.items() if p.exists() and not ours(p)]
+    csv, png = out / f"{stem}.csv", out / f"{stem}.png"
+    csv_ours = csv_begins_with(csv, BASE_COLUMNS)
+    theirs = [csv] if csv.exists() and not csv_ours else []
+    # a figure from before the PNG mark (2026-12-03) is ours when its table beside it is
+    if png.exists() and not is_cellst_png(png) and not (csv_ours and _matplotlib_png(png)):
+        theirs.append(png)
+    return theirs
+
+
+def _matplotlib_png(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return str(getattr(im, "text", {}).get("Software", "")).startswith("Matplotlib")
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
 
 
 def f1_figure(table: pd.DataFrame):
