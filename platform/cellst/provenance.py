@@ -11,7 +11,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["PNG_SOFTWARE_KEY", "SOFTWARE_TAG", "csv_begins_with", "is_cellst_png"]
+__all__ = [
+    "PNG_SOFTWARE_KEY",
+    "SOFTWARE_TAG",
+    "csv_begins_with",
+    "is_cellst_png",
+    "png_software",
+]
 
 #: the ``Software`` value of every TIFF and PNG cellst writes
 SOFTWARE_TAG = "cellst"
@@ -19,15 +25,22 @@ SOFTWARE_TAG = "cellst"
 PNG_SOFTWARE_KEY = "Software"
 
 
-def is_cellst_png(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a PNG cellst wrote (its ``Software`` text says so)."""
+def png_software(path: str | os.PathLike[str]) -> str | None:
+    """The ``Software`` text of a PNG (who wrote it); None for a file that is not a PNG or
+    has none."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return getattr(im, "text", {}).get(PNG_SOFTWARE_KEY) == SOFTWARE_TAG
+            value = getattr(im, "text", {}).get(PNG_SOFTWARE_KEY)
     except (OSError, UnidentifiedImageError, ValueError):
-        return False
+        return None
+    return str(value) if value is not None else None
+
+
+def is_cellst_png(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a PNG cellst wrote (its ``Software`` text says so)."""
+    return png_software(path) == SOFTWARE_TAG
 
 
 def csv_begins_with(path: str | os.PathLike[str], columns: Sequence[str]) -> bool:

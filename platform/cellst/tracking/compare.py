@@ -41,7 +41,13 @@ import pandas as pd
 
 from cellst.config import ConfigError
 from cellst.fs import atomic_write
-from cellst.provenance import PNG_SOFTWARE_KEY, SOFTWARE_TAG, csv_begins_with, is_cellst_png
+from cellst.provenance import (
+    PNG_SOFTWARE_KEY,
+    SOFTWARE_TAG,
+    csv_begins_with,
+    is_cellst_png,
+    png_software,
+)
 from cellst.stpp.outputs import MODELS
 
 if TYPE_CHECKING:
@@ -546,13 +552,7 @@ def foreign_outputs(out_dir: str | Path, stem: str = "compare") -> list[Path]:
 
 
 def _matplotlib_png(path: Path) -> bool:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return str(getattr(im, "text", {}).get("Software", "")).startswith("Matplotlib")
-    except (OSError, UnidentifiedImageError, ValueError):
-        return False
+    return (png_software(path) or "").startswith("Matplotlib")
 
 
 def f1_figure(table: pd.DataFrame):
