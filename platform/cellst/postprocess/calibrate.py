@@ -319,7 +319,7 @@ def calibrate_run(
     from cellst.tracking import log_metrics
 
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
-    named = [paths.checkpoints / "best", paths.checkpoints / "last", *paths.snapshots()]
+    named = [paths.best, paths.last, *paths.snapshots()]
     named = [p for p in named if is_checkpoint(p)]
     if not named:
         return {}
@@ -336,7 +336,7 @@ def calibrate_run(
     metrics: dict[str, float] = {}
     for path, cal in cals.items():
         name = Path(path).name
-        if name not in ("best", "last"):
+        if name not in (paths.best.name, paths.last.name):
             continue
         log(f"[cellst train] {name} checkpoint: post-processing {cal.summary()}")
         metrics[f"calib_{name}_val_f1_before"] = cal.f1_before

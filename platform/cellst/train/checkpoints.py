@@ -32,6 +32,8 @@ from cellst.model.checkpoint_files import INFO_FILE, WEIGHTS_FILE
 MODEL_FILES = (WEIGHTS_FILE, INFO_FILE)
 #: the resumable training state beside a Ray checkpoint's model files
 TRAIN_STATE_FILE = "train_state.pt"
+#: names of a run's kept checkpoints under ``checkpoints/``
+BEST, LAST = "best", "last"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,16 @@ class RunPaths:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def best(self) -> Path:
+        """The checkpoint the selection rule keeps (``train.best_within_se``)."""
+        return self.checkpoints / BEST
+
+    @property
+    def last(self) -> Path:
+        """The checkpoint of the latest epoch."""
+        return self.checkpoints / LAST
 
     @property
     def overlays(self) -> Path:
@@ -112,9 +124,9 @@ def keep_checkpoints(
     """Publish the epoch's checkpoint as epoch/last (and best/snapshot); prune old epochs."""
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     _publish(src, paths.checkpoints / f"epoch_{epoch:03d}")
-    _publish(src, paths.checkpoints / "last")
+    _publish(src, paths.last)
     if is_best:
-        _publish(src, paths.checkpoints / "best")
+        _publish(src, paths.best)
     if is_snapshot:
         _publish(src, paths.checkpoints / f"snapshot_e{epoch:03d}")
     epochs = sorted(paths.checkpoints.glob("epoch_*"))

@@ -53,11 +53,11 @@ class TrainResult:
 
     @property
     def best(self) -> Path:
-        return self.run_path / "checkpoints" / "best"
+        return RunPaths(self.run_path).best
 
     @property
     def last(self) -> Path:
-        return self.run_path / "checkpoints" / "last"
+        return RunPaths(self.run_path).last
 
     @property
     def snapshots(self) -> list[Path]:
@@ -163,11 +163,7 @@ def no_room_error(cfg: ExperimentConfig, paths: RunPaths) -> ClusterError:
     (The run resumes from the last checkpoint Ray Train registered, which can be one epoch
     before ``last`` if the node went between the two.)"""
     t = cfg.train
-    kept = (
-        "its checkpoints are kept"
-        if is_checkpoint(paths.checkpoints / "last")
-        else "no checkpoint yet"
-    )
+    kept = "its checkpoints are kept" if is_checkpoint(paths.last) else "no checkpoint yet"
     gpus = " + 1 GPU" if t.use_gpu else ""
     return ClusterError(
         f"train: {t.num_workers} worker(s) of {t.cpus_per_worker:g} CPU(s){gpus} "
@@ -248,7 +244,7 @@ def last_epoch_metrics(paths: RunPaths) -> dict[str, Any]:
     metrics it could return)."""
     from cellst.model.checkpoint_files import read_checkpoint_info
 
-    last = paths.checkpoints / "last"
+    last = paths.last
     return read_checkpoint_info(last)[1] if is_checkpoint(last) else {}
 
 
