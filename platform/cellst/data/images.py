@@ -454,28 +454,37 @@ def write_label_tiff(path: str | Path, label: np.ndarray, model_id: str | None =
     )
 
 
-def label_tiff_model_id(path: str | Path) -> str | None:
-    """The ``model_id`` a cellst label TIFF records (:func:`write_label_tiff`); None for a
-    file cellst did not write, or wrote without one."""
+def label_tiff_record(path: str | Path) -> dict[str, Any] | None:
+    """What a label TIFF cellst wrote records of itself (``{"model_id": ...}`` from
+    :func:`write_label_tiff`, ``{}`` when nothing); None for a file cellst did not write
+    (its ``Software`` tag), readable or not (e.g. a user's ground truth)."""
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
             tag = page.tags.get("Software")
             if tag is None or tag.value != SOFTWARE_TAG:
                 return None
-            doc = json.loads(page.description or "{}")
-    except Exception:  # noqa: BLE001 - unreadable, or not JSON: no record
+            description = page.description
+    except Exception:  # noqa: BLE001 - not a TIFF we can read: not ours
         return None
-    value = doc.get("model_id") if isinstance(doc, dict) else None
-    return value if isinstance(value, str) else None
+    try:
+        doc = json.loads(description or "{}")
+    except ValueError:
+        return {}
+    return (
+        {"model_id": doc["model_id"]}
+        if isinstance(doc, dict) and isinstance(doc.get("model_id"), str)
+        else {}
+    )
+
+
+def label_tiff_model_id(path: str | Path) -> str | None:
+    """The ``model_id`` a cellst label TIFF records; None for a file cellst did not write,
+    or wrote without one (:func:`label_tiff_record`)."""
+    return (label_tiff_record(path) or {}).get("model_id")
 
 
 def is_cellst_label_tiff(path: str | Path) -> bool:
     """Whether ``path`` is a label map cellst wrote (its ``Software`` tag), so that it may
     be replaced; False for any other file, readable or not (e.g. a user's ground truth)."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            tag = tif.pages[0].tags.get("Software")
-            return tag is not None and tag.value == SOFTWARE_TAG
-    except Exception:  # noqa: BLE001 - not a TIFF we can read: not ours
-        return False
+    return label_tiff_record(path) is not None

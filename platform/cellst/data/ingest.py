@@ -156,7 +156,7 @@ def split_of_folder(folder: str) -> str:
     Any other name is kept as its own split (``plates_untested`` is not a test split)."""
     low = folder.lower()
     words = [w for w in re.split(r"[^a-z0-9]+", low) if w]
-    if any(w.startswith("unlabel") for w in words) or "unlabel" in low:
+    if "unlabel" in low:  # also inside a word: TrainUnlabeled
         return "unlabeled"
     if any(w.startswith(("test", "tuning", "val", "eval")) for w in words):
         return "test"

@@ -37,7 +37,6 @@ from cellst.data.store import (
     StoreError,
     Window,
     open_array,
-    read_json,
     remove_tree,
     window_slices,
     write_array,
@@ -142,7 +141,7 @@ class PseudoLabelSet:
         older cellst) or does not exist."""
         path = self.path / SET_META
         try:
-            info = read_json(path)
+            info = fs.read_json(path, missing={})
         except (OSError, ValueError) as exc:
             raise StoreError(f"{path} is not readable JSON ({exc})") from None
         return info if isinstance(info, dict) else {}

@@ -609,8 +609,3 @@ class CellStore:
 def remove_tree(path: Path) -> None:
     """Remove a directory tree if it exists."""
     shutil.rmtree(path, ignore_errors=True)
-
-
-def read_json(path: Path) -> dict:
-    """Read a JSON file, or an empty dict when it does not exist (:func:`cellst.fs.read_json`)."""
-    return fs.read_json(path, missing={})

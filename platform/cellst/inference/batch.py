@@ -47,8 +47,7 @@ from tqdm.auto import tqdm
 
 from cellst.data.datasource import READ_CPUS
 from cellst.data.images import (
-    is_cellst_label_tiff,
-    label_tiff_model_id,
+    label_tiff_record,
     normalize_image,
     read_array,
     write_label_tiff,
@@ -423,7 +422,7 @@ def check_out_folder(out: Path, ids: list[str], model_id: str, overwrite: bool) 
         not write (say, the ground truth), or a label map of another model or
         post-processing (no silent resume of another model's folder).
     """
-    if not out.is_dir():
+    if overwrite or not out.is_dir():
         return set()
     done: set[str] = set()
     foreign: list[Path] = []
@@ -433,14 +432,13 @@ def check_out_folder(out: Path, ids: list[str], model_id: str, overwrite: bool) 
         path = out / f"{item}_label.tiff"
         if not (path.exists() or path.is_symlink()):
             continue
-        if not is_cellst_label_tiff(path):
+        record = label_tiff_record(path)
+        if record is None:
             foreign.append(path)
-        elif (written_by := label_tiff_model_id(path)) == model_id:
+        elif record.get("model_id") == model_id:
             done.add(item)
         else:
-            (unrecorded if written_by is None else other).append(path)
-    if overwrite:
-        return set()
+            (other if "model_id" in record else unrecorded).append(path)
     for paths, why in (
         (foreign, "was not written by cellst"),
         (other, "holds the labels of another model or post-processing"),
