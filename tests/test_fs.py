@@ -62,3 +62,34 @@ def test_a_staged_folder_that_cannot_be_swapped_in_is_removed(tmp_path):
     with staged_dir(tmp_path / "ok") as stage:
         (stage / "a").write_text("1")
     assert (tmp_path / "ok" / "a").read_text() == "1"
+
+
+def test_a_locked_file_waiter_gets_the_file_that_replaced_the_one_it_waited_on(tmp_path):
+    """``locked_file``: a writer that rewrites the file atomically while another waits for
+    its lock hands the waiter the new file, so appends are never made to an unlinked one."""
+    import threading
+
+    from cellst.fs import atomic_write_text, locked_file
+
+    data = tmp_path / "pending.jsonl"
+    with locked_file(data, create=False) as fh:
+        assert fh is None and not data.exists()  # nothing created when not asked
+    seen: list[str] = []
+    with locked_file(data, create=True) as fh:
+        fh.write("old\n")
+        fh.flush()
+
+        def waiter() -> None:
+            with locked_file(data, create=True) as other:
+                other.seek(0)
+                seen.append(other.read())
+                other.write("appended\n")
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()  # blocked by this holder's flock
+        atomic_write_text(data, "new\n")  # replaced under the waiter
+    t.join(10)
+    assert seen == ["new\n"]
+    assert data.read_text() == "new\nappended\n"

@@ -213,6 +213,38 @@ def file_lock(
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def locked_file(path: str | os.PathLike[str], *, create: bool) -> Iterator[Any]:
+    """``path`` opened for reading and appending (UTF-8) under an exclusive ``flock`` on the
+    file itself, for data files that several processes append to and rewrite atomically
+    (:func:`atomic_write`). Yields None when the file does not exist and ``create`` is
+    False. Re-opens when another process replaced or removed the file while this one
+    waited for the lock, so the lock is always on the file now at ``path``.
+    """
+    path = Path(path)
+    while True:
+        if not create and not path.exists():
+            yield None
+            return
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                current = os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                yield fh
+                return
+        finally:
+            fh.close()
+
+
 def is_locked(path: str | os.PathLike[str]) -> bool:
     """Whether anyone holds a :func:`file_lock` on ``path`` now, shared or exclusive, this
     process included (``flock`` locks belong to each opened file); a missing file is not

@@ -60,7 +60,7 @@ from cellst.config import ConfigError, dump_config
 from cellst.data.store import CellStore, StoreError, store_lock
 from cellst.experiment import ExperimentConfig
 from cellst.fingerprint import checkpoint_fingerprint, config_fingerprint, stable_hash
-from cellst.fs import atomic_write_bytes
+from cellst.fs import atomic_write_bytes, atomic_write_json
 from cellst.model.checkpoint_files import is_checkpoint
 from cellst.stpp.experiment import StppExperimentConfig
 from cellst.stpp.outputs import (
@@ -79,7 +79,6 @@ from cellst.stpp.stages import (
     META,
     StageBook,
     StageRecord,
-    atomic_write_json,
     read_meta,
     update_meta,
 )
@@ -615,6 +614,7 @@ class Pipeline:
         atomic_write_json(
             self.dir / "report.json",
             {"f1": table.to_dict(orient="records"), "test_items": len(test)},
+            default=str,
         )
         log_table(table, "final/f1_table.csv")
         log_metrics(table_metrics(table))

@@ -39,11 +39,6 @@ META = "pipeline.json"
 Decision = Literal["skip", "resume", "fresh"]
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (:func:`cellst.fs.atomic_write_json`; non-JSON values as str)."""
-    fs.atomic_write_json(path, data, default=str)
-
-
 def read_meta(pipeline_dir: str | Path) -> dict[str, Any]:
     """``pipeline.json`` of a pipeline folder (empty before the first run)."""
     p = Path(pipeline_dir) / META
@@ -53,7 +48,7 @@ def read_meta(pipeline_dir: str | Path) -> dict[str, Any]:
 def update_meta(pipeline_dir: str | Path, **update: Any) -> dict[str, Any]:
     """Merge ``update`` into ``pipeline.json`` (written atomically); the new contents."""
     meta = {**read_meta(pipeline_dir), **update}
-    atomic_write_json(Path(pipeline_dir) / META, meta)
+    fs.atomic_write_json(Path(pipeline_dir) / META, meta, default=str)
     return meta
 
 
@@ -139,7 +134,7 @@ class StageBook:
         raise ValueError(f"unknown stage {ref!r}; stages are {choices}")
 
     def _write(self, rec: StageRecord) -> StageRecord:
-        atomic_write_json(self.path(rec.name), asdict(rec))
+        fs.atomic_write_json(self.path(rec.name), asdict(rec), default=str)
         return rec
 
     # -- transitions ----------------------------------------------------------------------------

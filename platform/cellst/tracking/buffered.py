@@ -19,7 +19,6 @@ A healthy server leaves no file behind.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from cellst.fs import atomic_write_text
+from cellst.fs import atomic_write_text, locked_file
 from cellst.tracking.config import TrackingConfig
 
 PENDING_FILE = "tracking-pending.jsonl"
@@ -128,34 +127,6 @@ def classify(exc: BaseException) -> tuple[bool, str]:
     if m:
         return transient, f"HTTP {m.group(1) or m.group(2)}"
     return transient, first[:160]
-
-
-@contextlib.contextmanager
-def _locked(path: Path, create: bool) -> Iterator[Any]:
-    """``path`` opened for reading and appending under an exclusive ``flock``; None when it
-    does not exist and ``create`` is False. Re-opens when another process replaced or
-    removed the file while this one waited for the lock."""
-    while True:
-        if not create and not path.exists():
-            yield None
-            return
-        if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                current = os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
-            except FileNotFoundError:
-                current = False
-            if current:
-                yield fh
-                return
-        finally:
-            fh.close()
 
 
 def _rewrite(path: Path, lines: list[str]) -> None:
@@ -294,7 +265,7 @@ class BufferedMetricLogger:
 
     def _flush(self) -> bool:
         failure, sent, was_down = None, 0, self.down is not None
-        with _locked(self.pending, create=False) as fh:
+        with locked_file(self.pending, create=False) as fh:
             if fh is None:
                 self.down = None
                 return True
@@ -390,14 +361,14 @@ class BufferedMetricLogger:
 
     # -- files and notes -----------------------------------------------------------------
     def _append(self, records: list[dict[str, Any]]) -> None:
-        with _locked(self.pending, create=True) as fh:
+        with locked_file(self.pending, create=True) as fh:
             end = fh.seek(0, os.SEEK_END)
             torn = end > 0 and fh.seek(end - 1) >= 0 and fh.read(1) != "\n"
             fh.write(("\n" if torn else "") + "".join(json.dumps(r) + "\n" for r in records))
             fh.flush()
 
     def _reject(self, lines: list[str], reason: str) -> None:
-        with _locked(self.rejected, create=True) as fh:
+        with locked_file(self.rejected, create=True) as fh:
             for line in lines:
                 try:
                     record = json.loads(line)
