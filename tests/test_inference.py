@@ -501,3 +501,21 @@ def test_rescaled_maps_are_written_at_the_image_size(store_dir, lite_checkpoint,
         assert written.shape == label.shape
         np.testing.assert_array_equal(written, postprocess_hover(prob, hv, post, label.shape))
         assert match_instances(label, written, 0.5).tp == 4
+
+
+def test_model_id_keeps_the_digest_stored_sets_were_written_with():
+    """``model_identity`` hashes through ``fingerprint.stable_hash`` now; the digest must stay
+    the one sets and label TIFFs already carry, or no stored set would resume."""
+    import hashlib
+    import json
+
+    from cellst.inference.batch import model_identity
+    from cellst.postprocess.config import PostprocessConfig
+
+    post = PostprocessConfig(mask_threshold=0.6)
+    for band in (0.0, 0.2):
+        what = {"weights_sha256": "ab" * 32, "postprocess": post.model_dump(mode="json")}
+        if band:
+            what["ignore_band"] = band
+        before = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+        assert model_identity("ab" * 32, post, band)["model_id"] == before

@@ -38,9 +38,15 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
 }
 
 
-def stable_hash(obj: Any, n: int = 16) -> str:
-    """Short sha256 of a JSON-serialisable object (keys sorted, so order does not matter)."""
-    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+def stable_hash(obj: Any, n: int = 16, *, spaced: bool = False) -> str:
+    """Short sha256 of a JSON-serialisable object (keys sorted, so order does not matter).
+
+    ``spaced`` hashes :func:`json.dumps`'s default spacing (``", "``, ``": "``) instead of
+    the compact form: the pseudo-label sets' ``model_id`` (``inference.batch.model_identity``)
+    was first written that way, and keeps it so that stored sets still resume.
+    """
+    separators = (", ", ": ") if spaced else (",", ":")
+    text = json.dumps(obj, sort_keys=True, default=str, separators=separators)
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 

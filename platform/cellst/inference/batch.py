@@ -30,8 +30,6 @@ Failures:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 import uuid
@@ -58,6 +56,7 @@ from cellst.data.store import (
     StoreError,
 )
 from cellst.errors import first_line
+from cellst.fingerprint import stable_hash
 from cellst.inference.config import InferenceConfig, PredictConfig
 from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, leave_cpus_to_driver
 
@@ -147,8 +146,7 @@ def model_identity(weights_sha256: str, post: Any, ignore_band: float = 0.0) -> 
     what: dict[str, Any] = {"weights_sha256": weights_sha256, "postprocess": settings}
     if ignore_band:
         what["ignore_band"] = float(ignore_band)
-    doc = json.dumps(what, sort_keys=True)
-    return {"model_id": hashlib.sha256(doc.encode()).hexdigest()[:16], **what}
+    return {"model_id": stable_hash(what, spaced=True), **what}
 
 
 # ----------------------------------------------------------------------------- stages
