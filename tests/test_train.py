@@ -309,7 +309,7 @@ def test_two_phase_training_logs_to_a_real_mlflow_server(
     ray_session, store_dir, tmp_path, mlflow_server
 ):
     """One 2-epoch training checks two things: the two-phase schedule (encoder frozen in
-    epoch 1, trained in epoch 2) and what reaches a real MLflow tracking server. It trains
+    epoch 1, trained in epoch 2, with a learning rate set after every step) and what reaches a real MLflow tracking server. It trains
     in this process (``train.num_workers=0``, Ray Train's local mode: no worker start-up,
     about 25 s); a DDP training logs to a real server in test_multinode.py."""
     uri, _ = mlflow_server
@@ -320,6 +320,9 @@ def test_two_phase_training_logs_to_a_real_mlflow_server(
         "train.num_workers=0",
         "train.epochs=2",
         "train.frozen_encoder_epochs=1",
+        # the rate set after every step: the schedule must not wake the frozen encoder
+        "train.schedule=cosine",
+        "train.schedule_unit=step",
         "train.run_name=srv",
         f"tracking.tracking_uri={uri}",
         "name=server-exp",
@@ -667,3 +670,27 @@ def test_a_cluster_cellst_starts_keeps_idle_workers_for_reuse():
     assert found, res.stdout + res.stderr[-2000:]
     first, alive, reused = map(int, found.groups())
     assert first >= 2 and alive == first and reused >= 1, found[0]
+
+
+def test_a_schedule_stepped_per_step_follows_the_per_epoch_curve_to_zero():
+    """``train.schedule_unit=step``: the same curve as the per-epoch schedule at every epoch
+    boundary, and in between it keeps falling, so a cosine ends at 0 (per epoch, a 3-epoch
+    fine-tune's last epoch runs at a quarter of the rate)."""
+    from cellst.train.step import make_scheduler
+
+    def rates(schedule: str, per_step: int | None, n: int) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+        sched = make_scheduler(opt, schedule, 3, 2, 0.5, steps_per_epoch=per_step)
+        out = [opt.param_groups[0]["lr"]]
+        for _ in range(n):
+            opt.step()
+            sched.step()
+            out.append(opt.param_groups[0]["lr"])
+        return out
+
+    for schedule in ("cosine", "step", "none"):
+        epochs, steps = rates(schedule, None, 3), rates(schedule, 10, 30)
+        assert steps[::10] == pytest.approx(epochs), schedule
+    cosine = rates("cosine", 10, 30)
+    assert cosine[20] == pytest.approx(0.1) and cosine[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(b < a for a, b in zip(cosine, cosine[1:], strict=False))

@@ -28,6 +28,13 @@ class TrainConfig(Section):
     schedule: Literal["none", "step", "cosine"] = Field(
         "step", description="learning-rate schedule"
     )
+    schedule_unit: Literal["epoch", "step"] = Field(
+        "epoch",
+        description="when the schedule sets the learning rate: after each epoch, or after "
+        "each optimizer step (the same curve, sampled smoothly: a cosine schedule then ends "
+        "at 0, not at its last epoch's value, which is a quarter of train.lr in a 3-epoch "
+        "fine-tune)",
+    )
     step_epochs: int = Field(25, ge=1, description="epochs per step of the step schedule")
     step_gamma: float = Field(0.1, gt=0, le=1)
     frozen_encoder_epochs: int = Field(

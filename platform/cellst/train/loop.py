@@ -125,7 +125,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     params = opt.param_groups[0]["params"]
     opt.param_groups[0]["params"] = [p for p in params if id(p) in enc]
     opt.add_param_group({"params": [p for p in params if id(p) not in enc]})
-    sched = make_scheduler(opt, tcfg.schedule, tcfg.epochs, tcfg.step_epochs, tcfg.step_gamma)
+    n_steps_epoch = steps_per_epoch(cfg)
+    per_step = tcfg.schedule_unit == "step"
+    sched = make_scheduler(
+        opt,
+        tcfg.schedule,
+        tcfg.epochs,
+        tcfg.step_epochs,
+        tcfg.step_gamma,
+        steps_per_epoch=n_steps_epoch if per_step else None,
+    )
     # the weights validated, checkpointed and predicted with: the moving average, if kept
     ema = make_ema(unwrap_model(model), tcfg.ema_decay) if tcfg.ema_decay > 0 else None
     served = ema.module if ema is not None else unwrap_model(model)
@@ -156,7 +165,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0
         else None
     )
-    n_steps_epoch = steps_per_epoch(cfg)
     snapshots = set(tcfg.snapshot_epochs())
     inject_nan_at = int(config.get("inject_nan_at_step") or 0)  # test hook: a real NaN loss
     model.train()
@@ -194,6 +202,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             if ema is not None:
                 ema.update_parameters(unwrap_model(model))
+            if per_step:
+                sched.step()
+                if frozen:  # the schedule sets every group's rate; the encoder stays still
+                    opt.param_groups[0]["lr"] = 0.0
             busy += time.perf_counter() - t_step
             step += 1
             n_steps += 1
@@ -207,7 +219,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 paths.write_state(diverged={"epoch": epoch, "message": diverged})
             ray.train.report({"epoch": epoch, "diverged": diverged})
             return
-        sched.step()
+        if not per_step:
+            sched.step()
         seconds = time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "epoch": epoch,

@@ -13,6 +13,7 @@ only turns the model-ready arrays into tensors (:meth:`Batch.from_numpy`) and st
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -195,8 +196,27 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: f
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
-def make_scheduler(optimizer, schedule: str, epochs: int, step_epochs: int, gamma: float):
-    """Per-epoch learning-rate schedule (stepped once per epoch)."""
+def make_scheduler(
+    optimizer,
+    schedule: str,
+    epochs: int,
+    step_epochs: int,
+    gamma: float,
+    steps_per_epoch: int | None = None,
+):
+    """Learning-rate schedule: stepped once per epoch, or, given ``steps_per_epoch``, once
+    per optimizer step (the same curve at every step's fraction of an epoch)."""
+    if steps_per_epoch is not None:
+        total = max(1, epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if schedule == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+            if schedule == "step":
+                return gamma ** ((step // steps_per_epoch) // step_epochs)
+            return 1.0
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     if schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_epochs, gamma)
     if schedule == "cosine":
