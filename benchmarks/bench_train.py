@@ -7,12 +7,14 @@
    with the same pipeline, either serially on the training thread or in one PyTorch
    ``DataLoader`` worker process; the faster one is the reference. Target: >= 0.9x.
    Also reported: the per-epoch overhead (validation and checkpoint writes) as a share of
-   the epoch.
+   the epoch, and the same training with Ray Data's scheduling loop unpaced
+   (``CELLST_PACED_DATA_LOOP=0``, see ``cellst.data.executor``): images/s and the CPU
+   seconds of the stream's ``SplitCoordinator`` actor, both ways.
 2. **Feeding a GPU.** Crops/s that one CPU core augments at 256 px (the production crop),
    and so how many cores one GPU training ``hovernet-fast`` needs. The GPU's rate is
    measured when CUDA is present, else taken from ``--gpu-images-per-s``.
 
-Run: ``.venv/bin/python benchmarks/bench_train.py [--epochs 4] [--crops 768] [--smoke]``
+Run: ``.venv/bin/python benchmarks/bench_train.py [--epochs 6] [--crops 768] [--smoke]``
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cellst.data.executor import ENV_SWITCH
 from cellst.experiment import ExperimentConfig, load_config
 
 DEMO = Path(__file__).resolve().parent.parent / "experiments" / "demo.yaml"
@@ -97,27 +100,64 @@ def in_process(cfg: ExperimentConfig, store_root: Path, n_images: int, loader: b
     return n / (time.perf_counter() - t0)
 
 
-def real_path(cfg: ExperimentConfig, work: Path) -> dict[str, float]:
-    """``cellst train`` on the store: steady-state and whole-epoch images/s."""
+def real_path(cfg: ExperimentConfig, work: Path, run_name: str = "bench-train") -> dict[str, float]:
+    """``cellst train`` on the store: steady-state and whole-epoch images/s, and the CPU
+    seconds of the ``SplitCoordinator`` actor that ran the stream's scheduling loop."""
     from cellst.model import load_model
     from cellst.train.trainer import train
 
     t0 = time.perf_counter()
-    res = train(cfg, run_name="bench-train")
+    with CoordinatorCpu() as coordinator:
+        res = train(cfg, run_name=run_name)
     wall = time.perf_counter() - t0
     metas = [load_model(ck)[2] for ck in sorted((res.run_path / "checkpoints").glob("epoch_*"))]
     steady = [m["images_per_s"] for m in metas[1:]] or [metas[0]["images_per_s"]]
     epoch = [m["epoch_seconds"] for m in metas[1:]] or [metas[0]["epoch_seconds"]]
     extra = [m.get("val_seconds", 0) + m.get("checkpoint_seconds", 0) for m in metas[1:]] or [0]
     n = cfg.data.crops_per_epoch
+    every = [m["epoch_seconds"] for m in metas]
     return {
         "steady": statistics.median(steady),
+        # every epoch, the first included: a slow stretch of epochs shows here, not in the median
+        "whole_run": n * len(every) / sum(every),
         "with_overhead": n / (statistics.median(epoch) + statistics.median(extra)),
         "overhead_share": statistics.median(extra)
         / (statistics.median(epoch) + statistics.median(extra)),
         "wall": wall,
         "cpus_per_worker": cfg.train.cpus_per_worker or 0,
+        "coordinator_cpu_s": coordinator.seconds,
     }
+
+
+class CoordinatorCpu:
+    """CPU seconds of the ``ray::SplitCoordinator`` processes seen while the block runs
+    (their /proc times, sampled every 0.5 s: the last sample of each process counts)."""
+
+    def __enter__(self) -> CoordinatorCpu:
+        import threading
+
+        self._seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.5):
+            for p in psutil.process_iter(["cmdline"]):
+                try:
+                    if "ray::SplitCoordinator" in " ".join(p.info["cmdline"] or []):
+                        t = p.cpu_times()
+                        self._seen[p.pid] = t.user + t.system
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.seconds = sum(self._seen.values())
 
 
 def augment_rate_256(n: int) -> float:
@@ -167,7 +207,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default=str(DEMO), help="the recipe measured (default: the demo)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=6,
+        help="epochs of each real-path run (Ray Data's loop starts spinning once the stream "
+        "is a few epochs ahead of a slower step)",
+    )
     ap.add_argument("--crops", type=int, default=768, help="crops per epoch of the real path")
     ap.add_argument(
         "--gpu-images-per-s",
@@ -209,6 +255,14 @@ def main() -> None:
         serial = in_process(cfg, store, n_ref, loader=False)
         loader = in_process(cfg, store, n_ref, loader=True)
         real = real_path(cfg, work)
+        # the same training with Ray Data's scheduling loop left to spin while the stream
+        # waits for the step (cellst.data.executor; the Ray Train worker's SplitCoordinator
+        # then holds a core of its own)
+        os.environ[ENV_SWITCH] = "0"
+        try:
+            unpaced = real_path(cfg, work, run_name="bench-train-unpaced")
+        finally:
+            del os.environ[ENV_SWITCH]
     best = max(serial, loader)
     c = cfg.data.crop_size
     print(
@@ -220,6 +274,16 @@ def main() -> None:
     print(
         f"  cellst train (store -> Ray Data -> Ray Train)    : {real['steady']:7.1f}   "
         f"{real['steady'] / best:.2f}x the best in-process loop (target >= 0.9x)"
+    )
+    print(
+        f"  ... with Ray Data's scheduling loop unpaced     : {unpaced['steady']:7.1f}   "
+        f"{unpaced['steady'] / best:.2f}x; paced / unpaced = {real['steady'] / unpaced['steady']:.2f}x"
+        f" (SplitCoordinator CPU {real['coordinator_cpu_s']:.0f} s paced, "
+        f"{unpaced['coordinator_cpu_s']:.0f} s unpaced)"
+    )
+    print(
+        f"  ... over every epoch, paced / unpaced          : {real['whole_run']:7.1f} / "
+        f"{unpaced['whole_run']:.1f} = {real['whole_run'] / unpaced['whole_run']:.2f}x"
     )
     print(
         f"  ... counting validation + checkpoint per epoch  : {real['with_overhead']:7.1f}   "

@@ -114,3 +114,55 @@ def test_image_stream_whole_and_tiled(store_dir, ray_session):
             np.testing.assert_array_equal(t["image"], img[y : y + h, x : x + w])
             cover[y : y + h, x : x + w] = True
         assert cover.all()
+
+
+def test_streams_pace_ray_datas_scheduling_loop(store_dir, ray_session, monkeypatch):
+    """Every stream cellst builds carries :class:`cellst.data.executor.PacedLoop`, Ray Data
+    calls it in its scheduling loop (so a Ray upgrade that drops the hook fails here), and
+    it spaces steps that come sooner than ``MIN_STEP_S`` while leaving later ones alone."""
+    import time
+
+    from cellst.data import executor
+
+    store = CellStore(store_dir)
+    crops = train_crop_dataset(crop_items(store), n_crops=8, crop=64, crops_per_visit=2)
+    images = image_dataset(store, store.ids()[:2])
+    for ds in (crops, images):
+        assert executor.PacedLoop in ds.context.custom_execution_callback_classes
+    steps: list[float] = []
+    real = executor.PacedLoop.on_execution_step
+
+    def counted(self, ex):
+        steps.append(time.perf_counter())
+        real(self, ex)
+
+    monkeypatch.setattr(executor.PacedLoop, "on_execution_step", counted)
+    assert len(crops.take_all()) == 8
+    assert steps  # Ray ran the loop through the callback
+
+    # the pacing itself, on a clock of its own: steps back to back are spaced, a later one
+    # is left alone
+    class Clock:
+        now, slept = 100.0, []
+
+        def perf_counter(self):
+            return self.now
+
+        def sleep(self, s):
+            self.slept.append(s)
+            self.now += s
+
+    clock = Clock()
+    monkeypatch.setattr(executor, "time", clock)
+    loop = executor.PacedLoop()
+    loop.on_execution_step(None)  # the first step: nothing to space it from
+    clock.now += 0.001
+    loop.on_execution_step(None)
+    assert clock.slept == [pytest.approx(executor.MIN_STEP_S - 0.001)]
+    clock.now += 2 * executor.MIN_STEP_S  # a step that waited for a task
+    loop.on_execution_step(None)
+    assert len(clock.slept) == 1
+    # the switch for comparisons leaves a stream as Ray builds it
+    monkeypatch.setenv(executor.ENV_SWITCH, "0")
+    plain = train_crop_dataset(crop_items(store), n_crops=8, crop=64, crops_per_visit=2)
+    assert executor.PacedLoop not in plain.context.custom_execution_callback_classes

@@ -29,6 +29,7 @@ import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 
+from cellst.data.executor import pace
 from cellst.data.pseudo import encode_ignored
 from cellst.data.store import CellStore, ItemRef, StoreError, open_array
 
@@ -429,7 +430,7 @@ def train_crop_dataset(
         cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
         parallelism = max(1, min(math.ceil(n_crops / (4 * block_rows)), 2 * cpus) or 1)
         parallelism = max(parallelism, min(cpus, math.ceil(n_crops / crops_per_visit)))
-    return ray.data.read_datasource(ds, override_num_blocks=parallelism, num_cpus=read_cpus)
+    return pace(ray.data.read_datasource(ds, override_num_blocks=parallelism, num_cpus=read_cpus))
 
 
 def image_dataset(
@@ -437,6 +438,8 @@ def image_dataset(
 ) -> ray.data.Dataset:
     """A Ray Dataset of whole images (``tile=None``) or overlapping tiles, for inference."""
     ids = store.ids() if ids is None else list(ids)
-    return ray.data.read_datasource(
-        ImageDatasource([store.ref(i) for i in ids], tile, overlap), num_cpus=READ_CPUS
+    return pace(
+        ray.data.read_datasource(
+            ImageDatasource([store.ref(i) for i in ids], tile, overlap), num_cpus=READ_CPUS
+        )
     )

@@ -712,7 +712,9 @@ def predict(
 
             ds = image_dataset(store, todo)
         else:
-            ds = ray.data.from_items([{"id": i, "path": str(paths[i])} for i in todo])
+            from cellst.data.executor import pace
+
+            ds = pace(ray.data.from_items([{"id": i, "path": str(paths[i])} for i in todo]))
             ds = ds.map(_read_folder_image, num_cpus=READ_CPUS)
         write = {
             "post": post.model_dump(),
