@@ -201,6 +201,11 @@ def test_ray_submit_runs_stpp_on_the_launched_cluster(launched):
         "stpp.retrain_epochs=2",
         "inference.roi=64",
         "tracking.system_metrics=false",
+        # training and prediction in the job's driver: what this test checks is the launch
+        # and the submission; Ray Train workers and actor pools on nodes are
+        # test_multinode.py's (each worker or pool start costs 10-25 s of these two cores)
+        "train.num_workers=0",
+        "predict.num_actors=0",
     ]
     for o in settings:
         args += ["--set", o]
