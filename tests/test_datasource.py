@@ -117,10 +117,11 @@ def test_image_stream_whole_and_tiled(store_dir, ray_session):
 
 
 def test_streams_pace_ray_datas_scheduling_loop(store_dir, ray_session, monkeypatch):
-    """Every stream cellst builds carries :class:`cellst.data.executor.PacedLoop`, Ray Data
-    calls it in its scheduling loop (so a Ray upgrade that drops the hook fails here), and
-    it spaces steps that come sooner than ``MIN_STEP_S`` while leaving later ones alone."""
-    import time
+    """Every stream cellst builds carries :class:`cellst.data.executor.PacedLoop`; Ray Data
+    calls it in its scheduling loop with counters it can read (so a Ray upgrade that drops
+    either fails here); it spaces idle steps that come sooner than ``MIN_STEP_S`` and leaves
+    steps after progress, and later ones, alone."""
+    from types import SimpleNamespace
 
     from cellst.data import executor
 
@@ -129,19 +130,19 @@ def test_streams_pace_ray_datas_scheduling_loop(store_dir, ray_session, monkeypa
     images = image_dataset(store, store.ids()[:2])
     for ds in (crops, images):
         assert executor.PacedLoop in ds.context.custom_execution_callback_classes
-    steps: list[float] = []
+    marks: list = []
     real = executor.PacedLoop.on_execution_step
 
     def counted(self, ex):
-        steps.append(time.perf_counter())
+        marks.append(executor.progress_mark(ex))
         real(self, ex)
 
     monkeypatch.setattr(executor.PacedLoop, "on_execution_step", counted)
     assert len(crops.take_all()) == 8
-    assert steps  # Ray ran the loop through the callback
+    assert marks and None not in marks  # Ray ran the loop through it, counters readable
+    assert len(set(marks)) > 1  # ... and they moved as the stream did
 
-    # the pacing itself, on a clock of its own: steps back to back are spaced, a later one
-    # is left alone
+    # the pacing itself, on a clock and an executor of its own
     class Clock:
         now, slept = 100.0, []
 
@@ -154,13 +155,18 @@ def test_streams_pace_ray_datas_scheduling_loop(store_dir, ray_session, monkeypa
 
     clock = Clock()
     monkeypatch.setattr(executor, "time", clock)
+    counters = dict.fromkeys(executor.PROGRESS_COUNTERS, 0)
+    ex = SimpleNamespace(_topology=[SimpleNamespace(metrics=SimpleNamespace(**counters))])
     loop = executor.PacedLoop()
-    loop.on_execution_step(None)  # the first step: nothing to space it from
+    loop.on_execution_step(ex)  # the first step: nothing to space it from
     clock.now += 0.001
-    loop.on_execution_step(None)
+    loop.on_execution_step(ex)  # idle, right after: spaced
     assert clock.slept == [pytest.approx(executor.MIN_STEP_S - 0.001)]
-    clock.now += 2 * executor.MIN_STEP_S  # a step that waited for a task
-    loop.on_execution_step(None)
+    clock.now += 0.001
+    ex._topology[0].metrics.num_outputs_taken += 1  # the consumer took an output
+    loop.on_execution_step(ex)
+    clock.now += 2 * executor.MIN_STEP_S  # an idle step that waited for a task
+    loop.on_execution_step(ex)
     assert len(clock.slept) == 1
     # the switch for comparisons leaves a stream as Ray builds it
     monkeypatch.setenv(executor.ENV_SWITCH, "0")

@@ -279,13 +279,14 @@ def test_submit_logs_stop_and_resubmit_resumes_stpp(head, driver_node, store_dir
     shutil.copy(ROOT / "experiments" / "demo.yaml", work / "experiments")
     run_dir = tmp_path / "stpp"
     entry = ["cellst", "stpp", "run", "experiments/demo.yaml", "--quick", "--until", "2"]
-    # training and prediction in the job's driver (train.num_workers=0, predict.num_actors=0):
-    # the subject is the job's life (submit, logs, stop, a lost driver node, resubmit);
-    # Ray Train workers and actor pools on nodes are test_multinode.py's, and each worker or
-    # pool start costs 10-25 s of these two cores
+    # stage 1 trains in the job's driver (train.num_workers=0): the subject is the job's life
+    # (submit, logs, stop, a lost driver node, resubmit); Ray Train workers on nodes are
+    # test_multinode.py's, and a worker's start costs 10-25 s of these two cores. Stage 2
+    # keeps its actor pool: the node is lost while it runs, which in the driver would take
+    # seconds, too few to be sure the loss lands inside it
     for o in (f"store={store}", f"stpp.run_dir={run_dir}", "name=job", "data.crops_per_epoch=16",
               "train.val_max_items=1", "tracking.system_metrics=false",
-              "train.num_workers=0", "predict.num_actors=0"):  # fmt: skip
+              "train.num_workers=0"):  # fmt: skip
         entry += ["--set", o]
     pipe = run_dir / "job"
     url = head.url
