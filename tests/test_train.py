@@ -101,7 +101,10 @@ def trained(learn_store, tmp_path_factory):
         "train.num_workers=2",
         "train.run_name=ddp",
         "train.keep_last=2",
-        "data.crops_per_epoch=240",
+        # 240 DDP steps on a cosine schedule: with 120 steps (constant or cosine rate) the best
+        # validation F1 (2 items) was 0 in 3 of 12 runs; with these 240, 0.31-0.55 in 7 runs
+        "data.crops_per_epoch=480",
+        "train.schedule=cosine",
         "train.lr=3e-3",
         "train.ema_decay=0.9",
     )
@@ -155,7 +158,7 @@ def test_ddp_training_learns(trained, learn_store):
     model, _, meta = load_model(res.best)
     got, _, _ = validate(model, store, val_ids, cfg.inference, cfg.postprocess, torch.device("cpu"))
     print(f"val F1 untrained {base['val_f1']:.3f} -> trained {got['val_f1']:.3f}")
-    # ~120 DDP steps on 2 CPUs: the nuclear mask is learned, instance separation only starts;
+    # ~240 DDP steps on 2 CPUs: the nuclear mask is learned, instance separation only starts;
     # an untrained network finds no cell at all
     assert got["val_f1"] == pytest.approx(meta["val_f1"])  # the best checkpoint is what it says
     assert got["val_f1"] >= base["val_f1"] + 0.1
