@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "training crops per seed: "
         + ", ".join(f"{k} {v}" for k, v in crops.items())
-        + f"; results: {out / 'results.json'}"
+        + f"; results: {out / args.results}"
     )
     return 0 if all(math.isfinite(summary[k]["mean"]) for k in names if k in summary) else 1
 

@@ -332,6 +332,22 @@ def test_retrain_lr_sets_the_rate_of_the_retraining_stages_alone(tmp_path):
         load_stpp_config(path, ["stpp.retrain_lr=0"])
 
 
+def test_retrain_ema_decay_averages_the_weights_of_the_retraining_stages_alone(tmp_path):
+    from cellst.fingerprint import config_fingerprint
+
+    path = _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs")
+    same = Pipeline(load_stpp_config(path, ["train.ema_decay=0.9"]))
+    assert same.stage_train_config("retrain_all", "t-all").train.ema_decay == 0.9  # default
+    avg = Pipeline(load_stpp_config(path, ["train.ema_decay=0.9", "stpp.retrain_ema_decay=0.99"]))
+    assert avg.stage_train_config("retrain_reliable", "t-rel").train.ema_decay == 0.99
+    assert avg.stage_train_config("retrain_all", "t-all").train.ema_decay == 0.99
+    s1_avg, s1 = avg.stage_train_config("supervised"), same.stage_train_config("supervised")
+    assert s1_avg.train.ema_decay == 0.9
+    assert config_fingerprint(s1_avg) == config_fingerprint(s1)  # stage 1 is not re-run
+    with pytest.raises(ConfigError, match=r"stpp\.retrain_ema_decay"):
+        load_stpp_config(path, ["stpp.retrain_ema_decay=1"])
+
+
 @pytest.mark.parametrize(
     ("n", "fraction", "k"), [(1, 0.5, 1), (2, 0.5, 1), (4, 0.5, 2), (5, 0.5, 3), (4, 0.99, 3)]
 )

@@ -89,6 +89,14 @@ class StppConfig(Section):
         "shape as train.schedule); None: train.lr. For fine-tunes (fresh_init: false): a third "
         "of train.lr lowered full ST++ by 0.05 F1 in benchmarks/bench_stpp.py",
     )
+    retrain_ema_decay: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="train.ema_decay of the re-training stages 4 and 6 (a moving average "
+        "of the weights, per step); None: train.ema_decay. A fine-tune on pseudo-labelled "
+        "crops ends wherever its last noisy steps left it; the average evens that out",
+    )
     evaluate: bool = Field(
         True, description="finally score supervised / round 1 / round 2 on the test split"
     )

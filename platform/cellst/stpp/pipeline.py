@@ -141,7 +141,8 @@ def retrain_schedule(cfg: StppExperimentConfig) -> tuple[int, int]:
 
 def apply_retrain_schedule(training: ExperimentConfig, cfg: StppExperimentConfig) -> None:
     """Give ``training`` (a copy of ``cfg``'s base config) the re-training stages' schedule:
-    :func:`retrain_schedule`'s epochs and crops, and ``stpp.retrain_lr`` where set.
+    :func:`retrain_schedule`'s epochs and crops, and ``stpp.retrain_lr`` and
+    ``stpp.retrain_ema_decay`` where set.
 
     The one place that says how stages 4 and 6 train differently from stage 1, so that a
     baseline given "ST++'s schedule" (``benchmarks/bench_stpp.py``) trains as they do.
@@ -149,6 +150,8 @@ def apply_retrain_schedule(training: ExperimentConfig, cfg: StppExperimentConfig
     training.train.epochs, training.data.crops_per_epoch = retrain_schedule(cfg)
     if cfg.stpp.retrain_lr is not None:
         training.train.lr = cfg.stpp.retrain_lr
+    if cfg.stpp.retrain_ema_decay is not None:
+        training.train.ema_decay = cfg.stpp.retrain_ema_decay
 
 
 def training_crops(cfg: StppExperimentConfig) -> dict[str, int]:
