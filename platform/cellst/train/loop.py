@@ -215,6 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if logger is not None and step % tcfg.log_every_steps == 0:
                 logger.log({f"step_{k}": v for k, v in terms.items()}, step)
         if diverged is not None:
+            store.close()
             if rank == 0:  # durable: Result.metrics follows the last *checkpointed* report
                 paths.write_state(diverged={"epoch": epoch, "message": diverged})
             ray.train.report({"epoch": epoch, "diverged": diverged})
@@ -295,6 +296,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         finally:
             if checkpoint is not None:  # Ray holds its own copy now: no temp folder left behind
                 shutil.rmtree(tmp.parent, ignore_errors=True)
+    # the store version's lease, now: Ray Train may end this process before a garbage
+    # collection would (a lease left behind looks held until the next ingest drops it)
+    store.close()
     if logger is not None:
         logger.close()  # a last attempt; what is left is said in one line
     _write_param_digest(unwrap_model(model), paths.root / f"params_rank{rank}.sha256")
