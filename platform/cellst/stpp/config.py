@@ -94,8 +94,8 @@ class StppConfig(Section):
         ge=0,
         lt=1,
         description="train.ema_decay of the re-training stages 4 and 6 (a moving average "
-        "of the weights, per step); None: train.ema_decay. A fine-tune on pseudo-labelled "
-        "crops ends wherever its last noisy steps left it; the average evens that out",
+        "of the weights, per step); None: train.ema_decay. 0.99 raised round 1 and a "
+        "labelled-only fine-tune in benchmarks/bench_stpp.py, but not full ST++",
     )
     evaluate: bool = Field(
         True, description="finally score supervised / round 1 / round 2 on the test split"
