@@ -315,37 +315,26 @@ def test_retrain_stages_keep_the_labelled_crops_per_epoch(tmp_path):
     assert Pipeline(cfg).stage_train_config("retrain_all", "t-all").data.crops_per_epoch == 64
 
 
-def test_retrain_lr_sets_the_rate_of_the_retraining_stages_alone(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "field", "base", "value", "bad"),
+    [("retrain_lr", "lr", 0.003, 0.001, 0), ("retrain_ema_decay", "ema_decay", 0.9, 0.99, 1)],
+)
+def test_retrain_options_set_the_retraining_stages_alone(tmp_path, option, field, base, value, bad):
+    """stpp.retrain_lr / stpp.retrain_ema_decay: train.* of stages 4 and 6 alone (default:
+    train.*), so stage 1 keeps its fingerprint and is not re-run."""
     from cellst.fingerprint import config_fingerprint
 
     path = _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs")
-    cfg = load_stpp_config(path, ["train.lr=0.003"])
-    same = Pipeline(cfg)
-    assert same.stage_train_config("retrain_all", "t-all").train.lr == 0.003  # default: train.lr
-    low = Pipeline(load_stpp_config(path, ["train.lr=0.003", "stpp.retrain_lr=0.001"]))
-    assert low.stage_train_config("retrain_reliable", "t-rel").train.lr == 0.001
-    assert low.stage_train_config("retrain_all", "t-all").train.lr == 0.001
-    s1_low, s1 = low.stage_train_config("supervised"), same.stage_train_config("supervised")
-    assert s1_low.train.lr == 0.003
-    assert config_fingerprint(s1_low) == config_fingerprint(s1)  # stage 1 is not re-run
-    with pytest.raises(ConfigError, match=r"stpp\.retrain_lr"):
-        load_stpp_config(path, ["stpp.retrain_lr=0"])
-
-
-def test_retrain_ema_decay_averages_the_weights_of_the_retraining_stages_alone(tmp_path):
-    from cellst.fingerprint import config_fingerprint
-
-    path = _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs")
-    same = Pipeline(load_stpp_config(path, ["train.ema_decay=0.9"]))
-    assert same.stage_train_config("retrain_all", "t-all").train.ema_decay == 0.9  # default
-    avg = Pipeline(load_stpp_config(path, ["train.ema_decay=0.9", "stpp.retrain_ema_decay=0.99"]))
-    assert avg.stage_train_config("retrain_reliable", "t-rel").train.ema_decay == 0.99
-    assert avg.stage_train_config("retrain_all", "t-all").train.ema_decay == 0.99
-    s1_avg, s1 = avg.stage_train_config("supervised"), same.stage_train_config("supervised")
-    assert s1_avg.train.ema_decay == 0.9
-    assert config_fingerprint(s1_avg) == config_fingerprint(s1)  # stage 1 is not re-run
-    with pytest.raises(ConfigError, match=r"stpp\.retrain_ema_decay"):
-        load_stpp_config(path, ["stpp.retrain_ema_decay=1"])
+    same = Pipeline(load_stpp_config(path, [f"train.{field}={base}"]))
+    assert getattr(same.stage_train_config("retrain_all", "t-all").train, field) == base
+    changed = Pipeline(load_stpp_config(path, [f"train.{field}={base}", f"stpp.{option}={value}"]))
+    assert getattr(changed.stage_train_config("retrain_reliable", "t-rel").train, field) == value
+    assert getattr(changed.stage_train_config("retrain_all", "t-all").train, field) == value
+    s1_changed, s1 = changed.stage_train_config("supervised"), same.stage_train_config("supervised")
+    assert getattr(s1_changed.train, field) == base
+    assert config_fingerprint(s1_changed) == config_fingerprint(s1)  # stage 1 is not re-run
+    with pytest.raises(ConfigError, match=rf"stpp\.{option}"):
+        load_stpp_config(path, [f"stpp.{option}={bad}"])
 
 
 @pytest.mark.parametrize(
