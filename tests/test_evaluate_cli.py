@@ -220,3 +220,22 @@ def test_a_store_as_prediction_needs_a_pseudo_label_set(store_dir, tmp_path):
         f"error: --pred {store_dir} is a store: name the pseudo-label set to score with --pred-set"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_a_binary_mask_prediction_is_scored_as_it_is_and_warned_about(tmp_path):
+    """A semantic mask (every cell 255) matches at most one cell: F1 stays what the metric
+    says, and one warning names the file, its regions and how to make it an instance map."""
+    gt = np.zeros((64, 64), np.uint16)
+    for k, (r, c) in enumerate([(8, 8), (8, 40), (40, 8), (40, 40)], start=1):
+        gt[r : r + 12, c : c + 12] = k
+    mask = np.where(gt > 0, 255, 0).astype(np.uint8)
+    gt_dir, pred = _folders(tmp_path, {"a": gt, "b": gt}, {"a": mask, "b": gt})
+    res = _evaluate(gt_dir, pred, tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert report["binary"] == {"a": 4}
+    per_image = {row["id"]: row["f1"] for row in report["images"]}
+    assert per_image["b"] == 1.0 and per_image["a"] < 0.5  # scored as it is: one cell
+    warned = [ln for ln in res.output.splitlines() if "binary mask" in ln]
+    assert len(warned) == 1, res.output
+    assert str(pred / "a_label.tiff") in warned[0] and "4 separate regions" in warned[0]

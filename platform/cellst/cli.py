@@ -898,7 +898,8 @@ def _refuse_foreign(paths: list[Path], writer: str, overwrite: bool) -> None:
 
 
 def _warn_unmatched(report: dict, pred: Path, pred_set: str | None) -> None:
-    """One warning per ground-truth image without prediction and per extra prediction."""
+    """One warning per ground-truth image without prediction and per extra prediction,
+    and one for the predictions that are binary masks (scored as one cell each)."""
     files: dict[str, Path] = {}
     if pred_set is None and pred.is_dir():
         from cellst.metrics.report import load_label_folder
@@ -916,6 +917,17 @@ def _warn_unmatched(report: dict, pred: Path, pred_set: str | None) -> None:
         what = str(files[name]) if name in files else f"{name!r} in {where}"
         err_console.print(
             f"[yellow]warning:[/] prediction {what} has no ground truth (not scored)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if binary := report.get("binary"):
+        name, regions = next(iter(sorted(binary.items())))
+        what = str(files[name]) if name in files else f"{name!r} in {where}"
+        others = f" and {len(binary) - 1} other prediction(s)" if len(binary) > 1 else ""
+        err_console.print(
+            f"[yellow]warning:[/] prediction {what}{others} is a binary mask ({regions} separate "
+            "regions, one label value), scored as one cell: give each cell its own value "
+            "(e.g. skimage.measure.label) to score instances",
             highlight=False,
             soft_wrap=True,
         )

@@ -99,6 +99,22 @@ def _nothing_to_score(g: LabelSource, p: LabelSource, pred: Path) -> str:
     )
 
 
+def binary_regions(pred: np.ndarray) -> int:
+    """Separate regions of a prediction that gives every cell the same value (a semantic
+    mask, e.g. 0/255); 0 for an instance map (values differ, or one region only).
+
+    Such a map scores as a single cell: the challenge metric matches label values, not
+    regions, so a binary mask of 50 cells gets F1 near 0 with no hint why.
+    """
+    fg = pred[pred > 0]
+    if fg.size == 0 or fg.min() != fg.max():
+        return 0
+    from scipy import ndimage
+
+    n = int(ndimage.label(pred > 0)[1])
+    return n if n > 1 else 0
+
+
 def evaluate_sources(
     gt: str | Path,
     pred: str | Path,
@@ -113,7 +129,9 @@ def evaluate_sources(
 ) -> dict[str, Any]:
     """Score every ground-truth item against its prediction; write the report if ``out``.
 
-    A ground-truth item without prediction scores F1 0 and is listed under ``missing``.
+    A ground-truth item without prediction scores F1 0 and is listed under ``missing``; a
+    prediction that is a binary mask (:func:`binary_regions`) is scored as it is (one cell)
+    and listed under ``binary`` with its number of regions.
     ``per_cell`` adds the per-cell match results (``cells.csv`` in ``out``).
     """
     if pred_set is None and is_store(pred):
@@ -131,6 +149,7 @@ def evaluate_sources(
     if not set(p.loaders) & set(g.loaders):
         raise FileNotFoundError(_nothing_to_score(g, p, Path(pred)))
     modalities = {**p.modalities, **g.modalities}
+    binary: dict[str, int] = {}
 
     def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray | None, str | None]]:
         for name in tqdm(sorted(g.loaders), desc="evaluate", unit="img", disable=not progress):
@@ -141,12 +160,15 @@ def evaluate_sources(
                     f"prediction {name!r} in {p.description} has shape {pred_map.shape} but "
                     f"its ground truth in {g.description} has shape {gt_map.shape}"
                 )
+            if pred_map is not None and (regions := binary_regions(pred_map)):
+                binary[name] = regions
             yield name, gt_map, pred_map, modalities.get(name)
 
     report = evaluate_pairs(
         pairs(), count_boundary=count_boundary, iou_threshold=iou_threshold, per_cell=per_cell
     )
     report["extra"] = sorted(set(p.loaders) - set(g.loaders))
+    report["binary"] = binary  # name -> regions of predictions that are binary masks
     report["gt"] = g.description
     report["pred"] = p.description
     if out is not None:
