@@ -18,6 +18,7 @@ from cellst.cli import app
 from cellst.metrics.report import evaluate_folders
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [
     "synth",
     "ingest",
@@ -75,6 +76,38 @@ def test_every_subcommand_has_help(cmd):
     assert res.exit_code == 0, res.output
     assert f"Usage: cellst {' '.join(cmd)}" in " ".join(res.output.split())
     assert ("RUN_DIR" if cmd[-1].endswith("status") else "CONFIG") in res.output
+
+
+SET_COMMANDS = [["ingest"], ["evaluate"], ["predict"], ["segment"], ["train"], ["stpp", "run"]]
+
+
+@pytest.mark.parametrize("cmd", [*SET_COMMANDS, ["tune"]], ids=" ".join)
+def test_set_help_example_is_a_field_of_that_command(cmd, tmp_path):
+    """Each command's ``--set`` help shows a field it reads, and the example loads with the
+    config that command loads (one example copied to every command named other stages)."""
+    import re
+
+    from cellst.experiment import load_config
+    from cellst.stpp.experiment import load_stpp_config
+    from cellst.tune.space import load_tune_config
+
+    res = runner.invoke(app, [*cmd, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+    example = re.search(r"e\.g\. --set (\S+)", res.output).group(1)
+    section = example.split(".")[0]
+    assert section == {"stpp": "stpp", "tune": "tune", "segment": "postprocess"}.get(
+        cmd[0], "inference" if cmd[0] == "predict" else cmd[0]
+    ), example
+    loader = {
+        "stpp": lambda o: load_stpp_config(None, o),
+        # as a sweep YAML users start from (a training sweep: no checkpoint needed)
+        "tune": lambda o: load_tune_config(ROOT / "experiments" / "sweep_augment.yaml", o),
+    }
+    cfg = loader.get(cmd[0], lambda o: load_config(None, o))([example, f"store={tmp_path}"])
+    field, value = example.split("=")
+    obj = cfg
+    for part in field.split("."):
+        obj = getattr(obj, part)
+    assert str(obj).lower() == value.lower(), (example, obj)
 
 
 def test_synth_ingest_info_evaluate(ray_session, tmp_path):

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -44,10 +44,24 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="experiment YAML (see experiments/); defaults if omitted"),
 ]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="override a config field, e.g. --set data.crop_size=128"),
-]
+
+
+def set_option(example: str) -> Any:
+    """The ``--set`` option, with an example of a field the command reads."""
+    return Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help=f"override a config field, e.g. --set {example}"),
+    ]
+
+
+#: each command's --set, with an example of a field it reads
+SetIngest = set_option("ingest.min_side=64")
+SetEvaluate = set_option("evaluate.iou_threshold=0.7")
+SetPredict = set_option("inference.tta=true")
+SetSegment = set_option("postprocess.min_object_size=30")
+SetTrain = set_option("train.epochs=40")
+SetStppRun = set_option("stpp.reliable_fraction=0.5")
+SetTune = set_option("tune.num_samples=16")
 RescaleOpt = Annotated[
     float | None,
     typer.Option(
@@ -208,7 +222,7 @@ def ingest(
         ),
     ],
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: SetIngest = None,
     split: Annotated[
         str | None,
         typer.Option(
@@ -295,7 +309,7 @@ def evaluate(
         ),
     ] = False,
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: SetEvaluate = None,
 ) -> None:
     """The NeurIPS 2022 CellSeg F1 at IoU 0.5, plus PQ and per-modality means.
 
@@ -390,7 +404,7 @@ def predict(
         ),
     ] = 0.0,
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: SetPredict = None,
     ray_address: RayOpt = None,
 ) -> None:
     """Distributed batch prediction on a Ray Data actor pool (one model per actor).
@@ -510,7 +524,7 @@ def segment(
         ),
     ] = False,
     config: ConfigOpt = None,
-    set_: SetOpt = None,
+    set_: SetSegment = None,
     ray_address: RayOpt = None,
 ) -> None:
     """Segment image files: NAME_label.tiff per image, plus overlays and exports on request.
@@ -576,7 +590,7 @@ def segment(
 @user_errors
 def train(
     config: Annotated[Path, typer.Argument(help="experiment YAML (see experiments/)")],
-    set_: SetOpt = None,
+    set_: SetTrain = None,
     run_name: Annotated[
         str | None, typer.Option(help="run name; re-using it resumes the run")
     ] = None,
@@ -642,7 +656,7 @@ def stpp_run(
     config: Annotated[
         Path, typer.Argument(help="experiment YAML (see experiments/stpp.yaml)", metavar="CONFIG")
     ],
-    set_: SetOpt = None,
+    set_: SetStppRun = None,
     force_from: Annotated[
         str | None,
         typer.Option(
@@ -757,7 +771,7 @@ def _stpp_status(run_dir: Path) -> None:
 @user_errors
 def tune(
     config: Annotated[Path, typer.Argument(help="experiment YAML with a tune section")],
-    set_: SetOpt = None,
+    set_: SetTune = None,
     ray_address: RayOpt = None,
 ) -> None:
     """Sweep post-processing or training settings with Ray Tune; scored on validation items.
