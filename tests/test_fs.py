@@ -93,3 +93,19 @@ def test_a_locked_file_waiter_gets_the_file_that_replaced_the_one_it_waited_on(t
     t.join(10)
     assert seen == ["new\n"]
     assert data.read_text() == "new\nappended\n"
+
+
+def test_a_locked_file_removed_after_a_look_is_not_created_again(tmp_path, monkeypatch):
+    """``locked_file(create=False)`` on a file that another process removes right after it
+    was seen (a flusher that sent everything) gives None and leaves no empty file behind."""
+    from pathlib import Path
+
+    from cellst.fs import locked_file
+
+    gone = tmp_path / "pending.jsonl"
+    real_exists = Path.exists
+    # "it is there" for any existence check, as it was a moment before its removal
+    monkeypatch.setattr(Path, "exists", lambda p: True if p == gone else real_exists(p))
+    with locked_file(gone, create=False) as fh:
+        assert fh is None
+    assert not real_exists(gone)

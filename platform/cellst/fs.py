@@ -222,16 +222,20 @@ def locked_file(path: str | os.PathLike[str], *, create: bool) -> Iterator[Any]:
     waited for the lock, so the lock is always on the file now at ``path``.
     """
     path = Path(path)
+    # without O_CREAT unless asked: a file removed between a check and the open (another
+    # process finished with it) must stay removed, not come back empty ("a+" creates)
+    flags = os.O_RDWR | os.O_APPEND | (os.O_CREAT if create else 0)
     while True:
-        if not create and not path.exists():
-            yield None
-            return
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed below
+            fd = os.open(path, flags, 0o666)
         except FileNotFoundError:
-            continue
+            if create:
+                continue  # its folder went away meanwhile: make it again
+            yield None
+            return
+        fh = os.fdopen(fd, "a+", encoding="utf-8")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
