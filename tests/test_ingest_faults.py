@@ -228,6 +228,39 @@ def test_lock_messages_name_what_is_locked(tmp_path):
                 pass
 
 
+def test_a_writer_waits_out_a_status_probe_and_is_still_refused_by_a_writer(tmp_path):
+    """``cellst stpp status`` probes the run folder's lock by taking it for an instant
+    (``fs.is_locked``); a run starting at that instant used to be refused as if another run
+    wrote the folder. A writer now retries for ``LOCK_PROBE_GRACE_S``; a holder that stays
+    longer (a real writer) still refuses it."""
+    import threading
+
+    from cellst.data.store import LOCK_PROBE_GRACE_S
+    from cellst.fs import file_lock, is_locked
+
+    lock = tmp_path / "runs" / "stpp-a" / ".lock"
+    held = threading.Event()
+
+    def hold(seconds: float) -> None:
+        with file_lock(lock, wait=False):
+            held.set()
+            time.sleep(seconds)
+
+    for seconds, refused in ((0.2, False), (LOCK_PROBE_GRACE_S + 1.5, True)):
+        held.clear()
+        holder = threading.Thread(target=hold, args=(seconds,))
+        holder.start()
+        held.wait(10)
+        assert is_locked(lock)
+        if refused:
+            with pytest.raises(StoreError, match="is held"), store_lock(lock):
+                pass
+        else:
+            with store_lock(lock):
+                assert not holder.is_alive()  # it got the lock once the probe let go
+        holder.join()
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()

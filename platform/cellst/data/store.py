@@ -160,6 +160,10 @@ def _locked_thing(lock_file: Path) -> str:
     return f"the folder {lock_file.parent}"
 
 
+#: seconds a writer retries a held lock before refusing (longer than any probe holds it)
+LOCK_PROBE_GRACE_S = 1.0
+
+
 @contextlib.contextmanager
 def store_lock(lock_file: Path, what: str | None = None) -> Iterator[None]:
     """Exclusive advisory lock so two writers never interleave on one store or run folder.
@@ -170,14 +174,21 @@ def store_lock(lock_file: Path, what: str | None = None) -> Iterator[None]:
         What the lock guards, for the refusal message (e.g. ``"the run folder runs/x"``);
         by default derived from the lock file's name and folder.
     """
+    # a probe (fs.is_locked, e.g. `cellst stpp status`) holds the lock for an instant: a
+    # writer starting then waits that out instead of being refused as if another wrote
+    deadline = time.monotonic() + LOCK_PROBE_GRACE_S
     with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(fs.file_lock(lock_file, wait=False))
-        except fs.LockHeld:
-            raise StoreError(
-                f"{lock_file} is held: another process is writing "
-                f"{what or _locked_thing(lock_file)}"
-            ) from None
+        while True:
+            try:
+                held.enter_context(fs.file_lock(lock_file, wait=False))
+                break
+            except fs.LockHeld:
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        f"{lock_file} is held: another process is writing "
+                        f"{what or _locked_thing(lock_file)}"
+                    ) from None
+                time.sleep(0.02)
         yield
 
 
