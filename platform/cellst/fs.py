@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -188,11 +189,14 @@ class LockHeld(RuntimeError):
 
 @contextlib.contextmanager
 def file_lock(
-    path: str | os.PathLike[str], *, shared: bool = False, wait: bool = True
+    path: str | os.PathLike[str], *, shared: bool = False, wait: bool = True, grace_s: float = 0
 ) -> Iterator[None]:
     """An advisory ``flock`` on the file ``path`` (created, with its folder, if needed),
     held for the block: exclusive, or ``shared`` with other shared holders. Released when
     the block exits, and by the kernel if the process dies.
+
+    With ``wait=False``, ``grace_s`` retries for that long first: :func:`is_locked` holds
+    the lock for an instant to look, and a writer starting then must not be refused.
 
     Raises
     ------
@@ -202,11 +206,16 @@ def file_lock(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
+    deadline = time.monotonic() + grace_s
     with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, mode)
-        except BlockingIOError:
-            raise LockHeld(str(path)) from None
+        while True:
+            try:
+                fcntl.flock(fh, mode)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockHeld(str(path)) from None
+                time.sleep(0.02)
         try:
             yield
         finally:

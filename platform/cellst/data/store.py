@@ -174,21 +174,15 @@ def store_lock(lock_file: Path, what: str | None = None) -> Iterator[None]:
         What the lock guards, for the refusal message (e.g. ``"the run folder runs/x"``);
         by default derived from the lock file's name and folder.
     """
-    # a probe (fs.is_locked, e.g. `cellst stpp status`) holds the lock for an instant: a
-    # writer starting then waits that out instead of being refused as if another wrote
-    deadline = time.monotonic() + LOCK_PROBE_GRACE_S
     with contextlib.ExitStack() as held:
-        while True:
-            try:
-                held.enter_context(fs.file_lock(lock_file, wait=False))
-                break
-            except fs.LockHeld:
-                if time.monotonic() >= deadline:
-                    raise StoreError(
-                        f"{lock_file} is held: another process is writing "
-                        f"{what or _locked_thing(lock_file)}"
-                    ) from None
-                time.sleep(0.02)
+        try:
+            # a status probe (fs.is_locked) holds it for an instant: wait that out
+            held.enter_context(fs.file_lock(lock_file, wait=False, grace_s=LOCK_PROBE_GRACE_S))
+        except fs.LockHeld:
+            raise StoreError(
+                f"{lock_file} is held: another process is writing "
+                f"{what or _locked_thing(lock_file)}"
+            ) from None
         yield
 
 
