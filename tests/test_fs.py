@@ -109,3 +109,29 @@ def test_a_locked_file_removed_after_a_look_is_not_created_again(tmp_path, monke
     with locked_file(gone, create=False) as fh:
         assert fh is None
     assert not real_exists(gone)
+
+
+def test_temp_dirs_of_processes_that_died_are_removed_and_no_others(tmp_path, monkeypatch):
+    """A training worker killed mid-checkpoint cannot remove its temporary checkpoint
+    folder; the next training on that node does (``remove_orphan_temp_dirs``), leaving the
+    folders of live processes and of other hosts."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from cellst.fs import process_temp_dir, remove_orphan_temp_dirs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = process_temp_dir("cellst-ckpt-")
+    (mine / "checkpoint").mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True).stdout.strip()  # fmt: skip
+    orphan = tmp_path / f"cellst-ckpt-{socket.gethostname()}-{dead}-abc123"
+    (orphan / "checkpoint").mkdir(parents=True)
+    elsewhere = tmp_path / f"cellst-ckpt-another-host-{dead}-abc123"
+    elsewhere.mkdir()
+    old_style = tmp_path / "cellst-ckpt-x1y2z3"  # written before the pid was in the name
+    old_style.mkdir()
+    assert remove_orphan_temp_dirs("cellst-ckpt-") == [orphan]
+    assert mine.is_dir() and elsewhere.is_dir() and old_style.is_dir() and not orphan.exists()

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -30,6 +31,34 @@ def temp_sibling(path: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
 
 class NotWritableError(ValueError):
     """A folder cellst must write into cannot take files; one line naming it."""
+
+
+def process_temp_dir(prefix: str) -> Path:
+    """A new folder in the system's temporary folder, named for this host and process
+    (``PREFIX<host>-<pid>-<random>``), so that :func:`remove_orphan_temp_dirs` can tell
+    when its owner is gone. For scratch space a process removes itself when done."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-"))
+
+
+def remove_orphan_temp_dirs(prefix: str) -> list[Path]:
+    """Remove this host's :func:`process_temp_dir` folders whose process no longer runs
+    (killed before its own clean-up, e.g. a training worker lost mid-checkpoint); those of
+    live processes and of other hosts (a shared temporary folder) are left alone."""
+    own = f"{prefix}{socket.gethostname()}-"
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{own}*"):
+        pid = folder.name[len(own) :].split("-", 1)[0]
+        if not pid.isdigit() or not folder.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or pid reused by a live process: leave it)
+        except PermissionError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def check_writable(folder: str | os.PathLike[str]) -> None:

@@ -14,7 +14,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,12 +22,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray.train
 
-from cellst.fs import atomic_write_json
+from cellst.fs import atomic_write_json, process_temp_dir, remove_orphan_temp_dirs
 
 if TYPE_CHECKING:
     import torch
 
 T = TypeVar("T")
+#: each epoch's checkpoint is written under a temporary folder of this prefix first
+CHECKPOINT_TEMP_PREFIX = "cellst-ckpt-"
 
 
 def _all_finite(ok: bool, device: torch.device) -> bool:
@@ -49,6 +50,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cellst.raycluster import quiet_logs
 
     quiet_logs()  # also when the cluster was started without cellst's runtime environment
+    remove_orphan_temp_dirs(CHECKPOINT_TEMP_PREFIX)  # of workers killed on this node before
     cfg = ExperimentConfig.model_validate(config["experiment"])
     tcfg = cfg.train
     # the run's one crop stream (each epoch takes its steps from it; no restart per epoch),
@@ -257,7 +259,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["best_epoch"] = best["epoch"]
             metrics["val_seconds"] = time.perf_counter() - t_val
             t_ckpt = time.perf_counter()
-            tmp = Path(tempfile.mkdtemp(prefix="cellst-ckpt-")) / "checkpoint"
+            tmp = process_temp_dir(CHECKPOINT_TEMP_PREFIX) / "checkpoint"
             state = {
                 "model": unwrap_model(model).state_dict(),
                 **({"ema": ema.state_dict()} if ema is not None else {}),
