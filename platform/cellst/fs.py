@@ -50,15 +50,22 @@ def remove_orphan_temp_dirs(prefix: str) -> list[Path]:
         pid = folder.name[len(own) :].split("-", 1)[0]
         if not pid.isdigit() or not folder.is_dir():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (or pid reused by a live process: leave it)
-        except PermissionError:
-            continue
-        except ProcessLookupError:
+        if not process_alive(int(pid)):  # a live one may be a reused pid: left alone
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (one this process may not
+    signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def check_writable(folder: str | os.PathLike[str]) -> None:

@@ -267,12 +267,8 @@ class Lease:
             return False
         if self.host != _HOST:
             return True
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+        if not fs.process_alive(self.pid):
             return False
-        except PermissionError:
-            pass
         return not self.start or _proc_start(self.pid) in ("", self.start)
 
 
