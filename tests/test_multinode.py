@@ -229,6 +229,9 @@ def test_a_client_with_a_wrong_token_is_refused(cluster):
     )
     assert ok.returncode == 0 and "JOINED 3" in ok.stdout, ok.stdout + ok.stderr
     env["RAY_AUTH_TOKEN"] = "not-the-cluster-token"
+    # a refused client retries the GCS once a second for 20 s before it gives up (Ray's
+    # NUM_REDIS_GET_RETRIES); the refusal is the same after 2
+    env["RAY_gcs_server_port_wait_time_s"] = "2"
     try:
         bad = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
