@@ -134,13 +134,41 @@ def test_postprocess_sweep_scores_each_setting_on_validation_items(pp_sweep):
         got, _, _ = validate(model, store, val_ids, cfg.inference, post, torch.device("cpu"))
         assert row["val_f1"] == pytest.approx(got["val_f1"], abs=1e-6)
     best = yaml.safe_load((root / "best.yaml").read_text())
-    assert best["score"] == pytest.approx(table["val_f1"].iloc[0])
-    assert (
-        best["config"]["postprocess"]["min_object_size"]
-        == table.iloc[0]["postprocess.min_object_size"]
-    )
-    assert any(s.startswith("postprocess.mask_threshold=") for s in best["set"])
+    top = table["val_f1"].iloc[0]
+    assert best["best_trial"]["score"] == pytest.approx(top)
+    assert any(s.startswith("postprocess.mask_threshold=") for s in best["best_trial"]["set"])
+    # the advice: the best trial where it beats the current settings, else the current ones
+    if top > best["current_settings_score"]:
+        assert not best["keep_current_settings"] and best["set"] == best["best_trial"]["set"]
+        assert (
+            best["config"]["postprocess"]["min_object_size"]
+            == table.iloc[0]["postprocess.min_object_size"]
+        )
+    else:
+        assert best["keep_current_settings"] and best["set"] == []
+        assert "no trial beat the current settings" in output
     assert (root / "sweep.png").stat().st_size > 1000
+
+
+def test_best_yaml_keeps_the_current_settings_when_no_trial_beats_them(tmp_path):
+    """A sweep whose every trial scores below the current settings advises keeping them:
+    ``best.yaml`` sets nothing (its config is the current one) and still names the best
+    trial; one that beats them is the advice."""
+    from cellst.experiment import load_config
+    from cellst.tune.sweep import write_outputs
+
+    cfg = load_config(None, ["postprocess.mask_threshold=0.5"])
+    table = pd.DataFrame(
+        {"postprocess.mask_threshold": [0.3, 0.7], "val_f1": [0.20, 0.10], "status": "done"}
+    )
+    for baseline, keep in ((0.25, True), (0.15, False)):
+        write_outputs(cfg, tmp_path, table, "val_f1", {"postprocess.mask_threshold": 0.3}, baseline)
+        best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+        assert best["keep_current_settings"] is keep
+        assert best["best_trial"] == {"score": 0.20, "set": ["postprocess.mask_threshold=0.3"]}
+        assert best["set"] == ([] if keep else ["postprocess.mask_threshold=0.3"])
+        assert best["score"] == (0.25 if keep else 0.20)
+        assert best["config"]["postprocess"]["mask_threshold"] == (0.5 if keep else 0.3)
 
 
 def test_postprocess_sweep_mlflow_runs_and_resume(pp_sweep):

@@ -809,7 +809,14 @@ def tune(
     sets = " ".join(f"--set {k}={v!r}" for k, v in result.best_params.items())
     if result.baseline_score is not None:
         console.print(f"current settings: {result.metric} {result.baseline_score:.4f}")
-    console.print(f"best {result.metric} {result.best_score:.4f} with: {sets}", soft_wrap=True)
+    if result.keeps_current:
+        console.print(
+            f"no trial beat the current settings: keep them (best trial {result.metric} "
+            f"{result.best_score:.4f} with: {sets})",
+            soft_wrap=True,
+        )
+    else:
+        console.print(f"best {result.metric} {result.best_score:.4f} with: {sets}", soft_wrap=True)
     console.print(f"results: {result.sweep_dir}/results.csv, best.yaml, sweep.png")
     if result.tracking_uri:
         from cellst.tracking.config import ui_command

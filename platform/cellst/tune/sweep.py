@@ -58,6 +58,17 @@ class SweepResult:
     resumed: bool
     baseline_score: float | None = None  # postprocess mode: the config's own settings
 
+    @property
+    def keeps_current(self) -> bool:
+        """No trial beat the current settings (postprocess mode): the advice is to keep
+        them, and ``best.yaml`` sets nothing."""
+        return keep_current(self.best_score, self.baseline_score)
+
+
+def keep_current(best_score: float, baseline: float | None) -> bool:
+    """Whether the best trial's ``best_score`` fails to beat the current settings' score."""
+    return baseline is not None and not best_score > baseline
+
 
 def sweep_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.tune.run_dir).absolute() / (cfg.tune.name or cfg.name)
@@ -426,13 +437,18 @@ def write_outputs(
     from cellst.tune.space import apply, overrides_of
 
     atomic_write_bytes(root / "results.csv", table.to_csv(index=False).encode())
-    best_cfg = apply(cfg, best)
+    best_score = float(table.iloc[0][metric])
+    keep = keep_current(best_score, baseline)
     doc = {
         "metric": metric,
-        "score": float(table.iloc[0][metric]),
+        # what to use: the best trial's settings, or the current ones where no trial beat
+        # them (then ``set`` is empty and ``score`` is theirs)
+        "score": baseline if keep else best_score,
         "current_settings_score": baseline,
-        "set": overrides_of(best),
-        "config": best_cfg.model_dump(mode="json", exclude={"tune"}),
+        "keep_current_settings": keep,
+        "set": [] if keep else overrides_of(best),
+        "best_trial": {"score": best_score, "set": overrides_of(best)},
+        "config": (cfg if keep else apply(cfg, best)).model_dump(mode="json", exclude={"tune"}),
     }
     atomic_write_bytes(root / "best.yaml", yaml.safe_dump(doc, sort_keys=False).encode())
     save_figure(sweep_figure(table, metric, list(best), baseline), root / "sweep.png")
