@@ -199,8 +199,11 @@ def label_without_image(src: Path) -> str:
 
 
 def duplicate_id(src: Path) -> str:
+    """Two images of one name in one folder (in two folders, both are kept: see
+    test_an_image_name_used_by_training_and_tuning_keeps_both)."""
     p = _first(src / "labeled" / "images")
-    shutil.copy(p, src / "unlabeled" / "images" / (p.stem + ".tiff"))
+    twin = ".bmp" if p.suffix.lower() != ".bmp" else ".png"
+    iio.imwrite(p.with_suffix(twin), np.zeros((64, 64), np.uint8))
     return "duplicate id"
 
 
@@ -434,3 +437,108 @@ def test_a_palette_png_label_is_read_as_its_indices(ray_session, tmp_path):
     ingest(tmp_path / "src", tmp_path / "store", progress=False)
     label = CellStore(tmp_path / "store").label("a")
     np.testing.assert_array_equal(label, ids.astype(label.dtype))
+
+
+def _challenge_pair(folder: Path, name: str, suffix: str, seed: int) -> np.ndarray:
+    """One labelled image NAME.suffix in folder/images with folder/labels/NAME_label.tiff."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "labels").mkdir(parents=True, exist_ok=True)
+    lab = blobs(64, 64, 4, seed)
+    iio.imwrite(folder / "images" / f"{name}{suffix}", ((lab > 0) * 200 + seed).astype(np.uint8))
+    tifffile.imwrite(folder / "labels" / f"{name}_label.tiff", lab)
+    return lab
+
+
+def test_an_image_name_used_by_training_and_tuning_keeps_both(ray_session, tmp_path):
+    """The challenge's Tuning images reuse Training-labeled's names (cell_00001 ...): both
+    are ingested, the training image keeping its name and the tuning one prefixed with its
+    folder; a name used twice in one folder skips only the file it names."""
+    src = tmp_path / "NeurIPS22-CellSeg"
+    train = {n: _challenge_pair(src / "Training-labeled", n, ".png", s)
+             for s, n in enumerate(["cell_00001", "cell_00002"])}  # fmt: skip
+    tune = {n: _challenge_pair(src / "Tuning", n, ".tiff", 10 + s)
+            for s, n in enumerate(["cell_00001", "cell_00003"])}  # fmt: skip
+    items, problems = scan_source(src)
+    assert problems == []
+    assert {(it.id, it.split, it.renamed_from) for it in items} == {
+        ("cell_00001", "labeled", ""),
+        ("cell_00002", "labeled", ""),
+        ("tuning-cell_00001", "test", "cell_00001"),
+        ("cell_00003", "test", ""),
+    }
+    result = ingest(src, tmp_path / "store", progress=False)
+    assert result.renamed == [(str(src / "Tuning" / "images" / "cell_00001.tiff"),
+                               "tuning-cell_00001")]  # fmt: skip
+    store = CellStore(tmp_path / "store")
+    assert np.array_equal(relabel_sequential(store.label("cell_00001"))[0],
+                          relabel_sequential(train["cell_00001"])[0])  # fmt: skip
+    assert np.array_equal(relabel_sequential(store.label("tuning-cell_00001"))[0],
+                          relabel_sequential(tune["cell_00001"])[0])  # fmt: skip
+    assert store.ids("test") == ["cell_00003", "tuning-cell_00001"]
+    # two files of one name in one folder: only the second (the one named) is skipped
+    iio.imwrite(
+        src / "Training-labeled" / "images" / "cell_00002.bmp", np.zeros((64, 64), np.uint8)
+    )
+    with pytest.raises(IngestError, match="duplicate id 'cell_00002'"):
+        ingest(src, tmp_path / "store2", progress=False)
+    result = ingest(src, tmp_path / "store2", skip_bad=True, progress=False)
+    assert [Path(p).name for p, _ in result.skipped] == ["cell_00002.png"]
+    assert "cell_00002" in CellStore(tmp_path / "store2")
+
+
+def test_an_item_never_moves_into_or_out_of_the_test_split(ray_session, tmp_path):
+    """Ingesting another folder whose image has a stored item's name into the test split is
+    refused naming both; ``--skip-bad`` keeps the stored item as it was."""
+    _challenge_pair(tmp_path / "a" / "labeled", "cell_00001", ".png", 1)
+    _challenge_pair(tmp_path / "b" / "Tuning", "cell_00001", ".png", 2)
+    store = tmp_path / "store"
+    ingest(tmp_path / "a", store, progress=False)
+    before = CellStore(store).label("cell_00001")
+    with pytest.raises(IngestError, match=r"split 'labeled' of the store .*to split 'test'"):
+        ingest(tmp_path / "b", store, progress=False)
+    with pytest.raises(IngestError, match="no images to ingest|split 'labeled'"):
+        ingest(tmp_path / "b", store, skip_bad=True, progress=False)
+    s = CellStore(store)
+    assert s.row("cell_00001").split == "labeled" and np.array_equal(s.label("cell_00001"), before)
+
+
+def test_modalities_rows_match_whole_names_and_unmatched_rows_are_warned(ray_session, tmp_path):
+    src = tmp_path / "plain"
+    src.mkdir()
+    for name in ("phase.gray", "phase", "tune 1"):
+        iio.imwrite(src / f"{name}.png", np.full((64, 64), 9, np.uint8))
+    (src / "modalities.csv").write_text(
+        "name,modality\nphase.gray,phase_contrast\ntune 1.png,dic\ngray_8,fluorescence\n"
+    )
+    result = ingest(src, tmp_path / "store", progress=False)
+    mods = CellStore(tmp_path / "store").manifest.set_index("id")["modality"].to_dict()
+    assert mods == {"phase.gray": "phase_contrast", "phase": "unknown", "tune 1": "dic"}
+    assert len(result.warnings) == 1 and "'gray_8' names no image" in result.warnings[0]
+
+
+def test_one_split_folder_by_itself_and_a_plain_folder_with_labels_are_labelled(
+    ray_session, tmp_path
+):
+    """``cellst ingest Training-labeled`` (images/ + labels/) is that split, not two folders
+    of images; a plain folder whose images have labels is labelled; ``--split labeled`` on
+    images without labels is refused at ingest, naming an image."""
+    src = tmp_path / "Training-labeled"
+    _challenge_pair(src, "cell_00001", ".png", 1)
+    _challenge_pair(src, "cell_00002", ".png", 2)
+    items, problems = scan_source(src)
+    assert problems == [] and {(it.id, it.split, bool(it.label)) for it in items} == {
+        ("cell_00001", "labeled", True),
+        ("cell_00002", "labeled", True),
+    }
+    plain = tmp_path / "plain"
+    (plain / "labels").mkdir(parents=True)
+    iio.imwrite(plain / "a.png", np.full((64, 64), 5, np.uint8))
+    tifffile.imwrite(plain / "labels" / "a_label.tiff", blobs(64, 64, 3, 0))
+    items, problems = scan_source(plain)
+    assert problems == [] and [(it.split, bool(it.label)) for it in items] == [("labeled", True)]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    iio.imwrite(bare / "b.png", np.full((64, 64), 5, np.uint8))
+    assert [it.split for it in scan_source(bare)[0]] == ["unlabeled"]
+    _, problems = scan_source(bare, split="labeled")
+    assert [(Path(p).name, "without a label" in why) for p, why in problems] == [("b.png", True)]

@@ -122,7 +122,7 @@ def test_postprocess_sweep_scores_each_setting_on_validation_items(pp_sweep):
     assert table["val_f1"].is_monotonic_decreasing  # best first
     # a model that finds cells: the scores are real and depend on the trial's settings
     assert table["val_f1"].iloc[0] > 0.05 and table["val_f1"].nunique() > 1
-    assert "best val_f1" in output and "current settings: val_f1" in output
+    assert "current settings: val_f1" in output
     store, _, val_ids = check_request(cfg)
     model, _, _ = load_model(ckpt)
     # an independent path: whole-image inference + post-processing + metric, in-process
@@ -140,6 +140,7 @@ def test_postprocess_sweep_scores_each_setting_on_validation_items(pp_sweep):
     # the advice: the best trial where it beats the current settings, else the current ones
     if top > best["current_settings_score"]:
         assert not best["keep_current_settings"] and best["set"] == best["best_trial"]["set"]
+        assert "best val_f1" in output
         assert (
             best["config"]["postprocess"]["min_object_size"]
             == table.iloc[0]["postprocess.min_object_size"]

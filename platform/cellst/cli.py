@@ -264,6 +264,17 @@ def ingest(
     except KeyboardInterrupt as exc:  # IngestInterrupted says whether anything was committed
         _fail(str(exc) or "interrupted, the store is unchanged", code=130)
     console.print(f"[green]ingested[/] {src} -> {out}: {result.summary()}")
+    if result.renamed:
+        first_image, first_id = result.renamed[0]
+        more = f" and {len(result.renamed) - 1} more" if len(result.renamed) > 1 else ""
+        console.print(
+            f"{len(result.renamed)} image name(s) also used in another folder got the folder's "
+            f"name as a prefix: {first_image} is item {first_id}{more}",
+            highlight=False,
+            markup=False,
+        )
+    for warning in result.warnings:
+        err_console.print(f"warning: {warning}", highlight=False, markup=False)
     if result.skipped:
         err_console.print(
             f"[yellow]skipped {len(result.skipped)} bad file(s)[/], "

@@ -18,10 +18,10 @@ import tifffile
 from skimage.exposure import rescale_intensity
 from skimage.segmentation import relabel_sequential
 
+from cellst.data.layout import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # its owner
 from cellst.fs import atomic_write
 from cellst.provenance import SOFTWARE_TAG
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
 LABEL_SUFFIX = "_label"
 
 

@@ -5,9 +5,13 @@ Accepted layouts
 * The challenge layout: sub-folders ``labeled/``, ``unlabeled/``, ``test/`` (or the official
   names ``Training-labeled/``, ``train-unlabeled-*/``, ``Tuning/``), each holding ``images/``
   and, where labelled, ``labels/NAME_label.tiff``; unlabelled folders may hold the images
-  directly.
-* A plain folder of images (split ``unlabeled`` unless ``split=`` says otherwise), with
-  ``NAME_label.tiff`` files beside them or in ``labels/`` making them labelled.
+  directly. An image name used in several of them (the Tuning images reuse Training-labeled's
+  ``cell_00001`` ...) is prefixed with its folder's name outside the first (``tuning-cell_00001``).
+* One such split folder by itself (``Training-labeled/`` with ``images/`` and ``labels/``),
+  its split told by its name, else by whether it has labels.
+* A plain folder of images (split ``unlabeled``, or ``labeled`` where ``NAME_label.tiff``
+  files beside them or in ``labels/`` label them, unless ``split=`` says otherwise). A
+  ``labeled`` split whose image has no label is a problem naming the image.
 
 An optional ``modalities.csv`` (columns ``name,modality``) at the source root names each
 image's modality.
@@ -61,7 +65,7 @@ from cellst.data.images import (
     validate_label,
 )
 from cellst.data.layout import is_store_root
-from cellst.data.modalities import MODALITIES_FILE, read_modalities
+from cellst.data.modalities import MODALITIES_FILE, match_modalities, read_modalities
 from cellst.data.store import (
     MANIFEST,
     MANIFEST_COLUMNS,
@@ -123,6 +127,8 @@ class SourceItem:
     image: str
     label: str = ""
     modality: str = "unknown"
+    #: the image's stem where its id had to differ from it (see :func:`scan_source`)
+    renamed_from: str = ""
 
 
 @dataclass
@@ -135,6 +141,10 @@ class IngestResult:
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: ``(source image, item id)`` of images whose name another folder also uses
+    renamed: list[tuple[str, str]] = field(default_factory=list)
+    #: things the ingest went on despite (a ``modalities.csv`` row that names no image)
+    warnings: list[str] = field(default_factory=list)
     #: the manifest version committed (``CellStore.version`` of the new store)
     version: str = ""
     #: what :func:`cellst.data.store.collect_garbage` removed or kept for live readers
@@ -215,7 +225,7 @@ def _scan_folder(
     for it in items:
         if it.id in labels:
             it.label = str(labels[it.id][0].absolute())
-        elif labelled_split and split != "test":
+        elif (labelled_split or split == "labeled") and split != "test":
             where = labels_dir if labels_dir is not None else images_dir
             problems.append(
                 (it.image, f"labelled image without a label (expected {where}/{it.id}_label.tiff)")
@@ -240,33 +250,109 @@ def scan_source(
         return [], [("--split", f"unknown split {split!r} (one of {', '.join(SPLITS)})")]
     if not root.is_dir():
         return [], [(str(root), source_problem(root))]
-    items: list[SourceItem] = []
+    folders: list[tuple[str, list[SourceItem]]] = []  # (split folder's name, its items)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     split_dirs = [
         d for d in subdirs if (d / "images").is_dir() or any(_is_image(p) for p in d.iterdir())
     ]
     direct = [p for p in root.iterdir() if _is_image(p)]
-    if direct or not split_dirs:
-        labels_dir = root / "labels" if (root / "labels").is_dir() else None
-        items += _scan_folder(root, labels_dir, split or "unlabeled", problems)
+    labels_dir = root / "labels" if (root / "labels").is_dir() else None
+    if not direct and (root / "images").is_dir():
+        # one split folder by itself (the challenge's Training-labeled/: images/, labels/)
+        named = split_of_folder(root.name)
+        implied = named if named in SPLITS else "labeled" if labels_dir else "unlabeled"
+        found = _scan_folder(root / "images", labels_dir, split or implied, problems)
+        folders.append((root.name, found))
+        split_dirs = [d for d in split_dirs if d.name not in ("images", "labels")]
+    elif direct or not split_dirs:
+        # a plain folder: labels beside the images or in labels/ make them labelled
+        has_labels = labels_dir is not None or any(_label_stem(p) for p in direct)
+        implied = "labeled" if has_labels else "unlabeled"
+        found = _scan_folder(root, labels_dir, split or implied, problems)
+        folders.append((root.name, found))
         split_dirs = [d for d in split_dirs if d.name != "labels"]
     for d in split_dirs:
         images_dir = d / "images" if (d / "images").is_dir() else d
         labels_dir = d / "labels" if (d / "labels").is_dir() else None
-        items += _scan_folder(images_dir, labels_dir, split or split_of_folder(d.name), problems)
-    by_id: dict[str, list[SourceItem]] = defaultdict(list)
-    for it in items:
-        by_id[it.id].append(it)
-    for item_id, its in sorted(by_id.items()):
-        if len(its) > 1:
-            problems.append((its[1].image, f"duplicate id {item_id!r}: also {its[0].image}"))
+        found = _scan_folder(images_dir, labels_dir, split or split_of_folder(d.name), problems)
+        folders.append((d.name, found))
+    items = _unique_ids(folders, problems)
     if not items and not problems:
         problems.append((str(root), f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
     table = root / MODALITIES_FILE
     names = read_modalities(table, problems) if table.is_file() else {}
+    found, _ = match_modalities(names, [Path(it.image).stem for it in items])
     for it in items:
-        it.modality = modality or names.get(it.id, "unknown")
+        it.modality = modality or found.get(Path(it.image).stem, "unknown")
     return items, problems
+
+
+def moves_across_test_split(
+    items: list[SourceItem], stored: dict[str, dict]
+) -> list[tuple[str, str]]:
+    """Problems for images that would move an item of the store into or out of the test
+    split: an image of another folder with a stored item's name (the test split must
+    share no item with training, and a silent move would replace the stored one)."""
+    problems = []
+    for it in items:
+        row = stored.get(it.id)
+        if row is None or row["split"] == it.split or "test" not in (row["split"], it.split):
+            continue
+        problems.append(
+            (
+                it.image,
+                f"item {it.id!r} is in split {row['split']!r} of the store (from "
+                f"{row['source_path']}); this image would move it to split {it.split!r}. "
+                "Rename the image, or ingest into another store",
+            )
+        )
+    return problems
+
+
+def unmatched_modalities(src: str | Path, items: list[SourceItem]) -> list[str]:
+    """The rows of ``src``'s ``modalities.csv`` that name none of ``items``' images."""
+    table = Path(src) / MODALITIES_FILE
+    if not table.is_file():
+        return []
+    _, unused = match_modalities(read_modalities(table, []), [Path(it.image).stem for it in items])
+    return unused
+
+
+#: which split folder keeps an image name that several use (the challenge's Tuning images
+#: reuse the names of Training-labeled ones: cell_00001 ...)
+_SPLIT_RANK = {"labeled": 0, "unlabeled": 1, "test": 2}
+
+
+def _folder_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "_", name.lower()).strip("_") or "root"
+
+
+def _unique_ids(
+    folders: list[tuple[str, list[SourceItem]]], problems: list[tuple[str, str]]
+) -> list[SourceItem]:
+    """The items of every split folder, each id unique in the store.
+
+    An image name used in several split folders keeps its name as the id in the folder
+    whose split comes first (labelled, unlabelled, test, then others; folders by name), and
+    becomes ``<folder>-<name>`` in the others (``tuning-cell_00001``), recorded in
+    ``renamed_from``. Two images of one name in the same folder (``a.png`` and ``a.tif``)
+    are a problem naming the second: which one is meant cannot be told.
+    """
+    ranked = sorted(
+        folders, key=lambda f: (_SPLIT_RANK.get(f[1][0].split, 3), f[0]) if f[1] else (4, f[0])
+    )
+    owner: dict[str, str] = {}  # id -> the folder that holds it
+    by_id: dict[str, list[SourceItem]] = defaultdict(list)
+    for folder, found in ranked:
+        for it in found:
+            if it.id in owner and owner[it.id] != folder:
+                it.renamed_from, it.id = it.id, f"{_folder_slug(folder)}-{it.id}"
+            owner.setdefault(it.id, folder)
+            by_id[it.id].append(it)
+    for item_id, its in sorted(by_id.items()):
+        if len(its) > 1:
+            problems.append((its[1].image, f"duplicate id {item_id!r}: also {its[0].image}"))
+    return [it for _, found in folders for it in found]
 
 
 def source_problem(src: str | Path) -> str:
@@ -505,8 +591,9 @@ def ingest(
     if problems and not skip_bad:
         raise IngestError(problems, skippable=bool(items))  # an empty source: nothing to skip
     bad_paths = {p for p, _ in problems}
-    skipped_ids = {it.id for it in items if it.image in bad_paths or it.label in bad_paths}
-    items = [it for it in items if it.id not in skipped_ids]
+    bad = [it for it in items if it.image in bad_paths or it.label in bad_paths]
+    skipped_ids = {it.id for it in bad}  # kept in the store (not pruned): still in SRC
+    items = [it for it in items if not any(it is b for b in bad)]  # only the files named
     if not items:
         raise IngestError(problems or [(str(src), "no images to ingest")], skippable=False)
 
@@ -524,6 +611,20 @@ def ingest(
             old = parse_manifest(old_bytes, store / MANIFEST)  # a broken one: nothing archived
             archive_manifest(store, old_bytes)  # readers of it can still be resolved
         prev_rows = {r["id"]: r for r in old.to_dict("records")} if old is not None else {}
+        moves = moves_across_test_split(items, prev_rows)
+        if moves and not skip_bad:
+            raise IngestError(moves)
+        problems += moves
+        moved = {path for path, _ in moves}
+        skipped_ids |= {it.id for it in items if it.image in moved}  # stored rows kept
+        items = [it for it in items if it.image not in moved]
+        if not items:
+            raise IngestError(problems, skippable=False)
+        result.renamed = [(it.image, it.id) for it in items if it.renamed_from]
+        result.warnings = [
+            f"{Path(src) / MODALITIES_FILE}: row {name!r} names no image of the source"
+            for name in unmatched_modalities(src, items)
+        ]
         try:
             ensure_ray()
             # every node reads the sources and writes arrays into the staging folder

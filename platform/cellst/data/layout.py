@@ -1,4 +1,5 @@
-"""The names of a store's top-level files, and the store version: stdlib only.
+"""The names of a store's top-level files, the store version, and the image file suffixes
+cellst reads: stdlib only.
 
 :mod:`cellst.data.store` owns the format and re-exports these; modules that only need to
 recognise a store or name its version (``cellst evaluate``, the napari reader, MLflow
@@ -14,6 +15,7 @@ from pathlib import Path
 
 __all__ = [
     "FORMAT",
+    "IMAGE_SUFFIXES",
     "MANIFEST",
     "MANIFESTS",
     "READERS",
@@ -32,6 +34,8 @@ READERS = ".readers"
 TRASH = ".trash"
 FORMAT = "cellst-store/1"
 SPLITS = ("labeled", "unlabeled", "test")
+#: the image files cellst reads (compared in lower case)
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
 
 
 def is_store(path: str | os.PathLike[str]) -> bool:

@@ -1,6 +1,7 @@
 """``modalities.csv``: the image modality of each file of a source folder (its one owner).
 
-Columns ``name,modality`` (UTF-8, a BOM accepted); ``name`` is a file name or stem. Read by
+Columns ``name,modality`` (UTF-8, a BOM accepted); ``name`` is a file name or stem (matched
+whole: ``phase.gray`` names ``phase.gray.tif``, not ``phase.tif``). Read by
 ``cellst ingest`` at the source root and by ``cellst evaluate`` beside a folder of label
 files. Only the standard library is imported, so scoring folders stays cheap.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+
+from cellst.data.layout import IMAGE_SUFFIXES
 
 #: the file's name, at the root of a source folder (or up to two levels above labels)
 MODALITIES_FILE = "modalities.csv"
@@ -41,10 +44,31 @@ def read_modalities(table: Path, problems: list[tuple[str, str]]) -> dict[str, s
             elif not name.strip():
                 problems.append((where, "row has an empty name"))
             else:
-                out[Path(name.strip()).stem] = modality.strip() or "unknown"
+                out[name.strip()] = modality.strip() or "unknown"
     except csv.Error as exc:
         problems.append((f"{table}:{reader.line_num}", f"not a valid CSV row ({exc})"))
     return out
+
+
+def _image_stem(name: str) -> str:
+    """``name`` without an image suffix (``a.b.tif`` -> ``a.b``; ``a.b`` stays ``a.b``)."""
+    path = Path(name)
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else name
+
+
+def match_modalities(names: dict[str, str], stems: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Each image stem's modality from :func:`read_modalities`' rows, and the rows that name
+    no image (a typo, or an image not in the folder).
+
+    A row names an image by its stem or its file name, compared whole: only a known image
+    suffix (``.tif``, ``.png``...) is taken off a row's name, so ``phase.gray`` is the image
+    ``phase.gray.tif`` and never ``phase.tif``.
+    """
+    by_stem = {_image_stem(name): modality for name, modality in names.items()}
+    wanted = set(stems)
+    found = {stem: by_stem[stem] for stem in stems if stem in by_stem}
+    unused = [name for name in names if _image_stem(name) not in wanted]
+    return found, unused
 
 
 class ModalitiesError(ValueError):

@@ -76,7 +76,10 @@ def open_labels(
         raise FileNotFoundError(f"{path} is neither a folder of label TIFFs nor a cellst store")
     files = load_label_folder(path)
     loaders = {name: (lambda p=p: read_labels(p)) for name, p in files.items()}
-    return LabelSource(str(path), loaders, _folder_modalities(path))
+    from cellst.data.modalities import match_modalities
+
+    mods, _ = match_modalities(_folder_modalities(path), list(files))
+    return LabelSource(str(path), loaders, mods)
 
 
 def _nothing_to_score(g: LabelSource, p: LabelSource, pred: Path) -> str:
