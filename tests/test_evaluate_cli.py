@@ -239,3 +239,17 @@ def test_a_binary_mask_prediction_is_scored_as_it_is_and_warned_about(tmp_path):
     warned = [ln for ln in res.output.splitlines() if "binary mask" in ln]
     assert len(warned) == 1, res.output
     assert str(pred / "a_label.tiff") in warned[0] and "4 separate regions" in warned[0]
+
+
+def test_labels_written_beside_their_images_are_scored_and_the_images_never_are(tmp_path):
+    """``cellst segment``'s default output: ``a_label.tiff`` beside the image ``a.tif``. The
+    label files are the predictions; an image whose label is absent (``b.tif``) is a
+    missing prediction, not a prediction read from its pixels."""
+    gt, pred = _folders(tmp_path, {"a": _cell(), "b": _cell()}, {"a": _cell()})
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):  # intensity images, integer like labels
+        tifffile.imwrite(pred / f"{name}.tif", rng.integers(0, 4000, (32, 32), dtype=np.uint16))
+    res = _evaluate(gt, pred, tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert report["missing"] == ["b"] and report["f1"] == 0.5

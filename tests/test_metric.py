@@ -359,7 +359,10 @@ def test_load_label_folder(tmp_path):
     for name in ["a_label.tiff", "b_label.tif", "c.tif", "d.tiff", "notes.txt", ".hidden.tif"]:
         (tmp_path / name).write_bytes(b"")
     assert list(load_label_folder(tmp_path)) == ["a", "b", "c", "d"]
+    # an image beside its label (cellst segment's output): the plain TIFFs are images
     (tmp_path / "a.tif").write_bytes(b"")
+    assert list(load_label_folder(tmp_path)) == ["a", "b"]
+    (tmp_path / "a_label.tif").write_bytes(b"")  # two labels of one name: which one?
     with pytest.raises(ValueError, match="'a'"):
         load_label_folder(tmp_path)
     with pytest.raises(NotADirectoryError):

@@ -63,7 +63,7 @@ CSV_COLUMNS = (
     "pq",
 )
 
-_NAME_RE = re.compile(r"^(?P<name>.+?)(?:_label)?\.tiff?$", re.IGNORECASE)
+_NAME_RE = re.compile(r"^(?P<name>.+?)(?P<label>_label)?\.tiff?$", re.IGNORECASE)
 
 
 def evaluate_pairs(
@@ -130,7 +130,10 @@ def load_label_folder(folder: str | os.PathLike[str]) -> dict[str, Path]:
     """Map image names to the label TIFFs of a folder.
 
     ``NAME_label.tiff``, ``NAME_label.tif``, ``NAME.tiff`` and ``NAME.tif`` map to ``NAME``.
-    Other files and hidden files are ignored.
+    Other files and hidden files are ignored. A folder where some ``NAME.tif(f)`` has a
+    ``NAME_label`` file beside it holds images beside their labels (``cellst segment``'s
+    default output): there only the ``_label`` files are labels, and an image whose label
+    is absent is never read as one.
 
     Parameters
     ----------
@@ -153,12 +156,17 @@ def load_label_folder(folder: str | os.PathLike[str]) -> dict[str, Path]:
     if not root.is_dir():
         raise NotADirectoryError(f"not a directory: {root}")
     found: dict[str, Path] = {}
+    matches = []
     for path in sorted(root.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
         match = _NAME_RE.match(path.name)
-        if match is None:
-            continue
+        if match is not None:
+            matches.append((path, match))
+    labelled = {m.group("name") for _, m in matches if m.group("label")}
+    if any(not m.group("label") and m.group("name") in labelled for _, m in matches):
+        matches = [(p, m) for p, m in matches if m.group("label")]  # the rest are images
+    for path, match in matches:
         name = match.group("name")
         if name in found:
             raise ValueError(
