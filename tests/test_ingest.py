@@ -54,6 +54,7 @@ def make_formats(root: Path) -> dict[str, np.ndarray]:
         "multi": (96, 96),
         "jpg": (64, 96),
         "png16": (72, 72),
+        "gray_alpha": (64, 80),
     }
     for name, (h, w) in shapes.items():
         lab = blobs(h, w, 6, hash(name) % 1000)
@@ -86,6 +87,11 @@ def make_formats(root: Path) -> dict[str, np.ndarray]:
             iio.imwrite(img_dir / "jpg.jpg", np.stack([fg * 200 + 20] * 3, -1).astype(np.uint8))
         elif name == "png16":
             iio.imwrite(img_dir / "png16.png", (fg * 50000 + 100).astype(np.uint16))
+        elif name == "gray_alpha":  # PNG mode LA: grey plus an opaque alpha
+            from PIL import Image
+
+            grey_alpha = np.dstack([fg * 150 + 30, np.full((h, w), 255)]).astype(np.uint8)
+            Image.fromarray(grey_alpha, mode="LA").save(img_dir / "gray_alpha.png")
         tifffile.imwrite(lab_dir / f"{name}_label.tiff", lab)
         labels[name] = lab
     return labels
@@ -136,6 +142,9 @@ def test_every_format_and_bit_depth(ray_session, tmp_path):
         # normalisation keeps cells brighter than background in every channel that has signal
         assert img[fg].mean() > img[~fg].mean() + 50, name
         np.testing.assert_array_equal(store.label(name), relabel_sequential(lab)[0])
+    # grey with alpha is grey: the alpha is dropped, not kept as a second channel
+    grey = store.image("gray_alpha")
+    assert (grey == grey[:, :, :1]).all()
     assert store.row("u16").modality == "unknown"
 
 

@@ -150,11 +150,12 @@ def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = F
 
             if max_pixels is not None and (Image.MAX_IMAGE_PIXELS or 0) < max_pixels:
                 Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit was checked above
-            indexed = False
-            if labels:
-                with Image.open(path) as im:
-                    indexed = im.mode == "P"
+            with Image.open(path) as im:
+                mode = im.mode
+            indexed = labels and mode == "P"
             arr = iio.imread(path, mode="P") if indexed else iio.imread(path)
+            if mode in ("LA", "La") and np.ndim(arr) == 3 and np.shape(arr)[2] == 2:
+                arr = np.asarray(arr)[:, :, 0]  # grey + alpha: the alpha is no channel
     except ImageFormatError:
         raise
     except Exception as exc:  # any decoder error means the same thing to the user
