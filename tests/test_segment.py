@@ -521,18 +521,16 @@ def test_an_export_failing_leaves_the_images_earlier_outputs_whole(
 def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, tmp_path):
     bad = images / "broken.tif"
     bad.write_bytes(b"II*\x00garbage")
-    cfg = load_config(None, ["inference.roi=64"])
+    # normalised with other percentiles than ingest's defaults: both paths read them
+    cfg = load_config(None, ["inference.roi=64", "ingest.high_percentile=60"])
     seg = cfg.segment.model_copy(update={"exclude_on_edges": True})
     ray_out, local_out = tmp_path / "ray", tmp_path / "local"
-    on_ray = segment(
-        [images], checkpoint, out_dir=ray_out, infer=cfg.inference, segment_cfg=seg, ray=True
-    )
+    kw = {"infer": cfg.inference, "segment_cfg": seg, "ingest": cfg.ingest}
+    on_ray = segment([images], checkpoint, out_dir=ray_out, ray=True, **kw)
     assert on_ray.mode == "ray"
     assert [p for p, _ in on_ray.failed] == [str(bad)]
     assert str(bad) in on_ray.failed[0][1]
-    local = segment(
-        [images], checkpoint, out_dir=local_out, infer=cfg.inference, segment_cfg=seg, ray=False
-    )
+    local = segment([images], checkpoint, out_dir=local_out, ray=False, **kw)
     assert (
         sorted(on_ray.written)
         == sorted(local.written)
@@ -544,3 +542,14 @@ def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, 
             tifffile.imread(local_out / f"{stem}_label.tiff"),
         )
     assert not [p for p in ray_out.iterdir() if p.name.startswith(".")]  # staging removed
+    # ... and the setting mattered: with the default percentiles some label differs
+    default_out = tmp_path / "default"
+    kw["ingest"] = load_config(None, []).ingest
+    segment([images], checkpoint, out_dir=default_out, ray=False, **kw)
+    assert any(
+        not np.array_equal(
+            tifffile.imread(default_out / f"{stem}_label.tiff"),
+            tifffile.imread(local_out / f"{stem}_label.tiff"),
+        )
+        for stem in local.written
+    )

@@ -451,6 +451,7 @@ def predict(
         skip_bad=skip_bad,
         ray_address=ray_address,
         ignore_band=ignore_band,
+        ingest=cfg.ingest,
     )
     console.print(f"[green]predicted[/] {result.summary()}")
     if result.failed:

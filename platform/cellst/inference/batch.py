@@ -383,11 +383,15 @@ def postprocess_and_write(
     }
 
 
-def _read_folder_image(row: dict[str, Any]) -> dict[str, Any]:
-    """Read one image file; a file that cannot be read becomes an error row (a 1-pixel
+def _read_folder_image(
+    row: dict[str, Any], low: float = 1.0, high: float = 99.0, max_pixels: int | None = None
+) -> dict[str, Any]:
+    """Read one image file and normalise it as ``cellst ingest`` does with the ``ingest``
+    section's percentiles; a file that cannot be read becomes an error row (a 1-pixel
     placeholder image and the reason), so the other images go on."""
     try:
-        image, error = normalize_image(read_array(row["path"]), name=row["path"]), ""
+        raw = read_array(row["path"], max_pixels)
+        image, error = normalize_image(raw, low, high, name=row["path"]), ""
     except Exception as exc:  # noqa: BLE001 - named by the driver with the file
         image, error = np.zeros((1, 1, 3), np.uint8), first_line(exc)
     return {"id": row["id"], "image": image, "error": error}
@@ -593,6 +597,7 @@ def predict(
     skip_bad: bool = False,
     ray_address: str | None = None,
     ignore_band: float = 0.0,
+    ingest: Any = None,
 ) -> PredictResult:
     """Predict instance maps for a store's items (or a folder's images) on Ray.
 
@@ -630,6 +635,10 @@ def predict(
         With a pseudo-label set, also write each item's ignore mask: the pixels whose
         foreground probability is within this of ``mask_threshold`` (:func:`uncertain_pixels`;
         0 writes none). Part of the set's model identity, so a resume never mixes sets.
+    ingest : IngestConfig, optional
+        How a folder's images are read and normalised (percentiles, pixel limit), as
+        ``cellst ingest`` and ``cellst segment`` do (default: the defaults). A store's items
+        were normalised when they were ingested.
 
     Raises
     ------
@@ -715,7 +724,18 @@ def predict(
             from cellst.data.executor import pace
 
             ds = pace(ray.data.from_items([{"id": i, "path": str(paths[i])} for i in todo]))
-            ds = ds.map(_read_folder_image, num_cpus=READ_CPUS)
+            from cellst.config import IngestConfig
+
+            norm = ingest or IngestConfig()
+            ds = ds.map(
+                _read_folder_image,
+                fn_kwargs={
+                    "low": norm.low_percentile,
+                    "high": norm.high_percentile,
+                    "max_pixels": norm.max_pixels,
+                },
+                num_cpus=READ_CPUS,
+            )
         write = {
             "post": post.model_dump(),
             "store_root": str(store.root) if store is not None and set_name else None,

@@ -648,6 +648,7 @@ def segment_on_ray(
                 skip_bad=True,
                 progress=progress,
                 ray_address=ray_address,
+                ingest=ingest,
             )
             by_stem = {p.stem: p for p in members}
             result.failed += [(str(by_stem.get(i, i)), why) for i, why in run.failed]
