@@ -34,12 +34,21 @@ def test_defaults_and_overrides(tmp_path):
         (["data.bogus=1"], "data.bogus"),
         (["evaluate.iou_threshold=0"], "evaluate.iou_threshold"),
         (["ingest.low_percentile=99.9"], "ingest"),
+        (["inference.roi=100"], "inference.roi"),
     ],
 )
 def test_errors_name_the_field(override, path):
     with pytest.raises(ConfigError) as exc:
         load_config(None, override)
     assert f"  {path}" in str(exc.value)
+
+
+def test_a_validators_own_words_are_shown_once():
+    """``inference.roi: must be a multiple of 32, got 100``: no pydantic prefix, and the
+    value not repeated after a message that already gives it."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["inference.roi=100"])
+    assert str(exc.value).splitlines()[-1] == "  inference.roi: must be a multiple of 32, got 100"
 
 
 def test_unknown_section_and_bad_yaml(tmp_path):

@@ -184,10 +184,13 @@ def field_errors(err: ValidationError, prefix: str = "") -> list[str]:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error":  # our own validators' words, as they wrote them
+            msg = msg.removeprefix("Value error, ")
         got = e.get("input")
         if "number" in ctx:
             got = float(ctx["number"])
-        shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        quiet = e["type"] == "extra_forbidden" or isinstance(got, dict) or "got " in msg
+        shown = "" if quiet else f" (got {got!r})"
         lines.append(f"{path}: {msg}{shown}")
     return lines
 
