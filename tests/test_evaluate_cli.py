@@ -253,3 +253,14 @@ def test_labels_written_beside_their_images_are_scored_and_the_images_never_are(
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert report["missing"] == ["b"] and report["f1"] == 0.5
+
+
+def test_a_binary_ground_truth_is_warned_about(tmp_path):
+    two = _cell()
+    two[24:30, 2:8] = 1  # a second cell with the same value
+    gt, pred = _folders(tmp_path, {"a": two}, {"a": two})
+    res = _evaluate(gt, pred, tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "warning: ground truth 'a' in" in text and "is a binary mask (2 separate" in text
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["binary_gt"] == {"a": 2}

@@ -551,3 +551,17 @@ def test_one_split_folder_by_itself_and_a_plain_folder_with_labels_are_labelled(
     assert [it.split for it in scan_source(bare)[0]] == ["unlabeled"]
     _, problems = scan_source(bare, split="labeled")
     assert [(Path(p).name, "without a label" in why) for p, why in problems] == [("b.png", True)]
+
+
+def test_a_binary_mask_as_ground_truth_is_refused_naming_the_file(ray_session, tmp_path):
+    """A 0/255 mask of several cells is one 'cell' to training: refused with the way out."""
+    src = tmp_path / "src"
+    lab = _challenge_pair(src / "labeled", "mask", ".png", 1)
+    tifffile.imwrite(
+        src / "labeled" / "labels" / "mask_label.tiff", ((lab > 0) * 255).astype(np.uint8)
+    )
+    with pytest.raises(
+        IngestError, match=r"mask_label.tiff: label is a binary mask \(\d+ separate"
+    ):
+        ingest(src, tmp_path / "store", progress=False)
+    assert not (tmp_path / "store" / "manifest.parquet").exists()

@@ -964,6 +964,16 @@ def _warn_unmatched(report: dict, pred: Path, pred_set: str | None) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    if binary_gt := report.get("binary_gt"):
+        name, regions = next(iter(sorted(binary_gt.items())))
+        others = f" and {len(binary_gt) - 1} other(s)" if len(binary_gt) > 1 else ""
+        err_console.print(
+            f"[yellow]warning:[/] ground truth {name!r} in {report['gt']}{others} is a binary "
+            f"mask ({regions} separate regions, one label value), so it is one cell: give "
+            "each cell its own value (e.g. skimage.measure.label)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def print_whole(renderable, out: Console | None = None) -> None:

@@ -54,6 +54,7 @@ from cellst.data.images import (
     IMAGE_SUFFIXES,
     LABEL_SUFFIX,
     ImageFormatError,
+    binary_regions,
     check_header,
     declared_pixels,
     declared_shape,
@@ -84,6 +85,9 @@ from cellst.data.store import (
 from cellst.raycluster import as_completed, check_shared_paths, ensure_ray
 
 REPORT = "ingest_report.json"
+#: a ground-truth label with one value over this many separate regions is a binary mask
+#: (one cell split in two by a thin gap is not refused)
+BINARY_LABEL_REGIONS = 3
 
 
 class IngestError(ValueError):
@@ -481,6 +485,12 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
         if item.label:
             label = read_array(item.label, cfg.max_pixels, labels=True)
             label = validate_label(label, (h, w), item.label)
+            if binary_regions(label) >= BINARY_LABEL_REGIONS:
+                raise ImageFormatError(
+                    f"{item.label}: label is a binary mask ({binary_regions(label)} separate "
+                    "regions, one label value), not an instance map: give each cell its own "
+                    "value (e.g. skimage.measure.label) before ingesting"
+                )
             n_inst = int(label.max()) if label.size else 0
             label_array = f"labels/{item.id}.{_content_key(lab_sha, str(cfg.chunk))}"
             write_array(Path(staging) / label_array, label, cfg.chunk, cfg.compression_level)

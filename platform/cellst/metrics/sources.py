@@ -102,22 +102,6 @@ def _nothing_to_score(g: LabelSource, p: LabelSource, pred: Path) -> str:
     )
 
 
-def binary_regions(pred: np.ndarray) -> int:
-    """Separate regions of a prediction that gives every cell the same value (a semantic
-    mask, e.g. 0/255); 0 for an instance map (values differ, or one region only).
-
-    Such a map scores as a single cell: the challenge metric matches label values, not
-    regions, so a binary mask of 50 cells gets F1 near 0 with no hint why.
-    """
-    fg = pred[pred > 0]
-    if fg.size == 0 or fg.min() != fg.max():
-        return 0
-    from scipy import ndimage
-
-    n = int(ndimage.label(pred > 0)[1])
-    return n if n > 1 else 0
-
-
 def evaluate_sources(
     gt: str | Path,
     pred: str | Path,
@@ -133,8 +117,9 @@ def evaluate_sources(
     """Score every ground-truth item against its prediction; write the report if ``out``.
 
     A ground-truth item without prediction scores F1 0 and is listed under ``missing``; a
-    prediction that is a binary mask (:func:`binary_regions`) is scored as it is (one cell)
-    and listed under ``binary`` with its number of regions.
+    prediction that is a binary mask (:func:`cellst.data.images.binary_regions`) is scored
+    as it is (one cell) and listed under ``binary`` with its number of regions; a ground
+    truth that is one under ``binary_gt``.
     ``per_cell`` adds the per-cell match results (``cells.csv`` in ``out``).
     """
     if pred_set is None and is_store(pred):
@@ -154,6 +139,10 @@ def evaluate_sources(
     modalities = {**p.modalities, **g.modalities}
     binary: dict[str, int] = {}
 
+    from cellst.data.images import binary_regions
+
+    binary_gt: dict[str, int] = {}
+
     def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray | None, str | None]]:
         for name in tqdm(sorted(g.loaders), desc="evaluate", unit="img", disable=not progress):
             gt_map = g.loaders[name]()
@@ -165,6 +154,8 @@ def evaluate_sources(
                 )
             if pred_map is not None and (regions := binary_regions(pred_map)):
                 binary[name] = regions
+            if regions := binary_regions(gt_map):
+                binary_gt[name] = regions
             yield name, gt_map, pred_map, modalities.get(name)
 
     report = evaluate_pairs(
@@ -172,6 +163,7 @@ def evaluate_sources(
     )
     report["extra"] = sorted(set(p.loaders) - set(g.loaders))
     report["binary"] = binary  # name -> regions of predictions that are binary masks
+    report["binary_gt"] = binary_gt  # ... and of ground-truth maps
     report["gt"] = g.description
     report["pred"] = p.description
     if out is not None:
