@@ -373,3 +373,34 @@ def test_cli_export_bad_requests_are_one_line(store_with_pseudo, tmp_path):
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.output, res.output
     assert f"item {two!r}: its image" in lines[0] and "has a corrupt chunk" in lines[0]
+
+
+def test_a_rewritten_export_keeps_the_users_label_images_and_files(store_with_pseudo, tmp_path):
+    """A user annotates an exported item in another tool (a label image written by
+    ome-zarr-py) and leaves a note in the group; the store then gains a pseudo-label for
+    the item, so re-exporting rewrites the group: the annotation and the note stay, listed
+    beside cellst's label images, and clients still read the group."""
+    from ome_zarr.writer import write_labels
+
+    out = tmp_path / "export"
+    with CellStore(store_with_pseudo) as store:
+        item = store.ids()[2]  # no pseudo-label yet
+        shape = (int(store.row(item).height), int(store.row(item).width))
+    [path] = export_store(store_with_pseudo, out, items=[item], progress=False)
+    mine = np.zeros((1, *shape), np.uint16)
+    mine[0, 5:20, 5:20] = 7
+    write_labels(mine, zarr.open_group(path, mode="a"), name="my_annotations", axes="cyx")
+    (path / "NOTES.txt").write_text("checked by hand")
+    write_array(CellStore(store_with_pseudo).pseudo_path("round1", item), blobs(shape, 3, 4))
+
+    lines: list[str] = []
+    export_store(store_with_pseudo, out, items=[item], progress=False, log=lines.append)
+    assert (path / "NOTES.txt").read_text() == "checked by hand"
+    _, labels = read_ome_zarr(path)
+    assert "round1" in labels and "my_annotations" in labels
+    np.testing.assert_array_equal(labels["my_annotations"], mine[0])
+    assert "NOTES.txt" in lines[0] and "labels/my_annotations" in lines[0]
+    assert lines[-1] == "1 written, 0 unchanged"
+    # ome-zarr's reader finds both (ome-zarr-models' validator refuses ome-zarr-py's own
+    # label metadata, without colours, whoever holds it)
+    assert {"round1", "my_annotations"} <= set(nodes(path))

@@ -865,6 +865,7 @@ def export(
     from cellst.export.omezarr import export_store
 
     CellStore(store, lease=False)  # a clear error for a folder that is not a store
+    lines: list[str] = []
     written = export_store(
         store,
         out,
@@ -873,8 +874,12 @@ def export(
         overwrite=overwrite,
         measure=measure,
         progress=sys.stderr.isatty(),
+        log=lambda line: lines.append(line),
     )
-    console.print(f"{len(written)} OME-Zarr groups in {out}", highlight=False)
+    *kept, counts = lines
+    for line in kept:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    console.print(f"{len(written)} OME-Zarr groups in {out} ({counts})", highlight=False)
 
 
 @app.command()

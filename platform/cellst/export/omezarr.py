@@ -158,6 +158,71 @@ def _image_label(label: np.ndarray, properties: Properties | None, name: str) ->
     }
 
 
+# ----------------------------------------------------------------------------- foreign content
+def _is_level(name: str) -> bool:
+    return name.isdigit()
+
+
+def foreign_content(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """What an existing group holds that cellst's writer does not produce: ``(entries,
+    label_images)``, the names of top-level files or folders other than ``zarr.json``, the
+    image levels and ``labels/``, and of label images under ``labels/`` without cellst's
+    attributes (a user's annotations, another tool's). Rewriting the group keeps them."""
+    root = Path(path)
+    if not root.is_dir():
+        return [], []
+    entries = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.name not in ("zarr.json", "labels") and not _is_level(p.name)
+    )
+    labels: list[str] = []
+    folder = root / "labels"
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.name == "zarr.json":
+                continue
+            if not p.is_dir():
+                entries.append(f"labels/{p.name}")
+                continue
+            try:
+                attrs = zarr.open_group(p, mode="r", zarr_format=3).attrs.asdict()
+            except Exception:  # noqa: BLE001 - not a group cellst could have written
+                attrs = {}
+            if "cellst" not in attrs:
+                labels.append(p.name)
+    return entries, labels
+
+
+def _carry_foreign(old: Path, stage: Path, written_labels: Sequence[str]) -> None:
+    """Copy :func:`foreign_content` of ``old`` into the staged group ``stage``: its files
+    and folders as they are, its label images under ``labels/``, listed after cellst's."""
+    import shutil
+
+    entries, labels = foreign_content(old)
+    clash = sorted(set(labels) & set(written_labels))
+    if clash:
+        raise FileExistsError(
+            f"{old}/labels/{clash[0]} was not written by cellst, and cellst writes a label "
+            "image of that name: rename or move it first"
+        )
+    for name in entries:
+        src, dst = old / name, stage / name
+        if src.is_dir():
+            shutil.copytree(src, dst, symlinks=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst, follow_symlinks=False)
+    if not labels:
+        return
+    for name in labels:
+        shutil.copytree(old / "labels" / name, stage / "labels" / name, symlinks=True)
+    group = zarr.open_group(stage / "labels", mode="a", zarr_format=3)
+    ome = dict(group.attrs.get("ome") or {"version": NGFF_VERSION})
+    ome["labels"] = [*list(ome.get("labels") or []), *labels]
+    group.attrs["ome"] = ome
+
+
 # ----------------------------------------------------------------------------- writing
 def _as_cyx(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
@@ -201,6 +266,7 @@ def write_ome_zarr(
     attributes: Mapping[str, Any] | None = None,
     label_attributes: Mapping[str, Mapping[str, Any]] | None = None,
     overwrite: bool = True,
+    keep_foreign: bool = False,
 ) -> Path:
     """Write an image and its label images as one OME-Zarr (NGFF 0.5, zarr v3) group.
 
@@ -231,6 +297,9 @@ def write_ome_zarr(
         Label name -> extra attributes of that label image group.
     overwrite : bool
         Replace an existing group (default); else :class:`FileExistsError`.
+    keep_foreign : bool
+        When replacing a group, keep what cellst's writer does not produce
+        (:func:`foreign_content`: a user's label images and files) in the new one.
 
     Returns
     -------
@@ -293,6 +362,8 @@ def write_ome_zarr(
                 extra = dict((label_attributes or {}).get(key, {}))
                 sub = group.create_group(key, attributes={"ome": label_ome, **extra})
                 _write_levels(sub, _levels(label, pyramid_threshold, _nearest_2x), chunk)
+        if keep_foreign and path.is_dir():
+            _carry_foreign(path, stage, list(label_cyx))
     return path
 
 
@@ -359,6 +430,7 @@ def export_store(
     measure: Measure | bool = True,
     progress: bool = True,
     pyramid_threshold: int = 2048,
+    log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Export store items as ``OUT/<item_id>.ome.zarr`` groups readable by OME-Zarr clients.
 
@@ -369,7 +441,8 @@ def export_store(
     Resume: an existing export of an item whose sources are unchanged (same image and
     label arrays, same pseudo-labels) is skipped; one whose sources changed is rewritten;
     ``overwrite`` rewrites all. A folder at an output path that is not a cellst export is
-    never replaced unless ``overwrite``.
+    never replaced unless ``overwrite``. A cellst export that is rewritten keeps what cellst
+    did not write in it (a user's label images and files: :func:`foreign_content`).
 
     Parameters
     ----------
@@ -382,6 +455,8 @@ def export_store(
         per-channel intensities), False stores colours and label values only.
     progress : bool
         Show a progress bar.
+    log : callable, optional
+        Called with a line per rewritten group that kept foreign content, and a summary.
 
     Returns
     -------
@@ -398,6 +473,7 @@ def export_store(
     out_dir = Path(out_dir)
     check_writable(out_dir)  # one line before any work, not a traceback at the first item
     outputs: list[Path] = []
+    written = 0
     with CellStore(store_path) as store:
         ids = list(dict.fromkeys(store.ids() if items is None else items))  # once each
         unknown = [i for i in ids if i not in store]
@@ -446,6 +522,10 @@ def export_store(
                 labels[s] = store.pseudo_label(s, item_id)
                 label_attrs[s] = {"cellst": {"pseudo_set": s, **store.pseudo_set_info(s)}}
             props = {k: measure(v, image) for k, v in labels.items()} if measure else None
+            # a cellst export keeps a user's additions; --overwrite of another folder does not
+            ours = out.exists() and cellst_provenance(out) is not None
+            entries, user_labels = foreign_content(out) if ours else ([], [])
+            kept = [*entries, *(f"labels/{n}" for n in user_labels)]
             write_ome_zarr(
                 out,
                 image,
@@ -455,5 +535,11 @@ def export_store(
                 pyramid_threshold=pyramid_threshold,
                 attributes={"cellst": stamp},
                 label_attributes=label_attrs,
+                keep_foreign=ours,
             )
+            written += 1
+            if kept and log is not None:
+                log(f"rewrote {out}, keeping what cellst did not write there: {', '.join(kept)}")
+    if log is not None:
+        log(f"{written} written, {len(outputs) - written} unchanged")
     return outputs
