@@ -7,9 +7,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 import torch
+import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -553,3 +555,52 @@ def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, 
         )
         for stem in local.written
     )
+
+
+def test_a_rerun_with_new_labels_removes_its_own_outputs_that_no_longer_match(
+    checkpoint, images, tmp_path
+):
+    """Outputs of an earlier run (overlay, tables, GeoJSON, OME-Zarr) describe its labels.
+    A re-run that writes other labels and no exports removes them, and rebuilds the run
+    table without their images; an image whose labels are unchanged keeps its outputs; an
+    OME-Zarr group a user added a label image to is kept, with a warning."""
+    from ome_zarr.writer import write_labels
+
+    from cellst.data.images import write_label_tiff
+
+    out = tmp_path / "out"
+    ck = ["--checkpoint", str(checkpoint), "--out", str(out)]
+    exports = ["--save-png", "--save-csv", "--save-geojson", "--save-ome-zarr"]
+    assert _segment(str(images), *ck, *exports).exit_code == 0
+    names = [Path(n).stem for n, _, _ in IMAGES]
+    derived = ["{}_overlay.png", "{}_cells.csv", "{}_cells.parquet", "{}.geojson", "{}.ome.zarr"]
+    assert all((out / d.format(n)).exists() for n in names for d in derived)
+    # an earlier run that found other cells in every image but rgb
+    for n in names:
+        if n != "rgb":
+            other = np.zeros(tifffile.imread(out / f"{n}_label.tiff").shape, np.int32)
+            other[1:6, 1:6] = 1
+            write_label_tiff(out / f"{n}_label.tiff", other)
+    mine = np.zeros((1, 100, 130), np.uint16)
+    mine[0, :9, :9] = 3
+    write_labels(mine, zarr.open_group(out / "grey.ome.zarr", mode="a"), name="mine", axes="cyx")
+
+    res = _segment(str(images), *ck)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "outputs of an earlier run that no longer matched the new labels" in text
+    assert f"warning: {out / 'grey.ome.zarr'} is from an earlier run" in text
+    for n in names:
+        left = {d.format(n) for d in derived if (out / d.format(n)).exists()}
+        want = {d.format(n) for d in derived} if n == "rgb" else set()
+        assert left == want | ({"grey.ome.zarr"} if n == "grey" else set()), n
+    run_table = pd.read_csv(out / "cells.csv")
+    assert set(run_table["image_id"]) <= {"rgb"}
+    # --save-ome-zarr refreshes that group and keeps the user's label image in it
+    assert _segment(str(images), *ck, "--save-ome-zarr").exit_code == 0
+    from cellst.export.omezarr import read_ome_zarr
+
+    _, labels = read_ome_zarr(out / "grey.ome.zarr")
+    assert set(labels) == {"segmentation", "mine"}
+    np.testing.assert_array_equal(labels["segmentation"], tifffile.imread(out / "grey_label.tiff"))
+    np.testing.assert_array_equal(labels["mine"], mine[0])

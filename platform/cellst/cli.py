@@ -592,6 +592,24 @@ def segment(
     console.print(result.postprocess_note, highlight=False, markup=False, soft_wrap=True)
     where = f"in {out}" if out is not None else "beside each image"
     console.print(f"[green]done:[/] {result.summary()}; outputs {where}", soft_wrap=True)
+    if result.removed:
+        more = f" and {len(result.removed) - 1} more" if len(result.removed) > 1 else ""
+        console.print(
+            f"removed {result.removed[0]}{more}: outputs of an earlier run that no longer "
+            "matched the new labels",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    for path in result.stale_kept:
+        err_console.print(
+            f"warning: {path} is from an earlier run and holds additions of yours, so it was "
+            "kept, but its segmentation no longer matches the new labels (--save-ome-zarr "
+            "refreshes it and keeps your additions)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     if result.failed:
         for _, why in result.failed:
             err_console.print(why, highlight=False, markup=False, soft_wrap=True)

@@ -178,6 +178,8 @@ def foreign_content(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]
     )
     labels: list[str] = []
     folder = root / "labels"
+    # `cellst segment` groups written before their label image carried cellst's attributes
+    segment_label = "segmentation" if (cellst_provenance(root) or {}).get("command") else None
     if folder.is_dir():
         for p in sorted(folder.iterdir()):
             if p.name == "zarr.json":
@@ -189,12 +191,12 @@ def foreign_content(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]
                 attrs = zarr.open_group(p, mode="r", zarr_format=3).attrs.asdict()
             except Exception:  # noqa: BLE001 - not a group cellst could have written
                 attrs = {}
-            if "cellst" not in attrs:
+            if "cellst" not in attrs and p.name != segment_label:
                 labels.append(p.name)
     return entries, labels
 
 
-def _carry_foreign(old: Path, stage: Path, written_labels: Sequence[str]) -> None:
+def carry_foreign(old: Path, stage: Path, written_labels: Sequence[str]) -> None:
     """Copy :func:`foreign_content` of ``old`` into the staged group ``stage``: its files
     and folders as they are, its label images under ``labels/``, listed after cellst's."""
     import shutil
@@ -363,7 +365,7 @@ def write_ome_zarr(
                 sub = group.create_group(key, attributes={"ome": label_ome, **extra})
                 _write_levels(sub, _levels(label, pyramid_threshold, _nearest_2x), chunk)
         if keep_foreign and path.is_dir():
-            _carry_foreign(path, stage, list(label_cyx))
+            carry_foreign(path, stage, list(label_cyx))
     return path
 
 

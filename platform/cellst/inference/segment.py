@@ -76,6 +76,8 @@ __all__ = [
 
 #: suffix of the overlay image (``NAME_overlay.png``); such files are never taken as inputs
 OVERLAY_SUFFIX = "_overlay"
+#: the label image of the segmentation in NAME.ome.zarr
+SEGMENTATION_LABEL = "segmentation"
 #: outline colour of the overlay (RGB)
 _OUTLINE = (255, 255, 0)
 
@@ -96,6 +98,10 @@ class SegmentResult:
     seconds: float = 0.0
     postprocess: dict[str, Any] = field(default_factory=dict)  # the settings used
     postprocess_note: str = ""  # one line: calibrated or configured
+    #: cellst's own outputs of an earlier run removed because the image's label changed
+    removed: list[Path] = field(default_factory=list)
+    #: ... and those kept because a user added to them (an OME-Zarr with their labels)
+    stale_kept: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
         failed = f", {len(self.failed)} failed" if self.failed else ""
@@ -342,6 +348,74 @@ def is_cellst_overlay(path: Path) -> bool:
     return is_cellst_png(path)
 
 
+def stale_outputs(
+    name: str, out_dir: Path, label: np.ndarray, written: Sequence[str]
+) -> list[Path]:
+    """cellst's own outputs of image ``name`` in ``out_dir`` that a run writing ``label``
+    and the files named ``written`` leaves describing another segmentation: the overlay,
+    cell tables, GeoJSON and OME-Zarr of an earlier run whose ``NAME_label.tiff`` (cellst's)
+    differs from ``label``. Files a user or another tool wrote are never listed."""
+    from cellst.data.images import is_cellst_label_tiff, read_array
+    from cellst.export.geojson import is_cellst_geojson
+    from cellst.export.measure import TABLE_SUFFIX, is_cellst_table
+    from cellst.export.omezarr import cellst_provenance
+
+    previous = out_dir / f"{name}{LABEL_SUFFIX}.tiff"
+    if not previous.is_file() or not is_cellst_label_tiff(previous):
+        return []
+    try:
+        if np.array_equal(read_array(previous, labels=True), label):
+            return []  # the same segmentation: its other outputs still describe it
+    except Exception:  # noqa: BLE001 - an unreadable earlier label: its outputs are stale
+        pass
+    ours: list[tuple[str, Callable[[Path], bool]]] = [
+        (f"{name}{OVERLAY_SUFFIX}.png", is_cellst_overlay),
+        (f"{name}{TABLE_SUFFIX}.csv", is_cellst_table),
+        (f"{name}{TABLE_SUFFIX}.parquet", is_cellst_table),
+        (f"{name}.geojson", is_cellst_geojson),
+        (f"{name}.ome.zarr", lambda q: cellst_provenance(q) is not None),
+    ]
+    return [
+        out_dir / f
+        for f, is_ours in ours
+        if f not in written and (out_dir / f).exists() and is_ours(out_dir / f)
+    ]
+
+
+def _remove_stale(stale: Sequence[Path], removed: list[Path], kept: list[Path]) -> None:
+    """Remove :func:`stale_outputs`; an OME-Zarr group holding a user's additions is kept."""
+    from cellst.export.omezarr import foreign_content
+
+    for path in stale:
+        if path.is_dir():
+            if any(foreign_content(path)):
+                kept.append(path)
+                continue
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+
+
+def refresh_run_table(folder: Path, removed: Sequence[Path]) -> None:
+    """Drop the images whose cell tables were removed from the folder's run table
+    (``cells.csv`` / ``.parquet``, cellst's), rebuilt from the tables that remain."""
+    import pandas as pd
+
+    from cellst.export.measure import RUN_TABLE, TABLE_SUFFIX, combine_tables, is_cellst_table
+
+    gone = {p.name.removesuffix(f"{TABLE_SUFFIX}.parquet") for p in removed if p.parent == folder}
+    run = folder / f"{RUN_TABLE}.parquet"
+    if not gone or not run.is_file() or not is_cellst_table(run):
+        return
+    names = [str(n) for n in pd.read_parquet(run, columns=["image_id"])["image_id"].unique()]
+    if gone & set(names):
+        keep = [
+            n for n in names if n not in gone and (folder / f"{n}{TABLE_SUFFIX}.parquet").is_file()
+        ]
+        combine_tables(folder, keep)
+
+
 def write_outputs(
     name: str,
     out_dir: Path,
@@ -349,6 +423,7 @@ def write_outputs(
     raw: np.ndarray | None,
     image: np.ndarray | None,
     cfg: SegmentConfig,
+    result: SegmentResult | None = None,
 ) -> list[Path]:
     """Write ``NAME_label.tiff`` and the exports ``cfg`` asks for; returns their paths.
 
@@ -372,17 +447,31 @@ def write_outputs(
             staged = _write_outputs_into(stage, name, label, raw, image, cfg)
         except Exception as exc:  # named where the file would have gone, not the stage
             raise SegmentError(str(exc).replace(str(stage), str(out_dir))) from exc
+        stale = stale_outputs(name, out_dir, label, [p.name for p in staged])
         final = []
         for path in [*staged[1:], staged[0]]:  # the label last: it says the image is done
             dest = out_dir / path.name
             if path.is_dir():
+                _keep_users_additions(dest, path)
                 replace_dir(path, dest)
             else:
                 os.replace(path, dest)
             final.append(dest)
+        _remove_stale(stale, *((result.removed, result.stale_kept) if result else ([], [])))
         return final
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _keep_users_additions(old: Path, new: Path) -> None:
+    """Carry what a user added to an earlier run's OME-Zarr group (label images, files)
+    into the one that replaces it (:func:`cellst.export.omezarr.carry_foreign`)."""
+    if not old.is_dir() or old.suffixes[-2:] != [".ome", ".zarr"]:
+        return
+    from cellst.export.omezarr import carry_foreign, cellst_provenance
+
+    if cellst_provenance(old) is not None:
+        carry_foreign(old, new, [SEGMENTATION_LABEL])
 
 
 def _write_outputs_into(
@@ -425,8 +514,9 @@ def _write_outputs_into(
             write_ome_zarr(
                 out_dir / f"{name}.ome.zarr",
                 source,
-                labels={"segmentation": label},
-                properties={"segmentation": table},
+                labels={SEGMENTATION_LABEL: label},
+                properties={SEGMENTATION_LABEL: table},
+                label_attributes={SEGMENTATION_LABEL: {"cellst": {"command": "segment"}}},
                 attributes={"cellst": {"command": "segment", "image": name}},
             )
         )
@@ -579,7 +669,7 @@ def segment_in_process(
             need_raw = cfg.save_csv or cfg.save_ome_zarr or cfg.save_geojson
             dest = _out_dir(path, out)
             result.outputs += write_outputs(
-                path.stem, dest, label, raw if need_raw else None, image, cfg
+                path.stem, dest, label, raw if need_raw else None, image, cfg, result
             )
             result.written.append(path.stem)
             tables.append((dest, path.stem))
@@ -587,6 +677,8 @@ def segment_in_process(
             why = first_line(exc)
             result.failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
     result.outputs += _finish_tables(tables, cfg)
+    for folder in sorted({p.parent for p in result.removed}):
+        refresh_run_table(folder, result.removed)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -663,7 +755,7 @@ def segment_on_ray(
                     raw = image = None
                     if cfg.save_png or cfg.save_csv or cfg.save_geojson or cfg.save_ome_zarr:
                         raw, image = _read(path, ingest)
-                    result.outputs += write_outputs(name, dest, label, raw, image, cfg)
+                    result.outputs += write_outputs(name, dest, label, raw, image, cfg, result)
                     result.written.append(name)
                     tables.append((dest, name))
                 except Exception as exc:  # noqa: BLE001 - this image fails, not the run
@@ -672,6 +764,8 @@ def segment_on_ray(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     result.outputs += _finish_tables(tables, cfg)
+    for folder in sorted({p.parent for p in result.removed}):
+        refresh_run_table(folder, result.removed)
     result.seconds = time.perf_counter() - t0
     return result
 
