@@ -130,6 +130,11 @@ def test_measurements_come_from_the_cell_table(tmp_path) -> None:
         assert m["max_intensity_c1"] == 60000
         assert m["touches_border"] == float(row["touches_border"])
         assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
+        # the centroid is the polygon's own, in its pixel-edge frame (the table's + 0.5)
+        centroid = shape(feature["geometry"]).centroid
+        assert (m["centroid_x"], m["centroid_y"]) == pytest.approx((centroid.x, centroid.y))
+        assert m["centroid_x"] == pytest.approx(row["centroid_x"] + 0.5)
+        assert (m["bbox_min_x"], m["bbox_max_y"]) == (row["bbox_min_x"], row["bbox_max_y"])
     border = {
         f["properties"]["label"]
         for f in features

@@ -10,7 +10,9 @@ only at a corner) becomes a ``MultiPolygon``, so no pixel is lost.
 
 QuPath (0.4 and later) imports the file with *File > Import objects from file*; it reads
 ``properties.objectType``, ``properties.classification`` and ``properties.measurements``
-(a name -> number object) and ignores the other properties.
+(a name -> number object) and ignores the other properties. Centroids among the
+measurements are in the polygons' frame (see :data:`PIXEL_CENTRE_COLUMNS`); bounding boxes
+already are (the tables' are half-open pixel indices, i.e. pixel edges).
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from cellst.fs import atomic_write_text
 __all__ = ["instance_geometries", "label_to_features", "write_geojson"]
 
 _DEFAULT_COLOR = (255, 200, 0)
+#: measurement columns in pixel-index coordinates (pixel ``(r, c)`` centred at ``(r, c)``,
+#: as scikit-image and the cell tables give them): in the GeoJSON they are shifted by half a
+#: pixel to its pixel-edge frame, where that pixel's centre is ``(r + 0.5, c + 0.5)``, so a
+#: centroid agrees with its polygon (and with QuPath's own Centroid X / Y)
+PIXEL_CENTRE_COLUMNS = ("centroid_x", "centroid_y")
 
 
 def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
@@ -185,6 +192,10 @@ def label_to_features(
     ids, geoms = instance_geometries(label)
     if measurements is not None:
         rows = _measurement_rows(measurements, ids)
+        for row in rows.values():  # pixel-index centres (the table's) to the polygons' frame
+            for column in PIXEL_CENTRE_COLUMNS:
+                if column in row:
+                    row[column] += 0.5
     else:
         # the outline's area is the exact pixel count
         rows = {int(i): {"area": float(a)} for i, a in zip(ids, shapely.area(geoms), strict=True)}
