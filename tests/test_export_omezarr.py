@@ -137,6 +137,13 @@ def test_large_image_gets_a_pyramid_seen_by_ome_zarr(tmp_path):
     np.testing.assert_array_equal(np.asarray(lab.data[1])[0], cells[::2, ::2])
     scales = [t[0]["scale"] for t in img.metadata["coordinateTransformations"]]
     assert scales == [[1.0, 1.0, 1.0], [1.0, 2.0, 2.0]]
+    # a mean level's pixel sits at the centre of the four it averages, half a level-0 pixel
+    # in; the labels' every-second pixel is that level-0 pixel: no shift
+    assert img.metadata["coordinateTransformations"][1][1] == {
+        "type": "translation",
+        "translation": [0.0, 0.5, 0.5],
+    }
+    assert [len(t) for t in lab.metadata["coordinateTransformations"]] == [1, 1]
     assert len(validate(out).ome_attributes.multiscales[0].datasets) == 2
 
     # at or under the threshold: a single level

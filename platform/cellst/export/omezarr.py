@@ -88,16 +88,30 @@ def _axes(unit: str | None) -> list[dict[str, str]]:
     return axes
 
 
+def _level_transforms(k: int, pixel_size: float, block_mean: bool) -> list[dict[str, Any]]:
+    """Level ``k``'s transformations: scale ``pixel_size * 2**k`` in y, x and, for a level
+    of block means, the translation that puts each pixel at the centre of the ``2**k``
+    level-0 pixels it averages (``pixel_size * (2**k - 1) / 2``). A level that keeps every
+    ``2**k``-th pixel (labels) needs none: its pixel is that level-0 pixel."""
+    step = pixel_size * 2**k
+    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [1.0, step, step]}]
+    if block_mean and k:
+        shift = pixel_size * (2**k - 1) / 2
+        transforms.append({"type": "translation", "translation": [0.0, shift, shift]})
+    return transforms
+
+
 def _multiscale(
     name: str, n_levels: int, pixel_size: float, unit: str | None, kind: str, method: str
 ) -> dict[str, Any]:
-    """One ``multiscales`` entry: level ``k`` is scaled by ``pixel_size * 2**k`` in y, x."""
+    """One ``multiscales`` entry (see :func:`_level_transforms`; ``kind`` ``local_mean``
+    levels are block means)."""
     datasets = [
         {
             "path": str(k),
-            "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, pixel_size * 2**k, pixel_size * 2**k]}
-            ],
+            "coordinateTransformations": _level_transforms(
+                k, pixel_size, block_mean=kind == "local_mean"
+            ),
         }
         for k in range(n_levels)
     ]
