@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
 from cellst.cli import app
+from cellst.data.store import CellStore
 from cellst.metrics.report import evaluate_folders
 
 runner = CliRunner()
@@ -136,6 +137,14 @@ def test_synth_ingest_info_evaluate(ray_session, tmp_path):
     assert "10 added" in res.output
     res = runner.invoke(app, ["info", str(store)])
     assert res.exit_code == 0 and '"items": 10' in res.output
+    # the labelled split's cells, not the test split's ground truth with them
+    info = CellStore(store, lease=False).info()
+    per_split = CellStore(store, lease=False).manifest.groupby("split")["n_instances"].sum()
+    assert info["labeled_instances"] == per_split["labeled"]
+    assert info["instances_per_split"] == {
+        "labeled": per_split["labeled"],
+        "test": per_split["test"],
+    }
 
     # ground truth against itself (folder vs store): every image perfect (border cells kept:
     # a small image whose cells all touch the border has no TP and scores 0 officially)

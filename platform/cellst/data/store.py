@@ -602,7 +602,14 @@ class CellStore:
             "items": len(df),
             "splits": df["split"].value_counts().to_dict(),
             "modalities": df["modality"].value_counts().to_dict(),
-            "labeled_instances": int(df.loc[df["n_instances"] > 0, "n_instances"].sum()),
+            # annotated cells of the training split, and of every split that has some
+            "labeled_instances": int(
+                df.loc[(df["split"] == "labeled") & (df["n_instances"] > 0), "n_instances"].sum()
+            ),
+            "instances_per_split": {
+                str(k): int(v)
+                for k, v in df[df["n_instances"] > 0].groupby("split")["n_instances"].sum().items()
+            },
             "pseudo_sets": self.pseudo_sets(),
         }
 
