@@ -565,3 +565,15 @@ def test_a_binary_mask_as_ground_truth_is_refused_naming_the_file(ray_session, t
     ):
         ingest(src, tmp_path / "store", progress=False)
     assert not (tmp_path / "store" / "manifest.parquet").exists()
+
+
+def test_images_one_folder_too_deep_are_named_not_silently_left_out(ray_session, tmp_path):
+    src = tmp_path / "src"
+    _challenge_pair(src / "Training-labeled", "cell_00001", ".png", 1)
+    deep = src / "train-unlabeled-part1" / "release-part1"
+    deep.mkdir(parents=True)
+    for i in range(2):
+        iio.imwrite(deep / f"unlabeled_{i}.png", np.full((64, 64), 7, np.uint8))
+    result = ingest(src, tmp_path / "store", progress=False)
+    assert result.added == ["cell_00001"]
+    assert [w.split(": ")[:2] for w in result.warnings] == [[str(deep), "2 image(s) not ingested"]]

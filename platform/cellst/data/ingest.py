@@ -313,6 +313,30 @@ def moves_across_test_split(
     return problems
 
 
+def unread_image_folders(src: str | Path, items: list[SourceItem], depth: int = 3) -> list[str]:
+    """Folders under ``src`` (``depth`` levels at most) holding images that none of
+    ``items`` came from, e.g. a split's images one folder too deep: said, not ingested."""
+    root = Path(src)
+    read = {str(Path(it.image).parent) for it in items} | {
+        str(Path(it.label).parent) for it in items if it.label
+    }
+    found = []
+    level = [root]
+    for _ in range(depth + 1):
+        below = []
+        for folder in level:
+            try:
+                entries = sorted(folder.iterdir())
+            except OSError:
+                continue
+            images = [p for p in entries if _is_image(p) and _label_stem(p) is None]
+            if images and str(folder.absolute()) not in read and str(folder) not in read:
+                found.append(f"{folder}: {len(images)} image(s) not ingested")
+            below += [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+        level = below
+    return found
+
+
 def unmatched_modalities(src: str | Path, items: list[SourceItem]) -> list[str]:
     """The rows of ``src``'s ``modalities.csv`` that name none of ``items``' images."""
     table = Path(src) / MODALITIES_FILE
@@ -634,6 +658,10 @@ def ingest(
         result.warnings = [
             f"{Path(src) / MODALITIES_FILE}: row {name!r} names no image of the source"
             for name in unmatched_modalities(src, items)
+        ] + [
+            f"{line}: cellst reads SRC/SPLIT/, SPLIT/images/ and SPLIT/labels/ (or a plain "
+            "folder); ingest that folder on its own, or move its images up"
+            for line in unread_image_folders(src, items)
         ]
         try:
             ensure_ray()
