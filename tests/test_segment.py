@@ -604,3 +604,29 @@ def test_a_rerun_with_new_labels_removes_its_own_outputs_that_no_longer_match(
     assert set(labels) == {"segmentation", "mine"}
     np.testing.assert_array_equal(labels["segmentation"], tifffile.imread(out / "grey_label.tiff"))
     np.testing.assert_array_equal(labels["mine"], mine[0])
+
+
+def test_the_ome_zarr_keeps_the_pixel_size_an_imagej_or_ome_tiff_declares(checkpoint, tmp_path):
+    from cellst.data.images import pixel_size
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    arr = _blobs((96, 96), np.uint16, 3)
+    tifffile.imwrite(folder / "ij.tif", arr, imagej=True, resolution=(1 / 0.325, 1 / 0.325),
+                     metadata={"unit": "micron"})  # fmt: skip
+    tifffile.imwrite(folder / "ome.ome.tif", arr, ome=True,
+                     metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})  # fmt: skip
+    tifffile.imwrite(folder / "plain.tif", arr)
+    assert pixel_size(folder / "plain.tif") is None
+    out = tmp_path / "out"
+    res = _segment(
+        str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "--save-ome-zarr"
+    )
+    assert res.exit_code == 0, res.output
+    for name, size, unit in (("ij", 0.325, "micrometer"), ("ome.ome", 0.5, "micrometer"),
+                             ("plain", 1.0, None)):  # fmt: skip
+        ome = zarr.open_group(out / f"{name}.ome.zarr", mode="r").attrs["ome"]["multiscales"][0]
+        assert ome["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx(
+            [1.0, size, size]
+        )
+        assert [a.get("unit") for a in ome["axes"]] == [None, unit, unit]

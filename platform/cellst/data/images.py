@@ -393,6 +393,49 @@ def normalize_tiff_tiled(
     return h, w
 
 
+#: length units as TIFF writers spell them -> the OME-Zarr (NGFF) unit names
+_UNITS = {
+    "micron": "micrometer",
+    "microns": "micrometer",
+    "um": "micrometer",
+    "\u00b5m": "micrometer",
+    "\u03bcm": "micrometer",
+    "micrometer": "micrometer",
+    "nm": "nanometer",
+    "nanometer": "nanometer",
+    "mm": "millimeter",
+    "millimeter": "millimeter",
+}
+
+
+def pixel_size(path: str | Path) -> tuple[float, str] | None:
+    """The physical size of a pixel an OME-TIFF or ImageJ TIFF declares: ``(size, unit)``
+    with an OME-Zarr unit name (``"micrometer"``...), or None when the file declares none
+    that cellst trusts (other formats, plain TIFF resolution tags, non-square pixels)."""
+    try:
+        with tifffile.TiffFile(path) as tf:
+            if tf.is_ome:
+                pixels = tifffile.xml2dict(tf.ome_metadata)["OME"]["Image"]
+                pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
+                sx, sy = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeY", None)
+                unit = str(pixels.get("PhysicalSizeXUnit", "\u00b5m"))
+            elif tf.is_imagej:
+                num, den = tf.pages[0].tags["XResolution"].value
+                ynum, yden = tf.pages[0].tags["YResolution"].value
+                sx, sy = den / num, yden / ynum
+                unit = str((tf.imagej_metadata or {}).get("unit", ""))
+            else:
+                return None
+    except Exception:  # noqa: BLE001 - not a TIFF, or no such tags: nothing declared
+        return None
+    name = _UNITS.get(unit.strip().lower())
+    if name is None or not sx or float(sx) <= 0:
+        return None
+    if sy is not None and abs(float(sy) - float(sx)) > 1e-6 * float(sx):
+        return None
+    return float(sx), name
+
+
 def binary_regions(label: np.ndarray) -> int:
     """Separate regions of a label map that gives every cell the same value (a semantic
     mask, e.g. 0/255); 0 for an instance map (values differ, or one region only).

@@ -424,6 +424,7 @@ def write_outputs(
     image: np.ndarray | None,
     cfg: SegmentConfig,
     result: SegmentResult | None = None,
+    source: Path | None = None,
 ) -> list[Path]:
     """Write ``NAME_label.tiff`` and the exports ``cfg`` asks for; returns their paths.
 
@@ -433,7 +434,8 @@ def write_outputs(
     All or nothing per image: everything is written into a hidden folder beside the outputs
     first and moved into place only once all of it is written, so an export that fails
     (a full disk, say) leaves the image's earlier outputs as they were, not a new label
-    beside old exports.
+    beside old exports. ``source`` is the image file (its declared pixel size goes into
+    the OME-Zarr); ``result`` collects the earlier outputs removed (:func:`stale_outputs`).
     """
     from cellst.fs import replace_dir, temp_sibling
 
@@ -444,7 +446,7 @@ def write_outputs(
     stage.mkdir()
     try:
         try:
-            staged = _write_outputs_into(stage, name, label, raw, image, cfg)
+            staged = _write_outputs_into(stage, name, label, raw, image, cfg, source)
         except Exception as exc:  # named where the file would have gone, not the stage
             raise SegmentError(str(exc).replace(str(stage), str(out_dir))) from exc
         stale = stale_outputs(name, out_dir, label, [p.name for p in staged])
@@ -481,8 +483,10 @@ def _write_outputs_into(
     raw: np.ndarray | None,
     image: np.ndarray | None,
     cfg: SegmentConfig,
+    source_path: Path | None = None,
 ) -> list[Path]:
-    """:func:`write_outputs`' files, written into ``out_dir`` (its staging folder)."""
+    """:func:`write_outputs`' files, written into ``out_dir`` (its staging folder); the
+    OME-Zarr carries the pixel size ``source_path`` declares (:func:`pixel_size`)."""
     from cellst.data.images import to_hwc, write_label_tiff
 
     written: list[Path] = []
@@ -508,12 +512,16 @@ def _write_outputs_into(
             write_geojson(label, out_dir / f"{name}.geojson", measurements=table, image_id=name)
         )
     if cfg.save_ome_zarr:
+        from cellst.data.images import pixel_size
         from cellst.export.omezarr import write_ome_zarr
 
+        size, unit = (pixel_size(source_path) if source_path else None) or (1.0, None)
         written.append(
             write_ome_zarr(
                 out_dir / f"{name}.ome.zarr",
                 source,
+                pixel_size=size,
+                unit=unit,
                 labels={SEGMENTATION_LABEL: label},
                 properties={SEGMENTATION_LABEL: table},
                 label_attributes={SEGMENTATION_LABEL: {"cellst": {"command": "segment"}}},
@@ -669,7 +677,7 @@ def segment_in_process(
             need_raw = cfg.save_csv or cfg.save_ome_zarr or cfg.save_geojson
             dest = _out_dir(path, out)
             result.outputs += write_outputs(
-                path.stem, dest, label, raw if need_raw else None, image, cfg, result
+                path.stem, dest, label, raw if need_raw else None, image, cfg, result, path
             )
             result.written.append(path.stem)
             tables.append((dest, path.stem))
@@ -755,7 +763,9 @@ def segment_on_ray(
                     raw = image = None
                     if cfg.save_png or cfg.save_csv or cfg.save_geojson or cfg.save_ome_zarr:
                         raw, image = _read(path, ingest)
-                    result.outputs += write_outputs(name, dest, label, raw, image, cfg, result)
+                    result.outputs += write_outputs(
+                        name, dest, label, raw, image, cfg, result, path
+                    )
                     result.written.append(name)
                     tables.append((dest, name))
                 except Exception as exc:  # noqa: BLE001 - this image fails, not the run
