@@ -285,9 +285,9 @@ def scan_source(
         problems.append((str(root), f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
     table = root / MODALITIES_FILE
     names = read_modalities(table, problems) if table.is_file() else {}
-    found, _ = match_modalities(names, [Path(it.image).stem for it in items])
+    by_stem, _ = match_modalities(names, [Path(it.image).stem for it in items])
     for it in items:
-        it.modality = modality or found.get(Path(it.image).stem, "unknown")
+        it.modality = modality or by_stem.get(Path(it.image).stem, "unknown")
     return items, problems
 
 
@@ -627,7 +627,8 @@ def ingest(
     bad_paths = {p for p, _ in problems}
     bad = [it for it in items if it.image in bad_paths or it.label in bad_paths]
     skipped_ids = {it.id for it in bad}  # kept in the store (not pruned): still in SRC
-    items = [it for it in items if not any(it is b for b in bad)]  # only the files named
+    named = {id(it) for it in bad}
+    items = [it for it in items if id(it) not in named]  # only the files named, by file
     if not items:
         raise IngestError(problems or [(str(src), "no images to ingest")], skippable=False)
 
