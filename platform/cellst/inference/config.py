@@ -7,7 +7,7 @@ are defined here so configurations load without importing those.
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from cellst.config import Section
 
@@ -17,18 +17,11 @@ __all__ = ["InferenceConfig", "PredictConfig", "SegmentConfig"]
 class InferenceConfig(Section):
     """How whole images are run through the network."""
 
+    # a window hovernet-lite cannot take is one config error, not a failure per image
     roi: int = Field(
-        256, ge=32, description="sliding-window size for hovernet-lite (multiple of 32)"
+        256, ge=32, multiple_of=32, description="sliding-window size for hovernet-lite"
     )
     overlap: float = Field(0.25, ge=0, lt=1, description="sliding-window overlap fraction")
-
-    @field_validator("roi")
-    @classmethod
-    def _roi_multiple_of_32(cls, v: int) -> int:
-        # hovernet-lite's windows: a bad one is one config error, not a failure per image
-        if v % 32:
-            raise ValueError(f"must be a multiple of 32, got {v}")
-        return v
 
     sw_batch_size: int = Field(8, ge=1, description="windows per forward pass")
     tta: bool = Field(False, description="flip test-time augmentation (4 flips)")
