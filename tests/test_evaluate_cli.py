@@ -96,19 +96,19 @@ def test_missing_and_extra_predictions_are_warned_by_name(tmp_path):
 
 
 def test_a_prediction_folder_that_pairs_with_nothing_is_an_error(tmp_path):
-    """An empty --pred, one of PNG label files, or one whose names match no ground truth:
-    exit 1 naming the folder, and no report (before: exit 0, F1 0 for every image, as if
-    the model had found no cell)."""
+    """An empty --pred, one of JPEG label files (lossy), or one whose names match no
+    ground truth: exit 1 naming the folder, and no report (before: exit 0, F1 0 for every
+    image, as if the model had found no cell). ``NAME_label.png`` files are labels."""
     import imageio.v3 as iio
 
     gt, pred = _folders(tmp_path, {"a": _cell(), "b": _cell()}, {"x": _cell()})
     (tmp_path / "empty").mkdir()
     (tmp_path / "png").mkdir()
-    iio.imwrite(tmp_path / "png" / "a_label.png", _cell().astype(np.uint8))
+    iio.imwrite(tmp_path / "png" / "a_label.jpg", _cell().astype(np.uint8))
     cases = {
         pred: f"none of the 1 predictions in {pred} names a ground-truth image",
         tmp_path / "empty": f"no prediction label images in {tmp_path / 'empty'}",
-        tmp_path / "png": "e.g. a_label.png: predictions are TIFFs",
+        tmp_path / "png": "e.g. a_label.jpg: predictions are TIFF or PNG label files",
     }
     for folder, expected in cases.items():
         res = _evaluate(gt, folder, tmp_path / "r")
@@ -116,6 +116,13 @@ def test_a_prediction_folder_that_pairs_with_nothing_is_an_error(tmp_path):
         lines = res.output.strip().splitlines()
         assert len(lines) == 1 and expected in " ".join(res.output.split()), res.output
         assert not (tmp_path / "r").exists()
+    # a labelling tool's PNG labels (as ingest takes them) are scored
+    (tmp_path / "labels_png").mkdir()
+    iio.imwrite(tmp_path / "labels_png" / "a_label.png", _cell().astype(np.uint8))
+    res = _evaluate(gt, tmp_path / "labels_png", tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert report["missing"] == ["b"] and report["f1"] == 0.5
 
 
 def test_a_users_files_in_the_report_folder_are_kept_unless_overwrite(tmp_path):

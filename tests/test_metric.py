@@ -356,12 +356,13 @@ def _write(path, arr):
 
 
 def test_load_label_folder(tmp_path):
-    for name in ["a_label.tiff", "b_label.tif", "c.tif", "d.tiff", "notes.txt", ".hidden.tif"]:
+    for name in ["a_label.tiff", "b_label.tif", "c.tif", "d.tiff", "notes.txt", ".hidden.tif",
+                 "e_label.PNG", "f.png"]:  # fmt: skip
         (tmp_path / name).write_bytes(b"")
-    assert list(load_label_folder(tmp_path)) == ["a", "b", "c", "d"]
+    assert list(load_label_folder(tmp_path)) == ["a", "b", "c", "d", "e"]
     # an image beside its label (cellst segment's output): the plain TIFFs are images
     (tmp_path / "a.tif").write_bytes(b"")
-    assert list(load_label_folder(tmp_path)) == ["a", "b"]
+    assert list(load_label_folder(tmp_path)) == ["a", "b", "e"]
     (tmp_path / "a_label.tif").write_bytes(b"")  # two labels of one name: which one?
     with pytest.raises(ValueError, match="'a'"):
         load_label_folder(tmp_path)

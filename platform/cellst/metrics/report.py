@@ -1,7 +1,8 @@
 """Scoring folders of label images and writing the challenge report (JSON, CSV, table).
 
 A ground-truth folder and a prediction folder hold one label TIFF per image, named
-``NAME_label.tiff`` (``NAME_label.tif``, ``NAME.tif`` and ``NAME.tiff`` are accepted too).
+``NAME_label.tiff`` (``NAME_label.tif``, ``NAME_label.png``, ``NAME.tif`` and ``NAME.tiff`` are
+accepted too).
 Images are matched by ``NAME``. Every ground-truth image is scored; a missing prediction counts
 as an empty one (F1 0) and is listed under ``"missing"``. The challenge score is the mean F1
 over images (key ``"f1"``).
@@ -63,7 +64,8 @@ CSV_COLUMNS = (
     "pq",
 )
 
-_NAME_RE = re.compile(r"^(?P<name>.+?)(?P<label>_label)?\.tiff?$", re.IGNORECASE)
+#: NAME_label.tif(f) or .png (as ingest takes labels), or a plain NAME.tif(f)
+_NAME_RE = re.compile(r"^(?P<name>.+?)(?:(?P<label>_label)\.(?:tiff?|png)|\.tiff?)$", re.IGNORECASE)
 
 
 def evaluate_pairs(
@@ -129,7 +131,8 @@ def evaluate_pairs(
 def load_label_folder(folder: str | os.PathLike[str]) -> dict[str, Path]:
     """Map image names to the label TIFFs of a folder.
 
-    ``NAME_label.tiff``, ``NAME_label.tif``, ``NAME.tiff`` and ``NAME.tif`` map to ``NAME``.
+    ``NAME_label.tiff``, ``NAME_label.tif``, ``NAME_label.png`` (a labelling tool's PNG,
+    palette or 16-bit, as ingest reads it), ``NAME.tiff`` and ``NAME.tif`` map to ``NAME``.
     Other files and hidden files are ignored. A folder where some ``NAME.tif(f)`` has a
     ``NAME_label`` file beside it holds images beside their labels (``cellst segment``'s
     default output): there only the ``_label`` files are labels, and an image whose label

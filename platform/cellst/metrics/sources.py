@@ -95,7 +95,7 @@ def _nothing_to_score(g: LabelSource, p: LabelSource, pred: Path) -> str:
     if pred.is_dir():
         others = sorted(f.name for f in pred.iterdir() if f.is_file() and "_label" in f.stem)
         if others:
-            hint = f"; it holds {len(others)} other label file(s), e.g. {others[0]}: predictions are TIFFs"
+            hint = f"; it holds {len(others)} other label file(s), e.g. {others[0]}: predictions are TIFF or PNG label files"
     return (
         f"no prediction label images in {p.description} (expected NAME_label.tiff for the "
         f"{len(g.loaders)} ground-truth images, e.g. {first}_label.tiff){hint}"
