@@ -531,10 +531,16 @@ def _write_outputs_into(
     return written
 
 
-def _finish_tables(written: Iterable[tuple[Path, str]], cfg: SegmentConfig) -> list[Path]:
+def _finish_tables(
+    written: Iterable[tuple[Path, str]], cfg: SegmentConfig, removed: Sequence[Path] = ()
+) -> list[Path]:
     """The per-run ``cells.csv`` / ``cells.parquet`` of every output folder, from the
-    tables of the images this run wrote there (``(folder, name)`` pairs)."""
+    tables of the images this run wrote there (``(folder, name)`` pairs); without
+    ``--save-csv``, an earlier run's table loses the images whose tables were ``removed``
+    (:func:`refresh_run_table`)."""
     if not cfg.save_csv:
+        for folder in sorted({p.parent for p in removed}):
+            refresh_run_table(folder, removed)
         return []
     from cellst.export.measure import combine_tables
 
@@ -684,9 +690,7 @@ def segment_in_process(
         except Exception as exc:  # noqa: BLE001 - this image fails, not the run
             why = first_line(exc)
             result.failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
-    result.outputs += _finish_tables(tables, cfg)
-    for folder in sorted({p.parent for p in result.removed}):
-        refresh_run_table(folder, result.removed)
+    result.outputs += _finish_tables(tables, cfg, result.removed)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -773,9 +777,7 @@ def segment_on_ray(
                     result.failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    result.outputs += _finish_tables(tables, cfg)
-    for folder in sorted({p.parent for p in result.removed}):
-        refresh_run_table(folder, result.removed)
+    result.outputs += _finish_tables(tables, cfg, result.removed)
     result.seconds = time.perf_counter() - t0
     return result
 
