@@ -380,6 +380,15 @@ def test_predict_folder_to_tiffs(ray_session, synth_src, lite_checkpoint, tmp_pa
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         f"{n}_label.tiff" for n in names
     ]
+    # the folder's images normalised with other percentiles make another model's labels:
+    # no silent resume into this folder (the default resumes it, as before)
+    from cellst.config import IngestConfig
+
+    kw = {"out_dir": tmp_path / "out", "infer": InferenceConfig(roi=128), "progress": False}
+    with pytest.raises(StoreError, match="labels of another model"):
+        predict(lite_checkpoint, folder, ingest=IngestConfig(high_percentile=60), **kw)
+    again = predict(lite_checkpoint, folder, **kw)
+    assert again.written == [] and sorted(again.skipped) == names
 
 
 def test_predict_bad_requests(ray_session, store_dir, lite_checkpoint, tmp_path):

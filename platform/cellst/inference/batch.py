@@ -135,17 +135,23 @@ def check_checkpoint(checkpoint: str | Path) -> str:
         raise StoreError(text if str(path) in text else f"checkpoint {path}: {text}") from None
 
 
-def model_identity(weights_sha256: str, post: Any, ignore_band: float = 0.0) -> dict[str, Any]:
+def model_identity(
+    weights_sha256: str, post: Any, ignore_band: float = 0.0, normalization: str = ""
+) -> dict[str, Any]:
     """What makes a set's labels: the weights (sha256), the effective post-processing and,
-    where used, the uncertainty band of the ignore masks.
+    where used, the uncertainty band of the ignore masks and the normalisation of a
+    folder's images when it is not ingest's default.
 
     ``model_id`` is a short digest of them; a set is resumed only with the same one. (A set
-    without ignore masks has the digest that cellst gave it before they existed.)
+    without ignore masks, or a folder normalised as by default, has the digest that cellst
+    gave it before those were recorded.)
     """
     settings = post.model_dump(mode="json")
     what: dict[str, Any] = {"weights_sha256": weights_sha256, "postprocess": settings}
     if ignore_band:
         what["ignore_band"] = float(ignore_band)
+    if normalization:
+        what["normalization"] = normalization
     return {"model_id": stable_hash(what, spaced=True), **what}
 
 
@@ -662,7 +668,19 @@ def predict(
         post_note = "post-processing: settings as given"
     if not 0 <= ignore_band < 0.5:
         raise StoreError(f"ignore_band must be in [0, 0.5), got {ignore_band}")
-    identity = model_identity(weights_sha256, post, ignore_band)
+    from cellst.config import IngestConfig
+
+    norm = ingest or IngestConfig()
+    default = IngestConfig()
+    # a folder's images are normalised here: other percentiles make other labels
+    custom = not is_store(source) and (norm.low_percentile, norm.high_percentile) != (
+        default.low_percentile,
+        default.high_percentile,
+    )
+    normalization = (
+        f"percentiles {norm.low_percentile:g}-{norm.high_percentile:g}" if custom else ""
+    )
+    identity = model_identity(weights_sha256, post, ignore_band, normalization)
     resources = resources or PredictConfig()
     out = Path(out_dir).absolute() if out_dir is not None else None
     store = None
@@ -724,9 +742,6 @@ def predict(
             from cellst.data.executor import pace
 
             ds = pace(ray.data.from_items([{"id": i, "path": str(paths[i])} for i in todo]))
-            from cellst.config import IngestConfig
-
-            norm = ingest or IngestConfig()
             ds = ds.map(
                 _read_folder_image,
                 fn_kwargs={
