@@ -883,7 +883,6 @@ def export(
     from cellst.export.omezarr import export_store
 
     CellStore(store, lease=False)  # a clear error for a folder that is not a store
-    lines: list[str] = []
     written = export_store(
         store,
         out,
@@ -892,12 +891,9 @@ def export(
         overwrite=overwrite,
         measure=measure,
         progress=sys.stderr.isatty(),
-        log=lambda line: lines.append(line),
+        log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
     )
-    *kept, counts = lines
-    for line in kept:
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
-    console.print(f"{len(written)} OME-Zarr groups in {out} ({counts})", highlight=False)
+    console.print(f"{len(written)} OME-Zarr groups in {out}", highlight=False)
 
 
 @app.command()

@@ -509,9 +509,9 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
         if item.label:
             label = read_array(item.label, cfg.max_pixels, labels=True)
             label = validate_label(label, (h, w), item.label)
-            if binary_regions(label) >= BINARY_LABEL_REGIONS:
+            if (regions := binary_regions(label)) >= BINARY_LABEL_REGIONS:
                 raise ImageFormatError(
-                    f"{item.label}: label is a binary mask ({binary_regions(label)} separate "
+                    f"{item.label}: label is a binary mask ({regions} separate "
                     "regions, one label value), not an instance map: give each cell its own "
                     "value (e.g. skimage.measure.label) before ingesting"
                 )

@@ -39,6 +39,8 @@ from cellst.fs import check_writable, staged_dir
 NGFF_VERSION = "0.5"
 SUFFIX = ".ome.zarr"
 GROUND_TRUTH = "ground_truth"
+#: the label image ``cellst segment`` writes in its NAME.ome.zarr
+SEGMENTATION = "segmentation"
 IMAGE_AXES = ("c", "y", "x")
 _AXIS_TYPES = {"c": "channel", "y": "space", "x": "space"}
 _LABEL_KEYS = ("label-value", "label_value", "label")
@@ -193,7 +195,7 @@ def foreign_content(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]
     labels: list[str] = []
     folder = root / "labels"
     # `cellst segment` groups written before their label image carried cellst's attributes
-    segment_label = "segmentation" if (cellst_provenance(root) or {}).get("command") else None
+    segment_label = SEGMENTATION if (cellst_provenance(root) or {}).get("command") else None
     if folder.is_dir():
         for p in sorted(folder.iterdir()):
             if p.name == "zarr.json":

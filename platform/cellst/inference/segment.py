@@ -76,8 +76,6 @@ __all__ = [
 
 #: suffix of the overlay image (``NAME_overlay.png``); such files are never taken as inputs
 OVERLAY_SUFFIX = "_overlay"
-#: the label image of the segmentation in NAME.ome.zarr
-SEGMENTATION_LABEL = "segmentation"
 #: outline colour of the overlay (RGB)
 _OUTLINE = (255, 255, 0)
 
@@ -360,14 +358,6 @@ def stale_outputs(
     from cellst.export.measure import TABLE_SUFFIX, is_cellst_table
     from cellst.export.omezarr import cellst_provenance
 
-    previous = out_dir / f"{name}{LABEL_SUFFIX}.tiff"
-    if not previous.is_file() or not is_cellst_label_tiff(previous):
-        return []
-    try:
-        if np.array_equal(read_array(previous, labels=True), label):
-            return []  # the same segmentation: its other outputs still describe it
-    except Exception:  # noqa: BLE001 - an unreadable earlier label: its outputs are stale
-        pass
     ours: list[tuple[str, Callable[[Path], bool]]] = [
         (f"{name}{OVERLAY_SUFFIX}.png", is_cellst_overlay),
         (f"{name}{TABLE_SUFFIX}.csv", is_cellst_table),
@@ -375,11 +365,20 @@ def stale_outputs(
         (f"{name}.geojson", is_cellst_geojson),
         (f"{name}.ome.zarr", lambda q: cellst_provenance(q) is not None),
     ]
-    return [
+    candidates = [
         out_dir / f
         for f, is_ours in ours
         if f not in written and (out_dir / f).exists() and is_ours(out_dir / f)
     ]
+    previous = out_dir / f"{name}{LABEL_SUFFIX}.tiff"
+    if not candidates or not previous.is_file() or not is_cellst_label_tiff(previous):
+        return []  # nothing that could be stale: the earlier label is not even read
+    try:
+        if np.array_equal(read_array(previous, labels=True), label):
+            return []  # the same segmentation: its other outputs still describe it
+    except Exception:  # noqa: BLE001 - an unreadable earlier label: its outputs are stale
+        pass
+    return candidates
 
 
 def _remove_stale(stale: Sequence[Path], removed: list[Path], kept: list[Path]) -> None:
@@ -470,10 +469,10 @@ def _keep_users_additions(old: Path, new: Path) -> None:
     into the one that replaces it (:func:`cellst.export.omezarr.carry_foreign`)."""
     if not old.is_dir() or old.suffixes[-2:] != [".ome", ".zarr"]:
         return
-    from cellst.export.omezarr import carry_foreign, cellst_provenance
+    from cellst.export.omezarr import SEGMENTATION, carry_foreign, cellst_provenance
 
     if cellst_provenance(old) is not None:
-        carry_foreign(old, new, [SEGMENTATION_LABEL])
+        carry_foreign(old, new, [SEGMENTATION])
 
 
 def _write_outputs_into(
@@ -513,7 +512,7 @@ def _write_outputs_into(
         )
     if cfg.save_ome_zarr:
         from cellst.data.images import pixel_size
-        from cellst.export.omezarr import write_ome_zarr
+        from cellst.export.omezarr import SEGMENTATION, write_ome_zarr
 
         size, unit = (pixel_size(source_path) if source_path else None) or (1.0, None)
         written.append(
@@ -522,9 +521,9 @@ def _write_outputs_into(
                 source,
                 pixel_size=size,
                 unit=unit,
-                labels={SEGMENTATION_LABEL: label},
-                properties={SEGMENTATION_LABEL: table},
-                label_attributes={SEGMENTATION_LABEL: {"cellst": {"command": "segment"}}},
+                labels={SEGMENTATION: label},
+                properties={SEGMENTATION: table},
+                label_attributes={SEGMENTATION: {"cellst": {"command": "segment"}}},
                 attributes={"cellst": {"command": "segment", "image": name}},
             )
         )
