@@ -134,13 +134,34 @@ def test_a_users_files_in_the_report_folder_are_kept_unless_overwrite(tmp_path):
     assert _evaluate(gt, pred, out, "--per-cell").exit_code == 0  # its own files: replaced
     for name in ("metrics.json", "metrics.csv", "cells.csv"):
         (out / name).write_text("my,own\n")
-        res = _evaluate(gt, pred, out)
+        res = _evaluate(gt, pred, out, "--per-cell")
         assert res.exit_code == 2, res.output
         text = " ".join(res.output.split())
         assert f"{out / name} was not written by cellst evaluate" in text and "--overwrite" in text
         assert (out / name).read_text() == "my,own\n"
         assert _evaluate(gt, pred, out, "--per-cell", "--overwrite").exit_code == 0
         assert (out / name).read_text() != "my,own\n"
+
+
+def test_segments_cell_table_in_the_report_folder_is_left_alone(tmp_path):
+    """`cellst segment --save-csv` writes its per-cell measurements as ``cells.csv``, the
+    name of evaluate's ``--per-cell`` table. Scoring into segment's folder without
+    --per-cell refused, naming a file evaluate would not write; it now scores and leaves the
+    table as it is. With --per-cell the table is still refused (it would be replaced)."""
+    from cellst.export.measure import cell_table, write_cell_tables
+
+    gt, pred = _folders(tmp_path, {"a": _cell()}, {"a": _cell()})
+    image = np.full((32, 32), 100, np.uint16)
+    write_cell_tables({"a": cell_table(_cell().astype(np.int32), image)}, pred)
+    table = (pred / "cells.csv").read_text()
+    res = _evaluate(gt, pred, pred)
+    assert res.exit_code == 0, res.output
+    assert (pred / "cells.csv").read_text() == table and (pred / "metrics.json").is_file()
+    res = _evaluate(gt, pred, pred, "--per-cell")
+    assert res.exit_code == 2 and f"{pred / 'cells.csv'} was not written" in " ".join(
+        res.output.split()
+    )
+    assert (pred / "cells.csv").read_text() == table
 
 
 def test_wide_f1_table_is_printed_whole_when_piped():
@@ -227,6 +248,34 @@ def test_a_store_as_prediction_needs_a_pseudo_label_set(store_dir, tmp_path):
         f"error: --pred {store_dir} is a store: name the pseudo-label set to score with --pred-set"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_a_pseudo_label_set_left_by_an_interrupted_run_is_named_incomplete(store_dir, tmp_path):
+    """A `cellst predict` stopped before its end leaves items but no item table (written
+    last). ``cellst info`` lists the set; scoring it said the store had no such set. It is
+    named incomplete, with what to do; once finished, it is scored."""
+    import shutil
+
+    from cellst.data.pseudo import PseudoLabelSet
+    from cellst.data.store import CellStore
+
+    store = tmp_path / "store"
+    shutil.copytree(store_dir, store)
+    ids = CellStore(store, lease=False).items(split="test", labeled=True)["id"].tolist()[:2]
+    s = PseudoLabelSet(store, "cut")
+    s.create({})
+    for i in ids:
+        s.write_item(i, CellStore(store, lease=False).label(i), {"id": i})
+    res = _evaluate(store, store, tmp_path / "r", "--pred-set", "cut", "--gt-split", "test")
+    assert res.exit_code == 1, res.output
+    assert res.output.strip() == (
+        f"error: pseudo-label set 'cut' of store {store} is incomplete: the run writing it "
+        "stopped after 2 item(s); run the same `cellst predict` again to finish it"
+    )
+    s.collect_stats()  # what the finished run writes last
+    res = _evaluate(store, store, tmp_path / "r", "--pred-set", "cut", "--gt-split", "test")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["f1"] > 0
 
 
 def test_a_binary_mask_prediction_is_scored_as_it_is_and_warned_about(tmp_path):

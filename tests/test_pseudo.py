@@ -35,8 +35,10 @@ def test_items_are_written_once_and_read_back(tmp_path):
     assert not list(s.path.glob(".tmp-*"))  # nothing half-written left behind
     with pytest.raises(StoreError, match="has no item 'c'"):
         s.label("c")
-    with pytest.raises(StoreError, match="no pseudo-label set 'round1'"):
-        s.stats()  # not collected yet
+    with pytest.raises(StoreError, match="'round1' of store .* is incomplete: .* after 2 item"):
+        s.stats()  # not collected yet: the run writing it has not finished
+    with pytest.raises(StoreError, match="has no pseudo-label set 'other'"):
+        PseudoLabelSet(tmp_path, "other").stats()
     stats = s.collect_stats()
     assert stats["id"].tolist() == ["a", "b"]
     assert s.stats().equals(stats)

@@ -334,7 +334,7 @@ def evaluate(
 
     cfg = _load(config, set_)
     check_writable(out)  # before the scoring, not a bare [Errno 17] after it
-    _refuse_foreign(foreign_report_files(out), "cellst evaluate", overwrite)
+    _refuse_foreign(foreign_report_files(out, per_cell), "cellst evaluate", overwrite)
     boundary = cfg.evaluate.count_boundary if count_boundary is None else count_boundary
     try:
         report = evaluate_sources(

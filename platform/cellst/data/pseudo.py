@@ -76,6 +76,23 @@ def pseudo_set_names(store_root: str | os.PathLike[str]) -> list[str]:
     return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _item_folders(folder: Path) -> list[str]:
+    """The items of the set folder ``folder`` (whole ones: hidden names are unfinished)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name[0] != ".")
+
+
+def _write_item_table(folder: Path) -> pd.DataFrame:
+    """Write ``items.parquet`` of the set folder ``folder`` from its items' attributes."""
+    import zarr
+
+    rows = [dict(zarr.open_array(str(folder / i), mode="r").attrs) for i in _item_folders(folder)]
+    df = pd.DataFrame(rows)
+    fs.atomic_write_parquet(df, folder / ITEMS)
+    return df
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -132,9 +149,7 @@ class PseudoLabelSet:
 
     def done_items(self) -> list[str]:
         """Items written so far (complete: every item is renamed into place when whole)."""
-        if not self.path.is_dir():
-            return []
-        return sorted(p.name for p in self.path.iterdir() if p.is_dir() and p.name[0] != ".")
+        return _item_folders(self.path)
 
     def info(self) -> dict[str, Any]:
         """The set's record (``set.json``); an empty dict when it has none (written by an
@@ -147,9 +162,24 @@ class PseudoLabelSet:
         return info if isinstance(info, dict) else {}
 
     def stats(self) -> pd.DataFrame:
-        """Per-item statistics (``items.parquet``) of the items written so far."""
+        """Per-item statistics (``items.parquet``) of the set: its item list for training,
+        evaluation and ST++'s reliability.
+
+        Raises
+        ------
+        StoreError
+            If the set does not exist, or if it has items but no table: the run writing it
+            stopped before its end (the table is written last), so the set is incomplete.
+        """
         table = self.path / ITEMS
         if not table.is_file():
+            written = len(self.done_items())
+            if written:
+                raise StoreError(
+                    f"pseudo-label set {self.name!r} of store {self.store_root} is incomplete: "
+                    f"the run writing it stopped after {written} item(s); run the same "
+                    "`cellst predict` again to finish it"
+                )
             raise StoreError(f"store {self.store_root} has no pseudo-label set {self.name!r}")
         return pd.read_parquet(table)
 
@@ -219,14 +249,7 @@ class PseudoLabelSet:
 
     def collect_stats(self) -> pd.DataFrame:
         """Rebuild ``items.parquet`` from the attributes of the items written so far."""
-        import zarr
-
-        rows = [
-            dict(zarr.open_array(str(self.item_path(i)), mode="r").attrs) for i in self.done_items()
-        ]
-        df = pd.DataFrame(rows)
-        fs.atomic_write_parquet(df, self.path / ITEMS)
-        return df
+        return _write_item_table(self.path)
 
     def remove(self) -> None:
         """Delete the set (nothing happens if it does not exist)."""
@@ -271,5 +294,5 @@ class PseudoLabelSet:
                             )
                         seen.add(item)
             fs.atomic_write_json(stage / SET_META, {**meta, "sources": sources})
-        dest.collect_stats()
+            _write_item_table(stage)  # inside the swap: the set appears complete or not at all
         return dest

@@ -279,17 +279,22 @@ def _is_cellst_metrics_json(path: Path) -> bool:
     return isinstance(doc, dict) and {"f1", "count", "images"} <= set(doc)
 
 
-def foreign_report_files(out_dir: str | os.PathLike[str]) -> list[Path]:
+def foreign_report_files(out_dir: str | os.PathLike[str], per_cell: bool = False) -> list[Path]:
     """The files at :func:`write_report`'s names in ``out_dir`` that it did not write (a
-    user's own ``metrics.csv``, say), which writing the report would replace."""
+    user's own ``metrics.csv``, say), which writing the report would replace.
+
+    ``cells.csv`` counts only with ``per_cell`` (the report writes it only then): without
+    it, ``cellst segment --save-csv``'s table of the same name in that folder stays as it is.
+    """
     from cellst.provenance import csv_begins_with
 
     out = Path(out_dir)
     ours = {
         "metrics.json": _is_cellst_metrics_json,
         "metrics.csv": lambda p: csv_begins_with(p, CSV_COLUMNS),
-        "cells.csv": lambda p: csv_begins_with(p, CELL_COLUMNS),
     }
+    if per_cell:
+        ours["cells.csv"] = lambda p: csv_begins_with(p, CELL_COLUMNS)
     return [
         out / name
         for name, check in ours.items()
