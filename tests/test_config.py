@@ -210,6 +210,58 @@ def test_config_fingerprint_counts_only_what_is_computed():
     assert training_hash(moved) == training_hash(base) and config_hash(moved) != config_hash(base)
 
 
+def test_a_trainings_fingerprint_counts_what_it_reads_and_knows_earlier_recipes():
+    """Validation reads ``evaluate`` (which checkpoint is best, the calibration): changing
+    it re-runs ST++'s training stages, which it used to skip with stale checkpoints. The
+    sections a training never reads (``predict``, ``segment``, ``tune``, ``stpp``, the
+    ``ingest`` settings but its chunk) no longer refuse a `cellst train` resume. A run
+    recorded by recipe 2 is still recognised, and one of another training is not."""
+    from cellst.experiment import load_config
+    from cellst.fingerprint import VERSION
+    from cellst.stpp.pipeline import training_hash
+    from cellst.train.trainer import config_hash, same_configuration
+
+    base = load_config(None, ["store=s"])
+    for changed in (
+        "evaluate.iou_threshold=0.7",
+        "evaluate.count_boundary=true",
+        "ingest.chunk=128",
+    ):
+        cfg = load_config(None, ["store=s", changed])
+        assert training_hash(cfg) != training_hash(base), changed
+        assert config_hash(cfg) != config_hash(base), changed
+    unread = [
+        "predict.num_actors=3",
+        "segment.min_size=5",
+        "tune.num_samples=3",
+        "stpp.reliable_fraction=0.25",
+        "ingest.high_percentile=99",
+        "name=other",
+    ]
+    for setting in unread:
+        cfg = load_config(None, ["store=s", setting])
+        assert config_hash(cfg) == config_hash(base), setting
+        assert training_hash(cfg) == training_hash(base), setting
+    # run.json of a run that cellst's recipe 2 fingerprinted (it counted `predict`)
+    cfg = load_config(None, ["store=s", "predict.num_actors=3", "train.lr=0.02"])
+    legacy = {"config_hash": config_fingerprint_v2(cfg), "fingerprint": 2}
+    assert legacy["config_hash"] != config_hash(cfg)
+    assert same_configuration(legacy, cfg) is True
+    assert same_configuration(legacy, load_config(None, ["store=s", "train.lr=0.03"])) is False
+    assert same_configuration({"config_hash": config_hash(cfg), "fingerprint": VERSION}, cfg)
+    assert same_configuration({"config_hash": "0123", "fingerprint": 99}, cfg) is None
+
+
+def config_fingerprint_v2(cfg) -> str:
+    """What cellst's fingerprint recipe 2 wrote for `cellst train` (every section but
+    ``tracking`` and the run-only ``train`` fields)."""
+    from cellst.fingerprint import stable_hash
+
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
+    data.pop("tracking", None)
+    return stable_hash(data)
+
+
 def test_strong_augmentation_counts_only_in_trainings_on_pseudo_labels():
     """The strong preset acts on pseudo-labelled crops alone, so its settings leave the
     fingerprint of a supervised training (ST++ stage 1, ``cellst train``) unchanged: an ST++

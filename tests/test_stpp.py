@@ -184,11 +184,11 @@ def test_stage_runner_skips_reruns_and_forces(tmp_path):
         calls.append(decision)
         return {"value": len(calls)}
 
-    def run(inputs, force_from=None):
+    def run(inputs, force_from=None, recorded_as=None):
         pipe = Pipeline(cfg, log=lambda _: None)
         if force_from:
             pipe.book.force_from(force_from)
-        return pipe.stage("reliability", inputs, body)
+        return pipe.stage("reliability", inputs, body, recorded_as=recorded_as)
 
     assert run({"a": 1}).outputs == {"value": 1}
     assert run({"a": 1}).outputs == {"value": 1} and calls == ["fresh"]  # skipped
@@ -211,6 +211,14 @@ def test_stage_runner_skips_reruns_and_forces(tmp_path):
     assert pipe.book.get("reliability").status == "failed"
     run({"a": 3})
     assert calls[-1] == "resume" and Pipeline(cfg).book.get("reliability").status == "done"
+
+    # a stage recorded by an earlier cellst's fingerprint recipe: the same inputs, skipped
+    # (and recorded anew); inputs that differ under both recipes run
+    n = len(calls)
+    assert run({"a": 4}, recorded_as={"a": 3}) is not None and len(calls) == n
+    assert Pipeline(cfg).book.get("reliability").input_hash == stable_hash({"a": 4})
+    run({"a": 5}, recorded_as={"a": 3})
+    assert calls[n:] == ["fresh"]
 
 
 # ----------------------------------------------------------------------------- reliability

@@ -604,7 +604,11 @@ def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_pa
 
 def test_run_folder_of_an_older_cellst_still_opens(ray_session, store_dir, tmp_path, capsys):
     """run.json written before config fingerprints counted only non-default settings: the
-    run is taken as unchanged (one note), not refused as 'a different configuration'."""
+    run is taken as unchanged (one note), not refused as 'a different configuration'. One
+    of fingerprint recipe 2 is compared by that recipe."""
+    from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
+    from cellst.fingerprint import training_fingerprint
+
     cfg = tiny_cfg(store_dir, tmp_path, "train.run_name=old")
     run = tmp_path / "old"
     run.mkdir()
@@ -614,11 +618,29 @@ def test_run_folder_of_an_older_cellst_still_opens(ray_session, store_dir, tmp_p
     res = train(cfg)
     assert res.resumed and "written by an older cellst" in capsys.readouterr().out
     state = json.loads((run / "run.json").read_text())
-    assert state["fingerprint"] == 2 and state["status"] == "finished"
+    assert state["fingerprint"] == FINGERPRINT_VERSION and state["status"] == "finished"
     changed = cfg.model_copy(deep=True)
     changed.train.lr = 0.5
     with pytest.raises(ConfigError, match="different configuration"):  # compared from now on
         train(changed)
+    # fingerprinted by recipe 2, which also counted sections a training never reads: the
+    # same training by that recipe, so it opens (recorded anew), with no note
+    cfg.predict.num_actors = 3
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "config_hash": training_fingerprint(cfg, version=2),
+                "fingerprint": 2,
+                "status": "finished",
+                "metrics": {},
+            }
+        )
+    )
+    res = train(cfg)
+    assert res.resumed and "older cellst" not in capsys.readouterr().out
+    state = json.loads((run / "run.json").read_text())
+    assert state["fingerprint"] == FINGERPRINT_VERSION
+    assert state["config_hash"] == training_fingerprint(cfg)
 
 
 _POLL_PROBE = """

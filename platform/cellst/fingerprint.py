@@ -17,8 +17,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-#: version of the fingerprint recipe, stored beside fingerprints (run.json ``fingerprint``)
-VERSION = 2
+#: version of the fingerprint recipe, stored beside fingerprints (run.json ``fingerprint``);
+#: 3: a training's fingerprint leaves out the sections a training never reads
+VERSION = 3
 
 #: fields that change where or how a computation runs or logs, never its result
 RUN_ONLY: dict[str, tuple[str, ...]] = {
@@ -92,6 +93,53 @@ def config_fingerprint(
         elif isinstance(data.get(section), dict):
             data[section] = {k: v for k, v in data[section].items() if k not in fields}
     return stable_hash(data, n)
+
+
+#: what a training never reads: other commands' sections, and the experiment name (where it
+#: logs); of ``ingest`` only ``chunk`` counts (the regions crops are cut from)
+NOT_READ_BY_TRAINING: dict[str, tuple[str, ...]] = {
+    "": ("name",),
+    "predict": ("*",),
+    "segment": ("*",),
+    "tune": ("*",),
+    "stpp": ("*",),
+}
+
+
+def training_fingerprint(cfg: Any, *, store: bool = True, version: int = VERSION) -> str:
+    """Fingerprint of what a training computes: what ``cellst train`` resumes by and ST++
+    skips or re-runs its training stages by.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The training's configuration (an ST++ stage's: :meth:`stage_train_config`).
+    store : bool
+        Count the store's path (``cellst train``). ST++ leaves it out and hashes the
+        labelled items' content instead, so a moved store is the same computation.
+    version : int
+        The recipe of an earlier cellst (2), to recognise what it recorded.
+
+    Notes
+    -----
+    Recipe 2 counted the sections a training never reads (``predict``, ``segment``,
+    ``tune``, ``stpp``...) for ``cellst train``, so editing them refused a resume, and left
+    ``evaluate`` out for ST++, whose validation F1 it defines (which checkpoint is ``best``,
+    the calibrated post-processing), so changing it skipped stale training stages.
+    """
+    if version == 2:
+        if store:
+            return config_fingerprint(cfg)
+        legacy = {"": ("store", "name"), "predict": ("*",), "evaluate": ("*",), "ingest": ("*",)}
+        return config_fingerprint(cfg, legacy)
+    if version != VERSION:
+        raise ValueError(f"no fingerprint recipe {version}")
+    ignore = {k: set(v) for k, v in NOT_READ_BY_TRAINING.items()}
+    ingest = getattr(cfg, "ingest", None)
+    ignore["ingest"] = {f for f in type(ingest).model_fields if f != "chunk"} if ingest else set()
+    if not store:
+        ignore[""].add("store")
+    return config_fingerprint(cfg, ignore)
 
 
 def checkpoint_fingerprint(path: str | os.PathLike[str]) -> list:

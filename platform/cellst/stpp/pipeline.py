@@ -59,7 +59,8 @@ import pandas as pd
 from cellst.config import ConfigError, dump_config
 from cellst.data.store import CellStore, StoreError, store_lock
 from cellst.experiment import ExperimentConfig
-from cellst.fingerprint import checkpoint_fingerprint, config_fingerprint, stable_hash
+from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
+from cellst.fingerprint import checkpoint_fingerprint, stable_hash, training_fingerprint
 from cellst.fs import atomic_write_bytes, atomic_write_json
 from cellst.model.checkpoint_files import is_checkpoint
 from cellst.stpp.experiment import StppExperimentConfig
@@ -118,11 +119,10 @@ def items_digest(store: CellStore, split: str) -> str:
     return stable_hash(df[cols].values.tolist())
 
 
-def training_hash(cfg: ExperimentConfig) -> str:
-    """Fingerprint of what a training stage computes (not where it logs, runs or predicts)."""
-    return config_fingerprint(
-        cfg, {"": ("store", "name"), "predict": ("*",), "evaluate": ("*",), "ingest": ("*",)}
-    )
+def training_hash(cfg: ExperimentConfig, version: int = FINGERPRINT_VERSION) -> str:
+    """Fingerprint of what a training stage computes (not where it logs or runs; the store
+    by its items' content, :func:`items_digest`, not its path)."""
+    return training_fingerprint(cfg, store=False, version=version)
 
 
 def retrain_crops(crops: int, pseudo_weight: float, max_factor: float = 4.0) -> int:
@@ -273,15 +273,21 @@ class Pipeline:
         body: Callable[[str], dict],
         training: bool = False,
         present: Callable[[dict], bool] | None = None,
+        recorded_as: dict[str, Any] | None = None,
     ) -> StageRecord:
         """Run ``body(decision)`` as stage ``name`` unless it is done with these inputs.
 
         ``present(outputs)`` says whether a finished stage's outputs still exist; a stage
         whose outputs were deleted runs again. A training stage logs to its own MLflow run
         (under the parent); any other stage runs inside a child run of the parent.
+        ``recorded_as``: the same inputs as an earlier cellst hashed them; a record of those
+        is taken as a record of ``inputs`` (and rewritten so).
         """
         n = self.book.index(name)
         h = stable_hash(inputs)
+        old = self.book.get(name).input_hash
+        if recorded_as is not None and old not in (None, h) and old == stable_hash(recorded_as):
+            self.book.update(name, input_hash=h)
         decision = self.book.decide(name, h)
         head = f"[stpp] stage {n}/{len(STAGES)} {name} ({TITLES[name]})"
         if decision == "skip" and present is not None and not present(self.book.get(name).outputs):
@@ -412,10 +418,8 @@ class Pipeline:
         if previous is not None and not self.cfg.stpp.fresh_init:
             init = previous.outputs["best"]
         pseudo_set = None if pseudo is None else pseudo.outputs["set"]
-        inputs = {
-            "train": training_hash(self.stage_train_config(stage, pseudo_set, init)),
-            "labelled": items_digest(store, "labeled"),
-        }
+        train_cfg = self.stage_train_config(stage, pseudo_set, init)
+        inputs = {"train": training_hash(train_cfg), "labelled": items_digest(store, "labeled")}
         if pseudo is not None:
             inputs |= {
                 "pseudo": pseudo.output_digest,
@@ -427,6 +431,8 @@ class Pipeline:
             lambda d: self.train(stage, d, pseudo_set, init),
             training=True,
             present=_checkpoints_present,
+            # the same inputs as recorded by cellst's fingerprint recipe 2
+            recorded_as={**inputs, "train": training_hash(train_cfg, version=2)},
         )
 
     # -- stage bodies --------------------------------------------------------------------------
@@ -436,15 +442,13 @@ class Pipeline:
         """Stages 1, 4, 6: ``cellst train`` (resumed unless ``decision`` is fresh or the
         configuration changed)."""
         from cellst.train.checkpoints import RunPaths
-        from cellst.train.trainer import config_hash
+        from cellst.train.trainer import same_configuration
         from cellst.train.trainer import train as run_training
 
         cfg = self.stage_train_config(stage, pseudo_set, init)
         name = self.train_run_name(stage)
         state = RunPaths(Path(cfg.train.run_dir) / name).read_state()
-        force = decision == "fresh" or (
-            bool(state) and state.get("config_hash") != config_hash(cfg)
-        )
+        force = decision == "fresh" or (bool(state) and same_configuration(state, cfg) is False)
         result = run_training(
             cfg,
             run_name=name,

@@ -29,7 +29,7 @@ from cellst.config import ConfigError
 from cellst.data.store import CellStore, StoreError
 from cellst.experiment import ExperimentConfig
 from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
-from cellst.fingerprint import config_fingerprint
+from cellst.fingerprint import training_fingerprint
 from cellst.model.checkpoint_files import is_checkpoint
 from cellst.raycluster import (
     ClusterError,
@@ -65,8 +65,26 @@ class TrainResult:
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
-    """Fingerprint of what this training computes (:func:`cellst.fingerprint.config_fingerprint`)."""
-    return config_fingerprint(cfg)
+    """Fingerprint of what this training computes (:func:`cellst.fingerprint.training_fingerprint`)."""
+    return training_fingerprint(cfg)
+
+
+def same_configuration(state: dict, cfg: ExperimentConfig) -> bool | None:
+    """Whether a run folder's state (``run.json``) records a training of ``cfg``.
+
+    A fingerprint of an earlier recipe is compared by that recipe. None where that cannot
+    be done: a run of a cellst before fingerprints (its hash counted every default), or of
+    a recipe this cellst does not know.
+    """
+    version = state.get("fingerprint")
+    if version is None:
+        return True if state.get("config_hash") == config_hash(cfg) else None
+    if version == FINGERPRINT_VERSION:
+        return state.get("config_hash") == config_hash(cfg)
+    try:
+        return state.get("config_hash") == training_fingerprint(cfg, version=int(version))
+    except ValueError:  # a recipe this cellst does not know
+        return None
 
 
 def check_request(cfg: ExperimentConfig) -> tuple[CellStore, list[str], list[str]]:
@@ -401,13 +419,16 @@ def train(
     store, train_ids, val_ids = check_request(cfg)
     chash = config_hash(cfg)
     state = paths.read_state()
-    if not force and state and "fingerprint" not in state and state.get("config_hash") != chash:
+    same = same_configuration(state, cfg) if state else True
+    if not force and state and same is None:
         # a run folder of an older cellst, whose config hash counted every default: its
         # configuration cannot be compared any more; resume it, with a note
         print(
             f"note: {paths.root} was written by an older cellst; its configuration is taken "
             "as unchanged (pass --force to start it over)"
         )
+    if not force and state and same is not False and state.get("config_hash") != chash:
+        # the same training, fingerprinted by an earlier recipe: recorded by this one
         state = paths.write_state(config_hash=chash, fingerprint=FINGERPRINT_VERSION)
     if state and state.get("config_hash") != chash and not force:
         raise ConfigError(
