@@ -69,6 +69,26 @@ def test_missing_checkpoint_and_store_are_config_errors(tmp_path):
         load_tune_config(cfg, ["train.num_workers=0"])
 
 
+def test_a_damaged_checkpoint_is_named_before_the_sweep_starts(store_dir, tmp_path):
+    """Truncated weights, or a model.json that is not text, surfaced as a Ray task's
+    traceback (or a bare codec message): one line naming the file, exit 1, nothing run."""
+    mcfg = ModelConfig(name="hovernet-lite", width=8)
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(mcfg), mcfg)
+    weights = ckpt / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    space = {"postprocess.mask_threshold": {"uniform": [0.3, 0.7]}}
+    tune = {"checkpoint": str(ckpt), "space": space, "run_dir": str(tmp_path / "runs")}
+    cfg = _config(tmp_path / "s.yaml", store=str(store_dir), tune=tune)
+    res = runner.invoke(app, ["tune", str(cfg)])
+    assert res.exit_code == 1, res.output
+    assert len(res.output.strip().splitlines()) == 1 and str(ckpt) in res.output, res.output
+    assert not (tmp_path / "runs").exists()
+    (ckpt / "model.json").write_bytes(b"\xff\xfe\x00binary")
+    res = runner.invoke(app, ["tune", str(cfg)])
+    assert res.exit_code == 1, res.output
+    assert f"{ckpt / 'model.json'} is not readable JSON" in " ".join(res.output.split())
+
+
 def test_trial_settings_apply_like_overrides():
     from cellst.experiment import ExperimentConfig
 

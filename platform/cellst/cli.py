@@ -94,6 +94,7 @@ _USER_ERRORS = (
     ("cellst.data.store", "StoreError"),
     ("cellst.train.config", "TrainingDiverged"),
     ("cellst.raycluster", "ClusterError"),
+    ("cellst.model.checkpoint_files", "CheckpointError"),
 )
 
 

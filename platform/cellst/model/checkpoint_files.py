@@ -83,8 +83,8 @@ def read_record(path: Path, fmt: str, what: str, hint: str) -> dict[str, Any]:
     """A JSON record of a checkpoint folder, checked to be a mapping of format ``fmt``;
     :class:`CheckpointError` naming ``path`` (with ``what`` before and ``hint`` after)."""
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError alike
         raise CheckpointError(f"{what}{path} is not readable JSON: {exc}{hint}") from exc
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         got = doc.get("format") if isinstance(doc, dict) else None

@@ -27,7 +27,6 @@ Re-running an interrupted sweep with the same settings resumes it (``Tuner.resto
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -230,7 +229,7 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from cellst.config import dump_config
-    from cellst.fs import atomic_write_json
+    from cellst.fs import atomic_write_json, read_json
     from cellst.raycluster import ensure_ray, verbose
     from cellst.tracking import (
         check_tracking,
@@ -255,12 +254,16 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
         )
     if t.max_items:
         val_ids = val_ids[: t.max_items]
+    if t.mode == "postprocess":
+        from cellst.inference.batch import check_checkpoint
+
+        check_checkpoint(t.checkpoint)  # a bad one in one line, not a Ray task's traceback
     # a dead server: one line before Ray starts, and before an earlier sweep is discarded
     check_tracking(cfg.tracking, root, cfg.name)
     ensure_ray()
     root.mkdir(parents=True, exist_ok=True)
     state_file = root / "sweep.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = read_json(state_file, missing={})
     h = sweep_hash(cfg)
     ray_path = root / "_ray" / name
     resumed = bool(state) and state.get("hash") == h and tune.Tuner.can_restore(str(ray_path))
