@@ -456,15 +456,12 @@ def keep_records(summary: dict[str, Any], out: Path) -> None:
     calibrated ``postprocess.json`` of ``best``) to ``out/runs/<name>/`` before the work
     folder goes."""
     from cellst.model.checkpoint_files import POSTPROCESS_FILE
+    from cellst.train.checkpoints import RunPaths
 
     for name, r in summary.get("train", {}).items():
-        root = Path(r["run_path"])
+        run = RunPaths(Path(r["run_path"]))
         dst = out / "runs" / name
-        for src in (
-            root / "run.json",
-            root / "checkpoints.json",
-            root / "checkpoints" / "best" / POSTPROCESS_FILE,
-        ):
+        for src in (run.state, run.checkpoint_list, run.best / POSTPROCESS_FILE):
             if src.is_file():
                 dst.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst / src.name)

@@ -135,3 +135,31 @@ def test_temp_dirs_of_processes_that_died_are_removed_and_no_others(tmp_path, mo
     old_style.mkdir()
     assert remove_orphan_temp_dirs("cellst-ckpt-") == [orphan]
     assert mine.is_dir() and elsewhere.is_dir() and old_style.is_dir() and not orphan.exists()
+
+
+def test_copies_of_a_checkpoint_left_by_a_killed_writer_are_removed_at_the_next_publish(tmp_path):
+    """A rank 0 killed while copying ``best`` left ``checkpoints/.best.<hex>`` for ever, and
+    ``checkpoints.json`` listed it. The next publish of that name removes it; names that
+    only look alike (another checkpoint's, a user's) stay."""
+    from cellst.fs import stale_siblings, temp_sibling
+    from cellst.model import ModelConfig, build_model, save_checkpoint
+    from cellst.train.checkpoints import RunPaths, keep_checkpoints
+
+    mcfg = ModelConfig(name="hovernet-lite", width=8)
+    src = save_checkpoint(tmp_path / "epoch", build_model(mcfg), mcfg)
+    paths = RunPaths(tmp_path / "run")
+    paths.checkpoints.mkdir(parents=True)
+    killed = [temp_sibling(paths.best, ""), temp_sibling(paths.best, ".publishing")]
+    kept = [paths.checkpoints / ".best.notes", temp_sibling(paths.last, ".other")]
+    for folder in [*killed, *kept]:
+        folder.mkdir()
+    assert stale_siblings(paths.best, "") == [killed[0]]
+    assert stale_siblings(paths.best, ".publishing") == [killed[1]]
+    keep_checkpoints(paths, src, 1, is_best=True, is_snapshot=False, keep_last=2)
+    assert not any(p.exists() for p in killed) and all(p.exists() for p in kept)
+    assert sorted(p.name for p in paths.checkpoints.iterdir() if p.name[0] != ".") == [
+        "best",
+        "epoch_001",
+        "last",
+    ]
+    assert not stale_siblings(tmp_path / "absent" / "x")

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -27,6 +28,16 @@ def temp_sibling(path: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
     """A fresh hidden name beside ``path``, on the same file system (so a rename is atomic)."""
     path = Path(path)
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def stale_siblings(path: str | os.PathLike[str], suffix: str = ".tmp") -> list[Path]:
+    """The :func:`temp_sibling` names of ``path`` with ``suffix`` that exist: left by a
+    process killed before its clean-up (call it where no other writer of ``path`` runs)."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{8}}{re.escape(suffix)}")
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 class NotWritableError(ValueError):

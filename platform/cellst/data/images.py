@@ -488,9 +488,6 @@ def validate_label(label: np.ndarray, image_shape: tuple[int, int], name: str) -
     return relabelled.astype(np.int32)
 
 
-#: the TIFF ``Software`` tag of the label maps cellst writes (how it knows its own files)
-
-
 def write_label_tiff(path: str | Path, label: np.ndarray, model_id: str | None = None) -> None:
     """Write an instance map as a challenge ``NAME_label.tiff`` (zlib), atomically.
 

@@ -272,8 +272,8 @@ class PseudoLabelSet:
         dest = cls(store_root, name)
         base = dest.path.parent
         for stale in [
-            *base.glob(f".{name}.*.staging"),
-            *base.glob(f".{name}.*.old"),
+            *fs.stale_siblings(dest.path, ".staging"),
+            *fs.stale_siblings(dest.path, ".old"),
             *base.glob(f".tmp-{name}-*"),  # names of cellst before this module
             *base.glob(f".old-{name}-*"),
         ]:

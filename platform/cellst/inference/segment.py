@@ -436,10 +436,10 @@ def write_outputs(
     beside old exports. ``source`` is the image file (its declared pixel size goes into
     the OME-Zarr); ``result`` collects the earlier outputs removed (:func:`stale_outputs`).
     """
-    from cellst.fs import replace_dir, temp_sibling
+    from cellst.fs import replace_dir, stale_siblings, temp_sibling
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".{name}.*.partial"):  # left by a run killed mid-image
+    for stale in stale_siblings(out_dir / name, ".partial"):  # of a run killed mid-image
         shutil.rmtree(stale, ignore_errors=True)
     stage = temp_sibling(out_dir / name, suffix=".partial")
     stage.mkdir()

@@ -61,6 +61,11 @@ class RunPaths:
         return self.root / "overlays"
 
     @property
+    def checkpoint_list(self) -> Path:
+        """``checkpoints.json``: each checkpoint folder of a finished run, by name."""
+        return self.root / "checkpoints.json"
+
+    @property
     def state(self) -> Path:
         return self.root / "run.json"
 
@@ -103,9 +108,11 @@ def keep_resume_state(paths: RunPaths, src: Path) -> None:
 def _publish(src: Path, dst: Path) -> None:
     """Copy the model files of ``src`` to ``dst`` atomically (temp sibling, then
     :func:`cellst.fs.replace_dir`, which puts the old folder back if the swap fails)."""
-    from cellst.fs import replace_dir, temp_sibling
+    from cellst.fs import replace_dir, stale_siblings, temp_sibling
 
-    tmp = temp_sibling(dst, suffix="")
+    for stale in [*stale_siblings(dst, ".publishing"), *stale_siblings(dst, "")]:
+        shutil.rmtree(stale, ignore_errors=True)  # of a rank 0 killed mid-copy
+    tmp = temp_sibling(dst, suffix=".publishing")
     tmp.mkdir(parents=True)
     try:
         for name in MODEL_FILES:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import signal
@@ -30,6 +29,7 @@ from cellst.data.store import CellStore, StoreError
 from cellst.experiment import ExperimentConfig
 from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
 from cellst.fingerprint import training_fingerprint
+from cellst.fs import atomic_write_json
 from cellst.model.checkpoint_files import is_checkpoint
 from cellst.raycluster import (
     ClusterError,
@@ -571,8 +571,11 @@ def train(
         if paths.overlays.is_dir():
             for png in sorted(paths.overlays.glob("*.png")):
                 log_artifact(png, "overlays")
-        ckpts = {p.name: str(p) for p in sorted(paths.checkpoints.iterdir()) if p.is_dir()}
-        (paths.root / "checkpoints.json").write_text(json.dumps(ckpts, indent=2))
-        log_artifact(paths.root / "checkpoints.json")
+        ckpts = {
+            p.name: str(p)
+            for p in sorted(paths.checkpoints.iterdir())
+            if p.is_dir() and not p.name.startswith(".")  # not a copy left half-made
+        }
+        log_artifact(atomic_write_json(paths.checkpoint_list, ckpts))
     paths.write_state(status="finished", metrics=metrics, tracking=pending_note(paths.root))
     return TrainResult(paths.root, metrics, run_id)

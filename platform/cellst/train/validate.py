@@ -61,13 +61,15 @@ def validate(
     was_training = model.training
     model.eval()
     rows, kept = [], []
-    maps = predict_val_maps(model, store, ids, infer, device)
-    for item, item_maps in zip(ids, maps, strict=True):
-        scores, pred = score_item(item_maps, post, ev)
-        rows.append({"id": item, "modality": store.row(item).modality, **scores})
-        if len(kept) < keep:
-            kept.append((item, pred))
-    model.train(was_training)
+    try:  # an item that fails leaves the model in the mode it came in
+        maps = predict_val_maps(model, store, ids, infer, device)
+        for item, item_maps in zip(ids, maps, strict=True):
+            scores, pred = score_item(item_maps, post, ev)
+            rows.append({"id": item, "modality": store.row(item).modality, **scores})
+            if len(kept) < keep:
+                kept.append((item, pred))
+    finally:
+        model.train(was_training)
     summary = summarize(rows, by="modality")
     metrics = {
         f"val_{k}": float(summary[k] or 0.0)
