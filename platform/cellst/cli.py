@@ -247,6 +247,7 @@ def ingest(
     failed ingest leaves the previous store unchanged. Re-running only ingests new or
     changed files.
     """
+    from cellst.data.ingest import REPORT as INGEST_REPORT
     from cellst.data.ingest import check_source, check_target
     from cellst.data.ingest import ingest as run_ingest
     from cellst.data.store import CellStore
@@ -279,7 +280,7 @@ def ingest(
     if result.skipped:
         err_console.print(
             f"[yellow]skipped {len(result.skipped)} bad file(s)[/], "
-            f"see {Path(out) / 'ingest_report.json'}:"
+            f"see {Path(out) / INGEST_REPORT}:"
         )
         for path, why in result.skipped:
             err_console.print(f"  {path}: {why}", highlight=False, markup=False)

@@ -142,6 +142,16 @@ def training_fingerprint(cfg: Any, *, store: bool = True, version: int = VERSION
     return config_fingerprint(cfg, ignore)
 
 
+def file_sha256(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (a source image's, a checkpoint's
+    weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def checkpoint_fingerprint(path: str | os.PathLike[str]) -> list:
     """Cheap identity of a checkpoint's weights (path, size and mtime of ``model.pt``)."""
     from cellst.model.checkpoint_files import WEIGHTS_FILE

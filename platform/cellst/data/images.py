@@ -7,7 +7,6 @@ baseline does: each channel is rescaled between percentiles of its non-zero pixe
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,17 +24,14 @@ from cellst.provenance import SOFTWARE_TAG
 LABEL_SUFFIX = "_label"
 
 
+def label_file_name(name: str) -> str:
+    """``NAME_label.tiff``: the challenge's file name of image ``NAME``'s instance map, as
+    cellst writes it (``cellst predict --out``, ``cellst segment``, ``cellst synth``)."""
+    return f"{name}{LABEL_SUFFIX}.tiff"
+
+
 class ImageFormatError(ValueError):
     """A file is unreadable or its content is not what cellst expects; names the file."""
-
-
-def file_sha256(path: str | Path, block: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 #: leading bytes of each accepted file format (TIFF and BigTIFF in both byte orders)

@@ -58,7 +58,6 @@ from cellst.data.images import (
     check_header,
     declared_pixels,
     declared_shape,
-    file_sha256,
     image_height_width,
     normalize_image,
     normalize_tiff_tiled,
@@ -82,6 +81,7 @@ from cellst.data.store import (
     write_array,
     write_manifest,
 )
+from cellst.fingerprint import file_sha256
 from cellst.raycluster import as_completed, check_shared_paths, ensure_ray
 
 REPORT = "ingest_report.json"

@@ -38,6 +38,8 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage.measure import label as cc_label
 
+from cellst.data.images import label_file_name
+from cellst.data.modalities import MODALITIES_FILE
 from cellst.fs import atomic_write
 
 __all__ = [
@@ -648,7 +650,7 @@ def synthesize_dataset(
         image, label = synth_image(rng, mod, shape)
         _save_image(out / split / "images" / f"{name}{ext}", image)
         if split != "unlabeled":
-            _save_label(out / split / "labels" / f"{name}_label.tiff", label)
+            _save_label(out / split / "labels" / label_file_name(name), label)
         rows.append((name, mod))
         s = summary["splits"][split]
         s["modalities"][mod] = s["modalities"].get(mod, 0) + 1
@@ -661,7 +663,7 @@ def synthesize_dataset(
             wr.writerows(rows)
 
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "modalities.csv", _write_csv)
+    _atomic_write(out / MODALITIES_FILE, _write_csv)
     params = {
         "generator": "cellst.data.synth",
         "version": 1,

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from cellst.data.datasource import READ_CPUS
 from cellst.data.images import (
+    label_file_name,
     label_tiff_record,
     normalize_image,
     read_array,
@@ -371,7 +372,7 @@ def postprocess_and_write(
                 "node_id": node,  # the Ray node that predicted it (multi-node runs)
             }
             if out_dir is not None:
-                write_label_tiff(Path(out_dir) / f"{item_id}_label.tiff", label, model_id)
+                write_label_tiff(Path(out_dir) / label_file_name(item_id), label, model_id)
             if store_root is not None:
                 ignore = None
                 if ignore_band > 0:
@@ -437,7 +438,7 @@ def check_out_folder(out: Path, ids: list[str], model_id: str, overwrite: bool) 
     other: list[Path] = []
     unrecorded: list[Path] = []
     for item in ids:
-        path = out / f"{item}_label.tiff"
+        path = out / label_file_name(item)
         if not (path.exists() or path.is_symlink()):
             continue
         record = label_tiff_record(path)

@@ -45,6 +45,7 @@ from cellst.data.images import (
     LABEL_SUFFIX,
     declared_pixels,
     declared_shape,
+    label_file_name,
 )
 from cellst.errors import first_line
 from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
@@ -370,7 +371,7 @@ def stale_outputs(
         for f, is_ours in ours
         if f not in written and (out_dir / f).exists() and is_ours(out_dir / f)
     ]
-    previous = out_dir / f"{name}{LABEL_SUFFIX}.tiff"
+    previous = out_dir / label_file_name(name)
     if not candidates or not previous.is_file() or not is_cellst_label_tiff(previous):
         return []  # nothing that could be stale: the earlier label is not even read
     try:
@@ -489,7 +490,7 @@ def _write_outputs_into(
     from cellst.data.images import to_hwc, write_label_tiff
 
     written: list[Path] = []
-    tiff = out_dir / f"{name}{LABEL_SUFFIX}.tiff"
+    tiff = out_dir / label_file_name(name)
     write_label_tiff(tiff, label)
     written.append(tiff)
     if cfg.save_png:

@@ -9,7 +9,6 @@ module and fail on a bad ``model.json`` before importing torch (seconds per proc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from cellst import __version__
+from cellst.fingerprint import file_sha256
 from cellst.model.config import ModelConfig
 
 __all__ = [
@@ -119,11 +119,7 @@ def weights_digest(directory: str | os.PathLike[str]) -> str:
         raise CheckpointError(
             f"checkpoint {directory} has no {WEIGHTS_FILE} ({weights} is missing)"
         )
-    h = hashlib.sha256()
-    with open(weights, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(weights)
 
 
 def save_postprocess(
