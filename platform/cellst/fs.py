@@ -30,6 +30,16 @@ def temp_sibling(path: str | os.PathLike[str], suffix: str = ".tmp") -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{suffix}")
 
 
+def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Hard-link ``src`` at ``dst``, or copy it (with its times) where the file system
+    cannot link (another device, no hard links): the ``copy_function`` of a cheap
+    :func:`shutil.copytree` of files that are never modified in place."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def stale_siblings(path: str | os.PathLike[str], suffix: str = ".tmp") -> list[Path]:
     """The :func:`temp_sibling` names of ``path`` with ``suffix`` that exist: left by a
     process killed before its clean-up (call it where no other writer of ``path`` runs)."""

@@ -93,13 +93,6 @@ def _write_item_table(folder: Path) -> pd.DataFrame:
     return df
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 class PseudoLabelSet:
     """One pseudo-label set, ``<store>/pseudo/<name>/``.
 
@@ -284,13 +277,13 @@ class PseudoLabelSet:
                 for item in source.done_items():
                     if item not in seen:
                         shutil.copytree(
-                            source.item_path(item), stage / item, copy_function=_link_or_copy
+                            source.item_path(item), stage / item, copy_function=fs.link_or_copy
                         )
                         if source.has_ignore(item):
                             shutil.copytree(
                                 source.ignore_path(item),
                                 stage / IGNORE_DIR / item,
-                                copy_function=_link_or_copy,
+                                copy_function=fs.link_or_copy,
                             )
                         seen.add(item)
             fs.atomic_write_json(stage / SET_META, {**meta, "sources": sources})

@@ -18,7 +18,6 @@ where Ray Train keeps none), in ``resume/train_state.pt``.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +107,7 @@ def keep_resume_state(paths: RunPaths, src: Path) -> None:
 def _publish(src: Path, dst: Path) -> None:
     """Copy the model files of ``src`` to ``dst`` atomically (temp sibling, then
     :func:`cellst.fs.replace_dir`, which puts the old folder back if the swap fails)."""
-    from cellst.fs import replace_dir, stale_siblings, temp_sibling
+    from cellst.fs import link_or_copy, replace_dir, stale_siblings, temp_sibling
 
     for stale in [*stale_siblings(dst, ".publishing"), *stale_siblings(dst, "")]:
         shutil.rmtree(stale, ignore_errors=True)  # of a rank 0 killed mid-copy
@@ -116,10 +115,7 @@ def _publish(src: Path, dst: Path) -> None:
     tmp.mkdir(parents=True)
     try:
         for name in MODEL_FILES:
-            try:
-                os.link(src / name, tmp / name)
-            except OSError:
-                shutil.copy2(src / name, tmp / name)
+            link_or_copy(src / name, tmp / name)
         replace_dir(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
