@@ -192,3 +192,20 @@ def test_augmenter_turns_encoded_pixels_into_the_loss_ignore_mask():
     axis = next(a for a in (0, 1) if np.array_equal(got, np.flip(ignore, a)))
     want = make_targets(torch.from_numpy(np.ascontiguousarray(np.flip(label, axis)))[None])
     assert torch.equal(batch.targets["np_onehot"], want["np_onehot"])
+
+
+def test_a_removed_set_never_stays_half_deleted_under_its_name(tmp_path):
+    """Deleting in place left a half set, still listed and read, when interrupted. The set
+    is renamed aside first; what an interrupted deletion left is removed the next time."""
+    from cellst.fs import stale_siblings
+
+    s = PseudoLabelSet(tmp_path, "p")
+    s.create({})
+    s.write_item("a", _label(1), {"id": "a"})
+    s.collect_stats()
+    left = tmp_path / "pseudo" / ".p.0123abcd.removing"  # a deletion killed midway
+    left.mkdir()
+    s.remove()
+    assert not s.exists() and pseudo_set_names(tmp_path) == []
+    assert not stale_siblings(s.path, ".removing") and not left.exists()
+    s.remove()  # nothing there: nothing happens

@@ -40,6 +40,21 @@ def link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> No
         shutil.copy2(src, dst)
 
 
+def remove_dir(path: str | os.PathLike[str]) -> None:
+    """Delete folder ``path`` (nothing happens if it does not exist) so that it never
+    stays half-deleted under its own name: it is renamed to a hidden
+    :func:`temp_sibling` (``.removing``) first, which :func:`stale_siblings` finds if the
+    deletion is interrupted."""
+    path = Path(path)
+    for stale in stale_siblings(path, ".removing"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if not path.exists():
+        return
+    aside = temp_sibling(path, suffix=".removing")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def stale_siblings(path: str | os.PathLike[str], suffix: str = ".tmp") -> list[Path]:
     """The :func:`temp_sibling` names of ``path`` with ``suffix`` that exist: left by a
     process killed before its clean-up (call it where no other writer of ``path`` runs)."""

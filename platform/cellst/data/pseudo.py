@@ -245,8 +245,9 @@ class PseudoLabelSet:
         return _write_item_table(self.path)
 
     def remove(self) -> None:
-        """Delete the set (nothing happens if it does not exist)."""
-        remove_tree(self.path)
+        """Delete the set (nothing happens if it does not exist); an interrupted deletion
+        leaves no half set under its name (:func:`cellst.fs.remove_dir`)."""
+        fs.remove_dir(self.path)
 
     @classmethod
     def combine(
@@ -267,6 +268,7 @@ class PseudoLabelSet:
         for stale in [
             *fs.stale_siblings(dest.path, ".staging"),
             *fs.stale_siblings(dest.path, ".old"),
+            *fs.stale_siblings(dest.path, ".removing"),
             *base.glob(f".tmp-{name}-*"),  # names of cellst before this module
             *base.glob(f".old-{name}-*"),
         ]:
