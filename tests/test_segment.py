@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -528,6 +530,11 @@ def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, 
     seg = cfg.segment.model_copy(update={"exclude_on_edges": True})
     ray_out, local_out = tmp_path / "ray", tmp_path / "local"
     kw = {"infer": cfg.inference, "segment_cfg": seg, "ingest": cfg.ingest}
+    # the staging folder of a segment run killed earlier (its process gone) is removed
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    killed = ray_out / f".cellst-segment-{socket.gethostname()}-{gone.pid}-abc123"
+    killed.mkdir(parents=True)
     on_ray = segment([images], checkpoint, out_dir=ray_out, ray=True, **kw)
     assert on_ray.mode == "ray"
     assert [p for p, _ in on_ray.failed] == [str(bad)]
@@ -544,6 +551,7 @@ def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, 
             tifffile.imread(local_out / f"{stem}_label.tiff"),
         )
     assert not [p for p in ray_out.iterdir() if p.name.startswith(".")]  # staging removed
+    assert not killed.exists()
     # ... and the setting mattered: with the default percentiles some label differs
     default_out = tmp_path / "default"
     kw["ingest"] = load_config(None, []).ingest

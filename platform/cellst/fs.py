@@ -69,20 +69,26 @@ class NotWritableError(ValueError):
     """A folder cellst must write into cannot take files; one line naming it."""
 
 
-def process_temp_dir(prefix: str) -> Path:
-    """A new folder in the system's temporary folder, named for this host and process
-    (``PREFIX<host>-<pid>-<random>``), so that :func:`remove_orphan_temp_dirs` can tell
-    when its owner is gone. For scratch space a process removes itself when done."""
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-"))
+def process_temp_dir(prefix: str, parent: str | os.PathLike[str] | None = None) -> Path:
+    """A new folder in ``parent`` (default: the system's temporary folder), named for this
+    host and process (``PREFIX<host>-<pid>-<random>``), so that
+    :func:`remove_orphan_temp_dirs` can tell when its owner is gone. For scratch space a
+    process removes itself when done."""
+    own = f"{prefix}{socket.gethostname()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=own, dir=None if parent is None else str(parent)))
 
 
-def remove_orphan_temp_dirs(prefix: str) -> list[Path]:
-    """Remove this host's :func:`process_temp_dir` folders whose process no longer runs
-    (killed before its own clean-up, e.g. a training worker lost mid-checkpoint); those of
-    live processes and of other hosts (a shared temporary folder) are left alone."""
+def remove_orphan_temp_dirs(
+    prefix: str, parent: str | os.PathLike[str] | None = None
+) -> list[Path]:
+    """Remove this host's :func:`process_temp_dir` folders (in ``parent``, default the
+    system's temporary folder) whose process no longer runs (killed before its own
+    clean-up, e.g. a training worker lost mid-checkpoint); those of live processes and of
+    other hosts (a shared folder) are left alone."""
     own = f"{prefix}{socket.gethostname()}-"
     removed = []
-    for folder in Path(tempfile.gettempdir()).glob(f"{own}*"):
+    where = Path(tempfile.gettempdir() if parent is None else parent)
+    for folder in where.glob(f"{own}*"):
         pid = folder.name[len(own) :].split("-", 1)[0]
         if not pid.isdigit() or not folder.is_dir():
             continue

@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from cellst.data.images import (
     label_file_name,
 )
 from cellst.errors import first_line
+from cellst.fs import process_temp_dir, remove_orphan_temp_dirs
 from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
 from cellst.model.checkpoint_files import INFO_FILE, is_checkpoint
 from cellst.provenance import PNG_SOFTWARE_KEY, SOFTWARE_TAG, is_cellst_png
@@ -695,6 +695,10 @@ def segment_in_process(
     return result
 
 
+#: the hidden folder ``cellst segment`` on Ray predicts into, in each output folder
+STAGING_PREFIX = ".cellst-segment-"
+
+
 def segment_on_ray(
     paths: Sequence[Path],
     checkpoint: str | os.PathLike[str],
@@ -738,7 +742,8 @@ def segment_on_ray(
         groups.setdefault((p.parent, _out_dir(p, out)), []).append(p)
     for (folder, dest), members in groups.items():
         dest.mkdir(parents=True, exist_ok=True)
-        staging = dest / f".cellst-segment-{uuid.uuid4().hex[:8]}"
+        remove_orphan_temp_dirs(STAGING_PREFIX, dest)  # of a segment run killed earlier
+        staging = process_temp_dir(STAGING_PREFIX, dest)
         try:
             run = predict(
                 ckpt,
@@ -760,7 +765,7 @@ def segment_on_ray(
                 path = by_stem[name]
                 try:
                     label = filter_instances(
-                        tifffile.imread(staging / f"{name}_label.tiff"),
+                        tifffile.imread(staging / label_file_name(name)),
                         cfg.exclude_on_edges,
                         cfg.min_size,
                     )
