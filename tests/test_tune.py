@@ -4,6 +4,8 @@ MLflow parent/child runs, outputs, and resume."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -87,6 +89,30 @@ def test_a_damaged_checkpoint_is_named_before_the_sweep_starts(store_dir, tmp_pa
     res = runner.invoke(app, ["tune", str(cfg)])
     assert res.exit_code == 1, res.output
     assert f"{ckpt / 'model.json'} is not readable JSON" in " ".join(res.output.split())
+
+
+def test_a_stopped_trials_placement_group_is_released_and_its_run_marked(ray_session, tmp_path):
+    """What Tune leaves when it stops a training trial (ray-project/ray#54305): the worker
+    group's placement group, and a run.json saying "running". Both are put right."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from cellst.fs import atomic_write_json
+    from cellst.tune.sweep import release_stopped_trial, trial_run_dir
+
+    pg = placement_group([{"CPU": 0.01}])
+    ray.get(pg.ready(), timeout=60)
+    run = trial_run_dir(tmp_path, "s", "abc_00001")
+    atomic_write_json(run / "workers" / "rank0.json", {"rank": 0, "placement_group": pg.id.hex()})
+    atomic_write_json(run / "run.json", {"status": "running"})
+    assert release_stopped_trial(run) == [pg.id.hex()]
+    assert ray.util.placement_group_table(pg)["state"] == "REMOVED"
+    assert json.loads((run / "run.json").read_text())["status"] == "stopped"
+    assert release_stopped_trial(run) == []  # nothing left to release
+    finished = trial_run_dir(tmp_path, "s", "abc_00002")
+    atomic_write_json(finished / "run.json", {"status": "finished"})
+    assert release_stopped_trial(finished) == []
+    assert json.loads((finished / "run.json").read_text())["status"] == "finished"
 
 
 def test_trial_settings_apply_like_overrides():
@@ -234,12 +260,24 @@ def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
             "tracking.system_metrics=false",
             "tune.mode=train",
             "tune.num_samples=1",
-            "tune.scheduler=fifo",
+            "tune.scheduler=asha",
             f"tune.run_dir={tmp_path}",
             'tune.space={"train.lr": {"grid": [0.001, 0.003]}}',
         ],
     )
-    result = run_sweep(cfg, log=lambda _: None)
+    # ASHA stopped the first trial at its last epoch (max_t), and the worker group's
+    # placement group outlived it: the second trial waited for its CPUs for ever
+    import ray
+
+    before = set(ray.util.placement_group_table())
+    done: dict = {}
+    sweep = threading.Thread(
+        target=lambda: done.update(result=run_sweep(cfg, log=lambda _: None)), daemon=True
+    )
+    sweep.start()
+    sweep.join(timeout=420)
+    assert "result" in done, "the sweep did not end: a stopped trial's CPUs were never freed"
+    result = done["result"]
     table = result.table
     assert len(table) == 2 and (table["status"] == "done").all()
     assert table["iterations"].tolist() == [2, 2]  # one report per epoch reached Tune
@@ -247,6 +285,25 @@ def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
     trials = sorted((tmp_path / "ts" / "trials").iterdir())
     runs = [p for p in trials if (p / "checkpoints" / "best" / "model.json").is_file()]
     assert len(runs) == 2
+    # the first trial ends by itself (calibrated); a trial ASHA stops is never "running"
+    states = {p: json.loads((p / "run.json").read_text())["status"] for p in runs}
+    assert "finished" in states.values(), states
+    assert set(states.values()) <= {"finished", "stopped"}, states
+    for run, state in states.items():
+        assert state != "finished" or (run / "checkpoints" / "best" / "postprocess.json").is_file()
+    # every placement group of the sweep is gone (Tune removes its trials' own as it
+    # winds down, so give that a moment)
+    deadline = time.time() + 60
+    while True:
+        left = {
+            k: v["state"]
+            for k, v in ray.util.placement_group_table().items()
+            if k not in before and v["state"] != "REMOVED"
+        }
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, left
     client = MlflowClient(result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
     children = client.search_runs(

@@ -44,6 +44,11 @@ def _all_finite(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def _placement_group_id() -> str | None:
+    pg = ray.util.get_current_placement_group()
+    return None if pg is None else pg.id.hex()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function. ``config`` comes from :func:`cellst.train.trainer.train`."""
     from cellst.experiment import ExperimentConfig  # configs only: no torch, no Ray Data
@@ -107,6 +112,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "device": str(device),
+            # the worker group's placement group (None in local mode): what a sweep
+            # releases when Tune stops a trial (cellst.tune.sweep.ReleaseStoppedTrials)
+            "placement_group": _placement_group_id(),
         },
     )
 

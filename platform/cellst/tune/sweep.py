@@ -39,7 +39,7 @@ import pandas as pd
 
 from cellst.data.store import CellStore, StoreError
 from cellst.experiment import ExperimentConfig
-from cellst.fs import atomic_write, atomic_write_bytes
+from cellst.fs import atomic_write, atomic_write_bytes, read_json
 from cellst.tune.space import plain
 
 
@@ -196,12 +196,67 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     trial = tune.get_context().get_trial_id()
     train(
         cfg,
-        run_name=f"{ctx['name']}-{trial}",
+        run_name=trial_run_dir(Path(ctx["root"]), ctx["name"], trial).name,
         parent_run_id=ctx["parent_id"],
         tags={"cellst.stage": "tune.trial", "cellst.tune.trial_id": trial},
         callbacks=[TuneReportCallback()],
         force=True,  # a restored trial starts over (Tune restores its own state)
     )
+
+
+def trial_run_dir(root: Path, name: str, trial_id: str) -> Path:
+    """The training run folder of a training sweep's trial (as :func:`_train_trial` names it)."""
+    return root / "trials" / f"{name}-{trial_id}"
+
+
+def release_stopped_trial(run_dir: Path) -> list[str]:
+    """Release what a training trial that Tune stopped left holding; the placement groups
+    removed.
+
+    When Tune stops a trial (ASHA's early stopping, ``max_t``), it ends the trial's actor,
+    and with it the Ray Train controller it owns, but the worker group's placement group
+    lives on with the sweep's driver (Ray Train V2, ray-project/ray#54305): its CPUs stay
+    taken and the next trial waits for them for ever. The workers recorded theirs
+    (``workers/rank*.json``); a group still there is removed. A ``run.json`` left
+    ``running`` becomes ``stopped`` (by the sweep's scheduler), never "running".
+    """
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    from cellst.train.checkpoints import RunPaths
+
+    ids = set()
+    for record in sorted((run_dir / "workers").glob("rank*.json")):
+        try:
+            pg = read_json(record).get("placement_group")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if pg:
+            ids.add(pg)
+    removed = []
+    table = ray.util.placement_group_table()
+    for pg in sorted(ids):
+        if table.get(pg, {}).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
+            removed.append(pg)
+    paths = RunPaths(run_dir)
+    if paths.read_state().get("status") == "running":
+        paths.write_state(status="stopped", error="stopped by the sweep's scheduler")
+    return removed
+
+
+def _release_callback(root: Path, name: str):
+    """A Tune callback that runs :func:`release_stopped_trial` on each trial that ends."""
+    from ray import tune
+
+    class ReleaseStoppedTrials(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            release_stopped_trial(trial_run_dir(root, name, trial.trial_id))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            release_stopped_trial(trial_run_dir(root, name, trial.trial_id))
+
+    return ReleaseStoppedTrials()
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -229,7 +284,7 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from cellst.config import dump_config
-    from cellst.fs import atomic_write_json, read_json
+    from cellst.fs import atomic_write_json
     from cellst.raycluster import ensure_ray, verbose
     from cellst.tracking import (
         check_tracking,
@@ -304,6 +359,7 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
             "parent_id": parent_id,
             "tracking": tracking.model_dump(mode="json"),
         }
+        callbacks: list = []
         if t.mode == "postprocess":
             from cellst.postprocess.calibrate import effective_postprocess
 
@@ -341,12 +397,15 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
             scheduler = (
                 ASHAScheduler(
                     time_attr="training_iteration",
-                    max_t=t_cfg.epochs,
+                    # past the last epoch: a trial that gets there ends by itself, its
+                    # checkpoints calibrated, instead of being stopped at its last report
+                    max_t=t_cfg.epochs + 1,
                     grace_period=min(t.grace_period, t_cfg.epochs),
                 )
                 if t.scheduler == "asha"
                 else None
             )
+            callbacks.append(_release_callback(root, name))
         concurrency = _concurrency(cfg, per_trial)
         log(
             f"[tune] {t.mode} sweep {name}: {t.num_samples} sample(s) of "
@@ -375,6 +434,7 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
                     storage_path=str(root / "_ray"),
                     verbose=0,
                     failure_config=tune.FailureConfig(max_failures=1),
+                    callbacks=callbacks,
                 ),
             )
         t0 = time.perf_counter()
