@@ -389,6 +389,66 @@ def test_predict_folder_to_tiffs(ray_session, synth_src, lite_checkpoint, tmp_pa
         predict(lite_checkpoint, folder, ingest=IngestConfig(high_percentile=60), **kw)
     again = predict(lite_checkpoint, folder, **kw)
     assert again.written == [] and sorted(again.skipped) == names
+    # so do flip TTA and cell-size rescaling: a re-run with them kept the earlier labels
+    for infer in (
+        InferenceConfig(roi=128, tta=True),
+        InferenceConfig(roi=128, rescale_diameter=40),
+    ):
+        with pytest.raises(StoreError, match="another model, post-processing or inference"):
+            predict(lite_checkpoint, folder, **{**kw, "infer": infer})
+    # the window's batch size changes no label: resumed
+    more = predict(
+        lite_checkpoint, folder, **{**kw, "infer": InferenceConfig(roi=128, sw_batch_size=2)}
+    )
+    assert more.written == []
+
+
+def test_a_set_resumed_with_other_inference_settings_is_refused(
+    store_dir, lite_checkpoint, tmp_path
+):
+    """A pseudo-label set records its inference settings; resuming it with flip TTA (or
+    rescaling) on would mix two kinds of labels, and is refused naming the setting. A set
+    of a cellst that did not record them yet is resumed as before."""
+    import json
+    import shutil
+
+    from cellst.data.store import CellStore
+    from cellst.inference.batch import inference_identity, model_identity
+    from cellst.model.checkpoint_files import weights_digest
+    from cellst.postprocess import PostprocessConfig
+
+    store = tmp_path / "store"
+    shutil.copytree(store_dir, store)
+    ids = CellStore(store, lease=False).ids("unlabeled")[:2]
+    kw = {"set_name": "p", "ids": ids, "progress": False}
+    here = PredictConfig(num_actors=0)
+    plain = InferenceConfig(roi=128)
+    predict(
+        lite_checkpoint,
+        store,
+        infer=plain,
+        resources=here,
+        ids=ids[:1],
+        set_name="p",
+        progress=False,
+    )
+    info = json.loads((store / "pseudo" / "p" / "set.json").read_text())
+    assert info["inference"] == {"roi": 128}
+    with pytest.raises(StoreError, match="inference tta default there, True now"):
+        predict(
+            lite_checkpoint, store, infer=InferenceConfig(roi=128, tta=True), resources=here, **kw
+        )
+    res = predict(lite_checkpoint, store, infer=plain, resources=here, **kw)
+    assert res.written == ids[1:]
+    # written before inference settings were recorded: its digest left them out
+    post = PostprocessConfig.model_validate(info["postprocess"])
+    legacy = model_identity(weights_digest(lite_checkpoint), post)
+    assert legacy["model_id"] != info["model_id"]
+    del info["inference"]
+    info["model_id"] = legacy["model_id"]
+    (store / "pseudo" / "p" / "set.json").write_text(json.dumps(info))
+    again = predict(lite_checkpoint, store, infer=plain, resources=here, **kw)
+    assert again.written == [] and inference_identity(plain) == {"roi": 128}
 
 
 def test_predict_bad_requests(ray_session, store_dir, lite_checkpoint, tmp_path):

@@ -21,7 +21,8 @@ Failures:
 * the checkpoint is loaded and checked in the driver before any Ray work or any write, so a
   bad one is one line and leaves nothing behind;
 * a set records the identity of the model that writes it (``set.json``: the sha256 of the
-  weights and the effective post-processing settings, :func:`model_identity`); resuming it
+  weights, the effective post-processing settings and the inference settings other than
+  the defaults, such as flip TTA, :func:`model_identity`); resuming it
   with another model is refused, so a set never mixes two models' labels. Each actor checks
   that the weights it loaded are still the ones the driver checked;
 * an item that cannot be read, predicted or written is reported by name while the others
@@ -136,16 +137,39 @@ def check_checkpoint(checkpoint: str | Path) -> str:
         raise StoreError(text if str(path) in text else f"checkpoint {path}: {text}") from None
 
 
+#: inference settings that change only speed and memory, never a prediction
+SPEED_ONLY_INFERENCE = frozenset({"sw_batch_size"})
+
+
+def inference_identity(infer: InferenceConfig) -> dict[str, Any]:
+    """The inference settings of ``infer`` that make other labels than the defaults do
+    (flip TTA, cell-size rescaling, window size and overlap...): part of a prediction's
+    :func:`model_identity`."""
+    dump = infer.model_dump(mode="json", exclude_defaults=True)
+    return {k: v for k, v in sorted(dump.items()) if k not in SPEED_ONLY_INFERENCE}
+
+
+def _digest(what: dict[str, Any]) -> str:
+    return stable_hash(what, spaced=True)
+
+
 def model_identity(
-    weights_sha256: str, post: Any, ignore_band: float = 0.0, normalization: str = ""
+    weights_sha256: str,
+    post: Any,
+    ignore_band: float = 0.0,
+    normalization: str = "",
+    inference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What makes a set's labels: the weights (sha256), the effective post-processing and,
-    where used, the uncertainty band of the ignore masks and the normalisation of a
-    folder's images when it is not ingest's default.
+    where used, the uncertainty band of the ignore masks, the normalisation of a folder's
+    images when it is not ingest's default, and inference settings other than the defaults
+    (:func:`inference_identity`).
 
     ``model_id`` is a short digest of them; a set is resumed only with the same one. (A set
-    without ignore masks, or a folder normalised as by default, has the digest that cellst
-    gave it before those were recorded.)
+    without ignore masks, or a folder normalised and predicted as by default, has the
+    digest that cellst gave it before those were recorded.) The inference settings are
+    recorded beside it (``inference``, ``{}`` for the defaults), also when the digest
+    leaves them out.
     """
     settings = post.model_dump(mode="json")
     what: dict[str, Any] = {"weights_sha256": weights_sha256, "postprocess": settings}
@@ -153,7 +177,18 @@ def model_identity(
         what["ignore_band"] = float(ignore_band)
     if normalization:
         what["normalization"] = normalization
-    return {"model_id": stable_hash(what, spaced=True), **what}
+    hashed = {**what, "inference": inference} if inference else what
+    return {"model_id": _digest(hashed), **what, "inference": dict(inference or {})}
+
+
+def _recorded_before_inference(old: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """A set written before cellst recorded inference settings (no ``inference`` in its
+    ``set.json``) by this model: its digest is this identity's without them. Its inference
+    settings cannot be checked; it is resumed as it was then."""
+    if "inference" in old or "model_id" not in old:
+        return False
+    what = {k: v for k, v in identity.items() if k not in ("model_id", "inference")}
+    return old["model_id"] == _digest(what)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -450,7 +485,7 @@ def check_out_folder(out: Path, ids: list[str], model_id: str, overwrite: bool) 
             (other if "model_id" in record else unrecorded).append(path)
     for paths, why in (
         (foreign, "was not written by cellst"),
-        (other, "holds the labels of another model or post-processing"),
+        (other, "holds the labels of another model, post-processing or inference settings"),
         (
             unrecorded,
             "was written by cellst without a record of its model (by `cellst "
@@ -487,6 +522,14 @@ def _mismatch(old: dict[str, Any], identity: dict[str, Any]) -> str:
     b_old, b_new = old.get("ignore_band", 0.0), identity.get("ignore_band", 0.0)
     if b_old != b_new:
         parts.append(f"ignore band {b_old} there, {b_new} now")
+    i_old, i_new = old.get("inference", {}), identity.get("inference", {})
+    changed = [
+        f"{k} {i_old.get(k, 'default')} there, {i_new.get(k, 'default')} now"
+        for k in sorted(set(i_old) | set(i_new))
+        if i_old.get(k) != i_new.get(k)
+    ]
+    if changed and "inference" in old:
+        parts.append("inference " + ", ".join(changed))
     return f"it was written by another model ({'; '.join(parts) or 'another model id'})"
 
 
@@ -503,6 +546,8 @@ def check_resume(
     """
     old = store.pseudo_set_info(set_name)
     items = store.pseudo_set(set_name).done_items()
+    if _recorded_before_inference(old, identity):
+        return True
     if old.get("model_id") != identity["model_id"] and items:
         raise StoreError(
             f"pseudo-label set {set_name!r} in {store.root} holds {len(items)} item(s) that "
@@ -681,7 +726,9 @@ def predict(
     normalization = (
         f"percentiles {norm.low_percentile:g}-{norm.high_percentile:g}" if custom else ""
     )
-    identity = model_identity(weights_sha256, post, ignore_band, normalization)
+    identity = model_identity(
+        weights_sha256, post, ignore_band, normalization, inference_identity(infer)
+    )
     resources = resources or PredictConfig()
     out = Path(out_dir).absolute() if out_dir is not None else None
     store = None
@@ -860,7 +907,9 @@ def predict_sets(
         if ck not in digests:
             digests[ck] = check_checkpoint(ck)
         checkpoints.append(ck)
-        identities.append(model_identity(digests[ck], r.post, r.ignore_band))
+        identities.append(
+            model_identity(digests[ck], r.post, r.ignore_band, inference=inference_identity(infer))
+        )
         check_resume(store, r.set_name, ck, identities[-1])  # before Ray starts
     ensure_ray(ray_address)
     resources = fit_resources(resources)
