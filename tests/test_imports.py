@@ -386,3 +386,25 @@ def test_checkpoint_layout_is_owned_by_one_module():
     code += (ROOT / "experiments").glob("*.py")
     owners = {str(p.relative_to(ROOT)) for p in code if spelled.search(p.read_text())}
     assert owners == {"platform/cellst/model/checkpoint_files.py"}, owners
+
+
+def test_closing_the_stream_closes_it_now_fetched_or_not():
+    """The training loop closes its crop stream when it ends, so that Ray Data's iterator
+    is finalised while Ray is up (finalised at exit, it called Ray after its shutdown,
+    which started a new local cluster and hung the command)."""
+    from cellst.train.loop import _first_item_fetched_now
+
+    closed: list[str] = []
+
+    def stream(name):
+        try:
+            yield from (1, 2, 3)
+        finally:
+            closed.append(name)
+
+    items = _first_item_fetched_now(stream("used"))
+    assert next(items) == 1 and next(items) == 2
+    items.close()
+    unused = _first_item_fetched_now(stream("unused"))  # only its first item fetched
+    unused.close()
+    assert closed == ["used", "unused"]

@@ -235,3 +235,30 @@ def test_otsu_baseline_is_learnable_but_not_trivial(tmp_path):
     detail = ", ".join(f"{m}={np.mean(v):.3f}" for m, v in per_mod.items())
     print(f"\nOtsu+CC baseline instance F1 (IoU>0.5): mean={mean_f1:.3f} ({detail})")
     assert 0.2 < mean_f1 < 0.9
+
+
+def test_a_new_dataset_replaces_an_earlier_one_whole_and_a_users_folder_is_refused(tmp_path):
+    """Synthesising a smaller dataset into the folder of a larger one kept the larger one's
+    other images beside the new ones (and a modalities.csv naming only the new ones): two
+    datasets mixed. The folder is replaced whole; a folder that is not one is refused."""
+    from typer.testing import CliRunner
+
+    from cellst.cli import app
+
+    out = tmp_path / "data"
+    kw = {"seed": 1, "min_size": 64, "max_size": 64, "progress": False}
+    synthesize_dataset(out, 3, 2, 1, **kw)
+    synthesize_dataset(out, 1, 0, 0, **kw)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "labeled/images/cell_00001.tif",
+        "labeled/labels/cell_00001_label.tiff",
+        "modalities.csv",
+        "synth.json",
+    ], files
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    res = CliRunner().invoke(app, ["synth", str(mine), "--n-labeled", "1", "--n-unlabeled", "0"])
+    assert res.exit_code == 1 and "holds no synthetic dataset" in res.output, res.output
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -247,6 +247,12 @@ def test_mlflow_holds_the_run(trained, learn_store):
         "step_loss",
     ):
         assert client.get_metric_history(res.mlflow_run_id, key), key
+    # the rate each epoch trained at: train.lr first, never the next epoch's rate
+    lrs = [
+        m.value
+        for m in sorted(client.get_metric_history(res.mlflow_run_id, "lr"), key=lambda m: m.step)
+    ]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[-1] > 0 and lrs == sorted(lrs, reverse=True)
     arts = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
     assert {"config.yaml", "checkpoints.json", "overlays"} <= arts
     overlays = client.list_artifacts(res.mlflow_run_id, "overlays")

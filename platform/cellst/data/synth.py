@@ -40,7 +40,7 @@ from skimage.measure import label as cc_label
 
 from cellst.data.images import label_file_name
 from cellst.data.modalities import MODALITIES_FILE
-from cellst.fs import atomic_write
+from cellst.fs import atomic_write, staged_dir
 
 __all__ = [
     "MODALITIES",
@@ -615,6 +615,36 @@ def synthesize_dataset(
     if any(v < 0 for v in counts.values()):
         raise ValueError(f"negative image count: {counts}")
 
+    _check_target(out)
+    with staged_dir(out) as stage:  # a killed run leaves the earlier dataset, or none
+        summary = _write_dataset(stage, counts, mods, seed, min_size, max_size, progress)
+    summary["out"] = str(out)
+    return summary
+
+
+def _check_target(out: Path) -> None:
+    """Refuse to write over a folder that is not an earlier synthetic dataset: it is
+    replaced whole (an earlier dataset of other sizes would otherwise keep images the new
+    one does not have, and mix with it)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder for the synthetic dataset")
+    if out.is_dir() and any(out.iterdir()) and not (out / "synth.json").is_file():
+        raise ValueError(
+            f"{out} is not empty and holds no synthetic dataset of cellst (no synth.json); "
+            "give a new or empty folder"
+        )
+
+
+def _write_dataset(
+    out: Path,
+    counts: dict[str, int],
+    mods: tuple[str, ...],
+    seed: int,
+    min_size: int,
+    max_size: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Write the dataset into the (staging) folder ``out``; its summary."""
     jobs = []
     for split in SPLITS:
         if counts[split] == 0:

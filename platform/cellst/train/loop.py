@@ -27,6 +27,8 @@ from cellst.fs import atomic_write_json, process_temp_dir, remove_orphan_temp_di
 if TYPE_CHECKING:
     import torch
 
+    from cellst.experiment import ExperimentConfig
+
 T = TypeVar("T")
 #: each epoch's checkpoint is written under a temporary folder of this prefix first
 CHECKPOINT_TEMP_PREFIX = "cellst-ckpt-"
@@ -70,6 +72,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             prefetch_batches=tcfg.prefetch_batches,
         )
     )
+    try:
+        _train(config, cfg, batches)
+    finally:
+        # now, while Ray is up: a stream finalised at exit (local mode runs in the driver)
+        # called Ray after its shutdown, which started a new local cluster and hung
+        batches.close()
+
+
+def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> None:
+    """The epochs of :func:`train_loop_per_worker` on its crop stream ``batches``."""
+    tcfg = cfg.train
     import torch
     from ray.train.torch import get_device, prepare_model
 
@@ -182,6 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch + 1, tcfg.epochs + 1):
         frozen = epoch <= tcfg.frozen_encoder_epochs
         opt.param_groups[0]["lr"] = 0.0 if frozen else opt.param_groups[1]["lr"]
+        lr = opt.param_groups[1]["lr"]  # the rate this epoch trains at (starts at)
         t0, n_seen, n_steps, sums, diverged = time.perf_counter(), 0, 0, {}, None
         busy = 0.0  # seconds spent stepping; the rest of the epoch waited for data
         first_batch_s = None  # stream start-up: until the first augmented batch arrived
@@ -235,7 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "epoch": epoch,
-            "lr": opt.param_groups[1]["lr"],
+            "lr": lr,
             "encoder_frozen": float(frozen),
             "images_per_s": n_seen * world / seconds if seconds > 0 else 0.0,
             # share of the epoch this worker waited for augmented batches (0: never starved)
@@ -333,33 +347,53 @@ def _resume_state(paths, local: bool, device: torch.device) -> dict[str, Any] | 
         return torch.load(Path(d) / TRAIN_STATE_FILE, map_location=device, weights_only=False)
 
 
-def _first_item_fetched_now(items: Iterator[T] | Any) -> Iterator[T]:
+class _FirstItemFetchedNow:
     """``items`` as an iterator whose first item is already being fetched, by a background
     thread, so that a lazy stream starts now rather than at the first ``next()``. An error
-    of that fetch is raised by the first ``next()``, as without the thread."""
-    it = iter(items)
-    box: dict[str, Any] = {}
+    of that fetch is raised by the first ``next()``, as without the thread. :meth:`close`
+    closes the stream (Ray Data's iterator ends its executor then, not at exit)."""
 
-    def fetch() -> None:
+    def __init__(self, items: Iterator[T] | Any):
+        self._it = iter(items)
+        self._box: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._fetch, name="cellst-first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
         try:
-            box["item"] = next(it)
+            self._box["item"] = next(self._it)
         except StopIteration:
-            pass
+            self._box["end"] = True
         except BaseException as exc:  # handed to the consumer below
-            box["error"] = exc
+            self._box["error"] = exc
 
-    thread = threading.Thread(target=fetch, name="cellst-first-batch", daemon=True)
-    thread.start()
+    def __iter__(self) -> _FirstItemFetchedNow:
+        return self
 
-    def chained() -> Iterator[T]:
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        if "item" in box:
-            yield box.pop("item")
-        yield from it
+    def __next__(self) -> T:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if "error" in self._box:
+                raise self._box.pop("error")
+            if "item" in self._box:
+                return self._box.pop("item")
+            if self._box.pop("end", False):
+                raise StopIteration
+        return next(self._it)
 
-    return chained()
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def _first_item_fetched_now(items: Iterator[T] | Any) -> _FirstItemFetchedNow:
+    """See :class:`_FirstItemFetchedNow`."""
+    return _FirstItemFetchedNow(items)
 
 
 def _write_param_digest(model: torch.nn.Module, path: Path) -> None:
