@@ -588,3 +588,45 @@ def test_model_id_keeps_the_digest_stored_sets_were_written_with():
             what["ignore_band"] = band
         before = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
         assert model_identity("ab" * 32, post, band)["model_id"] == before
+
+
+def test_pseudo_labels_of_images_a_reingest_changed_are_predicted_anew(
+    synth_src, store_dir, lite_checkpoint, tmp_path
+):
+    """A re-ingest that changed an unlabelled image left its pseudo-label (of the old image,
+    another shape) in the set: predict skipped it as done, training cut crops from it with
+    zero padding, export failed on its shape. Now readers refuse the set naming the item,
+    export leaves it out, and predict predicts it anew."""
+    import shutil
+
+    import tifffile
+
+    from cellst.data.datasource import crop_items
+    from cellst.data.images import read_array
+    from cellst.data.ingest import ingest
+    from cellst.data.store import CellStore
+    from cellst.export.omezarr import export_store
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    shutil.copytree(synth_src, src)
+    shutil.copytree(store_dir, store)
+    ids = ["unlabeled_00001", "unlabeled_00002"]
+    kw = {"set_name": "p", "ids": ids, "progress": False, "resources": PredictConfig(num_actors=0)}
+    kw["infer"] = InferenceConfig(roi=128)
+    assert sorted(predict(lite_checkpoint, store, **kw).written) == ids
+    # the first image replaced by one of another size, and ingested again
+    image = src / "unlabeled" / "images" / "unlabeled_00001.tif"
+    tifffile.imwrite(image, read_array(image)[:96, :80])
+    ingest(src, store, progress=False)
+    s = CellStore(store, lease=False)
+    with pytest.raises(StoreError, match=r"1 item\(s\) \(e.g. unlabeled_00001\) were predicted"):
+        crop_items(s, pseudo_set="p")
+    lines: list[str] = []
+    export_store(store, tmp_path / "exp", items=ids, log=lines.append, progress=False)
+    assert any("unlabeled_00001" in line and "left out" in line for line in lines), lines
+    again = predict(lite_checkpoint, store, **kw)
+    assert again.written == ["unlabeled_00001"] and again.skipped == ["unlabeled_00002"]
+    s = CellStore(store, lease=False)
+    assert s.pseudo_label("p", "unlabeled_00001").shape == (96, 80)
+    assert s.pseudo_set("p").stale_items(s.manifest) == []
+    assert len(crop_items(s, pseudo_set="p")) == 2

@@ -380,6 +380,7 @@ def crop_items(
         if ids is not None:
             df = df[df["id"].isin(set(ids))]
     else:
+        store.pseudo_set(pseudo_set).check_current(store.manifest)  # labels fit the images
         done = set(store.pseudo_items(pseudo_set)["id"])
         df = store.manifest[store.manifest["id"].isin(done)]
         if ids is not None:

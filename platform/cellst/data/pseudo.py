@@ -144,6 +144,51 @@ class PseudoLabelSet:
         """Items written so far (complete: every item is renamed into place when whole)."""
         return _item_folders(self.path)
 
+    def stale_items(self, manifest: pd.DataFrame, ids: Any = None) -> list[str]:
+        """Items (of ``ids``, default all) predicted from an image the store no longer
+        holds: a re-ingest changed it since. An item records the store array it was
+        predicted from (``image_array``); one written before that is compared by shape.
+        Items no longer in ``manifest`` count too."""
+        rows = manifest.set_index("id")
+        stale = []
+        for item in self.done_items() if ids is None else [i for i in ids if self.has_item(i)]:
+            try:
+                meta = fs.read_json(self.item_path(item) / "zarr.json")
+            except (OSError, ValueError):
+                continue  # unreadable: the reader of the label names it
+            if item not in rows.index:
+                stale.append(item)
+                continue
+            row = rows.loc[item]
+            key = (meta.get("attributes") or {}).get("image_array")
+            if key is not None:
+                changed = key != row["image_array"]
+            else:
+                changed = list(meta.get("shape", [])) != [int(row["height"]), int(row["width"])]
+            if changed:
+                stale.append(item)
+        return stale
+
+    def check_current(self, manifest: pd.DataFrame) -> None:
+        """Raise :class:`StoreError` when items were predicted from images a re-ingest
+        has changed since (their labels no longer fit the images)."""
+        stale = self.stale_items(manifest)
+        if stale:
+            raise StoreError(
+                f"pseudo-label set {self.name!r} of store {self.store_root}: {len(stale)} "
+                f"item(s) (e.g. {stale[0]}) were predicted from images a later ingest "
+                "changed; run the same `cellst predict` again to predict them anew"
+            )
+
+    def remove_items(self, items: list[str]) -> None:
+        """Delete items (and their ignore masks), each renamed aside first, and the item
+        table, which no longer describes the set (the run that re-predicts them writes it)."""
+        for item in items:
+            fs.remove_dir(self.ignore_path(item))
+            fs.remove_dir(self.item_path(item))
+        if items:
+            (self.path / ITEMS).unlink(missing_ok=True)
+
     def info(self) -> dict[str, Any]:
         """The set's record (``set.json``); an empty dict when it has none (written by an
         older cellst) or does not exist."""

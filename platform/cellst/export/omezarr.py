@@ -502,9 +502,20 @@ def export_store(
             raise StoreError(
                 f"pseudo-label set name {GROUND_TRUTH!r} clashes with the ground truth"
             )
+        # labels predicted from images a later ingest changed no longer fit: left out
+        stale = {s: set(store.pseudo_set(s).stale_items(store.manifest, ids)) for s in sets}
+        for s, items_ in stale.items():
+            if items_ and log is not None:
+                log(
+                    f"pseudo-label set {s!r}: {len(items_)} item(s) (e.g. {sorted(items_)[0]}) "
+                    "left out, predicted from images a later ingest changed; run "
+                    "`cellst predict` again to predict them anew"
+                )
         for item_id in tqdm(ids, desc="export", unit="item", disable=not progress):
             row = store.row(item_id)
-            held = [s for s in sets if store.pseudo_set(s).has_item(item_id)]
+            held = [
+                s for s in sets if store.pseudo_set(s).has_item(item_id) and item_id not in stale[s]
+            ]
             stamp = {
                 "store": str(store.root),
                 "item": item_id,

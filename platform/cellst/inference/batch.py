@@ -368,8 +368,12 @@ def postprocess_and_write(
     checkpoint: str,
     model_id: str = "",
     ignore_band: float = 0.0,
+    image_arrays: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """HoVer post-processing of each row's maps, then atomic writes.
+
+    ``image_arrays`` (item -> the store array its image was read from) is recorded with
+    each pseudo-label, so a later re-ingest that changes the image makes it stale.
 
     With ``ignore_band`` > 0, a pseudo-label set also gets each item's ignore mask
     (:func:`uncertain_pixels`). Returns one row per item: ``id``, ``error`` (empty when
@@ -406,6 +410,8 @@ def postprocess_and_write(
                 "written_at": time.time(),
                 "node_id": node,  # the Ray node that predicted it (multi-node runs)
             }
+            if image_arrays and str(item_id) in image_arrays:
+                stats["image_array"] = image_arrays[str(item_id)]
             if out_dir is not None:
                 write_label_tiff(Path(out_dir) / label_file_name(item_id), label, model_id)
             if store_root is not None:
@@ -440,6 +446,25 @@ def _read_folder_image(
 
 
 # ----------------------------------------------------------------------------- driver
+def _image_arrays(store: CellStore, ids: list[str]) -> dict[str, str]:
+    """Item -> the store array of its image now (recorded with each pseudo-label)."""
+    rows = store.manifest.set_index("id")["image_array"]
+    return {i: str(rows[i]) for i in ids}
+
+
+def _drop_stale(store: CellStore, set_name: str, ids: list[str]) -> None:
+    """Remove the set's items of ``ids`` predicted from images a re-ingest changed since,
+    so that this run predicts them anew (they were kept as done, and trained on)."""
+    pset = store.pseudo_set(set_name)
+    stale = pset.stale_items(store.manifest, ids)
+    if stale:
+        print(
+            f"{len(stale)} item(s) of pseudo-label set {set_name!r} (e.g. {stale[0]}) were "
+            "predicted from images a later ingest changed: predicting them anew"
+        )
+        pset.remove_items(stale)
+
+
 def done_items(
     store: CellStore | None, set_name: str | None, out_done: set[str] | None
 ) -> set[str]:
@@ -769,6 +794,7 @@ def predict(
     )
     if store is not None and set_name is not None:
         prepare_set(store, set_name, checkpoint, overwrite, identity)
+        _drop_stale(store, set_name, ids)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     done = done_items(store, set_name, out_done)
@@ -808,6 +834,7 @@ def predict(
             "checkpoint": checkpoint,
             "model_id": identity["model_id"],
             "ignore_band": float(ignore_band) if set_name else 0.0,
+            "image_arrays": _image_arrays(store, todo) if store is not None and set_name else None,
         }
         model = {"checkpoint": checkpoint, "weights_sha256": weights_sha256}
         (fatal,) = _run_pool(
@@ -918,6 +945,7 @@ def predict_sets(
     results, writes, need = [], [], {i: [] for i in ids}
     for k, (r, ck, identity) in enumerate(zip(requests, checkpoints, identities, strict=True)):
         prepare_set(store, r.set_name, ck, False, identity)
+        _drop_stale(store, r.set_name, ids)
         done = set(store.pseudo_set(r.set_name).done_items())
         for i in ids:
             if i not in done:
@@ -940,6 +968,7 @@ def predict_sets(
                 "checkpoint": ck,
                 "model_id": identity["model_id"],
                 "ignore_band": float(r.ignore_band),
+                "image_arrays": _image_arrays(store, ids),
             }
         )
     need = {i: ks for i, ks in need.items() if ks}

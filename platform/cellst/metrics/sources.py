@@ -60,6 +60,7 @@ def open_labels(
         store = CellStore(path)
         mods = dict(zip(store.manifest["id"], store.manifest["modality"], strict=True))
         if pseudo_set is not None:
+            store.pseudo_set(pseudo_set).check_current(store.manifest)
             ids = store.pseudo_items(pseudo_set)["id"].tolist()
             loaders = {i: (lambda i=i: store.pseudo_label(pseudo_set, i)) for i in ids}
             return LabelSource(f"{path} (pseudo-label set {pseudo_set})", loaders, mods)
