@@ -262,3 +262,22 @@ def test_predict_refuses_an_ignore_band_outside_its_range(tmp_path):
     assert res.exit_code == 2
     out = " ".join(res.output.replace("│", " ").split())  # (rich draws a box around it)
     assert "Invalid value for '--ignore-band'" in out and "less than or equal to 0.49" in out
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(capsys):
+    """Ctrl-C said "stored data is unchanged", which a training that had written two
+    epochs' checkpoints contradicted: it says what holds for every command, and exits 130."""
+    import typer
+
+    from cellst.cli import user_errors
+
+    @user_errors
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as exit_:
+        interrupted()
+    assert exit_.value.exit_code == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert "written so far is whole" in err and "run the same command again" in err
+    assert "unchanged" not in err

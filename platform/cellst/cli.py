@@ -142,7 +142,11 @@ def user_errors(fn):
         except ConfigError as exc:
             _fail(str(exc), code=2)
         except KeyboardInterrupt:
-            _fail("interrupted; stored data is unchanged (writes are atomic)", code=130)
+            _fail(
+                "interrupted; what was written so far is whole (every write is atomic): "
+                "run the same command again to go on",
+                code=130,
+            )
         except Exception as exc:
             if not _is_user_error(exc):
                 raise
