@@ -196,15 +196,18 @@ def test_training_calibrates_its_checkpoints(trained):
     """``cellst train`` stores post-processing calibrated on the run's validation items in
     best/, last/ and every snapshot, starting from the validation F1 the training recorded,
     and logs the calibration to its MLflow run."""
+    from cellst.inference.config import inference_identity
     from cellst.model.checkpoint import load_postprocess
     from cellst.postprocess.calibrate import GRID
 
-    _, res, _ = trained
+    cfg, res, _ = trained
     val_ids = json.loads((res.run_path / "run.json").read_text())["val_ids"]
     for ck in [res.best, res.last, *res.snapshots]:
         rec = load_postprocess(ck)
         assert rec is not None, ck
         assert rec["meta"]["items"] == val_ids and set(rec["settings"]) == set(GRID)
+        # what the maps were predicted with (a sweep on this checkpoint compares it)
+        assert rec["meta"]["inference"] == inference_identity(cfg.inference) != {}
         assert rec["meta"]["val_f1_after"] >= rec["meta"]["val_f1_before"]
     best = load_postprocess(res.best)
     # "before" is exactly the validation F1 training recorded for the best checkpoint

@@ -115,6 +115,24 @@ def test_a_stopped_trials_placement_group_is_released_and_its_run_marked(ray_ses
     assert json.loads((finished / "run.json").read_text())["status"] == "finished"
 
 
+def test_a_sweep_on_other_inference_settings_than_the_calibrations_is_named(tmp_path):
+    """The checkpoint's calibration records the inference settings its maps were predicted
+    with; a post-processing sweep that predicts otherwise (another window) scored the
+    current settings lower than the calibration had, and said nothing."""
+    from cellst.inference.config import InferenceConfig
+    from cellst.model.checkpoint_files import save_postprocess
+    from cellst.tune.sweep import calibrated_with_other_inference
+
+    mcfg = ModelConfig(name="hovernet-lite", width=8)
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(mcfg), mcfg)
+    assert calibrated_with_other_inference(str(ckpt), InferenceConfig()) == ""  # none yet
+    save_postprocess(ckpt, PostprocessConfig().model_dump(), {"inference": {"roi": 96}})
+    assert calibrated_with_other_inference(str(ckpt), InferenceConfig(roi=96)) == ""
+    assert calibrated_with_other_inference(str(ckpt), InferenceConfig(roi=128, tta=True)) == (
+        "roi 96 there, 128 here, tta default there, True here"
+    )
+
+
 def test_trial_settings_apply_like_overrides():
     from cellst.experiment import ExperimentConfig
 

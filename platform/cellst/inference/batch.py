@@ -59,7 +59,7 @@ from cellst.data.store import (
 )
 from cellst.errors import first_line
 from cellst.fingerprint import stable_hash
-from cellst.inference.config import InferenceConfig, PredictConfig
+from cellst.inference.config import InferenceConfig, PredictConfig, inference_identity
 from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, leave_cpus_to_driver
 
 #: failed items named in a :class:`PredictError` message
@@ -135,18 +135,6 @@ def check_checkpoint(checkpoint: str | Path) -> str:
     except Exception as exc:  # noqa: BLE001 - CheckpointError, or torch/MONAI on odd files
         text = first_line(exc)
         raise StoreError(text if str(path) in text else f"checkpoint {path}: {text}") from None
-
-
-#: inference settings that change only speed and memory, never a prediction
-SPEED_ONLY_INFERENCE = frozenset({"sw_batch_size"})
-
-
-def inference_identity(infer: InferenceConfig) -> dict[str, Any]:
-    """The inference settings of ``infer`` that make other labels than the defaults do
-    (flip TTA, cell-size rescaling, window size and overlap...): part of a prediction's
-    :func:`model_identity`."""
-    dump = infer.model_dump(mode="json", exclude_defaults=True)
-    return {k: v for k, v in sorted(dump.items()) if k not in SPEED_ONLY_INFERENCE}
 
 
 def _digest(what: dict[str, Any]) -> str:

@@ -7,11 +7,19 @@ are defined here so configurations load without importing those.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from cellst.config import Section
 
-__all__ = ["InferenceConfig", "PredictConfig", "SegmentConfig"]
+__all__ = [
+    "SPEED_ONLY_INFERENCE",
+    "InferenceConfig",
+    "PredictConfig",
+    "SegmentConfig",
+    "inference_identity",
+]
 
 
 class InferenceConfig(Section):
@@ -77,3 +85,15 @@ class SegmentConfig(Section):
     in_process_max_mpx: float = Field(
         256.0, ge=0, description="jobs of more megapixels in all run on Ray"
     )
+
+
+#: inference settings that change only speed and memory, never a prediction
+SPEED_ONLY_INFERENCE = frozenset({"sw_batch_size"})
+
+
+def inference_identity(infer: InferenceConfig) -> dict[str, Any]:
+    """The inference settings of ``infer`` that make other predictions than the defaults
+    (flip TTA, cell-size rescaling, window size and overlap...): part of a pseudo-label
+    set's model identity, and recorded with a checkpoint's calibration."""
+    dump = infer.model_dump(mode="json", exclude_defaults=True)
+    return {k: v for k, v in sorted(dump.items()) if k not in SPEED_ONLY_INFERENCE}

@@ -141,6 +141,8 @@ class Calibration:
     items: list[str] = field(default_factory=list)
     trials: int = 0
     seconds: float = 0.0
+    #: the inference settings other than the defaults the maps were predicted with
+    inference: dict[str, Any] = field(default_factory=dict)
 
     @property
     def f1_before(self) -> float:
@@ -166,6 +168,7 @@ class Calibration:
             "items": list(self.items),
             "n_items": len(self.items),
             "trials": self.trials,
+            "inference": self.inference,
             "seconds": round(self.seconds, 3),
             "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -259,6 +262,9 @@ def calibrate(
         model.train(was_training)
     cal = search_postprocess(maps, post, evaluate, grid)
     cal.items = list(ids)
+    from cellst.inference.config import inference_identity
+
+    cal.inference = inference_identity(infer)
     cal.seconds = time.perf_counter() - t0
     return cal
 

@@ -204,6 +204,25 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     )
 
 
+def calibrated_with_other_inference(checkpoint: str, infer: Any) -> str:
+    """How the inference settings a checkpoint was calibrated with (recorded in its
+    ``postprocess.json``) differ from ``infer``: ``"roi 96 there, 128 here"``; empty when
+    they are the same or were not recorded."""
+    from cellst.inference.config import inference_identity
+    from cellst.model.checkpoint_files import load_postprocess
+
+    doc = load_postprocess(checkpoint) or {}
+    then = (doc.get("meta") or {}).get("inference")
+    if not isinstance(then, dict):
+        return ""
+    now = inference_identity(infer)
+    return ", ".join(
+        f"{k} {then.get(k, 'default')} there, {now.get(k, 'default')} here"
+        for k in sorted(set(then) | set(now))
+        if then.get(k) != now.get(k)
+    )
+
+
 def trial_run_dir(root: Path, name: str, trial_id: str) -> Path:
     """The training run folder of a training sweep's trial (as :func:`_train_trial` names it)."""
     return root / "trials" / f"{name}-{trial_id}"
@@ -366,6 +385,14 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
             # the current settings: what `cellst predict` uses with this checkpoint
             post, note = effective_postprocess(cfg.postprocess, t.checkpoint)
             log(f"[tune] {note}")
+            differs = calibrated_with_other_inference(t.checkpoint, cfg.inference)
+            if differs:
+                log(
+                    f"[tune] note: the checkpoint was calibrated with inference settings "
+                    f"{differs}: the sweep predicts otherwise, so its scores (the current "
+                    "settings' too) are not those of `cellst predict` with the training's "
+                    "settings; set inference.* as in training to compare"
+                )
             ctx.update(
                 maps=str(prepare_maps(cfg, val_ids, root, log)),
                 ids=val_ids,
