@@ -23,6 +23,7 @@ __all__ = [
     "TRASH",
     "is_store",
     "is_store_root",
+    "ZARR_META",
     "is_zarr_array",
     "manifest_sha256",
     "manifest_version",
@@ -56,10 +57,14 @@ def is_store_root(path: str | os.PathLike[str]) -> bool:
     return isinstance(meta, dict) and (meta.get("attributes") or {}).get("format") == FORMAT
 
 
+#: the metadata file of every zarr v3 array and group
+ZARR_META = "zarr.json"
+
+
 def is_zarr_array(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a folder holding a zarr array (what a store's ``images/`` and
     ``labels/`` hold; anything else there is not the store's to remove)."""
-    return (Path(path) / "zarr.json").is_file()
+    return (Path(path) / ZARR_META).is_file()
 
 
 def manifest_sha256(data: bytes) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from cellst import fs
+from cellst.data.layout import ZARR_META, is_zarr_array
 from cellst.data.store import (
     StoreError,
     Window,
@@ -123,7 +124,7 @@ class PseudoLabelSet:
         return self.path / item_id
 
     def has_item(self, item_id: str) -> bool:
-        return (self.item_path(item_id) / "zarr.json").is_file()
+        return is_zarr_array(self.item_path(item_id))
 
     def ignore_path(self, item_id: str) -> Path:
         """Array folder of one item's ignore mask (which may not exist)."""
@@ -131,7 +132,7 @@ class PseudoLabelSet:
 
     def has_ignore(self, item_id: str) -> bool:
         """Whether the item has an ignore mask (sets written with an uncertainty band)."""
-        return (self.ignore_path(item_id) / "zarr.json").is_file()
+        return is_zarr_array(self.ignore_path(item_id))
 
     def ignore_mask(self, item_id: str, window: Window | None = None) -> np.ndarray | None:
         """``(H, W) uint8`` ignore mask of an item (1 = uncertain pixel), or a window of it;
@@ -153,7 +154,7 @@ class PseudoLabelSet:
         stale = []
         for item in self.done_items() if ids is None else [i for i in ids if self.has_item(i)]:
             try:
-                meta = fs.read_json(self.item_path(item) / "zarr.json")
+                meta = fs.read_json(self.item_path(item) / ZARR_META)
             except (OSError, ValueError):
                 continue  # unreadable: the reader of the label names it
             if item not in rows.index:
@@ -188,6 +189,12 @@ class PseudoLabelSet:
             fs.remove_dir(self.item_path(item))
         if items:
             (self.path / ITEMS).unlink(missing_ok=True)
+
+    def item_stamp(self, item_id: str) -> str:
+        """What identifies one written pseudo-label (only a new prediction rewrites it): the
+        set's weights digest and the item's write time."""
+        mtime = (self.item_path(item_id) / ZARR_META).stat().st_mtime_ns
+        return f"{self.info().get('weights_sha256', '')}:{mtime}"
 
     def info(self) -> dict[str, Any]:
         """The set's record (``set.json``); an empty dict when it has none (written by an

@@ -119,7 +119,7 @@ def _missing_message(path: str) -> str:
 @lru_cache(maxsize=4096)
 def open_array(path: str) -> zarr.Array:
     """Open a stored array read-only (cached per process); :class:`StoreError` if gone."""
-    if not (Path(path) / "zarr.json").is_file():
+    if not layout.is_zarr_array(path):
         raise StoreError(_missing_message(path))
     return zarr.open_array(store=_CheckedLocalStore(path, read_only=True), mode="r")
 

@@ -412,14 +412,6 @@ def read_label_metadata(path: str | os.PathLike[str], name: str) -> dict[str, An
 
 
 # ----------------------------------------------------------------------------- store export
-def _pseudo_stamp(store: Any, set_name: str, item_id: str) -> str:
-    """What identifies one written pseudo-label (it is rewritten only by a new model):
-    the model's weights digest and the array's write time."""
-    meta = store.pseudo_path(set_name, item_id) / "zarr.json"
-    info = store.pseudo_set_info(set_name)
-    return f"{info.get('weights_sha256', '')}:{meta.stat().st_mtime_ns}"
-
-
 def cellst_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The ``cellst`` attributes of an OME-Zarr group cellst wrote (export provenance, or the
     image ``cellst segment`` wrote it for); None when it is not one of ours."""
@@ -523,7 +515,7 @@ def export_store(
                 "modality": row.modality,
                 "image_array": row.image_array,
                 "label_array": row.label_array,
-                "pseudo": {s: _pseudo_stamp(store, s, item_id) for s in held},
+                "pseudo": {s: store.pseudo_set(s).item_stamp(item_id) for s in held},
                 "measure": getattr(measure, "__qualname__", type(measure).__name__)
                 if measure
                 else "",
