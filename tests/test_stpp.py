@@ -208,7 +208,8 @@ def test_stage_runner_skips_reruns_and_forces(tmp_path):
     pipe = Pipeline(cfg, log=lambda _: None)
     with pytest.raises(KeyboardInterrupt):
         pipe.stage("reliability", {"a": 3}, crash)
-    assert pipe.book.get("reliability").status == "failed"
+    assert pipe.book.get("reliability").status == "interrupted"  # as run.json says (Ctrl-C)
+    assert pipe.book.get("reliability").error == "interrupted (Ctrl-C)"
     run({"a": 3})
     assert calls[-1] == "resume" and Pipeline(cfg).book.get("reliability").status == "done"
 

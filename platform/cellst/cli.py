@@ -773,7 +773,13 @@ def _stpp_status(run_dir: Path) -> None:
 
     meta, records = pipeline_status(run_dir)
     active = pipeline_active(run_dir)
-    colours = {"done": "green", "running": "yellow", "failed": "red", "pending": "dim"}
+    colours = {
+        "done": "green",
+        "running": "yellow",
+        "failed": "red",
+        "interrupted": "yellow",
+        "pending": "dim",
+    }
     table = Table(title=f"ST++ pipeline {run_dir}" + (" (running now)" if active else ""))
     for col in ("#", "stage", "status", "time", "tries", "inputs", "MLflow run"):
         table.add_column(col, justify="right" if col in ("#", "time", "tries") else "left")

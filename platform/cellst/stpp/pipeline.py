@@ -309,7 +309,9 @@ class Pipeline:
                     self.book.update(name, mlflow_run_id=run_id)
                     outputs = body(decision)
         except BaseException as exc:
-            self.book.fail(name, f"{type(exc).__name__}: {exc}")
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            why = "interrupted (Ctrl-C)" if interrupted else f"{type(exc).__name__}: {exc}"
+            self.book.fail(name, why, "interrupted" if interrupted else "failed")
             raise
         rec = self.book.finish(name, dict(outputs), run_id)
         self.ran.append(name)

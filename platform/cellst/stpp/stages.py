@@ -7,7 +7,8 @@ Each stage has one JSON record, ``<pipeline>/stages/<n>_<stage>.json``, written 
 (temporary sibling + rename), holding:
 
 * ``status``: ``pending`` (never ran, or invalidated by ``--force-from``), ``running``
-  (started; a record left ``running`` means the process died), ``done`` or ``failed``;
+  (started; a record left ``running`` means the process died), ``done``, ``failed`` or
+  ``interrupted`` (Ctrl-C);
 * ``input_hash``: a hash of everything the stage reads (its configuration and the output
   digests of the stages it depends on);
 * ``outputs`` and their ``output_digest`` (which later stages hash as their input);
@@ -33,7 +34,7 @@ from typing import Any, Literal
 from cellst import fs
 from cellst.fingerprint import stable_hash
 
-STATUSES = ("pending", "running", "done", "failed")
+STATUSES = ("pending", "running", "done", "failed", "interrupted")
 #: the pipeline's metadata file, beside ``stages/``
 META = "pipeline.json"
 Decision = Literal["skip", "resume", "fresh"]
@@ -160,7 +161,7 @@ class StageBook:
             return "fresh"
         if rec.status == "done":
             return "skip"
-        if rec.status in ("running", "failed"):
+        if rec.status in ("running", "failed", "interrupted"):
             return "resume"
         return "fresh"
 
@@ -195,9 +196,11 @@ class StageBook:
         rec.finished_at = time.time()
         return self._write(rec)
 
-    def fail(self, name: str, error: str) -> StageRecord:
+    def fail(self, name: str, error: str, status: str = "failed") -> StageRecord:
+        """Record a stage that stopped before its end: ``failed`` (an error) or
+        ``interrupted`` (Ctrl-C, as its training's ``run.json`` says); both resume."""
         rec = self.get(name)
-        rec.status, rec.error, rec.finished_at = "failed", error[:2000], time.time()
+        rec.status, rec.error, rec.finished_at = status, error[:2000], time.time()
         return self._write(rec)
 
     def reset(self, name: str) -> StageRecord:
