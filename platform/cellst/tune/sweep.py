@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from ray.tune import Callback
 
 from cellst.data.store import CellStore, StoreError
 from cellst.experiment import ExperimentConfig
@@ -264,18 +265,18 @@ def release_stopped_trial(run_dir: Path) -> list[str]:
     return removed
 
 
-def _release_callback(root: Path, name: str):
-    """A Tune callback that runs :func:`release_stopped_trial` on each trial that ends."""
-    from ray import tune
+class ReleaseStoppedTrials(Callback):
+    """A Tune callback that runs :func:`release_stopped_trial` on each trial that ends (a
+    module-level class: a resumed sweep unpickles it with the rest of its run config)."""
 
-    class ReleaseStoppedTrials(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            release_stopped_trial(trial_run_dir(root, name, trial.trial_id))
+    def __init__(self, root: Path, name: str):
+        self.root, self.name = Path(root), name
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            release_stopped_trial(trial_run_dir(root, name, trial.trial_id))
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        release_stopped_trial(trial_run_dir(self.root, self.name, trial.trial_id))
 
-    return ReleaseStoppedTrials()
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        release_stopped_trial(trial_run_dir(self.root, self.name, trial.trial_id))
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -432,7 +433,7 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
                 if t.scheduler == "asha"
                 else None
             )
-            callbacks.append(_release_callback(root, name))
+            callbacks.append(ReleaseStoppedTrials(root, name))
         concurrency = _concurrency(cfg, per_trial)
         log(
             f"[tune] {t.mode} sweep {name}: {t.num_samples} sample(s) of "
