@@ -287,7 +287,6 @@ def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
     # placement group outlived it: the second trial waited for its CPUs for ever
     import ray
 
-    before = set(ray.util.placement_group_table())
     done: dict = {}
     sweep = threading.Thread(
         target=lambda: done.update(result=run_sweep(cfg, log=lambda _: None)), daemon=True
@@ -309,14 +308,20 @@ def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
     assert set(states.values()) <= {"finished", "stopped"}, states
     for run, state in states.items():
         assert state != "finished" or (run / "checkpoints" / "best" / "postprocess.json").is_file()
-    # every placement group of the sweep is gone (Tune removes its trials' own as it
-    # winds down, so give that a moment)
+    # the trials' worker groups hold nothing any more (Ray Train removes a finished one's;
+    # cellst the one of a trial Tune stopped)
+    groups = {
+        json.loads(r.read_text())["placement_group"]
+        for run in runs
+        for r in (run / "workers").glob("rank*.json")
+    }
+    assert len(groups) == 2, groups
     deadline = time.time() + 60
     while True:
         left = {
-            k: v["state"]
-            for k, v in ray.util.placement_group_table().items()
-            if k not in before and v["state"] != "REMOVED"
+            pg: ray.util.placement_group_table().get(pg, {}).get("state")
+            for pg in groups
+            if ray.util.placement_group_table().get(pg, {}).get("state") != "REMOVED"
         }
         if not left or time.time() > deadline:
             break
