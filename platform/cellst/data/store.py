@@ -104,7 +104,7 @@ class _CheckedLocalStore(LocalStore):
 
     async def get(self, key, prototype=None, byte_range=None):  # noqa: D102
         buf = await super().get(key, prototype, byte_range)
-        if buf is None and key != "zarr.json" and not (self.root / "zarr.json").is_file():
+        if buf is None and key != layout.ZARR_META and not (self.root / layout.ZARR_META).is_file():
             raise StoreError(_missing_message(str(self.root)))
         return buf
 
@@ -189,7 +189,7 @@ def store_lock(lock_file: Path, what: str | None = None) -> Iterator[None]:
 def init_store(root: Path) -> None:
     """Create the root group marker of a new store (idempotent)."""
     root.mkdir(parents=True, exist_ok=True)
-    if not (root / "zarr.json").exists():
+    if not (root / layout.ZARR_META).exists():
         zarr.open_group(str(root), mode="a", attributes={"format": FORMAT})
 
 
