@@ -163,3 +163,17 @@ def test_copies_of_a_checkpoint_left_by_a_killed_writer_are_removed_at_the_next_
         "last",
     ]
     assert not stale_siblings(tmp_path / "absent" / "x")
+
+
+def test_environ_sets_variables_for_the_block_and_restores_them(monkeypatch):
+    """``cellst.procenv.environ`` (Ray Train's start-up wait, MLflow's HTTP limits)."""
+    import os
+
+    from cellst.procenv import environ
+
+    monkeypatch.setenv("CELLST_T_SET", "before")
+    monkeypatch.delenv("CELLST_T_UNSET", raising=False)
+    with pytest.raises(RuntimeError), environ({"CELLST_T_SET": "a", "CELLST_T_UNSET": "b"}):
+        assert os.environ["CELLST_T_SET"] == "a" and os.environ["CELLST_T_UNSET"] == "b"
+        raise RuntimeError  # restored on the way out of a failing block too
+    assert os.environ["CELLST_T_SET"] == "before" and "CELLST_T_UNSET" not in os.environ

@@ -52,7 +52,7 @@ def test_interrupted_items_are_invisible_and_cleared(tmp_path):
     write_array(s.path / ".tmp-b-1234abcd", _label(2))  # a writer killed mid-item
     assert s.done_items() == ["a"]
     s.clear_partial()
-    assert sorted(p.name for p in s.path.iterdir()) == ["a", "set.json"]
+    assert sorted(p.name for p in s.path.iterdir()) == ["a", "set.json", "zarr.json"]
 
 
 def test_unreadable_record_and_bad_names_are_store_errors(tmp_path):
@@ -85,7 +85,12 @@ def test_combine_is_a_union_swapped_into_place(tmp_path):
         "sources": ["reliable", "rest"],
     }
     assert pseudo_set_names(tmp_path) == ["all", "reliable", "rest"]
-    assert sorted(p.name for p in (tmp_path / "pseudo").iterdir()) == ["all", "reliable", "rest"]
+    assert sorted(p.name for p in (tmp_path / "pseudo").iterdir()) == [
+        "all",
+        "reliable",
+        "rest",
+        "zarr.json",
+    ]
     # combining again replaces the whole set (an item gone from the sources goes too)
     second.remove()
     assert not second.exists()
@@ -113,6 +118,23 @@ def test_store_reads_sets_through_the_same_owner(tmp_path, store_dir):
     assert np.array_equal(store.pseudo_label("p", item), _label(4, (h, w)))
     assert store.pseudo_items("p")["id"].tolist() == [item]
 
+    # a plain zarr reader walking the hierarchy from the root finds every array
+    found = dict(zarr.open_group(str(root), mode="r").members(max_depth=None))
+    manifest = store.manifest
+    arrays = (set(manifest["image_array"]) | set(manifest["label_array"])) - {""}
+    assert arrays | {f"pseudo/p/{item}"} <= set(found)
+    assert all(isinstance(found[a], zarr.Array) for a in arrays)
+    assert np.array_equal(found[f"pseudo/p/{item}"][...], _label(4, (h, w)))
+
+    # a store of an earlier cellst (no group metadata below the root) gets it at its next
+    # ingest, which starts with init_store; the root's format marker is kept
+    from cellst.data.store import init_store
+
+    (root / "images" / "zarr.json").unlink()
+    init_store(root)
+    assert (root / "images" / "zarr.json").is_file()
+    assert zarr.open_group(str(root), mode="r").attrs["format"] == "cellst-store/1"
+
 
 def test_ignore_masks_are_written_before_the_item_and_follow_it(tmp_path):
     """An item's optional ignore mask: written with it, read back, carried by combine,
@@ -136,7 +158,7 @@ def test_ignore_masks_are_written_before_the_item_and_follow_it(tmp_path):
     write_array(s.path / IGNORE_DIR / ".tmp-d-1234abcd", _label(0))  # killed mid-mask
     write_array(s.path / IGNORE_DIR / "e", _label(0))  # killed between mask and label
     s.clear_partial()
-    assert sorted(p.name for p in (s.path / IGNORE_DIR).iterdir()) == ["a"]
+    assert sorted(p.name for p in (s.path / IGNORE_DIR).iterdir()) == ["a", "zarr.json"]
     out = PseudoLabelSet.combine(tmp_path, ["p"], "all", {})
     assert out.done_items() == ["a", "b"]
     assert np.array_equal(out.ignore_mask("a"), ignore.astype(np.uint8))

@@ -2,6 +2,7 @@
 
 Layout (inside the store)::
 
+    pseudo/<set>/zarr.json       the set is a zarr group (as are ``pseudo/`` and ``.ignore/``)
     pseudo/<set>/<id>/           (H, W) int32 zarr array per item; its attributes hold the
                                  item's statistics (instances, foreground, timings, model)
     pseudo/<set>/set.json        the model that wrote the set (checkpoint, ``model_id``,
@@ -37,6 +38,7 @@ from cellst.data.layout import ZARR_META, is_zarr_array
 from cellst.data.store import (
     StoreError,
     Window,
+    ensure_group,
     open_array,
     remove_tree,
     window_slices,
@@ -237,7 +239,8 @@ class PseudoLabelSet:
     # -- writing ---------------------------------------------------------------------------
     def create(self, meta: dict[str, Any]) -> None:
         """Create the folder (if needed) and write its record atomically."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        ensure_group(self.path.parent)
+        ensure_group(self.path)
         fs.atomic_write_json(self.path / SET_META, meta, indent=2)
 
     def clear_partial(self) -> None:
@@ -250,7 +253,7 @@ class PseudoLabelSet:
             masks = self.path / IGNORE_DIR
             if masks.is_dir():
                 for mask in masks.iterdir():
-                    if not mask.name.startswith(".") and not self.has_item(mask.name):
+                    if mask.is_dir() and mask.name[0] != "." and not self.has_item(mask.name):
                         remove_tree(mask)
 
     def write_item(
@@ -275,7 +278,7 @@ class PseudoLabelSet:
                     f"ignore mask {ignore.shape} is not shaped like the label {label.shape}"
                 )
             folder = self.path / IGNORE_DIR
-            folder.mkdir(exist_ok=True)
+            ensure_group(folder)
             tmp = folder / f".tmp-{item_id}-{uuid.uuid4().hex[:8]}"
             write_array(tmp, (ignore != 0).astype(np.uint8))
             try:
@@ -325,7 +328,9 @@ class PseudoLabelSet:
             *base.glob(f".old-{name}-*"),
         ]:
             remove_tree(stale)  # left by an interrupted earlier attempt
+        ensure_group(base)
         with fs.staged_dir(dest.path) as stage:
+            ensure_group(stage)
             seen: set[str] = set()
             for source in (cls(store_root, s) for s in sources):
                 for item in source.done_items():
@@ -334,6 +339,7 @@ class PseudoLabelSet:
                             source.item_path(item), stage / item, copy_function=fs.link_or_copy
                         )
                         if source.has_ignore(item):
+                            ensure_group(stage / IGNORE_DIR)
                             shutil.copytree(
                                 source.ignore_path(item),
                                 stage / IGNORE_DIR / item,

@@ -3,7 +3,9 @@
 Layout::
 
     STORE/
-      zarr.json                    root group (format marker)
+      zarr.json                    root group (format marker); ``images/``, ``labels/``,
+                                   ``pseudo/`` and each set are zarr groups too, so that
+                                   ``zarr.open_group(STORE)`` lists every array
       manifest.parquet             one row per item; the store's single commit point
       images/<id>.<key>/           (H, W, 3) uint8, chunked (chunk, chunk, 3), zstd
       labels/<id>.<key>/           (H, W) int32 instance map, relabelled 1..N
@@ -186,11 +188,22 @@ def store_lock(lock_file: Path, what: str | None = None) -> Iterator[None]:
         yield
 
 
+def ensure_group(folder: str | os.PathLike[str], attributes: dict | None = None) -> None:
+    """Make ``folder`` a zarr group (write its ``zarr.json`` if it has none), so that zarr
+    and other readers walking the hierarchy from the store's root find the arrays below
+    it: zarr v3 has no implicit groups. Idempotent; existing attributes are kept."""
+    folder = Path(folder)
+    if not (folder / layout.ZARR_META).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        zarr.open_group(str(folder), mode="a", attributes=attributes or {})
+
+
 def init_store(root: Path) -> None:
-    """Create the root group marker of a new store (idempotent)."""
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / layout.ZARR_META).exists():
-        zarr.open_group(str(root), mode="a", attributes={"format": FORMAT})
+    """Create the root group marker of a new store, and the groups ``images/`` and
+    ``labels/`` (idempotent: an ingest into a store of an earlier cellst adds them)."""
+    ensure_group(root, {"format": FORMAT})
+    for group in ("images", "labels"):
+        ensure_group(root / group)
 
 
 # ----------------------------------------------------------------------------- versions

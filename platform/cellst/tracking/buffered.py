@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cellst.fs import atomic_write_text, locked_file
+from cellst.procenv import environ
 from cellst.tracking.config import TrackingConfig
 
 PENDING_FILE = "tracking-pending.jsonl"
@@ -40,11 +41,6 @@ DEFAULT_TIMEOUT_S = 10
 DEFAULT_RETRY_EVERY_S = 60.0
 #: MLflow's limits per ``log_batch`` request
 _MAX_METRICS, _MAX_PARAMS = 1000, 100
-_HTTP_ENV = (
-    "MLFLOW_HTTP_REQUEST_TIMEOUT",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-)
 
 
 class TrackingUnavailable(ValueError):
@@ -67,26 +63,19 @@ def http_limits(timeout_s: int = DEFAULT_TIMEOUT_S, retries: int = 1) -> Iterato
     restored afterwards. urllib3's warning per retried attempt is held back meanwhile (the
     callers say in one line what failed).
     """
-    old = {k: os.environ.get(k) for k in _HTTP_ENV}
     pool_log = logging.getLogger("urllib3.connectionpool")  # "Retrying ..." per attempt
     old_level = pool_log.level
     pool_log.setLevel(logging.ERROR)
-    os.environ.update(
-        {
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s))),
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(retries)),
-            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-        }
-    )
+    limits = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s))),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(retries)),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }
     try:
-        yield
+        with environ(limits):
+            yield
     finally:
         pool_log.setLevel(old_level)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def classify(exc: BaseException) -> tuple[bool, str]:

@@ -14,7 +14,6 @@ loop keeps its resumable state in ``<run>/resume/`` itself; failures are not ret
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -31,6 +30,7 @@ from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
 from cellst.fingerprint import training_fingerprint
 from cellst.fs import atomic_write_json
 from cellst.model.checkpoint_files import is_checkpoint
+from cellst.procenv import environ
 from cellst.raycluster import (
     ClusterError,
     alive_node_cpus,
@@ -158,22 +158,6 @@ def node_wait_policy(node_wait_s: float | None) -> tuple[dict[str, str], int]:
             return {}, max(1, math.ceil(node_wait_s / per_try)) - 1
     tries = max(2, math.ceil(node_wait_s / 60.0))
     return {START_TIMEOUT_ENV: f"{node_wait_s / tries:g}"}, tries - 1
-
-
-@contextlib.contextmanager
-def environ(values: dict[str, str]):
-    """``os.environ`` with ``values`` set for the block (Ray Train reads its settings from
-    the driver's environment when ``fit()`` starts its controller); then as before."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def no_room_error(cfg: ExperimentConfig, paths: RunPaths) -> ClusterError:
