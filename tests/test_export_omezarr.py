@@ -335,6 +335,44 @@ def test_cli_export_writes_groups_that_ome_zarr_reads(store_with_pseudo, tmp_pat
     assert clash.exit_code == 1 and "Traceback" not in clash.output, clash.output
 
 
+def test_cli_export_pixel_size_is_the_scale_viewers_read(store_with_pseudo, tmp_path):
+    """--pixel-size / --unit become the multiscales' scale and axis units (as ome-zarr and
+    ome-zarr-models read them); a new pixel size rewrites the export, the same skips it;
+    a bad size or unit is refused in one line, exit 2, before any work."""
+    from typer.testing import CliRunner
+
+    from cellst.cli import app
+
+    runner = CliRunner()
+    one = CellStore(store_with_pseudo, lease=False).ids("labeled")[0]
+    out = tmp_path / "ome"
+    group = out / f"{one}.ome.zarr"
+    args = ["export", str(store_with_pseudo), "--out", str(out), "--item", one]
+    res = runner.invoke(app, [*args, "--pixel-size", "0.65"])
+    assert res.exit_code == 0, res.output
+    node = nodes(group)[f"{one}.ome.zarr"]
+    axes = {a["name"]: a.get("unit") for a in node.metadata["axes"]}
+    assert axes == {"c": None, "y": "micrometer", "x": "micrometer"}
+    scale = node.metadata["coordinateTransformations"][0][0]["scale"]
+    assert scale == [1.0, 0.65, 0.65]
+    validate(group)  # ome-zarr-models accepts it
+    labels_meta = zarr.open_group(group / "labels" / GROUND_TRUTH, mode="r").attrs["ome"]
+    assert labels_meta["multiscales"][0]["datasets"][0]["coordinateTransformations"] == [
+        {"type": "scale", "scale": [1.0, 0.65, 0.65]}
+    ]
+    again = runner.invoke(app, [*args, "--pixel-size", "0.65"])
+    assert "0 written, 1 unchanged" in again.output, again.output
+    res = runner.invoke(app, [*args, "--pixel-size", "325", "--unit", "nanometer"])
+    assert "1 written" in res.output, res.output
+    node = nodes(group)[f"{one}.ome.zarr"]
+    assert node.metadata["axes"][1]["unit"] == "nanometer"
+    assert node.metadata["coordinateTransformations"][0][0]["scale"] == [1.0, 325.0, 325.0]
+    for bad, name in ((["--pixel-size", "0"], "--pixel-size"), (["--unit", "microns"], "--unit")):
+        res = runner.invoke(app, [*args, "--pixel-size", "1", *bad])
+        assert res.exit_code == 2 and name in res.output and "Traceback" not in res.output
+    assert nodes(group)[f"{one}.ome.zarr"].metadata["axes"][1]["unit"] == "nanometer"
+
+
 def test_int64_images_and_a_file_at_the_group_name(tmp_path):
     """tifffile's int64 (numpy ``longlong``) is stored as int64; a plain file at the group
     name is replaced whole, with nothing left beside it."""

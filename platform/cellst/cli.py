@@ -883,6 +883,17 @@ def export(
     measure: Annotated[
         bool, typer.Option("--measure/--no-measure", help="per-cell measurements as properties")
     ] = True,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option(
+            "--pixel-size",
+            help="physical size of a pixel, written as the groups' scale (viewers' scale "
+            "bars, distances); default: none (1 pixel)",
+        ),
+    ] = None,
+    unit: Annotated[
+        str, typer.Option(help="unit of --pixel-size: micrometer, nanometer, ...")
+    ] = "micrometer",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="rewrite every export")] = False,
 ) -> None:
     """Export store items as OME-Zarr (NGFF 0.5): image, ground truth and pseudo-labels.
@@ -892,8 +903,13 @@ def export(
     images carry colours and the per-cell measurements. Re-running skips unchanged items.
     """
     from cellst.data.store import CellStore
-    from cellst.export.omezarr import export_store
+    from cellst.export.omezarr import check_pixel_size, export_store
 
+    try:
+        check_pixel_size(1.0 if pixel_size is None else pixel_size, unit)
+    except ValueError as exc:
+        hint = "--unit" if "unit" in str(exc) else "--pixel-size"
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
     CellStore(store, lease=False)  # a clear error for a folder that is not a store
     written = export_store(
         store,
@@ -902,6 +918,8 @@ def export(
         include_pseudo=pseudo,
         overwrite=overwrite,
         measure=measure,
+        pixel_size=pixel_size,
+        unit=unit,
         progress=sys.stderr.isatty(),
         log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
     )

@@ -43,6 +43,13 @@ GROUND_TRUTH = "ground_truth"
 SEGMENTATION = "segmentation"
 IMAGE_AXES = ("c", "y", "x")
 _AXIS_TYPES = {"c": "channel", "y": "space", "x": "space"}
+#: the units NGFF 0.5 allows on a space axis (UDUNITS-2 names)
+SPACE_UNITS = (
+    "angstrom", "attometer", "centimeter", "decimeter", "exameter", "femtometer", "foot",
+    "gigameter", "hectometer", "inch", "kilometer", "megameter", "meter", "micrometer",
+    "mile", "millimeter", "nanometer", "parsec", "petameter", "picometer", "terameter",
+    "yard", "yoctometer", "yottameter", "zeptometer", "zettameter",
+)  # fmt: skip
 _LABEL_KEYS = ("label-value", "label_value", "label")
 
 Properties = Any  # a pandas DataFrame or a list of dicts, one row per label value
@@ -80,6 +87,17 @@ def _nearest_2x(level: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- metadata
+def check_pixel_size(pixel_size: float, unit: str | None) -> None:
+    """Raise ValueError unless ``pixel_size`` is a positive number and ``unit`` (if any) a
+    space unit NGFF allows (:data:`SPACE_UNITS`)."""
+    if not (isinstance(pixel_size, int | float) and 0 < pixel_size < float("inf")):
+        raise ValueError(f"pixel size must be a positive number, got {pixel_size!r}")
+    if unit is not None and unit not in SPACE_UNITS:
+        raise ValueError(
+            f"unit {unit!r} is not an OME-NGFF space unit (e.g. micrometer, nanometer, millimeter)"
+        )
+
+
 def _axes(unit: str | None) -> list[dict[str, str]]:
     axes = []
     for name in IMAGE_AXES:
@@ -324,6 +342,7 @@ def write_ome_zarr(
     Path
         ``path``.
     """
+    check_pixel_size(pixel_size, unit)
     path = Path(path)
     data = _as_cyx(image)
     height, width = data.shape[1:]
@@ -438,6 +457,8 @@ def export_store(
     overwrite: bool = False,
     *,
     measure: Measure | bool = True,
+    pixel_size: float | None = None,
+    unit: str = "micrometer",
     progress: bool = True,
     pyramid_threshold: int = 2048,
     log: Callable[[str], None] | None = None,
@@ -463,6 +484,10 @@ def export_store(
         value, with a ``label`` column), stored as the label images' ``properties``;
         True (default) uses :func:`cellst.export.measure.cell_table` (shape, position and
         per-channel intensities), False stores colours and label values only.
+    pixel_size, unit : float, str
+        Physical size of a pixel in ``unit`` (an NGFF space unit, default micrometer),
+        written as the groups' scale, so viewers show scale bars and physical distances;
+        by default none (1 pixel, no unit). Measurements stay in pixels.
     progress : bool
         Show a progress bar.
     log : callable, optional
@@ -480,6 +505,8 @@ def export_store(
     if measure is True:
         measure = _cell_measurements
     measure = measure or None
+    if pixel_size is not None:
+        check_pixel_size(pixel_size, unit)
     out_dir = Path(out_dir)
     check_writable(out_dir)  # one line before any work, not a traceback at the first item
     outputs: list[Path] = []
@@ -520,6 +547,8 @@ def export_store(
                 if measure
                 else "",
             }
+            if pixel_size is not None:  # (absent otherwise: exports of earlier cellst match)
+                stamp["pixel_size"] = [pixel_size, unit]
             out = out_dir / f"{item_id}{SUFFIX}"
             outputs.append(out)
             if out.exists() and not overwrite:
@@ -554,6 +583,8 @@ def export_store(
                 props,
                 name=item_id,
                 pyramid_threshold=pyramid_threshold,
+                pixel_size=pixel_size or 1.0,
+                unit=unit if pixel_size is not None else None,
                 attributes={"cellst": stamp},
                 label_attributes=label_attrs,
                 keep_foreign=ours,
