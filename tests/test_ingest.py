@@ -555,6 +555,58 @@ def test_one_split_folder_by_itself_and_a_plain_folder_with_labels_are_labelled(
     assert [(Path(p).name, "without a label" in why) for p, why in problems] == [("b.png", True)]
 
 
+def test_an_ome_tiffs_id_and_label_name_leave_out_its_ome(tmp_path):
+    """``X.ome.tif`` is item ``X`` with label ``X_label.tiff`` (or ``X.ome_label.tiff``, as
+    cellst wrote it before); ``X.tif`` beside it is a clash named at once."""
+    from cellst.data.layout import image_name
+
+    assert [image_name(n) for n in ("a.ome.tif", "a.OME.TIFF", "a.b.png", "a.ome.png", "a.b")] == [
+        "a",
+        "a",
+        "a.b",
+        "a.ome",  # only an OME-TIFF's .ome
+        "a.b",
+    ]
+    src = tmp_path / "Training-labeled"
+    (src / "images").mkdir(parents=True)
+    (src / "labels").mkdir()
+    for name in ("x", "y"):
+        tifffile.imwrite(src / "images" / f"{name}.ome.tif", np.full((64, 64), 5, np.uint8))
+    tifffile.imwrite(src / "labels" / "x_label.tiff", blobs(64, 64, 3, 0))
+    tifffile.imwrite(src / "labels" / "y.ome_label.tiff", blobs(64, 64, 3, 1))
+    items, problems = scan_source(src)
+    assert problems == []
+    assert {(it.id, Path(it.label).name) for it in items} == {
+        ("x", "x_label.tiff"),
+        ("y", "y.ome_label.tiff"),
+    }
+    tifffile.imwrite(src / "images" / "x.tif", np.full((64, 64), 5, np.uint8))
+    _, problems = scan_source(src)
+    assert problems and any("x.tif" in where or "x.tif" in why for where, why in problems)
+
+
+def test_a_store_of_an_earlier_cellst_gets_the_ome_tiffs_new_id_in_place_of_the_old(
+    ray_session, tmp_path
+):
+    """An item an earlier cellst stored as ``x.ome`` (from ``x.ome.tif``) becomes ``x`` at
+    the next ingest: one item, not the same image twice, and the ingest says so."""
+    from cellst.data.store import write_manifest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tifffile.imwrite(src / "x.ome.tif", np.full((64, 64), 5, np.uint8))
+    tifffile.imwrite(src / "y.tif", np.full((64, 64), 9, np.uint8))
+    store = tmp_path / "store"
+    ingest(src, store, progress=False)
+    old = CellStore(store, lease=False).manifest
+    assert sorted(old["id"]) == ["x", "y"]
+    write_manifest(store, old.replace({"id": {"x": "x.ome"}}))  # as an earlier cellst wrote it
+    result = ingest(src, store, progress=False)
+    assert sorted(CellStore(store, lease=False).manifest["id"]) == ["x", "y"]
+    assert result.removed == ["x.ome"] and result.added == ["x"] and result.unchanged == ["y"]
+    assert any("'x.ome' is now item 'x'" in w for w in result.warnings), result.warnings
+
+
 def test_a_binary_mask_as_ground_truth_is_refused_naming_the_file(ray_session, tmp_path):
     """A 0/255 mask of several cells is one 'cell' to training: refused with the way out."""
     src = tmp_path / "src"

@@ -368,6 +368,16 @@ def test_load_label_folder(tmp_path):
         load_label_folder(tmp_path)
     with pytest.raises(NotADirectoryError):
         load_label_folder(tmp_path / "nope")
+    # an OME-TIFF's ".ome" is not part of the name: its label, and cellst's older name of it
+    ome = tmp_path / "ome"
+    ome.mkdir()
+    for name in ["x.ome.tif", "x_label.tiff", "y.ome_label.tiff", "z_label.ome.tif"]:
+        (ome / name).write_bytes(b"")
+    assert {k: v.name for k, v in load_label_folder(ome).items()} == {
+        "x": "x_label.tiff",
+        "y": "y.ome_label.tiff",
+        "z": "z_label.ome.tif",
+    }
 
 
 def test_evaluate_folders_and_write_report(tmp_path):

@@ -631,7 +631,9 @@ def test_the_ome_zarr_keeps_the_pixel_size_an_imagej_or_ome_tiff_declares(checkp
         str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "--save-ome-zarr"
     )
     assert res.exit_code == 0, res.output
-    for name, size, unit in (("ij", 0.325, "micrometer"), ("ome.ome", 0.5, "micrometer"),
+    # an OME-TIFF's outputs are named without its ".ome": ome_label.tiff, ome.ome.zarr
+    assert (out / "ome_label.tiff").is_file() and not (out / "ome.ome_label.tiff").exists()
+    for name, size, unit in (("ij", 0.325, "micrometer"), ("ome", 0.5, "micrometer"),
                              ("plain", 1.0, None)):  # fmt: skip
         ome = zarr.open_group(out / f"{name}.ome.zarr", mode="r").attrs["ome"]["multiscales"][0]
         assert ome["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx(

@@ -64,7 +64,7 @@ from cellst.data.images import (
     read_array,
     validate_label,
 )
-from cellst.data.layout import is_store_root
+from cellst.data.layout import image_name, is_store_root
 from cellst.data.modalities import MODALITIES_FILE, match_modalities, read_modalities
 from cellst.data.store import (
     MANIFEST,
@@ -193,8 +193,14 @@ def _dangling_images(folder: Path, problems: list[tuple[str, str]]) -> None:
 
 
 def _label_stem(p: Path) -> str | None:
-    stem = p.stem
-    return stem[: -len(LABEL_SUFFIX)] if stem.endswith(LABEL_SUFFIX) else None
+    """The image name a label file ``NAME_label.<ext>`` belongs to, or None for an image.
+    An OME-TIFF's label may be ``X_label.tiff`` or, as cellst wrote it before it took the
+    ``.ome`` off image names, ``X.ome_label.tiff``: both belong to ``X.ome.tif``."""
+    stem = image_name(p)
+    if not stem.endswith(LABEL_SUFFIX):
+        return None
+    stem = stem[: -len(LABEL_SUFFIX)]
+    return stem[:-4] if stem.lower().endswith(".ome") and len(stem) > 4 else stem
 
 
 def _scan_folder(
@@ -214,7 +220,7 @@ def _scan_folder(
     labels: dict[str, list[Path]] = defaultdict(list)
     for p in label_files:
         labels[_label_stem(p)].append(p)  # type: ignore[index]
-    items = [SourceItem(p.stem, split, str(p.absolute())) for p in image_files]
+    items = [SourceItem(image_name(p), split, str(p.absolute())) for p in image_files]
     names = {it.id for it in items}
     labelled_split = bool(label_files) or (labels_dir is not None and labels_dir.is_dir())
     for stem, ps in sorted(labels.items()):
@@ -285,9 +291,9 @@ def scan_source(
         problems.append((str(root), f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
     table = root / MODALITIES_FILE
     names = read_modalities(table, problems) if table.is_file() else {}
-    by_stem, _ = match_modalities(names, [Path(it.image).stem for it in items])
+    by_stem, _ = match_modalities(names, [image_name(it.image) for it in items])
     for it in items:
-        it.modality = modality or by_stem.get(Path(it.image).stem, "unknown")
+        it.modality = modality or by_stem.get(image_name(it.image), "unknown")
     return items, problems
 
 
@@ -342,7 +348,7 @@ def unmatched_modalities(src: str | Path, items: list[SourceItem]) -> list[str]:
     table = Path(src) / MODALITIES_FILE
     if not table.is_file():
         return []
-    _, unused = match_modalities(read_modalities(table, []), [Path(it.image).stem for it in items])
+    _, unused = match_modalities(read_modalities(table, []), [image_name(it.image) for it in items])
     return unused
 
 
@@ -704,8 +710,17 @@ def ingest(
                 {"new": result.added, "updated": result.updated, "unchanged": result.unchanged}[
                     status
                 ].append(row["id"])
+            ingested_as = {row["source_path"]: item_id for item_id, row in rows.items()}
             for item_id, row in prev_rows.items():
-                if item_id not in rows:  # a skipped item is still in SRC: --prune keeps it
+                if item_id not in rows and row["source_path"] in ingested_as:
+                    # the same file under a new id (an earlier cellst kept an OME-TIFF's
+                    # ".ome", or a folder prefix came or went): one item, not two
+                    result.removed.append(item_id)
+                    result.warnings.append(
+                        f"item {item_id!r} is now item {ingested_as[row['source_path']]!r} "
+                        f"(the same file, {row['source_path']})"
+                    )
+                elif item_id not in rows:  # a skipped item is still in SRC: --prune keeps it
                     if prune and item_id not in skipped_ids:
                         result.removed.append(item_id)
                     else:

@@ -24,6 +24,7 @@ __all__ = [
     "is_store",
     "is_store_root",
     "ZARR_META",
+    "image_name",
     "is_zarr_array",
     "manifest_sha256",
     "manifest_version",
@@ -37,6 +38,24 @@ FORMAT = "cellst-store/1"
 SPLITS = ("labeled", "unlabeled", "test")
 #: the image files cellst reads (compared in lower case)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
+
+
+def image_name(path: str | os.PathLike[str]) -> str:
+    """The name cellst gives an image file (its item id, the ``NAME`` of ``NAME_label.tiff``):
+    the file name without its image suffix and without an OME-TIFF's ``.ome``.
+
+    ``X.tif`` and ``X.ome.tif`` are both ``X``, so an OME-TIFF's label is ``X_label.tiff``
+    as for any image; other dots stay (``a.b.png`` -> ``a.b``), and a name without an image
+    suffix is kept whole (``a.b`` -> ``a.b``).
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        return p.name
+    stem = p.stem
+    if suffix in (".tif", ".tiff") and stem.lower().endswith(".ome") and len(stem) > 4:
+        stem = stem[:-4]
+    return stem
 
 
 def is_store(path: str | os.PathLike[str]) -> bool:

@@ -12,7 +12,7 @@ import csv
 import io
 from pathlib import Path
 
-from cellst.data.layout import IMAGE_SUFFIXES
+from cellst.data.layout import image_name
 
 #: the file's name, at the root of a source folder (or up to two levels above labels)
 MODALITIES_FILE = "modalities.csv"
@@ -50,12 +50,6 @@ def read_modalities(table: Path, problems: list[tuple[str, str]]) -> dict[str, s
     return out
 
 
-def _image_stem(name: str) -> str:
-    """``name`` without an image suffix (``a.b.tif`` -> ``a.b``; ``a.b`` stays ``a.b``)."""
-    path = Path(name)
-    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else name
-
-
 def match_modalities(names: dict[str, str], stems: list[str]) -> tuple[dict[str, str], list[str]]:
     """Each image stem's modality from :func:`read_modalities`' rows, and the rows that name
     no image (a typo, or an image not in the folder).
@@ -64,10 +58,10 @@ def match_modalities(names: dict[str, str], stems: list[str]) -> tuple[dict[str,
     suffix (``.tif``, ``.png``...) is taken off a row's name, so ``phase.gray`` is the image
     ``phase.gray.tif`` and never ``phase.tif``.
     """
-    by_stem = {_image_stem(name): modality for name, modality in names.items()}
+    by_stem = {image_name(name): modality for name, modality in names.items()}
     wanted = set(stems)
     found = {stem: by_stem[stem] for stem in stems if stem in by_stem}
-    unused = [name for name in names if _image_stem(name) not in wanted]
+    unused = [name for name in names if image_name(name) not in wanted]
     return found, unused
 
 

@@ -52,6 +52,7 @@ from cellst.data.images import (
     read_array,
     write_label_tiff,
 )
+from cellst.data.layout import image_name
 from cellst.data.pseudo import PSEUDO_DIR, PseudoLabelSet
 from cellst.data.store import (
     CellStore,
@@ -849,7 +850,7 @@ def _folder_images(src: Path, ids: list[str] | None) -> dict[str, Path]:
     from cellst.inference.segment import SegmentError, collect_images
 
     try:
-        found = {p.stem: p for p in collect_images([src])}
+        found = {image_name(p): p for p in collect_images([src])}
     except SegmentError as exc:
         raise StoreError(str(exc)) from None
     wanted = list(found) if ids is None else ids

@@ -46,6 +46,7 @@ from cellst.data.images import (
     declared_shape,
     label_file_name,
 )
+from cellst.data.layout import image_name
 from cellst.errors import first_line
 from cellst.fs import process_temp_dir, remove_orphan_temp_dirs
 from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
@@ -119,7 +120,7 @@ class SegmentResult:
 
 # ----------------------------------------------------------------------------- inputs
 def _is_input_image(path: Path) -> bool:
-    stem = path.stem
+    stem = image_name(path)
     return (
         path.suffix.lower() in IMAGE_SUFFIXES
         and not path.name.startswith(".")
@@ -188,11 +189,11 @@ def collect_images(
     out = Path(out_dir) if out_dir is not None else None
     by_name: dict[tuple[Path, str], Path] = {}
     for p in found:
-        key = (_out_dir(p, out).resolve(), p.stem)
+        key = (_out_dir(p, out).resolve(), image_name(p))
         if key in by_name and by_name[key].resolve() != p.resolve():
             raise SegmentError(
-                f"{by_name[key]} and {p} have the same name {p.stem!r}; their outputs "
-                f"({p.stem}_label.tiff) would overwrite each other"
+                f"{by_name[key]} and {p} have the same name {key[1]!r}; their outputs "
+                f"({label_file_name(key[1])}) would overwrite each other"
             )
         by_name.setdefault(key, p)
     return list(by_name.values())
@@ -584,7 +585,9 @@ def foreign_outputs(
         checks.append((".ome.zarr", lambda p: cellst_provenance(p) is not None))
     out = Path(out_dir) if out_dir is not None else None
     targets = [
-        (_out_dir(p, out) / f"{p.stem}{suffix}", ours) for p in paths for suffix, ours in checks
+        (_out_dir(p, out) / f"{image_name(p)}{suffix}", ours)
+        for p in paths
+        for suffix, ours in checks
     ]
     if cfg.save_csv:  # each output folder's run table
         folders = sorted({_out_dir(p, out) for p in paths})
@@ -683,10 +686,10 @@ def segment_in_process(
             need_raw = cfg.save_csv or cfg.save_ome_zarr or cfg.save_geojson
             dest = _out_dir(path, out)
             result.outputs += write_outputs(
-                path.stem, dest, label, raw if need_raw else None, image, cfg, result, path
+                image_name(path), dest, label, raw if need_raw else None, image, cfg, result, path
             )
-            result.written.append(path.stem)
-            tables.append((dest, path.stem))
+            result.written.append(image_name(path))
+            tables.append((dest, image_name(path)))
         except Exception as exc:  # noqa: BLE001 - this image fails, not the run
             why = first_line(exc)
             result.failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
@@ -749,7 +752,7 @@ def segment_on_ray(
                 ckpt,
                 folder,
                 out_dir=staging,
-                ids=[p.stem for p in members],
+                ids=[image_name(p) for p in members],
                 infer=infer,
                 post=post,
                 resources=resources,
@@ -759,7 +762,7 @@ def segment_on_ray(
                 ray_address=ray_address,
                 ingest=ingest,
             )
-            by_stem = {p.stem: p for p in members}
+            by_stem = {image_name(p): p for p in members}
             result.failed += [(str(by_stem.get(i, i)), why) for i, why in run.failed]
             for name in run.written:
                 path = by_stem[name]

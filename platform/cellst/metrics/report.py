@@ -64,8 +64,13 @@ CSV_COLUMNS = (
     "pq",
 )
 
-#: NAME_label.tif(f) or .png (as ingest takes labels), or a plain NAME.tif(f)
-_NAME_RE = re.compile(r"^(?P<name>.+?)(?:(?P<label>_label)\.(?:tiff?|png)|\.tiff?)$", re.IGNORECASE)
+#: NAME_label.tif(f) or .png (as ingest takes labels), or a plain NAME.tif(f); an OME-TIFF's
+#: ``.ome`` is not part of NAME (``X.ome.tif``, ``X_label.ome.tif`` and ``X.ome_label.tiff``,
+#: what cellst wrote before, are all image ``X``, as :func:`cellst.data.layout.image_name`)
+_NAME_RE = re.compile(
+    r"^(?P<name>.+?)(?:\.ome)?(?:(?P<label>_label)(?:\.ome)?\.(?:tiff?|png)|\.tiff?)$",
+    re.IGNORECASE,
+)
 
 
 def evaluate_pairs(
