@@ -281,3 +281,31 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "written so far is whole" in err and "run the same command again" in err
     assert "unchanged" not in err
+
+
+def test_a_ctrl_c_while_the_process_exits_is_one_line_not_a_traceback():
+    """A Ctrl-C that lands in an ``atexit`` callback (as during Ray's shutdown of the local
+    cluster an ingest started, after its store was committed) is one line and exit 130.
+
+    The script registers, before cellst runs, an ``atexit`` callback that interrupts the
+    process: such callbacks run last, after any cellst or Ray registered."""
+    import subprocess
+    import sys
+
+    from cellst.cli import AFTER_THE_COMMAND
+
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        "def interrupted():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "atexit.register(interrupted)\n"
+        "sys.argv = ['cellst', '--version']\n"
+        "from cellst.cli import main\n"
+        "main()\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 130, res.stderr
+    assert res.stderr == AFTER_THE_COMMAND and "cellst " in res.stdout

@@ -1065,10 +1065,28 @@ def _print_frame(df, title: str) -> None:
     print_whole(table)
 
 
+#: what a Ctrl-C says once the command is over (Ray's clean-up at exit may still be running)
+AFTER_THE_COMMAND = "cellst: interrupted after the command had finished; its output is whole\n"
+
+
+def _interrupted_after_the_command(signum: int, frame: Any) -> None:
+    """A Ctrl-C during the interpreter's exit (Ray's ``atexit`` shutdown of the cluster it
+    started): one line and exit 130, not the traceback of an interrupted ``atexit``
+    callback. What Ray leaves goes with this process (``PR_SET_PDEATHSIG``,
+    :mod:`cellst.reaper`)."""
+    os.write(2, AFTER_THE_COMMAND.encode())
+    os._exit(130)
+
+
 def main() -> None:
     """Entry point of the ``cellst`` console script."""
+    import signal
+
     skip_monai_extras()
-    app(prog_name="cellst")
+    try:
+        app(prog_name="cellst")
+    finally:
+        signal.signal(signal.SIGINT, _interrupted_after_the_command)
 
 
 if __name__ == "__main__":
