@@ -191,11 +191,16 @@ def store_lock(lock_file: Path, what: str | None = None) -> Iterator[None]:
 def ensure_group(folder: str | os.PathLike[str], attributes: dict | None = None) -> None:
     """Make ``folder`` a zarr group (write its ``zarr.json`` if it has none), so that zarr
     and other readers walking the hierarchy from the store's root find the arrays below
-    it: zarr v3 has no implicit groups. Idempotent; existing attributes are kept."""
+    it: zarr v3 has no implicit groups. Idempotent; existing attributes are kept.
+
+    The metadata (zarr v3's minimal group document, as ``zarr.open_group`` writes it) is
+    written by an atomic rename, not through zarr: prediction actors on several nodes may
+    create the same group at once, and none may read another's half-written file."""
     folder = Path(folder)
     if not (folder / layout.ZARR_META).exists():
         folder.mkdir(parents=True, exist_ok=True)
-        zarr.open_group(str(folder), mode="a", attributes=attributes or {})
+        meta = {"attributes": attributes or {}, "zarr_format": 3, "node_type": "group"}
+        fs.atomic_write_json(folder / layout.ZARR_META, meta)
 
 
 def init_store(root: Path) -> None:
