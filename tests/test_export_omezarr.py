@@ -373,6 +373,34 @@ def test_cli_export_pixel_size_is_the_scale_viewers_read(store_with_pseudo, tmp_
     assert nodes(group)[f"{one}.ome.zarr"].metadata["axes"][1]["unit"] == "nanometer"
 
 
+def test_export_takes_the_pixel_size_the_source_ome_tiff_declares(ray_session, tmp_path):
+    """By default an item's scale is what its source file declares (read again from the
+    path the store records); a plain file gets none; --pixel-size wins over both."""
+    import tifffile
+
+    from cellst.data.ingest import ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    arr = np.full((48, 48), 7, np.uint16)
+    tifffile.imwrite(src / "a.ome.tif", arr, ome=True,
+                     metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})  # fmt: skip
+    tifffile.imwrite(src / "b.tif", arr)
+    ingest(src, tmp_path / "store", progress=False)
+    out = tmp_path / "ome"
+
+    def scale(name: str) -> tuple[list[float], str | None]:
+        ms = zarr.open_group(out / f"{name}.ome.zarr", mode="r").attrs["ome"]["multiscales"][0]
+        return ms["datasets"][0]["coordinateTransformations"][0]["scale"], ms["axes"][1].get("unit")
+
+    export_store(tmp_path / "store", out, progress=False)
+    assert scale("a") == ([1.0, 0.5, 0.5], "micrometer")
+    assert scale("b") == ([1.0, 1.0, 1.0], None)
+    validate(out / "a.ome.zarr")
+    export_store(tmp_path / "store", out, pixel_size=2.0, progress=False)
+    assert scale("a") == ([1.0, 2.0, 2.0], "micrometer") == scale("b")
+
+
 def test_int64_images_and_a_file_at_the_group_name(tmp_path):
     """tifffile's int64 (numpy ``longlong``) is stored as int64; a plain file at the group
     name is replaced whole, with nothing left beside it."""

@@ -888,7 +888,8 @@ def export(
         typer.Option(
             "--pixel-size",
             help="physical size of a pixel, written as the groups' scale (viewers' scale "
-            "bars, distances); default: none (1 pixel)",
+            "bars, distances); default: what each source OME-TIFF or ImageJ TIFF declares, "
+            "else none (1 pixel)",
         ),
     ] = None,
     unit: Annotated[

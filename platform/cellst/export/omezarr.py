@@ -449,6 +449,14 @@ def _cell_measurements(label: np.ndarray, image: np.ndarray) -> Any:
     return cell_table(label, image).drop(columns="image_id")
 
 
+def source_pixel_size(row: Any) -> tuple[float, str] | None:
+    """The pixel size a store item's source file declares (an OME-TIFF's or ImageJ TIFF's,
+    :func:`cellst.data.images.pixel_size`), or None: none declared, or the file is gone."""
+    from cellst.data.images import pixel_size
+
+    return pixel_size(row.source_path) if row.source_path else None
+
+
 def export_store(
     store_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -486,8 +494,10 @@ def export_store(
         per-channel intensities), False stores colours and label values only.
     pixel_size, unit : float, str
         Physical size of a pixel in ``unit`` (an NGFF space unit, default micrometer),
-        written as the groups' scale, so viewers show scale bars and physical distances;
-        by default none (1 pixel, no unit). Measurements stay in pixels.
+        written as the groups' scale, so viewers show scale bars and physical distances.
+        By default each item's is what its source file declares (an OME-TIFF or ImageJ
+        TIFF, read again from the path the store records), else none (1 pixel, no unit).
+        Measurements stay in pixels.
     progress : bool
         Show a progress bar.
     log : callable, optional
@@ -547,8 +557,9 @@ def export_store(
                 if measure
                 else "",
             }
-            if pixel_size is not None:  # (absent otherwise: exports of earlier cellst match)
-                stamp["pixel_size"] = [pixel_size, unit]
+            scale = (pixel_size, unit) if pixel_size is not None else source_pixel_size(row)
+            if scale is not None:  # (absent otherwise: exports of earlier cellst match)
+                stamp["pixel_size"] = list(scale)
             out = out_dir / f"{item_id}{SUFFIX}"
             outputs.append(out)
             if out.exists() and not overwrite:
@@ -583,8 +594,8 @@ def export_store(
                 props,
                 name=item_id,
                 pyramid_threshold=pyramid_threshold,
-                pixel_size=pixel_size or 1.0,
-                unit=unit if pixel_size is not None else None,
+                pixel_size=scale[0] if scale else 1.0,
+                unit=scale[1] if scale else None,
                 attributes={"cellst": stamp},
                 label_attributes=label_attrs,
                 keep_foreign=ours,
