@@ -390,11 +390,30 @@ def test_tiled_degenerate_inputs():
     assert not hover_to_instances_tiled(prob, hv, tile=256, overlap=64).any()
 
 
-def test_postprocess_hover_dispatches_on_size():
+def test_postprocess_hover_dispatches_on_size(monkeypatch):
+    """Maps larger than ``tile`` go through the tiled path, window by window (what bounds
+    the memory of a large image), and give the same partition as the whole-image path."""
+    import cellst.postprocess.tiled as tiled_module
+
+    seen: dict[str, list[tuple[int, ...]]] = {"whole": [], "window": []}
+    whole, window = tiled_module.hover_to_instances, tiled_module._hover_core
+    monkeypatch.setattr(
+        tiled_module,
+        "hover_to_instances",
+        lambda p, *a, **k: seen["whole"].append(np.shape(p)) or whole(p, *a, **k),
+    )
+    monkeypatch.setattr(
+        tiled_module,
+        "_hover_core",
+        lambda p, *a, **k: seen["window"].append(np.shape(p)) or window(p, *a, **k),
+    )
     lab = synth_labels(9, (300, 280), density=0.5)
     prob, hv = noisy_maps(lab, 9)
     small = postprocess_hover(prob, hv)
+    assert seen == {"whole": [(300, 280)], "window": []}
     tiled = postprocess_hover(prob, hv, PostprocessConfig(tile=160, tile_overlap=64))
+    assert seen["whole"] == [(300, 280)] and len(seen["window"]) >= 4
+    assert all(h < 300 and w < 280 for h, w in seen["window"])  # never the whole map
     assert same_partition(small, tiled)
 
 

@@ -53,6 +53,41 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lite", build_model(cfg), cfg)
 
 
+class _BlobImages:
+    """Bright discs on a dim background and their instance maps, shaped like a store for
+    ``quick_train`` (``image(i)`` as uint8 RGB, ``label(i)``)."""
+
+    def __init__(self, n: int, size: int = 128):
+        self.pairs = []
+        for seed in range(n):
+            rng = np.random.default_rng(100 + seed)
+            yy, xx = np.mgrid[:size, :size]
+            img = rng.random((size, size)) * 0.2
+            label = np.zeros((size, size), np.int32)
+            for k in range(1, 9):
+                cy, cx, r = rng.integers(0, size), rng.integers(0, size), rng.integers(5, 12)
+                disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+                img[disc], label[disc] = 0.9, k
+            self.pairs.append((np.repeat((img * 255).astype(np.uint8)[..., None], 3, 2), label))
+
+    def image(self, i: int) -> np.ndarray:
+        return self.pairs[i][0]
+
+    def label(self, i: int) -> np.ndarray:
+        return self.pairs[i][1]
+
+
+@pytest.fixture(scope="module")
+def finding_checkpoint(quick_train, tmp_path_factory) -> Path:
+    """A tiny hovernet-lite trained for a few steps on bright discs: it finds the cells of
+    :func:`_blobs` images, so options that change labels can be seen to change them."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="hovernet-lite", width=4)
+    data = _BlobImages(6)
+    model = quick_train(build_model(cfg), data, list(range(6)), steps=60)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "found", model, cfg)
+
+
 def _blobs(shape: tuple[int, ...], dtype, seed: int) -> np.ndarray:
     """Bright discs on a dim noisy background (something cell-like to segment)."""
     rng = np.random.default_rng(seed)
@@ -207,6 +242,32 @@ def test_cli_segment_folder_with_a_corrupt_image(checkpoint, images, tmp_path):
         assert overlay.shape == (*shape[:2], 3) and overlay.dtype == np.uint8
     assert not (out / "broken_label.tiff").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+def test_min_size_and_exclude_on_edges_remove_those_cells(finding_checkpoint, images, tmp_path):
+    """--min-size and --exclude-on-edges give the labels of :func:`filter_instances` on the
+    labels written without them, and remove cells the model found."""
+    common = ["segment", str(images), "--checkpoint", str(finding_checkpoint)]
+    common += ["--set", "inference.roi=64"]
+    res = runner.invoke(app, [*common, "--out", str(tmp_path / "all")])
+    assert res.exit_code == 0, res.output
+    found = {
+        Path(n).stem: tifffile.imread(tmp_path / "all" / f"{Path(n).stem}_label.tiff")
+        for n, _, _ in IMAGES
+    }
+    sizes = np.concatenate([np.bincount(lab.ravel())[1:] for lab in found.values()])
+    min_size = int(np.median(sizes))  # some found cells are smaller, some are not
+    out = tmp_path / "filtered"
+    res = runner.invoke(
+        app, [*common, "--out", str(out), "--min-size", str(min_size), "--exclude-on-edges"]
+    )
+    assert res.exit_code == 0, res.output
+    removed = 0
+    for name, label in found.items():
+        filtered = tifffile.imread(out / f"{name}_label.tiff")
+        np.testing.assert_array_equal(filtered, filter_instances(label, True, min_size))
+        removed += int(label.max()) - int(filtered.max())
+    assert removed > 0 and sizes.size > removed
 
 
 def test_cli_segment_missing_input_is_one_line_exit_2(checkpoint, tmp_path):
@@ -372,9 +433,11 @@ def test_stacks_of_planes_are_refused_by_name_not_read_as_channels(checkpoint, i
     assert not (images / "planes_label.tiff").exists()
 
 
-def test_cli_options_and_set_win_over_calibrated_postprocessing(checkpoint, images, tmp_path):
+def test_cli_options_and_set_win_over_calibrated_postprocessing(
+    finding_checkpoint, images, tmp_path
+):
     ckpt = tmp_path / "calibrated"
-    shutil.copytree(checkpoint, ckpt)
+    shutil.copytree(finding_checkpoint, ckpt)
     save_postprocess(
         ckpt,
         {"mask_threshold": 0.6, "marker_threshold": 0.3, "sobel_kernel": 11},
@@ -385,7 +448,7 @@ def test_cli_options_and_set_win_over_calibrated_postprocessing(checkpoint, imag
         app,
         [
             "segment",
-            str(images / "grey.png"),
+            str(images / "rgb16.tif"),
             "--checkpoint",
             str(ckpt),
             "--out",
@@ -411,12 +474,15 @@ def test_cli_options_and_set_win_over_calibrated_postprocessing(checkpoint, imag
     model, _, _ = load_model(ckpt)
     prob, hv = predict_maps(
         model,
-        normalize_image(read_array(images / "grey.png")),
+        normalize_image(read_array(images / "rgb16.tif")),
         load_config(None, ["inference.roi=64"]).inference,
     )
-    np.testing.assert_array_equal(
-        tifffile.imread(out / "grey_label.tiff"), postprocess_hover(prob, hv, post)
-    )
+    written = tifffile.imread(out / "rgb16_label.tiff")
+    np.testing.assert_array_equal(written, postprocess_hover(prob, hv, post))
+    # ... and not those of the calibrated settings alone (the model finds cells in both)
+    calibrated = post.model_copy(update={"mask_threshold": 0.6, "sobel_kernel": 11})
+    assert written.max() > 0 and postprocess_hover(prob, hv, calibrated).max() > 0
+    assert not np.array_equal(written, postprocess_hover(prob, hv, calibrated))
     # a bad option value names its field
     res = runner.invoke(
         app,
