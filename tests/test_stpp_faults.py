@@ -3,8 +3,11 @@ and a second pipeline on the same run folder is refused naming the run folder.""
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
+import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -63,25 +66,58 @@ def test_parent_run_status_and_tags_reach_mlflow(store_dir, tmp_path):
     assert not (cfg.pipeline_dir / PENDING_FILE).exists()
 
 
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    """A tracking server that answers every request 503 and counts each attempt."""
+
+    attempts: list[tuple[str, str, bytes]] = []
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).attempts.append((self.command, self.path, body))
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
 def test_parent_run_calls_survive_a_dead_tracking_server(store_dir, tmp_path, capsys, monkeypatch):
     """The server went away while the stages ran: ending the parent run neither raises nor
-    waits minutes; its status is kept in the run folder (sent by a later run) and said."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own: ~2 minutes
-    cfg = _config(tmp_path, store_dir, f"tracking.tracking_uri={DEAD_SERVER}")
+    waits minutes; its status is kept in the run folder (sent by a later run) and said.
+
+    Not waiting minutes is cellst's limit on MLflow's retries (``http_limits``: one retry
+    per request, against MLflow's own 7 over about 2 minutes), seen as the attempts a server
+    answering 503 gets for a request; MLflow's own setting is left as a user has it."""
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    _Unavailable.attempts = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    unavailable = f"http://127.0.0.1:{server.server_address[1]}"
+    cfg = _config(tmp_path, store_dir, f"tracking.tracking_uri={unavailable}")
     parent = ParentRun(cfg, cfg.pipeline_dir)
     cfg.pipeline_dir.mkdir(parents=True)
     parent.resolve()
     parent.run_id = "0" * 32  # made while the server still answered
 
-    parent.close("FAILED", {"cellst.stpp.note": "x"})
-    parent.finish(StageBook(cfg.pipeline_dir, STAGES).records(), None)
+    try:
+        parent.close("FAILED", {"cellst.stpp.note": "x"})
+        parent.finish(StageBook(cfg.pipeline_dir, STAGES).records(), None)
+    finally:
+        server.shutdown()
 
+    # each lookup (a GET: never a resend of kept records, which are POSTs) was tried twice,
+    # once and one retry, not MLflow's 1 + 7
+    lookups = Counter(a for a in _Unavailable.attempts if a[0] == "GET")
+    assert lookups and set(lookups.values()) == {2}, _Unavailable.attempts
     pending = [json.loads(x) for x in (cfg.pipeline_dir / PENDING_FILE).read_text().splitlines()]
     assert [r["kind"] for r in pending] == ["tags", "status", "tags", "status"]
     assert [r["status"] for r in pending if r["kind"] == "status"] == ["FAILED", "FINISHED"]
     assert {r["run_id"] for r in pending} == {parent.run_id}
     err = capsys.readouterr().err
-    assert DEAD_SERVER in err and "Traceback" not in err
+    assert unavailable in err and "Traceback" not in err
     assert "kept in" in err
 
 
