@@ -216,7 +216,7 @@ def test_augmenter_turns_encoded_pixels_into_the_loss_ignore_mask():
     assert torch.equal(batch.targets["np_onehot"], want["np_onehot"])
 
 
-def test_a_removed_set_never_stays_half_deleted_under_its_name(tmp_path):
+def test_a_removed_set_never_stays_half_deleted_under_its_name(tmp_path, monkeypatch):
     """Deleting in place left a half set, still listed and read, when interrupted. The set
     is renamed aside first; what an interrupted deletion left is removed the next time."""
     from cellst.fs import stale_siblings
@@ -231,3 +231,21 @@ def test_a_removed_set_never_stays_half_deleted_under_its_name(tmp_path):
     assert not s.exists() and pseudo_set_names(tmp_path) == []
     assert not stale_siblings(s.path, ".removing") and not left.exists()
     s.remove()  # nothing there: nothing happens
+
+    # a deletion interrupted midway (Ctrl-C inside the tree removal) leaves no set
+    import shutil
+
+    s.create({})
+    s.write_item("b", _label(2), {"id": "b"})
+    with monkeypatch.context() as m:
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        m.setattr(shutil, "rmtree", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            s.remove()
+    assert not s.exists() and pseudo_set_names(tmp_path) == []
+    assert len(stale_siblings(s.path, ".removing")) == 1  # what it left, hidden
+    s.remove()
+    assert not stale_siblings(s.path, ".removing")
