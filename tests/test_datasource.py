@@ -52,6 +52,11 @@ def test_crops_larger_than_image_are_padded(store_dir, ray_session):
         ref = items[r["item"]].ref
         assert r["image"].shape == (big, big, 3)
         assert (r["image"][ref.height :, :] == 0).all() and (r["label"][:, ref.width :] == 0).all()
+        # the image's own pixels are there, at their place (not a crop of zeros)
+        img, lab = store.image(ref.id), store.label(ref.id)
+        np.testing.assert_array_equal(r["image"], padded_window(img, r["y0"], r["x0"], big))
+        np.testing.assert_array_equal(r["label"], padded_window(lab, r["y0"], r["x0"], big))
+        assert r["label"].max() > 0
 
 
 def test_modality_balance(store_dir, ray_session):
