@@ -167,6 +167,7 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
     doomed = c.add_node(num_cpus=2, resources={"node_c": 1})
     c.wait_for_nodes()
     done_at_loss: list[int] = []
+    before_loss: dict[str, int] = {}  # item -> write time of its label, when the node went
 
     def remove_when_it_has_written() -> None:
         base = store / "pseudo" / "lost"
@@ -175,8 +176,10 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
             written = list(base.glob("*/zarr.json")) if base.is_dir() else []
             for p in written:
                 if json.loads(p.read_text()).get("attributes", {}).get("node_id") == doomed.node_id:
-                    done_at_loss.append(len(written))
                     c.remove_node(doomed, allow_graceful=False)
+                    now = list(base.glob("*/zarr.json"))
+                    before_loss.update({q.parent.name: q.stat().st_mtime_ns for q in now})
+                    done_at_loss.append(len(now))
                     return
             time.sleep(0.05)
 
@@ -216,6 +219,10 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
     assert done_at_loss, "the third node never wrote an item"
     assert done_at_loss[0] < len(items), f"the node was lost after the run: {done_at_loss}"
     assert doomed.node_id in set(sets["lost"]["node_id"])
+    # written once: what was there when the node went was never written again (a re-run
+    # task's write of an item already there is refused), the lost node's items included
+    base = store / "pseudo" / "lost"
+    assert {i: (base / i / "zarr.json").stat().st_mtime_ns for i in before_loss} == before_loss
 
 
 def test_a_client_with_a_wrong_token_is_refused(cluster):
