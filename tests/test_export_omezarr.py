@@ -367,10 +367,14 @@ def test_cli_export_pixel_size_is_the_scale_viewers_read(store_with_pseudo, tmp_
     node = nodes(group)[f"{one}.ome.zarr"]
     assert node.metadata["axes"][1]["unit"] == "nanometer"
     assert node.metadata["coordinateTransformations"][0][0]["scale"] == [1.0, 325.0, 325.0]
+    # without --pixel-size again: the source's (none declared here), not the last one given
+    res = runner.invoke(app, args)
+    assert "1 written" in res.output, res.output
+    assert "unit" not in nodes(group)[f"{one}.ome.zarr"].metadata["axes"][1]
     for bad, name in ((["--pixel-size", "0"], "--pixel-size"), (["--unit", "microns"], "--unit")):
         res = runner.invoke(app, [*args, "--pixel-size", "1", *bad])
         assert res.exit_code == 2 and name in res.output and "Traceback" not in res.output
-    assert nodes(group)[f"{one}.ome.zarr"].metadata["axes"][1]["unit"] == "nanometer"
+    assert "unit" not in nodes(group)[f"{one}.ome.zarr"].metadata["axes"][1]  # unchanged
 
 
 def test_export_takes_the_pixel_size_the_source_ome_tiff_declares(ray_session, tmp_path):

@@ -569,9 +569,8 @@ def export_store(
                         f"{out} exists and is not a cellst export; pass --overwrite "
                         "(overwrite=True) to replace it"
                     )
-                if {k: old.get(k) for k in stamp if k != "store"} == {
-                    k: v for k, v in stamp.items() if k != "store"
-                }:
+                keys = (set(stamp) | set(old)) - {"store"}  # a key only one of them has counts
+                if {k: old.get(k) for k in keys} == {k: stamp.get(k) for k in keys}:
                     continue
             image = store.image(item_id)
             labels: dict[str, np.ndarray] = {}
