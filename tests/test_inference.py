@@ -468,6 +468,33 @@ def test_a_set_resumed_with_other_inference_settings_is_refused(
     assert again.written == [] and inference_identity(plain) == {"roi": 128}
 
 
+def test_a_set_another_run_writes_is_refused_at_once(store_dir, lite_checkpoint, tmp_path):
+    """Two runs writing one set at once mixed two models' labels (both exited 0): while a
+    run holds the set, another `predict` or `predict_sets` into it is refused before it
+    writes anything; other sets are free."""
+    import shutil
+
+    from cellst.data.pseudo import PseudoLabelSet
+
+    root = shutil.copytree(store_dir, tmp_path / "store")
+    item = CellStore(root).ids()[:1]
+    busy = PseudoLabelSet(root, "busy")
+    with busy.writing():  # the first run
+        with pytest.raises(StoreError, match="'busy' .* is being written by another run"):
+            predict(lite_checkpoint, root, set_name="busy", ids=item, overwrite=True)
+        with pytest.raises(StoreError, match="being written by another run"):
+            predict_sets(
+                root,
+                [SetRequest(str(lite_checkpoint), "free", None), SetRequest(str(lite_checkpoint), "busy", None)],
+                item,
+            )  # fmt: skip
+        assert not busy.exists() and not PseudoLabelSet(root, "free").exists()
+        with PseudoLabelSet(root, "free").writing():  # another set is not held
+            pass
+    with busy.writing():  # released when the first run ends
+        pass
+
+
 def test_predict_bad_requests(ray_session, store_dir, lite_checkpoint, tmp_path):
     with pytest.raises(StoreError, match="not a cellst checkpoint"):
         predict(tmp_path, store_dir, set_name="x", progress=False)

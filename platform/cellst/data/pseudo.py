@@ -24,9 +24,11 @@ exists is complete; a combined set replaces the old one with a folder swap
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +239,31 @@ class PseudoLabelSet:
         return open_array(str(self.item_path(item_id)))[window_slices(window)]
 
     # -- writing ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held by a run that writes the set (``cellst predict``, an ST++ stage): a second
+        run on the same set at the same time is refused at once, so that two models never
+        mix their labels in one set, nor does one remove (``--overwrite``) or clear what
+        the other writes. The lock file is ``pseudo/.<set>.lock`` (a ``flock``, released
+        when the holder ends, however it ends).
+
+        Raises
+        ------
+        StoreError
+            Another process writes the set now.
+        """
+        held = contextlib.ExitStack()
+        lock = self.path.parent / f".{self.name}.lock"
+        try:
+            held.enter_context(fs.file_lock(lock, wait=False, grace_s=0.5))
+        except fs.LockHeld:
+            raise StoreError(
+                f"pseudo-label set {self.name!r} of store {self.store_root} is being written "
+                "by another run; wait for it to end, or give another --set-name"
+            ) from None
+        with held:
+            yield
+
     def create(self, meta: dict[str, Any]) -> None:
         """Create the folder (if needed) and write its record atomically."""
         ensure_group(self.path.parent)
