@@ -728,3 +728,39 @@ def test_a_schedule_stepped_per_step_follows_the_per_epoch_curve_to_zero():
     cosine = rates("cosine", 10, 30)
     assert cosine[20] == pytest.approx(0.1) and cosine[-1] == pytest.approx(0.0, abs=1e-12)
     assert all(b < a for a, b in zip(cosine, cosine[1:], strict=False))
+
+
+def test_a_run_another_process_trains_is_refused_at_once(ray_session, store_dir, tmp_path):
+    """Two `cellst train` of the same run at once both trained into one folder and one
+    MLflow run (both exited 0): while one holds the run, the other is refused before it
+    writes anything; another run name is free."""
+    from cellst.train.trainer import run_folder_lock
+
+    cfg = tiny_cfg(store_dir, tmp_path, "name=busy", "train.num_workers=0", "train.epochs=1")
+    with run_folder_lock(tmp_path / "busy-train"):  # the first training
+        with pytest.raises(StoreError, match="busy-train is being trained by another process"):
+            train(cfg)
+        assert not (tmp_path / "busy-train").exists()
+        with run_folder_lock(tmp_path / "other-train"):
+            pass
+
+
+def test_a_training_without_validation_items_says_so_and_names_its_last_checkpoint(
+    ray_session, store_dir, tmp_path
+):
+    """With no validation items there is no best checkpoint: `cellst train` warns before it
+    trains and prints the last checkpoint, not the path of a best one that does not exist."""
+    yml = tmp_path / "exp.yaml"
+    yml.write_text("name: noval\n")
+    args = ["train", str(yml)]
+    for o in (f"store={store_dir}", f"train.run_dir={tmp_path}", *TINY, "train.num_workers=0",
+              "train.epochs=1", "data.crops_per_epoch=8", "data.val_fraction=0"):  # fmt: skip
+        args += ["--set", o]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "warning: no validation items (data.val_fraction=0.0" in out
+    assert (
+        "best checkpoint:" not in out and not (tmp_path / "noval-train/checkpoints/best").exists()
+    )
+    assert f"last checkpoint: {tmp_path / 'noval-train' / 'checkpoints' / 'last'}" in out

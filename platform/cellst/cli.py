@@ -647,16 +647,26 @@ def train(
     from cellst.train.trainer import train as run_train
 
     cfg = _load(config, set_)
-    check_request(cfg)  # store problems are reported before Ray starts
+    _, _, val_ids = check_request(cfg)  # store problems are reported before Ray starts
+    no_validation = (
+        f"no validation items (data.val_fraction={cfg.data.val_fraction} of the labelled "
+        "items of each modality leaves none), so no best checkpoint and no calibration"
+    )
+    if not val_ids:
+        err_console.print(f"warning: {no_validation}", highlight=False, markup=False)
     ensure_ray(ray_address)
     result = run_train(cfg, run_name=run_name, force=force)
     m = result.metrics
     state = "already finished (nothing to do)" if result.resumed else "finished"
     console.print(f"[green]training {state}[/]: {result.run_path}")
-    console.print(
-        f"  epochs {m.get('epoch')}, best validation F1 {m.get('best_val_f1', float('nan')):.4f}"
-    )
-    console.print(f"  best checkpoint: {result.best}")
+    if val_ids:
+        best_f1 = m.get("best_val_f1", float("nan"))
+        console.print(f"  epochs {m.get('epoch')}, best validation F1 {best_f1:.4f}")
+    else:
+        console.print(f"  epochs {m.get('epoch')}, {no_validation}", highlight=False)
+    if result.best.exists():
+        console.print(f"  best checkpoint: {result.best}")
+    console.print(f"  last checkpoint: {result.last}")
     console.print(f"  ST++ snapshots: {', '.join(p.name for p in result.snapshots)}")
     if result.mlflow_run_id:  # the store the run went to: a server or the run's SQLite file
         from cellst.tracking import resolve_tracking, ui_command

@@ -14,6 +14,7 @@ loop keeps its resumable state in ``<run>/resume/`` itself; failures are not ret
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cellst import fs
 from cellst.config import ConfigError
 from cellst.data.store import CellStore, StoreError
 from cellst.experiment import ExperimentConfig
@@ -369,13 +371,56 @@ def train(
     Raises
     ------
     StoreError
-        For every problem found before training starts.
+        For every problem found before training starts, among them another training
+        running in the same run folder now (:func:`run_folder_lock`).
     TrainingDiverged
         If the loss became non-finite; the checkpoints of earlier epochs are kept.
     TrackingUnavailable
         If the tracking server does not answer before training starts. Once training runs,
         tracking is best-effort (see :mod:`cellst.tracking.buffered`).
     """
+    t = cfg.train
+    name = run_name or t.run_name or f"{cfg.name}-train"
+    with run_folder_lock(Path(t.run_dir).absolute() / name):
+        return _train(
+            cfg,
+            run_name=run_name,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            force=force,
+            callbacks=callbacks,
+        )
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_path: Path):
+    """Held by the training of run folder ``run_path``: a second ``cellst train`` of the
+    same run at the same time is refused at once (both trained into one folder and one
+    MLflow run, their checkpoints mixed). The lock file sits beside the folder
+    (``.<run>.lock``), so that ``--force``, which removes the folder, keeps it."""
+    held = contextlib.ExitStack()
+    lock = run_path.parent / f".{run_path.name}.lock"
+    try:
+        held.enter_context(fs.file_lock(lock, wait=False, grace_s=0.5))
+    except fs.LockHeld:
+        raise StoreError(
+            f"run {run_path} is being trained by another process; wait for it to end, or "
+            "choose another train.run_name"
+        ) from None
+    with held:
+        yield
+
+
+def _train(
+    cfg,
+    *,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    force: bool = False,
+    callbacks: list | None = None,
+) -> TrainResult:
+    """:func:`train`, with the run folder's lock held."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
