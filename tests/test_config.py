@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import UnionType
 from typing import Union, get_args, get_origin
 
@@ -320,3 +321,29 @@ def test_set_keeps_the_text_of_names():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.lr=[1,2"])
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_names_that_make_folders_cannot_leave_their_run_folder(tmp_path):
+    """`name=../../x` trained into a folder outside train.run_dir: refused, naming the field;
+    `cellst train --run-name a/b` too (exit 2). Spaces stay allowed."""
+    from typer.testing import CliRunner
+
+    from cellst.cli import app
+    from cellst.config import ConfigError
+    from cellst.experiment import load_config
+
+    for bad in (
+        "name=../../x",
+        "name=a/b",
+        "name=.hidden",
+        "train.run_name=..",
+        "train.run_name=a\\b",
+    ):
+        field = bad.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"{re.escape(field)}: must be a plain folder name"):
+            load_config(None, [bad])
+    assert load_config(None, ["name=my run", "train.run_name=run 1"]).name == "my run"
+    yml = tmp_path / "exp.yaml"
+    yml.write_text("name: x\n")
+    res = CliRunner().invoke(app, ["train", str(yml), "--run-name", "../x", "--set", "store=/no"])
+    assert res.exit_code == 2 and "--run-name" in res.output and "plain folder name" in res.output

@@ -647,6 +647,13 @@ def train(
     from cellst.train.trainer import train as run_train
 
     cfg = _load(config, set_)
+    if run_name is not None:
+        from cellst.config import check_folder_name
+
+        try:
+            check_folder_name(run_name)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--run-name") from None
     _, _, val_ids = check_request(cfg)  # store problems are reported before Ray starts
     no_validation = (
         f"no validation items (data.val_fraction={cfg.data.val_fraction} of the labelled "

@@ -43,6 +43,19 @@ def check_name(value: str | None) -> str | None:
     return value
 
 
+def check_folder_name(value: str | None) -> str | None:
+    """``value`` if it names one folder inside another (no ``/`` or ``\\``, not ``.``,
+    ``..`` or hidden), else ``ValueError``: a run or experiment name never writes outside
+    its run folder. Looser than :func:`check_name` (spaces are kept)."""
+    if value is not None and (
+        "/" in value or "\\" in value or value.startswith(".") or not value.strip()
+    ):
+        raise ValueError(
+            f"must be a plain folder name (no '/', not starting with '.'), got {value!r}"
+        )
+    return value
+
+
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the field path."""
 

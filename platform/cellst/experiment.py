@@ -13,13 +13,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cellst.config import (
     DataConfig,
     EvaluateConfig,
     IngestConfig,
     Section,
+    check_folder_name,
     load_yaml_config,
 )
 from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
@@ -37,6 +38,12 @@ class ExperimentConfig(Section):
     """A whole experiment; sections a command does not use keep their defaults."""
 
     name: str = Field("cellst", min_length=1, description="experiment name (MLflow experiment)")
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        return check_folder_name(v)  # it names run folders: {name}-train, ...
+
     store: str | None = Field(None, description="path of the zarr image store")
     ingest: IngestConfig = IngestConfig()
     data: DataConfig = DataConfig()

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cellst.config import Section
+from cellst.config import Section, check_folder_name
 
 
 class TrainingDiverged(RuntimeError):
@@ -20,6 +20,12 @@ class TrainConfig(Section):
         "runs", description="root folder of training runs (shared storage on clusters)"
     )
     run_name: str | None = Field(None, description="run name; re-using it resumes the run")
+
+    @field_validator("run_name")
+    @classmethod
+    def _folder_name(cls, v: str | None) -> str | None:
+        return check_folder_name(v)  # the run's folder in run_dir
+
     epochs: int = Field(20, ge=1, description="passes of data.crops_per_epoch crops")
     batch_size: int = Field(8, ge=1, description="crops per worker per step")
     optimizer: Literal["adam", "adamw"] = "adam"
