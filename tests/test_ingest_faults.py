@@ -136,8 +136,14 @@ def test_modalities_csv_errors_name_the_file_and_line(tmp_path):
     assert problems == [(f"{table}:4", "not UTF-8 text (byte 0xff); save it as UTF-8")]
     with pytest.raises(IngestError, match=r"modalities.csv:4: not UTF-8 text"):
         ingest(src, tmp_path / "store", progress=False)  # refused before Ray is needed
-    table.write_text("name,modality\ngood0.png,fluorescence\ngood1.png,phase_contrast\n")
-    items, problems = scan_source(src)
+    # one image given two modalities (the last row used to win, silently)
+    table.write_text("name,modality\ngood0.png,fluorescence\ngood1.png,dic\ngood0,phase\n")
+    _, problems = scan_source(src)
+    assert problems == [(f"{table}:4", "'good0' is given twice, as 'fluorescence' and 'phase'")]
+    table.write_text(
+        "name,modality\ngood0.png,fluorescence\ngood1.png,phase_contrast\ngood0.png,fluorescence\n"
+    )
+    items, problems = scan_source(src)  # the same row twice is no conflict
     assert not problems and [i.modality for i in items] == ["fluorescence", "phase_contrast"]
 
 

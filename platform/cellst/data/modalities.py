@@ -35,6 +35,7 @@ def read_modalities(table: Path, problems: list[tuple[str, str]]) -> dict[str, s
         problems.append((f"{table}:1", "must have the columns name,modality"))
         return {}
     out: dict[str, str] = {}
+    seen: dict[str, str] = {}  # image name -> the modality its first row gave
     try:
         for row in reader:
             where = f"{table}:{reader.line_num}"
@@ -44,7 +45,13 @@ def read_modalities(table: Path, problems: list[tuple[str, str]]) -> dict[str, s
             elif not name.strip():
                 problems.append((where, "row has an empty name"))
             else:
-                out[name.strip()] = modality.strip() or "unknown"
+                name, modality = name.strip(), modality.strip() or "unknown"
+                earlier = seen.setdefault(image_name(name), modality)
+                if earlier != modality:  # the same image (by name or file name), another one
+                    problems.append(
+                        (where, f"{name!r} is given twice, as {earlier!r} and {modality!r}")
+                    )
+                out[name] = modality
     except csv.Error as exc:
         problems.append((f"{table}:{reader.line_num}", f"not a valid CSV row ({exc})"))
     return out
