@@ -516,6 +516,12 @@ def test_predict_bad_requests(ray_session, store_dir, lite_checkpoint, tmp_path)
         )
     with pytest.raises(StoreError, match="--set-name"):
         predict(lite_checkpoint, store_dir, progress=False)
+    # an --out that cannot be a folder: one line before Ray, and no set is created
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ValueError, match=f"{afile} is a file, not a folder"):
+        predict(lite_checkpoint, store_dir, set_name="late", out_dir=afile, progress=False)
+    assert "late" not in CellStore(store_dir, lease=False).pseudo_sets()
 
 
 def test_predict_writes_ignore_masks_that_the_training_stream_carries(

@@ -730,6 +730,18 @@ def test_a_schedule_stepped_per_step_follows_the_per_epoch_curve_to_zero():
     assert all(b < a for a, b in zip(cosine, cosine[1:], strict=False))
 
 
+def test_an_unusable_run_dir_is_named_before_any_work(store_dir, tmp_path):
+    """A file at train.run_dir: one line naming the field (was MLflow's error about its
+    database file, after Ray had started); `cellst train` says it before Ray starts."""
+    from cellst.train.trainer import check_run_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ConfigError, match=f"train.run_dir: {afile} is a file, not a folder"):
+        check_run_dir(tiny_cfg(store_dir, afile / "runs"))
+    assert afile.read_text() == "mine"
+
+
 def test_a_run_another_process_trains_is_refused_at_once(ray_session, store_dir, tmp_path):
     """Two `cellst train` of the same run at once both trained into one folder and one
     MLflow run (both exited 0): while one holds the run, the other is refused before it

@@ -643,7 +643,7 @@ def train(
     command resumes an interrupted run.
     """
     from cellst.raycluster import ensure_ray
-    from cellst.train.trainer import check_request
+    from cellst.train.trainer import check_request, check_run_dir
     from cellst.train.trainer import train as run_train
 
     cfg = _load(config, set_)
@@ -655,6 +655,7 @@ def train(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--run-name") from None
     _, _, val_ids = check_request(cfg)  # store problems are reported before Ray starts
+    check_run_dir(cfg)
     no_validation = (
         f"no validation items (data.val_fraction={cfg.data.val_fraction} of the labelled "
         "items of each modality leaves none), so no best checkpoint and no calibration"

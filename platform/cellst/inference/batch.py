@@ -61,6 +61,7 @@ from cellst.data.store import (
 )
 from cellst.errors import first_line
 from cellst.fingerprint import stable_hash
+from cellst.fs import check_writable
 from cellst.inference.config import InferenceConfig, PredictConfig, inference_identity
 from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, leave_cpus_to_driver
 
@@ -829,6 +830,8 @@ def _predict(
         set_name = None
         paths = _folder_images(src, ids)  # by name, in the order of ids where given
         ids = list(paths)
+    if out is not None:  # one line before Ray starts and before the set is touched
+        check_writable(out)
     out_done = None if out is None else check_out_folder(out, ids, identity["model_id"], overwrite)
     ensure_ray(ray_address)
     resources = fit_resources(resources)

@@ -345,6 +345,14 @@ def _keeps_torch_rng(fn):
 
 
 @_keeps_torch_rng
+def check_run_dir(cfg: ExperimentConfig) -> None:
+    """A ``train.run_dir`` where no run folder can be made is a :class:`ConfigError`
+    naming the field (it was a late MLflow error about its database file)."""
+    unwritable = fs.unwritable_reason(Path(cfg.train.run_dir).absolute())
+    if unwritable:
+        raise ConfigError(f"train.run_dir: {unwritable}")
+
+
 def train(
     cfg,
     *,
@@ -444,6 +452,7 @@ def _train(
             "callbacks such as a Tune sweep's; set train.num_workers to 1 or more"
         )
     name = run_name or t.run_name or f"{cfg.name}-train"
+    check_run_dir(cfg)
     paths = RunPaths(Path(t.run_dir).absolute() / name)
     store, train_ids, val_ids = check_request(cfg)
     chash = config_hash(cfg)
