@@ -336,6 +336,20 @@ def locked_file(path: str | os.PathLike[str], *, create: bool) -> Iterator[Any]:
             fh.close()
 
 
+@contextlib.contextmanager
+def held_by_one(path: str | os.PathLike[str], refusal: Exception) -> Iterator[None]:
+    """An exclusive :func:`file_lock` on ``path`` for the block, or ``refusal`` raised at
+    once when another process holds it (one writer of a set, one training of a run).
+    Only the lock's refusal becomes ``refusal``; errors of the block pass as they are."""
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(file_lock(path, wait=False, grace_s=0.5))
+    except LockHeld:
+        raise refusal from None
+    with held:
+        yield
+
+
 def is_locked(path: str | os.PathLike[str]) -> bool:
     """Whether anyone holds a :func:`file_lock` on ``path`` now, shared or exclusive, this
     process included (``flock`` locks belong to each opened file); a missing file is not

@@ -252,16 +252,11 @@ class PseudoLabelSet:
         StoreError
             Another process writes the set now.
         """
-        held = contextlib.ExitStack()
-        lock = self.path.parent / f".{self.name}.lock"
-        try:
-            held.enter_context(fs.file_lock(lock, wait=False, grace_s=0.5))
-        except fs.LockHeld:
-            raise StoreError(
-                f"pseudo-label set {self.name!r} of store {self.store_root} is being written "
-                "by another run; wait for it to end, or give another --set-name"
-            ) from None
-        with held:
+        refusal = StoreError(
+            f"pseudo-label set {self.name!r} of store {self.store_root} is being written "
+            "by another run; wait for it to end, or give another --set-name"
+        )
+        with fs.held_by_one(self.path.parent / f".{self.name}.lock", refusal):
             yield
 
     def create(self, meta: dict[str, Any]) -> None:

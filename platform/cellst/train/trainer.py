@@ -406,16 +406,11 @@ def run_folder_lock(run_path: Path):
     same run at the same time is refused at once (both trained into one folder and one
     MLflow run, their checkpoints mixed). The lock file sits beside the folder
     (``.<run>.lock``), so that ``--force``, which removes the folder, keeps it."""
-    held = contextlib.ExitStack()
-    lock = run_path.parent / f".{run_path.name}.lock"
-    try:
-        held.enter_context(fs.file_lock(lock, wait=False, grace_s=0.5))
-    except fs.LockHeld:
-        raise StoreError(
-            f"run {run_path} is being trained by another process; wait for it to end, or "
-            "choose another train.run_name"
-        ) from None
-    with held:
+    refusal = StoreError(
+        f"run {run_path} is being trained by another process; wait for it to end, or "
+        "choose another train.run_name"
+    )
+    with fs.held_by_one(run_path.parent / f".{run_path.name}.lock", refusal):
         yield
 
 
