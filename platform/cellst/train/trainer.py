@@ -344,7 +344,6 @@ def _keeps_torch_rng(fn):
     return wrapper
 
 
-@_keeps_torch_rng
 def check_run_dir(cfg: ExperimentConfig) -> None:
     """A ``train.run_dir`` where no run folder can be made is a :class:`ConfigError`
     naming the field (it was a late MLflow error about its database file)."""
@@ -353,6 +352,7 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.run_dir: {unwritable}")
 
 
+@_keeps_torch_rng
 def train(
     cfg,
     *,
@@ -389,6 +389,7 @@ def train(
     """
     t = cfg.train
     name = run_name or t.run_name or f"{cfg.name}-train"
+    check_run_dir(cfg)  # before the lock file is made there
     with run_folder_lock(Path(t.run_dir).absolute() / name):
         return _train(
             cfg,
@@ -447,7 +448,6 @@ def _train(
             "callbacks such as a Tune sweep's; set train.num_workers to 1 or more"
         )
     name = run_name or t.run_name or f"{cfg.name}-train"
-    check_run_dir(cfg)
     paths = RunPaths(Path(t.run_dir).absolute() / name)
     store, train_ids, val_ids = check_request(cfg)
     chash = config_hash(cfg)
