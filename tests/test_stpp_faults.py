@@ -21,9 +21,6 @@ from cellst.stpp.parent_run import ParentRun
 from cellst.stpp.stages import StageBook
 from cellst.tracking import PENDING_FILE
 
-#: a port where nothing listens: every request is refused at once
-DEAD_SERVER = "http://127.0.0.1:9"
-
 
 def _config(tmp_path: Path, store: Path, *overrides: str):
     path = tmp_path / "stpp.yaml"

@@ -64,7 +64,7 @@ from cellst.data.images import (
     read_array,
     validate_label,
 )
-from cellst.data.layout import image_name, is_store_root
+from cellst.data.layout import image_name, is_store_root, without_ome
 from cellst.data.modalities import MODALITIES_FILE, match_modalities, read_modalities
 from cellst.data.store import (
     MANIFEST,
@@ -199,8 +199,7 @@ def _label_stem(p: Path) -> str | None:
     stem = image_name(p)
     if not stem.endswith(LABEL_SUFFIX):
         return None
-    stem = stem[: -len(LABEL_SUFFIX)]
-    return stem[:-4] if stem.lower().endswith(".ome") and len(stem) > 4 else stem
+    return without_ome(stem[: -len(LABEL_SUFFIX)])
 
 
 def _scan_folder(

@@ -26,6 +26,7 @@ __all__ = [
     "ZARR_META",
     "image_name",
     "is_zarr_array",
+    "without_ome",
     "manifest_sha256",
     "manifest_version",
 ]
@@ -52,10 +53,12 @@ def image_name(path: str | os.PathLike[str]) -> str:
     suffix = p.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         return p.name
-    stem = p.stem
-    if suffix in (".tif", ".tiff") and stem.lower().endswith(".ome") and len(stem) > 4:
-        stem = stem[:-4]
-    return stem
+    return without_ome(p.stem) if suffix in (".tif", ".tiff") else p.stem
+
+
+def without_ome(stem: str) -> str:
+    """``stem`` without a trailing OME-TIFF ``.ome`` (``X.ome`` -> ``X``; ``.ome`` stays)."""
+    return stem[:-4] if stem.lower().endswith(".ome") and len(stem) > 4 else stem
 
 
 def is_store(path: str | os.PathLike[str]) -> bool:
