@@ -406,6 +406,31 @@ def test_workers_finding_no_room_stop_the_training_in_one_line(ray_session, stor
     assert state["status"] == "failed" and "found no room" in state["error"]
 
 
+def test_a_run_a_sweeps_scheduler_stopped_is_not_recorded_as_failed(
+    ray_session, store_dir, tmp_path, monkeypatch
+):
+    """A training trial that Tune stops: the sweep marks its run "stopped", then ends its
+    workers (:func:`cellst.tune.sweep.release_stopped_trial`), and the fit raises. The
+    record keeps "stopped"; any other fault is "failed"."""
+    from ray.train.torch import TorchTrainer
+
+    from cellst.train.trainer import train
+
+    for name, stopped_first, expected in (("s", True, "stopped"), ("f", False, "failed")):
+        run = tmp_path / name
+
+        def fit(self, run=run, stopped_first=stopped_first):
+            if stopped_first:
+                state = json.loads((run / "run.json").read_text())
+                (run / "run.json").write_text(json.dumps({**state, "status": "stopped"}))
+            raise RuntimeError("the actor died unexpectedly")
+
+        monkeypatch.setattr(TorchTrainer, "fit", fit)
+        with pytest.raises(RuntimeError):
+            train(tiny_cfg(store_dir, tmp_path, f"train.run_name={name}"))
+        assert json.loads((run / "run.json").read_text())["status"] == expected
+
+
 def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_path, monkeypatch):
     # in this process (Ray Train's local mode): the loop's check is the same, without the
     # worker start-up; across DDP ranks the check is an all-reduce (_all_finite)

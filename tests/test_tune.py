@@ -91,9 +91,15 @@ def test_a_damaged_checkpoint_is_named_before_the_sweep_starts(store_dir, tmp_pa
     assert f"{ckpt / 'model.json'} is not readable JSON" in " ".join(res.output.split())
 
 
-def test_a_stopped_trials_placement_group_is_released_and_its_run_marked(ray_session, tmp_path):
+def test_a_stopped_trials_placement_group_is_released_and_its_run_marked(
+    ray_session, tmp_path, monkeypatch
+):
     """What Tune leaves when it stops a training trial (ray-project/ray#54305): the worker
-    group's placement group, and a run.json saying "running". Both are put right."""
+    group's placement group, and a run.json saying "running". Both are put right, the
+    record first: removing the group ends the workers, and the trial's training, seeing
+    them die, must find "stopped" there (else it writes "failed", as CI once saw)."""
+    import sys
+
     import ray
     from ray.util.placement_group import placement_group
 
@@ -105,7 +111,16 @@ def test_a_stopped_trials_placement_group_is_released_and_its_run_marked(ray_ses
     run = trial_run_dir(tmp_path, "s", "abc_00001")
     atomic_write_json(run / "workers" / "rank0.json", {"rank": 0, "placement_group": pg.id.hex()})
     atomic_write_json(run / "run.json", {"status": "running"})
+    pgs = sys.modules["ray.util.placement_group"]  # (ray.util.placement_group: a function)
+    seen, remove = [], pgs.remove_placement_group
+
+    def record_then_remove(group):
+        seen.append(json.loads((run / "run.json").read_text())["status"])
+        remove(group)
+
+    monkeypatch.setattr(pgs, "remove_placement_group", record_then_remove)
     assert release_stopped_trial(run) == [pg.id.hex()]
+    assert seen == ["stopped"]  # already marked when the workers were ended
     assert ray.util.placement_group_table(pg)["state"] == "REMOVED"
     assert json.loads((run / "run.json").read_text())["status"] == "stopped"
     assert release_stopped_trial(run) == []  # nothing left to release

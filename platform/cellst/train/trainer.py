@@ -575,6 +575,8 @@ def _train(
                 result = trainer.fit()
         except BaseException as exc:  # the run's own record tells why it stopped
             no_room = no_room_error(cfg, paths) if found_no_room(exc) else None
+            if paths.read_state().get("status") == "stopped" and not no_room:
+                raise  # a sweep's scheduler stopped it (and ended its workers): it says so
             paths.write_state(
                 status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                 error=str(no_room)

@@ -224,6 +224,9 @@ def calibrated_with_other_inference(checkpoint: str, infer: Any) -> str:
     )
 
 
+STOPPED_BY_SCHEDULER = "stopped by the sweep's scheduler"
+
+
 def trial_run_dir(root: Path, name: str, trial_id: str) -> Path:
     """The training run folder of a training sweep's trial (as :func:`_train_trial` names it)."""
     return root / "trials" / f"{name}-{trial_id}"
@@ -253,15 +256,17 @@ def release_stopped_trial(run_dir: Path) -> list[str]:
             continue
         if pg:
             ids.add(pg)
+    # the record first: removing the group ends the workers, and the trial's own training
+    # (if its actor still runs) then sees "stopped" and keeps it, not "failed"
+    paths = RunPaths(run_dir)
+    if paths.read_state().get("status") == "running":
+        paths.write_state(status="stopped", error=STOPPED_BY_SCHEDULER)
     removed = []
     table = ray.util.placement_group_table()
     for pg in sorted(ids):
         if table.get(pg, {}).get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
             removed.append(pg)
-    paths = RunPaths(run_dir)
-    if paths.read_state().get("status") == "running":
-        paths.write_state(status="stopped", error="stopped by the sweep's scheduler")
     return removed
 
 
