@@ -309,3 +309,54 @@ def test_a_ctrl_c_while_the_process_exits_is_one_line_not_a_traceback():
     )
     assert res.returncode == 130, res.stderr
     assert res.stderr == AFTER_THE_COMMAND and "cellst " in res.stdout
+
+
+def test_a_ray_address_where_no_cluster_answers_is_one_line_at_once(tmp_path, synth_src):
+    """``ray.init`` retries a dead address for ever (a warning every few seconds); a typo
+    in ``--ray-address`` or a stale ``RAY_ADDRESS`` is one line and exit 1 instead, before
+    anything is written."""
+    import os
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    exe = Path(sys.executable).with_name("cellst")
+    out = tmp_path / "store"
+    res = subprocess.run(
+        [
+            str(exe),
+            "ingest",
+            str(synth_src),
+            "--out",
+            str(out),
+            "--ray-address",
+            f"127.0.0.1:{port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert res.returncode == 1, res.stderr
+    said = " ".join(res.stderr.split())
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in said, res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+
+
+def test_check_answers_takes_ray_address_forms():
+    import socket
+
+    from cellst.raycluster import ClusterError, check_answers
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", None, "local", "auto"):
+            check_answers(address)  # raises nothing
+    with pytest.raises(ClusterError, match="not HOST:PORT"):
+        check_answers("127.0.0.1")
+    with pytest.raises(ClusterError, match=f"no Ray cluster answers at ray://127.0.0.1:{port}"):
+        check_answers(f"ray://127.0.0.1:{port}")

@@ -229,6 +229,34 @@ def local_system_config(num_cpus: int | None = None) -> dict[str, int]:
     return {"num_workers_soft_limit": max(int(cpus), MIN_IDLE_WORKERS)}
 
 
+def check_answers(address: str | None, timeout_s: float = 5.0) -> None:
+    """Raise :class:`ClusterError` at once if nothing listens at a ``host:port`` (or
+    ``ray://host:port``) Ray address.
+
+    ``ray.init`` given the address of a cluster that is gone retries its connection for
+    ever, printing a warning every few seconds: a typo in ``--ray-address`` or a stale
+    ``RAY_ADDRESS`` hung the command. ``None``, ``"local"`` and ``"auto"`` are left to Ray
+    (they fail fast by themselves).
+    """
+    if not address or address in ("local", "auto"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = hostport.rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(
+            f"the Ray address {address!r} (--ray-address / RAY_ADDRESS) is not HOST:PORT"
+        )
+    import socket
+
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ClusterError(
+            f"no Ray cluster answers at {address} (--ray-address / RAY_ADDRESS): {reason}"
+        ) from None
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to Ray once per process.
 
@@ -247,6 +275,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # a local cluster started here lives as long as this command: no dashboard process
     # (ignored when joining a running cluster, which keeps its own)
     kwargs["include_dashboard"] = False
+    check_answers(address)
     if address in (None, "local"):
         # read by the raylet if this call starts one (ray.init takes no _system_config when
         # it joins the cluster last started here); the caller's own setting wins
