@@ -18,6 +18,7 @@ import tifffile
 from typer.testing import CliRunner
 
 from cellst.config import IngestConfig
+from cellst.data.images import ImageFormatError
 from cellst.data.ingest import IngestError, ingest, scan_source
 from cellst.data.store import MANIFEST, CellStore, StoreError, store_lock
 
@@ -100,9 +101,13 @@ def test_images_of_unusable_shape_or_type_are_named(ray_session, tmp_path):
     tifffile.imwrite(src / "hyper.tif", np.zeros((2, 3, 64, 64), np.uint8))
     Image.fromarray(np.eye(64, dtype=bool)).save(src / "mask.png")  # 1-bit
     tifffile.imwrite(src / "complex.tif", np.ones((64, 64), np.complex64))
+    tifffile.imwrite(src / "masked.tif", np.full((64, 64), np.nan, np.float32))
+    iio.imwrite(src / "black.png", np.zeros((64, 64), np.uint8))
     with pytest.raises(IngestError) as exc:
         ingest(src, tmp_path / "store", progress=False)
     msg = str(exc.value)
+    for blank in ("masked.tif", "black.png"):  # stored as black before, silently
+        assert f"{src / blank}: the image holds no signal (every pixel is 0 or NaN)" in msg
     assert f"{src / 'hyper.tif'}: expected a 2-D or 3-D image, got shape (2, 3, 64, 64)" in msg
     assert f"{src / 'mask.png'}: a 1-bit (binary) image is a mask" in msg
     assert f"{src / 'complex.tif'}: unsupported image dtype complex64" in msg
@@ -372,6 +377,9 @@ def test_large_tiff_is_ingested_band_by_band_with_bounded_memory(ray_session, tm
     tiled_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert tiled_peak < whole_peak / 3, (tiled_peak, whole_peak)
+    tifffile.imwrite(tmp_path / "blank.tif", np.zeros_like(img), tile=(256, 256))
+    with pytest.raises(ImageFormatError, match="blank.tif: the image holds no signal"):
+        _stage_image(str(tmp_path / "blank.tif"), tmp_path / "staged-blank", cfg)
 
     ingest(src, tmp_path / "store", cfg=cfg, progress=False)
     store = CellStore(tmp_path / "store")

@@ -468,20 +468,32 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
         h, w = image_height_width(shape)
         _check_min_side(path, h, w, cfg)
         array = create_array(target, (h, w, 3), np.uint8, cfg.chunk, cfg.compression_level)
+        signal = [False]
 
         def write_band(y0: int, band: np.ndarray) -> None:
             array[y0 : y0 + band.shape[0]] = band
+            signal[0] = signal[0] or bool(band.any())
 
-        return normalize_tiff_tiled(
+        hw = normalize_tiff_tiled(
             path, write_band, cfg.low_percentile, cfg.high_percentile, band=cfg.chunk
         )
+        _check_signal(path, signal[0])
+        return hw
     image = normalize_image(
         read_array(path, cfg.max_pixels), cfg.low_percentile, cfg.high_percentile, name=path
     )
     h, w = image.shape[:2]
     _check_min_side(path, h, w, cfg)
+    _check_signal(path, bool(image.any()))
     write_array(target, image, cfg.chunk, cfg.compression_level)
     return h, w
+
+
+def _check_signal(path: str, any_signal: bool) -> None:
+    """An image that normalises to all zeros (every pixel 0 or NaN: a blank frame, a float
+    export of a masked-out field) teaches nothing and would be stored silently as black."""
+    if not any_signal:
+        raise ImageFormatError(f"{path}: the image holds no signal (every pixel is 0 or NaN)")
 
 
 def _check_min_side(path: str, h: int, w: int, cfg: IngestConfig) -> None:
