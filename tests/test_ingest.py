@@ -631,3 +631,22 @@ def test_images_one_folder_too_deep_are_named_not_silently_left_out(ray_session,
     result = ingest(src, tmp_path / "store", progress=False)
     assert result.added == ["cell_00001"]
     assert [w.split(": ")[:2] for w in result.warnings] == [[str(deep), "2 image(s) not ingested"]]
+
+
+def test_folders_named_like_files_are_named_not_silently_passed_over(ray_session, tmp_path):
+    """``a.png/``, ``X_label.tiff/`` and ``modalities.csv/`` as folders (an unzip gone
+    wrong): the image's label and the modality table were left out unsaid."""
+    src = tmp_path / "src"
+    _challenge_pair(src / "labeled", "cell_1", ".png", 1)
+    iio.imwrite(src / "labeled" / "images" / "cell_3.png", np.full((64, 64), 7, np.uint8))
+    odd = [
+        src / "labeled" / "images" / "cell_2.png",
+        src / "labeled" / "labels" / "cell_3_label.tiff",
+        src / "modalities.csv",
+    ]
+    for folder in odd:
+        folder.mkdir()
+    result = ingest(src, tmp_path / "store", skip_bad=True, progress=False)
+    said = {w.split(": ")[0]: w for w in result.warnings}
+    for folder in odd:
+        assert "a folder named like a file" in said.get(str(folder), ""), result.warnings

@@ -41,6 +41,7 @@ import os
 import re
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -318,14 +319,9 @@ def moves_across_test_split(
     return problems
 
 
-def unread_image_folders(src: str | Path, items: list[SourceItem], depth: int = 3) -> list[str]:
-    """Folders under ``src`` (``depth`` levels at most) holding images that none of
-    ``items`` came from, e.g. a split's images one folder too deep: said, not ingested."""
-    root = Path(src)
-    read = {str(Path(it.image).parent) for it in items} | {
-        str(Path(it.label).parent) for it in items if it.label
-    }
-    found = []
+def _source_folders(root: Path, depth: int) -> Iterator[tuple[Path, list[Path]]]:
+    """Each folder under ``root`` (``depth`` levels at most, hidden ones left out) with its
+    sorted entries."""
     level = [root]
     for _ in range(depth + 1):
         below = []
@@ -334,12 +330,37 @@ def unread_image_folders(src: str | Path, items: list[SourceItem], depth: int = 
                 entries = sorted(folder.iterdir())
             except OSError:
                 continue
-            images = [p for p in entries if _is_image(p) and _label_stem(p) is None]
-            if images and str(folder.absolute()) not in read and str(folder) not in read:
-                found.append(f"{folder}: {len(images)} image(s) not ingested")
+            yield folder, entries
             below += [p for p in entries if p.is_dir() and not p.name.startswith(".")]
         level = below
+
+
+def unread_image_folders(src: str | Path, items: list[SourceItem], depth: int = 3) -> list[str]:
+    """Folders under ``src`` (``depth`` levels at most) holding images that none of
+    ``items`` came from, e.g. a split's images one folder too deep: said, not ingested."""
+    read = {str(Path(it.image).parent) for it in items} | {
+        str(Path(it.label).parent) for it in items if it.label
+    }
+    found = []
+    for folder, entries in _source_folders(Path(src), depth):
+        images = [p for p in entries if _is_image(p) and _label_stem(p) is None]
+        if images and str(folder.absolute()) not in read and str(folder) not in read:
+            found.append(f"{folder}: {len(images)} image(s) not ingested")
     return found
+
+
+def folders_named_like_files(src: str | Path, depth: int = 3) -> list[str]:
+    """Folders under ``src`` named like an image, a label or ``modalities.csv``
+    (``a.png/``, ``X_label.tiff/``): ingest reads files only, so each is said, not
+    silently passed over."""
+    return [
+        f"{p}: a folder named like a file; ingest reads files only, so it was not read"
+        for _, entries in _source_folders(Path(src), depth)
+        for p in entries
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and (p.suffix.lower() in IMAGE_SUFFIXES or p.name == MODALITIES_FILE)
+    ]
 
 
 def unmatched_modalities(src: str | Path, items: list[SourceItem]) -> list[str]:
@@ -673,14 +694,18 @@ def ingest(
         if not items:
             raise IngestError(problems, skippable=False)
         result.renamed = [(it.image, it.id) for it in items if it.renamed_from]
-        result.warnings = [
-            f"{Path(src) / MODALITIES_FILE}: row {name!r} names no image of the source"
-            for name in unmatched_modalities(src, items)
-        ] + [
-            f"{line}: cellst reads SRC/SPLIT/, SPLIT/images/ and SPLIT/labels/ (or a plain "
-            "folder); ingest that folder on its own, or move its images up"
-            for line in unread_image_folders(src, items)
-        ]
+        result.warnings = (
+            [
+                f"{Path(src) / MODALITIES_FILE}: row {name!r} names no image of the source"
+                for name in unmatched_modalities(src, items)
+            ]
+            + [
+                f"{line}: cellst reads SRC/SPLIT/, SPLIT/images/ and SPLIT/labels/ (or a plain "
+                "folder); ingest that folder on its own, or move its images up"
+                for line in unread_image_folders(src, items)
+            ]
+            + folders_named_like_files(src)
+        )
         try:
             ensure_ray()
             # every node reads the sources and writes arrays into the staging folder
