@@ -74,9 +74,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "bench_targets": (r"speed-up\s+[\d.]+x", r"cellst and MONAI maps: same"),
     "bench_train": (
         r"[\d.]+x the best in-process loop",
-        # the same training with Ray Data's scheduling loop unpaced, side by side
-        r"paced / unpaced = [\d.]+x \(SplitCoordinator CPU \d+ s paced, \d+ s unpaced\)",
-        r"over every epoch, paced / unpaced\s*:\s*[\d.]+ / [\d.]+ = [\d.]+x",
+        r"counting validation \+ checkpoint per epoch\s*:\s*[\d.]+\s+[\d.]+x; overhead",
+        r"=> [\d.]+ CPU cores of augmentation tasks per GPU",
     ),
 }
 #: a benchmark not listed above must at least print a ratio

@@ -511,7 +511,8 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
 
     1. Once Ray Train has registered a checkpoint, the node of rank 1 is removed (raylet and
        processes killed). A spare worker node is there, as an autoscaler would provide: Ray
-       Train restarts the group from the last checkpoint (``train.max_failures``).
+       Train restarts the group from the last checkpoint (``train.max_failures``). (A
+       worker process killed on one node, as by the OOM killer, takes the same path.)
     2. Once the restarted group has saved a checkpoint, the node of its rank 0 is removed
        too. Nothing replaces it: within ``train.node_wait_s`` the command stops with exit 1
        and one line saying so (no traceback), the run's checkpoints kept.
@@ -600,6 +601,10 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
     assert state["status"] == "failed" and "found no room" in state["error"], state
     stopped_at = _last_epoch(run)
     assert 1 <= stopped_at < epochs  # its checkpoints are kept
+    from cellst.model.checkpoint import load_model
+
+    _, _, meta = load_model(run / "checkpoints" / "last")  # saved by the restarted group,
+    assert meta["resumed_from_epoch"] >= 1, meta  # which went on from a checkpoint
 
     extra = c.add_node(num_cpus=2, resources={"node_e": 1})
     nodes[extra.node_id] = extra
@@ -607,8 +612,6 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
     _cellst(*args, address=c.address, timeout=400)  # the same command resumes the run
     state = json.loads((run / "run.json").read_text())
     assert state["status"] == "finished", state
-    from cellst.model.checkpoint import load_model
-
     _, _, meta = load_model(run / "checkpoints" / "last")
     # from the last checkpoint Ray Train registered (the node may have gone between the
     # save of `last` and its registration, so that can be the epoch before)
