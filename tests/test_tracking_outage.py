@@ -42,6 +42,8 @@ TINY = [
     "train.log_every_steps=1",
     "inference.roi=96",
     "tracking.system_metrics=false",
+    # calibrating after each tiny training (seconds each) is tested where it is the point
+    "train.calibrate_postprocess=false",
 ]
 
 

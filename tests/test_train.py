@@ -43,6 +43,8 @@ TINY = [
     "train.val_max_items=3",
     "inference.roi=96",
     "tracking.system_metrics=false",
+    # calibrating after each tiny training (seconds each) is tested where it is the point
+    "train.calibrate_postprocess=false",
 ]
 
 
@@ -107,6 +109,7 @@ def trained(learn_store, tmp_path_factory):
         "train.schedule=cosine",
         "train.lr=3e-3",
         "train.ema_decay=0.9",
+        "train.calibrate_postprocess=true",  # test_training_calibrates_its_checkpoints
     )
     reingest = ReingestDuringTraining(Path(learn_store), run_dir / "ddp")
     reingest.start()
