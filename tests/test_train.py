@@ -506,6 +506,11 @@ def test_rerun_resumes_interrupted_run(ray_session, store_dir, tmp_path):
     time.sleep(3)  # let Ray notice the driver is gone and release the workers
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    # what to copy is whole on its line, however long (these are over 120 characters)
+    lines = out.stdout.splitlines()
+    assert f"  last checkpoint: {tmp_path / 'rr' / 'checkpoints' / 'last'}" in lines, lines
+    db = f"sqlite:///{tmp_path / 'rr' / 'mlflow.db'}"
+    assert any(ln.endswith(f"mlflow ui --backend-store-uri '{db}'") for ln in lines), lines
     model, _, meta = load_model(tmp_path / "rr" / "checkpoints" / "last")
     # a checkpoint was registered before the kill: the re-run continues from it
     assert meta["epoch"] == 4 and meta["resumed_from_epoch"] >= 1

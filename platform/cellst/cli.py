@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -79,8 +80,6 @@ RayOpt = Annotated[
 
 
 def _fail(message: str, code: int = 1) -> None:
-    from rich.markup import escape
-
     err_console.print(
         f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True
     )
@@ -666,21 +665,26 @@ def train(
     result = run_train(cfg, run_name=run_name, force=force)
     m = result.metrics
     state = "already finished (nothing to do)" if result.resumed else "finished"
-    console.print(f"[green]training {state}[/]: {result.run_path}")
+    # paths and the command to copy: whole lines (never wrapped at the terminal's width)
+    # and never read as rich markup
+    console.print(f"[green]training {state}[/]: {escape(str(result.run_path))}", soft_wrap=True)
     if val_ids:
         best_f1 = m.get("best_val_f1", float("nan"))
         console.print(f"  epochs {m.get('epoch')}, best validation F1 {best_f1:.4f}")
     else:
         console.print(f"  epochs {m.get('epoch')}, {no_validation}", highlight=False)
-    if result.best.exists():
-        console.print(f"  best checkpoint: {result.best}")
-    console.print(f"  last checkpoint: {result.last}")
-    console.print(f"  ST++ snapshots: {', '.join(p.name for p in result.snapshots)}")
+    lines = [f"  best checkpoint: {result.best}"] if result.best.exists() else []
+    lines += [
+        f"  last checkpoint: {result.last}",
+        f"  ST++ snapshots: {', '.join(p.name for p in result.snapshots)}",
+    ]
     if result.mlflow_run_id:  # the store the run went to: a server or the run's SQLite file
         from cellst.tracking import resolve_tracking, ui_command
 
         uri = resolve_tracking(cfg.tracking, result.run_path, cfg.name)[0]
-        console.print(f"  MLflow run {result.mlflow_run_id}: {ui_command(uri)}")
+        lines.append(f"  MLflow run {result.mlflow_run_id}: {ui_command(uri)}")
+    for line in lines:
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 class _RunByDefault(TyperGroup):
