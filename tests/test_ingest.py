@@ -212,7 +212,7 @@ def duplicate_id(src: Path) -> str:
     test_an_image_name_used_by_training_and_tuning_keeps_both)."""
     p = _first(src / "labeled" / "images")
     twin = ".bmp" if p.suffix.lower() != ".bmp" else ".png"
-    iio.imwrite(p.with_suffix(twin), np.zeros((64, 64), np.uint8))
+    iio.imwrite(p.with_suffix(twin), np.full((64, 64), 7, np.uint8))
     return "duplicate id"
 
 
@@ -488,7 +488,7 @@ def test_an_image_name_used_by_training_and_tuning_keeps_both(ray_session, tmp_p
     assert store.ids("test") == ["cell_00003", "tuning-cell_00001"]
     # two files of one name in one folder: only the second (the one named) is skipped
     iio.imwrite(
-        src / "Training-labeled" / "images" / "cell_00002.bmp", np.zeros((64, 64), np.uint8)
+        src / "Training-labeled" / "images" / "cell_00002.bmp", np.full((64, 64), 7, np.uint8)
     )
     with pytest.raises(IngestError, match="duplicate id 'cell_00002'"):
         ingest(src, tmp_path / "store2", progress=False)
