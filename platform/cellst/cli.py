@@ -231,7 +231,8 @@ def ingest(
         str | None,
         typer.Option(
             help="split of every image found: labeled, unlabeled or test (default: from the "
-            "challenge layout's folder names; unlabeled for a plain folder)"
+            "challenge layout's folder names; a plain folder is labeled where its images have "
+            "labels, else unlabeled)"
         ),
     ] = None,
     modality: Annotated[
