@@ -169,15 +169,20 @@ def test_predict_spreads_over_the_nodes_and_survives_losing_one(
     done_at_loss: list[int] = []
     before_loss: dict[str, int] = {}  # item -> write time of its label, when the node went
 
+    def written_items(base: Path) -> list[Path]:
+        """The ``zarr.json`` of each item written (renamed into place: a hidden ``.tmp-``
+        folder of an item being written is not one, and is gone a moment later)."""
+        found = base.glob("*/zarr.json") if base.is_dir() else []
+        return [p for p in found if not p.parent.name.startswith(".")]
+
     def remove_when_it_has_written() -> None:
         base = store / "pseudo" / "lost"
         deadline = time.time() + 300
         while time.time() < deadline:
-            written = list(base.glob("*/zarr.json")) if base.is_dir() else []
-            for p in written:
+            for p in written_items(base):
                 if json.loads(p.read_text()).get("attributes", {}).get("node_id") == doomed.node_id:
                     c.remove_node(doomed, allow_graceful=False)
-                    now = list(base.glob("*/zarr.json"))
+                    now = written_items(base)
                     before_loss.update({q.parent.name: q.stat().st_mtime_ns for q in now})
                     done_at_loss.append(len(now))
                     return
