@@ -316,11 +316,10 @@ def test_a_ray_address_where_no_cluster_answers_is_one_line_at_once(tmp_path, sy
     in ``--ray-address`` or a stale ``RAY_ADDRESS`` is one line and exit 1 instead, before
     anything is written."""
     import os
-    import socket
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from conftest import free_port
+
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     exe = Path(sys.executable).with_name("cellst")
     out = tmp_path / "store"
@@ -345,18 +344,30 @@ def test_a_ray_address_where_no_cluster_answers_is_one_line_at_once(tmp_path, sy
     assert "Traceback" not in res.stderr and not out.exists()
 
 
-def test_check_answers_takes_ray_address_forms():
+def test_check_answers_takes_ray_address_forms(monkeypatch):
     import socket
 
     from cellst.raycluster import ClusterError, check_answers
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", None, "local", "auto"):
+        for address in (
+            f"127.0.0.1:{port}",
+            f"ray://127.0.0.1:{port}",
+            f"127.0.0.1:{port}/",
+            None,
+            "local",
+            "auto",
+            "anyscale://my-cluster",  # Ray's other client schemes are Ray's to resolve
+        ):
             check_answers(address)  # raises nothing
     with pytest.raises(ClusterError, match="not HOST:PORT"):
         check_answers("127.0.0.1")
     with pytest.raises(ClusterError, match=f"no Ray cluster answers at ray://127.0.0.1:{port}"):
         check_answers(f"ray://127.0.0.1:{port}")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # "auto" means RAY_ADDRESS
+    with pytest.raises(ClusterError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+        check_answers("auto")

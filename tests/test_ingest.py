@@ -646,6 +646,9 @@ def test_folders_named_like_files_are_named_not_silently_passed_over(ray_session
     ]
     for folder in odd:
         folder.mkdir()
+    with pytest.raises(IngestError) as exc:  # the missing label says where it went
+        ingest(src, tmp_path / "store", progress=False)
+    assert f"expected {odd[1]}, which is a folder, not a file" in str(exc.value)
     result = ingest(src, tmp_path / "store", skip_bad=True, progress=False)
     said = {w.split(": ")[0]: w for w in result.warnings}
     for folder in odd:

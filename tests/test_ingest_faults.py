@@ -103,11 +103,16 @@ def test_images_of_unusable_shape_or_type_are_named(ray_session, tmp_path):
     tifffile.imwrite(src / "complex.tif", np.ones((64, 64), np.complex64))
     tifffile.imwrite(src / "masked.tif", np.full((64, 64), np.nan, np.float32))
     iio.imwrite(src / "black.png", np.zeros((64, 64), np.uint8))
+    tifffile.imwrite(src / "flat.tif", np.full((64, 64), -3, np.int16))  # no contrast
+    saturated = np.zeros((64, 64), np.float32)
+    saturated[20:30, 20:30] = np.inf  # +inf is the brightest, never black
+    tifffile.imwrite(src / "saturated.tif", saturated)
     with pytest.raises(IngestError) as exc:
         ingest(src, tmp_path / "store", progress=False)
     msg = str(exc.value)
-    for blank in ("masked.tif", "black.png"):  # stored as black before, silently
-        assert f"{src / blank}: the image holds no signal (every pixel is 0 or NaN)" in msg
+    for blank in ("masked.tif", "black.png", "flat.tif"):  # stored as black before, silently
+        assert f"{src / blank}: the image holds no signal: it normalises to all black" in msg
+    assert "saturated.tif" not in msg
     assert f"{src / 'hyper.tif'}: expected a 2-D or 3-D image, got shape (2, 3, 64, 64)" in msg
     assert f"{src / 'mask.png'}: a 1-bit (binary) image is a mask" in msg
     assert f"{src / 'complex.tif'}: unsupported image dtype complex64" in msg

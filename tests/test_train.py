@@ -506,7 +506,8 @@ def test_rerun_resumes_interrupted_run(ray_session, store_dir, tmp_path):
     time.sleep(3)  # let Ray notice the driver is gone and release the workers
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    # what to copy is whole on its line, however long (these are over 120 characters)
+    # what to copy is whole on its line, however long (the mlflow ui command is over 120
+    # characters: rich wrapped it at the 120 columns of a non-terminal)
     lines = out.stdout.splitlines()
     assert f"  last checkpoint: {tmp_path / 'rr' / 'checkpoints' / 'last'}" in lines, lines
     db = f"sqlite:///{tmp_path / 'rr' / 'mlflow.db'}"

@@ -128,6 +128,15 @@ def test_a_stopped_trials_placement_group_is_released_and_its_run_marked(
     atomic_write_json(finished / "run.json", {"status": "finished"})
     assert release_stopped_trial(finished) == []
     assert json.loads((finished / "run.json").read_text())["status"] == "finished"
+    # a trial whose process died without a word (Tune's on_trial_error) is not "stopped"
+    from cellst.tune.sweep import ReleaseStoppedTrials
+
+    died = trial_run_dir(tmp_path, "s", "abc_00003")
+    atomic_write_json(died / "run.json", {"status": "running"})
+    trial = type("Trial", (), {"trial_id": "abc_00003"})()
+    ReleaseStoppedTrials(tmp_path, "s").on_trial_error(0, [], trial)
+    state = json.loads((died / "run.json").read_text())
+    assert state["status"] == "failed" and "ended without a word" in state["error"], state
 
 
 def test_a_sweep_on_other_inference_settings_than_the_calibrations_is_named(tmp_path):

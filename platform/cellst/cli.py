@@ -668,7 +668,9 @@ def train(
     state = "already finished (nothing to do)" if result.resumed else "finished"
     # paths and the command to copy: whole lines (never wrapped at the terminal's width)
     # and never read as rich markup
-    console.print(f"[green]training {state}[/]: {escape(str(result.run_path))}", soft_wrap=True)
+    console.print(
+        f"[green]training {state}[/]: {escape(str(result.run_path))}", soft_wrap=True, emoji=False
+    )
     if val_ids:
         best_f1 = m.get("best_val_f1", float("nan"))
         console.print(f"  epochs {m.get('epoch')}, best validation F1 {best_f1:.4f}")
@@ -685,7 +687,7 @@ def train(
         uri = resolve_tracking(cfg.tracking, result.run_path, cfg.name)[0]
         lines.append(f"  MLflow run {result.mlflow_run_id}: {ui_command(uri)}")
     for line in lines:
-        console.print(line, soft_wrap=True, markup=False, highlight=False)
+        console.print(line, soft_wrap=True, markup=False, highlight=False, emoji=False)
 
 
 class _RunByDefault(TyperGroup):

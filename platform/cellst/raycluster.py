@@ -231,16 +231,21 @@ def local_system_config(num_cpus: int | None = None) -> dict[str, int]:
 
 def check_answers(address: str | None, timeout_s: float = 5.0) -> None:
     """Raise :class:`ClusterError` at once if nothing listens at a ``host:port`` (or
-    ``ray://host:port``) Ray address.
+    ``ray://host:port``) Ray address (``auto``: the ``RAY_ADDRESS`` it means).
 
     ``ray.init`` given the address of a cluster that is gone retries its connection for
     ever, printing a warning every few seconds: a typo in ``--ray-address`` or a stale
-    ``RAY_ADDRESS`` hung the command. ``None``, ``"local"`` and ``"auto"`` are left to Ray
-    (they fail fast by themselves).
+    ``RAY_ADDRESS`` hung the command. ``None``, ``"local"``, ``"auto"`` without
+    ``RAY_ADDRESS`` (they fail fast by themselves) and Ray's other client schemes are left
+    to Ray.
     """
+    if address == "auto":  # ray.init("auto") joins RAY_ADDRESS where it is set
+        address = os.environ.get("RAY_ADDRESS")
     if not address or address in ("local", "auto"):
         return
-    hostport = address.split("://", 1)[1] if "://" in address else address
+    scheme, _, hostport = address.rpartition("://")
+    if scheme not in ("", "ray"):
+        return  # another Ray client scheme (``anyscale://``, ``module://``): Ray's own
     host, _, port = hostport.rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise ClusterError(

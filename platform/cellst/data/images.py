@@ -224,8 +224,11 @@ def apply_range(channel: np.ndarray, rng: tuple[float, ...]) -> np.ndarray:
     (the challenge baseline's cast wraps 16-bit values); 8-bit channels are then kept. NaN
     pixels become 0, infinite ones 0 or 255 by their sign.
     """
-    if not rng:
-        return np.zeros(channel.shape, np.uint8)
+    if not rng:  # no finite non-zero pixel: black, but +inf (saturated) still the brightest
+        out = np.zeros(channel.shape, np.uint8)
+        if channel.dtype.kind == "f":
+            out[np.isposinf(channel)] = 255
+        return out
     lo, hi, top = rng
     if channel.dtype.kind == "f" and not np.isfinite(channel).all():
         # NaN as background (0), +inf as the brightest (255), -inf as the darkest (0)

@@ -237,8 +237,10 @@ def _scan_folder(
             it.label = str(labels[it.id][0].absolute())
         elif (labelled_split or split == "labeled") and split != "test":
             where = labels_dir if labels_dir is not None else images_dir
+            expected = Path(where) / f"{it.id}_label.tiff"
+            folder = ", which is a folder, not a file" if expected.is_dir() else ""
             problems.append(
-                (it.image, f"labelled image without a label (expected {where}/{it.id}_label.tiff)")
+                (it.image, f"labelled image without a label (expected {expected}{folder})")
             )
     return items
 
@@ -343,6 +345,8 @@ def unread_image_folders(src: str | Path, items: list[SourceItem], depth: int = 
     }
     found = []
     for folder, entries in _source_folders(Path(src), depth):
+        if _named_like_a_file(folder) and folder != Path(src):
+            continue  # said by folders_named_like_files
         images = [p for p in entries if _is_image(p) and _label_stem(p) is None]
         if images and str(folder.absolute()) not in read and str(folder) not in read:
             found.append(f"{folder}: {len(images)} image(s) not ingested")
@@ -357,10 +361,12 @@ def folders_named_like_files(src: str | Path, depth: int = 3) -> list[str]:
         f"{p}: a folder named like a file; ingest reads files only, so it was not read"
         for _, entries in _source_folders(Path(src), depth)
         for p in entries
-        if p.is_dir()
-        and not p.name.startswith(".")
-        and (p.suffix.lower() in IMAGE_SUFFIXES or p.name == MODALITIES_FILE)
+        if p.is_dir() and not p.name.startswith(".") and _named_like_a_file(p)
     ]
+
+
+def _named_like_a_file(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_SUFFIXES or p.name == MODALITIES_FILE
 
 
 def unmatched_modalities(src: str | Path, items: list[SourceItem]) -> list[str]:
@@ -512,9 +518,13 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
 
 def _check_signal(path: str, any_signal: bool) -> None:
     """An image that normalises to all zeros (every pixel 0 or NaN: a blank frame, a float
-    export of a masked-out field) teaches nothing and would be stored silently as black."""
+    export of a masked-out field; one negative value everywhere; signal only in a fourth
+    channel) teaches nothing and would be stored silently as black."""
     if not any_signal:
-        raise ImageFormatError(f"{path}: the image holds no signal (every pixel is 0 or NaN)")
+        raise ImageFormatError(
+            f"{path}: the image holds no signal: it normalises to all black (every pixel 0 or "
+            "NaN, or no contrast, or signal only beyond the first three channels)"
+        )
 
 
 def _check_min_side(path: str, h: int, w: int, cfg: IngestConfig) -> None:

@@ -232,7 +232,9 @@ def trial_run_dir(root: Path, name: str, trial_id: str) -> Path:
     return root / "trials" / f"{name}-{trial_id}"
 
 
-def release_stopped_trial(run_dir: Path) -> list[str]:
+def release_stopped_trial(
+    run_dir: Path, status: str = "stopped", error: str = STOPPED_BY_SCHEDULER
+) -> list[str]:
     """Release what a training trial that Tune stopped left holding; the placement groups
     removed.
 
@@ -241,7 +243,8 @@ def release_stopped_trial(run_dir: Path) -> list[str]:
     lives on with the sweep's driver (Ray Train V2, ray-project/ray#54305): its CPUs stay
     taken and the next trial waits for them for ever. The workers recorded theirs
     (``workers/rank*.json``); a group still there is removed. A ``run.json`` left
-    ``running`` becomes ``stopped`` (by the sweep's scheduler), never "running".
+    ``running`` gets ``status`` and ``error`` (a trial Tune stopped: ``stopped`` by the
+    sweep's scheduler; one whose actor died: ``failed``), never "running".
     """
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -260,7 +263,7 @@ def release_stopped_trial(run_dir: Path) -> list[str]:
     # (if its actor still runs) then sees "stopped" and keeps it, not "failed"
     paths = RunPaths(run_dir)
     if paths.read_state().get("status") == "running":
-        paths.write_state(status="stopped", error=STOPPED_BY_SCHEDULER)
+        paths.write_state(status=status, error=error)
     removed = []
     table = ray.util.placement_group_table()
     for pg in sorted(ids):
@@ -281,7 +284,14 @@ class ReleaseStoppedTrials(Callback):
         release_stopped_trial(trial_run_dir(self.root, self.name, trial.trial_id))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        release_stopped_trial(trial_run_dir(self.root, self.name, trial.trial_id))
+        # a training that failed by itself has said so in its run.json; one left "running"
+        # lost its process (killed, out of memory, its node gone)
+        release_stopped_trial(
+            trial_run_dir(self.root, self.name, trial.trial_id),
+            status="failed",
+            error="the trial's process ended without a word (killed, out of memory, or its "
+            "node lost): see the sweep's log",
+        )
 
 
 # ----------------------------------------------------------------------------- the sweep
