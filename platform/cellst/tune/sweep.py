@@ -289,8 +289,8 @@ class ReleaseStoppedTrials(Callback):
         release_stopped_trial(
             trial_run_dir(self.root, self.name, trial.trial_id),
             status="failed",
-            error="the trial's process ended without a word (killed, out of memory, or its "
-            "node lost): see the sweep's log",
+            error="the trial failed without its training recording why (its process killed, "
+            "out of memory, or its node lost): see the sweep's log",
         )
 
 
