@@ -32,10 +32,12 @@ Failures:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -648,6 +650,41 @@ def fit_resources(pcfg: PredictConfig) -> PredictConfig:
     return pcfg
 
 
+@contextlib.contextmanager
+def _writing_sets(source: str | Path, set_names: list[str | None]) -> Iterator[None]:
+    """The write locks of the named pseudo-label sets of store ``source`` (none for a
+    folder of images), held for the block (:meth:`PseudoLabelSet.writing`)."""
+    from cellst.data.layout import is_store
+
+    with contextlib.ExitStack() as held:
+        if is_store(source):
+            for name in dict.fromkeys(set_names):  # (a name given twice: refused later)
+                if name is not None:
+                    held.enter_context(PseudoLabelSet(source, name).writing())
+        yield
+
+
+def _holding_set_locks(sets: Callable[[dict[str, Any]], tuple[Any, list[str | None]]]):
+    """Run the decorated function with the write locks of the pseudo-label sets it writes
+    held (:func:`_writing_sets`): ``sets`` maps its bound arguments to ``(store or folder,
+    set names)``. A second writer of a set is refused at once, never mixed in."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with _writing_sets(*sets(bound.arguments)):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@_holding_set_locks(lambda a: (a["source"], [a["set_name"]]))
 def predict(
     checkpoint: str | Path,
     source: str | Path,
@@ -714,61 +751,6 @@ def predict(
         A bad checkpoint, source or request, or a set written by another model (before
         anything is written); :class:`PredictError` for failed items (after the others).
     """
-    with _writing_sets(source, [set_name]):
-        return _predict(
-            checkpoint,
-            source,
-            set_name=set_name,
-            out_dir=out_dir,
-            ids=ids,
-            split=split,
-            infer=infer,
-            post=post,
-            resources=resources,
-            overwrite=overwrite,
-            progress=progress,
-            calibrated=calibrated,
-            skip_bad=skip_bad,
-            ray_address=ray_address,
-            ignore_band=ignore_band,
-            ingest=ingest,
-        )
-
-
-@contextlib.contextmanager
-def _writing_sets(source: str | Path, set_names: list[str | None]) -> Iterator[None]:
-    """The write locks of the named pseudo-label sets of store ``source`` (none for a
-    folder of images), held for the block (:meth:`PseudoLabelSet.writing`)."""
-    from cellst.data.layout import is_store
-
-    with contextlib.ExitStack() as held:
-        if is_store(source):
-            for name in dict.fromkeys(set_names):  # (a name given twice: refused later)
-                if name is not None:
-                    held.enter_context(PseudoLabelSet(source, name).writing())
-        yield
-
-
-def _predict(
-    checkpoint: str | Path,
-    source: str | Path,
-    *,
-    set_name: str | None = None,
-    out_dir: str | Path | None = None,
-    ids: list[str] | None = None,
-    split: str | None = None,
-    infer: InferenceConfig | None = None,
-    post: Any = None,
-    resources: PredictConfig | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    calibrated: bool = True,
-    skip_bad: bool = False,
-    ray_address: str | None = None,
-    ignore_band: float = 0.0,
-    ingest: Any = None,
-) -> PredictResult:
-    """:func:`predict`, with the set's write lock held."""
     from cellst.data.layout import is_store
     from cellst.postprocess import PostprocessConfig
     from cellst.raycluster import check_shared_paths, ensure_ray
@@ -931,6 +913,7 @@ class SetRequest:
     ignore_band: float = 0.0
 
 
+@_holding_set_locks(lambda a: (a["store_root"], [r.set_name for r in a["requests"]]))
 def predict_sets(
     store_root: str | Path,
     requests: list[SetRequest],
@@ -962,29 +945,6 @@ def predict_sets(
         or a set written by another model. :class:`PredictError` (for the first set with
         failed items) after the other items were written.
     """
-    with _writing_sets(store_root, [r.set_name for r in requests]):
-        return _predict_sets(
-            store_root,
-            requests,
-            ids,
-            infer=infer,
-            resources=resources,
-            progress=progress,
-            ray_address=ray_address,
-        )
-
-
-def _predict_sets(
-    store_root: str | Path,
-    requests: list[SetRequest],
-    ids: list[str],
-    *,
-    infer: InferenceConfig | None = None,
-    resources: PredictConfig | None = None,
-    progress: bool = True,
-    ray_address: str | None = None,
-) -> list[PredictResult]:
-    """:func:`predict_sets`, with the sets' write locks held."""
     from cellst.raycluster import check_shared_paths, ensure_ray
 
     infer = infer or InferenceConfig()

@@ -352,7 +352,41 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.run_dir: {unwritable}")
 
 
+@contextlib.contextmanager
+def run_folder_lock(run_path: Path):
+    """Held by the training of run folder ``run_path``: a second ``cellst train`` of the
+    same run at the same time is refused at once (both trained into one folder and one
+    MLflow run, their checkpoints mixed). The lock file sits beside the folder
+    (``.<run>.lock``), so that ``--force``, which removes the folder, keeps it."""
+    refusal = StoreError(
+        f"run {run_path} is being trained by another process; wait for it to end, or "
+        "choose another train.run_name"
+    )
+    with fs.held_by_one(run_path.parent / f".{run_path.name}.lock", refusal):
+        yield
+
+
+def run_folder(cfg: ExperimentConfig, run_name: str | None = None) -> Path:
+    """The training's run folder: ``train.run_dir/<run_name, train.run_name or NAME-train>``."""
+    name = run_name or cfg.train.run_name or f"{cfg.name}-train"
+    return Path(cfg.train.run_dir).absolute() / name
+
+
+def _holding_run_lock(fn):
+    """Run the decorated training with its run folder's lock held (:func:`run_folder_lock`),
+    after :func:`check_run_dir` (before the lock file is made there)."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg, *, run_name: str | None = None, **kwargs):
+        check_run_dir(cfg)
+        with run_folder_lock(run_folder(cfg, run_name)):
+            return fn(cfg, run_name=run_name, **kwargs)
+
+    return wrapper
+
+
 @_keeps_torch_rng
+@_holding_run_lock
 def train(
     cfg,
     *,
@@ -387,44 +421,6 @@ def train(
         If the tracking server does not answer before training starts. Once training runs,
         tracking is best-effort (see :mod:`cellst.tracking.buffered`).
     """
-    t = cfg.train
-    name = run_name or t.run_name or f"{cfg.name}-train"
-    check_run_dir(cfg)  # before the lock file is made there
-    with run_folder_lock(Path(t.run_dir).absolute() / name):
-        return _train(
-            cfg,
-            run_name=run_name,
-            parent_run_id=parent_run_id,
-            tags=tags,
-            force=force,
-            callbacks=callbacks,
-        )
-
-
-@contextlib.contextmanager
-def run_folder_lock(run_path: Path):
-    """Held by the training of run folder ``run_path``: a second ``cellst train`` of the
-    same run at the same time is refused at once (both trained into one folder and one
-    MLflow run, their checkpoints mixed). The lock file sits beside the folder
-    (``.<run>.lock``), so that ``--force``, which removes the folder, keeps it."""
-    refusal = StoreError(
-        f"run {run_path} is being trained by another process; wait for it to end, or "
-        "choose another train.run_name"
-    )
-    with fs.held_by_one(run_path.parent / f".{run_path.name}.lock", refusal):
-        yield
-
-
-def _train(
-    cfg,
-    *,
-    run_name: str | None = None,
-    parent_run_id: str | None = None,
-    tags: dict[str, str] | None = None,
-    force: bool = False,
-    callbacks: list | None = None,
-) -> TrainResult:
-    """:func:`train`, with the run folder's lock held."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -447,8 +443,8 @@ def _train(
             "train.num_workers=0 (training in this process) cannot report to Ray Train "
             "callbacks such as a Tune sweep's; set train.num_workers to 1 or more"
         )
-    name = run_name or t.run_name or f"{cfg.name}-train"
-    paths = RunPaths(Path(t.run_dir).absolute() / name)
+    paths = RunPaths(run_folder(cfg, run_name))
+    name = paths.root.name
     store, train_ids, val_ids = check_request(cfg)
     chash = config_hash(cfg)
     state = paths.read_state()
