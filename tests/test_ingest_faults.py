@@ -357,6 +357,38 @@ def test_tiled_tiff_normalisation_equals_the_whole_image_path(tmp_path, dtype):
     np.testing.assert_array_equal(out, normalize_image(read_array(path)))
 
 
+def test_tiled_float_tiff_sampled_ranges_find_sparse_signal(tmp_path):
+    """Above ``sample_pixels`` a float image's range comes from a sample of its non-zero
+    values, not a grid of pixels: signal only on odd rows and columns (which a grid of
+    every second pixel never sees) is still found, and the sampled range rescales a dense
+    image as the whole-image path does, to within a grey level or two."""
+    from cellst.data.images import normalize_image, normalize_tiff_tiled
+
+    def tiled(img: np.ndarray, sample_pixels: int) -> np.ndarray:
+        path = tmp_path / "f.tif"
+        tifffile.imwrite(path, img, tile=(128, 128))
+        out = np.zeros((*img.shape, 3), np.uint8)
+
+        def write_band(y0: int, band: np.ndarray) -> None:
+            out[y0 : y0 + band.shape[0]] = band
+
+        normalize_tiff_tiled(path, write_band, band=256, sample_pixels=sample_pixels)
+        return out
+
+    sparse = np.zeros((700, 900), np.float32)
+    rng = np.random.default_rng(5)
+    sparse[1::2, 1::2] = rng.uniform(0.5, 1.5, (350, 450)).astype(np.float32)
+    out = tiled(sparse, sample_pixels=700 * 900 // 4)  # every 4th value, or a 2-px grid
+    signal = sparse > 0
+    assert out[signal].mean() > 100 and out[~signal].max() == 0
+
+    dense = rng.normal(1000, 200, (700, 900)).astype(np.float32)
+    whole = normalize_image(dense)
+    got = tiled(dense, sample_pixels=700 * 900 // 9)
+    diff = np.abs(got.astype(int) - whole.astype(int))
+    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
 def test_large_tiff_is_ingested_band_by_band_with_bounded_memory(ray_session, tmp_path):
     """Above ``ingest.tiled_pixels`` ingest never holds the whole image: peak traced memory
     of ingest's staging of the image (what each ingest task runs) is a fraction of decoding

@@ -8,7 +8,7 @@ baseline does: each channel is rescaled between percentiles of its non-zero pixe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +318,42 @@ def _histogram_range(hist: np.ndarray, offset: int, low: float, high: float) -> 
     return out[0], out[1], top
 
 
+def _sampled_ranges(
+    bands: Iterable[np.ndarray], keep: int, low: float, high: float
+) -> list[tuple[float, ...]]:
+    """:func:`channel_range` of each of three channels, from the ``(h, W, 3)`` bands of an
+    image read one after the other.
+
+    The percentiles come from every ``keep``-th non-zero finite value of a channel, in
+    reading order across the bands (all of them when ``keep`` is 1: the result then equals
+    :func:`channel_range`); the maximum is exact. Sampling the non-zero values, not a grid
+    of pixels, never misses sparse signal (a grid can fall between cells, or on rows and
+    columns a pattern leaves empty).
+    """
+    kept: list[list[np.ndarray]] = [[], [], []]
+    seen = [0, 0, 0]
+    tops = [-np.inf, -np.inf, -np.inf]
+    for part in bands:
+        for i in range(3):
+            ch = part[:, :, i]
+            nz = ch[ch != 0]
+            if nz.dtype.kind == "f":
+                nz = nz[np.isfinite(nz)]
+            if nz.size:
+                kept[i].append(nz[(-seen[i]) % keep :: keep].copy())
+                seen[i] += nz.size
+                tops[i] = max(tops[i], float(nz.max()))
+    ranges: list[tuple[float, ...]] = []
+    for i in range(3):
+        if not seen[i]:
+            ranges.append(())
+            continue
+        lo, hi = np.percentile(np.concatenate(kept[i]), [low, high])
+        kept[i] = []
+        ranges.append((float(lo), float(hi), tops[i]))
+    return ranges
+
+
 def normalize_tiff_tiled(
     path: str | Path,
     write_band: Callable[[int, np.ndarray], None],
@@ -331,8 +367,9 @@ def normalize_tiff_tiled(
     The file is opened through tifffile's zarr view, so only the tiles or strips of one band
     of rows are decoded at a time. A first pass finds each channel's percentile range: for
     8- and 16-bit integer images from exact histograms (the result then equals
-    :func:`normalize_image`), for other types from a regular subsample of at most about
-    ``sample_pixels`` pixels. A second pass rescales each band and hands it to
+    :func:`normalize_image`), for other types from a regular sample of at most about
+    ``sample_pixels`` of each channel's non-zero values (:func:`_sampled_ranges`; exact
+    below that size). A second pass rescales each band and hands it to
     ``write_band(y0, band_array)``. Peak memory is a band, not several copies of the image.
 
     Returns
@@ -375,10 +412,12 @@ def normalize_tiff_tiled(
                         hists[i] += np.bincount(vals, minlength=hists.shape[1])
                 ranges = [_histogram_range(hists[i], offset, low, high) for i in range(3)]
             else:
-                stride = max(1, int(np.ceil(np.sqrt(h * w / sample_pixels))))
-                sample = rows(0, h, stride)
-                ranges = [channel_range(sample[:, :, i], low, high) for i in range(3)]
-                del sample
+                ranges = _sampled_ranges(
+                    (rows(y0, min(h, y0 + band)) for y0 in range(0, h, band)),
+                    keep=max(1, int(np.ceil(h * w / sample_pixels))),
+                    low=low,
+                    high=high,
+                )
             for y0 in range(0, h, band):
                 part = rows(y0, min(h, y0 + band))
                 out = np.empty(part.shape, np.uint8)
