@@ -337,14 +337,23 @@ def _source_folders(root: Path, depth: int) -> Iterator[tuple[Path, list[Path]]]
         level = below
 
 
-def unread_image_folders(src: str | Path, items: list[SourceItem], depth: int = 3) -> list[str]:
+#: how deep below a source ingest looks for folders it did not read (said, not ingested)
+WALK_DEPTH = 3
+#: ``(folder, sorted entries)`` of each folder under a source (:func:`_source_folders`)
+SourceWalk = list[tuple[Path, list[Path]]]
+
+
+def unread_image_folders(
+    src: str | Path, items: list[SourceItem], depth: int = WALK_DEPTH, walk: SourceWalk | None = None
+) -> list[str]:
     """Folders under ``src`` (``depth`` levels at most) holding images that none of
-    ``items`` came from, e.g. a split's images one folder too deep: said, not ingested."""
+    ``items`` came from, e.g. a split's images one folder too deep: said, not ingested.
+    ``walk`` is the source's folders already listed, to list them once for both checks."""
     read = {str(Path(it.image).parent) for it in items} | {
         str(Path(it.label).parent) for it in items if it.label
     }
     found = []
-    for folder, entries in _source_folders(Path(src), depth):
+    for folder, entries in walk if walk is not None else _source_folders(Path(src), depth):
         if _named_like_a_file(folder) and folder != Path(src):
             continue  # said by folders_named_like_files
         images = [p for p in entries if _is_image(p) and _label_stem(p) is None]
@@ -353,13 +362,15 @@ def unread_image_folders(src: str | Path, items: list[SourceItem], depth: int = 
     return found
 
 
-def folders_named_like_files(src: str | Path, depth: int = 3) -> list[str]:
+def folders_named_like_files(
+    src: str | Path, depth: int = WALK_DEPTH, walk: SourceWalk | None = None
+) -> list[str]:
     """Folders under ``src`` named like an image, a label or ``modalities.csv``
     (``a.png/``, ``X_label.tiff/``): ingest reads files only, so each is said, not
-    silently passed over."""
+    silently passed over. ``walk``: as for :func:`unread_image_folders`."""
     return [
         f"{p}: a folder named like a file; ingest reads files only, so it was not read"
-        for _, entries in _source_folders(Path(src), depth)
+        for _, entries in (walk if walk is not None else _source_folders(Path(src), depth))
         for p in entries
         if p.is_dir() and not p.name.startswith(".") and _named_like_a_file(p)
     ]
@@ -704,6 +715,7 @@ def ingest(
         if not items:
             raise IngestError(problems, skippable=False)
         result.renamed = [(it.image, it.id) for it in items if it.renamed_from]
+        walk = list(_source_folders(Path(src), WALK_DEPTH))
         result.warnings = (
             [
                 f"{Path(src) / MODALITIES_FILE}: row {name!r} names no image of the source"
@@ -712,9 +724,9 @@ def ingest(
             + [
                 f"{line}: cellst reads SRC/SPLIT/, SPLIT/images/ and SPLIT/labels/ (or a plain "
                 "folder); ingest that folder on its own, or move its images up"
-                for line in unread_image_folders(src, items)
+                for line in unread_image_folders(src, items, walk=walk)
             ]
-            + folders_named_like_files(src)
+            + folders_named_like_files(src, walk=walk)
         )
         try:
             ensure_ray()
