@@ -369,3 +369,12 @@ def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
         run = by_lr[row["train.lr"]]
         history = client.get_metric_history(run.info.run_id, "val_f1")
         assert max(m.value for m in history) == pytest.approx(row["best_val_f1"])
+    # ...and trained at it (F1s this small may tie): the rate each run logged for epoch 1
+    # is its own setting times the schedule's factor, the same for both
+    factor = {
+        lr: client.get_metric_history(c.info.run_id, "lr")[0].value / lr for lr, c in by_lr.items()
+    }
+    assert factor[0.001] == pytest.approx(factor[0.003]) and factor[0.001] > 0, factor
+    # each trial folder's training is one of the sweep's child runs, one each
+    recorded = {json.loads((run / "run.json").read_text())["mlflow_run_id"] for run in runs}
+    assert recorded == {c.info.run_id for c in children}
