@@ -15,7 +15,10 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for annotations only: this module imports the standard library alone
+    from cellst.experiment import ExperimentConfig
 
 #: version of the fingerprint recipe, stored beside fingerprints (run.json ``fingerprint``);
 #: 3: a training's fingerprint leaves out the sections a training never reads
@@ -106,7 +109,9 @@ NOT_READ_BY_TRAINING: dict[str, tuple[str, ...]] = {
 }
 
 
-def training_fingerprint(cfg: Any, *, store: bool = True, version: int = VERSION) -> str:
+def training_fingerprint(
+    cfg: ExperimentConfig, *, store: bool = True, version: int = VERSION
+) -> str:
     """Fingerprint of what a training computes: what ``cellst train`` resumes by and ST++
     skips or re-runs its training stages by.
 

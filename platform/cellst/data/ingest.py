@@ -344,7 +344,10 @@ SourceWalk = list[tuple[Path, list[Path]]]
 
 
 def unread_image_folders(
-    src: str | Path, items: list[SourceItem], depth: int = WALK_DEPTH, walk: SourceWalk | None = None
+    src: str | Path,
+    items: list[SourceItem],
+    depth: int = WALK_DEPTH,
+    walk: SourceWalk | None = None,
 ) -> list[str]:
     """Folders under ``src`` (``depth`` levels at most) holding images that none of
     ``items`` came from, e.g. a split's images one folder too deep: said, not ingested.

@@ -377,7 +377,7 @@ def _holding_run_lock(fn):
     after :func:`check_run_dir` (before the lock file is made there)."""
 
     @functools.wraps(fn)
-    def wrapper(cfg, *, run_name: str | None = None, **kwargs):
+    def wrapper(cfg: ExperimentConfig, *, run_name: str | None = None, **kwargs):
         check_run_dir(cfg)
         with run_folder_lock(run_folder(cfg, run_name)):
             return fn(cfg, run_name=run_name, **kwargs)
@@ -388,7 +388,7 @@ def _holding_run_lock(fn):
 @_keeps_torch_rng
 @_holding_run_lock
 def train(
-    cfg,
+    cfg: ExperimentConfig,
     *,
     run_name: str | None = None,
     parent_run_id: str | None = None,
