@@ -512,6 +512,40 @@ def test_cli_rescale_diameter_option(checkpoint, images, tmp_path):
     assert res.exit_code == 2
 
 
+def test_segment_uses_the_inference_settings_the_checkpoint_was_calibrated_with(
+    checkpoint, images, tmp_path
+):
+    """A checkpoint calibrated with cell-size rescaling (the demo recipe) is segmented with
+    it by default, and the line about the settings says so; an explicit setting wins."""
+    ckpt = tmp_path / "calibrated"
+    shutil.copytree(checkpoint, ckpt)
+    save_postprocess(
+        ckpt, {"mask_threshold": 0.5}, {"inference": {"rescale_diameter": 1000.0, "roi": 64}}
+    )
+    args = ["segment", str(images / "grey.png"), "--checkpoint", str(ckpt)]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "calibration settings, rescale_diameter=1000.0, roi=64" in " ".join(res.output.split())
+    infer = load_config(None, ["inference.roi=64", "inference.rescale_diameter=1000"]).inference
+    model, _, _ = load_model(ckpt)
+    prob, hv = predict_maps(model, normalize_image(read_array(images / "grey.png")), infer)
+    label = tifffile.imread(tmp_path / "a" / "grey_label.tiff")
+    np.testing.assert_array_equal(label, postprocess_hover(prob, hv, shape=label.shape))
+    res = runner.invoke(
+        app, [*args, "--out", str(tmp_path / "b"), "--set", "inference.rescale_diameter=null"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "rescale_diameter 1000.0 there, default here" in " ".join(res.output.split())
+    prob, hv = predict_maps(
+        model,
+        normalize_image(read_array(images / "grey.png")),
+        infer.model_copy(update={"rescale_diameter": None}),
+    )
+    np.testing.assert_array_equal(
+        tifffile.imread(tmp_path / "b" / "grey_label.tiff"), postprocess_hover(prob, hv)
+    )
+
+
 def test_cli_segment_exports(checkpoint, images, tmp_path):
     out = tmp_path / "out"
     res = runner.invoke(

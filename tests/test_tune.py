@@ -146,7 +146,7 @@ def test_a_sweep_on_other_inference_settings_than_the_calibrations_is_named(tmp_
     current settings lower than the calibration had, and said nothing."""
     from cellst.inference.config import InferenceConfig
     from cellst.model.checkpoint_files import save_postprocess
-    from cellst.tune.sweep import calibrated_with_other_inference
+    from cellst.postprocess.calibrate import calibrated_with_other_inference
 
     mcfg = ModelConfig(name="hovernet-lite", width=8)
     ckpt = save_checkpoint(tmp_path / "ckpt", build_model(mcfg), mcfg)

@@ -727,8 +727,11 @@ def predict(
     calibrated : bool
         Use the checkpoint's calibrated post-processing (``postprocess.json``) for the fields
         of ``post`` that were not set explicitly (see
-        :func:`cellst.postprocess.calibrate.effective_postprocess`); False uses ``post`` as
-        given. The result's ``postprocess`` and ``postprocess_note`` say what was used.
+        :func:`cellst.postprocess.calibrate.effective_postprocess`), and the inference
+        settings it was calibrated with for the fields of ``infer`` not set explicitly
+        (:func:`~cellst.postprocess.calibrate.effective_inference`); False uses ``post``
+        and ``infer`` as given. The result's ``postprocess`` and ``postprocess_note`` say
+        what was used.
     skip_bad : bool
         Items that cannot be read, predicted or written are always reported and the others
         written; with ``skip_bad`` they are only listed in the result's ``failed``, else
@@ -760,9 +763,11 @@ def predict(
     infer = infer or InferenceConfig()
     post = post or PostprocessConfig()
     if calibrated:
-        from cellst.postprocess.calibrate import effective_postprocess
+        from cellst.postprocess.calibrate import effective_inference, effective_postprocess
 
         post, post_note = effective_postprocess(post, checkpoint)
+        infer, infer_note = effective_inference(infer, checkpoint)
+        post_note += f"; {infer_note}" if infer_note else ""
     else:
         post_note = "post-processing: settings as given"
     if not 0 <= ignore_band < 0.5:

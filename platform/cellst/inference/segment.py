@@ -819,8 +819,9 @@ def segment(
     out_dir : path, optional
         Folder for every output; default: beside each input image.
     infer, post, segment_cfg, ingest, resources : config sections, optional
-        Inference (sliding window, TTA), post-processing (its explicitly set fields win over
-        the calibrated ones), outputs and filters, normalisation, Ray resources.
+        Inference (sliding window, TTA, rescaling) and post-processing: for each, the
+        explicitly set fields win over what the checkpoint was calibrated with, which wins
+        over the defaults; outputs and filters, normalisation, Ray resources.
     ray : bool, optional
         True: run on Ray; False: in this process; None: decide by the job's size
         (:func:`use_ray`).
@@ -838,8 +839,14 @@ def segment(
         Before anything is written, for a request that cannot run. Images that fail
         later are in the result's ``failed``.
     """
+    from cellst.postprocess.calibrate import effective_inference
+
     paths = collect_images(inputs, out_dir)
-    check_checkpoint_dir(checkpoint)
+    ckpt = check_checkpoint_dir(checkpoint)
+    try:  # the inference settings the checkpoint was calibrated with, where not given
+        infer, infer_note = effective_inference(infer, ckpt)
+    except Exception as exc:  # noqa: BLE001 - an unreadable postprocess.json
+        raise SegmentError(first_line(exc)) from None
     cfg = segment_cfg or SegmentConfig()
     check_outputs(paths, out_dir, cfg, overwrite)
     distributed = use_ray(paths, cfg) if ray is None else ray
@@ -854,7 +861,11 @@ def segment(
         "progress": progress,
     }
     if distributed:
-        return segment_on_ray(
+        result = segment_on_ray(
             paths, checkpoint, resources=resources, ray_address=ray_address, **common
         )
-    return segment_in_process(paths, checkpoint, device=device, **common)
+    else:
+        result = segment_in_process(paths, checkpoint, device=device, **common)
+    if infer_note:
+        result.postprocess_note += f"; {infer_note}"
+    return result

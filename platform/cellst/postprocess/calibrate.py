@@ -400,3 +400,95 @@ def effective_postprocess(
     if kept:
         note += "; set explicitly, kept: " + ", ".join(f"{k}={v:g}" for k, v in kept.items())
     return result, note
+
+
+def _recorded_inference(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The inference settings a checkpoint's calibration was predicted with (those that
+    make other labels than the defaults, ``meta.inference`` of its ``postprocess.json``);
+    None when it records none (not calibrated, or by a cellst before they were recorded).
+
+    Raises
+    ------
+    StoreError
+        ``postprocess.json`` exists but cannot be read.
+    """
+    from cellst.data.store import StoreError
+    from cellst.model.checkpoint_files import CheckpointError, load_postprocess
+
+    try:
+        record = load_postprocess(checkpoint) or {}
+    except CheckpointError as exc:
+        raise StoreError(str(exc)) from None
+    then = (record.get("meta") or {}).get("inference")
+    return then if isinstance(then, dict) else None
+
+
+def calibrated_with_other_inference(checkpoint: str | os.PathLike[str], infer: Any) -> str:
+    """How the inference settings a checkpoint was calibrated with (recorded in its
+    ``postprocess.json``) differ from ``infer``: ``"roi 96 there, 128 here"``; empty when
+    they are the same or were not recorded."""
+    from cellst.inference.config import inference_identity
+
+    then = _recorded_inference(checkpoint)
+    if then is None:
+        return ""
+    now = inference_identity(infer)
+    return ", ".join(
+        f"{k} {then.get(k, 'default')} there, {now.get(k, 'default')} here"
+        for k in sorted(set(then) | set(now))
+        if then.get(k) != now.get(k)
+    )
+
+
+def effective_inference(
+    infer: Any, checkpoint: str | os.PathLike[str], explicit: Iterable[str] | None = None
+) -> tuple[Any, str]:
+    """The inference settings to use with ``checkpoint``, and a one-line note ('' when
+    there is nothing to say).
+
+    A checkpoint is calibrated (and its ``best`` chosen) on maps predicted with its
+    training's inference settings: cell-size rescaling, the window, flip TTA. Those it
+    recorded replace ``infer``'s values, except for the fields in ``explicit`` (default:
+    ``infer.model_fields_set``, i.e. those given in the YAML file, with ``--set`` or a
+    command-line flag), which keep the user's values; the note then says where they differ
+    from the calibration's. As :func:`effective_postprocess` does for the thresholds.
+
+    Raises
+    ------
+    StoreError
+        ``postprocess.json`` exists but cannot be read.
+    """
+    from cellst.inference.config import SPEED_ONLY_INFERENCE, InferenceConfig
+
+    infer = infer if infer is not None else InferenceConfig()
+    then = _recorded_inference(checkpoint)
+    if then is None:
+        return infer, ""
+    chosen = set(infer.model_fields_set if explicit is None else explicit)
+    defaults = InferenceConfig()
+    applied = {  # what the calibration used (a field it did not record: the default)
+        k: then.get(k, getattr(defaults, k))
+        for k in InferenceConfig.model_fields
+        if k not in chosen and k not in SPEED_ONLY_INFERENCE
+    }
+    applied = {k: v for k, v in applied.items() if v != getattr(infer, k)}
+    try:
+        valid = InferenceConfig.model_validate({**infer.model_dump(), **applied})
+    except ValidationError as exc:
+        problem = "; ".join(e["msg"] for e in exc.errors())
+        return infer, f"inference: settings as given (the calibration's do not fit: {problem})"
+    applied = {k: getattr(valid, k) for k in applied}
+    result = infer.model_copy(update=applied)  # applied fields count as set from now on
+    parts = []
+    if applied:
+        parts.append(
+            "inference: the checkpoint's calibration settings, "
+            + ", ".join(f"{k}={v}" for k, v in sorted(applied.items()))
+        )
+    differs = calibrated_with_other_inference(checkpoint, result)
+    if differs:
+        parts.append(
+            f"inference set explicitly, not as the checkpoint was calibrated ({differs}): "
+            "its thresholds and chosen epoch were tuned on other maps"
+        )
+    return result, "; ".join(parts)

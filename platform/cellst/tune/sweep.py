@@ -205,25 +205,6 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     )
 
 
-def calibrated_with_other_inference(checkpoint: str, infer: Any) -> str:
-    """How the inference settings a checkpoint was calibrated with (recorded in its
-    ``postprocess.json``) differ from ``infer``: ``"roi 96 there, 128 here"``; empty when
-    they are the same or were not recorded."""
-    from cellst.inference.config import inference_identity
-    from cellst.model.checkpoint_files import load_postprocess
-
-    doc = load_postprocess(checkpoint) or {}
-    then = (doc.get("meta") or {}).get("inference")
-    if not isinstance(then, dict):
-        return ""
-    now = inference_identity(infer)
-    return ", ".join(
-        f"{k} {then.get(k, 'default')} there, {now.get(k, 'default')} here"
-        for k in sorted(set(then) | set(now))
-        if then.get(k) != now.get(k)
-    )
-
-
 STOPPED_BY_SCHEDULER = "stopped by the sweep's scheduler"
 
 
@@ -344,10 +325,16 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
         )
     if t.max_items:
         val_ids = val_ids[: t.max_items]
+    inference_note = ""
     if t.mode == "postprocess":
         from cellst.inference.batch import check_checkpoint
+        from cellst.postprocess.calibrate import effective_inference
 
         check_checkpoint(t.checkpoint)  # a bad one in one line, not a Ray task's traceback
+        # the maps `cellst predict` makes with this checkpoint: its calibration's inference
+        # settings where the sweep's configuration leaves them unset
+        infer, inference_note = effective_inference(cfg.inference, t.checkpoint)
+        cfg = cfg.model_copy(update={"inference": infer})
     # a dead server: one line before Ray starts, and before an earlier sweep is discarded
     check_tracking(cfg.tracking, root, cfg.name)
     ensure_ray()
@@ -401,14 +388,8 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
             # the current settings: what `cellst predict` uses with this checkpoint
             post, note = effective_postprocess(cfg.postprocess, t.checkpoint)
             log(f"[tune] {note}")
-            differs = calibrated_with_other_inference(t.checkpoint, cfg.inference)
-            if differs:
-                log(
-                    f"[tune] note: the checkpoint was calibrated with inference settings "
-                    f"{differs}: the sweep predicts otherwise, so its scores (the current "
-                    "settings' too) are not those of `cellst predict` with the training's "
-                    "settings; set inference.* as in training to compare"
-                )
+            if inference_note:
+                log(f"[tune] {inference_note}")
             ctx.update(
                 maps=str(prepare_maps(cfg, val_ids, root, log)),
                 ids=val_ids,
