@@ -164,6 +164,18 @@ def test_segments_cell_table_in_the_report_folder_is_left_alone(tmp_path):
     assert (pred / "cells.csv").read_text() == table
 
 
+def test_a_report_without_cells_removes_an_earlier_reports_cell_table(tmp_path):
+    """An earlier ``--per-cell`` report's ``cells.csv`` in the same ``--out`` described
+    other data, beside the new ``metrics.json`` it seemed to belong to: it is removed."""
+    gt, pred = _folders(tmp_path, {"a": _cell()}, {"a": _cell()})
+    out = tmp_path / "report"
+    assert _evaluate(gt, pred, out, "--per-cell").exit_code == 0
+    assert (out / "cells.csv").is_file()
+    res = _evaluate(gt, pred, out)
+    assert res.exit_code == 0, res.output
+    assert not (out / "cells.csv").exists() and (out / "metrics.json").is_file()
+
+
 def test_wide_f1_table_is_printed_whole_when_piped():
     import io
 

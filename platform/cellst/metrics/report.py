@@ -308,7 +308,9 @@ def foreign_report_files(out_dir: str | os.PathLike[str], per_cell: bool = False
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``metrics.json`` (the whole report) and ``metrics.csv`` (one row per image).
+    """Write ``metrics.json`` (the whole report) and ``metrics.csv`` (one row per image),
+    and ``cells.csv`` when the report has its cells (else an earlier report's is removed;
+    ``cellst segment``'s table of that name, of other columns, stays).
 
     Each file is written to a temporary file in ``out_dir`` and moved into place with
     :func:`os.replace`, so a reader never sees a partial file.
@@ -325,8 +327,13 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> 
     dict
         ``{"json": path, "csv": path}``.
     """
+    from cellst.provenance import csv_begins_with
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stale_cells = out / "cells.csv"
+    if "cells" not in report and csv_begins_with(stale_cells, CELL_COLUMNS):
+        stale_cells.unlink()  # an earlier report's: it would pass for this one's
     json_path = out / "metrics.json"
     csv_path = out / "metrics.csv"
     summary = {k: v for k, v in report.items() if k != "cells"}  # cells go to cells.csv
