@@ -113,6 +113,72 @@ def test_ome_zarr_of_other_writers_follows_its_axes(tmp_path):
     np.testing.assert_array_equal(np.asarray(label), cells[0, 0])
 
 
+def test_ngff_translations_and_the_multiscales_own_transforms_place_the_layer(tmp_path):
+    """Level 0's ``scale`` and ``translation`` and then the multiscale's own transforms
+    (NGFF's order) give the layer's scale and translate: other writers' groups open at
+    their size and position, not at the origin in pixels."""
+    import zarr
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image, write_labels
+
+    yx = np.arange(40 * 30, dtype=np.uint16).reshape(40, 30)
+    path = tmp_path / "placed.ome.zarr"
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    write_image(yx, group, axes="yx", fmt=FormatV05(), scaler=None)
+    cells = (yx > 600).astype(np.uint16)
+    write_labels(cells, group, name="cells", axes="yx", fmt=FormatV05(), scaler=None)
+    # the transforms set on the written metadata (this ome-zarr-py writes its own)
+    own = [
+        {"type": "scale", "scale": [0.5, 0.5]},
+        {"type": "translation", "translation": [10.0, 20.0]},
+    ]
+    for g in (group, group["labels"]["cells"]):
+        ome = dict(g.attrs["ome"])
+        ms = dict(ome["multiscales"][0])
+        level0 = {**ms["datasets"][0], "coordinateTransformations": own}
+        ms["datasets"] = [level0, *ms["datasets"][1:]]
+        ms["coordinateTransformations"] = [
+            {"type": "scale", "scale": [2.0, 4.0]},
+            {"type": "translation", "translation": [1.0, 1.0]},
+        ]
+        g.attrs["ome"] = {**ome, "multiscales": [ms]}
+    found = layers(path)
+    assert sorted(kind for _, _, kind in found.values()) == ["image", "labels"]
+    for name, (_, meta, _) in found.items():
+        assert meta["scale"] == (1.0, 2.0), name  # 0.5 x 2, 0.5 x 4
+        assert meta["translate"] == (21.0, 81.0), name  # 10 x 2 + 1, 20 x 4 + 1
+
+
+def test_store_items_at_their_pixel_size_without_stale_pseudo_labels(ray_session, tmp_path):
+    """A store item is shown at the pixel size its source declares, as `cellst export`
+    writes it; a pseudo-label predicted from an image a later ingest changed (here: of
+    another shape) is left out with a warning, as export and evaluate leave it out."""
+    import tifffile
+
+    from cellst.data.ingest import ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    arr = np.full((48, 48), 7, np.uint16)
+    tifffile.imwrite(src / "a.ome.tif", arr, ome=True,
+                     metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})  # fmt: skip
+    tifffile.imwrite(src / "b.tif", arr)
+    root = tmp_path / "store"
+    ingest(src, root, progress=False)
+    base = root / "pseudo" / "round1"
+    base.mkdir(parents=True)
+    (base / "set.json").write_text(json.dumps({}))
+    write_array(base / "a", np.ones((48, 48), np.int32))
+    write_array(base / "b", np.ones((40, 48), np.int32))  # of an image b no longer is
+    with pytest.warns(UserWarning, match=r"'round1': 1 item\(s\) \(e.g. b\) not shown"):
+        found = layers(root)
+    assert found["a"][1]["scale"] == (0.5, 0.5) and found["a"][1]["translate"] == (0.0, 0.0)
+    assert found["a round1"][1]["scale"] == (0.5, 0.5)
+    assert found["b"][1]["scale"] == (1.0, 1.0)
+    assert found["b"][1]["translate"] == (0.0, (48 + STORE_GAP) * 0.5)  # beside a, in µm
+    assert "b round1" not in found and "a round1" in found
+
+
 def test_store_opens_first_items_side_by_side(store_dir, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(store_dir, root)

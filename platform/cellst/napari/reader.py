@@ -66,10 +66,10 @@ def read(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
 
 # ----------------------------------------------------------------------------- layers
 def _squeeze(
-    levels: list[Any], axes: Sequence[str], scale: Sequence[float]
-) -> tuple[list[Any], list[str], list[float]]:
+    levels: list[Any], axes: Sequence[str], scale: Sequence[float], offset: Sequence[float]
+) -> tuple[list[Any], list[str], list[float], list[float]]:
     """Drop the axes of size 1 other than ``y`` and ``x`` (a ``t``, ``c`` or ``z`` of one),
-    from every level, the axis names and the scale."""
+    from every level, the axis names, the scale and the offset."""
     shape = levels[0].shape
     keep = [i for i, n in enumerate(shape) if n > 1 or axes[i] in ("y", "x")]
     index = tuple(slice(None) if i in keep else 0 for i in range(len(shape)))
@@ -77,15 +77,22 @@ def _squeeze(
         [lv[index] for lv in levels],
         [axes[i] for i in keep],
         [float(scale[i]) for i in keep],
+        [float(offset[i]) for i in keep],
     )
 
 
 def _placement(
-    axes: Sequence[str], scale: Sequence[float], translate: tuple[float, float]
+    axes: Sequence[str],
+    scale: Sequence[float],
+    offset: Sequence[float],
+    translate: tuple[float, float],
 ) -> dict[str, Any]:
-    """napari's ``scale`` and ``translate`` of a layer with these axes: ``translate``
-    moves it in y and x, the other axes stay at 0."""
-    shift = [translate[0] if a == "y" else translate[1] if a == "x" else 0.0 for a in axes]
+    """napari's ``scale`` and ``translate`` of a layer with these axes: its own ``offset``
+    per axis (NGFF translations), moved by ``translate`` in y and x."""
+    shift = [
+        o + (translate[0] if a == "y" else translate[1] if a == "x" else 0.0)
+        for a, o in zip(axes, offset, strict=True)
+    ]
     return {"scale": tuple(scale), "translate": tuple(shift)}
 
 
@@ -95,13 +102,15 @@ def _image_layer(
     axes: Sequence[str],
     scale: Sequence[float],
     translate: tuple[float, float] = (0.0, 0.0),
+    offset: Sequence[float] | None = None,
 ) -> LayerData:
     """An image layer from levels with these axis names (NGFF's ``t``, ``c``, ``z``, ``y``,
     ``x``; ``c`` the channel axis): axes of size 1 dropped, a 3-channel uint8 image shown as
     RGB, other multichannel images split along ``channel_axis``."""
     import numpy as np
 
-    levels, axes, scale = _squeeze(levels, axes, scale)
+    offset = [0.0] * len(axes) if offset is None else offset
+    levels, axes, scale, offset = _squeeze(levels, axes, scale, offset)
     meta: dict[str, Any] = {"name": name}
     if "c" in axes:
         ch = axes.index("c")
@@ -111,8 +120,9 @@ def _image_layer(
         else:
             meta["channel_axis"] = ch
         scale = [v for a, v in zip(axes, scale, strict=True) if a != "c"]
+        offset = [v for a, v in zip(axes, offset, strict=True) if a != "c"]
         axes = [a for a in axes if a != "c"]
-    meta.update(_placement(axes, scale, translate))
+    meta.update(_placement(axes, scale, offset, translate))
     if len(levels) > 1:
         meta["multiscale"] = True
         return levels, meta, "image"
@@ -126,11 +136,13 @@ def _labels_layer(
     axes: Sequence[str],
     scale: Sequence[float],
     translate: tuple[float, float] = (0.0, 0.0),
+    offset: Sequence[float] | None = None,
 ) -> LayerData:
     """A labels layer (axes of size 1 dropped, so cellst's ``(1, H, W)`` labels are 2-D);
     the ``image-label`` properties become features (``index`` holds the label value)."""
-    levels, axes, scale = _squeeze(levels, axes, scale)
-    meta: dict[str, Any] = {"name": name, **_placement(axes, scale, translate)}
+    offset = [0.0] * len(axes) if offset is None else offset
+    levels, axes, scale, offset = _squeeze(levels, axes, scale, offset)
+    meta: dict[str, Any] = {"name": name, **_placement(axes, scale, offset, translate)}
     if properties:
         columns = sorted({k for row in properties for k in row} - {"label-value"})
         features = {"index": [row["label-value"] for row in properties]}
@@ -143,9 +155,11 @@ def _labels_layer(
     return levels[0], meta, "labels"
 
 
-def _group_levels(group: Any) -> tuple[list[Any], list[str], list[float]]:
+def _group_levels(group: Any) -> tuple[list[Any], list[str], list[float], list[float]]:
     """Lazy dask arrays of a multiscale group's levels, its axis names (NGFF ``axes``; the
-    channel axis, by name or type, called ``c``) and the level-0 scale of each axis."""
+    channel axis, by name or type, called ``c``), and the level-0 scale and offset of each
+    axis: level 0's ``scale`` / ``translation``, then the multiscale's own, as NGFF
+    composes them (``world = s_ms * (s_0 * index + t_0) + t_ms``)."""
     import dask.array as da
 
     ms = group.attrs["ome"]["multiscales"][0]
@@ -155,11 +169,19 @@ def _group_levels(group: Any) -> tuple[list[Any], list[str], list[float]]:
     for i, a in enumerate(ms.get("axes") or ["c", "y", "x"][-ndim:]):
         kind, name = (a.get("type"), a.get("name")) if isinstance(a, dict) else (None, a)
         axes.append("c" if kind == "channel" or name == "c" else str(name or f"dim{i}"))
-    scale = [1.0] * ndim
-    for t in ms["datasets"][0].get("coordinateTransformations", []):
-        if t.get("type") == "scale" and len(t["scale"]) == ndim:
-            scale = [float(v) for v in t["scale"]]
-    return levels, axes, scale
+    scale, offset = [1.0] * ndim, [0.0] * ndim
+    for transforms in (
+        ms["datasets"][0].get("coordinateTransformations") or [],
+        ms.get("coordinateTransformations") or [],
+    ):
+        for t in transforms:
+            if t.get("type") == "scale" and len(t.get("scale", [])) == ndim:
+                s = [float(v) for v in t["scale"]]
+                scale = [a * b for a, b in zip(scale, s, strict=True)]
+                offset = [a * b for a, b in zip(offset, s, strict=True)]
+            elif t.get("type") == "translation" and len(t.get("translation", [])) == ndim:
+                offset = [a + float(b) for a, b in zip(offset, t["translation"], strict=True)]
+    return levels, axes, scale, offset
 
 
 def read_ome_zarr_layers(path: PathLike) -> list[LayerData]:
@@ -169,40 +191,60 @@ def read_ome_zarr_layers(path: PathLike) -> list[LayerData]:
     path = Path(path)
     root = zarr.open_group(path, mode="r", zarr_format=3)
     name = root.attrs["ome"]["multiscales"][0].get("name") or path.name.removesuffix(".ome.zarr")
-    levels, axes, scale = _group_levels(root)
-    layers = [_image_layer(levels, name, axes, scale)]
+    levels, axes, scale, offset = _group_levels(root)
+    layers = [_image_layer(levels, name, axes, scale, offset=offset)]
     if "labels" in root:
         group = root["labels"]
         for key in group.attrs["ome"]["labels"]:
             sub = group[key]
             props = sub.attrs["ome"].get("image-label", {}).get("properties")
-            levels, axes, scale = _group_levels(sub)
-            layers.append(_labels_layer(levels, f"{name} {key}", props, axes, scale))
+            levels, axes, scale, offset = _group_levels(sub)
+            layers.append(_labels_layer(levels, f"{name} {key}", props, axes, scale, offset=offset))
     return layers
 
 
 def read_store(path: PathLike, max_items: int = MAX_STORE_ITEMS) -> list[LayerData]:
     """The first ``max_items`` items of a cellst store, side by side: image, ground truth
-    (``ground_truth``) and each pseudo-label set holding the item (named after the set)."""
+    (``ground_truth``) and each pseudo-label set holding the item (named after the set),
+    at the pixel size the item's source file declares (as ``cellst export`` writes it).
+
+    A pseudo-label predicted from an image a later ingest changed is left out, with a
+    warning, as ``cellst export`` and ``cellst evaluate`` leave it out: it no longer fits
+    the image shown.
+    """
+    import warnings
+
     from cellst.data.store import CellStore
-    from cellst.export.omezarr import GROUND_TRUTH
+    from cellst.export.omezarr import GROUND_TRUTH, source_pixel_size
 
     layers: list[LayerData] = []
     with CellStore(path) as store:
+        ids = store.ids()[:max_items]
         sets = store.pseudo_sets()
+        stale = {s: set(store.pseudo_set(s).stale_items(store.manifest, ids)) for s in sets}
+        for s, items in stale.items():
+            if items:
+                warnings.warn(
+                    f"pseudo-label set {s!r}: {len(items)} item(s) (e.g. {sorted(items)[0]}) "
+                    "not shown, predicted from images a later ingest changed; run "
+                    "`cellst predict` again to predict them anew",
+                    stacklevel=2,
+                )
         x0 = 0.0
-        for item_id in store.ids()[:max_items]:
+        for item_id in ids:
             row = store.row(item_id)
+            declared = source_pixel_size(row)
+            size = float(declared[0]) if declared else 1.0
             at = (0.0, x0)
             image = [store.image(item_id)]
-            layers.append(_image_layer(image, item_id, ("y", "x", "c"), (1.0,) * 3, at))
-            yx, one = ("y", "x"), (1.0, 1.0)
+            layers.append(_image_layer(image, item_id, ("y", "x", "c"), (size, size, 1.0), at))
+            yx, px = ("y", "x"), (size, size)
             if row.label_array:
                 label = [store.label(item_id)]
-                layers.append(_labels_layer(label, f"{item_id} {GROUND_TRUTH}", None, yx, one, at))
+                layers.append(_labels_layer(label, f"{item_id} {GROUND_TRUTH}", None, yx, px, at))
             for s in sets:
-                if store.pseudo_set(s).has_item(item_id):
+                if store.pseudo_set(s).has_item(item_id) and item_id not in stale[s]:
                     label = [store.pseudo_label(s, item_id)]
-                    layers.append(_labels_layer(label, f"{item_id} {s}", None, yx, one, at))
-            x0 += int(row.width) + STORE_GAP
+                    layers.append(_labels_layer(label, f"{item_id} {s}", None, yx, px, at))
+            x0 += (int(row.width) + STORE_GAP) * size
     return layers
