@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from skimage.segmentation import relabel_sequential
 
 from cellst.config import IngestConfig
 from cellst.data.images import normalize_image, read_array
+from cellst.data.ingest import REPORT as INGEST_REPORT
 from cellst.data.ingest import IngestError, ingest, scan_source
 from cellst.data.store import MANIFEST, CellStore
 
@@ -307,6 +309,13 @@ def test_incremental_reingest(ray_session, synth_src, tmp_path):
     assert [p for p, _ in res.skipped] == [str(broken)] and not res.removed
     assert CellStore(store).row(broken.stem).image_array == kept.image_array
     assert (store / kept.image_array).is_dir()
+    # ...and said: the item no longer matches its file (a label of another shape, too)
+    assert res.kept == [broken.stem] and "1 kept as stored before" in res.summary()
+    assert json.loads((store / INGEST_REPORT).read_text())["kept"] == [broken.stem]
+    label = sorted((src / "test" / "labels").iterdir())[-1]
+    tifffile.imwrite(label, np.ones((7, 9), np.uint16))
+    res = ingest(src, store, skip_bad=True, progress=False)
+    assert sorted(res.kept) == sorted([broken.stem, label.stem.removesuffix("_label")])
 
 
 def test_reingest_reports_what_changed_besides_pixels(ray_session, synth_src, tmp_path):

@@ -288,6 +288,13 @@ def ingest(
         )
         for path, why in result.skipped:
             err_console.print(f"  {path}: {why}", highlight=False, markup=False)
+    if result.kept:
+        err_console.print(
+            f"kept as an earlier ingest stored them, not as their files now are: "
+            f"{', '.join(result.kept)} (fix the files and ingest again to update them)",
+            highlight=False,
+            markup=False,
+        )
     _print_frame(_items_table(CellStore(out, lease=False).manifest), "items per modality and split")
 
 

@@ -146,6 +146,9 @@ class IngestResult:
     unchanged: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: items whose image or label was skipped as bad this time, kept in the store as an
+    #: earlier ingest stored them (they no longer match the files in the source)
+    kept: list[str] = field(default_factory=list)
     #: ``(source image, item id)`` of images whose name another folder also uses
     renamed: list[tuple[str, str]] = field(default_factory=list)
     #: things the ingest went on despite (a ``modalities.csv`` row that names no image)
@@ -156,10 +159,11 @@ class IngestResult:
     collected: dict = field(default_factory=dict)
 
     def summary(self) -> str:
+        kept = f" ({len(self.kept)} kept as stored before)" if self.kept else ""
         return (
             f"{len(self.added)} added, {len(self.updated)} updated, "
             f"{len(self.unchanged)} unchanged, {len(self.removed)} removed, "
-            f"{len(self.skipped)} skipped"
+            f"{len(self.skipped)} skipped{kept}"
         )
 
 
@@ -786,6 +790,8 @@ def ingest(
                         result.removed.append(item_id)
                     else:
                         rows[item_id] = row
+                        if item_id in skipped_ids:
+                            result.kept.append(item_id)
             manifest = pd.DataFrame(list(rows.values()), columns=list(MANIFEST_COLUMNS))
             manifest = manifest.sort_values(["split", "id"]).reset_index(drop=True)
             result.version = _commit(store, staging, manifest)
