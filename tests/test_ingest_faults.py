@@ -357,6 +357,26 @@ def test_tiled_tiff_normalisation_equals_the_whole_image_path(tmp_path, dtype):
     np.testing.assert_array_equal(out, normalize_image(read_array(path)))
 
 
+def test_tiled_tiff_follows_its_declared_channel_axis(tmp_path):
+    """Band by band, a TIFF whose metadata declares 20 channels first (``CYX``) is read
+    by that axis, as the whole-image path reads it (the shape alone would call it a
+    stack of 20 planes)."""
+    from cellst.data.images import declared_shape, normalize_image, normalize_tiff_tiled, read_array
+
+    img = np.stack([_cyx_uint16(300, 200)[i % 3] // (i + 1) for i in range(20)])
+    path = tmp_path / "multiplex.tif"
+    tifffile.imwrite(path, img, tile=(64, 64), metadata={"axes": "CYX"})
+    assert declared_shape(path) == (300, 200, 20)
+    out = np.zeros((300, 200, 3), np.uint8)
+
+    def write_band(y0: int, band: np.ndarray) -> None:
+        out[y0 : y0 + band.shape[0]] = band
+
+    assert normalize_tiff_tiled(path, write_band, band=128) == (300, 200)
+    np.testing.assert_array_equal(out, normalize_image(read_array(path)))
+    np.testing.assert_array_equal(out, normalize_image(np.moveaxis(img[:3], 0, -1)))
+
+
 def test_tiled_float_tiff_sampled_ranges_find_sparse_signal(tmp_path):
     """Above ``sample_pixels`` a float image's range comes from a sample of its non-zero
     values, not a grid of pixels: signal only on odd rows and columns (which a grid of

@@ -433,6 +433,26 @@ def test_stacks_of_planes_are_refused_by_name_not_read_as_channels(checkpoint, i
     assert not (images / "planes_label.tiff").exists()
 
 
+def test_a_tiffs_declared_channel_axis_is_followed_not_guessed(checkpoint, tmp_path):
+    """A TIFF whose metadata names its channel axis is read by it: a small channel-first
+    image (2 x 12 x 14) was read as 14 channels of 2 x 12, and a 20-channel multiplexed
+    image was refused as a z-stack. An image with no such metadata is still guessed."""
+    from cellst.data.images import read_array
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    small = _blobs((2, 12, 14), np.uint16, 1)
+    tifffile.imwrite(folder / "small.tif", small, metadata={"axes": "CYX"})
+    many = np.stack([_blobs((64, 80), np.uint16, i) for i in range(20)])
+    tifffile.imwrite(folder / "multiplex.ome.tif", many, ome=True, metadata={"axes": "CYX"})
+    np.testing.assert_array_equal(read_array(folder / "small.tif"), np.moveaxis(small, 0, -1))
+    assert read_array(folder / "multiplex.ome.tif").shape == (64, 80, 20)
+    res = _segment(str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    assert tifffile.imread(tmp_path / "o" / "small_label.tiff").shape == (12, 14)
+    assert tifffile.imread(tmp_path / "o" / "multiplex_label.tiff").shape == (64, 80)
+
+
 def test_cli_options_and_set_win_over_calibrated_postprocessing(
     finding_checkpoint, images, tmp_path
 ):

@@ -73,7 +73,9 @@ def declared_shape(path: str | Path, kind: str | None = None) -> tuple[int, ...]
     try:
         if kind == "TIFF":
             with tifffile.TiffFile(path) as tf:
-                return tuple(int(n) for n in tf.series[0].shape)
+                shape = tuple(int(n) for n in tf.series[0].shape)
+                c = declared_channel_axis(tf.series[0].axes, len(shape))
+                return shape if c is None else (*shape[:c], *shape[c + 1 :], shape[c])
         from PIL import Image
 
         with Image.open(path) as im:
@@ -83,6 +85,18 @@ def declared_shape(path: str | Path, kind: str | None = None) -> tuple[int, ...]
         if type(exc).__name__ == "DecompressionBombError":  # Pillow's own, far larger limit
             raise ImageFormatError(f"{path}: image declares too many pixels ({exc})") from None
         raise ImageFormatError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+
+
+def declared_channel_axis(axes: str, ndim: int) -> int | None:
+    """The axis a 3-D TIFF's metadata declares as channels (tifffile's axis codes ``C``,
+    or ``S`` for samples such as RGB, beside ``Y`` and ``X``), or None when it declares
+    none (``Q``, ``I``: then :func:`to_hwc` tells channels from the shape)."""
+    if ndim != 3 or len(axes) != 3 or "Y" not in axes or "X" not in axes:
+        return None
+    for code in "CS":
+        if axes.count(code) == 1:
+            return axes.index(code)
+    return None
 
 
 def declared_pixels(shape: tuple[int, ...]) -> int:
@@ -140,6 +154,9 @@ def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = F
                 series = tf.series[0]
                 _refuse_stack(path, series.axes, series.shape)
                 arr = series.asarray()
+                c = declared_channel_axis(series.axes, arr.ndim)
+                if c is not None:  # the file says which axis holds channels: last
+                    arr = np.moveaxis(arr, c, -1)
         else:
             import imageio.v3 as iio
             from PIL import Image
@@ -179,24 +196,34 @@ def _refuse_stack(path: Path, axes: str, shape: tuple[int, ...]) -> None:
             )
 
 
-def to_hwc(arr: np.ndarray, name: str = "image") -> np.ndarray:
-    """Bring a 2-D or 3-D array to ``(H, W, C)``; channel-first stacks are transposed.
+def guessed_channel_axis(shape: tuple[int, ...], name: str = "image") -> int:
+    """The channel axis of a 3-D array whose file declares none: 0 when the first axis is
+    clearly smaller than both others (:func:`channel_axis_first`), else 2. A last axis of
+    more than 16 counts only when it is smaller than both others (a multiplexed image's
+    channels, put last by :func:`read_array` where its TIFF declares them).
 
-    The channel axis is the last one unless the first is clearly smaller than both others.
-    A 3-D array with neither a first nor a last axis of at most 16 has no channel axis (a
-    stack of planes) and is refused.
+    Raises
+    ------
+    ImageFormatError
+        For a shape with no such axis: a stack of planes, not channels.
     """
+    if channel_axis_first(shape):
+        return 0
+    if shape[2] > 16 and shape[2] >= min(shape[0], shape[1]):
+        raise ImageFormatError(
+            f"{name}: a 3-D image of shape {tuple(shape)} has no channel axis (a z-stack or "
+            f"time series?); cellst segments 2-D images with channels"
+        )
+    return 2
+
+
+def to_hwc(arr: np.ndarray, name: str = "image") -> np.ndarray:
+    """Bring a 2-D or 3-D array to ``(H, W, C)``; channel-first stacks are transposed
+    (:func:`guessed_channel_axis`), stacks of planes refused."""
     if arr.ndim == 2:
         return arr[:, :, None]
     if arr.ndim == 3:
-        if channel_axis_first(arr.shape):
-            return np.moveaxis(arr, 0, -1)
-        if arr.shape[2] > 16:
-            raise ImageFormatError(
-                f"{name}: a 3-D image of shape {arr.shape} has no channel axis of at most 16 "
-                f"(a z-stack or time series?); cellst segments 2-D images with channels"
-            )
-        return arr
+        return np.moveaxis(arr, 0, -1) if guessed_channel_axis(arr.shape, name) == 0 else arr
     raise ImageFormatError(f"{name}: expected a 2-D or 3-D image, got shape {arr.shape}")
 
 
@@ -392,13 +419,17 @@ def normalize_tiff_tiled(
             shape = tuple(int(n) for n in arr.shape)
             if len(shape) not in (2, 3):
                 raise ImageFormatError(f"{path}: expected a 2-D or 3-D image, got shape {shape}")
-            first = channel_axis_first(shape)
-            h, w = image_height_width(shape)
+            c = declared_channel_axis(tf.series[0].axes, len(shape))
+            if c is None and len(shape) == 3:
+                c = guessed_channel_axis(shape, str(path))
+            h, w = [n for i, n in enumerate(shape) if i != c][:2]
 
             def rows(y0: int, y1: int, step: int = 1) -> np.ndarray:
-                part = arr[:, y0:y1:step, ::step] if first else arr[y0:y1:step, ::step]
-                hwc = to_hwc(np.moveaxis(part, 0, -1) if first else part, str(path))
-                return _three_channels(hwc)
+                if c is None:  # 2-D
+                    return _three_channels(arr[y0:y1:step, ::step][:, :, None])
+                index = [slice(y0, y1, step), slice(None, None, step)]
+                index.insert(c, slice(None))
+                return _three_channels(np.moveaxis(arr[tuple(index)], c, -1))
 
             dtype = np.dtype(arr.dtype)
             if dtype.kind in "ui" and dtype.itemsize <= 2:
