@@ -378,3 +378,56 @@ def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
     # each trial folder's training is one of the sweep's child runs, one each
     recorded = {json.loads((run / "run.json").read_text())["mlflow_run_id"] for run in runs}
     assert recorded == {c.info.run_id for c in children}
+
+
+def test_planned_trials_counts_grid_points_times_samples():
+    from cellst.tune.sweep import planned_trials
+
+    space = {
+        "train.lr": {"grid": [0.001, 0.002, 0.003]},
+        "train.batch_size": {"grid": [4, 8]},
+        "augment.zoom_prob": {"uniform": [0, 0.5]},
+    }
+    cfg = load_tune_config(
+        None, ["store=/data", "tune.mode=train", f"tune.space={json.dumps(space)}"]
+    )
+    assert planned_trials(2, to_tune(cfg.tune.space)) == 12
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}}
+    cfg = load_tune_config(
+        None, ["store=/data", "tune.mode=train", f"tune.space={json.dumps(space)}"]
+    )
+    assert planned_trials(3, to_tune(cfg.tune.space)) == 3
+
+
+def test_an_interrupted_sweep_says_so_and_writes_no_results(ray_session, pp_sweep, tmp_path):
+    """Ctrl-C in `cellst tune`: Tune stops and returns, and the sweep used to report the
+    trials that had ended as the whole sweep (exit 0, results.csv and best.yaml of a part).
+    It now says how far it got, exits 130 and writes neither."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg = pp_sweep[0]
+    data = cfg.model_dump(mode="json")
+    data["tune"].update(name="ppi", num_samples=400, run_dir=str(tmp_path / "runs"))
+    path = _config(tmp_path / "sweep.yaml", **data)
+    root = tmp_path / "runs" / "ppi"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cellst = str(Path(sys.executable).with_name("cellst"))
+    proc = subprocess.Popen(
+        [cellst, "tune", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        ended = [p for p in root.glob("_ray/ppi/*/result.json") if p.stat().st_size > 0]
+        if len(ended) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    text = " ".join(out.decode(errors="replace").split())
+    assert proc.returncode == 130, text[-3000:]
+    assert "sweep ppi interrupted with" in text and "of 400 trial(s) finished" in text, text[-3000:]
+    assert "Traceback" not in text
+    assert not (root / "results.csv").exists() and not (root / "best.yaml").exists()

@@ -140,9 +140,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except ConfigError as exc:
             _fail(str(exc), code=2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # a command's own says how far it got
             _fail(
-                "interrupted; what was written so far is whole (every write is atomic): "
+                str(exc)
+                or "interrupted; what was written so far is whole (every write is atomic): "
                 "run the same command again to go on",
                 code=130,
             )

@@ -27,9 +27,10 @@ Re-running an interrupted sweep with the same settings resumes it (``Tuner.resto
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -463,6 +464,14 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
             )
         t0 = time.perf_counter()
         grid = tuner.fit()
+        expected = planned_trials(t.num_samples, to_tune(t.space))
+        finished = grid.num_terminated + grid.num_errors
+        if finished < max(expected, len(grid)):  # Tune stops on Ctrl-C and returns
+            raise SweepInterrupted(
+                f"sweep {name} interrupted with {finished} of {max(expected, len(grid))} "
+                f"trial(s) finished; results.csv and best.yaml are written when every trial "
+                f"has: run the same command again to go on"
+            )
         table = results_table(grid, metric, list(t.space))
         if table[metric].notna().sum() == 0:
             errors = [str(r.error) for r in grid if r.error][:3]
@@ -487,6 +496,19 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
     return SweepResult(
         root, table, metric, best_params, float(best[metric]), parent_id, uri, resumed, baseline
     )
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """A sweep Tune stopped (Ctrl-C) before every trial ended; says how far it got."""
+
+
+def planned_trials(num_samples: int, space: Mapping[str, Any]) -> int:
+    """How many trials Tune's basic variant generator makes of ``space``: ``num_samples``
+    times the product of the grid searches' sizes."""
+    grids = [
+        len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v
+    ]
+    return num_samples * math.prod(grids)
 
 
 def results_table(grid, metric: str, keys: list[str]) -> pd.DataFrame:
