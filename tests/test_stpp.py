@@ -640,3 +640,39 @@ def test_no_validation_items_is_refused_before_training(store_dir, tmp_path):
     with pytest.raises(StoreError, match="no validation items"):
         run_stpp(cfg)
     assert not (tmp_path / "runs" / "t" / "train").exists()  # nothing ran
+
+
+def test_a_set_another_pipeline_took_over_is_foreign_and_force_from_predicts_anew(
+    crashed_and_resumed,
+):
+    """Runs last in this module: it re-runs stage 3 of the shared pipeline.
+
+    1. Another pipeline with the same set names took this pipeline's reliable set over
+       (``--overwrite``), leaving its own checkpoint in ``set.json``. This pipeline's
+       record still listed the set as its own, so stage 3 was skipped and stage 4 trained
+       on the other pipeline's labels. It is now foreign: refused without --overwrite,
+       and with it predicted again.
+    2. ``--force-from 3`` runs stage 3 again from scratch: its set is predicted anew, not
+       resumed as "already done"."""
+    from cellst.data.pseudo import PseudoLabelSet
+    from cellst.fs import atomic_write_json
+
+    cfg, prefix = crashed_and_resumed["cfg"], crashed_and_resumed["prefix"]
+    pset = PseudoLabelSet(Path(cfg.store), f"{prefix}-reliable")
+    info = pset.info()
+    assert Path(info["checkpoint"]).is_relative_to(cfg.pipeline_dir)
+    other = {**info, "checkpoint": "/elsewhere/stppB/train/b-1_supervised/checkpoints/best"}
+    atomic_write_json(pset.path / "set.json", other)
+    with pytest.raises(StoreError, match=rf"{prefix}-reliable.*not written by this pipeline"):
+        run_stpp(cfg, log=lambda _: None, until="pseudo_reliable")
+    lines: list[str] = []
+    res = run_stpp(cfg, overwrite=True, log=lines.append, until="pseudo_reliable")
+    assert res.ran == ["pseudo_reliable"], "\n".join(lines)
+    assert pset.info()["checkpoint"] == info["checkpoint"]
+    items = len(pset.done_items())
+    assert items > 0
+    lines.clear()
+    res = run_stpp(cfg, log=lines.append, force_from="pseudo_reliable", until="pseudo_reliable")
+    assert res.ran == ["pseudo_reliable"]
+    said = [ln for ln in lines if f"{prefix}-reliable:" in ln]
+    assert said and f"{items} written, 0 already done" in said[0], "\n".join(lines)

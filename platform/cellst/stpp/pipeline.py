@@ -218,6 +218,8 @@ class Pipeline:
         self.ran: list[str] = []
         self.skipped: list[str] = []
         self.report: pd.DataFrame | None = None
+        #: the stage running now runs from scratch: its pseudo-label sets are not resumed
+        self.fresh = False
 
     @property
     def tracking(self):
@@ -256,14 +258,56 @@ class Pipeline:
                 f"keeps the best checkpoint by validation F1 and calibrates on those items"
             )
         owned = self.meta().get("sets", {})
-        foreign = [s for s in self.set_names() if s in store.pseudo_sets() and s not in owned]
+        present = store.pseudo_sets()
+        foreign = [
+            s
+            for s in self.set_names()
+            if s in present and (s not in owned or not self.wrote(s, store.pseudo_set(s).info()))
+        ]
         if foreign and not self.overwrite:
             raise StoreError(
                 f"pseudo-label set(s) {foreign} in store {store.root} were not written by this "
                 f"pipeline ({self.dir}); pass --overwrite to replace them, or choose another "
                 f"--set stpp.set_prefix=..."
             )
+        from cellst.data.pseudo import PseudoLabelSet
+
+        for s in foreign:  # replaced (--overwrite): what this pipeline recorded of them is void
+            PseudoLabelSet(store.root, s).remove()
+        if foreign:
+            self.save_meta(sets={k: v for k, v in owned.items() if k not in foreign})
         return store
+
+    def wrote(self, name: str, info: dict[str, Any]) -> bool:
+        """Whether pseudo-label set ``name``'s record (``set.json``) says this pipeline
+        wrote it: a set it combined holds the key this pipeline recorded for it, a set it
+        predicted names a checkpoint of this pipeline's trainings. (Another pipeline that
+        took the set over with --overwrite left its own there, while this pipeline's record
+        still listed the set as its own.)"""
+        if "key" in info and "pipeline" in info:
+            return info["key"] == self.meta().get("sets", {}).get(name)
+        if "checkpoint" in info:
+            ckpt = str(Path(str(info["checkpoint"])).absolute())
+            return Path(ckpt).is_relative_to(self.dir) or ckpt in self._checkpoints()
+        return True  # a set of an earlier cellst that recorded neither
+
+    def _checkpoints(self) -> set[str]:
+        """Every checkpoint this pipeline's stage records name (best, snapshots)."""
+        found: set[str] = set()
+
+        def walk(value: Any) -> None:
+            if isinstance(value, str):
+                found.add(value)
+            elif isinstance(value, dict):
+                for v in value.values():
+                    walk(v)
+            elif isinstance(value, list):
+                for v in value:
+                    walk(v)
+
+        for rec in self.book.records():
+            walk(rec.outputs)
+        return found
 
     # -- the stage runner ----------------------------------------------------------------------
     def stage(
@@ -299,6 +343,7 @@ class Pipeline:
             return self._stop_if_until(name, self.book.get(name))
         self.log(f"{head}: {'resuming' if decision == 'resume' else 'running'}")
         rec = self.book.start(name, h, fresh=decision == "fresh")
+        self.fresh = decision == "fresh"  # its sets are predicted anew, not resumed
         t0 = time.perf_counter()
         try:
             if training:
@@ -668,7 +713,7 @@ class Pipeline:
             if band:  # (absent when 0: pipelines from before the option keep their keys)
                 what["ignore_band"] = band
             key = stable_hash(what)
-            if sets.get(set_name) != key:
+            if sets.get(set_name) != key or self.fresh:  # (--force-from: predicted anew)
                 PseudoLabelSet(Path(self.cfg.store).absolute(), set_name).remove()
                 sets = {**sets, set_name: key}
                 self.save_meta(sets=sets)
