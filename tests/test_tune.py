@@ -431,3 +431,33 @@ def test_an_interrupted_sweep_says_so_and_writes_no_results(ray_session, pp_swee
     assert "sweep ppi interrupted with" in text and "of 400 trial(s) finished" in text, text[-3000:]
     assert "Traceback" not in text
     assert not (root / "results.csv").exists() and not (root / "best.yaml").exists()
+
+
+def test_a_postprocess_sweep_on_the_checkpoints_training_items_is_refused(learn_store, tmp_path):
+    """The checkpoint's run folder records the items it trained on: a sweep whose
+    validation split holds some of them (another data.seed or data.val_fraction than the
+    training's) would score the settings on images the model has learnt, and is refused in
+    one line before anything runs."""
+    from cellst.train.checkpoints import RunPaths
+
+    mcfg = ModelConfig(name="hovernet-lite", width=4)
+    run = tmp_path / "run"
+    ckpt = save_checkpoint(run / "checkpoints" / "best", build_model(mcfg), mcfg)
+    store = CellStore(learn_store)
+    RunPaths(run).write_state(train_ids=store.ids("labeled"), val_ids=[])
+    cfg = _config(
+        tmp_path / "s.yaml",
+        store=str(learn_store),
+        data={"val_fraction": 0.3},
+        tune={
+            "mode": "postprocess",
+            "checkpoint": str(ckpt),
+            "run_dir": str(tmp_path / "runs"),
+            "space": {"postprocess.mask_threshold": {"uniform": [0.3, 0.7]}},
+        },
+    )
+    res = runner.invoke(app, ["tune", str(cfg)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, text
+    assert f"tune.checkpoint {ckpt} was trained on" in text and "data.seed" in text
+    assert not (tmp_path / "runs").exists()  # nothing ran

@@ -332,6 +332,16 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
         from cellst.postprocess.calibrate import effective_inference
 
         check_checkpoint(t.checkpoint)  # a bad one in one line, not a Ray task's traceback
+        from cellst.config import ConfigError
+
+        seen = trained_on(t.checkpoint) & set(val_ids)
+        if seen:
+            raise ConfigError(
+                f"tune.checkpoint {t.checkpoint} was trained on {len(seen)} of the sweep's "
+                f"{len(val_ids)} validation items (e.g. {sorted(seen)[0]}): its scores would "
+                "flatter the settings; split the store as the training did (data.val_fraction "
+                "and data.seed of its run)"
+            )
         # the maps `cellst predict` makes with this checkpoint: its calibration's inference
         # settings where the sweep's configuration leaves them unset
         infer, inference_note = effective_inference(cfg.inference, t.checkpoint)
@@ -496,6 +506,19 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
     return SweepResult(
         root, table, metric, best_params, float(best[metric]), parent_id, uri, resumed, baseline
     )
+
+
+def trained_on(checkpoint: str | os.PathLike[str]) -> set[str]:
+    """The store items a checkpoint's training ran on (``train_ids`` of its run folder's
+    ``run.json``: ``RUN/checkpoints/NAME``); empty when that record is not there."""
+    from cellst.train.checkpoints import RunPaths
+
+    try:
+        state = RunPaths(Path(checkpoint).absolute().parent.parent).read_state()
+    except (OSError, ValueError):  # a damaged record: nothing to tell
+        return set()
+    ids = state.get("train_ids") if isinstance(state, dict) else None
+    return {str(i) for i in ids} if isinstance(ids, list) else set()
 
 
 class SweepInterrupted(KeyboardInterrupt):
