@@ -371,3 +371,34 @@ def test_check_answers_takes_ray_address_forms(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # "auto" means RAY_ADDRESS
     with pytest.raises(ClusterError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
         check_answers("auto")
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does():
+    """``ray.init`` makes SIGTERM a ``sys.exit``, which unwound through a running ST++ stage
+    and was recorded as a failure with Ray's tracebacks. Once cellst has joined Ray,
+    SIGTERM is an interrupt: one line, exit 130, as for Ctrl-C."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys, time, typer\n"
+        "from cellst.cli import user_errors\n"
+        "from cellst.raycluster import ensure_ray\n"
+        "@user_errors\n"
+        "def work():\n"
+        "    ensure_ray(num_cpus=1)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+        "try:\n"
+        "    work()\n"
+        "except typer.Exit as exc:\n"
+        "    sys.exit(exc.exit_code)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert "interrupted; what was written so far is whole" in " ".join(res.stderr.split())
+    assert "Traceback" not in res.stderr

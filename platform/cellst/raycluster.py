@@ -6,6 +6,8 @@ import logging
 import math
 import os
 import pathlib
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -287,10 +289,29 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         for key, value in local_system_config(num_cpus).items():
             os.environ.setdefault(f"RAY_{key}", str(value))
     ray.init(address=address, **kwargs)
+    interrupt_on_sigterm()
     quiet_ray_data()
     from cellst.reaper import watch_local_cluster
 
     watch_local_cluster()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``, a scheduler's stop), taken as Ctrl-C."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM stop a command the way Ctrl-C does (:class:`Terminated`, a
+    ``KeyboardInterrupt``): what runs is recorded as interrupted, and the command ends in
+    one line with exit 130. ``ray.init`` installs a handler that calls ``sys.exit``, which
+    unwound through running stages as a ``SystemExit`` and was recorded as a failure with
+    Ray's tracebacks. Only in the main thread (where Python runs signal handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 def quiet_ray_data() -> None:

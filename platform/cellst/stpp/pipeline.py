@@ -354,8 +354,9 @@ class Pipeline:
                     self.book.update(name, mlflow_run_id=run_id)
                     outputs = body(decision)
         except BaseException as exc:
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            why = "interrupted (Ctrl-C)" if interrupted else f"{type(exc).__name__}: {exc}"
+            interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C, or SIGTERM as one
+            how = "SIGTERM" if type(exc).__name__ == "Terminated" else "Ctrl-C"
+            why = f"interrupted ({how})" if interrupted else f"{type(exc).__name__}: {exc}"
             self.book.fail(name, why, "interrupted" if interrupted else "failed")
             raise
         rec = self.book.finish(name, dict(outputs), run_id)
