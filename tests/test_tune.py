@@ -378,6 +378,10 @@ def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
     # each trial folder's training is one of the sweep's child runs, one each
     recorded = {json.loads((run / "run.json").read_text())["mlflow_run_id"] for run in runs}
     assert recorded == {c.info.run_id for c in children}
+    # ...which the results table names, trial by trial (it was empty in this mode)
+    assert set(table["mlflow_run_id"]) == recorded
+    for row in table.to_dict(orient="records"):
+        assert by_lr[row["train.lr"]].info.run_id == row["mlflow_run_id"]
 
 
 def test_planned_trials_counts_grid_points_times_samples():

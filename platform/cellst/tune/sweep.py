@@ -483,6 +483,11 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
                 f"has: run the same command again to go on"
             )
         table = results_table(grid, metric, list(t.space))
+        if t.mode == "train":  # a trial's training run: recorded in its run folder
+            table["mlflow_run_id"] = [
+                rid if isinstance(rid, str) and rid else trial_run_id(root, name, tid)
+                for rid, tid in zip(table["mlflow_run_id"], table["trial_id"], strict=True)
+            ]
         if table[metric].notna().sum() == 0:
             errors = [str(r.error) for r in grid if r.error][:3]
             raise RuntimeError(f"every trial of sweep {name} failed: {errors}")
@@ -519,6 +524,19 @@ def trained_on(checkpoint: str | os.PathLike[str]) -> set[str]:
         return set()
     ids = state.get("train_ids") if isinstance(state, dict) else None
     return {str(i) for i in ids} if isinstance(ids, list) else set()
+
+
+def trial_run_id(root: Path, name: str, trial_id: str) -> str | None:
+    """The MLflow run of a training trial (``mlflow_run_id`` of its run folder's
+    ``run.json``), or None."""
+    from cellst.train.checkpoints import RunPaths
+
+    try:
+        state = RunPaths(trial_run_dir(root, name, str(trial_id))).read_state()
+    except (OSError, ValueError):
+        return None
+    rid = state.get("mlflow_run_id") if isinstance(state, dict) else None
+    return rid if isinstance(rid, str) else None
 
 
 class SweepInterrupted(KeyboardInterrupt):
