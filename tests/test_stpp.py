@@ -642,6 +642,19 @@ def test_no_validation_items_is_refused_before_training(store_dir, tmp_path):
     assert not (tmp_path / "runs" / "t" / "train").exists()  # nothing ran
 
 
+def test_another_tracking_experiment_for_a_pipeline_that_has_runs_is_said(crashed_and_resumed):
+    """A finished pipeline re-run with another ``tracking.experiment`` keeps its parent
+    run (and its stages' runs) where they are; it used to create the new experiment empty
+    without a word."""
+    cfg = crashed_and_resumed["cfg"].model_copy(deep=True)
+    cfg.tracking.experiment = "elsewhere"
+    lines: list[str] = []
+    res = run_stpp(cfg, log=lines.append, until="supervised")
+    assert res.ran == []
+    note = [ln for ln in lines if "note: the pipeline's runs stay in MLflow experiment" in ln]
+    assert note and "tracking.experiment='elsewhere'" in note[0], "\n".join(lines)
+
+
 def test_a_set_another_pipeline_took_over_is_foreign_and_force_from_predicts_anew(
     crashed_and_resumed,
 ):

@@ -31,6 +31,8 @@ class ParentRun:
         self.tracking = cfg.tracking  # resolved by :meth:`resolve`
         self.uri: str | None = None
         self.run_id: str | None = None
+        #: one line for the user about the parent run, or empty
+        self.note = ""
 
     def resolve(self) -> None:
         """Fix the tracking URI, artifact root and experiment (the pipeline folder's own
@@ -90,10 +92,20 @@ class ParentRun:
             return None
         try:
             with http_limits(self.tracking.timeout_s):
-                run = MlflowClient(self.uri).get_run(run_id)
-            return None if run.info.lifecycle_stage == "deleted" else run_id
+                client = MlflowClient(self.uri)
+                run = client.get_run(run_id)
+                if run.info.lifecycle_stage == "deleted":
+                    return None
+                there = client.get_experiment(run.info.experiment_id).name
         except Exception:  # noqa: BLE001 - a run that cannot be read is replaced
             return None
+        if there != self.tracking.experiment:
+            self.note = (
+                f"the pipeline's runs stay in MLflow experiment {there!r}, where it started; "
+                f"tracking.experiment={self.tracking.experiment!r} applies to a new pipeline "
+                "(another stpp.name or stpp.run_dir)"
+            )
+        return run_id
 
     def close(self, status: str, tags: dict | None = None) -> None:
         """End the parent run with ``status`` (best-effort, journalled when the server is

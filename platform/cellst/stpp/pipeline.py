@@ -813,6 +813,8 @@ def run_stpp(
         parent = pipe.parent
         parent.resolve()
         parent.open(store)
+        if parent.note:
+            log(f"[stpp] note: {parent.note}")
         stopped_after = None
 
         def stopped_tag(stage: str) -> dict[str, str]:
