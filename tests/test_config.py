@@ -347,3 +347,22 @@ def test_names_that_make_folders_cannot_leave_their_run_folder(tmp_path):
     yml.write_text("name: x\n")
     res = CliRunner().invoke(app, ["train", str(yml), "--run-name", "../x", "--set", "store=/no"])
     assert res.exit_code == 2 and "--run-name" in res.output and "plain folder name" in res.output
+
+
+def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: the first setting was silently dropped."""
+    from typer.testing import CliRunner
+
+    from cellst.cli import app
+
+    f = tmp_path / "exp.yaml"
+    f.write_text("name: a\ntrain:\n  lr: 0.1\nname: b\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: key 'name' appears twice \(line 4\)$"):
+        load_config(f)
+    f.write_text("name: a\ntrain:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")  # at any depth
+    with pytest.raises(ConfigError, match=r"key 'lr' appears twice \(line 5\)"):
+        load_config(f)
+    res = CliRunner().invoke(app, ["train", str(f)])
+    assert res.exit_code == 2 and "key 'lr' appears twice (line 5)" in res.output
+    f.write_text("name: a\ntrain:\n  lr: 0.1\n  epochs: 2\n")  # distinct keys still load
+    assert load_config(f).train.lr == 0.1

@@ -203,9 +203,37 @@ def field_errors(err: ValidationError, prefix: str = "") -> list[str]:
     return lines
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives one key twice (PyYAML would keep the last silently)."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(None, None, f"key {key!r} appears twice (line {line})")
+        self.key, self.line = key, line
+
+    def __str__(self) -> str:
+        return str(self.problem)
+
+
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader without implicit dates: ``run_name: 2026-12-02`` stays the text
-    it is (a config holds no date fields, and a date is no valid name)."""
+    it is (a config holds no date fields, and a date is no valid name), and that refuses a
+    key given twice in one mapping, at any depth (:class:`DuplicateKeyError`)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: merged keys may be overridden
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                except TypeError:  # an unhashable key: the constructor says so below
+                    continue
+                if dup:
+                    raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -301,6 +329,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         ) from None
     except OSError as exc:
         raise ConfigError(f"config file {p} cannot be read ({exc.strerror})") from None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
     if data is None:  # an empty file, or only comments: every default
