@@ -366,3 +366,27 @@ def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
     assert res.exit_code == 2 and "key 'lr' appears twice (line 5)" in res.output
     f.write_text("name: a\ntrain:\n  lr: 0.1\n  epochs: 2\n")  # distinct keys still load
     assert load_config(f).train.lr == 0.1
+
+
+def test_windows_per_forward_pass_change_no_fingerprint():
+    """``inference.sw_batch_size`` changes speed only: a new one re-runs no ST++ stage,
+    while the fingerprints of configs that never set it stay what they were recorded as."""
+    from cellst.experiment import load_config
+    from cellst.fingerprint import config_fingerprint
+    from cellst.stpp.pipeline import infer_inputs, training_hash
+    from cellst.train.trainer import config_hash
+
+    for sets, recorded in (
+        ([], ("b834cb3acde81260", "44136fa355b3678a")),
+        (["train.lr=0.01", "inference.roi=96"], ("732ac2edd6c7248d", "a8c52a5365d49d81")),
+    ):
+        cfg = load_config(None, ["store=s", *sets])
+        assert (config_hash(cfg), training_hash(cfg)) == recorded
+        fast = load_config(None, ["store=s", *sets, "inference.sw_batch_size=2"])
+        assert (config_hash(fast), training_hash(fast), config_fingerprint(fast)) == (
+            *recorded,
+            recorded[0],
+        )
+        assert infer_inputs(fast.inference) == infer_inputs(cfg.inference)
+        # recipe 2 (an earlier cellst's record) counted it, as it was recorded
+        assert training_hash(fast, version=2) != training_hash(cfg, version=2)

@@ -39,7 +39,17 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
         "augment_cpus",
         "prefetch_batches",
     ),
+    # (``cellst.inference.config.SPEED_ONLY_INFERENCE``: windows per forward pass)
+    "inference": ("sw_batch_size",),
 }
+
+#: sections whose entry goes when leaving out their run-only fields empties it: a
+#: fingerprint is then the one of a config that never set them (``train`` keeps its empty
+#: entry, as fingerprints recorded before were hashed with it)
+DROP_EMPTIED: frozenset[str] = frozenset({"inference"})
+
+#: what recipe 2 left out (it counted ``inference.sw_batch_size``)
+_RUN_ONLY_V2: dict[str, tuple[str, ...]] = {k: v for k, v in RUN_ONLY.items() if k != "inference"}
 
 
 def stable_hash(obj: Any, n: int = 16, *, spaced: bool = False) -> str:
@@ -55,7 +65,11 @@ def stable_hash(obj: Any, n: int = 16, *, spaced: bool = False) -> str:
 
 
 def config_fingerprint(
-    cfg: Any, ignore: Mapping[str, Iterable[str]] | None = None, n: int = 16
+    cfg: Any,
+    ignore: Mapping[str, Iterable[str]] | None = None,
+    n: int = 16,
+    *,
+    run_only: Mapping[str, Iterable[str]] = RUN_ONLY,
 ) -> str:
     """Fingerprint of what a configuration computes.
 
@@ -66,6 +80,8 @@ def config_fingerprint(
     ignore : mapping, optional
         Section -> field names to leave out besides :data:`RUN_ONLY`; ``"*"`` leaves out the
         whole section, and the key ``""`` names top-level fields (``store``, ``name``).
+    run_only : mapping
+        The run-only fields (:data:`RUN_ONLY`; an earlier recipe's to recognise it).
 
     Notes
     -----
@@ -85,7 +101,7 @@ def config_fingerprint(
         data["augment"] = {k: v for k, v in data["augment"].items() if k not in strong}
         if not data["augment"]:
             del data["augment"]
-    rules: dict[str, set[str]] = {k: set(v) for k, v in RUN_ONLY.items()}
+    rules: dict[str, set[str]] = {k: set(v) for k, v in run_only.items()}
     for section, fields in (ignore or {}).items():
         rules.setdefault(section, set()).update(fields)
     for field in rules.pop("", set()):
@@ -94,7 +110,11 @@ def config_fingerprint(
         if "*" in fields:
             data.pop(section, None)
         elif isinstance(data.get(section), dict):
-            data[section] = {k: v for k, v in data[section].items() if k not in fields}
+            kept = {k: v for k, v in data[section].items() if k not in fields}
+            if kept or not data[section] or section not in DROP_EMPTIED:
+                data[section] = kept
+            else:
+                del data[section]
     return stable_hash(data, n)
 
 
@@ -134,9 +154,9 @@ def training_fingerprint(
     """
     if version == 2:
         if store:
-            return config_fingerprint(cfg)
+            return config_fingerprint(cfg, run_only=_RUN_ONLY_V2)
         legacy = {"": ("store", "name"), "predict": ("*",), "evaluate": ("*",), "ingest": ("*",)}
-        return config_fingerprint(cfg, legacy)
+        return config_fingerprint(cfg, legacy, run_only=_RUN_ONLY_V2)
     if version != VERSION:
         raise ValueError(f"no fingerprint recipe {version}")
     ignore = {k: set(v) for k, v in NOT_READ_BY_TRAINING.items()}

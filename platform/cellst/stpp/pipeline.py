@@ -62,6 +62,7 @@ from cellst.experiment import ExperimentConfig
 from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
 from cellst.fingerprint import checkpoint_fingerprint, stable_hash, training_fingerprint
 from cellst.fs import atomic_write_bytes, atomic_write_json
+from cellst.inference.config import SPEED_ONLY_INFERENCE, InferenceConfig
 from cellst.model.checkpoint_files import is_checkpoint
 from cellst.stpp.experiment import StppExperimentConfig
 from cellst.stpp.outputs import (
@@ -123,6 +124,13 @@ def training_hash(cfg: ExperimentConfig, version: int = FINGERPRINT_VERSION) -> 
     """Fingerprint of what a training stage computes (not where it logs or runs; the store
     by its items' content, :func:`items_digest`, not its path)."""
     return training_fingerprint(cfg, store=False, version=version)
+
+
+def infer_inputs(infer: InferenceConfig) -> dict[str, Any]:
+    """A stage's inference settings as its inputs: every one but those that change only
+    speed (``SPEED_ONLY_INFERENCE``: a new ``sw_batch_size`` re-runs no stage)."""
+    dump = infer.model_dump(mode="json")
+    return {k: v for k, v in dump.items() if k not in SPEED_ONLY_INFERENCE}
 
 
 def retrain_crops(crops: int, pseudo_weight: float, max_factor: float = 4.0) -> int:
@@ -318,6 +326,7 @@ class Pipeline:
         training: bool = False,
         present: Callable[[dict], bool] | None = None,
         recorded_as: dict[str, Any] | None = None,
+        infer: InferenceConfig | None = None,
     ) -> StageRecord:
         """Run ``body(decision)`` as stage ``name`` unless it is done with these inputs.
 
@@ -325,12 +334,17 @@ class Pipeline:
         whose outputs were deleted runs again. A training stage logs to its own MLflow run
         (under the parent); any other stage runs inside a child run of the parent.
         ``recorded_as``: the same inputs as an earlier cellst hashed them; a record of those
-        is taken as a record of ``inputs`` (and rewritten so).
+        is taken as a record of ``inputs`` (and rewritten so). ``infer``: the inference
+        settings of ``inputs["infer"]`` (:func:`infer_inputs`), which earlier cellsts hashed
+        whole; a record of those is taken likewise.
         """
         n = self.book.index(name)
         h = stable_hash(inputs)
         old = self.book.get(name).input_hash
-        if recorded_as is not None and old not in (None, h) and old == stable_hash(recorded_as):
+        earlier = [] if recorded_as is None else [recorded_as]
+        if infer is not None:
+            earlier.append({**inputs, "infer": infer.model_dump(mode="json")})
+        if old not in (None, h) and any(old == stable_hash(e) for e in earlier):
             self.book.update(name, input_hash=h)
         decision = self.book.decide(name, h)
         head = f"[stpp] stage {n}/{len(STAGES)} {name} ({TITLES[name]})"
@@ -396,13 +410,14 @@ class Pipeline:
             {
                 "s1": s1.output_digest,
                 "unlabelled": items_digest(store, "unlabeled"),
-                "infer": no_tta.model_dump(mode="json"),
+                "infer": infer_inputs(no_tta),
                 "post": post,
                 "measure": cfg.stpp.reliability,
                 "fraction": cfg.stpp.reliable_fraction,
             },
             lambda d: self.reliability(store, s1, unlabelled, no_tta),
             present=lambda o: _sets_present(store, list(o.get("sets", {}))),
+            infer=no_tta,
         )
         # 3. pseudo-label the reliable items with stage 1's model, 4. re-train on them
         s3 = self.stage(
@@ -410,7 +425,7 @@ class Pipeline:
             {
                 "s1": s1.output_digest,
                 "s2": s2.output_digest,
-                "infer": tta.model_dump(mode="json"),
+                "infer": infer_inputs(tta),
                 "post": post,
                 **band,
             },
@@ -418,6 +433,7 @@ class Pipeline:
                 "reliable", s1.outputs["best"], s2.outputs["reliable"], tta, s1.output_digest
             ),
             present=lambda o: _sets_present(store, [o.get("set")]),
+            infer=tta,
         )
         s4 = self._training_stage(store, "retrain_reliable", pseudo=s3, previous=s1)
         # 5. pseudo-label the rest with stage 4's model, 6. re-train on everything
@@ -427,12 +443,13 @@ class Pipeline:
                 "s4": s4.output_digest,
                 "s2": s2.output_digest,
                 "s3": s3.output_digest,
-                "infer": tta.model_dump(mode="json"),
+                "infer": infer_inputs(tta),
                 "post": post,
                 **band,
             },
             lambda d: self.pseudo_label_rest(s4, s2, s3, tta),
             present=lambda o: _sets_present(store, [o.get("set")]),
+            infer=tta,
         )
         s6 = self._training_stage(store, "retrain_all", pseudo=s5, previous=s4)
         # 7. the test split: supervised vs round 1 vs round 2
@@ -443,11 +460,12 @@ class Pipeline:
                 "models": {k: r.output_digest for k, r in trained.items()},
                 "test": items_digest(store, "test"),
                 "enabled": cfg.stpp.evaluate,
-                "infer": cfg.inference.model_dump(mode="json"),
+                "infer": infer_inputs(cfg.inference),
                 "post": post,
                 "evaluate": cfg.evaluate.model_dump(mode="json"),
             },
             lambda d: self.evaluate(store, trained),
+            infer=cfg.inference,
         )
         if s7.outputs.get("table"):
             self.report = pd.DataFrame(s7.outputs["table"])
