@@ -465,3 +465,30 @@ def test_a_postprocess_sweep_on_the_checkpoints_training_items_is_refused(learn_
     assert res.exit_code == 2, text
     assert f"tune.checkpoint {ckpt} was trained on" in text and "data.seed" in text
     assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_a_continuous_distribution_on_an_integer_field_is_a_config_error(tmp_path):
+    """``uniform: [1, 5]`` passed the check of its (integral) bounds, then every trial
+    failed on its fractional sample: the space is refused, in one line, before Ray starts."""
+    for kind in ("uniform", "loguniform"):
+        space = {"postprocess.min_object_size": {kind: [1, 5]}}
+        cfg = _config(
+            tmp_path / "s.yaml",
+            store=str(tmp_path),
+            tune={"mode": "postprocess", "checkpoint": str(tmp_path), "space": space},
+        )
+        res = runner.invoke(app, ["tune", str(cfg)])
+        assert res.exit_code == 2, res.output
+        assert res.output.strip().splitlines() == [
+            "error: invalid sweep: tune.space.postprocess.min_object_size: an integer field: "
+            f"use randint or a grid of integers ({kind} samples fractions, e.g. 1.5)"
+        ]
+    # integers of an integer field pass the space check (to the checkpoint's)
+    space = {"postprocess.min_object_size": {"randint": [1, 5]}}
+    cfg = _config(
+        tmp_path / "s.yaml",
+        store=str(tmp_path),
+        tune={"mode": "postprocess", "checkpoint": str(tmp_path), "space": space},
+    )
+    with pytest.raises(ConfigError, match="not a cellst checkpoint"):
+        load_tune_config(cfg)

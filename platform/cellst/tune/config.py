@@ -69,6 +69,19 @@ class Distribution(Section):
             return [lo, hi - 1]
         return list(self.args)
 
+    def samples(self) -> list[Any]:
+        """Values the distribution gives, checked against the field's schema: its
+        :meth:`corners`, and for ``uniform``/``loguniform`` a fractional value inside the
+        range too (what they sample; an integer field takes none of them)."""
+        values = self.corners()
+        if self.kind in ("uniform", "loguniform"):
+            lo, hi = self.args
+            inner = (lo + hi) / 2
+            while float(inner).is_integer() and inner > lo:  # at most ~log2(hi - lo) halvings
+                inner = (lo + inner) / 2
+            values.append(inner)
+        return values
+
 
 class TuneConfig(Section):
     """How ``cellst tune`` sweeps settings with Ray Tune (the ``tune`` section)."""

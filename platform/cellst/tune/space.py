@@ -63,7 +63,7 @@ def space_problems(cfg: ExperimentConfig) -> list[str]:
                 f"(use tune.mode=train to sweep training settings)"
             )
             continue
-        for value in d.corners():
+        for value in d.samples():
             data = apply_overrides(base, overrides_of({key: value}))
             try:
                 type(cfg).model_validate(data)
@@ -71,6 +71,12 @@ def space_problems(cfg: ExperimentConfig) -> list[str]:
                 e = exc.errors()[0]
                 path = ".".join(str(p) for p in e["loc"])
                 why = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+                if e["type"] == "int_from_float" and d.kind in ("uniform", "loguniform"):
+                    problems.append(
+                        f"tune.space.{key}: an integer field: use randint or a grid of "
+                        f"integers ({d.kind} samples fractions, e.g. {value!r})"
+                    )
+                    break
                 problems.append(f"tune.space.{key}: {why} (at {path}, value {value!r})")
                 break
             except ConfigError as exc:
@@ -102,6 +108,8 @@ def load_tune_config(
             "no store configured: set `store: PATH` in the config or --set store=PATH"
         )
     problems = space_problems(cfg)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid sweep: {problems[0]}")
     if problems:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(problems))
     if cfg.tune.checkpoint and not is_checkpoint(cfg.tune.checkpoint):
