@@ -492,3 +492,29 @@ def test_a_continuous_distribution_on_an_integer_field_is_a_config_error(tmp_pat
     )
     with pytest.raises(ConfigError, match="not a cellst checkpoint"):
         load_tune_config(cfg)
+
+
+def test_a_training_sweep_of_post_processing_fields_alone_is_a_config_error(tmp_path):
+    """tune.mode=train trained one model per trial just to vary post-processing thresholds."""
+    space = {
+        "postprocess.mask_threshold": {"uniform": [0.3, 0.7]},
+        "postprocess.min_object_size": {"choice": [5, 10]},
+    }
+    cfg = _config(
+        tmp_path / "s.yaml",
+        store=str(tmp_path),
+        tune={"mode": "train", "space": space},
+        train={"num_workers": 1},
+    )
+    res = runner.invoke(app, ["tune", str(cfg)])
+    assert res.exit_code == 2 and "use tune.mode=postprocess" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    # mixed with a training setting it is a training sweep
+    mixed = {**space, "train.lr": {"loguniform": [1e-4, 1e-2]}}
+    cfg = _config(
+        tmp_path / "s.yaml",
+        store=str(tmp_path),
+        tune={"mode": "train", "space": mixed},
+        train={"num_workers": 1},
+    )
+    assert load_tune_config(cfg).tune.mode == "train"

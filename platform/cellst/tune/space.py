@@ -82,6 +82,12 @@ def space_problems(cfg: ExperimentConfig) -> list[str]:
             except ConfigError as exc:
                 problems.append(f"tune.space.{key}: {exc}")
                 break
+    if t.mode == "train" and t.space and all(k.startswith("postprocess.") for k in t.space):
+        problems.append(
+            "tune.space: every field swept is a postprocess.* one, which post-processing "
+            "alone reads: use tune.mode=postprocess (seconds per trial on one checkpoint) "
+            "rather than training a model per trial"
+        )
     if t.mode == "postprocess" and not t.checkpoint:
         problems.append("tune.checkpoint: a postprocess sweep needs the checkpoint to sweep on")
     if t.mode == "train" and cfg.train.num_workers == 0:
