@@ -372,9 +372,9 @@ def test_windows_per_forward_pass_change_no_fingerprint():
     """``inference.sw_batch_size`` changes speed only: a new one re-runs no ST++ stage,
     while the fingerprints of configs that never set it stay what they were recorded as."""
     from cellst.experiment import load_config
-    from cellst.fingerprint import config_fingerprint
+    from cellst.fingerprint import config_fingerprint, training_fingerprint
     from cellst.stpp.pipeline import infer_inputs, training_hash
-    from cellst.train.trainer import config_hash
+    from cellst.train.trainer import config_hash, same_configuration
 
     for sets, recorded in (
         ([], ("b834cb3acde81260", "44136fa355b3678a")),
@@ -388,5 +388,11 @@ def test_windows_per_forward_pass_change_no_fingerprint():
             recorded[0],
         )
         assert infer_inputs(fast.inference) == infer_inputs(cfg.inference)
-        # recipe 2 (an earlier cellst's record) counted it, as it was recorded
+        # recipes 2 and 3 (an earlier cellst's records) counted it, as they were recorded,
+        # so a run recorded by recipe 3 with it set is still recognised (not trained anew)
         assert training_hash(fast, version=2) != training_hash(cfg, version=2)
+        assert training_hash(fast, version=3) != training_hash(cfg, version=3)
+        assert training_hash(cfg, version=3) == recorded[1]
+        state = {"fingerprint": 3, "config_hash": training_fingerprint(fast, version=3)}
+        assert same_configuration(state, fast) is True
+        assert same_configuration(state, cfg) is False

@@ -216,9 +216,9 @@ def test_stage_runner_skips_reruns_and_forces(tmp_path):
     # a stage recorded by an earlier cellst's fingerprint recipe: the same inputs, skipped
     # (and recorded anew); inputs that differ under both recipes run
     n = len(calls)
-    assert run({"a": 4}, recorded_as={"a": 3}) is not None and len(calls) == n
+    assert run({"a": 4}, recorded_as=[{"a": 3}]) is not None and len(calls) == n
     assert Pipeline(cfg).book.get("reliability").input_hash == stable_hash({"a": 4})
-    run({"a": 5}, recorded_as={"a": 3})
+    run({"a": 5}, recorded_as=[{"a": 3}])
     assert calls[n:] == ["fresh"]
 
 

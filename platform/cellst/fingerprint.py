@@ -21,8 +21,9 @@ if TYPE_CHECKING:  # for annotations only: this module imports the standard libr
     from cellst.experiment import ExperimentConfig
 
 #: version of the fingerprint recipe, stored beside fingerprints (run.json ``fingerprint``);
-#: 3: a training's fingerprint leaves out the sections a training never reads
-VERSION = 3
+#: 3: a training's fingerprint leaves out the sections a training never reads;
+#: 4: and ``inference.sw_batch_size`` (speed only), which 2 and 3 counted
+VERSION = 4
 
 #: fields that change where or how a computation runs or logs, never its result
 RUN_ONLY: dict[str, tuple[str, ...]] = {
@@ -48,8 +49,10 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
 #: entry, as fingerprints recorded before were hashed with it)
 DROP_EMPTIED: frozenset[str] = frozenset({"inference"})
 
-#: what recipe 2 left out (it counted ``inference.sw_batch_size``)
-_RUN_ONLY_V2: dict[str, tuple[str, ...]] = {k: v for k, v in RUN_ONLY.items() if k != "inference"}
+#: what recipes 2 and 3 left out (they counted ``inference.sw_batch_size``)
+_RUN_ONLY_BEFORE_4: dict[str, tuple[str, ...]] = {
+    k: v for k, v in RUN_ONLY.items() if k != "inference"
+}
 
 
 def stable_hash(obj: Any, n: int = 16, *, spaced: bool = False) -> str:
@@ -143,7 +146,7 @@ def training_fingerprint(
         Count the store's path (``cellst train``). ST++ leaves it out and hashes the
         labelled items' content instead, so a moved store is the same computation.
     version : int
-        The recipe of an earlier cellst (2), to recognise what it recorded.
+        The recipe of an earlier cellst (2 or 3), to recognise what it recorded.
 
     Notes
     -----
@@ -154,17 +157,18 @@ def training_fingerprint(
     """
     if version == 2:
         if store:
-            return config_fingerprint(cfg, run_only=_RUN_ONLY_V2)
+            return config_fingerprint(cfg, run_only=_RUN_ONLY_BEFORE_4)
         legacy = {"": ("store", "name"), "predict": ("*",), "evaluate": ("*",), "ingest": ("*",)}
-        return config_fingerprint(cfg, legacy, run_only=_RUN_ONLY_V2)
-    if version != VERSION:
+        return config_fingerprint(cfg, legacy, run_only=_RUN_ONLY_BEFORE_4)
+    if version not in (3, VERSION):
         raise ValueError(f"no fingerprint recipe {version}")
     ignore = {k: set(v) for k, v in NOT_READ_BY_TRAINING.items()}
     ingest = getattr(cfg, "ingest", None)
     ignore["ingest"] = {f for f in type(ingest).model_fields if f != "chunk"} if ingest else set()
     if not store:
         ignore[""].add("store")
-    return config_fingerprint(cfg, ignore)
+    run_only = RUN_ONLY if version == VERSION else _RUN_ONLY_BEFORE_4
+    return config_fingerprint(cfg, ignore, run_only=run_only)
 
 
 def file_sha256(path: str | os.PathLike[str], block: int = 1 << 20) -> str:

@@ -325,7 +325,7 @@ class Pipeline:
         body: Callable[[str], dict],
         training: bool = False,
         present: Callable[[dict], bool] | None = None,
-        recorded_as: dict[str, Any] | None = None,
+        recorded_as: list[dict[str, Any]] | None = None,
         infer: InferenceConfig | None = None,
     ) -> StageRecord:
         """Run ``body(decision)`` as stage ``name`` unless it is done with these inputs.
@@ -333,15 +333,15 @@ class Pipeline:
         ``present(outputs)`` says whether a finished stage's outputs still exist; a stage
         whose outputs were deleted runs again. A training stage logs to its own MLflow run
         (under the parent); any other stage runs inside a child run of the parent.
-        ``recorded_as``: the same inputs as an earlier cellst hashed them; a record of those
-        is taken as a record of ``inputs`` (and rewritten so). ``infer``: the inference
+        ``recorded_as``: the same inputs as earlier cellsts hashed them; a record of any of
+        those is taken as a record of ``inputs`` (and rewritten so). ``infer``: the inference
         settings of ``inputs["infer"]`` (:func:`infer_inputs`), which earlier cellsts hashed
         whole; a record of those is taken likewise.
         """
         n = self.book.index(name)
         h = stable_hash(inputs)
         old = self.book.get(name).input_hash
-        earlier = [] if recorded_as is None else [recorded_as]
+        earlier = list(recorded_as or [])
         if infer is not None:
             earlier.append({**inputs, "infer": infer.model_dump(mode="json")})
         if old not in (None, h) and any(old == stable_hash(e) for e in earlier):
@@ -497,8 +497,8 @@ class Pipeline:
             lambda d: self.train(stage, d, pseudo_set, init),
             training=True,
             present=_checkpoints_present,
-            # the same inputs as recorded by cellst's fingerprint recipe 2
-            recorded_as={**inputs, "train": training_hash(train_cfg, version=2)},
+            # the same inputs as recorded by cellst's fingerprint recipes 2 and 3
+            recorded_as=[{**inputs, "train": training_hash(train_cfg, version=v)} for v in (2, 3)],
         )
 
     # -- stage bodies --------------------------------------------------------------------------
