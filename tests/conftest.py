@@ -158,6 +158,24 @@ def quick_train():
     return run
 
 
+def store_of_a_declared_and_a_plain_pixel_size(folder: Path) -> Path:
+    """A store of two 48 x 48 images: ``a`` from an OME-TIFF declaring 0.5 um pixels,
+    ``b`` from a TIFF declaring none (``folder/src`` ingested into ``folder/store``)."""
+    import numpy as np
+    import tifffile
+
+    from cellst.data.ingest import ingest
+
+    src = folder / "src"
+    src.mkdir()
+    arr = np.full((48, 48), 7, np.uint16)
+    tifffile.imwrite(src / "a.ome.tif", arr, ome=True,
+                     metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})  # fmt: skip
+    tifffile.imwrite(src / "b.tif", arr)
+    ingest(src, folder / "store", progress=False)
+    return folder / "store"
+
+
 def kill_group_when(proc: subprocess.Popen, ready, timeout: float, poll: float = 0.05) -> bool:
     """SIGKILL the process group of ``proc`` (started with ``start_new_session=True``) once
     ``ready()`` holds, or when ``timeout`` seconds have passed; whether it was still running

@@ -380,17 +380,9 @@ def test_cli_export_pixel_size_is_the_scale_viewers_read(store_with_pseudo, tmp_
 def test_export_takes_the_pixel_size_the_source_ome_tiff_declares(ray_session, tmp_path):
     """By default an item's scale is what its source file declares (read again from the
     path the store records); a plain file gets none; --pixel-size wins over both."""
-    import tifffile
+    from conftest import store_of_a_declared_and_a_plain_pixel_size
 
-    from cellst.data.ingest import ingest
-
-    src = tmp_path / "src"
-    src.mkdir()
-    arr = np.full((48, 48), 7, np.uint16)
-    tifffile.imwrite(src / "a.ome.tif", arr, ome=True,
-                     metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})  # fmt: skip
-    tifffile.imwrite(src / "b.tif", arr)
-    ingest(src, tmp_path / "store", progress=False)
+    store_of_a_declared_and_a_plain_pixel_size(tmp_path)
     out = tmp_path / "ome"
 
     def scale(name: str) -> tuple[list[float], str | None]:

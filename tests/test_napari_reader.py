@@ -153,18 +153,9 @@ def test_store_items_at_their_pixel_size_without_stale_pseudo_labels(ray_session
     """A store item is shown at the pixel size its source declares, as `cellst export`
     writes it; a pseudo-label predicted from an image a later ingest changed (here: of
     another shape) is left out with a warning, as export and evaluate leave it out."""
-    import tifffile
+    from conftest import store_of_a_declared_and_a_plain_pixel_size
 
-    from cellst.data.ingest import ingest
-
-    src = tmp_path / "src"
-    src.mkdir()
-    arr = np.full((48, 48), 7, np.uint16)
-    tifffile.imwrite(src / "a.ome.tif", arr, ome=True,
-                     metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})  # fmt: skip
-    tifffile.imwrite(src / "b.tif", arr)
-    root = tmp_path / "store"
-    ingest(src, root, progress=False)
+    root = store_of_a_declared_and_a_plain_pixel_size(tmp_path)
     base = root / "pseudo" / "round1"
     base.mkdir(parents=True)
     (base / "set.json").write_text(json.dumps({}))
