@@ -666,7 +666,7 @@ def test_a_set_another_pipeline_took_over_is_foreign_and_force_from_predicts_ane
        on the other pipeline's labels. It is now foreign: refused without --overwrite,
        and with it predicted again.
     2. ``--force-from 3`` runs stage 3 again from scratch: its set is predicted anew, not
-       resumed as "already done"."""
+       resumed as "already done"; a stage whose inputs changed still resumes its sets."""
     from cellst.data.pseudo import PseudoLabelSet
     from cellst.fs import atomic_write_json
 
@@ -689,3 +689,39 @@ def test_a_set_another_pipeline_took_over_is_foreign_and_force_from_predicts_ane
     assert res.ran == ["pseudo_reliable"]
     said = [ln for ln in lines if f"{prefix}-reliable:" in ln]
     assert said and f"{items} written, 0 already done" in said[0], "\n".join(lines)
+    # a stage re-run because its inputs changed (not forced) keeps the sets whose own
+    # inputs did not: another reliable fraction re-scores stage 2 without predicting
+    other = cfg.model_copy(deep=True)
+    other.stpp.reliable_fraction = 0.75 if cfg.stpp.reliable_fraction != 0.75 else 0.25
+    lines.clear()
+    res = run_stpp(other, log=lines.append, until="reliability")
+    assert res.ran == ["reliability"]
+    snaps = [ln for ln in lines if "-snapshot_e" in ln]
+    assert snaps and all(" 0 written, " in ln for ln in snaps), "\n".join(lines)
+
+
+def test_an_added_unlabelled_image_is_the_only_one_predicted_again(crashed_and_resumed):
+    """Runs last in this module: it adds an image to the shared pipeline's store.
+
+    One more unlabelled image re-runs stage 2, whose snapshot sets (every snapshot model
+    on every unlabelled item, ST++'s largest prediction work) were removed and predicted
+    whole again; now the items they hold are kept and only the new one is predicted."""
+    import imageio.v3 as iio
+
+    from cellst.data.ingest import ingest
+
+    cfg, prefix = crashed_and_resumed["cfg"], crashed_and_resumed["prefix"]
+    store = CellStore(cfg.store)
+    row = store.row(store.ids("unlabeled")[0])
+    src = Path(row.source_path)
+    image = iio.imread(src)
+    iio.imwrite(src.with_name(f"added{src.suffix}"), image[::-1].copy(), extension=src.suffix)
+    root = src.parents[2] if src.parent.name == "images" else src.parents[1]
+    ingest(root, cfg.store, cfg.ingest, progress=False)  # as the demo ingested it
+    n = len(CellStore(cfg.store).ids("unlabeled"))
+    assert n == len(store.ids("unlabeled")) + 1
+    lines: list[str] = []
+    res = run_stpp(cfg, log=lines.append, until="reliability")
+    assert "reliability" in res.ran, "\n".join(lines)
+    snaps = [ln for ln in lines if f"{prefix}-snapshot_e" in ln]
+    assert snaps and all(f"1 written, {n - 1} already done" in ln for ln in snaps), "\n".join(lines)

@@ -226,7 +226,7 @@ class Pipeline:
         self.ran: list[str] = []
         self.skipped: list[str] = []
         self.report: pd.DataFrame | None = None
-        #: the stage running now runs from scratch: its pseudo-label sets are not resumed
+        #: the stage running now was forced (--force-from): its sets are not resumed
         self.fresh = False
 
     @property
@@ -356,8 +356,11 @@ class Pipeline:
             self.skipped.append(name)
             return self._stop_if_until(name, self.book.get(name))
         self.log(f"{head}: {'resuming' if decision == 'resume' else 'running'}")
+        # --force-from: its sets are predicted anew, not resumed (a stage re-run because its
+        # inputs changed resumes the sets whose own inputs did not: a new reliable fraction
+        # re-scores stage 2 without predicting again)
+        self.fresh = self.book.get(name).forced
         rec = self.book.start(name, h, fresh=decision == "fresh")
-        self.fresh = decision == "fresh"  # its sets are predicted anew, not resumed
         t0 = time.perf_counter()
         try:
             if training:
@@ -720,6 +723,8 @@ class Pipeline:
         band = self.cfg.stpp.ignore_band if ignore else 0.0
         requests, keys, notes = [], [], []
         sets = self.meta().get("sets", {})
+        bases = self.meta().get("set_bases", {})  # each set's key without its items
+        root = Path(self.cfg.store).absolute()
         for set_name, checkpoint, producer in jobs:
             post, note = effective_postprocess(self.cfg.postprocess, checkpoint)
             what = {
@@ -732,10 +737,20 @@ class Pipeline:
             if band:  # (absent when 0: pipelines from before the option keep their keys)
                 what["ignore_band"] = band
             key = stable_hash(what)
+            base = stable_hash({k: v for k, v in what.items() if k != "ids"})
             if sets.get(set_name) != key or self.fresh:  # (--force-from: predicted anew)
-                PseudoLabelSet(Path(self.cfg.store).absolute(), set_name).remove()
+                pset = PseudoLabelSet(root, set_name)
+                if not self.fresh and bases.get(set_name) == base and pset.exists():
+                    # the same model and settings, other items (an ingest added some, or
+                    # the reliable ones changed): the items still asked for are kept
+                    wanted = set(ids)
+                    pset.remove_items([i for i in pset.done_items() if i not in wanted])
+                else:
+                    pset.remove()
                 sets = {**sets, set_name: key}
-                self.save_meta(sets=sets)
+            if bases.get(set_name) != base or self.meta().get("sets", {}) != sets:
+                bases = {**bases, set_name: base}
+                self.save_meta(sets=sets, set_bases=bases)
             requests.append(SetRequest(str(checkpoint), set_name, post, band))
             keys.append(key)
             notes.append(note)
