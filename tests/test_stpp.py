@@ -210,6 +210,16 @@ def test_stage_runner_skips_reruns_and_forces(tmp_path):
         pipe.stage("reliability", {"a": 3}, crash)
     assert pipe.book.get("reliability").status == "interrupted"  # as run.json says (Ctrl-C)
     assert pipe.book.get("reliability").error == "interrupted (Ctrl-C)"
+    from cellst.raycluster import Terminated
+
+    def terminated(decision: str) -> dict:  # SIGTERM, once cellst has joined Ray
+        calls.append(decision)
+        raise Terminated
+
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(cfg, log=lambda _: None).stage("reliability", {"a": 3}, terminated)
+    assert pipe.book.get("reliability").status == "interrupted"
+    assert pipe.book.get("reliability").error == "interrupted (SIGTERM)"
     run({"a": 3})
     assert calls[-1] == "resume" and Pipeline(cfg).book.get("reliability").status == "done"
 

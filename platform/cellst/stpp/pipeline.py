@@ -371,8 +371,10 @@ class Pipeline:
                     self.book.update(name, mlflow_run_id=run_id)
                     outputs = body(decision)
         except BaseException as exc:
+            from cellst.raycluster import Terminated
+
             interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C, or SIGTERM as one
-            how = "SIGTERM" if type(exc).__name__ == "Terminated" else "Ctrl-C"
+            how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
             why = f"interrupted ({how})" if interrupted else f"{type(exc).__name__}: {exc}"
             self.book.fail(name, why, "interrupted" if interrupted else "failed")
             raise
