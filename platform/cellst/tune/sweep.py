@@ -328,12 +328,11 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
         val_ids = val_ids[: t.max_items]
     inference_note = ""
     if t.mode == "postprocess":
+        from cellst.config import ConfigError
         from cellst.inference.batch import check_checkpoint
         from cellst.postprocess.calibrate import effective_inference
 
         check_checkpoint(t.checkpoint)  # a bad one in one line, not a Ray task's traceback
-        from cellst.config import ConfigError
-
         seen = trained_on(t.checkpoint) & set(val_ids)
         if seen:
             raise ConfigError(
