@@ -278,12 +278,13 @@ def test_cli_predict_uses_calibrated_settings(calibrated, learn_store, tmp_path)
             "labeled",
             "--out",
             str(out),
-            "--set",
-            "inference.roi=96",
         ],
     )
     assert result.exit_code == 0, result.output
     assert f"calibrated on {len(val_ids)} validation items" in result.output
+    # the window the checkpoint was calibrated with, not the schema's 256 (no option given)
+    assert cfg.inference.roi == 96
+    assert "calibration settings, roi=96" in " ".join(result.output.split())
     store = CellStore(learn_store)
     model, _, _ = load_model(ck)
     differs = 0
