@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from cellst.experiment import ExperimentConfig
+from cellst.inference.config import SPEED_ONLY_INFERENCE, InferenceConfig, inference_identity
 from cellst.model.checkpoint_files import is_checkpoint
 from cellst.postprocess.hover import PostprocessConfig
 
@@ -423,15 +424,9 @@ def _recorded_inference(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | 
     return then if isinstance(then, dict) else None
 
 
-def calibrated_with_other_inference(checkpoint: str | os.PathLike[str], infer: Any) -> str:
-    """How the inference settings a checkpoint was calibrated with (recorded in its
-    ``postprocess.json``) differ from ``infer``: ``"roi 96 there, 128 here"``; empty when
-    they are the same or were not recorded."""
-    from cellst.inference.config import inference_identity
-
-    then = _recorded_inference(checkpoint)
-    if then is None:
-        return ""
+def _differences(then: dict[str, Any], infer: InferenceConfig) -> str:
+    """``"roi 96 there, 128 here"``: where the recorded inference settings ``then`` and
+    ``infer`` make other labels; empty when nowhere."""
     now = inference_identity(infer)
     return ", ".join(
         f"{k} {then.get(k, 'default')} there, {now.get(k, 'default')} here"
@@ -440,9 +435,21 @@ def calibrated_with_other_inference(checkpoint: str | os.PathLike[str], infer: A
     )
 
 
+def calibrated_with_other_inference(
+    checkpoint: str | os.PathLike[str], infer: InferenceConfig
+) -> str:
+    """How the inference settings a checkpoint was calibrated with (recorded in its
+    ``postprocess.json``) differ from ``infer``: ``"roi 96 there, 128 here"``; empty when
+    they are the same or were not recorded."""
+    then = _recorded_inference(checkpoint)
+    return "" if then is None else _differences(then, infer)
+
+
 def effective_inference(
-    infer: Any, checkpoint: str | os.PathLike[str], explicit: Iterable[str] | None = None
-) -> tuple[Any, str]:
+    infer: InferenceConfig | None,
+    checkpoint: str | os.PathLike[str],
+    explicit: Iterable[str] | None = None,
+) -> tuple[InferenceConfig, str]:
     """The inference settings to use with ``checkpoint``, and a one-line note ('' when
     there is nothing to say).
 
@@ -458,8 +465,6 @@ def effective_inference(
     StoreError
         ``postprocess.json`` exists but cannot be read.
     """
-    from cellst.inference.config import SPEED_ONLY_INFERENCE, InferenceConfig
-
     infer = infer if infer is not None else InferenceConfig()
     then = _recorded_inference(checkpoint)
     if then is None:
@@ -485,7 +490,7 @@ def effective_inference(
             "inference: the checkpoint's calibration settings, "
             + ", ".join(f"{k}={v}" for k, v in sorted(applied.items()))
         )
-    differs = calibrated_with_other_inference(checkpoint, result)
+    differs = _differences(then, result)  # (the record read once)
     if differs:
         parts.append(
             f"inference set explicitly, not as the checkpoint was calibrated ({differs}): "
