@@ -227,6 +227,13 @@ def to_hwc(arr: np.ndarray, name: str = "image") -> np.ndarray:
     raise ImageFormatError(f"{name}: expected a 2-D or 3-D image, got shape {arr.shape}")
 
 
+def _nonzero_finite(channel: np.ndarray) -> np.ndarray:
+    """The pixels percentiles are taken of: non-zero, and finite in a float image (NaN and
+    infinite pixels are masked or saturated regions)."""
+    nz = channel[channel != 0]
+    return nz[np.isfinite(nz)] if nz.dtype.kind == "f" else nz
+
+
 def channel_range(channel: np.ndarray, low: float = 1.0, high: float = 99.0) -> tuple[float, ...]:
     """The intensity range :func:`normalize_channel` maps to 0-255: ``(lo, hi, top)``.
 
@@ -235,9 +242,7 @@ def channel_range(channel: np.ndarray, low: float = 1.0, high: float = 99.0) -> 
     (:func:`apply_range`), so large images need not be normalised in one piece. NaN and
     infinite pixels of a float image (masked or saturated regions) are left out.
     """
-    nz = channel[channel != 0]
-    if nz.dtype.kind == "f":
-        nz = nz[np.isfinite(nz)]
+    nz = _nonzero_finite(channel)
     if nz.size == 0:
         return ()
     lo, hi = np.percentile(nz, [low, high])
@@ -362,10 +367,7 @@ def _sampled_ranges(
     tops = [-np.inf, -np.inf, -np.inf]
     for part in bands:
         for i in range(3):
-            ch = part[:, :, i]
-            nz = ch[ch != 0]
-            if nz.dtype.kind == "f":
-                nz = nz[np.isfinite(nz)]
+            nz = _nonzero_finite(part[:, :, i])
             if nz.size:
                 kept[i].append(nz[(-seen[i]) % keep :: keep].copy())
                 seen[i] += nz.size
@@ -424,10 +426,10 @@ def normalize_tiff_tiled(
                 c = guessed_channel_axis(shape, str(path))
             h, w = [n for i, n in enumerate(shape) if i != c][:2]
 
-            def rows(y0: int, y1: int, step: int = 1) -> np.ndarray:
+            def rows(y0: int, y1: int) -> np.ndarray:
                 if c is None:  # 2-D
-                    return _three_channels(arr[y0:y1:step, ::step][:, :, None])
-                index = [slice(y0, y1, step), slice(None, None, step)]
+                    return _three_channels(arr[y0:y1][:, :, None])
+                index = [slice(y0, y1), slice(None)]
                 index.insert(c, slice(None))
                 return _three_channels(np.moveaxis(arr[tuple(index)], c, -1))
 
