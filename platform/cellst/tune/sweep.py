@@ -512,29 +512,29 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
     )
 
 
-def trained_on(checkpoint: str | os.PathLike[str]) -> set[str]:
-    """The store items a checkpoint's training ran on (``train_ids`` of its run folder's
-    ``run.json``: ``RUN/checkpoints/NAME``); empty when that record is not there."""
+def _run_state(run_dir: Path) -> dict[str, Any]:
+    """A training run folder's ``run.json``; empty when it is missing or damaged (then
+    there is nothing to tell from it)."""
     from cellst.train.checkpoints import RunPaths
 
     try:
-        state = RunPaths(Path(checkpoint).absolute().parent.parent).read_state()
-    except (OSError, ValueError):  # a damaged record: nothing to tell
-        return set()
-    ids = state.get("train_ids") if isinstance(state, dict) else None
+        state = RunPaths(run_dir).read_state()
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def trained_on(checkpoint: str | os.PathLike[str]) -> set[str]:
+    """The store items a checkpoint's training ran on (``train_ids`` of its run folder's
+    ``run.json``: ``RUN/checkpoints/NAME``); empty when that record is not there."""
+    ids = _run_state(Path(checkpoint).absolute().parent.parent).get("train_ids")
     return {str(i) for i in ids} if isinstance(ids, list) else set()
 
 
 def trial_run_id(root: Path, name: str, trial_id: str) -> str | None:
     """The MLflow run of a training trial (``mlflow_run_id`` of its run folder's
     ``run.json``), or None."""
-    from cellst.train.checkpoints import RunPaths
-
-    try:
-        state = RunPaths(trial_run_dir(root, name, str(trial_id))).read_state()
-    except (OSError, ValueError):
-        return None
-    rid = state.get("mlflow_run_id") if isinstance(state, dict) else None
+    rid = _run_state(trial_run_dir(root, name, str(trial_id))).get("mlflow_run_id")
     return rid if isinstance(rid, str) else None
 
 
