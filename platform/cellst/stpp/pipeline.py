@@ -732,15 +732,18 @@ class Pipeline:
             what = {
                 "producer": producer,
                 "checkpoint": str(checkpoint),
-                "infer": infer.model_dump(mode="json"),
+                "infer": infer_inputs(infer),  # a new sw_batch_size resumes the set
                 "post": post.model_dump(mode="json"),
                 "ids": sorted(ids),
             }
             if band:  # (absent when 0: pipelines from before the option keep their keys)
                 what["ignore_band"] = band
             key = stable_hash(what)
+            # the key as cellst hashed it before (every inference setting): still this set
+            recorded = {key, stable_hash({**what, "infer": infer.model_dump(mode="json")})}
             base = stable_hash({k: v for k, v in what.items() if k != "ids"})
-            if sets.get(set_name) != key or self.fresh:  # (--force-from: predicted anew)
+            renewed = sets.get(set_name) not in recorded or self.fresh  # (--force-from)
+            if renewed:
                 pset = PseudoLabelSet(root, set_name)
                 if not self.fresh and bases.get(set_name) == base and pset.exists():
                     # the same model and settings, other items (an ingest added some, or
@@ -750,9 +753,10 @@ class Pipeline:
                 else:
                     pset.remove()
                 sets = {**sets, set_name: key}
-            if bases.get(set_name) != base or self.meta().get("sets", {}) != sets:
+            if renewed or bases.get(set_name) != base:
                 bases = {**bases, set_name: base}
                 self.save_meta(sets=sets, set_bases=bases)
+            key = sets[set_name]  # as recorded (a stage's outputs name it)
             requests.append(SetRequest(str(checkpoint), set_name, post, band))
             keys.append(key)
             notes.append(note)
