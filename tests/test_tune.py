@@ -518,3 +518,72 @@ def test_a_training_sweep_of_post_processing_fields_alone_is_a_config_error(tmp_
         train={"num_workers": 1},
     )
     assert load_tune_config(cfg).tune.mode == "train"
+
+
+def test_a_restored_training_trial_resumes_its_unfinished_run(tmp_path):
+    """A trial Tune restores (a resumed sweep) goes on from its own last checkpoint when
+    its run folder records an unfinished training of the same settings; it used to start
+    over from epoch 1 whatever the folder held."""
+    from cellst.experiment import load_config
+    from cellst.fingerprint import VERSION
+    from cellst.train.checkpoints import RunPaths
+    from cellst.train.trainer import config_hash
+    from cellst.tune.sweep import trial_resumes
+
+    cfg = load_config(None, ["model.width=8", "train.lr=0.003"])
+    other = load_config(None, ["model.width=8", "train.lr=0.001"])
+    run = tmp_path / "ts-abc_00000"
+    assert not trial_resumes(run, cfg)  # nothing trained yet
+    paths = RunPaths(run)
+    for status in ("running", "interrupted", "stopped", "failed"):
+        paths.write_state(config_hash=config_hash(cfg), fingerprint=VERSION, status=status)
+        assert trial_resumes(run, cfg), status
+        assert not trial_resumes(run, other), status  # other settings: start over
+    paths.write_state(status="finished")  # Tune wants its reports again: start over
+    assert not trial_resumes(run, cfg)
+    (run / "run.json").write_text("{damaged")
+    assert not trial_resumes(run, cfg)
+
+
+def test_a_trial_cut_short_by_ctrl_c_is_not_counted_as_ended(ray_session, tmp_path):
+    """Ctrl-C during a sweep's last trial: Tune stops that trial on its way out and counts
+    it as terminated, so `cellst tune` took the sweep as whole (exit 0, results.csv of a
+    part, the trial's run folder saying "failed: ActorDiedError"). A trial has ended only
+    when its function returned, the scheduler stopped it, or it failed."""
+    import os
+    import signal
+
+    from ray import tune
+
+    from cellst.train.checkpoints import RunPaths
+    from cellst.tune.sweep import ended_trials, mark_interrupted_trials, trial_run_dir
+
+    def slow(config):
+        for i in range(200):
+            tune.report({"x": i})
+            time.sleep(0.1)
+
+    def quick(config):
+        tune.report({"x": 1})
+
+    def fit(trainable, name: str):
+        return tune.Tuner(
+            trainable,
+            param_space={"a": tune.grid_search([1])},
+            run_config=tune.RunConfig(name=name, storage_path=str(tmp_path / "_ray"), verbose=0),
+        ).fit()
+
+    assert ended_trials(fit(quick, "quick")) == 1
+    timer = threading.Timer(6, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        grid = fit(slow, "cut")
+    finally:
+        timer.cancel()
+    assert grid.num_terminated == 1  # what Tune says of the cut trial
+    assert ended_trials(grid) == 0
+    run = trial_run_dir(tmp_path, "cut", grid[0].metrics["trial_id"])
+    RunPaths(run).write_state(status="failed", error="ActorDiedError")
+    mark_interrupted_trials(grid, tmp_path, "cut")
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "interrupted" and "resumes it" in state["error"], state

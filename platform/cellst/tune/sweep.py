@@ -196,13 +196,32 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     cfg = apply(ExperimentConfig.model_validate(ctx["experiment_cfg"]), config)
     cfg.train.node_wait_s = None  # a trial waits for room, as Tune's queued trials do
     trial = tune.get_context().get_trial_id()
+    run_dir = trial_run_dir(Path(ctx["root"]), ctx["name"], trial)
     train(
         cfg,
-        run_name=trial_run_dir(Path(ctx["root"]), ctx["name"], trial).name,
+        run_name=run_dir.name,
         parent_run_id=ctx["parent_id"],
         tags={"cellst.stage": "tune.trial", "cellst.tune.trial_id": trial},
         callbacks=[TuneReportCallback()],
-        force=True,  # a restored trial starts over (Tune restores its own state)
+        force=not trial_resumes(run_dir, cfg),
+    )
+
+
+def trial_resumes(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """Whether a training trial goes on from its own last checkpoint.
+
+    A trial Tune restores (a resumed sweep, ``resume_errored``) calls its training again.
+    Where its run folder records an unfinished training of the same configuration (the
+    sweep was interrupted, or the trial's process died), the training resumes from its
+    last epoch's checkpoint rather than from epoch 1, so no finished epoch is trained
+    twice. Anything else starts over: no run yet, a finished run (Tune needs its reports
+    again) or a run of other settings.
+    """
+    from cellst.train.trainer import same_configuration
+
+    state = _run_state(run_dir)
+    return (
+        bool(state) and state.get("status") != "finished" and same_configuration(state, cfg) is True
     )
 
 
@@ -474,8 +493,10 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
         t0 = time.perf_counter()
         grid = tuner.fit()
         expected = planned_trials(t.num_samples, to_tune(t.space))
-        finished = grid.num_terminated + grid.num_errors
+        finished = ended_trials(grid)
         if finished < max(expected, len(grid)):  # Tune stops on Ctrl-C and returns
+            if t.mode == "train":
+                mark_interrupted_trials(grid, root, name)
             raise SweepInterrupted(
                 f"sweep {name} interrupted with {finished} of {max(expected, len(grid))} "
                 f"trial(s) finished; results.csv and best.yaml are written when every trial "
@@ -510,6 +531,34 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
     return SweepResult(
         root, table, metric, best_params, float(best[metric]), parent_id, uri, resumed, baseline
     )
+
+
+def ended_trials(grid) -> int:
+    """How many trials of a Tune result grid ended: failed, or finished (their function
+    returned, or the scheduler stopped them: Tune marks their last result ``done``).
+
+    Not Tune's ``num_terminated``: on Ctrl-C Tune stops the running trials on its way out
+    and counts them as terminated, so a sweep whose last trial was cut short looked whole.
+    """
+    return sum(1 for r in grid if r.error is not None or (r.metrics or {}).get("done") is True)
+
+
+def mark_interrupted_trials(grid, root: Path, name: str) -> None:
+    """Record, in each training trial's run folder, that the sweep's interruption cut it
+    short: its training (killed with the trial's actor) may have recorded the actor's death
+    as a failure. A trial that ended by itself keeps what it recorded."""
+    from cellst.train.checkpoints import RunPaths
+
+    for r in grid:
+        if r.error is not None or (r.metrics or {}).get("done") is True:
+            continue
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        paths = RunPaths(trial_run_dir(root, name, str(trial_id)))
+        if paths.state.is_file() and _run_state(paths.root).get("status") != "finished":
+            paths.write_state(
+                status="interrupted",
+                error="the sweep was interrupted; the same `cellst tune` command resumes it",
+            )
 
 
 def _run_state(run_dir: Path) -> dict[str, Any]:
@@ -567,7 +616,8 @@ def results_table(grid, metric: str, keys: list[str]) -> pd.DataFrame:
                 "trial_id": m.get("trial_id") or Path(r.path).name,
                 **{k: plain(r.config.get(k)) for k in keys},
                 metric: score,
-                "iterations": int(m.get("training_iteration") or 0),
+                # train mode: epochs trained (Tune counts a resumed trial's reports anew)
+                "iterations": int(m.get("epoch") or m.get("training_iteration") or 0),
                 "status": "error" if r.error else "done",
                 "mlflow_run_id": m.get("mlflow_run_id"),
             }
