@@ -402,3 +402,29 @@ def test_sigterm_stops_a_command_as_ctrl_c_does():
     assert res.returncode == 130, res.stderr[-3000:]
     assert "interrupted; what was written so far is whole" in " ".join(res.stderr.split())
     assert "Traceback" not in res.stderr
+
+
+def test_a_stale_record_of_the_last_cluster_is_not_joined(tmp_path, monkeypatch, capsys):
+    """A `ray start` head killed by a signal leaves /tmp/ray/ray_current_cluster behind, and
+    ray.init() with no address retried that dead address for ever: every later cellst
+    command on the machine hung. The record is now checked first: a stale one gets a note
+    and the command starts a local cluster of its own; a live one is joined as before."""
+    import socket
+
+    from cellst.raycluster import recorded_cluster, recorded_cluster_answers
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert recorded_cluster() is None and recorded_cluster_answers()  # nothing recorded
+    (tmp_path / "ray").mkdir()
+    record = tmp_path / "ray" / "ray_current_cluster"
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen(1)
+        record.write_text(f"127.0.0.1:{live.getsockname()[1]}")
+        assert recorded_cluster_answers()  # a head that answers is joined
+        dead = live.getsockname()[1]
+    record.write_text(f"127.0.0.1:{dead}")
+    assert recorded_cluster() == f"127.0.0.1:{dead}"
+    assert not recorded_cluster_answers()
+    err = capsys.readouterr().err
+    assert f"last started on this machine (127.0.0.1:{dead}) does not answer" in err, err

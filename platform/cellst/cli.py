@@ -74,7 +74,9 @@ RescaleOpt = Annotated[
 RayOpt = Annotated[
     str | None,
     typer.Option(
-        "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to join (default: local)"
+        "--ray-address",
+        envvar="RAY_ADDRESS",
+        help="Ray cluster to join (default: the one last started on this machine by `ray start` if it answers, else a local one)",
     ),
 ]
 

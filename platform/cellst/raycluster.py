@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -264,20 +265,59 @@ def check_answers(address: str | None, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def recorded_cluster() -> str | None:
+    """The address of the cluster last started on this machine (``ray start``), as Ray
+    records it for ``ray.init()`` to join (``/tmp/ray/ray_current_cluster``); None if none."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return find_bootstrap_address(None) or None
+    except Exception:  # Ray's private helper moved or the record is unreadable: none
+        return None
+
+
+def recorded_cluster_answers(timeout_s: float = 2.0) -> bool:
+    """Whether ``ray.init()`` with no address has a live cluster to join: True where none is
+    recorded (it starts one) or the recorded one answers.
+
+    A cluster whose head was killed leaves its record behind, and ``ray.init()`` then
+    retried the dead address for ever ("Failed to connect to GCS"): every later cellst
+    command on the machine hung. Where the record is stale, a note says so and the command
+    starts a local cluster of its own instead.
+    """
+    last = recorded_cluster()
+    if last is None:
+        return True
+    try:
+        check_answers(last, timeout_s=timeout_s)
+    except ClusterError:
+        print(
+            f"note: the Ray cluster last started on this machine ({last}) does not answer "
+            "any more: starting a local one for this command (set RAY_ADDRESS or "
+            "--ray-address to join another)",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to Ray once per process.
 
     An explicit ``address`` (or ``RAY_ADDRESS``) joins that cluster; otherwise Ray joins the
-    cluster last started on this machine (as on the head node under ``ray submit``) or
-    starts a local one with ``num_cpus`` CPUs. A local cluster started here is stopped when
+    cluster last started on this machine (as on the head node under ``ray submit``) where
+    it still answers (:func:`recorded_cluster_answers`), or starts a local one with
+    ``num_cpus`` CPUs. A local cluster started here is stopped when
     this process ends, even by SIGKILL (:func:`cellst.reaper.watch_local_cluster`).
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None and not recorded_cluster_answers():
+        address = "local"  # ray.init(None) would wait for the dead one for ever
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     kwargs["runtime_env"] = job_runtime_env()
-    if address is None and num_cpus is not None:
+    if address in (None, "local") and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     # a local cluster started here lives as long as this command: no dashboard process
     # (ignored when joining a running cluster, which keeps its own)
