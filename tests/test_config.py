@@ -9,7 +9,7 @@ from typing import Union, get_args, get_origin
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from cellst.config import ConfigError, apply_overrides, dump_config
+from cellst.config import ConfigError, apply_overrides, dump_config, read_yaml
 from cellst.experiment import ExperimentConfig, load_config
 
 
@@ -396,3 +396,34 @@ def test_windows_per_forward_pass_change_no_fingerprint():
         state = {"fingerprint": 3, "config_hash": training_fingerprint(fast, version=3)}
         assert same_configuration(state, fast) is True
         assert same_configuration(state, cfg) is False
+
+
+@pytest.mark.parametrize("override", ["train.epochs=true", "model.width=false", "train.lr=true"])
+def test_true_or_false_for_a_number_is_an_error(override):
+    """pydantic's lax mode read true/false as 1/0: `--set train.epochs=true` trained one
+    epoch, silently."""
+    from cellst.experiment import load_config
+
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}: Input should be a number, not"):
+        load_config(None, [override])
+
+
+def test_yes_no_on_off_are_text_where_text_is_asked():
+    """YAML 1.1 read `--set name=yes` (no, on, off) as a boolean, refused for a text field;
+    only true/false are booleans now (YAML 1.2), and a boolean field still takes yes/no."""
+    from cellst.experiment import load_config
+
+    for word in ("yes", "no", "on", "off"):
+        assert load_config(None, [f"name={word}"]).name == word
+    assert load_config(None, ["train.amp=yes"]).train.amp is True
+    assert load_config(None, ["train.amp=false"]).train.amp is False
+
+
+def test_a_file_that_is_not_yaml_is_one_line_naming_its_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: demo\ntrain:\n  lr: [0.1\n")
+    with pytest.raises(ConfigError) as err:
+        read_yaml(bad)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{bad}:4:1: not valid YAML ("), message

@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -81,6 +82,19 @@ def _non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
     return None
 
 
+def _numbers_only(annotation: Any) -> bool:
+    """Whether a field takes numbers and nothing else (``int``, ``float``, optionally
+    ``None``): true or false given there is a mistake, not 1 or 0."""
+    import types
+    import typing
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+    else:
+        kinds = [annotation]
+    return bool(kinds) and all(k in (int, float) for k in kinds)
+
+
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, assignments are validated, and
     NaN or infinite numbers are refused in every field (``lr=inf`` would train nothing).
@@ -97,6 +111,20 @@ class Section(BaseModel):
         allow_inf_nan=False,
         coerce_numbers_to_str=True,  # `--set name=2024` names a run "2024"
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true/false as 1/0 for a number field:
+        # `--set train.epochs=true` trained one epoch
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            if _numbers_only(cls.model_fields[info.field_name].annotation):
+                raise PydanticCustomError(
+                    "number_type",
+                    "Input should be a number, not {value}",
+                    {"value": str(value).lower()},
+                )
+        return value
 
     @field_validator("*", mode="after")
     @classmethod
@@ -236,8 +264,14 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+#: YAML 1.2's booleans only: `--set name=yes` (or no, on, off) is text, not true/false
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    first: [
+        (tag, _BOOL if tag == "tag:yaml.org,2002:bool" else rx)
+        for tag, rx in resolvers
+        if tag != "tag:yaml.org,2002:timestamp"
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 
@@ -332,7 +366,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except DuplicateKeyError as exc:
         raise ConfigError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        raise ConfigError(_yaml_error(p, exc)) from None
     if data is None:  # an empty file, or only comments: every default
         data = {}
     if not isinstance(data, dict):
@@ -340,6 +374,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             f"config file {p} must hold a mapping of sections, got {type(data).__name__}"
         )
     return data
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line for a file that is not valid YAML: ``FILE:LINE:COLUMN: what is wrong``."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(
+        str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part
+    )
+    return f"{where}: not valid YAML ({what or str(exc).splitlines()[0]})"
 
 
 def load_yaml_config(path: str | Path | None, overrides: Iterable[str], model: type[M]) -> M:
