@@ -427,3 +427,12 @@ def test_a_file_that_is_not_yaml_is_one_line_naming_its_line(tmp_path):
         read_yaml(bad)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{bad}:4:1: not valid YAML ("), message
+
+
+def test_an_empty_snapshot_list_says_it_is_empty():
+    from cellst.experiment import load_config
+
+    with pytest.raises(ConfigError, match=r"train.snapshot_fractions: .*at least one fraction"):
+        load_config(None, ["train.snapshot_fractions=[]"])
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\], got \[1.5\]"):
+        load_config(None, ["train.snapshot_fractions=[1.5]"])

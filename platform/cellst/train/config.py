@@ -135,7 +135,9 @@ class TrainConfig(Section):
     @field_validator("snapshot_fractions")
     @classmethod
     def _fractions(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0 < f <= 1 for f in v):
+        if not v:
+            raise ValueError("give at least one fraction of the epochs (ST++ needs snapshots)")
+        if any(not 0 < f <= 1 for f in v):
             raise ValueError(f"each fraction must be in (0, 1], got {v}")
         return sorted(set(v))
 
