@@ -240,12 +240,17 @@ def test_postprocess_sweep_scores_each_setting_on_validation_items(pp_sweep):
     assert (root / "sweep.png").stat().st_size > 1000
 
 
-def test_best_yaml_keeps_the_current_settings_when_no_trial_beats_them(tmp_path):
+def test_best_yaml_keeps_the_current_settings_when_no_trial_beats_them(tmp_path, monkeypatch):
     """A sweep whose every trial scores below the current settings advises keeping them:
     ``best.yaml`` sets nothing (its config is the current one) and still names the best
-    trial; one that beats them is the advice."""
+    trial; one that beats them is the advice. The sweep's MLflow parent run (a real SQLite
+    store) headlines the advice's score, and ``cellst compare`` shows that one."""
     from cellst.experiment import load_config
-    from cellst.tune.sweep import write_outputs
+    from cellst.tracking import TrackingConfig, log_metrics, start_run
+    from cellst.tracking.compare import collect_runs
+    from cellst.tune.sweep import sweep_scores, write_outputs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     cfg = load_config(None, ["postprocess.mask_threshold=0.5"])
     table = pd.DataFrame(
@@ -259,6 +264,24 @@ def test_best_yaml_keeps_the_current_settings_when_no_trial_beats_them(tmp_path)
         assert best["set"] == ([] if keep else ["postprocess.mask_threshold=0.3"])
         assert best["score"] == (0.25 if keep else 0.20)
         assert best["config"]["postprocess"]["mask_threshold"] == (0.5 if keep else 0.3)
+        # the parent run, as run_sweep logs it
+        tags = {"cellst.stage": "tune", "cellst.tune.mode": "postprocess"}
+        tracking = TrackingConfig(system_metrics=False)
+        folder = tmp_path / f"sweep-{keep}"
+        with start_run(tracking, folder, "pp", "pp-tune", tags=tags) as run:
+            log_metrics(sweep_scores(0.20, baseline, len(table)))
+        metrics = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").get_run(run.info.run_id)
+        metrics = metrics.data.metrics
+        assert metrics["best_val_f1"] == pytest.approx(best["score"])
+        assert metrics["best_trial_val_f1"] == pytest.approx(best["best_trial"]["score"])
+        assert metrics["baseline_val_f1"] == pytest.approx(baseline)
+        assert metrics["keep_current_settings"] == float(keep)
+        # and a sweep logged before best_trial_val_f1 (best_val_f1 was the best trial's)
+        with start_run(tracking, folder, "pp", "pp-old-tune", tags=tags):
+            log_metrics({"best_val_f1": 0.20, "baseline_val_f1": baseline, "trials": 2.0})
+        shown = collect_runs(folder).set_index("name")
+        assert shown.loc["pp-tune", "val_f1"] == pytest.approx(best["score"])
+        assert shown.loc["pp-old-tune", "val_f1"] == pytest.approx(best["score"])
 
 
 def test_postprocess_sweep_mlflow_runs_and_resume(pp_sweep):
@@ -268,6 +291,11 @@ def test_postprocess_sweep_mlflow_runs_and_resume(pp_sweep):
     client = MlflowClient(state["uri"])
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED" and "best_val_f1" in parent.data.metrics
+    # the headline score is the advice's (best.yaml), the best trial's logged beside it
+    best = yaml.safe_load((root / "best.yaml").read_text())
+    assert parent.data.metrics["best_val_f1"] == pytest.approx(best["score"])
+    assert parent.data.metrics["best_trial_val_f1"] == pytest.approx(best["best_trial"]["score"])
+    assert parent.data.metrics["keep_current_settings"] == float(best["keep_current_settings"])
     # the sweep records the manifest version it read, in its state and on its run
     assert state["store_version"] == CellStore(cfg.store).version
     assert parent.data.tags["store.version"] == state["store_version"]

@@ -10,12 +10,14 @@ kind, the names cellst logs:
 * ``test_f1`` and ``test_f1/<modality>``;
 * ``val_f1`` and ``val_f1/<modality>``: the best validation F1 (``best_val_f1``, what the
   kept ``best/`` checkpoint scored) when the run logs it, else its ``val_f1`` (a Tune
-  post-processing trial's score). A sweep shows its best trial's score.
+  post-processing trial's score). A sweep shows the score of what its ``best.yaml``
+  recommends (the best trial's, or the current settings' where no trial beat them).
 
 Runs logged before those names were used everywhere are read too: an ST++ pipeline's
 ``test_f1_<model>[_<modality>]`` (its final model's F1, and each training stage's own), a
 pipeline's validation F1 is that of its last training stage, and a training sweep's
-``best_best_val_f1``.
+``best_best_val_f1``; a post-processing sweep that logged its best trial's score as
+``best_val_f1`` (no ``best_trial_val_f1``) shows the better of it and ``baseline_val_f1``.
 
 Where the runs are
 ------------------
@@ -298,6 +300,10 @@ def runs_frame(raw: pd.DataFrame, experiments: Mapping[str, str], uri: str) -> p
         f1 = f1_values(metrics)
         if kind == "train" and "test_f1" not in f1 and r["parent"] in by_id:
             f1.update(legacy_stpp_test_f1(by_id[r["parent"]]["metrics"], _stage_name(stage)))
+        if kind == "sweep" and "best_trial_val_f1" not in metrics and "val_f1" in f1:
+            # logged before: the best trial's score, even where best.yaml keeps the current
+            # settings (which scored higher, or the same)
+            f1["val_f1"] = max(f1["val_f1"], metrics.get("baseline_val_f1", f1["val_f1"]))
         if kind in ("pipeline", "stage"):  # the parent and its evaluation stage
             f1.update({k: v for k, v in legacy_stpp_test_f1(metrics).items() if k not in f1})
         if kind == "pipeline":

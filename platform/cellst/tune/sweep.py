@@ -71,6 +71,25 @@ def keep_current(best_score: float, baseline: float | None) -> bool:
     return baseline is not None and not best_score > baseline
 
 
+def sweep_scores(best_score: float, baseline: float | None, trials: int) -> dict[str, float]:
+    """The sweep's parent-run metrics, the same names in both modes (the best trial's
+    ``metric`` is val_f1 or best_val_f1).
+
+    ``best_val_f1`` is the score of what ``best.yaml`` recommends: the best trial's, or the
+    current settings' where no trial beat them (postprocess mode); the best trial's own is
+    ``best_trial_val_f1``, the current settings' ``baseline_val_f1``.
+    """
+    keep = keep_current(best_score, baseline)
+    out = {
+        "best_val_f1": baseline if keep else best_score,
+        "best_trial_val_f1": best_score,
+        "trials": float(trials),
+    }
+    if baseline is not None:
+        out |= {"baseline_val_f1": baseline, "keep_current_settings": float(keep)}
+    return out
+
+
 def sweep_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.tune.run_dir).absolute() / (cfg.tune.name or cfg.name)
 
@@ -519,14 +538,7 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
         log_table(table, "tune/results.csv")
         log_artifact(root / "best.yaml", "tune")
         log_figure(sweep_figure(table, metric, list(t.space), baseline), "tune/sweep.png")
-        log_metrics(
-            {
-                # the same names in both modes (``metric`` is val_f1 or best_val_f1)
-                "best_val_f1": float(best[metric]),
-                "trials": float(len(table)),
-                **({"baseline_val_f1": baseline} if baseline is not None else {}),
-            }
-        )
+        log_metrics(sweep_scores(float(best[metric]), baseline, len(table)))
         log(f"[tune] {len(table)} trials in {time.perf_counter() - t0:.0f} s")
     return SweepResult(
         root, table, metric, best_params, float(best[metric]), parent_id, uri, resumed, baseline
