@@ -330,6 +330,8 @@ def test_retrain_stages_keep_the_labelled_crops_per_epoch(tmp_path):
     c4 = pipe.stage_train_config("retrain_reliable", "t-reliable", None)
     assert c4.data.crops_per_epoch == 86 and c4.train.pseudo_set == "t-reliable"
     assert c4.train.run_dir == str(cfg.pipeline_dir / "train")
+    # what the stage runs and logs: ``stpp`` as configured (not reset to its defaults)
+    assert c4.stpp == cfg.stpp and c4.stpp.run_dir == str(tmp_path / "runs")
     cfg.stpp.scale_retrain_crops = False
     assert Pipeline(cfg).stage_train_config("retrain_all", "t-all").data.crops_per_epoch == 64
 
@@ -341,7 +343,7 @@ def test_retrain_stages_keep_the_labelled_crops_per_epoch(tmp_path):
 def test_retrain_options_set_the_retraining_stages_alone(tmp_path, option, field, base, value, bad):
     """stpp.retrain_lr / stpp.retrain_ema_decay: train.* of stages 4 and 6 alone (default:
     train.*), so stage 1 keeps its fingerprint and is not re-run."""
-    from cellst.fingerprint import config_fingerprint
+    from cellst.stpp.pipeline import training_hash
 
     path = _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs")
     same = Pipeline(load_stpp_config(path, [f"train.{field}={base}"]))
@@ -351,7 +353,8 @@ def test_retrain_options_set_the_retraining_stages_alone(tmp_path, option, field
     assert getattr(changed.stage_train_config("retrain_all", "t-all").train, field) == value
     s1_changed, s1 = changed.stage_train_config("supervised"), same.stage_train_config("supervised")
     assert getattr(s1_changed.train, field) == base
-    assert config_fingerprint(s1_changed) == config_fingerprint(s1)  # stage 1 is not re-run
+    for v in (2, 3, 4):  # stage 1 is not re-run (the stpp section is no training input)
+        assert training_hash(s1_changed, version=v) == training_hash(s1, version=v)
     with pytest.raises(ConfigError, match=rf"stpp\.{option}"):
         load_stpp_config(path, [f"stpp.{option}={bad}"])
 
@@ -584,6 +587,19 @@ def test_mlflow_parent_and_nested_stage_runs(crashed_and_resumed):
     assert rel["n_unreliable"] == len(split["unreliable"]) >= 1
     table = pd.read_csv(client.download_artifacts(result.parent_run_id, "final/f1_table.csv"))
     assert table["model"].tolist() == ["supervised", "round1", "round2"]
+    # every run logs the config it used: the trainings ran in the pipeline folder, stages 4
+    # and 6 fine-tuned (stpp.fresh_init false), and stpp.* is the pipeline's own everywhere
+    cfg, train_dir = crashed_and_resumed["cfg"], str(result.pipeline_dir / "train")
+    assert cfg.stpp.fresh_init is False
+    shared = {k: v for k, v in parent.data.params.items() if k.startswith(("stpp.", "tracking."))}
+    assert shared["stpp.run_dir"] == cfg.stpp.run_dir and shared["stpp.fresh_init"] == "False"
+    assert parent.data.params["train.run_dir"] == train_dir
+    for stage in ("supervised", "retrain_reliable", "retrain_all"):
+        params = by_id[result.record(stage).mlflow_run_id].data.params
+        assert params["train.run_dir"] == train_dir, stage
+        assert {k: params.get(k) for k in shared} == shared, stage
+        init = params["train.init_checkpoint"]
+        assert (init == "None") is (stage == "supervised"), stage
 
 
 def test_status_command_and_rerun_is_a_no_op(crashed_and_resumed):

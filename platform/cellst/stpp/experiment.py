@@ -63,6 +63,13 @@ class StppExperimentConfig(ExperimentConfig):
         data = self.model_dump(mode="json", exclude={"stpp"})
         return ExperimentConfig.model_validate(data)
 
+    def training_base(self) -> ExperimentConfig:
+        """The plain experiment with ``stpp`` as configured: what a stage's training runs
+        and logs (its params then tell a fine-tune, ``stpp.fresh_init: false``, from a fresh
+        start). A training never reads ``stpp``; fingerprints leave it out
+        (:func:`cellst.stpp.pipeline.training_hash`)."""
+        return ExperimentConfig.model_validate(self.model_dump(mode="json"))
+
 
 def load_stpp_config(
     path: str | Path | None, overrides: Sequence[str] = (), quick: bool = False

@@ -69,7 +69,7 @@ class ParentRun:
             self.run_id = run.info.run_id
             update_meta(self.dir, parent_run_id=self.run_id, tracking_uri=self.uri)
             with _quiet_param_warnings():
-                log_config(self.cfg)
+                log_config(self.logged_config())
             set_tags({"cellst.stpp.attempt_started": time.strftime("%Y-%m-%d %H:%M:%S")})
         # the parent stays RUNNING while the stages run as its children (best-effort: a
         # failure is one line, the stages run all the same)
@@ -79,6 +79,14 @@ class ParentRun:
             self.run_id,
             status="RUNNING",
         )
+
+    def logged_config(self) -> StppExperimentConfig:
+        """The configuration as the pipeline runs it: the stages' trainings run in the
+        pipeline folder (not ``train.run_dir``) and log to the resolved tracking."""
+        cfg = self.cfg.model_copy(deep=True)
+        cfg.train.run_dir = str(self.dir / "train")
+        cfg.tracking = self.tracking
+        return cfg
 
     def _earlier_run(self) -> str | None:
         """The parent run of an earlier attempt on the same server, if it can be read."""

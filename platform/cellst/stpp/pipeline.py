@@ -64,6 +64,7 @@ from cellst.fingerprint import checkpoint_fingerprint, stable_hash, training_fin
 from cellst.fs import atomic_write_bytes, atomic_write_json
 from cellst.inference.config import SPEED_ONLY_INFERENCE, InferenceConfig
 from cellst.model.checkpoint_files import is_checkpoint
+from cellst.stpp.config import StppConfig
 from cellst.stpp.experiment import StppExperimentConfig
 from cellst.stpp.outputs import (
     MODELS,
@@ -122,8 +123,15 @@ def items_digest(store: CellStore, split: str) -> str:
 
 def training_hash(cfg: ExperimentConfig, version: int = FINGERPRINT_VERSION) -> str:
     """Fingerprint of what a training stage computes (not where it logs or runs; the store
-    by its items' content, :func:`items_digest`, not its path)."""
-    return training_fingerprint(cfg, store=False, version=version)
+    by its items' content, :func:`items_digest`, not its path). The ``stpp`` section, which
+    a training never reads, counts at its defaults, as every recipe recorded it."""
+    return training_fingerprint(without_stpp(cfg), store=False, version=version)
+
+
+def without_stpp(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with its ``stpp`` section at the defaults (a stage training's config as the
+    fingerprints of earlier cellst versions hashed it)."""
+    return cfg.model_copy(update={"stpp": StppConfig()})
 
 
 def infer_inputs(infer: InferenceConfig) -> dict[str, Any]:
@@ -513,13 +521,19 @@ class Pipeline:
         """Stages 1, 4, 6: ``cellst train`` (resumed unless ``decision`` is fresh or the
         configuration changed)."""
         from cellst.train.checkpoints import RunPaths
-        from cellst.train.trainer import same_configuration
+        from cellst.train.trainer import config_hash, same_configuration
         from cellst.train.trainer import train as run_training
 
         cfg = self.stage_train_config(stage, pseudo_set, init)
         name = self.train_run_name(stage)
-        state = RunPaths(Path(cfg.train.run_dir) / name).read_state()
-        force = decision == "fresh" or (bool(state) and same_configuration(state, cfg) is False)
+        paths = RunPaths(Path(cfg.train.run_dir) / name)
+        state = paths.read_state()
+        same = same_configuration(state, without_stpp(cfg)) if state else None
+        force = decision == "fresh" or (bool(state) and same is False)
+        if not force and same and state.get("config_hash") != config_hash(cfg):
+            # recorded by an earlier recipe, which hashed the stage's config with ``stpp`` at
+            # its defaults: recorded by this one, so that the training resumes
+            paths.write_state(config_hash=config_hash(cfg), fingerprint=FINGERPRINT_VERSION)
         result = run_training(
             cfg,
             run_name=name,
@@ -543,8 +557,9 @@ class Pipeline:
         )
 
     def stage_train_config(self, stage: str, pseudo_set=None, init=None):
-        """The training configuration of a training stage."""
-        cfg = self.cfg.base()
+        """The training configuration of a training stage (what it runs and logs: ``stpp``
+        as configured, the stage's run folder, pseudo-label set and initial checkpoint)."""
+        cfg = self.cfg.training_base()
         cfg.tracking = self.tracking
         cfg.train.run_dir = str(self.dir / "train")
         cfg.train.run_name = None
