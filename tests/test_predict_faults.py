@@ -417,3 +417,24 @@ def test_no_process_of_ours_is_left_behind(lite_checkpoint, tmp_path, how):
         for p in _still_running(seen):
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def test_a_relative_input_folder_is_read_by_the_ray_tasks(
+    ray_session, lite_checkpoint, tmp_path, monkeypatch
+):
+    """`cellst predict -i rs` (a path relative to where the command runs) failed on every
+    image, `[Errno 2] No such file or directory: 'rs/x.png'`: the Ray tasks that read the
+    images run in other working folders. As `--out` and `--checkpoint`, it is absolute now."""
+    (tmp_path / "rs").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("x", "y"):
+        Image.fromarray(rng.integers(0, 255, (160, 192), np.uint8)).save(
+            tmp_path / "rs" / f"{name}.png"
+        )
+    monkeypatch.chdir(tmp_path)
+    res = predict(
+        lite_checkpoint, "rs", out_dir="out", infer=ROI, resources=PredictConfig(num_actors=1),
+        progress=False,
+    )  # fmt: skip
+    assert sorted(res.written) == ["x", "y"]
+    assert tifffile.imread(tmp_path / "out" / "x_label.tiff").shape == (160, 192)

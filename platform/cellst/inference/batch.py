@@ -809,7 +809,7 @@ def predict(
         if set_name is not None and not overwrite:
             check_resume(store, set_name, checkpoint, identity)  # before Ray starts
     else:
-        src = Path(source)
+        src = Path(source).absolute()  # its image paths go to Ray tasks in other folders
         if not src.is_dir():
             raise FileNotFoundError(f"{src} is neither a cellst store nor a folder of images")
         if out is None:
