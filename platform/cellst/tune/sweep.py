@@ -552,7 +552,12 @@ def ended_trials(grid) -> int:
     Not Tune's ``num_terminated``: on Ctrl-C Tune stops the running trials on its way out
     and counts them as terminated, so a sweep whose last trial was cut short looked whole.
     """
-    return sum(1 for r in grid if r.error is not None or (r.metrics or {}).get("done") is True)
+    return sum(1 for r in grid if _ended(r))
+
+
+def _ended(result) -> bool:
+    """Whether one trial's Tune result is that of a trial that ended (see :func:`ended_trials`)."""
+    return result.error is not None or (result.metrics or {}).get("done") is True
 
 
 def mark_interrupted_trials(grid, root: Path, name: str) -> None:
@@ -562,7 +567,7 @@ def mark_interrupted_trials(grid, root: Path, name: str) -> None:
     from cellst.train.checkpoints import RunPaths
 
     for r in grid:
-        if r.error is not None or (r.metrics or {}).get("done") is True:
+        if _ended(r):
             continue
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         paths = RunPaths(trial_run_dir(root, name, str(trial_id)))
