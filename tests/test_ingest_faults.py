@@ -442,3 +442,27 @@ def test_large_tiff_is_ingested_band_by_band_with_bounded_memory(ray_session, tm
     store = CellStore(tmp_path / "store")
     (item,) = store.manifest.id.tolist()
     np.testing.assert_array_equal(store.image(item), expected)
+
+
+def test_16bit_colour_pngs_keep_all_16_bits(tmp_path):
+    """16-bit RGB, RGBA and grey + alpha PNGs were read through Pillow, which keeps only
+    the high byte (uint8, a 12-bit image's maximum 15); 8-bit and palette PNGs unchanged."""
+    import imagecodecs
+    from PIL import Image
+
+    from cellst.data.images import read_array
+
+    grey = np.random.default_rng(0).integers(0, 4096, (64, 64)).astype(np.uint16)
+    for name, samples in (("rgb", 3), ("rgba", 4)):
+        (tmp_path / f"{name}.png").write_bytes(imagecodecs.png_encode(np.dstack([grey] * samples)))
+        got = read_array(tmp_path / f"{name}.png")
+        assert got.dtype == np.uint16, name
+        np.testing.assert_array_equal(got, np.dstack([grey] * samples))
+    (tmp_path / "la.png").write_bytes(imagecodecs.png_encode(np.dstack([grey, grey])))
+    np.testing.assert_array_equal(read_array(tmp_path / "la.png"), grey)  # alpha dropped
+    small = (grey % 7).astype(np.uint8)
+    Image.fromarray(small).convert("P").save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(read_array(tmp_path / "palette.png"), np.dstack([small] * 3))
+    Image.fromarray(np.dstack([small] * 3)).save(tmp_path / "rgb8.png")
+    assert read_array(tmp_path / "rgb8.png").dtype == np.uint8
+

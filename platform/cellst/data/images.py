@@ -166,7 +166,10 @@ def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = F
             with Image.open(path) as im:
                 mode = im.mode
             indexed = labels and mode == "P"
-            arr = iio.imread(path, mode="P") if indexed else iio.imread(path)
+            if kind == "PNG" and _png_colour_16bit(path):
+                arr = _read_png_16bit(path)
+            else:
+                arr = iio.imread(path, mode="P") if indexed else iio.imread(path)
             if mode in ("LA", "La") and np.ndim(arr) == 3 and np.shape(arr)[2] == 2:
                 arr = np.asarray(arr)[:, :, 0]  # grey + alpha: the alpha is no channel
     except ImageFormatError:
@@ -179,6 +182,38 @@ def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = F
     if arr.ndim == 3:
         to_hwc(arr, str(path))  # a stack of planes is refused here, naming the file
     return arr
+
+
+#: PNG colour types with several samples per pixel: RGB, grey + alpha, RGBA
+_PNG_MULTISAMPLE = {2, 4, 6}
+
+
+def _png_colour_16bit(path: Path) -> bool:
+    """Whether a PNG's header declares 16-bit samples of a colour type Pillow cuts to 8 bits
+    (RGB, RGBA, grey + alpha; its 16-bit grey mode keeps them)."""
+    with open(path, "rb") as fh:
+        ihdr = fh.read(26)  # signature, chunk length and type, width, height, depth, colour
+    return len(ihdr) == 26 and ihdr[24] == 16 and ihdr[25] in _PNG_MULTISAMPLE
+
+
+def _read_png_16bit(path: Path) -> np.ndarray:
+    """A 16-bit RGB, RGBA or grey + alpha PNG as ``(H, W, C) uint16``, all 16 bits kept.
+
+    Parameters
+    ----------
+    path : Path
+        The PNG file (its header checked by :func:`_png_colour_16bit`).
+
+    Returns
+    -------
+    numpy.ndarray
+        The decoded samples; a grey image's alpha dropped (it is no channel), an RGBA
+        image's kept (:func:`normalize_image` uses the first three channels), as for 8 bits.
+    """
+    import imagecodecs
+
+    arr = np.asarray(imagecodecs.png_decode(path.read_bytes()))
+    return arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 2 else arr
 
 
 #: TIFF axes (tifffile's codes) of a stack of planes rather than channels: depth, time
