@@ -466,3 +466,23 @@ def test_16bit_colour_pngs_keep_all_16_bits(tmp_path):
     Image.fromarray(np.dstack([small] * 3)).save(tmp_path / "rgb8.png")
     assert read_array(tmp_path / "rgb8.png").dtype == np.uint8
 
+
+def test_int64_labels_with_large_ids_are_relabelled_not_refused(ray_session, tmp_path):
+    """Only the number of instances has to fit int32, not the ids: a 2**40 id was refused
+    ("label values exceed int32") although the map is relabelled 1..N."""
+    src = tmp_path / "src"
+    src.mkdir()
+    iio.imwrite(src / "a.png", (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8))
+    label = np.zeros((64, 64), np.int64)
+    label[10:20, 10:20] = 2**40
+    label[30:40, 30:40] = 7
+    tifffile.imwrite(src / "a_label.tiff", label)
+    result = ingest(src, tmp_path / "store", progress=False)
+    assert result.added == ["a"]
+    stored = CellStore(tmp_path / "store").label("a")
+    assert stored.dtype == np.int32 and stored[15, 15] == 2 and stored[35, 35] == 1
+    negative = np.where(label > 0, -1, 0)
+    tifffile.imwrite(src / "a_label.tiff", negative)
+    with pytest.raises(IngestError, match="label has negative values"):
+        ingest(src, tmp_path / "store2", progress=False)
+

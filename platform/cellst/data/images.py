@@ -588,9 +588,26 @@ def validate_label(label: np.ndarray, image_shape: tuple[int, int], name: str) -
         raise ImageFormatError(f"{name}: label must be an integer instance map, got {label.dtype}")
     if label.size and label.min() < 0:
         raise ImageFormatError(f"{name}: label has negative values (min {label.min()})")
-    if label.size and label.max() > np.iinfo(np.int32).max:
-        raise ImageFormatError(f"{name}: label values exceed int32")
-    relabelled, _, _ = relabel_sequential(label.astype(np.int64, copy=False))
+    return _relabelled_int32(label, name)
+
+
+def _relabelled_int32(label: np.ndarray, name: str) -> np.ndarray:
+    """A non-negative integer-valued map relabelled 1..N as int32: only the number of
+    instances N has to fit, not the ids (any integer width, e.g. 2**40).
+
+    Raises
+    ------
+    ImageFormatError
+        When a float map's values exceed int64, or N exceeds int32.
+    """
+    if np.issubdtype(label.dtype, np.floating):
+        if label.size and label.max() >= 2.0**63:
+            raise ImageFormatError(f"{name}: label values exceed int64")
+        label = label.astype(np.int64)
+    relabelled, _, _ = relabel_sequential(label)
+    n = int(relabelled.max()) if relabelled.size else 0
+    if n > np.iinfo(np.int32).max:
+        raise ImageFormatError(f"{name}: label has {n:,} instances, more than int32 holds")
     return relabelled.astype(np.int32)
 
 
