@@ -80,10 +80,11 @@ def make_formats(root: Path) -> dict[str, np.ndarray]:
             tifffile.imwrite(
                 img_dir / "f32.tiff", (fg * 0.8 + rng.random((h, w)) * 0.1).astype(np.float32)
             )
-        elif name == "multi":  # 5-channel, channel-first stack
+        elif name == "multi":  # 5-channel, channel-first stack, its channel axis declared
             tifffile.imwrite(
                 img_dir / "multi.tif",
                 np.stack([fg * (c + 1) * 1000 + 5 for c in range(5)]).astype(np.uint16),
+                metadata={"axes": "CYX"},
             )
         elif name == "jpg":
             iio.imwrite(img_dir / "jpg.jpg", np.stack([fg * 200 + 20] * 3, -1).astype(np.uint8))

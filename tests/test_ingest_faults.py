@@ -486,3 +486,28 @@ def test_int64_labels_with_large_ids_are_relabelled_not_refused(ray_session, tmp
     with pytest.raises(IngestError, match="label has negative values"):
         ingest(src, tmp_path / "store2", progress=False)
 
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_untagged_stack_of_more_than_three_planes_is_refused(ray_session, tmp_path, tiled):
+    """A multi-page TIFF declaring no channel (or z) axis with more than 3 planes was read as
+    channels and all but the first 3 dropped silently, whole or band by band; 3 untagged
+    planes are still RGB, and 5 planes declared as channels (CYX) are read."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    planes = rng.integers(0, 4000, (5, 160, 192)).astype(np.uint16)
+    tifffile.imwrite(src / "mp.tif", planes)
+    tifffile.imwrite(src / "three.tif", planes[:3])
+    tifffile.imwrite(src / "declared.tif", planes, metadata={"axes": "CYX"})
+    cfg = IngestConfig(tiled_pixels=1000 if tiled else 10**9)
+    with pytest.raises(IngestError) as exc:
+        ingest(src, tmp_path / "store", cfg, progress=False)
+    msg = str(exc.value)
+    assert (
+        f"{src / 'mp.tif'}: 5 planes with no channel axis declared (axes QYX, shape "
+        "(5, 160, 192)); cellst reads at most 3 such planes as channels: save it with axes CYX"
+    ) in msg
+    assert "three.tif" not in msg and "declared.tif" not in msg
+    (src / "mp.tif").unlink()
+    result = ingest(src, tmp_path / "store", cfg, progress=False)
+    assert sorted(result.added) == ["declared", "three"]

@@ -74,6 +74,7 @@ def declared_shape(path: str | Path, kind: str | None = None) -> tuple[int, ...]
         if kind == "TIFF":
             with tifffile.TiffFile(path) as tf:
                 shape = tuple(int(n) for n in tf.series[0].shape)
+                _refuse_planes(path, tf.series[0].axes, shape)
                 c = declared_channel_axis(tf.series[0].axes, len(shape))
                 return shape if c is None else (*shape[:c], *shape[c + 1 :], shape[c])
         from PIL import Image
@@ -81,6 +82,8 @@ def declared_shape(path: str | Path, kind: str | None = None) -> tuple[int, ...]
         with Image.open(path) as im:
             w, h = im.size
             return (h, w, len(im.getbands()))
+    except ImageFormatError:
+        raise
     except Exception as exc:  # the header itself is broken
         if type(exc).__name__ == "DecompressionBombError":  # Pillow's own, far larger limit
             raise ImageFormatError(f"{path}: image declares too many pixels ({exc})") from None
@@ -152,7 +155,7 @@ def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = F
         if kind == "TIFF":
             with tifffile.TiffFile(path) as tf:
                 series = tf.series[0]
-                _refuse_stack(path, series.axes, series.shape)
+                _refuse_planes(path, series.axes, tuple(series.shape))
                 arr = series.asarray()
                 c = declared_channel_axis(series.axes, arr.ndim)
                 if c is not None:  # the file says which axis holds channels: last
@@ -229,6 +232,34 @@ def _refuse_stack(path: Path, axes: str, shape: tuple[int, ...]) -> None:
                 f"{path}: a {_STACK_AXES[axis]} of {size} planes (axes {axes}, shape "
                 f"{tuple(shape)}); cellst segments 2-D images: save one plane or a projection"
             )
+
+
+#: the most planes of a TIFF declaring no channel axis that are read as channels (RGB)
+UNTAGGED_CHANNELS = 3
+
+
+def _refuse_planes(path: Path, axes: str, shape: tuple[int, ...]) -> None:
+    """A TIFF that is a stack of planes, not a 2-D image: declared z-planes or time points
+    (:func:`_refuse_stack`), or a 3-D TIFF declaring no channel axis (tifffile axes ``QYX``,
+    ``IYX``) whose guessed channel axis (:func:`guessed_channel_axis`) holds more than three
+    planes, which would be read as channels and all but three dropped silently.
+
+    Raises
+    ------
+    ImageFormatError
+        Naming the file and how to make it readable.
+    """
+    _refuse_stack(path, axes, shape)
+    if len(shape) != 3 or declared_channel_axis(axes, 3) is not None:
+        return
+    c = guessed_channel_axis(shape, str(path))
+    if shape[c] > UNTAGGED_CHANNELS:
+        raise ImageFormatError(
+            f"{path}: {shape[c]} planes with no channel axis declared (axes {axes}, shape "
+            f"{tuple(shape)}); cellst reads at most {UNTAGGED_CHANNELS} such planes as "
+            f"channels: save it with axes CYX if they are channels (e.g. tifffile.imwrite("
+            f"..., metadata={{'axes': 'CYX'}})), or one plane or a projection if not"
+        )
 
 
 def guessed_channel_axis(shape: tuple[int, ...], name: str = "image") -> int:
@@ -451,7 +482,7 @@ def normalize_tiff_tiled(
     path = Path(path)
     try:
         with tifffile.TiffFile(path) as tf:
-            _refuse_stack(path, tf.series[0].axes, tf.series[0].shape)
+            _refuse_planes(path, tf.series[0].axes, tuple(tf.series[0].shape))
             arr = zarr.open_array(store=tf.series[0].aszarr(level=0), mode="r")
             shape = tuple(int(n) for n in arr.shape)
             if len(shape) not in (2, 3):
