@@ -333,6 +333,60 @@ def test_an_out_folder_is_resumed_only_by_its_model_and_never_loses_other_files(
     assert not (tmp_path / "o2").exists()
 
 
+def test_an_out_folder_keeps_a_label_only_for_the_image_it_was_predicted_from(
+    ray_session, synth_src, store_dir, lite_checkpoint, tmp_path, capsys
+):
+    """A resumed ``--out`` used to count a file as done whenever the same model wrote it:
+    a source image replaced since (here by another image in another format) kept its old
+    labels, and ``--out`` reused for another
+    folder of the same names kept the first folder's labels as the second's, exit 0. Each
+    file now records the image it came from: a changed image is predicted anew (and said),
+    another folder's file is refused in one line; the same folder and store still resume.
+    """
+    from cellst.data.images import label_tiff_record
+
+    local = PredictConfig(num_actors=0)
+    folder, good = _folder_with_a_corrupt_image(synth_src, tmp_path)
+    for p in folder.glob("broken*"):
+        p.unlink()
+    out = tmp_path / "out"
+    first = predict(lite_checkpoint, folder, out_dir=out, infer=ROI, resources=local)
+    assert sorted(first.written) == good
+    record = label_tiff_record(out / f"{good[0]}_label.tiff")
+    assert record["source"]["folder"] == str(folder)
+    assert record["source"]["file"] == next(folder.glob(f"{good[0]}.*")).name
+
+    changed = next(folder.glob(f"{good[0]}.*"))
+    other = next(p for p in (synth_src / "test" / "images").iterdir() if p.stem not in good)
+    shutil.copy(other, changed.with_suffix(other.suffix))
+    if other.suffix != changed.suffix:
+        changed.unlink()
+    capsys.readouterr()
+    again = predict(lite_checkpoint, folder, out_dir=out, infer=ROI, resources=local)
+    assert again.written == [good[0]] and sorted(again.skipped) == good[1:]
+    assert "1 image(s) (e.g. " in capsys.readouterr().out
+    assert (
+        label_tiff_record(out / f"{good[0]}_label.tiff")["source"]["digest"]
+        != (record["source"]["digest"])
+    )
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(folder, elsewhere)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(StoreError, match="holds the labels of another image of that name"):
+        predict(lite_checkpoint, elsewhere, out_dir=out, infer=ROI, resources=local)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # a store's items: the file records the item's image array, which a re-ingest changes
+    ids = CellStore(store_dir).ids()[:2]
+    out2 = tmp_path / "out2"
+    predict(lite_checkpoint, store_dir, out_dir=out2, ids=ids, infer=ROI, resources=local)
+    resumed = predict(lite_checkpoint, store_dir, out_dir=out2, ids=ids, infer=ROI, resources=local)
+    assert sorted(resumed.skipped) == sorted(ids) and not resumed.written
+    array = CellStore(store_dir).manifest.set_index("id")["image_array"][ids[0]]
+    assert label_tiff_record(out2 / f"{ids[0]}_label.tiff")["source"]["digest"] == array
+
+
 def test_an_empty_set_of_another_model_is_taken_over(
     ray_session, store_dir, lite_checkpoint, tmp_path
 ):

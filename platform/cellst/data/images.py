@@ -642,14 +642,20 @@ def _relabelled_int32(label: np.ndarray, name: str) -> np.ndarray:
     return relabelled.astype(np.int32)
 
 
-def write_label_tiff(path: str | Path, label: np.ndarray, model_id: str | None = None) -> None:
+def write_label_tiff(
+    path: str | Path,
+    label: np.ndarray,
+    model_id: str | None = None,
+    source: dict[str, str] | None = None,
+) -> None:
     """Write an instance map as a challenge ``NAME_label.tiff`` (zlib), atomically.
 
     Uses uint16 when the instance count fits, else int32 (never uint8, which wraps). The
     file's ``Software`` tag says ``cellst`` (:func:`is_cellst_label_tiff`); ``model_id``
-    (the digest of the model and post-processing that made it) goes in its JSON image
-    description, so a resumed ``cellst predict --out`` only keeps its own model's files
-    (:func:`label_tiff_model_id`).
+    (the digest of the model and post-processing that made it) and ``source`` (the image it
+    was predicted from: ``{"folder", "file", "digest"}``) go in its JSON image description,
+    so a resumed ``cellst predict --out`` only keeps its own model's files of the same
+    images (:func:`label_tiff_record`).
     """
     path = Path(path)
     n = int(label.max()) if label.size else 0
@@ -657,7 +663,10 @@ def write_label_tiff(path: str | Path, label: np.ndarray, model_id: str | None =
     data = label.astype(dtype)
     meta: dict[str, Any] = {}
     if model_id is not None:  # tifffile's own shaped description, plus the model
-        meta = {"description": json.dumps({"shape": list(data.shape), "model_id": model_id})}
+        doc: dict[str, Any] = {"shape": list(data.shape), "model_id": model_id}
+        if source is not None:
+            doc["source"] = {k: str(v) for k, v in source.items()}
+        meta = {"description": json.dumps(doc)}
         meta["metadata"] = None
     atomic_write(
         path,
@@ -666,9 +675,10 @@ def write_label_tiff(path: str | Path, label: np.ndarray, model_id: str | None =
 
 
 def label_tiff_record(path: str | Path) -> dict[str, Any] | None:
-    """What a label TIFF cellst wrote records of itself (``{"model_id": ...}`` from
-    :func:`write_label_tiff`, ``{}`` when nothing); None for a file cellst did not write
-    (its ``Software`` tag), readable or not (e.g. a user's ground truth)."""
+    """What a label TIFF cellst wrote records of itself (``{"model_id": ...}`` and, since
+    2026-12-05, ``"source": {"folder", "file", "digest"}`` from :func:`write_label_tiff`;
+    ``{}`` when nothing); None for a file cellst did not write (its ``Software`` tag),
+    readable or not (e.g. a user's ground truth)."""
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
@@ -682,11 +692,13 @@ def label_tiff_record(path: str | Path) -> dict[str, Any] | None:
         doc = json.loads(description or "{}")
     except ValueError:
         return {}
-    return (
-        {"model_id": doc["model_id"]}
-        if isinstance(doc, dict) and isinstance(doc.get("model_id"), str)
-        else {}
-    )
+    if not (isinstance(doc, dict) and isinstance(doc.get("model_id"), str)):
+        return {}
+    record: dict[str, Any] = {"model_id": doc["model_id"]}
+    source = doc.get("source")
+    if isinstance(source, dict) and all(isinstance(v, str) for v in source.values()):
+        record["source"] = source
+    return record
 
 
 def label_tiff_model_id(path: str | Path) -> str | None:

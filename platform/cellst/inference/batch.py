@@ -62,7 +62,7 @@ from cellst.data.store import (
     StoreError,
 )
 from cellst.errors import first_line
-from cellst.fingerprint import stable_hash
+from cellst.fingerprint import file_sha256, stable_hash
 from cellst.fs import check_writable
 from cellst.inference.config import InferenceConfig, PredictConfig, inference_identity
 from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, leave_cpus_to_driver
@@ -362,11 +362,13 @@ def postprocess_and_write(
     model_id: str = "",
     ignore_band: float = 0.0,
     image_arrays: dict[str, str] | None = None,
+    sources: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """HoVer post-processing of each row's maps, then atomic writes.
 
     ``image_arrays`` (item -> the store array its image was read from) is recorded with
-    each pseudo-label, so a later re-ingest that changes the image makes it stale.
+    each pseudo-label, so a later re-ingest that changes the image makes it stale;
+    ``sources`` (item -> :func:`source_records`) likewise in each ``NAME_label.tiff``.
 
     With ``ignore_band`` > 0, a pseudo-label set also gets each item's ignore mask
     (:func:`uncertain_pixels`). Returns one row per item: ``id``, ``error`` (empty when
@@ -406,7 +408,8 @@ def postprocess_and_write(
             if image_arrays and str(item_id) in image_arrays:
                 stats["image_array"] = image_arrays[str(item_id)]
             if out_dir is not None:
-                write_label_tiff(Path(out_dir) / label_file_name(item_id), label, model_id)
+                source = (sources or {}).get(str(item_id))
+                write_label_tiff(Path(out_dir) / label_file_name(item_id), label, model_id, source)
             if store_root is not None:
                 ignore = None
                 if ignore_band > 0:
@@ -471,18 +474,30 @@ def done_items(
     return done or set()
 
 
-def check_out_folder(out: Path, ids: list[str], model_id: str, overwrite: bool) -> set[str]:
-    """The items of ``ids`` whose ``NAME_label.tiff`` in ``out`` this model already wrote.
+def check_out_folder(
+    out: Path,
+    ids: list[str],
+    model_id: str,
+    overwrite: bool,
+    sources: dict[str, dict[str, str]] | None = None,
+) -> set[str]:
+    """The items of ``ids`` whose ``NAME_label.tiff`` in ``out`` this model already wrote
+    from the same image.
 
     Only this run's items are looked at; nothing else in ``out`` is ever touched. With
     ``overwrite`` none is done (each is replaced when its new file is written, atomically).
+    ``sources`` (item -> :func:`source_records`) is compared with the image each file
+    records: a file of an image that changed since (same folder, another file or digest) is
+    not done, so it is predicted anew, and said; a file written by a cellst that recorded
+    no image counts as done.
 
     Raises
     ------
     StoreError
         Before anything runs, unless ``overwrite``: an output name holds a file cellst did
-        not write (say, the ground truth), or a label map of another model or
-        post-processing (no silent resume of another model's folder).
+        not write (say, the ground truth), a label map of another model or
+        post-processing, or one predicted from another image of that name (``--out``
+        reused for another folder): no silent resume of another folder's labels.
     """
     if overwrite or not out.is_dir():
         return set()
@@ -490,6 +505,8 @@ def check_out_folder(out: Path, ids: list[str], model_id: str, overwrite: bool) 
     foreign: list[Path] = []
     other: list[Path] = []
     unrecorded: list[Path] = []
+    elsewhere: list[Path] = []
+    changed: list[str] = []
     for item in ids:
         path = out / label_file_name(item)
         if not (path.exists() or path.is_symlink()):
@@ -497,10 +514,17 @@ def check_out_folder(out: Path, ids: list[str], model_id: str, overwrite: bool) 
         record = label_tiff_record(path)
         if record is None:
             foreign.append(path)
-        elif record.get("model_id") == model_id:
-            done.add(item)
-        else:
+        elif record.get("model_id") != model_id:
             (other if "model_id" in record else unrecorded).append(path)
+        else:
+            was, now = record.get("source"), (sources or {}).get(item)
+            if was is None or now is None or was == now:
+                done.add(item)
+            elif was.get("folder") == now["folder"]:
+                changed.append(item)
+            else:
+                elsewhere.append(path)
+    was = (label_tiff_record(elsewhere[0]) or {}).get("source", {}) if elsewhere else {}
     for paths, why in (
         (foreign, "was not written by cellst"),
         (other, "holds the labels of another model, post-processing or inference settings"),
@@ -509,13 +533,40 @@ def check_out_folder(out: Path, ids: list[str], model_id: str, overwrite: bool) 
             "was written by cellst without a record of its model (by `cellst "
             "segment` or a cellst before 2026-12-03), so it cannot be resumed",
         ),
+        (
+            elsewhere,
+            f"holds the labels of another image of that name (from {was.get('folder', '?')})",
+        ),
     ):
         if paths:
             more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
             raise StoreError(
                 f"{paths[0]}{more} {why}; pass --overwrite to replace them, or choose another --out"
             )
+    if changed:
+        print(
+            f"{len(changed)} image(s) (e.g. {changed[0]}) changed since their labels in {out} "
+            "were predicted: predicting them anew"
+        )
     return done
+
+
+def source_records(
+    store: CellStore | None, paths: dict[str, Path], ids: list[str]
+) -> dict[str, dict[str, str]]:
+    """Item -> the image its ``NAME_label.tiff`` is predicted from: ``folder`` (of the
+    image files, or the store), ``file`` (the image's name there, or the item) and
+    ``digest`` (the file's sha256, or the store array, whose name holds its content's
+    digest). Recorded in each file written with ``--out``, so a resume keeps a file only
+    for the same image (:func:`check_out_folder`)."""
+    if store is not None:
+        arrays = _image_arrays(store, ids)
+        root = str(store.root)
+        return {i: {"folder": root, "file": i, "digest": arrays[i]} for i in ids}
+    return {
+        i: {"folder": str(p.parent), "file": p.name, "digest": file_sha256(p)}
+        for i, p in ((i, paths[i]) for i in ids)
+    }
 
 
 def _mismatch(old: dict[str, Any], identity: dict[str, Any]) -> str:
@@ -819,7 +870,12 @@ def predict(
         ids = list(paths)
     if out is not None:  # one line before Ray starts and before the set is touched
         check_writable(out)
-    out_done = None if out is None else check_out_folder(out, ids, identity["model_id"], overwrite)
+    sources = None if out is None else source_records(store, paths, ids)
+    out_done = (
+        None
+        if out is None
+        else check_out_folder(out, ids, identity["model_id"], overwrite, sources)
+    )
     ensure_ray(ray_address)
     resources = fit_resources(resources)
     # every node may host an actor: it loads the checkpoint, reads the images, writes labels
@@ -870,6 +926,7 @@ def predict(
             "model_id": identity["model_id"],
             "ignore_band": float(ignore_band) if set_name else 0.0,
             "image_arrays": _image_arrays(store, todo) if store is not None and set_name else None,
+            "sources": {i: sources[i] for i in todo} if sources is not None else None,
         }
         model = {"checkpoint": checkpoint, "weights_sha256": weights_sha256}
         (fatal,) = _run_pool(
