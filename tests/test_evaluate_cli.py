@@ -95,6 +95,25 @@ def test_missing_and_extra_predictions_are_warned_by_name(tmp_path):
     assert report["f1"] == 0.5  # a scores 1, the missing b scores 0
 
 
+def test_names_pair_across_unicode_forms_and_a_case_only_difference_is_pointed_out(tmp_path):
+    """A ground truth named on macOS (accents decomposed, NFD) and its prediction written
+    on Linux (composed, NFC) look alike but were "no prediction" (F1 0) and "no ground
+    truth". They now pair. A name that differs only in letter case is still not a match,
+    and the warning says which prediction it is."""
+    nfd, nfc = "Zelle_e\u0301", "Zelle_\u00e9"
+    gt, pred = _folders(
+        tmp_path, {nfd: _cell(), "CellA": _cell()}, {nfc: _cell(), "cella": _cell()}
+    )
+    res = _evaluate(gt, pred, tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert report["missing"] == ["CellA"] and report["extra"] == ["cella"]
+    assert report["f1"] == 0.5  # the accented pair scores 1
+    text = " ".join(res.output.split())
+    assert "no prediction for 'CellA'" in text
+    assert "'cella' there differs only in letter case" in text
+
+
 def test_a_prediction_folder_that_pairs_with_nothing_is_an_error(tmp_path):
     """An empty --pred, one of JPEG label files (lossy), or one whose names match no
     ground truth: exit 1 naming the folder, and no report (before: exit 0, F1 0 for every

@@ -595,6 +595,21 @@ def test_an_ome_tiffs_id_and_label_name_leave_out_its_ome(tmp_path):
     assert problems and any("x.tif" in where or "x.tif" in why for where, why in problems)
 
 
+def test_an_image_and_its_label_pair_across_unicode_forms(tmp_path):
+    """An accented image name written decomposed (NFD, as macOS does) and its label
+    written composed (NFC) pair; they were "labelled image without a label" and "label
+    without an image". The item keeps its image's own name."""
+    nfd, nfc = "Zelle_e\u0301", "Zelle_\u00e9"
+    src = tmp_path / "Training-labeled"
+    (src / "images").mkdir(parents=True)
+    (src / "labels").mkdir()
+    tifffile.imwrite(src / "images" / f"{nfd}.tif", np.full((64, 64), 5, np.uint8))
+    tifffile.imwrite(src / "labels" / f"{nfc}_label.tiff", blobs(64, 64, 3, 0))
+    items, problems = scan_source(src)
+    assert problems == []
+    assert [(it.id, Path(it.label).name) for it in items] == [(nfd, f"{nfc}_label.tiff")]
+
+
 def test_a_store_of_an_earlier_cellst_gets_the_ome_tiffs_new_id_in_place_of_the_old(
     ray_session, tmp_path
 ):

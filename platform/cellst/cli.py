@@ -1025,9 +1025,13 @@ def _warn_unmatched(report: dict, pred: Path, pred_set: str | None) -> None:
         with contextlib.suppress(Exception):
             files = load_label_folder(pred)
     where = f"set {pred_set!r} of {pred}" if pred_set else str(pred)
+    # names are compared as they are spelled; one that differs only in letter case is named
+    by_case = {name.casefold(): name for name in report.get("extra", [])}
     for name in report.get("missing", []):
+        near = by_case.get(name.casefold())
+        hint = f"; {near!r} there differs only in letter case" if near else ""
         err_console.print(
-            f"[yellow]warning:[/] no prediction for {name!r} in {where} (scored as F1 0)",
+            f"[yellow]warning:[/] no prediction for {name!r} in {where} (scored as F1 0{hint})",
             highlight=False,
             soft_wrap=True,
         )

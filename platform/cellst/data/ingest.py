@@ -65,7 +65,7 @@ from cellst.data.images import (
     read_array,
     validate_label,
 )
-from cellst.data.layout import image_name, is_store_root, without_ome
+from cellst.data.layout import image_name, is_store_root, name_key, without_ome
 from cellst.data.modalities import MODALITIES_FILE, match_modalities, read_modalities
 from cellst.data.store import (
     MANIFEST,
@@ -221,11 +221,11 @@ def _scan_folder(
                 problems.append((str(p), "label file name must be NAME_label.tiff"))
             else:
                 label_files.append(p)
-    labels: dict[str, list[Path]] = defaultdict(list)
+    labels: dict[str, list[Path]] = defaultdict(list)  # by name_key: NFD and NFC names pair
     for p in label_files:
-        labels[_label_stem(p)].append(p)  # type: ignore[index]
+        labels[name_key(_label_stem(p))].append(p)  # type: ignore[arg-type]
     items = [SourceItem(image_name(p), split, str(p.absolute())) for p in image_files]
-    names = {it.id for it in items}
+    names = {name_key(it.id) for it in items}
     labelled_split = bool(label_files) or (labels_dir is not None and labels_dir.is_dir())
     for stem, ps in sorted(labels.items()):
         if len(ps) > 1:
@@ -237,8 +237,8 @@ def _scan_folder(
                 (str(ps[0]), f"label without an image (no {stem}.<ext> in {images_dir})")
             )
     for it in items:
-        if it.id in labels:
-            it.label = str(labels[it.id][0].absolute())
+        if name_key(it.id) in labels:
+            it.label = str(labels[name_key(it.id)][0].absolute())
         elif (labelled_split or split == "labeled") and split != "test":
             where = labels_dir if labels_dir is not None else images_dir
             expected = Path(where) / f"{it.id}_label.tiff"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from pathlib import Path
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "is_store_root",
     "ZARR_META",
     "image_name",
+    "name_key",
     "is_zarr_array",
     "without_ome",
     "manifest_sha256",
@@ -54,6 +56,14 @@ def image_name(path: str | os.PathLike[str]) -> str:
     if suffix not in IMAGE_SUFFIXES:
         return p.name
     return without_ome(p.stem) if suffix in (".tif", ".tiff") else p.stem
+
+
+def name_key(name: str) -> str:
+    """The form in which two names count as the same when an image is paired with its
+    label or prediction: Unicode NFC. macOS and some archives write accented names
+    decomposed (NFD), Linux and Windows tools composed, so ``Zelle_\u00e9`` and
+    ``Zelle_e\u0301`` look alike and would otherwise never pair."""
+    return unicodedata.normalize("NFC", name)
 
 
 def without_ome(stem: str) -> str:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cellst.data.layout import name_key
 from cellst.fs import atomic_write_text
 from cellst.metrics.instance import (
     SCORE_KEYS,
@@ -151,7 +152,8 @@ def load_label_folder(folder: str | os.PathLike[str]) -> dict[str, Path]:
     Returns
     -------
     dict
-        ``{NAME: path}`` sorted by name.
+        ``{NAME: path}`` sorted by name, each NAME in Unicode NFC
+        (:func:`cellst.data.layout.name_key`).
 
     Raises
     ------
@@ -171,11 +173,11 @@ def load_label_folder(folder: str | os.PathLike[str]) -> dict[str, Path]:
         match = _NAME_RE.match(path.name)
         if match is not None:
             matches.append((path, match))
-    labelled = {m.group("name") for _, m in matches if m.group("label")}
-    if any(not m.group("label") and m.group("name") in labelled for _, m in matches):
+    labelled = {name_key(m.group("name")) for _, m in matches if m.group("label")}
+    if any(not m.group("label") and name_key(m.group("name")) in labelled for _, m in matches):
         matches = [(p, m) for p, m in matches if m.group("label")]  # the rest are images
     for path, match in matches:
-        name = match.group("name")
+        name = name_key(match.group("name"))  # one Unicode form: NFD and NFC names pair
         if name in found:
             raise ValueError(
                 f"{found[name].name} and {path.name} in {root} both name image {name!r}"

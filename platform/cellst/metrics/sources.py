@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from cellst.data.layout import is_store
+from cellst.data.layout import is_store, name_key
 from cellst.metrics.report import evaluate_pairs, load_label_folder, read_labels, write_report
 
 
@@ -25,6 +25,12 @@ class LabelSource:
     description: str
     loaders: dict[str, Callable[[], np.ndarray]]
     modalities: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # ids in one Unicode form (cellst.data.layout.name_key), so an NFD-named ground
+        # truth pairs with an NFC-named prediction
+        self.loaders = {name_key(k): v for k, v in self.loaders.items()}
+        self.modalities = {name_key(k): v for k, v in self.modalities.items()}
 
 
 def _folder_modalities(folder: Path) -> dict[str, str]:
