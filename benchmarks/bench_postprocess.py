@@ -220,6 +220,29 @@ def step_table(
     return all_same
 
 
+def calibration_threads(smoke: bool) -> bool:
+    """Time the calibration search that ends every training
+    (:func:`cellst.postprocess.calibrate.search_postprocess`) on one thread and on its
+    default number, on the same maps side by side; print both and whether they agree."""
+    from cellst.postprocess.calibrate import ValMaps, search_postprocess
+
+    n, size = (3, 128) if smoke else (8, 384)
+    maps = [ValMaps(p, h, g) for g, p, h in (make_inputs(seed=i, size=size) for i in range(n))]
+    post = PostprocessConfig()
+    t1, one = best_of(lambda: search_postprocess(maps, post, workers=1), 1)
+    tn, many = best_of(lambda: search_postprocess(maps, post), 1)
+    same = (one.settings, one.after, one.trials) == (many.settings, many.after, many.trials)
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(
+        f"calibration search, {n} maps of {size}x{size}, {one.trials} trials: 1 thread "
+        f"{t1:.2f} s, default threads ({cpus} CPUs) {tn:.2f} s: {t1 / tn:.2f}x, "
+        f"same result: {'yes' if same else 'NO'}"
+    )
+    return same
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds), for CI")
@@ -286,8 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         f"identical maps up to ids: {identical}"
     )
     print(f"tiled vs untiled: F1 {tiled_vs.f1:.4f}, instances {tiled.max()} vs {ours.max()}")
+    cal_same = calibration_threads(smoke=args.smoke)
     if not steps_same:
         print("a hand-written step and its library call gave DIFFERENT OUTPUT")
+        return 1
+    if not cal_same:
+        print("the calibration search gave a DIFFERENT RESULT on several threads")
         return 1
     if args.smoke:
         print("targets not checked (smoke sizes)")

@@ -44,6 +44,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
         # every hand-written step beside the library call it replaces, with equal output
         r"markers: opening\s+[\d.]+\s+skimage opening.*[\d.]+x  yes",
         r"watershed per component\s+[\d.]+\s+skimage watershed.*[\d.]+x  yes",
+        # the calibration search on one thread and on several, with the same result
+        r"calibration search, .*: [\d.]+x, same result: yes",
     ),
     "bench_quality": (
         r"test F1",

@@ -126,6 +126,34 @@ def test_ties_keep_the_configured_settings():
     assert cal.settings == {k: getattr(post, k) for k in FIELDS} and not cal.changed
 
 
+def test_the_search_on_several_threads_equals_the_search_on_one():
+    """Each field's candidates are scored side by side on threads; the settings, scores and
+    trial count must be those of one thread, on maps where the search moves."""
+    from scipy import ndimage as ndi
+
+    from cellst.data.synth import synth_image
+    from cellst.model.targets import hover_maps
+
+    maps = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        _, gt = synth_image(rng, "fluorescence", (96, 96), 0.4, (4, 8))
+        prob = ndi.gaussian_filter((gt > 0).astype(np.float32), 2.0)
+        prob = np.clip(prob + rng.normal(0, 0.15, prob.shape), 0, 1).astype(np.float32)
+        hv = hover_maps(gt) + rng.normal(0, 0.3, (2, 96, 96)).astype(np.float32)
+        maps.append(ValMaps(prob, hv, gt))
+    post = PostprocessConfig(mask_threshold=0.7, min_object_size=40)
+    one = search_postprocess(maps, post, workers=1)
+    three = search_postprocess(maps, post, workers=3)
+    assert one.changed and one.f1_after > one.f1_before  # the search moved
+    assert (three.settings, three.after, three.before, three.trials) == (
+        one.settings,
+        one.after,
+        one.before,
+        one.trials,
+    )
+
+
 # ----------------------------------------------------------------------------- training
 def test_calibration_switched_off_writes_nothing(learned, learn_store, tmp_path):
     """``train.calibrate_postprocess=false``: the hook that ``cellst train`` runs after

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -189,6 +190,7 @@ def search_postprocess(
     evaluate: Any = None,
     grid: Mapping[str, Sequence[float | int]] = GRID,
     rounds: int = 2,
+    workers: int | None = None,
 ) -> Calibration:
     """Coordinate search of the ``grid`` fields on in-memory ``maps``, starting at ``post``.
 
@@ -197,36 +199,52 @@ def search_postprocess(
     early when nothing moved. Candidates that ``PostprocessConfig`` rejects (e.g. a Sobel
     kernel too wide for the tile overlap) are skipped. Deterministic, and the result never
     scores below ``post``.
+
+    The candidates of one field are scored side by side on ``workers`` threads (default:
+    the CPUs this process may use, at most 8): post-processing and scoring spend their time
+    in numpy, SciPy and scikit-image code that releases the GIL, and a field's candidates
+    do not depend on each other, so the result is the same as one after the other
+    (``benchmarks/bench_postprocess.py`` measures the speed-up).
     """
     t0 = time.perf_counter()
     base = {k: getattr(post, k) for k in grid}
     seen: dict[tuple, dict[str, float]] = {}
+    invalid: set[tuple] = set()
 
-    def score(values: dict[str, Any]) -> dict[str, float] | None:
-        key = tuple(values[k] for k in grid)
-        if key not in seen:
+    def key(values: Mapping[str, Any]) -> tuple:
+        return tuple(values[k] for k in grid)
+
+    def scores(pool: ThreadPoolExecutor, tries: list[dict[str, Any]]) -> list:
+        """The scores of ``tries`` (None where the settings are invalid), new ones at once."""
+        new: dict[tuple, PostprocessConfig] = {}
+        for values in tries:
+            k = key(values)
+            if k in seen or k in invalid or k in new:
+                continue
             try:
-                cfg = PostprocessConfig.model_validate({**post.model_dump(), **values})
+                new[k] = PostprocessConfig.model_validate({**post.model_dump(), **values})
             except ValidationError:
-                return None
-            seen[key] = score_maps(maps, cfg, evaluate)
-        return seen[key]
+                invalid.add(k)
+        got = pool.map(lambda c: score_maps(maps, c, evaluate), new.values())
+        seen.update(zip(new, got, strict=True))
+        return [seen.get(key(values)) for values in tries]
 
-    current = dict(base)
-    before = score(current)
-    assert before is not None  # ``post`` itself is valid
-    best = before
-    for _ in range(rounds):
-        moved = False
-        for name, candidates in grid.items():
-            for value in candidates:
-                if value == current[name]:
-                    continue
-                got = score({**current, name: value})
-                if got is not None and got["val_f1"] > best["val_f1"] + _MIN_GAIN:
-                    current, best, moved = {**current, name: value}, got, True
-        if not moved:
-            break
+    n = max(1, workers if workers is not None else min(8, len(_usable_cpus())))
+    with ThreadPoolExecutor(n, thread_name_prefix="calibrate") as pool:
+        current = dict(base)
+        (before,) = scores(pool, [current])
+        assert before is not None  # ``post`` itself is valid
+        best = before
+        for _ in range(rounds):
+            moved = False
+            for name, candidates in grid.items():
+                tries = [{**current, name: v} for v in candidates if v != current[name]]
+                # in the candidates' order, as one after the other: only ``name`` differs
+                for values, got in zip(tries, scores(pool, tries), strict=True):
+                    if got is not None and got["val_f1"] > best["val_f1"] + _MIN_GAIN:
+                        current, best, moved = values, got, True
+            if not moved:
+                break
     return Calibration(
         settings=current,
         base=base,
@@ -235,6 +253,14 @@ def search_postprocess(
         trials=len(seen),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _usable_cpus() -> set[int] | range:
+    """The CPUs this process may run on (its affinity where the OS tells it)."""
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:  # not on Linux
+        return range(os.cpu_count() or 1)
 
 
 def calibrate(
