@@ -678,3 +678,63 @@ def test_folders_named_like_files_are_named_not_silently_passed_over(ray_session
     said = {w.split(": ")[0]: w for w in result.warnings}
     for folder in odd:
         assert "a folder named like a file" in said.get(str(folder), ""), result.warnings
+
+
+def test_another_folder_or_a_missing_labels_folder_never_replaces_stored_items_unasked(
+    ray_session, tmp_path
+):
+    """A second plate with the first one's names, or the first plate again without its
+    labels/ folder, was ingested as "updated", losing the stored images or labels; both are
+    refused naming the item (``--skip-bad`` keeps the stored ones), ``replace`` allows
+    them, and the same plate in a moved folder is no replacement."""
+    store = tmp_path / "store"
+    plate1 = {n: _challenge_pair(tmp_path / "plate1", n, ".png", s)
+              for s, n in enumerate(["a", "b"])}  # fmt: skip
+    _challenge_pair(tmp_path / "plate2", "a", ".png", 7)
+    ingest(tmp_path / "plate1", store, progress=False)
+    with pytest.raises(IngestError, match=r"item 'a' of the store is another image .*--replace"):
+        ingest(tmp_path / "plate2", store, progress=False)
+    res = ingest(tmp_path / "plate2", store, skip_bad=True, progress=False)
+    assert res.kept == ["a"] and not res.updated
+    assert np.array_equal(CellStore(store).label("a") > 0, plate1["a"] > 0)
+    # the first plate, its labels/ folder left behind
+    unlabelled = tmp_path / "copy"
+    shutil.copytree(tmp_path / "plate1" / "images", unlabelled)
+    with pytest.raises(IngestError, match=r"item 'b' is labelled in the store .*unlabel it"):
+        ingest(unlabelled, store, progress=False)
+    assert CellStore(store).row("b").label_array
+    # the same files in a moved folder: an update of their paths, nothing refused
+    shutil.copytree(tmp_path / "plate1", tmp_path / "moved")
+    moved = ingest(tmp_path / "moved", store, progress=False)
+    assert sorted(moved.updated) == ["a", "b"]
+    assert CellStore(store).row("a").source_path == str(tmp_path / "moved/images/a.png")
+    # asked for: the second plate replaces the first
+    assert ingest(tmp_path / "plate2", store, replace=True, progress=False).updated == ["a"]
+    assert CellStore(store).row("a").source_path == str(tmp_path / "plate2/images/a.png")
+
+
+def test_an_image_renamed_into_the_test_split_is_refused_as_shared_with_training(
+    ray_session, tmp_path
+):
+    """An image renamed from labeled/ into test/ left its old item in the store, so one
+    image was both training and test data; it is refused naming both items and that the
+    old file is gone, and the kept items whose files are gone are warned about."""
+    src = tmp_path / "src"
+    _challenge_pair(src / "labeled", "a", ".png", 1)
+    _challenge_pair(src / "labeled", "b", ".png", 2)
+    _challenge_pair(src / "test", "c", ".png", 3)
+    store = tmp_path / "store"
+    ingest(src, store, progress=False)
+    for kind, name in (("images", "{}.png"), ("labels", "{}_label.tiff")):
+        (src / "labeled" / kind / name.format("a")).rename(src / "test" / kind / name.format("t"))
+    with pytest.raises(
+        IngestError, match=r"test item 't' is the same image as labeled item 'a' .*gone"
+    ):
+        ingest(src, store, progress=False)
+    assert "t" not in CellStore(store)
+    res = ingest(src, store, skip_bad=True, progress=False)
+    assert "t" not in CellStore(store) and [Path(p).name for p, _ in res.skipped] == ["t.png"]
+    assert any("whose image file is gone are kept (a: " in w for w in res.warnings)
+    # --prune drops the stale item, and the renamed image is a test item
+    res = ingest(src, store, prune=True, progress=False)
+    assert res.removed == ["a"] and CellStore(store).ids("test") == ["c", "t"]

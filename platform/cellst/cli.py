@@ -245,6 +245,14 @@ def ingest(
         bool, typer.Option("--skip-bad", help="ingest the rest, report bad files")
     ] = False,
     prune: Annotated[bool, typer.Option("--prune", help="drop items no longer in SRC")] = False,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="let an image of another folder replace a stored item of its name, and a "
+            "labelled item lose its label (refused otherwise)",
+        ),
+    ] = False,
     ray_address: RayOpt = None,
 ) -> None:
     """Ingest image folders into a zarr store with a manifest.parquet.
@@ -268,7 +276,14 @@ def ingest(
     try:
         ensure_ray(ray_address)
         result = run_ingest(
-            src, out, cfg.ingest, split=split, modality=modality, skip_bad=skip_bad, prune=prune
+            src,
+            out,
+            cfg.ingest,
+            split=split,
+            modality=modality,
+            skip_bad=skip_bad,
+            prune=prune,
+            replace=replace,
         )
     except KeyboardInterrupt as exc:  # IngestInterrupted says whether anything was committed
         _fail(str(exc) or "interrupted, the store is unchanged", code=130)

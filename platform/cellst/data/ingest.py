@@ -23,6 +23,9 @@ Guarantees
   old one by an atomic rename, so a failed or interrupted ingest leaves the previous store
   readable and unchanged.
 * Re-running on the same source only decodes new or changed files (by sha256).
+* A re-ingest never replaces a stored item with another folder's image of its name, nor
+  unlabels a labelled item, unless asked (``replace``); no test image is byte for byte a
+  training image (:func:`shared_across_test_split`).
 * Arrays a reader of an older manifest version may hold are kept until no live reader
   holds that version (see :mod:`cellst.data.store`); a later ingest collects them.
 * Ctrl-C stops the Ray tasks, removes the staging folder and leaves the store unchanged
@@ -325,6 +328,75 @@ def moves_across_test_split(
     return problems
 
 
+def silent_replacements(rows: list[dict], stored: dict[str, dict]) -> list[tuple[str, str]]:
+    """Problems for ingested rows that would replace a stored item with other data unasked.
+
+    Two cases lose work without a word: a labelled item that this ingest found no label
+    for (its ``labels/`` folder left out) would become unlabelled, and another image of the
+    same name from another folder (a second plate over the first) would replace the stored
+    one. An image of the same content in a moved folder, or a changed image in its own
+    folder, is an ordinary update.
+    """
+    problems = []
+    for row in rows:
+        old = stored.get(row["id"])
+        if old is None:
+            continue
+        if old["label_path"] and not row["label_path"]:
+            problems.append(
+                (
+                    row["source_path"],
+                    f"item {row['id']!r} is labelled in the store (by {old['label_path']}); "
+                    "this ingest found no label for it and would unlabel it. Put its label "
+                    "back (labels/NAME_label.tiff), or pass --replace",
+                )
+            )
+        elif (
+            Path(old["source_path"]).parent != Path(row["source_path"]).parent
+            and old["source_sha256"] != row["source_sha256"]
+        ):
+            problems.append(
+                (
+                    row["source_path"],
+                    f"item {row['id']!r} of the store is another image ({old['source_path']}); "
+                    "this image of another folder would replace it. Rename the image, ingest "
+                    "into another store, or pass --replace",
+                )
+            )
+    return problems
+
+
+def shared_across_test_split(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """``(test id, training id, why)`` for test items whose image is byte for byte a
+    training item's (labeled or unlabeled): scores on such a test split mean nothing.
+
+    The usual cause is an image moved or renamed from a training folder to the test one
+    while its old item stays in the store (an ingest keeps items whose files are gone,
+    unless ``--prune``).
+    """
+    training: dict[str, dict] = {}
+    for row in rows:
+        if row["split"] != "test":
+            training.setdefault(row["source_sha256"], row)
+    found = []
+    for row in rows:
+        other = training.get(row["source_sha256"]) if row["split"] == "test" else None
+        if other is None:
+            continue
+        gone = not Path(other["source_path"]).exists()
+        why = (
+            f"test item {row['id']!r} is the same image as {other['split']} item "
+            f"{other['id']!r} ({other['source_path']}"
+            + (
+                ", whose file is gone: moved? --prune drops items whose files are gone)"
+                if gone
+                else "): the test split must share no image with training"
+            )
+        )
+        found.append((row["id"], other["id"], why))
+    return found
+
+
 def _source_folders(root: Path, depth: int) -> Iterator[tuple[Path, list[Path]]]:
     """Each folder under ``root`` (``depth`` levels at most, hidden ones left out) with its
     sorted entries."""
@@ -609,6 +681,35 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
 
 
 # ----------------------------------------------------------------------------- driver
+def _hold_back_leaks(
+    rows: dict[str, dict], stored: dict[str, dict], result: IngestResult, skip_bad: bool
+) -> list[tuple[str, str]]:
+    """Problems for test items that share their image with training (see
+    :func:`shared_across_test_split`). With ``skip_bad`` the item of each pair that this
+    ingest brought goes back to how the store held it (or out, if new), in ``rows`` and
+    ``result``; a pair both of whose items were already stored is only reported."""
+    problems = []
+    ingested = {*result.added, *result.updated, *result.unchanged}
+    done: set[str] = set()
+    for test_id, train_id, why in shared_across_test_split(list(rows.values())):
+        held = test_id if test_id in ingested else train_id
+        if held in done:
+            continue
+        problems.append((rows[held]["source_path"], why))
+        if not skip_bad or held not in ingested:
+            continue
+        done.add(held)
+        for ids in (result.added, result.updated, result.unchanged):
+            if held in ids:
+                ids.remove(held)
+        if held in stored:
+            rows[held] = stored[held]
+            result.kept.append(held)
+        else:
+            del rows[held]
+    return problems
+
+
 def _commit(store: Path, staging: Path, manifest: pd.DataFrame) -> str:
     """Move staged arrays into the store beside the old ones, then atomically switch the
     manifest (archived under ``manifests/`` first). Returns the new version."""
@@ -658,6 +759,7 @@ def ingest(
     modality: str | None = None,
     skip_bad: bool = False,
     prune: bool = False,
+    replace: bool = False,
     progress: bool = True,
 ) -> IngestResult:
     """Ingest ``src`` into ``store`` (created if needed). See the module docstring.
@@ -674,6 +776,9 @@ def ingest(
     prune : bool
         Drop items whose source files are no longer under ``src`` (an item skipped as bad
         is still there: its previous version is kept).
+    replace : bool
+        Let an image of another folder replace a stored item of its name, and a labelled
+        item become unlabelled (both refused otherwise, see :func:`silent_replacements`).
 
     Raises
     ------
@@ -750,11 +855,19 @@ def ingest(
                 bar.update(1)
             bar.close()
             finished = True
+            by_item = {it.id: it for it in items}
+            if not replace:  # what would replace a stored item unasked is a bad file
+                for o in outcomes:
+                    if o["status"] == "bad":
+                        continue
+                    it = by_item[o["row"]["id"]]
+                    row = {**o["row"], "source_path": it.image, "label_path": it.label}
+                    for _, why in silent_replacements([row], prev_rows):
+                        o.update(status="bad", id=it.id, problem=(it.image, why))
             bad = [o["problem"] for o in outcomes if o["status"] == "bad"]
             if bad and not skip_bad:
                 raise IngestError(sorted(problems + bad))
             skipped_ids |= {o["id"] for o in outcomes if o["status"] == "bad"}
-            by_item = {it.id: it for it in items}
             rows: dict[str, dict] = {}
             for o in outcomes:
                 if o["status"] == "bad":
@@ -776,6 +889,7 @@ def ingest(
                     status
                 ].append(row["id"])
             ingested_as = {row["source_path"]: item_id for item_id, row in rows.items()}
+            gone: list[str] = []  # kept items whose image file is no longer there
             for item_id, row in prev_rows.items():
                 if item_id not in rows and row["source_path"] in ingested_as:
                     # the same file under a new id (an earlier cellst kept an OME-TIFF's
@@ -792,6 +906,19 @@ def ingest(
                         rows[item_id] = row
                         if item_id in skipped_ids:
                             result.kept.append(item_id)
+                        elif not Path(row["source_path"]).exists():
+                            gone.append(item_id)
+            leaks = _hold_back_leaks(rows, prev_rows, result, skip_bad)
+            if leaks and not skip_bad:
+                raise IngestError(sorted(problems + bad + leaks))
+            problems += leaks
+            if gone := [i for i in gone if i in rows]:
+                result.warnings.append(
+                    f"{len(gone)} item(s) of the store whose image file is gone are kept "
+                    f"({gone[0]}: {rows[gone[0]]['source_path']}"
+                    + (f", and {len(gone) - 1} more" if len(gone) > 1 else "")
+                    + "); --prune drops them"
+                )
             manifest = pd.DataFrame(list(rows.values()), columns=list(MANIFEST_COLUMNS))
             manifest = manifest.sort_values(["split", "id"]).reset_index(drop=True)
             result.version = _commit(store, staging, manifest)
