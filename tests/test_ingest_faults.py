@@ -244,6 +244,28 @@ def test_lock_messages_name_what_is_locked(tmp_path):
                 pass
 
 
+def test_a_folder_reached_through_a_link_is_guarded_by_its_own_lock(ray_session, tmp_path):
+    """The lock beside a store or run folder was found from the path as given, so a second
+    writer reaching the same folder through a symbolic link took another lock and wrote
+    at the same time; both paths now lead to one lock."""
+    from cellst.fs import lock_beside
+    from cellst.train.trainer import run_folder_lock
+
+    src, store = _plain(tmp_path), tmp_path / "data" / "store"
+    ingest(src, store, progress=False)
+    (tmp_path / "alias").symlink_to(store, target_is_directory=True)
+    assert lock_beside(tmp_path / "alias") == lock_beside(store)
+    with store_lock(lock_beside(store)):
+        with pytest.raises(StoreError, match=f"another process is writing the store {store}$"):
+            ingest(src, tmp_path / "alias", progress=False)
+    (tmp_path / "data" / "run").mkdir()
+    (tmp_path / "run-alias").symlink_to(tmp_path / "data" / "run", target_is_directory=True)
+    with run_folder_lock(tmp_path / "data" / "run"):
+        with pytest.raises(StoreError, match="is being trained by another process"):
+            with run_folder_lock(tmp_path / "run-alias"):
+                pass
+
+
 def test_a_writer_waits_out_a_status_probe_and_is_still_refused_by_a_writer(tmp_path):
     """``cellst stpp status`` probes the run folder's lock by taking it for an instant
     (``fs.is_locked``); a run starting at that instant used to be refused as if another run

@@ -336,6 +336,15 @@ def locked_file(path: str | os.PathLike[str], *, create: bool) -> Iterator[Any]:
             fh.close()
 
 
+def lock_beside(folder: str | os.PathLike[str]) -> Path:
+    """The lock file that guards ``folder``: ``.NAME.lock`` beside it, found through
+    symbolic links, so that a folder reached by two paths (a link to a store, a run folder
+    under a linked run_dir) has one lock, not one per path. Beside, not inside, so that
+    removing and re-creating the folder keeps it."""
+    real = Path(folder).resolve()
+    return real.parent / f".{real.name}.lock"
+
+
 @contextlib.contextmanager
 def held_by_one(path: str | os.PathLike[str], refusal: Exception) -> Iterator[None]:
     """An exclusive :func:`file_lock` on ``path`` for the block, or ``refusal`` raised at

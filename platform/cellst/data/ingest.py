@@ -86,6 +86,7 @@ from cellst.data.store import (
     write_manifest,
 )
 from cellst.fingerprint import file_sha256
+from cellst.fs import lock_beside
 from cellst.raycluster import as_completed, check_shared_paths, ensure_ray
 
 REPORT = "ingest_report.json"
@@ -789,7 +790,9 @@ def ingest(
         folder removed.
     """
     cfg = cfg or IngestConfig()
-    store = Path(store).absolute()
+    # through links: one store reached by two paths has one lock, and its staging folder
+    # sits on the store's own file system (its arrays are renamed into it)
+    store = Path(store).resolve()
     check_source(src)
     check_target(store)
     items, problems = scan_source(src, split, modality)
@@ -803,7 +806,7 @@ def ingest(
     if not items:
         raise IngestError(problems or [(str(src), "no images to ingest")], skippable=False)
 
-    lock_root = store.parent / f".{store.name}.lock"
+    lock_root = lock_beside(store)
     staging = store.parent / f".{store.name}.staging-{uuid.uuid4().hex[:8]}"
     result = IngestResult(store=str(store))
     refs: list = []

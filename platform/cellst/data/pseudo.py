@@ -256,7 +256,7 @@ class PseudoLabelSet:
             f"pseudo-label set {self.name!r} of store {self.store_root} is being written "
             "by another run; wait for it to end, or give another --set-name"
         )
-        with fs.held_by_one(self.path.parent / f".{self.name}.lock", refusal):
+        with fs.held_by_one(fs.lock_beside(self.path), refusal):
             yield
 
     def create(self, meta: dict[str, Any]) -> None:

@@ -362,7 +362,7 @@ def run_folder_lock(run_path: Path):
         f"run {run_path} is being trained by another process; wait for it to end, or "
         "choose another train.run_name"
     )
-    with fs.held_by_one(run_path.parent / f".{run_path.name}.lock", refusal):
+    with fs.held_by_one(fs.lock_beside(run_path), refusal):
         yield
 
 
