@@ -315,6 +315,36 @@ def test_postprocess_sweep_mlflow_runs_and_resume(pp_sweep):
         )
 
 
+def test_a_sweep_on_a_retrained_checkpoint_starts_over(pp_sweep, tmp_path):
+    """A post-processing sweep resumed whenever its settings were the same, so after the
+    checkpoint at its path was trained again it reported the old weights' trials as the
+    new ones'; the weights (and the store's version) are now part of what it resumes on."""
+    import shutil
+
+    cfg, ckpt = pp_sweep[0], pp_sweep[1]
+    mine = tmp_path / "ckpt"
+    shutil.copytree(ckpt, mine)
+    data = cfg.model_dump(mode="json")
+    data["tune"].update(name="ppc", num_samples=2, checkpoint=str(mine))
+    data["tune"]["run_dir"] = str(tmp_path / "runs")
+    path = _config(tmp_path / "sweep.yaml", **data)
+    first = runner.invoke(app, ["tune", str(path)])
+    assert first.exit_code == 0, first.output
+    state = json.loads((tmp_path / "runs" / "ppc" / "sweep.json").read_text())
+    model, mcfg, _ = load_model(mine)
+    with torch.no_grad():
+        next(model.parameters()).mul_(0.5)
+    save_checkpoint(mine, model, mcfg)  # trained again: same path, other weights
+    again = runner.invoke(app, ["tune", str(path)])
+    assert again.exit_code == 0, again.output
+    text = " ".join(again.output.split())
+    assert "the checkpoint's weights changed since the last run" in text, text[-2000:]
+    assert "starting the sweep over" in text and "resuming" not in text
+    now = json.loads((tmp_path / "runs" / "ppc" / "sweep.json").read_text())
+    assert now["parent_run_id"] != state["parent_run_id"]
+    assert now["checkpoint"] != state["checkpoint"]
+
+
 def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
     cfg = load_tune_config(
         None,

@@ -22,7 +22,8 @@ the split training uses), never on the test split. Files, in ``<tune.run_dir>/<n
     trials/          train mode: one training run per trial
     mlflow.db        the embedded MLflow store: a parent run, one child run per trial
 
-Re-running an interrupted sweep with the same settings resumes it (``Tuner.restore``).
+Re-running an interrupted sweep with the same settings, store version and (post-processing)
+checkpoint weights resumes it (``Tuner.restore``); else it starts over, saying why.
 """
 
 from __future__ import annotations
@@ -99,6 +100,32 @@ def sweep_hash(cfg: ExperimentConfig) -> str:
     from cellst.fingerprint import config_fingerprint
 
     return config_fingerprint(cfg)
+
+
+def sweep_inputs(cfg: ExperimentConfig, store_version: str) -> dict[str, Any]:
+    """What a sweep reads besides its settings: the store's version and, for a
+    post-processing sweep, the checkpoint's weights (retrained at the same path, its
+    trials scored the old weights)."""
+    from cellst.fingerprint import checkpoint_fingerprint
+
+    inputs: dict[str, Any] = {"store_version": store_version}
+    if cfg.tune.mode == "postprocess":
+        inputs["checkpoint"] = checkpoint_fingerprint(cfg.tune.checkpoint)
+    return inputs
+
+
+def sweep_changes(state: dict[str, Any], h: str, inputs: dict[str, Any]) -> list[str]:
+    """What changed since the sweep recorded in ``state`` (``sweep.json``) ran: its
+    settings, the store or the checkpoint; empty where it may resume. A ``sweep.json`` of
+    an earlier cellst, which recorded no checkpoint, is taken as it is."""
+    if not state:
+        return []
+    changed = ["the settings"] if state.get("hash") != h else []
+    names = {"store_version": "the store", "checkpoint": "the checkpoint's weights"}
+    for key, value in inputs.items():
+        if key in state and state[key] != value:
+            changed.append(names[key])
+    return changed
 
 
 # ----------------------------------------------------------------------------- postprocess
@@ -389,13 +416,18 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
     root.mkdir(parents=True, exist_ok=True)
     state_file = root / "sweep.json"
     state = read_json(state_file, missing={})
+    inputs = sweep_inputs(cfg, store.version)
     h = sweep_hash(cfg)
     ray_path = root / "_ray" / name
-    resumed = bool(state) and state.get("hash") == h and tune.Tuner.can_restore(str(ray_path))
-    if state and state.get("hash") != h and ray_path.exists():
+    changed = sweep_changes(state, h, inputs)
+    resumed = bool(state) and not changed and tune.Tuner.can_restore(str(ray_path))
+    if state and changed and ray_path.exists():
         import shutil
 
-        log(f"[tune] settings changed since the last run in {root}: starting the sweep over")
+        log(
+            f"[tune] {' and '.join(changed)} changed since the last run in {root}: "
+            "starting the sweep over"
+        )
         shutil.rmtree(ray_path)
         state = {}
 
@@ -419,7 +451,7 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
             log_config(cfg)
         atomic_write_json(
             state_file,
-            {"hash": h, "parent_run_id": parent_id, "uri": uri, "store_version": store.version},
+            {"hash": h, **inputs, "parent_run_id": parent_id, "uri": uri},
         )
         atomic_write_bytes(root / "config.yaml", dump_config(cfg).encode())
         ctx: dict[str, Any] = {
