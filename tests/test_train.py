@@ -454,6 +454,39 @@ def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_pat
     assert (ck / "last").is_dir() and load_model(ck / "last")[2]["epoch"] == 1
 
 
+def test_ctrl_c_during_the_calibration_records_the_run_as_interrupted(
+    ray_session, store_dir, tmp_path, monkeypatch
+):
+    """Ctrl-C after the last epoch, while the checkpoints are calibrated, left run.json
+    saying "running" for good (``cellst runs`` and the ST++ status showed a live training);
+    it now says interrupted, and the same command finishes the run."""
+    import cellst.postprocess.calibrate as calibrate
+
+    cfg = tiny_cfg(
+        store_dir,
+        tmp_path,
+        "train.num_workers=0",
+        "train.epochs=1",
+        "train.run_name=cal",
+        "train.calibrate_postprocess=true",
+    )
+    real = calibrate.calibrate_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate, "calibrate_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    record = json.loads((tmp_path / "cal" / "run.json").read_text())
+    assert record["status"] == "interrupted", record
+    monkeypatch.setattr(calibrate, "calibrate_run", real)
+    result = train(cfg)
+    record = json.loads((tmp_path / "cal" / "run.json").read_text())
+    assert record["status"] == "finished" and result.metrics["epoch"] == 1
+    assert (tmp_path / "cal" / "checkpoints" / "last" / "postprocess.json").is_file()
+
+
 def _wait_for(folder: Path, pattern: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

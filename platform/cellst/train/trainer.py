@@ -385,6 +385,16 @@ def _holding_run_lock(fn):
     return wrapper
 
 
+def record_stop(paths: RunPaths, exc: BaseException, error: str | None = None) -> None:
+    """Record in ``run.json`` why a training stopped: ``interrupted`` (Ctrl-C) or ``failed``,
+    with ``error`` or the exception's first line. The same command resumes either."""
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    paths.write_state(
+        status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+        error=error or f"{type(exc).__name__}: {first_line}",
+    )
+
+
 @_keeps_torch_rng
 @_holding_run_lock
 def train(
@@ -573,12 +583,7 @@ def train(
             no_room = no_room_error(cfg, paths) if found_no_room(exc) else None
             if paths.read_state().get("status") == "stopped" and not no_room:
                 raise  # a sweep's scheduler stopped it (and ended its workers): it says so
-            paths.write_state(
-                status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                error=str(no_room)
-                if no_room
-                else f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}",
-            )
+            record_stop(paths, exc, str(no_room) if no_room else None)
             if no_room:
                 raise no_room from None
             raise
@@ -596,17 +601,21 @@ def train(
             )
         from cellst.postprocess.calibrate import calibrate_run  # postprocess.json per ckpt
 
-        calibrate_run(cfg, store, val_ids, paths)
-        final = {f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-        log_metrics(final)
-        if paths.overlays.is_dir():
-            for png in sorted(paths.overlays.glob("*.png")):
-                log_artifact(png, "overlays")
-        ckpts = {
-            p.name: str(p)
-            for p in sorted(paths.checkpoints.iterdir())
-            if p.is_dir() and not p.name.startswith(".")  # not a copy left half-made
-        }
-        log_artifact(atomic_write_json(paths.checkpoint_list, ckpts))
+        try:
+            calibrate_run(cfg, store, val_ids, paths)
+            final = {f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+            log_metrics(final)
+            if paths.overlays.is_dir():
+                for png in sorted(paths.overlays.glob("*.png")):
+                    log_artifact(png, "overlays")
+            ckpts = {
+                p.name: str(p)
+                for p in sorted(paths.checkpoints.iterdir())
+                if p.is_dir() and not p.name.startswith(".")  # not a copy left half-made
+            }
+            log_artifact(atomic_write_json(paths.checkpoint_list, ckpts))
+        except BaseException as exc:  # Ctrl-C while calibrating: not left "running"
+            record_stop(paths, exc)
+            raise
     paths.write_state(status="finished", metrics=metrics, tracking=pending_note(paths.root))
     return TrainResult(paths.root, metrics, run_id)
