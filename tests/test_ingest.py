@@ -738,3 +738,23 @@ def test_an_image_renamed_into_the_test_split_is_refused_as_shared_with_training
     # --prune drops the stale item, and the renamed image is a test item
     res = ingest(src, store, prune=True, progress=False)
     assert res.removed == ["a"] and CellStore(store).ids("test") == ["c", "t"]
+
+
+def test_a_reingest_stages_again_an_item_whose_arrays_are_gone(ray_session, tmp_path):
+    """An array deleted from the store by hand: a re-ingest called its item unchanged and
+    kept naming the missing array; it now stages it again from its file, and says so."""
+    lab = _challenge_pair(tmp_path / "src" / "labeled", "a", ".png", 1)
+    _challenge_pair(tmp_path / "src" / "labeled", "b", ".png", 2)
+    store = tmp_path / "store"
+    ingest(tmp_path / "src", store, progress=False)
+    row = CellStore(store).row("a")
+    shutil.rmtree(store / row.image_array)
+    shutil.rmtree(store / row.label_array)
+    res = ingest(tmp_path / "src", store, progress=False)
+    assert res.updated == ["a"] and res.unchanged == ["b"]
+    assert any(
+        "missing from the store were staged again from their files (a)" in w for w in res.warnings
+    )
+    s = CellStore(store)
+    assert s.image("a").shape[:2] == (64, 64)
+    assert np.array_equal(s.label("a") > 0, lab > 0)

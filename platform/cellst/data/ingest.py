@@ -68,7 +68,7 @@ from cellst.data.images import (
     read_array,
     validate_label,
 )
-from cellst.data.layout import image_name, is_store_root, name_key, without_ome
+from cellst.data.layout import ZARR_META, image_name, is_store_root, name_key, without_ome
 from cellst.data.modalities import MODALITIES_FILE, match_modalities, read_modalities
 from cellst.data.store import (
     MANIFEST,
@@ -625,6 +625,13 @@ def _check_min_side(path: str, h: int, w: int, cfg: IngestConfig) -> None:
         )
 
 
+def arrays_present(store: Path, row: dict) -> bool:
+    """Whether the arrays a manifest row names are in ``store`` (deleted by hand, say: an
+    ingest that took the item as unchanged kept naming arrays no reader can open)."""
+    names = [row["image_array"], row["label_array"]]
+    return all((store / name / ZARR_META).is_file() for name in names if name)
+
+
 @ray.remote(num_cpus=1, max_retries=2)
 def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: IngestConfig) -> dict:
     """Decode, check, normalise and stage one item. Returns a manifest row or a problem."""
@@ -849,8 +856,10 @@ def ingest(
             staging.mkdir(parents=True, exist_ok=True)
             check_shared_paths(read=[src], write=[staging])
             cfg_ref = ray.put(cfg)
-            for it in items:
-                refs.append(_ingest_one.remote(it, str(staging), prev_rows.get(it.id), cfg_ref))
+            lost = {i for i, row in prev_rows.items() if not arrays_present(store, row)}
+            for it in items:  # an item whose arrays are gone is staged again, as if new
+                previous = None if it.id in lost else prev_rows.get(it.id)
+                refs.append(_ingest_one.remote(it, str(staging), previous, cfg_ref))
             outcomes = []
             bar = tqdm(total=len(refs), desc="ingest", unit="img", disable=not progress)
             for out in as_completed(refs):
@@ -884,6 +893,8 @@ def ingest(
                     "label_path": it.label,
                 }
                 status = o["status"]
+                if status == "new" and row["id"] in prev_rows:
+                    status = "updated"  # its arrays were gone from the store
                 if status == "unchanged" and any(row.get(k) != v for k, v in where.items()):
                     status = "updated"  # same pixels, but another split, modality or path
                 row.update(where)
@@ -921,6 +932,13 @@ def ingest(
                     f"({gone[0]}: {rows[gone[0]]['source_path']}"
                     + (f", and {len(gone) - 1} more" if len(gone) > 1 else "")
                     + "); --prune drops them"
+                )
+            if restaged := sorted(lost & set(result.updated)):
+                result.warnings.append(
+                    f"{len(restaged)} item(s) whose arrays were missing from the store were "
+                    f"staged again from their files ({', '.join(restaged[:3])}"
+                    + (", ..." if len(restaged) > 3 else "")
+                    + ")"
                 )
             manifest = pd.DataFrame(list(rows.values()), columns=list(MANIFEST_COLUMNS))
             manifest = manifest.sort_values(["split", "id"]).reset_index(drop=True)
