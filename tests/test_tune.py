@@ -19,6 +19,7 @@ from cellst.cli import app
 from cellst.config import ConfigError
 from cellst.data.store import CellStore
 from cellst.model import ModelConfig, build_model, load_model, save_checkpoint
+from cellst.model.checkpoint_files import save_postprocess
 from cellst.postprocess import PostprocessConfig
 from cellst.train.trainer import check_request
 from cellst.train.validate import validate
@@ -315,7 +316,9 @@ def test_postprocess_sweep_mlflow_runs_and_resume(pp_sweep):
         )
 
 
-def test_a_sweep_on_a_retrained_checkpoint_starts_over(pp_sweep, tmp_path):
+def test_a_sweep_on_a_retrained_checkpoint_starts_over_and_best_yaml_holds_its_calibration(
+    pp_sweep, tmp_path
+):
     """A post-processing sweep resumed whenever its settings were the same, so after the
     checkpoint at its path was trained again it reported the old weights' trials as the
     new ones'; the weights (and the store's version) are now part of what it resumes on."""
@@ -324,7 +327,7 @@ def test_a_sweep_on_a_retrained_checkpoint_starts_over(pp_sweep, tmp_path):
     cfg, ckpt = pp_sweep[0], pp_sweep[1]
     mine = tmp_path / "ckpt"
     shutil.copytree(ckpt, mine)
-    data = cfg.model_dump(mode="json")
+    data = cfg.model_dump(mode="json", exclude={"postprocess"})  # the checkpoint's apply
     data["tune"].update(name="ppc", num_samples=2, checkpoint=str(mine))
     data["tune"]["run_dir"] = str(tmp_path / "runs")
     path = _config(tmp_path / "sweep.yaml", **data)
@@ -335,6 +338,7 @@ def test_a_sweep_on_a_retrained_checkpoint_starts_over(pp_sweep, tmp_path):
     with torch.no_grad():
         next(model.parameters()).mul_(0.5)
     save_checkpoint(mine, model, mcfg)  # trained again: same path, other weights
+    save_postprocess(mine, {"marker_threshold": 0.35, "sobel_kernel": 15})  # and calibrated
     again = runner.invoke(app, ["tune", str(path)])
     assert again.exit_code == 0, again.output
     text = " ".join(again.output.split())
@@ -343,6 +347,11 @@ def test_a_sweep_on_a_retrained_checkpoint_starts_over(pp_sweep, tmp_path):
     now = json.loads((tmp_path / "runs" / "ppc" / "sweep.json").read_text())
     assert now["parent_run_id"] != state["parent_run_id"]
     assert now["checkpoint"] != state["checkpoint"]
+    # best.yaml's config holds the settings its score refers to: the calibrated ones the
+    # trials' own were set on (it held the defaults, which scored something else)
+    best = yaml.safe_load((tmp_path / "runs" / "ppc" / "best.yaml").read_text())
+    post = best["config"]["postprocess"]
+    assert post["marker_threshold"] == 0.35 and post["sobel_kernel"] == 15, post
 
 
 def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):

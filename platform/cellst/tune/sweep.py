@@ -564,7 +564,10 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
             raise RuntimeError(f"every trial of sweep {name} failed: {errors}")
         best = table.iloc[0]
         best_params = {k: plain(best[k]) for k in t.space}
-        write_outputs(cfg, root, table, metric, best_params, baseline)
+        # best.yaml's config: the settings its score refers to (in post-processing mode the
+        # checkpoint's calibrated ones, on which the trials' own are set), not the defaults
+        current = cfg if t.mode != "postprocess" else cfg.model_copy(update={"postprocess": post})
+        write_outputs(current, root, table, metric, best_params, baseline)
         from cellst.tracking import log_artifact, log_figure, log_metrics, log_table
 
         log_table(table, "tune/results.csv")
