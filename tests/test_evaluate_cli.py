@@ -351,3 +351,17 @@ def test_a_binary_ground_truth_is_warned_about(tmp_path):
     text = " ".join(res.output.split())
     assert "warning: ground truth 'a' in" in text and "is a binary mask (2 separate" in text
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["binary_gt"] == {"a": 2}
+
+
+def test_a_ground_truth_folder_in_the_ingest_layout_points_to_its_labels(tmp_path):
+    """``--gt`` naming a folder of ``images/`` and ``labels/`` (the layout ingest reads)
+    said only "no ground-truth label images"; the one line now names the labels folder."""
+    gt, pred = _folders(tmp_path, {"a": _cell()}, {"a": _cell()})
+    layout = tmp_path / "data"
+    (layout / "images").mkdir(parents=True)
+    gt.rename(layout / "labels")
+    res = _evaluate(layout, pred, tmp_path / "r")
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    text = " ".join(res.output.split())
+    assert f"its labels are in {layout / 'labels'}: pass that folder as --gt" in text, text
+    assert _evaluate(layout / "labels", pred, tmp_path / "r").exit_code == 0

@@ -109,6 +109,23 @@ def _nothing_to_score(g: LabelSource, p: LabelSource, pred: Path) -> str:
     )
 
 
+def _label_folder_hint(folder: Path) -> str:
+    """Where the labels of an ingest-layout folder are (``images/`` beside ``labels/``,
+    or split folders holding them), for the message of a folder that holds none itself."""
+    if not folder.is_dir():
+        return ""
+    found = sorted(
+        d
+        for d in [folder / "labels", *folder.glob("*/labels")]
+        if d.is_dir()
+        and any(f.name.endswith(("_label.tiff", "_label.tif", "_label.png")) for f in d.iterdir())
+    )
+    if not found:
+        return ""
+    more = f" (or {', '.join(str(d) for d in found[1:3])})" if len(found) > 1 else ""
+    return f"; its labels are in {found[0]}{more}: pass that folder as --gt"
+
+
 def evaluate_sources(
     gt: str | Path,
     pred: str | Path,
@@ -140,7 +157,9 @@ def evaluate_sources(
     g = open_labels(gt, split=gt_split)
     p = open_labels(pred, pseudo_set=pred_set)
     if not g.loaders:
-        raise FileNotFoundError(f"no ground-truth label images in {g.description}")
+        raise FileNotFoundError(
+            f"no ground-truth label images in {g.description}{_label_folder_hint(Path(gt))}"
+        )
     if not set(p.loaders) & set(g.loaders):
         raise FileNotFoundError(_nothing_to_score(g, p, Path(pred)))
     modalities = {**p.modalities, **g.modalities}
