@@ -76,6 +76,12 @@ def test_override_syntax():
         apply_overrides({}, ["nonsense"])
     with pytest.raises(ConfigError, match="is a value, not a section"):
         apply_overrides({"a": 1}, ["a.b=2"])
+    # a section set to a value by an earlier override: that one is named, not the later
+    with pytest.raises(ConfigError, match=r"override 'train=5' sets train, a section, to a"):
+        load_config(None, ["train=5", "train.run_dir=runs"])
+    for field in ("train.run_dir", "stpp.run_dir"):  # an empty one wrote into the cwd
+        with pytest.raises(ConfigError, match=f"{field}: String should have at least 1"):
+            load_config(None, [f"{field}="])
     assert isinstance(load_config(None, ["name=x"]), ExperimentConfig)
 
 

@@ -330,6 +330,7 @@ def apply_overrides(
     ``model`` the data is for, a path into a mapping field keeps its dotted key whole
     (:func:`key_path`)."""
     out: dict[str, Any] = copy.deepcopy(dict(data))
+    set_by: dict[str, str] = {}  # dotted path -> the override that set it
     for text in overrides:
         path, value = parse_override(text)
         path = key_path(path, model)
@@ -339,11 +340,17 @@ def apply_overrides(
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
+                where = ".".join(path[: i + 1])
+                culprit = set_by.get(where)
                 raise ConfigError(
-                    f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section"
+                    f"override {culprit!r} sets {where}, a section, to a value: set its "
+                    f"fields ({text!r} is one)"
+                    if culprit
+                    else f"override {text!r}: {where} is a value, not a section"
                 )
             node = nxt
         node[path[-1]] = value
+        set_by[".".join(path)] = text
     return out
 
 

@@ -37,7 +37,9 @@ class StppConfig(Section):
     """How ``cellst stpp`` runs the six ST++ stages (the ``stpp`` section)."""
 
     run_dir: str = Field(
-        "runs", description="root folder of ST++ pipelines; the pipeline lives in run_dir/name"
+        "runs",
+        min_length=1,
+        description="root folder of ST++ pipelines; the pipeline lives in run_dir/name",
     )
     name: str | None = Field(
         None, description="pipeline name (its folder); None: the experiment name"

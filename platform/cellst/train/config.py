@@ -17,7 +17,9 @@ class TrainConfig(Section):
     """How ``cellst train`` trains a model with Ray Train."""
 
     run_dir: str = Field(
-        "runs", description="root folder of training runs (shared storage on clusters)"
+        "runs",
+        min_length=1,
+        description="root folder of training runs (shared storage on clusters)",
     )
     run_name: str | None = Field(None, description="run name; re-using it resumes the run")
 

@@ -110,7 +110,7 @@ class TuneConfig(Section):
         1.0, gt=0, description="postprocess mode: CPUs per trial (train mode: train.*)"
     )
     seed: int | None = Field(0, description="seed of the random search (None: random)")
-    run_dir: str = Field("runs/tune", description="sweeps live in run_dir/name")
+    run_dir: str = Field("runs/tune", min_length=1, description="sweeps live in run_dir/name")
     name: str | None = Field(None, description="sweep name; None: the experiment name")
     max_items: int | None = Field(
         None, ge=1, description="postprocess mode: score at most this many validation items"
