@@ -315,6 +315,10 @@ def test_sorting_kinds_and_limit(runs_dir):
     assert len(by_lr) == 2 and by_lr["name"].iloc[0] == "fast"  # 3e-3 > 1e-3 (numeric)
     trials = compare_table(df, sort_by="val_f1", kinds=["trial"])
     assert set(trials["kind"]) == {"trial"} and "postprocess.mask_threshold" in trials
+    # runs none of which has test F1 (the default sort): by val_f1, not newest first
+    untested = compare_table(df, kinds=["trial"])
+    assert untested["val_f1"].notna().sum() > 1 and len(untested) == len(trials)
+    assert untested["val_f1"].dropna().is_monotonic_decreasing
     everything = compare_table(df, kinds=None)
     assert len(everything) == len(df)
     with pytest.raises(ConfigError, match="--sort: no column 'bogus'"):
@@ -418,6 +422,9 @@ def test_cli_compare(runs_dir, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     dead = runner.invoke(app, ["compare", "--tracking-uri", url])
     assert dead.exit_code == 1 and "unavailable (connection refused)" in dead.output
+    trials = runner.invoke(app, ["compare", "--tracking-uri", str(runs), "--kind", "trial"])
+    assert trials.exit_code == 0, trials.output
+    assert "by val_f1 (largest first), as no run has test_f1" in " ".join(trials.output.split())
     sort = runner.invoke(app, ["compare", "--tracking-uri", str(runs), "--sort", "bogus"])
     assert sort.exit_code == 2 and "--sort: no column 'bogus'" in sort.output
 

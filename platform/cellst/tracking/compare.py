@@ -495,7 +495,7 @@ def compare_table(
     if kinds is not None and not df.empty:
         df = df[df["kind"].isin(list(kinds))]
     df = df.sort_values("start_time", ascending=False, kind="mergesort")
-    key = _sort_column(df, sort_by)
+    key = sort_column(df, sort_by)
     if key is not None:
         values = df[key]
         if key.startswith("params."):
@@ -513,8 +513,14 @@ def compare_table(
     return df[cols].rename(columns=renamed).reset_index(drop=True)
 
 
-def _sort_column(df: pd.DataFrame, sort_by: str) -> str | None:
-    """The column of ``df`` that ``sort_by`` names, None for an F1 name no run has."""
+def sort_column(df: pd.DataFrame, sort_by: str) -> str | None:
+    """The column of ``df`` that ``sort_by`` names; for ``test_f1`` (the default) where no
+    run has it, ``val_f1``; None for an F1 name no run has (newest first, then)."""
+    for cand in (sort_by, f"params.{sort_by}"):
+        if cand in df.columns and df[cand].notna().any():
+            return cand
+    if sort_by == "test_f1" and "val_f1" in df.columns and df["val_f1"].notna().any():
+        return "val_f1"  # training runs alone: no test split scored yet
     for cand in (sort_by, f"params.{sort_by}"):
         if cand in df.columns:
             return cand
@@ -685,10 +691,16 @@ def compare_command(
         where = uris[0] if len(uris) == 1 else f"{len(uris)} stores"
         hint = f"; {len(runs)} run(s) of other kinds (--kind all lists them)" if len(runs) else ""
         raise CompareError(f"no {what} in {scope} at {where}{hint}")
-    title = (
-        f"{len(table)} of {len(runs)} runs, by {sort} "
-        f"({'smallest' if ascending else 'largest'} first)"
-    )
+    kept = runs if kinds is None or runs.empty else runs[runs["kind"].isin(list(kinds))]
+    key = sort_column(kept, sort)
+    order = f"({'smallest' if ascending else 'largest'} first)"
+    if key is None:
+        by = f"newest first (no run has {sort})"
+    elif key.removeprefix("params.") != sort:
+        by = f"by {key} {order}, as no run has {sort}"
+    else:
+        by = f"by {sort} {order}"
+    title = f"{len(table)} of {len(runs)} runs, {by}"
     print_table(table, title, console)
     if out is not None:
         csv, png = write_outputs(table, out)
