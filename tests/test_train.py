@@ -496,6 +496,14 @@ def _wait_for(folder: Path, pattern: str, timeout: float = 300) -> None:
     raise AssertionError(f"{pattern} never appeared under {folder}")
 
 
+def _published_epoch(model_json: Path) -> int:
+    """The epoch of the checkpoint at ``model_json`` (0 while there is none)."""
+    try:
+        return int(json.loads(model_json.read_text())["metadata"]["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def _wait_registered(run_dir: Path, name: str) -> None:
     """Until Ray Train's controller has registered a checkpoint of run ``name``.
 
@@ -534,7 +542,10 @@ def test_rerun_resumes_interrupted_run(ray_session, store_dir, tmp_path):
         args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     _wait_registered(tmp_path, "rr")
-    os.killpg(proc.pid, signal.SIGKILL)
+    # killed as soon as epoch 2 is published in the run folder, before Ray Train holds it:
+    # the re-run trains epoch 2 again (its metrics were in MLflow twice)
+    last = tmp_path / "rr" / "checkpoints" / "last" / "model.json"
+    assert kill_group_when(proc, lambda: _published_epoch(last) >= 2, 300)
     proc.wait()
     time.sleep(3)  # let Ray notice the driver is gone and release the workers
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
@@ -551,6 +562,11 @@ def test_rerun_resumes_interrupted_run(ray_session, store_dir, tmp_path):
     # ... and from its moving average of the weights too: one update per step of both runs
     state = _last_train_state(tmp_path)
     assert int(state["ema"]["n_averaged"]) == state["step"]
+    # each epoch is in the run's MLflow history once: the discarded one is not
+    run_id = json.loads((tmp_path / "rr" / "run.json").read_text())["mlflow_run_id"]
+    history = MlflowClient(db).get_metric_history(run_id, "train_loss")
+    steps = sorted(m.step for m in history)
+    assert len(steps) == len(set(steps)) and steps[-1] == 4, steps
 
 
 def test_training_in_this_process_resumes_where_it_was_killed(ray_session, store_dir, tmp_path):

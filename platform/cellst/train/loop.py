@@ -90,6 +90,7 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
     from cellst.model import HoVerLoss, build_model, load_into, unwrap_model
     from cellst.tracking.buffered import BufferedMetricLogger
     from cellst.train.checkpoints import RunPaths, keep_checkpoints, keep_resume_state, save_epoch
+    from cellst.train.epoch_log import epoch_metrics
     from cellst.train.selection import initial_best, update_best
     from cellst.train.step import (
         Batch,
@@ -304,7 +305,6 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
                 keep_resume_state(paths, tmp)
             checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
             metrics["checkpoint_seconds"] = time.perf_counter() - t_ckpt
-            logger.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, epoch)
             print(
                 f"[cellst train] epoch {epoch}/{tcfg.epochs} "
                 + " ".join(
@@ -320,6 +320,9 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
         finally:
             if checkpoint is not None:  # Ray holds its own copy now: no temp folder left behind
                 shutil.rmtree(tmp.parent, ignore_errors=True)
+        if logger is not None and local:  # else the controller logs it, once it holds the
+            # epoch's checkpoint (cellst.train.epoch_log): here, the resume state is saved
+            logger.log(epoch_metrics(metrics), epoch)
     # the store version's lease, now: Ray Train may end this process before a garbage
     # collection would (a lease left behind looks held until the next ingest drops it)
     store.close()

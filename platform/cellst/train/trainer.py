@@ -445,6 +445,7 @@ def train(
         start_run,
         store_tags,
     )
+    from cellst.train.epoch_log import EpochMetricsToMLflow
     from cellst.train.loop import train_loop_per_worker
 
     t = cfg.train
@@ -533,6 +534,21 @@ def train(
             else None
         )
         single_node_defaults()
+        # epochs are logged by the controller once it holds their checkpoints (in local
+        # mode, which takes no callbacks, by the loop itself after saving its resume state)
+        epoch_logger = (
+            [
+                EpochMetricsToMLflow(
+                    uri,
+                    run_id,
+                    paths.root,
+                    timeout_s=cfg.tracking.timeout_s,
+                    retry_every_s=cfg.tracking.retry_every_s,
+                )
+            ]
+            if t.num_workers
+            else []
+        )
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -565,7 +581,7 @@ def train(
                 ),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_last),
                 logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
-                callbacks=list(callbacks or []),
+                callbacks=list(callbacks or []) + epoch_logger,
             ),
             datasets={"train": dataset},
         )
