@@ -379,6 +379,17 @@ def test_two_phase_training_logs_to_a_real_mlflow_server(
     assert out.exit_code == 0, out.output
     assert "already finished" in out.output and uri in out.output
     assert "sqlite" not in out.output and "mlflow ui" not in out.output
+    # --force replaces it: the old run (whose checkpoints.json now names the new model's
+    # files) is tagged with its successor, and `cellst compare` shows it superseded, last
+    from cellst.tracking.compare import collect_runs, compare_table
+
+    again = train(cfg, force=True)
+    assert again.mlflow_run_id != res.mlflow_run_id
+    old = client.get_run(res.mlflow_run_id)
+    assert old.data.tags["cellst.superseded_by"] == again.mlflow_run_id
+    table = compare_table(collect_runs(uri, ["server-exp"]), sort_by="val_f1")
+    assert list(table["run_id"]) == [again.mlflow_run_id, res.mlflow_run_id]
+    assert list(table["status"]) == ["FINISHED", "SUPERSEDED"]
 
 
 def test_workers_finding_no_room_stop_the_training_in_one_line(ray_session, store_dir, tmp_path):

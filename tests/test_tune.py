@@ -347,6 +347,9 @@ def test_a_sweep_on_a_retrained_checkpoint_starts_over_and_best_yaml_holds_its_c
     now = json.loads((tmp_path / "runs" / "ppc" / "sweep.json").read_text())
     assert now["parent_run_id"] != state["parent_run_id"]
     assert now["checkpoint"] != state["checkpoint"]
+    # the replaced sweep's parent run names its successor (compare shows it superseded)
+    old = MlflowClient(now["uri"]).get_run(state["parent_run_id"])
+    assert old.data.tags["cellst.superseded_by"] == now["parent_run_id"]
     # best.yaml's config holds the settings its score refers to: the calibrated ones the
     # trials' own were set on (it held the defaults, which scored something else)
     best = yaml.safe_load((tmp_path / "runs" / "ppc" / "best.yaml").read_text())

@@ -51,6 +51,7 @@ from cellst.provenance import (
     png_software,
 )
 from cellst.stpp.outputs import MODELS
+from cellst.tracking.config import SUPERSEDED_TAG
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -323,7 +324,8 @@ def runs_frame(raw: pd.DataFrame, experiments: Mapping[str, str], uri: str) -> p
                 "name": tags.get("mlflow.runName") or r["run_id"][:8],
                 "kind": kind,
                 "stage": stage,
-                "status": r["status"],
+                # a run a re-run replaced (train --force, a changed sweep: its trials too)
+                "status": "SUPERSEDED" if _superseded(r, by_id) else r["status"],
                 "run_id": r["run_id"],
                 "experiment": experiments.get(str(r["experiment_id"]), str(r["experiment_id"])),
                 "start_time": pd.Timestamp(start) if start is not None else pd.NaT,
@@ -335,6 +337,12 @@ def runs_frame(raw: pd.DataFrame, experiments: Mapping[str, str], uri: str) -> p
         )
     df = pd.DataFrame(rows)
     return df[[*BASE_COLUMNS, *f1_columns(df), *sorted(c for c in df if c.startswith("params."))]]
+
+
+def _superseded(run: Mapping[str, Any], by_id: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether ``run`` or its parent run carries :data:`SUPERSEDED_TAG`."""
+    parent = by_id.get(run["parent"]) if run["parent"] else None
+    return bool(run["tags"].get(SUPERSEDED_TAG) or (parent and parent["tags"].get(SUPERSEDED_TAG)))
 
 
 def _split(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -504,6 +512,8 @@ def compare_table(
                 values = numeric
         order = values.sort_values(ascending=ascending, kind="mergesort", na_position="last")
         df = df.loc[order.index]
+    if not df.empty:  # runs a re-run replaced go last, whatever their scores
+        df = df.iloc[df["status"].eq("SUPERSEDED").argsort(kind="stable")]
     if limit is not None:
         df = df.head(limit)
     params = differing_params(df)

@@ -6,6 +6,10 @@ from pydantic import Field
 
 from cellst.config import Section
 
+#: tag of a run that a re-run replaced (``train --force``, a changed sweep): its successor's
+#: run id (:func:`cellst.tracking.mlflow_utils.mark_superseded`; ``cellst compare`` shows it)
+SUPERSEDED_TAG = "cellst.superseded_by"
+
 
 class TrackingConfig(Section):
     """Where and whether a stage logs to MLflow, and how long it waits for a server."""

@@ -72,7 +72,7 @@ from cellst.tracking.buffered import (
     http_limits,
     say,
 )
-from cellst.tracking.config import TrackingConfig
+from cellst.tracking.config import SUPERSEDED_TAG, TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -626,6 +626,36 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
         journal.log_artifact(path, artifact_path)
     elif run_id is not None:
         guarded(str(path), mlflow.log_artifact, str(path), artifact_path)
+
+
+def mark_superseded(
+    cfg: TrackingConfig,
+    run_dir: str | Path,
+    experiment: str,
+    old_run_id: str | None,
+    new_run_id: str | None,
+) -> bool:
+    """Tag ``old_run_id``, which a re-run replaced, with :data:`SUPERSEDED_TAG` naming
+    ``new_run_id``, so that ``cellst compare`` shows it as superseded rather than beside
+    the new run as its equal (its artifacts name checkpoints that now hold the new model).
+
+    Best-effort, within ``tracking.timeout_s`` and without retries: nothing is done where
+    the old run cannot be found (the embedded store inside ``run_dir``, removed with it) or
+    the server does not answer now. Returns whether the tag was sent (or kept to send).
+    """
+    if not (cfg.enabled and old_run_id and new_run_id) or old_run_id == new_run_id:
+        return False
+    uri = resolve_tracking(cfg, run_dir, experiment)[0]
+    try:
+        with http_limits(cfg.timeout_s, retries=0):
+            MlflowClient(tracking_uri=uri).get_run(old_run_id)
+    except Exception:  # noqa: BLE001 - gone with its store, or no answer: nothing to mark
+        return False
+    logger = BufferedMetricLogger(
+        uri, old_run_id, run_dir, timeout_s=cfg.timeout_s, retry_every_s=cfg.retry_every_s
+    )
+    logger.set_tags({SUPERSEDED_TAG: new_run_id})
+    return True
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:

@@ -440,6 +440,7 @@ def train(
         log_artifact,
         log_config,
         log_metrics,
+        mark_superseded,
         pending_note,
         resend_pending,
         start_run,
@@ -476,6 +477,7 @@ def train(
             f"train.run_name or pass --force to start it over"
         )
     restart = force and paths.root.exists()  # the old run is removed once the new can run
+    replaced_run = state.get("mlflow_run_id") if restart else None
     if restart:
         state = {}
     if state.get("status") == "finished":
@@ -514,6 +516,7 @@ def train(
         tags=run_tags,
     ) as run:
         run_id = run.info.run_id
+        mark_superseded(cfg.tracking, paths.root, cfg.name, replaced_run, run_id)
         log_config(cfg)
         paths.write_state(
             mlflow_run_id=run_id,

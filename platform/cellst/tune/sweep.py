@@ -371,6 +371,7 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
     from cellst.tracking import (
         check_tracking,
         log_config,
+        mark_superseded,
         resolve_tracking,
         start_run,
         store_tags,
@@ -429,7 +430,7 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
             "starting the sweep over"
         )
         shutil.rmtree(ray_path)
-        state = {}
+        state = {"replaced_run_id": state.get("parent_run_id")}
 
     tracking = cfg.tracking
     uri = None
@@ -447,6 +448,7 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
         tags={**store_tags(store), "cellst.stage": "tune", "cellst.tune.mode": t.mode},
     ) as parent:
         parent_id = parent.info.run_id if tracking.enabled else None
+        mark_superseded(tracking, root, cfg.name, state.get("replaced_run_id"), parent_id)
         if not resumed:
             log_config(cfg)
         atomic_write_json(
