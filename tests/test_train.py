@@ -310,8 +310,11 @@ def test_finished_run_is_not_redone(trained):
     assert again.resumed and again.run_path == res.run_path and again.metrics["epoch"] == 8
     changed = cfg.model_copy(deep=True)
     changed.train.lr = 1e-2
-    with pytest.raises(ConfigError, match="different configuration"):
+    changed.train.keep_last = 5  # where it runs, not what: not named
+    with pytest.raises(ConfigError, match="different configuration") as exc:
         train(changed)
+    # the refusal names what changed (the user had to diff the configs)
+    assert f"(train.lr: {cfg.train.lr} -> 0.01)" in str(exc.value), str(exc.value)
 
 
 def _ckpt_temps() -> set[str]:

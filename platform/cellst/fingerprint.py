@@ -171,6 +171,42 @@ def training_fingerprint(
     return config_fingerprint(cfg, ignore, run_only=run_only)
 
 
+def config_differences(
+    then: Mapping[str, Any], now: Mapping[str, Any], ignore: Mapping[str, Iterable[str]] = ()
+) -> list[str]:
+    """``"section.field: THEN -> NOW"`` for each field two config dumps
+    (``model_dump(mode="json")``) differ in, leaving out :data:`RUN_ONLY` and ``ignore``
+    (section -> field names, ``"*"`` for all; ``""`` for top-level fields): what a refusal
+    to resume names, so the user need not diff the configs."""
+    left = {**{k: set(v) for k, v in RUN_ONLY.items()}}
+    for section, names in dict(ignore).items():
+        left.setdefault(section, set()).update(names)
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, Mapping) and v:
+                out.update(flat(v, f"{key}."))
+            else:
+                out[key] = v
+        return out
+
+    def counted(key: str) -> bool:
+        section, _, field = key.partition(".")
+        if not field:
+            section, field = "", key
+        names = left.get(section, set())
+        return "*" not in names and field.split(".")[0] not in names
+
+    a, b = flat(then), flat(now)
+    return [
+        f"{k}: {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}"
+        for k in sorted(a.keys() | b.keys())
+        if counted(k) and a.get(k) != b.get(k)
+    ]
+
+
 def file_sha256(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in blocks (a source image's, a checkpoint's
     weights)."""

@@ -28,8 +28,8 @@ from cellst import fs
 from cellst.config import ConfigError
 from cellst.data.store import CellStore, StoreError
 from cellst.experiment import ExperimentConfig
+from cellst.fingerprint import NOT_READ_BY_TRAINING, config_differences, training_fingerprint
 from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
-from cellst.fingerprint import training_fingerprint
 from cellst.fs import atomic_write_json
 from cellst.model.checkpoint_files import is_checkpoint
 from cellst.procenv import environ
@@ -472,8 +472,16 @@ def train(
         # the same training, fingerprinted by an earlier recipe: recorded by this one
         state = paths.write_state(config_hash=chash, fingerprint=FINGERPRINT_VERSION)
     if state and state.get("config_hash") != chash and not force:
+        changed = config_differences(
+            state.get("config") or {}, cfg.model_dump(mode="json"), NOT_READ_BY_TRAINING
+        )
+        what = (
+            f" ({'; '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})"
+            if state.get("config") and changed
+            else ""
+        )
         raise ConfigError(
-            f"run {paths.root} exists with a different configuration; choose another "
+            f"run {paths.root} exists with a different configuration{what}; choose another "
             f"train.run_name or pass --force to start it over"
         )
     restart = force and paths.root.exists()  # the old run is removed once the new can run
@@ -522,6 +530,7 @@ def train(
             mlflow_run_id=run_id,
             config_hash=chash,
             fingerprint=FINGERPRINT_VERSION,
+            config=cfg.model_dump(mode="json"),  # a changed one is refused naming the fields
             store_version=store.version,  # the manifest version every worker reads
             status="running",
             error=None,
