@@ -473,3 +473,36 @@ def test_a_rewritten_export_keeps_the_users_label_images_and_files(store_with_ps
     # ome-zarr's reader finds both (ome-zarr-models' validator refuses ome-zarr-py's own
     # label metadata, without colours, whoever holds it)
     assert {"round1", "my_annotations"} <= set(nodes(path))
+
+
+def test_unusual_pixel_sizes_are_said_and_groups_of_pruned_items_named(ray_session, tmp_path):
+    """An ImageJ TIFF in cm was exported without a scale, and an OME-TIFF of non-square
+    pixels too, both without a word; the first now gets its scale, the second is named.
+    Groups of items a pruning ingest dropped were left and not mentioned; they are named."""
+    import tifffile
+
+    from cellst.data.ingest import ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    arr = (np.arange(48 * 48).reshape(48, 48) % 200).astype(np.uint16)
+    tifffile.imwrite(src / "aniso.ome.tif", arr, ome=True,
+                     metadata={"PhysicalSizeX": 0.325, "PhysicalSizeY": 0.65})  # fmt: skip
+    tifffile.imwrite(src / "cm.tif", arr, imagej=True, resolution=(1000, 1000),
+                     metadata={"unit": "cm"})  # fmt: skip
+    tifffile.imwrite(src / "plain.tif", arr)
+    ingest(src, tmp_path / "store", progress=False)
+    out, lines = tmp_path / "ome", []
+    export_store(tmp_path / "store", out, progress=False, log=lines.append)
+    ms = zarr.open_group(out / "cm.ome.zarr", mode="r").attrs["ome"]["multiscales"][0]
+    assert ms["axes"][1].get("unit") == "centimeter"
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"][1:] == [0.001, 0.001]
+    said = " ".join(lines)
+    assert "aniso: its pixels are not square (0.325 x 0.65 µm)" in said, lines
+    assert "plain:" not in said and "cm:" not in said
+    (src / "plain.tif").unlink()
+    ingest(src, tmp_path / "store", prune=True, progress=False)
+    lines.clear()
+    export_store(tmp_path / "store", out, progress=False, log=lines.append)
+    assert any("1 group(s) of items no longer in the store" in ln and "plain.ome.zarr" in ln
+               for ln in lines), lines  # fmt: skip

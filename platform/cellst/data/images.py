@@ -542,13 +542,51 @@ _UNITS = {
     "nanometer": "nanometer",
     "mm": "millimeter",
     "millimeter": "millimeter",
+    "cm": "centimeter",
+    "centimeter": "centimeter",
+    "m": "meter",
+    "meter": "meter",
+    "pm": "picometer",
+    "picometer": "picometer",
+    "\u00e5": "angstrom",
+    "angstrom": "angstrom",
+    "inch": "inch",
 }
 
 
 def pixel_size(path: str | Path) -> tuple[float, str] | None:
     """The physical size of a pixel an OME-TIFF or ImageJ TIFF declares: ``(size, unit)``
     with an OME-Zarr unit name (``"micrometer"``...), or None when the file declares none
-    that cellst trusts (other formats, plain TIFF resolution tags, non-square pixels)."""
+    that cellst trusts (other formats, plain TIFF resolution tags, non-square pixels, a
+    unit OME-Zarr does not name: :func:`ignored_pixel_size` says which)."""
+    declared = _declared_pixel_size(path)
+    if declared is None:
+        return None
+    sx, sy, unit = declared
+    name = _UNITS.get(unit.strip().lower())
+    if name is None or not sx or float(sx) <= 0:
+        return None
+    if sy is not None and abs(float(sy) - float(sx)) > 1e-6 * float(sx):
+        return None
+    return float(sx), name
+
+
+def ignored_pixel_size(path: str | Path) -> str | None:
+    """Why a pixel size the file declares is not used (one clause), or None: none is
+    declared, or :func:`pixel_size` returns it."""
+    declared = _declared_pixel_size(path)
+    if declared is None or pixel_size(path) is not None:
+        return None
+    sx, sy, unit = declared
+    if not sx or float(sx) <= 0 or unit.strip().lower() in ("", "pixel", "pixels", "none"):
+        return None  # nothing declared (an uncalibrated ImageJ TIFF: 1 x 1, no unit)
+    if _UNITS.get(unit.strip().lower()) is None:
+        return f"its pixel size {float(sx):g} {unit} has a unit OME-Zarr does not name"
+    return f"its pixels are not square ({float(sx):g} x {float(sy):g} {unit})"
+
+
+def _declared_pixel_size(path: str | Path) -> tuple[Any, Any, str] | None:
+    """``(x size, y size or None, unit)`` as an OME-TIFF or ImageJ TIFF declares them."""
     try:
         with tifffile.TiffFile(path) as tf:
             if tf.is_ome:
@@ -565,12 +603,7 @@ def pixel_size(path: str | Path) -> tuple[float, str] | None:
                 return None
     except Exception:  # noqa: BLE001 - not a TIFF, or no such tags: nothing declared
         return None
-    name = _UNITS.get(unit.strip().lower())
-    if name is None or not sx or float(sx) <= 0:
-        return None
-    if sy is not None and abs(float(sy) - float(sx)) > 1e-6 * float(sx):
-        return None
-    return float(sx), name
+    return sx, sy, unit
 
 
 def binary_regions(label: np.ndarray) -> int:

@@ -510,6 +510,7 @@ def export_store(
     """
     from tqdm.auto import tqdm
 
+    from cellst.data.images import ignored_pixel_size
     from cellst.data.store import CellStore, StoreError
 
     if measure is True:
@@ -558,6 +559,9 @@ def export_store(
                 else "",
             }
             scale = (pixel_size, unit) if pixel_size is not None else source_pixel_size(row)
+            if scale is None and log is not None and row.source_path:
+                if why := ignored_pixel_size(row.source_path):
+                    log(f"{item_id}: {why}; exported in pixels (--pixel-size sets one)")
             if scale is not None:  # (absent otherwise: exports of earlier cellst match)
                 stamp["pixel_size"] = list(scale)
             out = out_dir / f"{item_id}{SUFFIX}"
@@ -604,4 +608,27 @@ def export_store(
                 log(f"rewrote {out}, keeping what cellst did not write there: {', '.join(kept)}")
     if log is not None:
         log(f"{written} written, {len(outputs) - written} unchanged")
+        if items is None and (gone := orphan_exports(out_dir, store_path, outputs)):
+            log(
+                f"{len(gone)} group(s) of items no longer in the store are left in {out_dir} "
+                f"(e.g. {gone[0].name}); remove them if they are no longer wanted"
+            )
     return outputs
+
+
+def orphan_exports(
+    out_dir: str | os.PathLike[str], store_path: str | os.PathLike[str], current: Iterable[Path]
+) -> list[Path]:
+    """Groups in ``out_dir`` that cellst exported from the store at ``store_path`` for items
+    it no longer holds (``cellst ingest --prune`` dropped them), besides ``current``."""
+    root = str(Path(store_path).resolve())
+    keep = {Path(p).name for p in current}
+    found = []
+    for group in sorted(Path(out_dir).glob(f"*{SUFFIX}")):
+        if group.name in keep:
+            continue
+        stamp = cellst_provenance(group) or {}
+        stored = stamp.get("store")
+        if stamp.get("item") and stored and str(Path(stored).resolve()) == root:
+            found.append(group)
+    return found
