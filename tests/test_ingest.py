@@ -686,7 +686,7 @@ def test_another_folder_or_a_missing_labels_folder_never_replaces_stored_items_u
     """A second plate with the first one's names, or the first plate again without its
     labels/ folder, was ingested as "updated", losing the stored images or labels; both are
     refused naming the item (``--skip-bad`` keeps the stored ones), ``replace`` allows
-    them, and the same plate in a moved folder is no replacement."""
+    them, and the same plate in a moved folder, an image edited there, is no replacement."""
     store = tmp_path / "store"
     plate1 = {n: _challenge_pair(tmp_path / "plate1", n, ".png", s)
               for s, n in enumerate(["a", "b"])}  # fmt: skip
@@ -703,8 +703,11 @@ def test_another_folder_or_a_missing_labels_folder_never_replaces_stored_items_u
     with pytest.raises(IngestError, match=r"item 'b' is labelled in the store .*unlabel it"):
         ingest(unlabelled, store, progress=False)
     assert CellStore(store).row("b").label_array
-    # the same files in a moved folder: an update of their paths, nothing refused
+    # the plate in a moved folder, one image edited there: an update, nothing refused (the
+    # unchanged image shows the folder moved)
     shutil.copytree(tmp_path / "plate1", tmp_path / "moved")
+    edited = tmp_path / "moved" / "images" / "b.png"
+    iio.imwrite(edited, (iio.imread(edited) // 2).astype(np.uint8))
     moved = ingest(tmp_path / "moved", store, progress=False)
     assert sorted(moved.updated) == ["a", "b"]
     assert CellStore(store).row("a").source_path == str(tmp_path / "moved/images/a.png")

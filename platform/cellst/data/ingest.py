@@ -335,14 +335,22 @@ def silent_replacements(rows: list[dict], stored: dict[str, dict]) -> list[tuple
     Two cases lose work without a word: a labelled item that this ingest found no label
     for (its ``labels/`` folder left out) would become unlabelled, and another image of the
     same name from another folder (a second plate over the first) would replace the stored
-    one. An image of the same content in a moved folder, or a changed image in its own
-    folder, is an ordinary update.
+    one. A changed image in its own folder is an ordinary update, and so is one in a moved
+    folder: a folder that, in the same ``rows``, holds some other stored image unchanged
+    (a copied or moved dataset in which an image was edited).
     """
+    moves = {
+        (str(Path(old["source_path"]).parent), str(Path(row["source_path"]).parent))
+        for row in rows
+        if (old := stored.get(row["id"])) is not None
+        and old["source_sha256"] == row["source_sha256"]
+    }
     problems = []
     for row in rows:
         old = stored.get(row["id"])
         if old is None:
             continue
+        folders = (str(Path(old["source_path"]).parent), str(Path(row["source_path"]).parent))
         if old["label_path"] and not row["label_path"]:
             problems.append(
                 (
@@ -353,7 +361,8 @@ def silent_replacements(rows: list[dict], stored: dict[str, dict]) -> list[tuple
                 )
             )
         elif (
-            Path(old["source_path"]).parent != Path(row["source_path"]).parent
+            folders[0] != folders[1]
+            and folders not in moves
             and old["source_sha256"] != row["source_sha256"]
         ):
             problems.append(
@@ -869,13 +878,16 @@ def ingest(
             finished = True
             by_item = {it.id: it for it in items}
             if not replace:  # what would replace a stored item unasked is a bad file
-                for o in outcomes:
-                    if o["status"] == "bad":
-                        continue
+                good = [o for o in outcomes if o["status"] != "bad"]
+                rows_now = []
+                for o in good:
                     it = by_item[o["row"]["id"]]
-                    row = {**o["row"], "source_path": it.image, "label_path": it.label}
-                    for _, why in silent_replacements([row], prev_rows):
-                        o.update(status="bad", id=it.id, problem=(it.image, why))
+                    rows_now.append({**o["row"], "source_path": it.image, "label_path": it.label})
+                found = dict(silent_replacements(rows_now, prev_rows))
+                for o, row in zip(good, rows_now, strict=True):
+                    if row["source_path"] in found:
+                        why = found[row["source_path"]]
+                        o.update(status="bad", id=row["id"], problem=(row["source_path"], why))
             bad = [o["problem"] for o in outcomes if o["status"] == "bad"]
             if bad and not skip_bad:
                 raise IngestError(sorted(problems + bad))
