@@ -693,6 +693,8 @@ def test_a_set_another_pipeline_took_over_is_foreign_and_force_from_predicts_ane
        and with it predicted again.
     2. ``--force-from 3`` runs stage 3 again from scratch: its set is predicted anew, not
        resumed as "already done"; a stage whose inputs changed still resumes its sets."""
+    from mlflow.tracking import MlflowClient
+
     from cellst.data.pseudo import PseudoLabelSet
     from cellst.fs import atomic_write_json
 
@@ -711,8 +713,14 @@ def test_a_set_another_pipeline_took_over_is_foreign_and_force_from_predicts_ane
     items = len(pset.done_items())
     assert items > 0
     lines.clear()
+    replaced = Pipeline(cfg, log=lambda _: None).book.get("pseudo_reliable").mlflow_run_id
     res = run_stpp(cfg, log=lines.append, force_from="pseudo_reliable", until="pseudo_reliable")
     assert res.ran == ["pseudo_reliable"]
+    # the stage's earlier child run names the one that replaced it (compare: SUPERSEDED)
+    now = Pipeline(cfg, log=lambda _: None)
+    successor = now.book.get("pseudo_reliable").mlflow_run_id
+    old_run = MlflowClient(crashed_and_resumed["result"].tracking_uri).get_run(replaced)
+    assert successor != replaced and old_run.data.tags["cellst.superseded_by"] == successor
     said = [ln for ln in lines if f"{prefix}-reliable:" in ln]
     assert said and f"{items} written, 0 already done" in said[0], "\n".join(lines)
     # a stage re-run because its inputs changed (not forced) keeps the sets whose own

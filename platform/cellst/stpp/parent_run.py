@@ -178,9 +178,11 @@ class ParentRun:
             set_tags({"cellst.stpp.completed": "true"})
 
     @contextlib.contextmanager
-    def child(self, rec: StageRecord) -> Iterator[str | None]:
-        """A stage's child run (re-attached when the stage resumes); yields its id."""
-        from cellst.tracking import start_run
+    def child(self, rec: StageRecord, replaces: str | None = None) -> Iterator[str | None]:
+        """A stage's child run (re-attached when the stage resumes); yields its id.
+        ``replaces``: the child run of an earlier attempt this one replaces (a stage run
+        again from scratch), tagged with the new one's id so ``cellst compare`` says so."""
+        from cellst.tracking import mark_superseded, start_run
 
         with start_run(
             self.tracking,
@@ -195,6 +197,7 @@ class ParentRun:
                 "cellst.stpp.pipeline": str(self.dir),
             },
         ) as run:
+            mark_superseded(self.tracking, self.dir, self.cfg.name, replaces, run.info.run_id)
             yield run.info.run_id
 
 

@@ -368,6 +368,7 @@ class Pipeline:
         # inputs changed resumes the sets whose own inputs did not: a new reliable fraction
         # re-scores stage 2 without predicting again)
         self.fresh = self.book.get(name).forced
+        earlier_run = self.book.get(name).mlflow_run_id if decision == "fresh" else None
         rec = self.book.start(name, h, fresh=decision == "fresh")
         t0 = time.perf_counter()
         try:
@@ -375,7 +376,7 @@ class Pipeline:
                 outputs = body(decision)
                 run_id = outputs.get("mlflow_run_id")
             else:
-                with self.parent.child(rec) as run_id:
+                with self.parent.child(rec, replaces=earlier_run) as run_id:
                     self.book.update(name, mlflow_run_id=run_id)
                     outputs = body(decision)
         except BaseException as exc:
