@@ -178,7 +178,7 @@ def config_differences(
     (``model_dump(mode="json")``) differ in, leaving out :data:`RUN_ONLY` and ``ignore``
     (section -> field names, ``"*"`` for all; ``""`` for top-level fields): what a refusal
     to resume names, so the user need not diff the configs."""
-    left = {**{k: set(v) for k, v in RUN_ONLY.items()}}
+    left = {k: set(v) for k, v in RUN_ONLY.items()}
     for section, names in dict(ignore).items():
         left.setdefault(section, set()).update(names)
 

@@ -559,7 +559,25 @@ def pixel_size(path: str | Path) -> tuple[float, str] | None:
     with an OME-Zarr unit name (``"micrometer"``...), or None when the file declares none
     that cellst trusts (other formats, plain TIFF resolution tags, non-square pixels, a
     unit OME-Zarr does not name: :func:`ignored_pixel_size` says which)."""
+    return _usable_pixel_size(_declared_pixel_size(path))
+
+
+def ignored_pixel_size(path: str | Path) -> str | None:
+    """Why a pixel size the file declares is not used (one clause), or None: none is
+    declared, or :func:`pixel_size` returns it."""
     declared = _declared_pixel_size(path)
+    if declared is None or _usable_pixel_size(declared) is not None:
+        return None
+    sx, sy, unit = declared
+    if not sx or float(sx) <= 0 or unit.strip().lower() in ("", "pixel", "pixels", "none"):
+        return None  # nothing declared (an uncalibrated ImageJ TIFF: 1 x 1, no unit)
+    if _UNITS.get(unit.strip().lower()) is None:
+        return f"its pixel size {float(sx):g} {unit} has a unit OME-Zarr does not name"
+    return f"its pixels are not square ({float(sx):g} x {float(sy):g} {unit})"
+
+
+def _usable_pixel_size(declared: tuple[Any, Any, str] | None) -> tuple[float, str] | None:
+    """``(size, OME-Zarr unit)`` of a declared square pixel in a unit OME-Zarr names."""
     if declared is None:
         return None
     sx, sy, unit = declared
@@ -569,20 +587,6 @@ def pixel_size(path: str | Path) -> tuple[float, str] | None:
     if sy is not None and abs(float(sy) - float(sx)) > 1e-6 * float(sx):
         return None
     return float(sx), name
-
-
-def ignored_pixel_size(path: str | Path) -> str | None:
-    """Why a pixel size the file declares is not used (one clause), or None: none is
-    declared, or :func:`pixel_size` returns it."""
-    declared = _declared_pixel_size(path)
-    if declared is None or pixel_size(path) is not None:
-        return None
-    sx, sy, unit = declared
-    if not sx or float(sx) <= 0 or unit.strip().lower() in ("", "pixel", "pixels", "none"):
-        return None  # nothing declared (an uncalibrated ImageJ TIFF: 1 x 1, no unit)
-    if _UNITS.get(unit.strip().lower()) is None:
-        return f"its pixel size {float(sx):g} {unit} has a unit OME-Zarr does not name"
-    return f"its pixels are not square ({float(sx):g} x {float(sy):g} {unit})"
 
 
 def _declared_pixel_size(path: str | Path) -> tuple[Any, Any, str] | None:

@@ -114,11 +114,15 @@ def _label_folder_hint(folder: Path) -> str:
     or split folders holding them), for the message of a folder that holds none itself."""
     if not folder.is_dir():
         return ""
+
+    def holds_labels(d: Path) -> bool:
+        try:
+            return bool(load_label_folder(d))  # the rule evaluate reads a folder by
+        except ValueError:  # two files of one name: labels all the same
+            return True
+
     found = sorted(
-        d
-        for d in [folder / "labels", *folder.glob("*/labels")]
-        if d.is_dir()
-        and any(f.name.endswith(("_label.tiff", "_label.tif", "_label.png")) for f in d.iterdir())
+        d for d in [folder / "labels", *folder.glob("*/labels")] if d.is_dir() and holds_labels(d)
     )
     if not found:
         return ""
