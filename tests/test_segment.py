@@ -270,6 +270,25 @@ def test_min_size_and_exclude_on_edges_remove_those_cells(finding_checkpoint, im
     assert removed > 0 and sizes.size > removed
 
 
+def test_images_where_nothing_is_found_are_named_and_a_blank_one_is_called_blank(
+    finding_checkpoint, images, tmp_path
+):
+    """An empty label file is written for an image with no cell, and the run says which
+    images had none, calling a one-valued image blank; images with cells are not named."""
+    Image.fromarray(np.zeros((90, 110), np.uint8)).save(images / "blank.png")
+    out = tmp_path / "out"
+    res = _segment(str(images), "--checkpoint", str(finding_checkpoint), "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert tifffile.imread(out / "blank_label.tiff").max() == 0
+    notes = [line for line in res.output.splitlines() if "no cells found" in line]
+    assert notes == [
+        "note: no cells found in 1 image(s): blank (a blank image: every pixel is 0); "
+        "their label files are empty"
+    ], res.output
+    for name, _, _ in IMAGES:  # the trained model finds cells in every other image
+        assert tifffile.imread(out / f"{Path(name).stem}_label.tiff").max() > 0
+
+
 def test_cli_segment_missing_input_is_one_line_exit_2(checkpoint, tmp_path):
     res = runner.invoke(
         app, ["segment", str(tmp_path / "nope.png"), "--checkpoint", str(checkpoint)]
@@ -645,6 +664,7 @@ def test_an_export_failing_leaves_the_images_earlier_outputs_whole(
 def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, tmp_path):
     bad = images / "broken.tif"
     bad.write_bytes(b"II*\x00garbage")
+    tifffile.imwrite(images / "blank.tif", np.full((40, 50), 7, np.uint16))
     # normalised with other percentiles than ingest's defaults: both paths read them
     cfg = load_config(None, ["inference.roi=64", "ingest.high_percentile=60"])
     seg = cfg.segment.model_copy(update={"exclude_on_edges": True})
@@ -663,8 +683,11 @@ def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, 
     assert (
         sorted(on_ray.written)
         == sorted(local.written)
-        == sorted(Path(n).stem for n, _, _ in IMAGES)
+        == sorted([*(Path(n).stem for n, _, _ in IMAGES), "blank"])
     )
+    # both paths name the images where nothing was found, the blank one as blank
+    assert sorted(on_ray.empty) == sorted(local.empty)
+    assert ("blank", "a blank image: every pixel is 7") in local.empty
     for stem in local.written:
         np.testing.assert_array_equal(
             tifffile.imread(ray_out / f"{stem}_label.tiff"),

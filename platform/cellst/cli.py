@@ -623,6 +623,10 @@ def segment(
     console.print(result.postprocess_note, highlight=False, markup=False, soft_wrap=True)
     where = f"in {out}" if out is not None else "beside each image"
     console.print(f"[green]done:[/] {result.summary()}; outputs {where}", soft_wrap=True)
+    if result.empty:
+        err_console.print(
+            f"note: {result.empty_note()}", highlight=False, markup=False, soft_wrap=True
+        )
     if result.removed:
         more = f" and {len(result.removed) - 1} more" if len(result.removed) > 1 else ""
         console.print(

@@ -102,11 +102,24 @@ class SegmentResult:
     removed: list[Path] = field(default_factory=list)
     #: ... and those kept because a user added to them (an OME-Zarr with their labels)
     stale_kept: list[Path] = field(default_factory=list)
+    #: images written with no instance at all: (image name, why, when known)
+    empty: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         failed = f", {len(self.failed)} failed" if self.failed else ""
         return (
             f"{len(self.written)} image(s) segmented{failed} in {self.seconds:.1f} s ({self.mode})"
+        )
+
+    def empty_note(self) -> str:
+        """One line naming the images in which nothing was found (empty when there are none)."""
+        if not self.empty:
+            return ""
+        named = [f"{name} ({why})" if why else name for name, why in self.empty[:5]]
+        more = f" and {len(self.empty) - 5} more" if len(self.empty) > 5 else ""
+        return (
+            f"no cells found in {len(self.empty)} image(s): {', '.join(named)}{more}; "
+            "their label files are empty"
         )
 
     def failure_message(self) -> str:
@@ -417,6 +430,17 @@ def refresh_run_table(folder: Path, removed: Sequence[Path]) -> None:
         combine_tables(folder, keep)
 
 
+def why_empty(raw: np.ndarray | None) -> str:
+    """Why an image may hold no instance: ``"a blank image"`` when every pixel of ``raw``
+    has one value (nothing to segment), else ``""`` (the model found nothing)."""
+    if raw is None or raw.size == 0:
+        return ""
+    flat = raw.reshape(-1)
+    if np.all(flat == flat[0]):
+        return f"a blank image: every pixel is {flat[0].item():g}"
+    return ""
+
+
 def write_outputs(
     name: str,
     out_dir: Path,
@@ -461,6 +485,8 @@ def write_outputs(
                 os.replace(path, dest)
             final.append(dest)
         _remove_stale(stale, *((result.removed, result.stale_kept) if result else ([], [])))
+        if result is not None and not label.any():
+            result.empty.append((name, why_empty(raw)))
         return final
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -683,10 +709,9 @@ def segment_in_process(
             prob, hv = predict_maps(model, image, infer, dev)
             label = postprocess_hover(prob, hv, post, shape=image.shape[:2])
             label = filter_instances(label, cfg.exclude_on_edges, cfg.min_size)
-            need_raw = cfg.save_csv or cfg.save_ome_zarr or cfg.save_geojson
             dest = _out_dir(path, out)
             result.outputs += write_outputs(
-                image_name(path), dest, label, raw if need_raw else None, image, cfg, result, path
+                image_name(path), dest, label, raw, image, cfg, result, path
             )
             result.written.append(image_name(path))
             tables.append((dest, image_name(path)))
@@ -773,8 +798,9 @@ def segment_on_ray(
                         cfg.min_size,
                     )
                     raw = image = None
-                    if cfg.save_png or cfg.save_csv or cfg.save_geojson or cfg.save_ome_zarr:
-                        raw, image = _read(path, ingest)
+                    exports = cfg.save_png or cfg.save_csv or cfg.save_geojson
+                    if exports or cfg.save_ome_zarr or not label.any():
+                        raw, image = _read(path, ingest)  # an empty label: is it blank?
                     result.outputs += write_outputs(
                         name, dest, label, raw, image, cfg, result, path
                     )
