@@ -249,6 +249,50 @@ def test_collect_runs_finds_every_kind_in_the_embedded_stores(runs_dir):
     assert by.loc["pipe-6_retrain_all", "parent_run_id"] == by.loc["pipe-stpp", "run_id"]
 
 
+def test_a_running_run_whose_process_is_gone_shows_as_killed(tmp_path):
+    """MLflow keeps a run whose process was killed (SIGKILL, a lost node) RUNNING for ever.
+    compare shows it KILLED when the lock file its process held (LOCK_TAG) is left free,
+    and the children of such a pipeline too; RUNNING while a process holds the lock, or
+    where this machine cannot see the lock file (a run elsewhere)."""
+    from mlflow.tracking import MlflowClient
+
+    from cellst.fs import file_lock
+    from cellst.tracking.config import LOCK_TAG
+
+    db = tmp_path / "runs" / "r" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.create_experiment(EXP)
+    held, free = tmp_path / ".held.lock", tmp_path / ".free.lock"
+    held.touch()
+    free.touch()
+
+    def run(name: str, lock: Path | None = None, parent: str = "", stage: str = "train") -> str:
+        tags = {"mlflow.runName": name, "cellst.stage": stage}
+        tags |= {LOCK_TAG: str(lock)} if lock else {}
+        tags |= {"mlflow.parentRunId": parent} if parent else {}
+        return client.create_run(exp, tags=tags).info.run_id
+
+    run("alive", held)
+    run("killed", free)
+    run("elsewhere", tmp_path / "other-machine" / ".x.lock")
+    run("untagged")
+    pipe = run("pipe-stpp", free, stage="stpp")
+    run("pipe-2_reliability", parent=pipe, stage="stpp.reliability")
+    client.set_terminated(run("ended", free), "FINISHED")
+    with file_lock(held, wait=False):
+        status = collect_runs(tmp_path / "runs").set_index("name")["status"].to_dict()
+    assert status == {
+        "alive": "RUNNING",
+        "killed": "KILLED",
+        "elsewhere": "RUNNING",
+        "untagged": "RUNNING",
+        "pipe-stpp": "KILLED",
+        "pipe-2_reliability": "KILLED",
+        "ended": "FINISHED",
+    }
+
+
 def test_f1_columns_overall_and_per_modality(runs_dir):
     runs, scores = runs_dir
     by = collect_runs(runs).set_index("name")

@@ -608,6 +608,11 @@ def test_training_in_this_process_resumes_where_it_was_killed(ray_session, store
     )
     killed = kill_group_when(first, (run / "resume" / "train_state.pt").is_file, 300)
     assert killed, "the run finished before its first epoch's state was seen"
+    first.wait()
+    # MLflow keeps the killed run RUNNING for ever; compare sees that its process is gone
+    from cellst.tracking.compare import collect_runs
+
+    assert collect_runs(run / "mlflow.db")["status"].tolist() == ["KILLED"]
     again = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -621,6 +626,7 @@ def test_training_in_this_process_resumes_where_it_was_killed(ray_session, store
     # the moving average resumed too: one update per step of both runs
     state = torch.load(run / "resume" / "train_state.pt", weights_only=False)
     assert state["epoch"] == 6 and int(state["ema"]["n_averaged"]) == state["step"]
+    assert collect_runs(run / "mlflow.db")["status"].tolist() == ["FINISHED"]  # the same run
     assert "Reported metrics" not in out and "local mode" not in out  # Ray's INFO kept quiet
     # killed after its last epoch was saved (say, during the calibration): the re-run has no
     # epoch left to train and still reports the last one's metrics

@@ -18,7 +18,8 @@ import pandas as pd
 from cellst.data.store import CellStore
 from cellst.stpp.experiment import StppExperimentConfig
 from cellst.stpp.report import table_metrics
-from cellst.stpp.stages import StageRecord, read_meta, update_meta
+from cellst.stpp.stages import StageRecord, pipeline_lock, read_meta, update_meta
+from cellst.tracking.config import LOCK_TAG
 
 
 class ParentRun:
@@ -58,6 +59,7 @@ class ParentRun:
         from cellst.tracking.mlflow_utils import guarded
 
         tags = {**store_tags(store), "cellst.stage": "stpp", "cellst.stpp.pipeline": str(self.dir)}
+        tags[LOCK_TAG] = str(pipeline_lock(self.dir).resolve())  # held while it runs
         with start_run(
             self.tracking,
             self.dir,

@@ -82,6 +82,7 @@ from cellst.stpp.stages import (
     META,
     StageBook,
     StageRecord,
+    pipeline_lock,
     read_meta,
     update_meta,
 )
@@ -850,7 +851,7 @@ def run_stpp(
     pipe.until = _stage_option(pipe.book, "--until", until)
     store = pipe.preflight()
     pipe.dir.mkdir(parents=True, exist_ok=True)
-    with store_lock(pipe.dir / ".lock", what=f"the run folder {pipe.dir}"):
+    with store_lock(pipeline_lock(pipe.dir), what=f"the run folder {pipe.dir}"):
         if force_from is not None:
             names = pipe.book.force_from(force_from)
             log(f"[stpp] --force-from {force_from}: stages {', '.join(names)} will run again")
@@ -912,4 +913,4 @@ def pipeline_active(pipeline_dir: str | Path) -> bool:
     """Whether a process holds the pipeline's lock (is running it now)."""
     from cellst.fs import is_locked
 
-    return is_locked(Path(pipeline_dir) / ".lock")
+    return is_locked(pipeline_lock(pipeline_dir))

@@ -40,6 +40,11 @@ META = "pipeline.json"
 Decision = Literal["skip", "resume", "fresh"]
 
 
+def pipeline_lock(pipeline_dir: str | Path) -> Path:
+    """The file a process running the pipeline of ``pipeline_dir`` holds locked."""
+    return Path(pipeline_dir) / ".lock"
+
+
 def read_meta(pipeline_dir: str | Path) -> dict[str, Any]:
     """``pipeline.json`` of a pipeline folder (empty before the first run)."""
     p = Path(pipeline_dir) / META

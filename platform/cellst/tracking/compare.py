@@ -34,7 +34,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 import pandas as pd
 
 from cellst.config import ConfigError
-from cellst.fs import atomic_write
+from cellst.fs import atomic_write, is_locked
 from cellst.provenance import (
     PNG_SOFTWARE_KEY,
     SOFTWARE_TAG,
@@ -51,7 +51,7 @@ from cellst.provenance import (
     png_software,
 )
 from cellst.stpp.outputs import MODELS
-from cellst.tracking.config import SUPERSEDED_TAG
+from cellst.tracking.config import LOCK_TAG, SUPERSEDED_TAG
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -284,8 +284,18 @@ def _store_runs(uri: str, wanted: list[str], max_runs: int) -> tuple[pd.DataFram
     return runs_frame(raw, exps, uri), names
 
 
-def runs_frame(raw: pd.DataFrame, experiments: Mapping[str, str], uri: str) -> pd.DataFrame:
-    """``mlflow.search_runs`` output -> :func:`collect_runs` rows (pure)."""
+def runs_frame(
+    raw: pd.DataFrame,
+    experiments: Mapping[str, str],
+    uri: str,
+    lock_free: Callable[[str], bool] | None = None,
+) -> pd.DataFrame:
+    """``mlflow.search_runs`` output -> :func:`collect_runs` rows.
+
+    ``lock_free(path)`` says whether the lock file a RUNNING run names (:data:`LOCK_TAG`)
+    exists and is held by no process (:func:`lock_left_free`, the default): such a run was
+    killed."""
+    lock_free = lock_left_free if lock_free is None else lock_free
     if raw is None or raw.empty:
         return pd.DataFrame()
     runs = [_split(row) for row in raw.to_dict(orient="records")]
@@ -324,8 +334,7 @@ def runs_frame(raw: pd.DataFrame, experiments: Mapping[str, str], uri: str) -> p
                 "name": tags.get("mlflow.runName") or r["run_id"][:8],
                 "kind": kind,
                 "stage": stage,
-                # a run a re-run replaced (train --force, a changed sweep: its trials too)
-                "status": "SUPERSEDED" if _superseded(r, by_id) else r["status"],
+                "status": run_status(r, by_id, lock_free),
                 "run_id": r["run_id"],
                 "experiment": experiments.get(str(r["experiment_id"]), str(r["experiment_id"])),
                 "start_time": pd.Timestamp(start) if start is not None else pd.NaT,
@@ -337,6 +346,36 @@ def runs_frame(raw: pd.DataFrame, experiments: Mapping[str, str], uri: str) -> p
         )
     df = pd.DataFrame(rows)
     return df[[*BASE_COLUMNS, *f1_columns(df), *sorted(c for c in df if c.startswith("params."))]]
+
+
+def lock_left_free(path: str) -> bool:
+    """Whether the lock file ``path`` exists here and no process holds it: its run's process
+    is gone. False for a file this machine cannot see (a run on another machine)."""
+    try:
+        return Path(path).is_file() and not is_locked(path)
+    except OSError:  # unreadable here: no verdict
+        return False
+
+
+def run_status(
+    run: Mapping[str, Any],
+    by_id: Mapping[str, Mapping[str, Any]],
+    lock_free: Callable[[str], bool],
+) -> str:
+    """The status ``cellst compare`` shows: MLflow's, except SUPERSEDED for a run a re-run
+    replaced (``train --force``, a changed sweep; its children too) and KILLED for a
+    RUNNING run whose process is gone (its lock left free; a killed pipeline's children
+    too), which MLflow keeps RUNNING for ever."""
+    if _superseded(run, by_id):
+        return "SUPERSEDED"
+    if run["status"] != "RUNNING":
+        return run["status"]
+    parent = by_id.get(run["parent"]) if run["parent"] else None
+    for r in (run, parent):
+        lock = r["tags"].get(LOCK_TAG) if r and r["status"] == "RUNNING" else None
+        if lock and lock_free(lock):
+            return "KILLED"
+    return "RUNNING"
 
 
 def _superseded(run: Mapping[str, Any], by_id: Mapping[str, Mapping[str, Any]]) -> bool:

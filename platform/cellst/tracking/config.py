@@ -9,6 +9,10 @@ from cellst.config import Section
 #: tag of a run that a re-run replaced (``train --force``, a changed sweep): its successor's
 #: run id (:func:`cellst.tracking.mlflow_utils.mark_superseded`; ``cellst compare`` shows it)
 SUPERSEDED_TAG = "cellst.superseded_by"
+#: tag of a run whose process holds a file lock while it runs (a training's run folder, an
+#: ST++ pipeline): the lock file's path. A RUNNING run whose lock file exists and is free
+#: was killed (MLflow never heard of it ending); ``cellst compare`` shows it as KILLED
+LOCK_TAG = "cellst.lock"
 
 
 class TrackingConfig(Section):

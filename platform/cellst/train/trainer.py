@@ -40,6 +40,7 @@ from cellst.raycluster import (
     found_no_room,
     train_log_level,
 )
+from cellst.tracking.config import LOCK_TAG
 from cellst.train.checkpoints import RunPaths
 from cellst.train.config import TrainingDiverged
 
@@ -512,6 +513,7 @@ def train(
         **store_tags(store),
         "cellst.stage": "train",
         "cellst.run_name": name,
+        LOCK_TAG: str(fs.lock_beside(paths.root)),  # held while this process trains
         **(tags or {}),
     }
     with start_run(
