@@ -266,8 +266,14 @@ def test_mlflow_holds_the_run(trained, learn_store):
 
 
 def _last_train_state(folder: Path) -> dict:
-    """The resumable state of the latest epoch, from Ray Train's checkpoints."""
-    states = [torch.load(p, weights_only=False) for p in folder.rglob("train_state.pt")]
+    """The resumable state of the latest epoch, from Ray Train's checkpoints (a copy cut
+    short when a test killed the run mid-upload is not one)."""
+    states = []
+    for p in folder.rglob("train_state.pt"):
+        try:
+            states.append(torch.load(p, weights_only=False))
+        except RuntimeError:  # "failed finding central directory": a truncated copy
+            continue
     return max(states, key=lambda st: st["epoch"])
 
 
@@ -458,6 +464,7 @@ def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_pat
         "train.epochs=3",
         "train.run_name=nan",
         "train.val_every=5",
+        "train.log_every_steps=1",
     )
     steps_per_epoch = 64 // 8
     monkeypatch.setenv("CELLST_INJECT_NAN_AT_STEP", str(steps_per_epoch + 3))  # inside epoch 2
@@ -466,6 +473,57 @@ def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_pat
     assert "loss is nan" in str(exc.value)
     ck = tmp_path / "nan" / "checkpoints"
     assert (ck / "last").is_dir() and load_model(ck / "last")[2]["epoch"] == 1
+    # the losses that led there are in MLflow, up to the last finite step
+    run_id = json.loads((tmp_path / "nan" / "run.json").read_text())["mlflow_run_id"]
+    db = MlflowClient(f"sqlite:///{tmp_path / 'nan' / 'mlflow.db'}")
+    steps = [m.step for m in db.get_metric_history(run_id, "step_loss")]
+    assert sorted(steps) == list(range(1, steps_per_epoch + 3)), steps
+
+
+def test_the_controller_logs_each_kept_epochs_steps_and_a_diverged_epochs(tmp_path):
+    """``EpochMetricsToMLflow``: a checkpointed report's per-step records (kept in its
+    Ray checkpoint) with their own steps and times, then the epoch's metrics; a diverged
+    epoch's report (no checkpoint) gives its steps only."""
+    import mlflow
+    from ray.train import Checkpoint
+
+    from cellst.train.epoch_log import STEP_METRICS, EpochMetricsToMLflow, write_step_metrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("cb")).info.run_id
+    cb = EpochMetricsToMLflow(uri, run_id, tmp_path, timeout_s=5, retry_every_s=1)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    write_step_metrics(ckpt, [(1, 1_000, {"step_loss": 0.9}), (2, 2_000, {"step_loss": 0.7})])
+    cb.after_report(None, [{"epoch": 1, "train_loss": 0.8}], Checkpoint.from_directory(ckpt))
+    cb.after_report(None, [{"epoch": 1, "train_loss": 0.8}], None)  # no epoch: no scores
+    diverged = {"epoch": 2, "diverged": "loss is nan", STEP_METRICS: [(3, 3_000, {"step_loss": 5})]}
+    cb.after_report(None, [diverged], None)
+    steps = {(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, "step_loss")}
+    assert steps == {(1, 0.9, 1_000), (2, 0.7, 2_000), (3, 5.0, 3_000)}
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")] == [
+        (1, 0.8)
+    ]
+    assert mlflow.active_run() is None
+
+    # a resumed run's restored epoch that a kill kept from MLflow: logged once, from what
+    # its training state recorded
+    from cellst.tracking.buffered import PENDING_FILE, BufferedMetricLogger
+    from cellst.train.epoch_log import log_restored_epoch
+
+    logged = {"metrics": {"epoch": 3, "train_loss": 0.6}, "steps": [(7, 7_000, {"step_loss": 0.4})]}
+    logger = BufferedMetricLogger(uri, run_id, tmp_path, timeout_s=5, retry_every_s=1)
+    (tmp_path / PENDING_FILE).write_text("")  # records may wait there: no verdict
+    assert not log_restored_epoch(logger, 3, logged)
+    (tmp_path / PENDING_FILE).unlink()
+    assert not log_restored_epoch(logger, 3, None)  # a state of an earlier cellst
+    assert log_restored_epoch(logger, 3, logged)
+    assert not log_restored_epoch(logger, 3, logged)  # there now
+    losses = {(m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")}
+    assert losses == {(1, 0.8), (3, 0.6)}
+    steps = {(m.step, m.value) for m in client.get_metric_history(run_id, "step_loss")}
+    assert (7, 0.4) in steps and len(steps) == 4
 
 
 def test_ctrl_c_during_the_calibration_records_the_run_as_interrupted(
@@ -548,6 +606,8 @@ def test_rerun_resumes_interrupted_run(ray_session, store_dir, tmp_path):
         "train.val_every=10",
         "--set",
         "train.ema_decay=0.9",
+        "--set",
+        "train.log_every_steps=1",
     ]
     for o in TINY:
         args += ["--set", o]
@@ -581,6 +641,10 @@ def test_rerun_resumes_interrupted_run(ray_session, store_dir, tmp_path):
     history = MlflowClient(db).get_metric_history(run_id, "train_loss")
     steps = sorted(m.step for m in history)
     assert len(steps) == len(set(steps)) and steps[-1] == 4, steps
+    # ... and so is each step of the kept epochs, none of the discarded one twice
+    history = MlflowClient(db).get_metric_history(run_id, "step_loss")
+    steps = sorted(m.step for m in history)
+    assert steps == list(range(1, state["step"] + 1)), steps
 
 
 def test_training_in_this_process_resumes_where_it_was_killed(ray_session, store_dir, tmp_path):

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -183,14 +183,39 @@ class BufferedMetricLogger:
     # -- what callers log ----------------------------------------------------------------
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log finite numeric ``metrics`` at ``step`` (non-finite values are dropped)."""
-        clean = {}
-        for k, v in metrics.items():
-            with contextlib.suppress(TypeError, ValueError):
-                if math.isfinite(float(v)):
-                    clean[str(k)] = float(v)
-        if clean:
-            now = int(time.time() * 1000)
-            self._submit({"kind": "metrics", "step": int(step), "ts": now, "metrics": clean})
+        self.log_steps([(step, metrics, None)])
+
+    def log_steps(self, entries: Iterable[tuple[int, Mapping[str, Any], int | None]]) -> None:
+        """Log ``(step, metrics, time in ms or None for now)`` entries in one request (an
+        epoch's per-step metrics, logged once the epoch is kept)."""
+        now = int(time.time() * 1000)
+        records = []
+        for step, metrics, ts in entries:
+            clean = {}
+            for k, v in metrics.items():
+                with contextlib.suppress(TypeError, ValueError):
+                    if math.isfinite(float(v)):
+                        clean[str(k)] = float(v)
+            if clean:
+                when = now if ts is None else int(ts)
+                records.append({"kind": "metrics", "step": int(step), "ts": when, "metrics": clean})
+        if records:
+            self._submit(*records)
+
+    def has_metric_at(self, key: str, step: int) -> bool | None:
+        """Whether the run holds metric ``key`` at ``step``; None when that cannot be told
+        (no tracking, the server unreachable, or records still waiting in the pending file,
+        which may hold it)."""
+        if not (self.uri and self.run_id) or self.pending.exists():
+            return None
+        from mlflow.tracking import MlflowClient
+
+        try:
+            with http_limits(self.timeout_s, retries=1):
+                history = MlflowClient(self.uri).get_metric_history(self.run_id, key)
+        except Exception:  # noqa: BLE001 - no verdict, nothing logged
+            return None
+        return any(m.step == step for m in history)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if params:
@@ -215,26 +240,28 @@ class BufferedMetricLogger:
         self._submit({"kind": "status", "status": status, "end_time": now})
 
     # -- sending -------------------------------------------------------------------------
-    def _submit(self, record: dict[str, Any]) -> None:
+    def _submit(self, *records: dict[str, Any]) -> None:
+        """Send ``records`` (of one kind) in one request, or keep them in the pending file."""
         if not (self.uri and self.run_id):
             return
-        record = {"run_id": self.run_id, **record}
+        batch = [{"run_id": self.run_id, **r} for r in records]
         try:
             if self.down is not None or self.pending.exists():
-                self._append([record])  # behind what is already waiting, in order
+                self._append(batch)  # behind what is already waiting, in order
                 self.flush()
                 return
             try:
-                self._send([record])
+                self._send(batch)
             except Exception as exc:  # noqa: BLE001 - tracking never stops the caller
                 transient, reason = classify(exc)
                 if not transient:
-                    self._reject([json.dumps(record)], reason)
+                    self._reject([json.dumps(r) for r in batch], reason)
                     return
-                self._append([record])
+                self._append(batch)
                 self._went_down(reason)
         except Exception as exc:  # noqa: BLE001 - e.g. the run folder is not writable
-            self.echo(f"tracking: a record was lost ({type(exc).__name__}: {exc})")
+            n = f"{len(batch)} records were" if len(batch) > 1 else "a record was"
+            self.echo(f"tracking: {n} lost ({type(exc).__name__}: {exc})")
 
     def flush(self, force: bool = False) -> bool:
         """Send what the pending file holds, in order; True when nothing is left.

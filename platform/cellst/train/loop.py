@@ -90,7 +90,12 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
     from cellst.model import HoVerLoss, build_model, load_into, unwrap_model
     from cellst.tracking.buffered import BufferedMetricLogger
     from cellst.train.checkpoints import RunPaths, keep_checkpoints, keep_resume_state, save_epoch
-    from cellst.train.epoch_log import epoch_metrics
+    from cellst.train.epoch_log import (
+        STEP_METRICS,
+        epoch_metrics,
+        log_restored_epoch,
+        write_step_metrics,
+    )
     from cellst.train.selection import initial_best, update_best
     from cellst.train.step import (
         Batch,
@@ -166,6 +171,18 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
     start_epoch, step, best = 0, 0, initial_best()
     local = bool(config.get("local"))  # in the driver's process: Ray Train keeps no state
     state = _resume_state(paths, local, device)
+    if state is not None and rank == 0 and config.get("mlflow_run_id"):
+        # the epoch resumed from was kept, but a kill between keeping and logging it (in
+        # the controller, or here in local mode) left it out of MLflow: logged now, once
+        repair = BufferedMetricLogger(
+            config.get("tracking_uri"),
+            config["mlflow_run_id"],
+            paths.root,
+            timeout_s=cfg.tracking.timeout_s,
+            retry_every_s=cfg.tracking.retry_every_s,
+        )
+        log_restored_epoch(repair, state["epoch"], state.get("logged"))
+        repair.close()
     if state is not None:
         unwrap_model(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -186,7 +203,7 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
             timeout_s=cfg.tracking.timeout_s,
             retry_every_s=cfg.tracking.retry_every_s,
         )
-        if rank == 0
+        if rank == 0 and local  # else the controller logs (cellst.train.epoch_log)
         else None
     )
     snapshots = set(tcfg.snapshot_epochs())
@@ -198,6 +215,7 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
         opt.param_groups[0]["lr"] = 0.0 if frozen else opt.param_groups[1]["lr"]
         lr = opt.param_groups[1]["lr"]  # the rate this epoch trains at (starts at)
         t0, n_seen, n_steps, sums, diverged = time.perf_counter(), 0, 0, {}, None
+        step_log: list[tuple[int, int, dict[str, float]]] = []  # rank 0's step_* records
         busy = 0.0  # seconds spent stepping; the rest of the epoch waited for data
         first_batch_s = None  # stream start-up: until the first augmented batch arrived
         for _ in range(n_steps_epoch):
@@ -237,13 +255,18 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
             n_seen += len(b.image)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if logger is not None and step % tcfg.log_every_steps == 0:
-                logger.log({f"step_{k}": v for k, v in terms.items()}, step)
+            if rank == 0 and step % tcfg.log_every_steps == 0:  # logged with the epoch
+                now_ms = int(time.time() * 1000)
+                step_log.append((step, now_ms, {f"step_{k}": v for k, v in terms.items()}))
         if diverged is not None:
             store.close()
             if rank == 0:  # durable: Result.metrics follows the last *checkpointed* report
                 paths.write_state(diverged={"epoch": epoch, "message": diverged})
-            ray.train.report({"epoch": epoch, "diverged": diverged})
+            if logger is not None:  # the losses that led there (local mode)
+                logger.log_steps([(s, m, ts) for s, ts, m in step_log])
+                logger.close()
+            # ... or by the controller, from the report (there is no checkpoint to hold them)
+            ray.train.report({"epoch": epoch, "diverged": diverged, STEP_METRICS: step_log})
             return
         if not per_step:
             sched.step()
@@ -291,6 +314,8 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
                 "epoch": epoch,
                 "step": step,
                 "best": best,
+                # what MLflow gets for the epoch: a resumed run logs it if it never got there
+                "logged": {"metrics": epoch_metrics(metrics), "steps": step_log},
             }
             save_epoch(tmp, served, cfg.model, state, metrics)
             keep_checkpoints(
@@ -303,6 +328,8 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
             )
             if local:  # after the epoch's folders: a re-run never skips an unpublished epoch
                 keep_resume_state(paths, tmp)
+            else:  # Ray's copy only: the controller logs them once it holds the checkpoint
+                write_step_metrics(tmp, step_log)
             checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
             metrics["checkpoint_seconds"] = time.perf_counter() - t_ckpt
             print(
@@ -320,8 +347,9 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
         finally:
             if checkpoint is not None:  # Ray holds its own copy now: no temp folder left behind
                 shutil.rmtree(tmp.parent, ignore_errors=True)
-        if logger is not None and local:  # else the controller logs it, once it holds the
-            # epoch's checkpoint (cellst.train.epoch_log): here, the resume state is saved
+        if logger is not None:  # local mode: else the controller logs the epoch, once it
+            # holds its checkpoint (cellst.train.epoch_log); here, the resume state is saved
+            logger.log_steps([(s, m, ts) for s, ts, m in step_log])
             logger.log(epoch_metrics(metrics), epoch)
     # the store version's lease, now: Ray Train may end this process before a garbage
     # collection would (a lease left behind looks held until the next ingest drops it)
