@@ -431,8 +431,8 @@ def refresh_run_table(folder: Path, removed: Sequence[Path]) -> None:
 
 
 def why_empty(raw: np.ndarray | None) -> str:
-    """Why an image may hold no instance: ``"a blank image"`` when every pixel of ``raw``
-    has one value (nothing to segment), else ``""`` (the model found nothing)."""
+    """Why an image may hold no instance: ``"a blank image: every pixel is V"`` when every
+    pixel of ``raw`` has one value (nothing to segment), else ``""`` (the model found none)."""
     if raw is None or raw.size == 0:
         return ""
     flat = raw.reshape(-1)
