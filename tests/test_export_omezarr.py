@@ -475,10 +475,11 @@ def test_a_rewritten_export_keeps_the_users_label_images_and_files(store_with_ps
     assert {"round1", "my_annotations"} <= set(nodes(path))
 
 
-def test_unusual_pixel_sizes_are_said_and_groups_of_pruned_items_named(ray_session, tmp_path):
+def test_unusual_pixel_sizes_are_kept_and_groups_of_pruned_items_named(ray_session, tmp_path):
     """An ImageJ TIFF in cm was exported without a scale, and an OME-TIFF of non-square
-    pixels too, both without a word; the first now gets its scale, the second is named.
-    Groups of items a pruning ingest dropped were left and not mentioned; they are named."""
+    pixels too, both without a word; both now get their scale, the second its own size
+    along y and x (at every pyramid level), also in napari. Groups of items a pruning
+    ingest dropped were left and not mentioned; they are named."""
     import tifffile
 
     from cellst.data.ingest import ingest
@@ -493,13 +494,30 @@ def test_unusual_pixel_sizes_are_said_and_groups_of_pruned_items_named(ray_sessi
     tifffile.imwrite(src / "plain.tif", arr)
     ingest(src, tmp_path / "store", progress=False)
     out, lines = tmp_path / "ome", []
-    export_store(tmp_path / "store", out, progress=False, log=lines.append)
+    export_store(tmp_path / "store", out, pyramid_threshold=32, progress=False, log=lines.append)
     ms = zarr.open_group(out / "cm.ome.zarr", mode="r").attrs["ome"]["multiscales"][0]
     assert ms["axes"][1].get("unit") == "centimeter"
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"][1:] == [0.001, 0.001]
+    ms = zarr.open_group(out / "aniso.ome.zarr", mode="r").attrs["ome"]["multiscales"][0]
+    assert ms["axes"][1].get("unit") == "micrometer"
+    level0, level1 = (d["coordinateTransformations"] for d in ms["datasets"][:2])
+    assert level0[0]["scale"][1:] == pytest.approx([0.65, 0.325])
+    assert level1[0]["scale"][1:] == pytest.approx([1.3, 0.65])  # 2x blocks: their centres
+    assert level1[1]["translation"][1:] == pytest.approx([0.325, 0.1625])
+    # ome-zarr's own reader gives the same scale
+    node = next(iter(Reader(parse_url(str(out / "aniso.ome.zarr")))()))
+    scale = node.metadata["coordinateTransformations"][0][0]["scale"]
+    assert scale[1:] == pytest.approx([0.65, 0.325])
     said = " ".join(lines)
-    assert "aniso: its pixels are not square (0.325 x 0.65 µm)" in said, lines
-    assert "plain:" not in said and "cm:" not in said
+    assert "aniso:" not in said and "plain:" not in said and "cm:" not in said, lines
+    # in napari (the store reader): the layers have the file's own pixel sides
+    from cellst.napari.reader import read_store
+
+    by_name = {layer[1]["name"]: layer[1] for layer in read_store(tmp_path / "store")}
+    assert by_name["aniso"]["scale"][:2] == pytest.approx((0.65, 0.325))
+    lines.clear()  # the same export again: nothing to rewrite
+    export_store(tmp_path / "store", out, pyramid_threshold=32, progress=False, log=lines.append)
+    assert lines[-1] == "0 written, 3 unchanged", lines
     (src / "plain.tif").unlink()
     ingest(src, tmp_path / "store", prune=True, progress=False)
     lines.clear()

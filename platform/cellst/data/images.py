@@ -554,12 +554,24 @@ _UNITS = {
 }
 
 
-def pixel_size(path: str | Path) -> tuple[float, str] | None:
+#: a pixel's physical size: one side of a square pixel, or ``(y, x)`` sides of another
+PixelSize = float | tuple[float, float]
+
+
+def pixel_size(path: str | Path) -> tuple[PixelSize, str] | None:
     """The physical size of a pixel an OME-TIFF or ImageJ TIFF declares: ``(size, unit)``
-    with an OME-Zarr unit name (``"micrometer"``...), or None when the file declares none
-    that cellst trusts (other formats, plain TIFF resolution tags, non-square pixels, a
-    unit OME-Zarr does not name: :func:`ignored_pixel_size` says which)."""
+    with an OME-Zarr unit name (``"micrometer"``...); ``size`` is one number for a square
+    pixel, ``(y, x)`` for another. None when the file declares none that cellst trusts
+    (other formats, plain TIFF resolution tags, a unit OME-Zarr does not name:
+    :func:`ignored_pixel_size` says which)."""
     return _usable_pixel_size(_declared_pixel_size(path))
+
+
+def pixel_size_yx(size: PixelSize) -> tuple[float, float]:
+    """``(y, x)`` sides of a :data:`PixelSize`."""
+    if isinstance(size, tuple | list):
+        return float(size[0]), float(size[1])
+    return float(size), float(size)
 
 
 def ignored_pixel_size(path: str | Path) -> str | None:
@@ -571,22 +583,21 @@ def ignored_pixel_size(path: str | Path) -> str | None:
     sx, sy, unit = declared
     if not sx or float(sx) <= 0 or unit.strip().lower() in ("", "pixel", "pixels", "none"):
         return None  # nothing declared (an uncalibrated ImageJ TIFF: 1 x 1, no unit)
-    if _UNITS.get(unit.strip().lower()) is None:
-        return f"its pixel size {float(sx):g} {unit} has a unit OME-Zarr does not name"
-    return f"its pixels are not square ({float(sx):g} x {float(sy):g} {unit})"
+    return f"its pixel size {float(sx):g} {unit} has a unit OME-Zarr does not name"
 
 
-def _usable_pixel_size(declared: tuple[Any, Any, str] | None) -> tuple[float, str] | None:
-    """``(size, OME-Zarr unit)`` of a declared square pixel in a unit OME-Zarr names."""
+def _usable_pixel_size(declared: tuple[Any, Any, str] | None) -> tuple[PixelSize, str] | None:
+    """``(size, OME-Zarr unit)`` of a declared pixel in a unit OME-Zarr names: one number
+    for a square pixel (or one whose y size is not given), ``(y, x)`` for another."""
     if declared is None:
         return None
     sx, sy, unit = declared
     name = _UNITS.get(unit.strip().lower())
     if name is None or not sx or float(sx) <= 0:
         return None
-    if sy is not None and abs(float(sy) - float(sx)) > 1e-6 * float(sx):
-        return None
-    return float(sx), name
+    x = float(sx)
+    y = float(sy) if sy is not None and float(sy) > 0 else x
+    return (x if abs(y - x) <= 1e-6 * x else (y, x)), name
 
 
 def _declared_pixel_size(path: str | Path) -> tuple[Any, Any, str] | None:

@@ -34,6 +34,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from cellst.data.images import PixelSize, pixel_size_yx
 from cellst.fs import check_writable, staged_dir
 
 NGFF_VERSION = "0.5"
@@ -87,10 +88,13 @@ def _nearest_2x(level: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- metadata
-def check_pixel_size(pixel_size: float, unit: str | None) -> None:
-    """Raise ValueError unless ``pixel_size`` is a positive number and ``unit`` (if any) a
-    space unit NGFF allows (:data:`SPACE_UNITS`)."""
-    if not (isinstance(pixel_size, int | float) and 0 < pixel_size < float("inf")):
+def check_pixel_size(pixel_size: PixelSize, unit: str | None) -> None:
+    """Raise ValueError unless ``pixel_size`` is a positive number (or a ``(y, x)`` pair of
+    them) and ``unit`` (if any) a space unit NGFF allows (:data:`SPACE_UNITS`)."""
+    sides = tuple(pixel_size) if isinstance(pixel_size, tuple | list) else (pixel_size,)
+    if len(sides) not in (1, 2) or not all(
+        isinstance(v, int | float) and 0 < v < float("inf") for v in sides
+    ):
         raise ValueError(f"pixel size must be a positive number, got {pixel_size!r}")
     if unit is not None and unit not in SPACE_UNITS:
         raise ValueError(
@@ -108,21 +112,22 @@ def _axes(unit: str | None) -> list[dict[str, str]]:
     return axes
 
 
-def _level_transforms(k: int, pixel_size: float, block_mean: bool) -> list[dict[str, Any]]:
-    """Level ``k``'s transformations: scale ``pixel_size * 2**k`` in y, x and, for a level
-    of block means, the translation that puts each pixel at the centre of the ``2**k``
-    level-0 pixels it averages (``pixel_size * (2**k - 1) / 2``). A level that keeps every
-    ``2**k``-th pixel (labels) needs none: its pixel is that level-0 pixel."""
-    step = pixel_size * 2**k
-    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [1.0, step, step]}]
+def _level_transforms(k: int, pixel_size: PixelSize, block_mean: bool) -> list[dict[str, Any]]:
+    """Level ``k``'s transformations: scale ``pixel_size * 2**k`` in y and x (each its own
+    side of the pixel) and, for a level of block means, the translation that puts each
+    pixel at the centre of the ``2**k`` level-0 pixels it averages (``pixel_size *
+    (2**k - 1) / 2``). A level that keeps every ``2**k``-th pixel (labels) needs none: its
+    pixel is that level-0 pixel."""
+    y, x = pixel_size_yx(pixel_size)
+    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [1.0, y * 2**k, x * 2**k]}]
     if block_mean and k:
-        shift = pixel_size * (2**k - 1) / 2
-        transforms.append({"type": "translation", "translation": [0.0, shift, shift]})
+        shift = (2**k - 1) / 2
+        transforms.append({"type": "translation", "translation": [0.0, y * shift, x * shift]})
     return transforms
 
 
 def _multiscale(
-    name: str, n_levels: int, pixel_size: float, unit: str | None, kind: str, method: str
+    name: str, n_levels: int, pixel_size: PixelSize, unit: str | None, kind: str, method: str
 ) -> dict[str, Any]:
     """One ``multiscales`` entry (see :func:`_level_transforms`; ``kind`` ``local_mean``
     levels are block means)."""
@@ -297,7 +302,7 @@ def write_ome_zarr(
     pyramid_threshold: int = 2048,
     chunk: int = 256,
     *,
-    pixel_size: float = 1.0,
+    pixel_size: PixelSize = 1.0,
     unit: str | None = None,
     attributes: Mapping[str, Any] | None = None,
     label_attributes: Mapping[str, Mapping[str, Any]] | None = None,
@@ -324,9 +329,9 @@ def write_ome_zarr(
         Images whose largest side exceeds this get 2x levels until it is at most this.
     chunk : int
         Spatial chunk side.
-    pixel_size, unit : float, str, optional
-        Physical size of a level-0 pixel in ``unit`` (e.g. ``"micrometer"``); 1 pixel and
-        no unit by default.
+    pixel_size, unit : float or (float, float), str, optional
+        Physical size of a level-0 pixel in ``unit`` (e.g. ``"micrometer"``): one side of a
+        square pixel, or its ``(y, x)`` sides; 1 pixel and no unit by default.
     attributes : mapping, optional
         Extra root attributes (kept beside ``ome``, e.g. provenance under ``cellst``).
     label_attributes : mapping, optional
@@ -449,7 +454,7 @@ def _cell_measurements(label: np.ndarray, image: np.ndarray) -> Any:
     return cell_table(label, image).drop(columns="image_id")
 
 
-def source_pixel_size(row: Any) -> tuple[float, str] | None:
+def source_pixel_size(row: Any) -> tuple[PixelSize, str] | None:
     """The pixel size a store item's source file declares (an OME-TIFF's or ImageJ TIFF's,
     :func:`cellst.data.images.pixel_size`), or None: none declared, or the file is gone."""
     from cellst.data.images import pixel_size
@@ -563,7 +568,8 @@ def export_store(
                 if why := ignored_pixel_size(row.source_path):
                     log(f"{item_id}: {why}; exported in pixels (--pixel-size sets one)")
             if scale is not None:  # (absent otherwise: exports of earlier cellst match)
-                stamp["pixel_size"] = list(scale)
+                # as JSON reads it back: a (y, x) pair as a list
+                stamp["pixel_size"] = [list(v) if isinstance(v, tuple) else v for v in scale]
             out = out_dir / f"{item_id}{SUFFIX}"
             outputs.append(out)
             if out.exists() and not overwrite:

@@ -214,6 +214,7 @@ def read_store(path: PathLike, max_items: int = MAX_STORE_ITEMS) -> list[LayerDa
     """
     import warnings
 
+    from cellst.data.images import pixel_size_yx
     from cellst.data.store import CellStore
     from cellst.export.omezarr import GROUND_TRUTH, source_pixel_size
 
@@ -234,11 +235,11 @@ def read_store(path: PathLike, max_items: int = MAX_STORE_ITEMS) -> list[LayerDa
         for item_id in ids:
             row = store.row(item_id)
             declared = source_pixel_size(row)
-            size = float(declared[0]) if declared else 1.0
+            sy, sx = pixel_size_yx(declared[0]) if declared else (1.0, 1.0)
             at = (0.0, x0)
             image = [store.image(item_id)]
-            layers.append(_image_layer(image, item_id, ("y", "x", "c"), (size, size, 1.0), at))
-            yx, px = ("y", "x"), (size, size)
+            layers.append(_image_layer(image, item_id, ("y", "x", "c"), (sy, sx, 1.0), at))
+            yx, px = ("y", "x"), (sy, sx)
             if row.label_array:
                 label = [store.label(item_id)]
                 layers.append(_labels_layer(label, f"{item_id} {GROUND_TRUTH}", None, yx, px, at))
@@ -246,5 +247,5 @@ def read_store(path: PathLike, max_items: int = MAX_STORE_ITEMS) -> list[LayerDa
                 if store.pseudo_set(s).has_item(item_id) and item_id not in stale[s]:
                     label = [store.pseudo_label(s, item_id)]
                     layers.append(_labels_layer(label, f"{item_id} {s}", None, yx, px, at))
-            x0 += (int(row.width) + STORE_GAP) * size
+            x0 += (int(row.width) + STORE_GAP) * sx
     return layers
