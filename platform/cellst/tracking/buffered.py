@@ -183,14 +183,14 @@ class BufferedMetricLogger:
     # -- what callers log ----------------------------------------------------------------
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log finite numeric ``metrics`` at ``step`` (non-finite values are dropped)."""
-        self.log_steps([(step, metrics, None)])
+        self.log_steps([(step, None, metrics)])
 
-    def log_steps(self, entries: Iterable[tuple[int, Mapping[str, Any], int | None]]) -> None:
-        """Log ``(step, metrics, time in ms or None for now)`` entries in one request (an
+    def log_steps(self, entries: Iterable[tuple[int, int | None, Mapping[str, Any]]]) -> None:
+        """Log ``(step, time in ms or None for now, metrics)`` entries in one request (an
         epoch's per-step metrics, logged once the epoch is kept)."""
         now = int(time.time() * 1000)
         records = []
-        for step, metrics, ts in entries:
+        for step, ts, metrics in entries:
             clean = {}
             for k, v in metrics.items():
                 with contextlib.suppress(TypeError, ValueError):

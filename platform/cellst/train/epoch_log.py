@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.train import UserCallback
 
 from cellst.fs import atomic_write_json
+
+if TYPE_CHECKING:
+    from cellst.tracking.buffered import BufferedMetricLogger
 
 #: in an epoch's Ray checkpoint: ``[[step, time in ms, {name: value}], ...]`` of its steps
 STEP_METRICS_FILE = "step_metrics.json"
@@ -39,16 +42,16 @@ def write_step_metrics(folder: str | Path, records: list[tuple[int, int, dict]])
     atomic_write_json(Path(folder) / STEP_METRICS_FILE, [list(r) for r in records])
 
 
-def read_step_metrics(checkpoint) -> list[tuple[int, dict[str, float], int]]:
-    """The per-step records a Ray ``checkpoint`` holds, as ``(step, metrics, time in ms)``
-    for :meth:`~cellst.tracking.buffered.BufferedMetricLogger.log_steps`; [] without any."""
+def read_step_metrics(checkpoint) -> list[tuple[int, int, dict[str, float]]]:
+    """The per-step ``(step, time in ms, metrics)`` records a Ray ``checkpoint`` holds, for
+    :meth:`~cellst.tracking.buffered.BufferedMetricLogger.log_steps`; [] without any."""
     try:
         path = f"{checkpoint.path}/{STEP_METRICS_FILE}"
         with checkpoint.filesystem.open_input_stream(path) as fh:
             records = json.loads(fh.read())
     except (FileNotFoundError, OSError, ValueError):  # an older run's, or none logged
         return []
-    return [(int(step), dict(metrics), int(ts)) for step, ts, metrics in records]
+    return [(int(step), int(ts), dict(metrics)) for step, ts, metrics in records]
 
 
 def epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -58,7 +61,9 @@ def epoch_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def log_restored_epoch(logger, epoch: int, logged: dict[str, Any] | None) -> bool:
+def log_restored_epoch(
+    logger: BufferedMetricLogger, epoch: int, logged: dict[str, Any] | None
+) -> bool:
     """Log the epoch a resumed run restored, if MLflow lacks it.
 
     An epoch is logged right after it is kept (by the controller once it registered the
@@ -71,7 +76,7 @@ def log_restored_epoch(logger, epoch: int, logged: dict[str, Any] | None) -> boo
     """
     if not logged or not epoch or logger.has_metric_at("epoch", epoch) is not False:
         return False
-    logger.log_steps([(s, m, ts) for s, ts, m in logged.get("steps") or []])
+    logger.log_steps(logged.get("steps") or [])
     logger.log(logged.get("metrics") or {}, epoch)
     return True
 
@@ -112,8 +117,7 @@ class EpochMetricsToMLflow(UserCallback):
 
             self._logger = BufferedMetricLogger(*self.args, **self.kwargs)
         if checkpoint is None:  # a diverged epoch: no scores, but the losses that led there
-            steps = metrics[0].get(STEP_METRICS) or []
-            self._logger.log_steps([(s, m, ts) for s, ts, m in steps])
+            self._logger.log_steps(metrics[0].get(STEP_METRICS) or [])
             return
         self._logger.log_steps(read_step_metrics(checkpoint))
         self._logger.log(epoch_metrics(metrics[0]), int(metrics[0]["epoch"]))

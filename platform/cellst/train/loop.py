@@ -263,7 +263,7 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
             if rank == 0:  # durable: Result.metrics follows the last *checkpointed* report
                 paths.write_state(diverged={"epoch": epoch, "message": diverged})
             if logger is not None:  # the losses that led there (local mode)
-                logger.log_steps([(s, m, ts) for s, ts, m in step_log])
+                logger.log_steps(step_log)
                 logger.close()
             # ... or by the controller, from the report (there is no checkpoint to hold them)
             ray.train.report({"epoch": epoch, "diverged": diverged, STEP_METRICS: step_log})
@@ -349,7 +349,7 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
                 shutil.rmtree(tmp.parent, ignore_errors=True)
         if logger is not None:  # local mode: else the controller logs the epoch, once it
             # holds its checkpoint (cellst.train.epoch_log); here, the resume state is saved
-            logger.log_steps([(s, m, ts) for s, ts, m in step_log])
+            logger.log_steps(step_log)
             logger.log(epoch_metrics(metrics), epoch)
     # the store version's lease, now: Ray Train may end this process before a garbage
     # collection would (a lease left behind looks held until the next ingest drops it)
