@@ -92,6 +92,28 @@ def test_a_damaged_checkpoint_is_named_before_the_sweep_starts(store_dir, tmp_pa
     assert f"{ckpt / 'model.json'} is not readable JSON" in " ".join(res.output.split())
 
 
+def test_a_second_run_of_a_running_sweep_is_refused_touching_nothing(store_dir, tmp_path):
+    """Two `cellst tune` of one sweep at once wrote their trials and sweep.json into one
+    folder (and the second could start the first's over under it): while one process holds
+    the sweep's lock, another is refused in one line, exit 1, before writing anything."""
+    from cellst.fs import file_lock, lock_beside
+
+    mcfg = ModelConfig(name="hovernet-lite", width=4)
+    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(mcfg), mcfg)
+    space = {"postprocess.mask_threshold": {"uniform": [0.3, 0.7]}}
+    runs = tmp_path / "runs"
+    tune = {"checkpoint": str(ckpt), "space": space, "run_dir": str(runs), "name": "busy"}
+    cfg = _config(tmp_path / "s.yaml", store=str(store_dir), tune=tune)
+    runs.mkdir()
+    with file_lock(lock_beside(runs / "busy"), wait=False):  # the sweep's running process
+        res = runner.invoke(app, ["tune", str(cfg)])
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"sweep {runs / 'busy'} is being run by another process" in lines[0], lines
+    assert not (runs / "busy").exists()
+
+
 def test_a_stopped_trials_placement_group_is_released_and_its_run_marked(
     ray_session, tmp_path, monkeypatch
 ):
@@ -300,6 +322,11 @@ def test_postprocess_sweep_mlflow_runs_and_resume(pp_sweep):
     # the sweep records the manifest version it read, in its state and on its run
     assert state["store_version"] == CellStore(cfg.store).version
     assert parent.data.tags["store.version"] == state["store_version"]
+    # the lock its process held: `cellst compare` tells a killed sweep (and its trials) by it
+    from cellst.fs import lock_beside
+    from cellst.tracking.config import LOCK_TAG
+
+    assert parent.data.tags[LOCK_TAG] == str(lock_beside(root))
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",

@@ -42,7 +42,8 @@ from ray.tune import Callback
 
 from cellst.data.store import CellStore, StoreError
 from cellst.experiment import ExperimentConfig
-from cellst.fs import atomic_write, atomic_write_bytes, read_json
+from cellst.fs import atomic_write, atomic_write_bytes, held_by_one, lock_beside, read_json
+from cellst.tracking.config import LOCK_TAG
 from cellst.tune.space import plain
 
 
@@ -356,34 +357,36 @@ def _concurrency(cfg: ExperimentConfig, per_trial_cpus: float) -> int:
 def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> SweepResult:
     """Run (or resume) the sweep described by ``cfg.tune``; see the module docstring.
 
+    One process at a time runs a sweep: it holds the lock beside the sweep's folder
+    (:func:`cellst.fs.lock_beside`), so a second ``cellst tune`` of the same sweep is
+    refused at once instead of writing its trials and ``sweep.json`` into the same folder
+    (or starting it over under the first).
+
     Raises
     ------
     StoreError
-        Store problems found before anything runs (no labelled or validation items).
+        Store problems found before anything runs (no labelled or validation items), or
+        the sweep being run by another process.
     """
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from cellst.config import dump_config
-    from cellst.fs import atomic_write_json
-    from cellst.raycluster import ensure_ray, verbose
-    from cellst.tracking import (
-        check_tracking,
-        log_config,
-        mark_superseded,
-        resolve_tracking,
-        start_run,
-        store_tags,
-    )
-    from cellst.train.trainer import check_request, fit_cluster
-    from cellst.tune.space import to_tune
-
-    if not verbose():  # Tune's own console tables; cellst prints the results itself
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    t = cfg.tune
+    cfg, store, val_ids, inference_note = _checked_request(cfg)
     root = sweep_dir(cfg)
-    name = t.name or cfg.name
+    root.parent.mkdir(parents=True, exist_ok=True)
+    refusal = StoreError(
+        f"sweep {root} is being run by another process; wait for it to end, or choose "
+        "another tune.name"
+    )
+    with held_by_one(lock_beside(root), refusal):
+        return _run_sweep(cfg, store, val_ids, inference_note, log)
+
+
+def _checked_request(cfg: ExperimentConfig) -> tuple[ExperimentConfig, CellStore, list, str]:
+    """What a sweep checks before anything is written: the store and its validation items,
+    the checkpoint of a post-processing sweep (whose calibration's inference settings
+    fill those ``cfg`` leaves unset, said in the returned note), the tracking server."""
+    from cellst.tracking import check_tracking
+    from cellst.train.trainer import check_request
+
+    t = cfg.tune
     store, _, val_ids = check_request(cfg)
     if not val_ids:
         raise StoreError(
@@ -412,7 +415,40 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
         infer, inference_note = effective_inference(cfg.inference, t.checkpoint)
         cfg = cfg.model_copy(update={"inference": infer})
     # a dead server: one line before Ray starts, and before an earlier sweep is discarded
-    check_tracking(cfg.tracking, root, cfg.name)
+    check_tracking(cfg.tracking, sweep_dir(cfg), cfg.name)
+    return cfg, store, val_ids, inference_note
+
+
+def _run_sweep(
+    cfg: ExperimentConfig,
+    store: CellStore,
+    val_ids: list,
+    inference_note: str,
+    log: Callable[[str], None],
+) -> SweepResult:
+    """:func:`run_sweep` once its request is checked, with the sweep's lock held."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from cellst.config import dump_config
+    from cellst.fs import atomic_write_json
+    from cellst.raycluster import ensure_ray, verbose
+    from cellst.tracking import (
+        log_config,
+        mark_superseded,
+        resolve_tracking,
+        start_run,
+        store_tags,
+    )
+    from cellst.train.trainer import fit_cluster
+    from cellst.tune.space import to_tune
+
+    if not verbose():  # Tune's own console tables; cellst prints the results itself
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    t = cfg.tune
+    root = sweep_dir(cfg)
+    name = t.name or cfg.name
     ensure_ray()
     root.mkdir(parents=True, exist_ok=True)
     state_file = root / "sweep.json"
@@ -445,7 +481,12 @@ def run_sweep(cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Swee
         cfg.name,
         f"{name}-tune",
         run_id=state.get("parent_run_id") if resumed else None,
-        tags={**store_tags(store), "cellst.stage": "tune", "cellst.tune.mode": t.mode},
+        tags={
+            **store_tags(store),
+            "cellst.stage": "tune",
+            "cellst.tune.mode": t.mode,
+            LOCK_TAG: str(lock_beside(root)),  # held while this process sweeps
+        },
     ) as parent:
         parent_id = parent.info.run_id if tracking.enabled else None
         mark_superseded(tracking, root, cfg.name, state.get("replaced_run_id"), parent_id)
