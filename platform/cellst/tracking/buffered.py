@@ -208,11 +208,9 @@ class BufferedMetricLogger:
         which may hold it)."""
         if not (self.uri and self.run_id) or self.pending.exists():
             return None
-        from mlflow.tracking import MlflowClient
-
         try:
             with http_limits(self.timeout_s, retries=1):
-                history = MlflowClient(self.uri).get_metric_history(self.run_id, key)
+                history = self._mlflow().get_metric_history(self.run_id, key)
         except Exception:  # noqa: BLE001 - no verdict, nothing logged
             return None
         return any(m.step == step for m in history)
@@ -339,13 +337,18 @@ class BufferedMetricLogger:
             j += 1
         return records[i:j]
 
+    def _mlflow(self):
+        """The run's MLflow client, made once."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        return self._client
+
     def _send(self, records: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric, Param, RunTag
-        from mlflow.tracking import MlflowClient
 
-        if self._client is None:
-            self._client = MlflowClient(self.uri)
-        client = self._client
+        client = self._mlflow()
         with http_limits(self.timeout_s, retries=1):
             if records[0]["kind"] == "metrics":
                 batch = [

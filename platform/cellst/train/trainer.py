@@ -363,8 +363,13 @@ def run_folder_lock(run_path: Path):
         f"run {run_path} is being trained by another process; wait for it to end, or "
         "choose another train.run_name"
     )
-    with fs.held_by_one(fs.lock_beside(run_path), refusal):
+    with fs.held_by_one(run_lock_file(run_path), refusal):
         yield
+
+
+def run_lock_file(run_path: Path) -> Path:
+    """The lock file :func:`run_folder_lock` holds for run folder ``run_path``."""
+    return fs.lock_beside(run_path)
 
 
 def run_folder(cfg: ExperimentConfig, run_name: str | None = None) -> Path:
@@ -513,7 +518,7 @@ def train(
         **store_tags(store),
         "cellst.stage": "train",
         "cellst.run_name": name,
-        LOCK_TAG: str(fs.lock_beside(paths.root)),  # held while this process trains
+        LOCK_TAG: str(run_lock_file(paths.root)),  # held while this process trains
         **(tags or {}),
     }
     with start_run(
