@@ -455,8 +455,11 @@ def test_stacks_of_planes_are_refused_by_name_not_read_as_channels(checkpoint, i
 def test_a_tiffs_declared_channel_axis_is_followed_not_guessed(checkpoint, tmp_path):
     """A TIFF whose metadata names its channel axis is read by it: a small channel-first
     image (2 x 12 x 14) was read as 14 channels of 2 x 12, and a 20-channel multiplexed
-    image was refused as a z-stack. An image with no such metadata is still guessed."""
-    from cellst.data.images import read_array
+    image was refused as a z-stack. A short, wide image of many channels saved channels
+    last (12 x 40 x 20, axes YXC) was read as 12 channels of 40 x 20: once its axis was
+    moved last, the shape looked channels-first. An image with no such metadata is still
+    guessed, and read channels last too."""
+    from cellst.data.images import declared_shape, normalize_image, read_array
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -464,12 +467,23 @@ def test_a_tiffs_declared_channel_axis_is_followed_not_guessed(checkpoint, tmp_p
     tifffile.imwrite(folder / "small.tif", small, metadata={"axes": "CYX"})
     many = np.stack([_blobs((64, 80), np.uint16, i) for i in range(20)])
     tifffile.imwrite(folder / "multiplex.ome.tif", many, ome=True, metadata={"axes": "CYX"})
+    wide = np.stack([_blobs((12, 40), np.uint16, i) for i in range(20)], axis=-1)
+    tifffile.imwrite(folder / "wide.tif", wide, photometric="minisblack", metadata={"axes": "YXC"})
+    tifffile.imwrite(folder / "planes.tif", np.moveaxis(wide[:, :, :3], -1, 0))  # no axes
     np.testing.assert_array_equal(read_array(folder / "small.tif"), np.moveaxis(small, 0, -1))
     assert read_array(folder / "multiplex.ome.tif").shape == (64, 80, 20)
+    np.testing.assert_array_equal(read_array(folder / "wide.tif"), wide)
+    assert declared_shape(folder / "wide.tif") == (12, 40, 20)
+    image = normalize_image(read_array(folder / "wide.tif"), channel_axis=-1)
+    assert image.shape == (12, 40, 3)
+    np.testing.assert_array_equal(read_array(folder / "planes.tif"), wide[:, :, :3])
+    assert declared_shape(folder / "planes.tif") == (12, 40, 3)
     res = _segment(str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"))
     assert res.exit_code == 0, res.output
     assert tifffile.imread(tmp_path / "o" / "small_label.tiff").shape == (12, 14)
     assert tifffile.imread(tmp_path / "o" / "multiplex_label.tiff").shape == (64, 80)
+    assert tifffile.imread(tmp_path / "o" / "wide_label.tiff").shape == (12, 40)
+    assert tifffile.imread(tmp_path / "o" / "planes_label.tiff").shape == (12, 40)
 
 
 def test_cli_options_and_set_win_over_calibrated_postprocessing(

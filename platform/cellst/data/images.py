@@ -67,7 +67,8 @@ def sniff_format(path: str | Path) -> str:
 
 
 def declared_shape(path: str | Path, kind: str | None = None) -> tuple[int, ...]:
-    """The array shape a file's header declares, read without decoding any pixels."""
+    """The array shape a file's header declares, read without decoding any pixels: ``(H,
+    W)`` or ``(H, W, C)``, channels last as :func:`read_array` returns them."""
     path = Path(path)
     kind = kind or sniff_format(path)
     try:
@@ -75,8 +76,12 @@ def declared_shape(path: str | Path, kind: str | None = None) -> tuple[int, ...]
             with tifffile.TiffFile(path) as tf:
                 shape = tuple(int(n) for n in tf.series[0].shape)
                 _refuse_planes(path, tf.series[0].axes, shape)
-                c = declared_channel_axis(tf.series[0].axes, len(shape))
-                return shape if c is None else (*shape[:c], *shape[c + 1 :], shape[c])
+                if len(shape) != 3:
+                    return shape
+                c = declared_channel_axis(tf.series[0].axes, 3)
+                if c is None:
+                    c = guessed_channel_axis(shape, str(path))
+                return (*shape[:c], *shape[c + 1 :], shape[c])
         from PIL import Image
 
         with Image.open(path) as im:
@@ -133,7 +138,10 @@ def check_header(path: str | Path, max_pixels: int | None = None) -> str:
 
 
 def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = False) -> np.ndarray:
-    """Read an image file into a numpy array, keeping its dtype.
+    """Read an image file into a numpy array, keeping its dtype: ``(H, W)`` or ``(H, W,
+    C)``, channels last (a TIFF's declared channel axis moved there; an undeclared one told
+    from the shape by :func:`to_hwc`). Pass ``channel_axis=-1`` to :func:`normalize_image`:
+    a shape such as ``(12, 40, 20)`` read from a ``YXC`` TIFF looks channels-first.
 
     Parameters
     ----------
@@ -160,6 +168,8 @@ def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = F
                 c = declared_channel_axis(series.axes, arr.ndim)
                 if c is not None:  # the file says which axis holds channels: last
                     arr = np.moveaxis(arr, c, -1)
+                elif arr.ndim == 3:  # it does not: the shape tells (stacks refused)
+                    arr = to_hwc(arr, str(path))
         else:
             import imageio.v3 as iio
             from PIL import Image
@@ -182,8 +192,8 @@ def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = F
     arr = np.asarray(arr)
     if arr.size == 0:
         raise ImageFormatError(f"{path}: image is empty (shape {arr.shape})")
-    if arr.ndim == 3:
-        to_hwc(arr, str(path))  # a stack of planes is refused here, naming the file
+    if arr.ndim > 3:
+        raise ImageFormatError(f"{path}: expected a 2-D or 3-D image, got shape {arr.shape}")
     return arr
 
 
@@ -363,19 +373,29 @@ def _three_channels(hwc: np.ndarray) -> np.ndarray:
 
 
 def normalize_image(
-    arr: np.ndarray, low: float = 1.0, high: float = 99.0, name: str | Path = "image"
+    arr: np.ndarray,
+    low: float = 1.0,
+    high: float = 99.0,
+    name: str | Path = "image",
+    channel_axis: int | None = None,
 ) -> np.ndarray:
     """Any image array to ``(H, W, 3) uint8``.
 
     Grayscale is repeated to three channels, RGBA and multichannel keep their first three
     channels, two-channel images get an empty third channel; each channel is normalised
     with :func:`normalize_channel`. ``name`` (the file) starts every error message.
+    ``channel_axis`` names the channel axis of a 3-D array (``-1`` for what
+    :func:`read_array` returns); None tells it from the shape (:func:`to_hwc`).
     """
     if arr.dtype == bool:
         raise ImageFormatError(f"{name}: a 1-bit (binary) image is a mask, not a micrograph")
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise ImageFormatError(f"{name}: unsupported image dtype {arr.dtype}")
-    hwc = _three_channels(to_hwc(arr, str(name)))
+    if channel_axis is not None and arr.ndim == 3:
+        hwc = np.moveaxis(arr, channel_axis, -1)
+    else:
+        hwc = to_hwc(arr, str(name))
+    hwc = _three_channels(hwc)
     out = np.empty(hwc.shape, np.uint8)
     for i in range(3):
         out[:, :, i] = normalize_channel(hwc[:, :, i], low, high)
@@ -385,11 +405,6 @@ def normalize_image(
 def channel_axis_first(shape: tuple[int, ...]) -> bool:
     """The rule of :func:`to_hwc`: a small first axis of a 3-D array holds channels."""
     return len(shape) == 3 and shape[0] < min(shape[1], shape[2]) and shape[0] <= 16 < shape[2]
-
-
-def image_height_width(shape: tuple[int, ...]) -> tuple[int, int]:
-    """Height and width of a 2-D or 3-D image shape (channels first or last)."""
-    return (shape[1], shape[2]) if channel_axis_first(shape) else (shape[0], shape[1])
 
 
 def _histogram_range(hist: np.ndarray, offset: int, low: float, high: float) -> tuple[float, ...]:

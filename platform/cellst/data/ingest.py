@@ -62,7 +62,6 @@ from cellst.data.images import (
     check_header,
     declared_pixels,
     declared_shape,
-    image_height_width,
     normalize_image,
     normalize_tiff_tiled,
     read_array,
@@ -592,7 +591,7 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
     kind = check_header(path, cfg.max_pixels)
     shape = declared_shape(path, kind)
     if kind == "TIFF" and len(shape) in (2, 3) and declared_pixels(shape) > cfg.tiled_pixels:
-        h, w = image_height_width(shape)
+        h, w = shape[:2]
         _check_min_side(path, h, w, cfg)
         array = create_array(target, (h, w, 3), np.uint8, cfg.chunk, cfg.compression_level)
         signal = [False]
@@ -607,7 +606,11 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
         _check_signal(path, signal[0])
         return hw
     image = normalize_image(
-        read_array(path, cfg.max_pixels), cfg.low_percentile, cfg.high_percentile, name=path
+        read_array(path, cfg.max_pixels),
+        cfg.low_percentile,
+        cfg.high_percentile,
+        name=path,
+        channel_axis=-1,
     )
     h, w = image.shape[:2]
     _check_min_side(path, h, w, cfg)

@@ -435,7 +435,8 @@ def _read_folder_image(
     placeholder image and the reason), so the other images go on."""
     try:
         raw = read_array(row["path"], max_pixels)
-        image, error = normalize_image(raw, low, high, name=row["path"]), ""
+        image = normalize_image(raw, low, high, name=row["path"], channel_axis=-1)
+        error = ""
     except Exception as exc:  # noqa: BLE001 - named by the driver with the file
         image, error = np.zeros((1, 1, 3), np.uint8), first_line(exc)
     return {"id": row["id"], "image": image, "error": error}

@@ -514,7 +514,7 @@ def _write_outputs_into(
 ) -> list[Path]:
     """:func:`write_outputs`' files, written into ``out_dir`` (its staging folder); the
     OME-Zarr carries the pixel size ``source_path`` declares (:func:`pixel_size`)."""
-    from cellst.data.images import to_hwc, write_label_tiff
+    from cellst.data.images import write_label_tiff
 
     written: list[Path] = []
     tiff = out_dir / label_file_name(name)
@@ -523,7 +523,7 @@ def _write_outputs_into(
     if cfg.save_png:
         written.append(write_overlay(out_dir / f"{name}{OVERLAY_SUFFIX}.png", image, label))
     table: pd.DataFrame | None = None
-    source = to_hwc(raw, name) if raw is not None else None
+    source = None if raw is None else raw[:, :, None] if raw.ndim == 2 else raw  # (H, W, C)
     if cfg.save_csv or cfg.save_ome_zarr or cfg.save_geojson:
         from cellst.export.measure import cell_table
 
@@ -664,7 +664,10 @@ def _read(path: Path, ingest: IngestConfig) -> tuple[np.ndarray, np.ndarray]:
     from cellst.data.images import normalize_image, read_array
 
     raw = read_array(path, ingest.max_pixels)
-    return raw, normalize_image(raw, ingest.low_percentile, ingest.high_percentile, name=path)
+    image = normalize_image(
+        raw, ingest.low_percentile, ingest.high_percentile, name=path, channel_axis=-1
+    )
+    return raw, image
 
 
 def _progress(items: Sequence[Path], enabled: bool, desc: str):
