@@ -386,6 +386,38 @@ def test_scan_reports_layout_problems_together(tmp_path, synth_src):
     assert "without a label" in reasons and "duplicate id" in reasons
 
 
+def test_labels_cellst_predicted_are_refused_as_ground_truth(tmp_path):
+    """`cellst segment` writes NAME_label.tiff beside each image: ingesting that folder made
+    every image labelled by the model's own output, without a word. Such files (cellst's
+    Software tag; `predict --out` files also record their model) are named as problems, and
+    an image whose only label is one is not also called unlabelled; the user's own label
+    beside them still pairs. With every label predicted, the images are unlabelled."""
+    from cellst.data.images import write_label_tiff
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    lab = np.zeros((32, 32), np.uint16)
+    lab[4:12, 4:12], lab[16:28, 16:28] = 1, 2
+    for name in ("a", "b", "c"):
+        tifffile.imwrite(src / f"{name}.tif", rng.integers(0, 4000, (32, 32), dtype=np.uint16))
+    write_label_tiff(src / "a_label.tiff", lab)  # as `cellst segment` writes it
+    write_label_tiff(src / "b_label.tiff", lab, model_id="0123abcd")  # as `predict --out`
+    tifffile.imwrite(src / "c_label.tiff", lab)  # the user's own
+    items, problems = scan_source(src)
+    assert sorted(Path(p).name for p, why in problems if "a prediction cellst wrote" in why) == [
+        "a_label.tiff",
+        "b_label.tiff",
+    ], problems
+    assert len(problems) == 2, problems  # nothing else: a and b are not "without a label"
+    by_id = {it.id: it for it in items}
+    assert by_id["c"].label.endswith("c_label.tiff")
+    assert not by_id["a"].label and not by_id["b"].label
+    (src / "c_label.tiff").unlink()
+    items, problems = scan_source(src)
+    assert len(problems) == 2 and {it.split for it in items} == {"unlabeled"}, problems
+
+
 def test_nan_and_infinite_pixels_normalise_without_warnings():
     """A float image with NaN (masked) and infinite (saturated) pixels: NaN is background
     (0), +inf the brightest (255), -inf 0; the finite pixels are normalised as if those were
@@ -608,6 +640,12 @@ def test_an_image_and_its_label_pair_across_unicode_forms(tmp_path):
     items, problems = scan_source(src)
     assert problems == []
     assert [(it.id, Path(it.label).name) for it in items] == [(nfd, f"{nfc}_label.tiff")]
+    # two images whose names differ only in Unicode form are one name twice (were 2 items)
+    tifffile.imwrite(src / "images" / f"{nfc}.png", np.full((64, 64), 5, np.uint8))
+    _, problems = scan_source(src)
+    assert [(Path(p).name, why.split(":")[0]) for p, why in problems] == [
+        (f"{nfc}.png", f"duplicate id {nfc!r}")
+    ]
 
 
 def test_a_store_of_an_earlier_cellst_gets_the_ome_tiffs_new_id_in_place_of_the_old(

@@ -166,6 +166,13 @@ def test_collect_images_lists_folders_and_refuses_bad_requests(tmp_path, images)
     assert sum(p.name == "grey.png" for p in both) == 2
     with pytest.raises(SegmentError, match="same name 'grey'"):
         collect_images([images, other / "grey.png"], out_dir=tmp_path / "out")
+    # names that differ only in Unicode form (NFD from macOS, NFC) are one name twice
+    accents = tmp_path / "accents"
+    accents.mkdir()
+    shutil.copy(images / "grey.png", accents / "caf\u00e9.png")
+    shutil.copy(images / "grey.png", accents / "cafe\u0301.tif")
+    with pytest.raises(SegmentError, match="would overwrite each other or could not be told"):
+        collect_images([accents])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SegmentError, match="no image files"):
         collect_images([tmp_path / "empty"])

@@ -62,6 +62,7 @@ from cellst.data.images import (
     check_header,
     declared_pixels,
     declared_shape,
+    label_tiff_record,
     normalize_image,
     normalize_tiff_tiled,
     read_array,
@@ -210,6 +211,15 @@ def _label_stem(p: Path) -> str | None:
     return without_ome(stem[: -len(LABEL_SUFFIX)])
 
 
+#: why a label file that cellst itself predicted is refused as ground truth
+PREDICTED_LABEL = (
+    "a prediction cellst wrote (cellst segment or predict), not ground truth: training and "
+    "scoring on it would learn the model's own output; move the *_label.tiff files cellst "
+    "wrote out of the folder (the images are then unlabelled), or save corrected labels "
+    "under that name"
+)
+
+
 def _scan_folder(
     images_dir: Path, labels_dir: Path | None, split: str, problems: list[tuple[str, str]]
 ) -> list[SourceItem]:
@@ -224,6 +234,11 @@ def _scan_folder(
                 problems.append((str(p), "label file name must be NAME_label.tiff"))
             else:
                 label_files.append(p)
+    predicted = {p for p in label_files if label_tiff_record(p) is not None}
+    for p in sorted(predicted):  # `cellst segment` or `predict` wrote it
+        problems.append((str(p), PREDICTED_LABEL))
+    label_files = [p for p in label_files if p not in predicted]
+    refused = {name_key(_label_stem(p)) for p in predicted}  # type: ignore[arg-type]
     labels: dict[str, list[Path]] = defaultdict(list)  # by name_key: NFD and NFC names pair
     for p in label_files:
         labels[name_key(_label_stem(p))].append(p)  # type: ignore[arg-type]
@@ -242,7 +257,13 @@ def _scan_folder(
     for it in items:
         if name_key(it.id) in labels:
             it.label = str(labels[name_key(it.id)][0].absolute())
-        elif (labelled_split or split == "labeled") and split != "test":
+        elif (
+            (labelled_split or split == "labeled")
+            and split != "test"
+            and (
+                name_key(it.id) not in refused  # named above
+            )
+        ):
             where = labels_dir if labels_dir is not None else images_dir
             expected = Path(where) / f"{it.id}_label.tiff"
             folder = ", which is a folder, not a file" if expected.is_dir() else ""
@@ -285,7 +306,9 @@ def scan_source(
         split_dirs = [d for d in split_dirs if d.name not in ("images", "labels")]
     elif direct or not split_dirs:
         # a plain folder: labels beside the images or in labels/ make them labelled
-        has_labels = labels_dir is not None or any(_label_stem(p) for p in direct)
+        has_labels = labels_dir is not None or any(
+            _label_stem(p) and label_tiff_record(p) is None for p in direct
+        )
         implied = "labeled" if has_labels else "unlabeled"
         found = _scan_folder(root, labels_dir, split or implied, problems)
         folders.append((root.name, found))
@@ -500,17 +523,17 @@ def _unique_ids(
     ranked = sorted(
         folders, key=lambda f: (_SPLIT_RANK.get(f[1][0].split, 3), f[0]) if f[1] else (4, f[0])
     )
-    owner: dict[str, str] = {}  # id -> the folder that holds it
-    by_id: dict[str, list[SourceItem]] = defaultdict(list)
+    owner: dict[str, str] = {}  # name_key(id) -> the folder that holds it
+    by_id: dict[str, list[SourceItem]] = defaultdict(list)  # ids equal but for Unicode form too
     for folder, found in ranked:
         for it in found:
-            if it.id in owner and owner[it.id] != folder:
+            if name_key(it.id) in owner and owner[name_key(it.id)] != folder:
                 it.renamed_from, it.id = it.id, f"{_folder_slug(folder)}-{it.id}"
-            owner.setdefault(it.id, folder)
-            by_id[it.id].append(it)
-    for item_id, its in sorted(by_id.items()):
+            owner.setdefault(name_key(it.id), folder)
+            by_id[name_key(it.id)].append(it)
+    for _, its in sorted(by_id.items()):
         if len(its) > 1:
-            problems.append((its[1].image, f"duplicate id {item_id!r}: also {its[0].image}"))
+            problems.append((its[1].image, f"duplicate id {its[1].id!r}: also {its[0].image}"))
     return [it for _, found in folders for it in found]
 
 

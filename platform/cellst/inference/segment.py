@@ -46,7 +46,7 @@ from cellst.data.images import (
     declared_shape,
     label_file_name,
 )
-from cellst.data.layout import image_name
+from cellst.data.layout import image_name, name_key
 from cellst.errors import first_line
 from cellst.fs import process_temp_dir, remove_orphan_temp_dirs
 from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
@@ -202,11 +202,12 @@ def collect_images(
     out = Path(out_dir) if out_dir is not None else None
     by_name: dict[tuple[Path, str], Path] = {}
     for p in found:
-        key = (_out_dir(p, out).resolve(), image_name(p))
+        key = (_out_dir(p, out).resolve(), name_key(image_name(p)))  # NFD and NFC alike
         if key in by_name and by_name[key].resolve() != p.resolve():
             raise SegmentError(
-                f"{by_name[key]} and {p} have the same name {key[1]!r}; their outputs "
-                f"({label_file_name(key[1])}) would overwrite each other"
+                f"{by_name[key]} and {p} have the same name {image_name(p)!r}; their outputs "
+                f"({label_file_name(image_name(p))}) would overwrite each other or could not "
+                f"be told apart"
             )
         by_name.setdefault(key, p)
     return list(by_name.values())
