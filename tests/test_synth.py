@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,26 @@ def test_a_new_dataset_replaces_an_earlier_one_whole_and_a_users_folder_is_refus
     res = CliRunner().invoke(app, ["synth", str(mine), "--n-labeled", "1", "--n-unlabeled", "0"])
     assert res.exit_code == 1 and "holds no synthetic dataset" in res.output, res.output
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_users_files_in_an_earlier_dataset_are_never_deleted(tmp_path):
+    """Synthesising again into an earlier dataset's folder deleted everything in it, the
+    user's own files too (notes, a folder of corrected labels, an image added by hand).
+    Such a folder is refused in one line naming them, and nothing in it changes."""
+    from typer.testing import CliRunner
+
+    from cellst.cli import app
+
+    out = tmp_path / "data"
+    synthesize_dataset(out, 2, 0, 1, seed=1, min_size=64, max_size=64, progress=False)
+    (out / "notes.txt").write_text("keep")
+    shutil.copytree(out / "test" / "labels", out / "test" / "labels_corrected")
+    shutil.copy(out / "labeled" / "images" / "cell_00001.tif", out / "labeled/images/mine.tif")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    args = ["synth", str(out), "--n-labeled", "1", "--n-unlabeled", "0", "--n-test", "0"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    line = res.output.strip()
+    assert "\n" not in line and "holds files cellst synth did not write" in line, res.output
+    assert "(labeled/images/mine.tif, notes.txt, test/labels_corrected)" in line
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before

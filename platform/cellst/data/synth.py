@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from cellst.fs import atomic_write, staged_dir
 __all__ = [
     "MODALITIES",
     "SPLITS",
+    "SynthError",
     "image_extension",
     "synth_image",
     "synthesize_dataset",
@@ -57,6 +59,12 @@ _SPLIT_CODE = {"labeled": 0, "unlabeled": 1, "test": 2}
 _SPLIT_PREFIX = {"labeled": "cell", "unlabeled": "unlabeled", "test": "test"}
 _MIN_CELL_PX = 15
 _RADIUS_RANGE = (5.0, 30.0)
+
+
+class SynthError(ValueError):
+    """A request ``cellst synth`` refuses (bad sizes or counts, a folder it must not
+    replace); the message names the value or the folder."""
+
 
 # Optical-density stain vectors (RGB) for Beer-Lambert rendering of stained brightfield.
 _HEMATOXYLIN = np.array([0.650, 0.704, 0.286])
@@ -583,7 +591,8 @@ def synthesize_dataset(
     Parameters
     ----------
     out : pathlib.Path
-        Output root; created if missing.  Existing files with the same names are replaced.
+        Output root; created if missing. A folder of an earlier dataset is replaced whole;
+        any other non-empty folder, or one holding files besides the dataset, is refused.
     n_labeled, n_unlabeled, n_test : int
         Number of images per split (``labeled`` and ``test`` also get label files).
     seed : int
@@ -605,15 +614,15 @@ def synthesize_dataset(
     out = Path(out)
     mods = tuple(modalities)
     if not mods:
-        raise ValueError("at least one modality is required")
+        raise SynthError("at least one modality is required")
     for m in mods:
         if m not in _RENDERERS:
-            raise ValueError(f"unknown modality {m!r}; expected one of {MODALITIES}")
+            raise SynthError(f"unknown modality {m!r}; expected one of {MODALITIES}")
     if not 8 <= min_size <= max_size:
-        raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
+        raise SynthError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
     counts = {"labeled": int(n_labeled), "unlabeled": int(n_unlabeled), "test": int(n_test)}
     if any(v < 0 for v in counts.values()):
-        raise ValueError(f"negative image count: {counts}")
+        raise SynthError(f"negative image count: {counts}")
 
     _check_target(out)
     with staged_dir(out) as stage:  # a killed run leaves the earlier dataset, or none
@@ -622,17 +631,44 @@ def synthesize_dataset(
     return summary
 
 
+def _written_by_synth(rel: Path) -> bool:
+    """Whether ``rel`` (a path inside a dataset folder) is one that :func:`write_synthetic`
+    writes: ``synth.json``, ``modalities.csv``, the split folders, and their images and
+    labels by name (``labeled/images/cell_00001.png``, ``test/labels/test_00002_label.tiff``)."""
+    parts = rel.parts
+    if len(parts) == 1:
+        return parts[0] in ("synth.json", MODALITIES_FILE, *SPLITS)
+    if parts[0] not in SPLITS or parts[1] not in ("images", "labels") or len(parts) > 3:
+        return False
+    if len(parts) == 2:
+        return True
+    prefix = re.escape(_SPLIT_PREFIX[parts[0]])
+    name = r"_label\.tiff" if parts[1] == "labels" else r"\.(tif|tiff|png|jpg|bmp)"
+    return re.fullmatch(rf"{prefix}_\d{{5}}{name}", parts[2]) is not None
+
+
 def _check_target(out: Path) -> None:
-    """Refuse to write over a folder that is not an earlier synthetic dataset: it is
-    replaced whole (an earlier dataset of other sizes would otherwise keep images the new
-    one does not have, and mix with it)."""
+    """Refuse to write over a folder that is not an earlier synthetic dataset, or that
+    holds files besides one: it is replaced whole (an earlier dataset of other sizes would
+    otherwise keep images the new one does not have, and mix with it), and a user's own
+    files in it (notes, corrected labels, an image added by hand) would go with it."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file; give a folder for the synthetic dataset")
+        raise SynthError(f"{out} is a file; give a folder for the synthetic dataset")
     if out.is_dir() and any(out.iterdir()) and not (out / "synth.json").is_file():
-        raise ValueError(
+        raise SynthError(
             f"{out} is not empty and holds no synthetic dataset of cellst (no synth.json); "
             "give a new or empty folder"
         )
+    if out.is_dir():
+        foreign = sorted(p.relative_to(out) for p in out.rglob("*"))
+        foreign = [p for p in foreign if not _written_by_synth(p)]
+        others = [str(p) for p in foreign if not any(q in p.parents for q in foreign)]
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if others[3:] else "")
+            raise SynthError(
+                f"{out} holds files cellst synth did not write ({shown}); writing the dataset "
+                "again replaces the folder whole, so move them out or give a new folder"
+            )
 
 
 def _write_dataset(
