@@ -22,6 +22,7 @@ from skimage.measure import regionprops_table
 from cellst.data.store import CellStore, StoreError, write_array
 from cellst.export.omezarr import (
     GROUND_TRUTH,
+    SEGMENTATION,
     export_store,
     label_color,
     read_label_metadata,
@@ -287,8 +288,21 @@ def test_export_store_matches_the_store_and_resumes(store_with_pseudo, tmp_path)
     # a folder that is not a cellst export is never replaced without overwrite
     foreign = tmp_path / "foreign"
     (foreign / f"{ids[0]}.ome.zarr").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="not a cellst export; pass --overwrite"):
+    with pytest.raises(FileExistsError, match="not a cellst export; export into another"):
         export_store(store_with_pseudo, foreign, items=[ids[0]], progress=False)
+    # nor is `cellst segment`'s output of an image of that name: its segmentation was lost
+    segmented = tmp_path / "segmented" / f"{ids[0]}.ome.zarr"
+    label = np.zeros((16, 16), np.int32)
+    label[2:6, 2:6] = 1
+    write_ome_zarr(
+        segmented,
+        np.zeros((16, 16), np.uint16),
+        labels={SEGMENTATION: label},
+        attributes={"cellst": {"command": "segment", "image": ids[0]}},
+    )
+    with pytest.raises(FileExistsError, match="is `cellst segment`'s output; export into"):
+        export_store(store_with_pseudo, segmented.parent, items=[ids[0]], progress=False)
+    np.testing.assert_array_equal(read_ome_zarr(segmented)[1][SEGMENTATION], label)
 
 
 def test_export_store_without_pseudo(store_with_pseudo, tmp_path):

@@ -574,10 +574,11 @@ def export_store(
             outputs.append(out)
             if out.exists() and not overwrite:
                 old = cellst_provenance(out)
-                if old is None:
+                if old is None or old.get("command") == "segment":
+                    what = "`cellst segment`'s output" if old else "not a cellst export"
                     raise FileExistsError(
-                        f"{out} exists and is not a cellst export; pass --overwrite "
-                        "(overwrite=True) to replace it"
+                        f"{out} exists and is {what}; export into another folder, or pass "
+                        "--overwrite (overwrite=True) to replace it"
                     )
                 keys = (set(stamp) | set(old)) - {"store"}  # a key only one of them has counts
                 if {k: old.get(k) for k in keys} == {k: stamp.get(k) for k in keys}:
@@ -593,7 +594,7 @@ def export_store(
                 label_attrs[s] = {"cellst": {"pseudo_set": s, **store.pseudo_set_info(s)}}
             props = {k: measure(v, image) for k, v in labels.items()} if measure else None
             # a cellst export keeps a user's additions; --overwrite of another folder does not
-            ours = out.exists() and cellst_provenance(out) is not None
+            ours = out.exists() and "item" in (cellst_provenance(out) or {})
             entries, user_labels = foreign_content(out) if ours else ([], [])
             kept = [*entries, *(f"labels/{n}" for n in user_labels)]
             write_ome_zarr(
