@@ -380,12 +380,18 @@ def test_cli_export_pixel_size_is_the_scale_viewers_read(store_with_pseudo, tmp_
     assert "1 written" in res.output, res.output
     node = nodes(group)[f"{one}.ome.zarr"]
     assert node.metadata["axes"][1]["unit"] == "nanometer"
+    # as people and TIFF writers spell units (they were refused as not NGFF's names)
+    for spelt in ("nm", "um", "\u00b5m", "microns"):
+        res = runner.invoke(app, [*args, "--pixel-size", "325", "--unit", spelt])
+        assert res.exit_code == 0, res.output
+        want = "nanometer" if spelt == "nm" else "micrometer"
+        assert nodes(group)[f"{one}.ome.zarr"].metadata["axes"][1]["unit"] == want
     assert node.metadata["coordinateTransformations"][0][0]["scale"] == [1.0, 325.0, 325.0]
     # without --pixel-size again: the source's (none declared here), not the last one given
     res = runner.invoke(app, args)
     assert "1 written" in res.output, res.output
     assert "unit" not in nodes(group)[f"{one}.ome.zarr"].metadata["axes"][1]
-    for bad, name in ((["--pixel-size", "0"], "--pixel-size"), (["--unit", "microns"], "--unit")):
+    for bad, name in ((["--pixel-size", "0"], "--pixel-size"), (["--unit", "furlong"], "--unit")):
         res = runner.invoke(app, [*args, "--pixel-size", "1", *bad])
         assert res.exit_code == 2 and name in res.output and "Traceback" not in res.output
     assert "unit" not in nodes(group)[f"{one}.ome.zarr"].metadata["axes"][1]  # unchanged

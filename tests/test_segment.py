@@ -789,7 +789,11 @@ def test_the_ome_zarr_keeps_the_pixel_size_an_imagej_or_ome_tiff_declares(checkp
     tifffile.imwrite(folder / "ome.ome.tif", arr, ome=True,
                      metadata={"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})  # fmt: skip
     tifffile.imwrite(folder / "plain.tif", arr)
+    # Fiji writes a micro sign as the escape \\u00B5m in its description: it was dropped
+    tifffile.imwrite(folder / "fiji.tif", arr, imagej=True, resolution=(1 / 0.65, 1 / 0.65),
+                     metadata={"unit": "\\u00B5m"})  # fmt: skip
     assert pixel_size(folder / "plain.tif") is None
+    assert pixel_size(folder / "fiji.tif") == (pytest.approx(0.65), "micrometer")
     out = tmp_path / "out"
     res = _segment(
         str(folder), "--checkpoint", str(checkpoint), "--out", str(out), "--save-ome-zarr"
@@ -798,7 +802,7 @@ def test_the_ome_zarr_keeps_the_pixel_size_an_imagej_or_ome_tiff_declares(checkp
     # an OME-TIFF's outputs are named without its ".ome": ome_label.tiff, ome.ome.zarr
     assert (out / "ome_label.tiff").is_file() and not (out / "ome.ome_label.tiff").exists()
     for name, size, unit in (("ij", 0.325, "micrometer"), ("ome", 0.5, "micrometer"),
-                             ("plain", 1.0, None)):  # fmt: skip
+                             ("fiji", 0.65, "micrometer"), ("plain", 1.0, None)):  # fmt: skip
         ome = zarr.open_group(out / f"{name}.ome.zarr", mode="r").attrs["ome"]["multiscales"][0]
         assert ome["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx(
             [1.0, size, size]

@@ -947,7 +947,7 @@ def export(
         ),
     ] = None,
     unit: Annotated[
-        str, typer.Option(help="unit of --pixel-size: micrometer, nanometer, ...")
+        str, typer.Option(help="unit of --pixel-size: micrometer (um), nanometer (nm), ...")
     ] = "micrometer",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="rewrite every export")] = False,
 ) -> None:
@@ -957,9 +957,11 @@ def export(
     the ome-zarr package, Fiji (MoBIE / n5-viewer) and QuPath's OME-Zarr support. Label
     images carry colours and the per-cell measurements. Re-running skips unchanged items.
     """
+    from cellst.data.images import ome_unit
     from cellst.data.store import CellStore
     from cellst.export.omezarr import check_pixel_size, export_store
 
+    unit = ome_unit(unit) or unit  # um, \u00b5m, micron: micrometer
     try:
         check_pixel_size(1.0 if pixel_size is None else pixel_size, unit)
     except ValueError as exc:

@@ -569,6 +569,20 @@ _UNITS = {
 }
 
 
+def ome_unit(unit: str) -> str | None:
+    """The OME-Zarr (NGFF) name of a length unit as TIFF writers and users spell it
+    (``"um"``, ``"\u00b5m"``, ``"micron"``, ``"micrometer"``...), or None for one it does
+    not name. ImageJ writes a micro sign into its description as the escape ``\\u00B5m``,
+    which is read here as the sign it stands for."""
+    text = unit.strip()
+    if "\\u" in text and text.isascii():
+        try:
+            text = text.encode("ascii").decode("unicode_escape")
+        except UnicodeDecodeError:
+            pass
+    return _UNITS.get(text.lower())
+
+
 #: a pixel's physical size: one side of a square pixel, or ``(y, x)`` sides of another
 PixelSize = float | tuple[float, float]
 
@@ -607,7 +621,7 @@ def _usable_pixel_size(declared: tuple[Any, Any, str] | None) -> tuple[PixelSize
     if declared is None:
         return None
     sx, sy, unit = declared
-    name = _UNITS.get(unit.strip().lower())
+    name = ome_unit(unit)
     if name is None or not sx or float(sx) <= 0:
         return None
     x = float(sx)
