@@ -342,6 +342,35 @@ def test_labels_written_beside_their_images_are_scored_and_the_images_never_are(
     assert report["missing"] == ["b"] and report["f1"] == 0.5
 
 
+def test_intensity_images_given_as_predictions_are_warned_about(tmp_path):
+    """``--pred`` at the image folder by mistake: its TIFFs were scored as label maps of
+    thousands of tiny cells, F1 0 and exit 0 without a word. One warning names the first
+    such file and how many more; label maps (the ground truth here) are not named."""
+    gt_maps = {}
+    for name in ("a", "b"):
+        gt = np.zeros((64, 64), np.uint16)
+        for k, (r, c) in enumerate([(8, 8), (8, 40), (40, 8), (40, 40)], start=1):
+            gt[r : r + 12, c : c + 12] = k
+        gt_maps[name] = gt
+    gt_dir, _ = _folders(tmp_path, gt_maps, {})
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        noisy = rng.normal(500, 60, (64, 64)) + 2000 * (gt_maps[name] > 0)
+        tifffile.imwrite(images / f"{name}.tif", noisy.clip(0, 65535).astype(np.uint16))
+    res = _evaluate(gt_dir, images, tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert f"warning: prediction {images / 'a.tif'} and 1 other(s) looks like an intensity" in (
+        text
+    ), res.output
+    assert "ground truth" not in text.split("looks like")[0].split("warning:")[-1]
+    assert text.count("looks like an intensity image") == 1
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert set(report["scattered"]["pred"]) == {"a", "b"} and report["scattered"]["gt"] == {}
+
+
 def test_a_binary_ground_truth_is_warned_about(tmp_path):
     two = _cell()
     two[24:30, 2:8] = 1  # a second cell with the same value

@@ -1084,6 +1084,20 @@ def _warn_unmatched(report: dict, pred: Path, pred_set: str | None) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    scattered = report.get("scattered") or {}
+    for side, folder in (("pred", where), ("gt", report.get("gt"))):
+        if found := scattered.get(side):
+            name, (values, pieces) = next(iter(sorted(found.items())))
+            what = str(files[name]) if side == "pred" and name in files else f"{name!r} in {folder}"
+            others = f" and {len(found) - 1} other(s)" if len(found) > 1 else ""
+            kind = "prediction" if side == "pred" else "ground truth"
+            err_console.print(
+                f"[yellow]warning:[/] {kind} {what}{others} looks like an intensity image, not "
+                f"a label map: its {values} values lie in {pieces} separate pieces (a label "
+                "map gives each cell one value); is this the image folder?",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def print_whole(renderable, out: Console | None = None) -> None:

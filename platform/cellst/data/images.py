@@ -666,6 +666,27 @@ def binary_regions(label: np.ndarray) -> int:
     return n if n > 1 else 0
 
 
+def scattered_values(label: np.ndarray) -> tuple[int, int] | None:
+    """``(values, pieces)`` of a map whose values each lie in many separate pieces, as an
+    intensity image's grey levels do and a label map's cells do not (at least twice as many
+    8-connected pieces as values, and 10 pieces); None for an instance map, or a binary mask
+    (:func:`binary_regions`).
+
+    An image given where label maps were expected (``--pred`` at the image folder) is
+    otherwise scored as thousands of tiny cells, F1 near 0, with no hint why.
+    """
+    fg = label > 0
+    if not fg.any():
+        return None
+    values = int(np.unique(label[fg]).size)
+    if values < 2:
+        return None
+    from skimage.measure import label as connected
+
+    pieces = int(connected(label, background=0, connectivity=2).max())
+    return (values, pieces) if pieces >= max(2 * values, 10) else None
+
+
 def validate_label(label: np.ndarray, image_shape: tuple[int, int], name: str) -> np.ndarray:
     """Check an instance map and return it as int32, relabelled 1..N.
 

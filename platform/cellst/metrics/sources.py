@@ -147,7 +147,9 @@ def evaluate_sources(
     A ground-truth item without prediction scores F1 0 and is listed under ``missing``; a
     prediction that is a binary mask (:func:`cellst.data.images.binary_regions`) is scored
     as it is (one cell) and listed under ``binary`` with its number of regions; a ground
-    truth that is one under ``binary_gt``.
+    truth that is one under ``binary_gt``. Maps that look like intensity images
+    (:func:`cellst.data.images.scattered_values`) are listed under ``scattered["pred"]``
+    and ``scattered["gt"]``.
     ``per_cell`` adds the per-cell match results (``cells.csv`` in ``out``).
     """
     if pred_set is None and is_store(pred):
@@ -169,9 +171,10 @@ def evaluate_sources(
     modalities = {**p.modalities, **g.modalities}
     binary: dict[str, int] = {}
 
-    from cellst.data.images import binary_regions
+    from cellst.data.images import binary_regions, scattered_values
 
     binary_gt: dict[str, int] = {}
+    scattered: dict[str, dict[str, tuple[int, int]]] = {"pred": {}, "gt": {}}
 
     def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray | None, str | None]]:
         for name in tqdm(sorted(g.loaders), desc="evaluate", unit="img", disable=not progress):
@@ -186,6 +189,9 @@ def evaluate_sources(
                 binary[name] = regions
             if regions := binary_regions(gt_map):
                 binary_gt[name] = regions
+            for side, a_map in (("pred", pred_map), ("gt", gt_map)):
+                if a_map is not None and (found := scattered_values(a_map)):
+                    scattered[side][name] = found
             yield name, gt_map, pred_map, modalities.get(name)
 
     report = evaluate_pairs(
@@ -194,6 +200,8 @@ def evaluate_sources(
     report["extra"] = sorted(set(p.loaders) - set(g.loaders))
     report["binary"] = binary  # name -> regions of predictions that are binary masks
     report["binary_gt"] = binary_gt  # ... and of ground-truth maps
+    # name -> (values, pieces) of maps that look like intensity images, per side
+    report["scattered"] = scattered
     report["gt"] = g.description
     report["pred"] = p.description
     if out is not None:
