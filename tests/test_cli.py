@@ -428,3 +428,35 @@ def test_a_stale_record_of_the_last_cluster_is_not_joined(tmp_path, monkeypatch,
     assert not recorded_cluster_answers()
     err = capsys.readouterr().err
     assert f"last started on this machine (127.0.0.1:{dead}) does not answer" in err, err
+
+
+def test_cellsts_warnings_are_one_line_each_once(tmp_path, capsys):
+    """A checkpoint whose postprocess.json was calibrated for other weights: Python showed
+    `/.../calibrate.py:446: UserWarning: ...` with the source line under it, and again from
+    a second caller. The console script shows `warning: ...` once; other packages'
+    warnings keep Python's form."""
+    import warnings
+
+    from cellst.cli import warnings_as_lines
+    from cellst.model.checkpoint_files import POSTPROCESS_FILE, POSTPROCESS_FORMAT
+    from cellst.postprocess.calibrate import _recorded_inference, effective_postprocess
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.pt").write_bytes(b"weights")
+    record = {"format": POSTPROCESS_FORMAT, "weights_sha256": "0" * 64, "settings": {}}
+    (ckpt / POSTPROCESS_FILE).write_text(json.dumps(record))
+    with warnings.catch_warnings(record=True) as python_shown, warnings_as_lines():
+        warnings.simplefilter("default")
+        assert "not calibrated" in effective_postprocess(None, ckpt)[1]
+        assert _recorded_inference(ckpt) is None  # a second place asks again
+        warnings.warn_explicit("not ours", UserWarning, "/elsewhere/pkg.py", 7)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    ours = [ln for ln in lines if "calibrated for other weights" in ln]
+    assert len(ours) == 1 and ours[0].startswith("warning: "), err
+    assert "UserWarning" not in ours[0] and ".py:" not in ours[0]
+    assert "not ours" not in err  # Python's own display has it (here: the recorder)
+    assert [(str(w.message), w.filename) for w in python_shown] == [
+        ("not ours", "/elsewhere/pkg.py")
+    ]

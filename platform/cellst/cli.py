@@ -1153,13 +1153,49 @@ def _interrupted_after_the_command(signum: int, frame: Any) -> None:
     os._exit(130)
 
 
+@contextlib.contextmanager
+def warnings_as_lines():
+    """Show cellst's own warnings as one ``warning: ...`` line each, once per message.
+
+    Python prints ``/path/to/module.py:446: UserWarning: ...`` followed by the source line
+    that warned, and once per place that warns, so one problem seen by two callers came
+    twice, with code in it. Warnings of other packages keep Python's form.
+    """
+    import warnings
+
+    from rich.text import Text
+
+    package = Path(__file__).resolve().parent
+    original = warnings.showwarning
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        try:
+            ours = Path(filename).resolve().is_relative_to(package)
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            return original(message, category, filename, lineno, file, line)
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            err_console.print(Text.assemble(("warning:", "yellow"), " ", text), soft_wrap=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def main() -> None:
     """Entry point of the ``cellst`` console script."""
     import signal
 
     skip_monai_extras()
     try:
-        app(prog_name="cellst")
+        with warnings_as_lines():
+            app(prog_name="cellst")
     finally:
         signal.signal(signal.SIGINT, _interrupted_after_the_command)
 
