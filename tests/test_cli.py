@@ -71,6 +71,18 @@ def test_help_paragraphs_flow_to_the_terminal_width(cmd):
         assert not short, f"cellst {' '.join(cmd)} --help: {short}\n{text}"
 
 
+@pytest.mark.parametrize("cmd", [[c] for c in COMMANDS] + SUBCOMMANDS, ids=" ".join)
+def test_option_names_are_whole_in_an_80_column_terminal(cmd):
+    """typer's options table cut long names at 80 columns (`--rescale-diame…`,
+    `--exclude-on-ed…`), so the help did not say what to type: they fold instead."""
+    import re
+
+    res = runner.invoke(app, [*cmd, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert res.exit_code == 0, res.output
+    cut = re.findall(r"--[\w-]*\u2026", res.output)
+    assert not cut, f"cellst {' '.join(cmd)} --help cuts {cut}:\n{res.output}"
+
+
 @pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=" ".join)
 def test_every_subcommand_has_help(cmd):
     res = runner.invoke(app, [*cmd, "--help"])

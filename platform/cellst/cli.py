@@ -39,6 +39,30 @@ app = typer.Typer(
 #: piped or logged output gets 120 columns (rich would use 80); tables are printed whole
 #: (:func:`print_whole`) whatever the width
 console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+def _fold_option_names() -> None:
+    """Let ``--help`` fold a long option name onto a second line in a narrow terminal:
+    typer's options table cut it (``--rescale-diame…`` at 80 columns), so the flag a user
+    must type could not be read. Its highlighters make the name cells; they now fold."""
+    from typer import rich_utils
+
+    class Folding:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __call__(self, text):
+            out = self.inner(text)
+            out.overflow = "fold"
+            return out
+
+    for name in ("highlighter", "negative_highlighter"):
+        current = getattr(rich_utils, name)
+        if not isinstance(current, Folding) and type(current).__name__ != "Folding":
+            setattr(rich_utils, name, Folding(current))
+
+
+_fold_option_names()
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 ConfigOpt = Annotated[
