@@ -446,14 +446,20 @@ def test_stacks_of_planes_are_refused_by_name_not_read_as_channels(checkpoint, i
     )
     tifffile.imwrite(images / "planes.tif", np.stack([plane] * 20))  # no axes metadata
     tifffile.imwrite(images / "channels.tif", np.stack([plane] * 3))  # 3 pages: channels
+    # a line of pixels: ingest refuses it (ingest.min_side); segment "found no cells" in it
+    tifffile.imwrite(images / "line.tif", plane[:1])
     res = _segment(str(images), "--checkpoint", str(checkpoint))
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
+    assert f"{images / 'line.tif'}: image is 1 x 80 pixels, smaller than ingest.min_side=8" in (
+        " ".join(res.output.split())
+    )
+    assert not (images / "line_label.tiff").exists()
     assert f"{images / 'zstack.tif'}: a z-stack of 4 planes (axes ZYX" in res.output
     assert f"{images / 'planes.tif'}: a 3-D image of shape (20, 64, 80) has no channel axis" in (
         res.output
     )
-    assert "2 of 7 image(s) could not be segmented" in res.output
+    assert "3 of 8 image(s) could not be segmented" in res.output
     assert tifffile.imread(images / "channels_label.tiff").shape == (64, 80)
     assert not (images / "zstack_label.tiff").exists()
     assert not (images / "planes_label.tiff").exists()

@@ -650,6 +650,21 @@ def _declared_pixel_size(path: str | Path) -> tuple[Any, Any, str] | None:
     return sx, sy, unit
 
 
+def check_min_side(path: str | Path, h: int, w: int, min_side: int) -> None:
+    """Refuse an image with a side under ``min_side`` pixels (``ingest.min_side``): a line or
+    a thumbnail, which the model cannot segment; the same rule for ingest and segment.
+
+    Raises
+    ------
+    ImageFormatError
+        Naming the file, its size and the setting.
+    """
+    if min(h, w) < min_side:
+        raise ImageFormatError(
+            f"{path}: image is {h} x {w} pixels, smaller than ingest.min_side={min_side}"
+        )
+
+
 def binary_regions(label: np.ndarray) -> int:
     """Separate regions of a label map that gives every cell the same value (a semantic
     mask, e.g. 0/255); 0 for an instance map (values differ, or one region only).

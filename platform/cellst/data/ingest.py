@@ -60,6 +60,7 @@ from cellst.data.images import (
     ImageFormatError,
     binary_regions,
     check_header,
+    check_min_side,
     declared_pixels,
     declared_shape,
     label_tiff_record,
@@ -615,7 +616,7 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
     shape = declared_shape(path, kind)
     if kind == "TIFF" and len(shape) in (2, 3) and declared_pixels(shape) > cfg.tiled_pixels:
         h, w = shape[:2]
-        _check_min_side(path, h, w, cfg)
+        check_min_side(path, h, w, cfg.min_side)
         array = create_array(target, (h, w, 3), np.uint8, cfg.chunk, cfg.compression_level)
         signal = [False]
 
@@ -636,7 +637,7 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
         channel_axis=-1,
     )
     h, w = image.shape[:2]
-    _check_min_side(path, h, w, cfg)
+    check_min_side(path, h, w, cfg.min_side)
     _check_signal(path, bool(image.any()))
     write_array(target, image, cfg.chunk, cfg.compression_level)
     return h, w
@@ -650,13 +651,6 @@ def _check_signal(path: str, any_signal: bool) -> None:
         raise ImageFormatError(
             f"{path}: the image holds no signal: it normalises to all black (every pixel 0 or "
             "NaN, or no contrast, or signal only beyond the first three channels)"
-        )
-
-
-def _check_min_side(path: str, h: int, w: int, cfg: IngestConfig) -> None:
-    if min(h, w) < cfg.min_side:
-        raise ImageFormatError(
-            f"{path}: image is {h} x {w} pixels, smaller than ingest.min_side={cfg.min_side}"
         )
 
 

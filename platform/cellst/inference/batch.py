@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from cellst.data.datasource import READ_CPUS
 from cellst.data.images import (
+    check_min_side,
     label_file_name,
     label_tiff_record,
     normalize_image,
@@ -428,13 +429,18 @@ def postprocess_and_write(
 
 
 def _read_folder_image(
-    row: dict[str, Any], low: float = 1.0, high: float = 99.0, max_pixels: int | None = None
+    row: dict[str, Any],
+    low: float = 1.0,
+    high: float = 99.0,
+    max_pixels: int | None = None,
+    min_side: int = 1,
 ) -> dict[str, Any]:
     """Read one image file and normalise it as ``cellst ingest`` does with the ``ingest``
     section's percentiles; a file that cannot be read becomes an error row (a 1-pixel
     placeholder image and the reason), so the other images go on."""
     try:
         raw = read_array(row["path"], max_pixels)
+        check_min_side(row["path"], raw.shape[0], raw.shape[1], min_side)
         image = normalize_image(raw, low, high, name=row["path"], channel_axis=-1)
         error = ""
     except Exception as exc:  # noqa: BLE001 - named by the driver with the file
@@ -914,6 +920,7 @@ def predict(
                     "low": norm.low_percentile,
                     "high": norm.high_percentile,
                     "max_pixels": norm.max_pixels,
+                    "min_side": norm.min_side,
                 },
                 num_cpus=READ_CPUS,
             )

@@ -662,9 +662,10 @@ def check_outputs(
 # ----------------------------------------------------------------------------- running
 def _read(path: Path, ingest: IngestConfig) -> tuple[np.ndarray, np.ndarray]:
     """The image as read and normalised exactly as ``cellst ingest`` stores it."""
-    from cellst.data.images import normalize_image, read_array
+    from cellst.data.images import check_min_side, normalize_image, read_array
 
     raw = read_array(path, ingest.max_pixels)
+    check_min_side(path, raw.shape[0], raw.shape[1], ingest.min_side)  # as ingest refuses
     image = normalize_image(
         raw, ingest.low_percentile, ingest.high_percentile, name=path, channel_axis=-1
     )
