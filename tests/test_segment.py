@@ -154,8 +154,14 @@ def test_collect_images_lists_folders_and_refuses_bad_requests(tmp_path, images)
     (images / "grey_label.tiff").write_bytes(b"")  # outputs of an earlier run are skipped
     (images / "grey_overlay.png").write_bytes(b"")
     (images / "notes.txt").write_text("x")
+    # a Cellpose folder: label maps and drawings of the images beside them were segmented
+    for made in ("grey_cp_masks.png", "grey_masks.tif", "grey_cp_outlines.png"):
+        shutil.copy(images / "grey.png", images / made)
+    shutil.copy(images / "grey.png", images / "lone_masks.png")  # no image 'lone': an input
     got = collect_images([images])
-    assert [p.name for p in got] == sorted(n for n, _, _ in IMAGES)
+    assert [p.name for p in got] == sorted([*(n for n, _, _ in IMAGES), "lone_masks.png"])
+    for made in ("grey_cp_masks.png", "grey_masks.tif", "grey_cp_outlines.png", "lone_masks.png"):
+        (images / made).unlink()
     with pytest.raises(SegmentError, match="nope"):
         collect_images([tmp_path / "nope"])
     other = tmp_path / "other"

@@ -142,14 +142,31 @@ def _is_input_image(path: Path) -> bool:
     )
 
 
+#: what Cellpose writes beside an image NAME: NAME_masks / NAME_cp_masks (label maps),
+#: NAME_cp_outlines, NAME_flows; never inputs when NAME itself is in the folder
+OTHER_TOOLS_SUFFIXES = ("_cp_masks", "_masks", "_cp_outlines", "_flows")
+
+
 def _images_in(folder: Path) -> list[Path]:
     """The folder's input images; a dangling link of an image name is listed too, so that
-    the run names it as unreadable instead of leaving it out unseen."""
-    return sorted(
+    the run names it as unreadable instead of leaving it out unseen. Cellpose's outputs
+    of an image in the folder (:data:`OTHER_TOOLS_SUFFIXES`) are label maps or drawings,
+    not images to segment: they are left out."""
+    found = sorted(
         p
         for p in folder.iterdir()
         if (p.is_file() or (p.is_symlink() and not p.exists())) and _is_input_image(p)
     )
+    names = {name_key(image_name(p)) for p in found}
+
+    def of_an_image_here(p: Path) -> bool:
+        stem = name_key(image_name(p))
+        return any(
+            stem.endswith(suffix) and stem[: -len(suffix)] in names
+            for suffix in OTHER_TOOLS_SUFFIXES
+        )
+
+    return [p for p in found if not of_an_image_here(p)]
 
 
 def _subfolder_hint(folder: Path) -> str:
@@ -167,8 +184,9 @@ def collect_images(
 ) -> list[Path]:
     """The image files named by ``inputs``: files as given, folders listed (not recursively).
 
-    Files whose name ends in ``_label`` or ``_overlay`` (this command's outputs) and hidden
-    files are skipped when listing a folder. ``out_dir`` is where the outputs go (None:
+    Files whose name ends in ``_label`` or ``_overlay`` (this command's outputs), Cellpose's
+    outputs of an image beside them (``NAME_cp_masks.png``...) and hidden files are skipped
+    when listing a folder. ``out_dir`` is where the outputs go (None:
     beside each image); two images of one name clash only when their outputs share a folder.
 
     Raises
