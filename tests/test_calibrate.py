@@ -276,12 +276,12 @@ def test_effective_inference_adopts_the_calibrations_settings_unless_set(tmp_pat
     over = load_config(None, ["inference.roi=256"]).inference
     infer, note = effective_inference(over, ck)
     assert (infer.rescale_diameter, infer.roi) == (20.0, 256)
-    assert "roi 128 there, default here" in note  # 256 is the default
+    assert "roi 128 there, 256 (the default) here" in note
     flagged = load_config(None, []).inference
     flagged.rescale_diameter = None  # as `--rescale-diameter` / `--tta` assign
     infer, note = effective_inference(flagged, ck)
     assert (infer.rescale_diameter, infer.roi) == (None, 128)
-    assert "rescale_diameter 20.0 there, default here" in note
+    assert "rescale_diameter 20.0 there, none (the default) here" in note
     # a recorded default (absent from the record) is applied too
     save_postprocess(ck, {"mask_threshold": 0.6}, {"inference": {"tta": True}})
     infer, _ = effective_inference(load_config(None, ["inference.roi=64"]).inference, ck)

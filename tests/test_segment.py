@@ -607,7 +607,7 @@ def test_segment_uses_the_inference_settings_the_checkpoint_was_calibrated_with(
         app, [*args, "--out", str(tmp_path / "b"), "--set", "inference.rescale_diameter=null"]
     )
     assert res.exit_code == 0, res.output
-    assert "rescale_diameter 1000.0 there, default here" in " ".join(res.output.split())
+    assert "rescale_diameter 1000.0 there, none (the default) here" in " ".join(res.output.split())
     prob, hv = predict_maps(
         model,
         normalize_image(read_array(images / "grey.png")),

@@ -177,7 +177,7 @@ def test_a_sweep_on_other_inference_settings_than_the_calibrations_is_named(tmp_
     save_postprocess(ckpt, PostprocessConfig().model_dump(), {"inference": {"roi": 96}})
     assert calibrated_with_other_inference(str(ckpt), InferenceConfig(roi=96)) == ""
     assert calibrated_with_other_inference(str(ckpt), InferenceConfig(roi=128, tta=True)) == (
-        "roi 96 there, 128 here, tta default there, True here"
+        "roi 96 there, 128 here, tta False (the default) there, True here"
     )
 
 

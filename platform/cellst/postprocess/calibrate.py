@@ -451,11 +451,20 @@ def _recorded_inference(checkpoint: str | os.PathLike[str]) -> dict[str, Any] | 
 
 
 def _differences(then: dict[str, Any], infer: InferenceConfig) -> str:
-    """``"roi 96 there, 128 here"``: where the recorded inference settings ``then`` and
-    ``infer`` make other labels; empty when nowhere."""
+    """``"roi 96 there, 256 (the default) here"``: where the recorded inference settings
+    ``then`` and ``infer`` make other labels; empty when nowhere. A setting left at its
+    default is not recorded; it is shown with its value (``none`` for off)."""
     now = inference_identity(infer)
+    defaults = InferenceConfig()
+
+    def shown(values: dict[str, Any], key: str) -> str:
+        if key in values:
+            return str(values[key])
+        default = getattr(defaults, key, None)
+        return f"{'none' if default is None else default} (the default)"
+
     return ", ".join(
-        f"{k} {then.get(k, 'default')} there, {now.get(k, 'default')} here"
+        f"{k} {shown(then, k)} there, {shown(now, k)} here"
         for k in sorted(set(then) | set(now))
         if then.get(k) != now.get(k)
     )
