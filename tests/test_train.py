@@ -911,3 +911,33 @@ def test_a_training_without_validation_items_says_so_and_names_its_last_checkpoi
         "best checkpoint:" not in out and not (tmp_path / "noval-train/checkpoints/best").exists()
     )
     assert f"last checkpoint: {tmp_path / 'noval-train' / 'checkpoints' / 'last'}" in out
+
+
+def test_ctrl_c_stops_a_training_with_workers_in_one_line(ray_session, store_dir, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the command's process group) during a training with
+    Ray Train workers: Ray Train's own handler asked the controller to abort, the training
+    went on for epochs, and the command exited 1 without a word, its run recorded "failed:
+    SystemExit: 1". It stops as SIGTERM does: one line, exit 130, the run `interrupted`
+    (which the same command resumes)."""
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("name: ctrl-c\n")
+    epochs = 12
+    args = [CELLST, "train", str(cfg_file), "--set", f"store={store_dir}"]
+    for o in [f"train.run_dir={tmp_path}", f"train.epochs={epochs}", "train.run_name=cc", *TINY]:
+        args += ["--set", o]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    last = tmp_path / "cc" / "checkpoints" / "last" / "model.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and _published_epoch(last) < 1:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert "error: interrupted" in err and "Traceback" not in err, err[-3000:]
+    state = json.loads((tmp_path / "cc" / "run.json").read_text())
+    assert state["status"] == "interrupted", state
+    assert _published_epoch(last) < epochs  # it stopped; it did not train to the end

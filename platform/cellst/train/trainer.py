@@ -604,9 +604,14 @@ def train(
             ),
             datasets={"train": dataset},
         )
-        # fit() installs Ray Train's own SIGINT handler (abort the run) and leaves it after
-        # the run: a later Ctrl-C in this process (the next ST++ stage) would call a dead
-        # controller and exit 0. Put back whatever handled Ctrl-C before.
+        # fit() installs Ray Train's own SIGINT handler, which asks the controller to abort:
+        # on a terminal's Ctrl-C (SIGINT to the whole process group) the training went on
+        # for epochs, then the command exited 1 without a word, recording "SystemExit: 1".
+        # Ctrl-C stays Python's KeyboardInterrupt, as SIGTERM is (raycluster.interrupt_on_sigterm):
+        # the run is recorded interrupted, the command exits 130, and the same command
+        # resumes it. The previous handler is also put back after the run (Ray Train's
+        # outlived it before: a later Ctrl-C called a dead controller).
+        trainer._register_sigint_handler = lambda controller: None
         sigint = signal.getsignal(signal.SIGINT)
         import torch
 
