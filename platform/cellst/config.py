@@ -193,7 +193,9 @@ class DataConfig(Section):
     val_fraction: float = Field(
         0.15, ge=0, lt=1, description="labelled items held out for validation"
     )
-    seed: int = 0
+    seed: int = Field(
+        0, description="picks the validation items: the same seed holds out the same ones"
+    )
 
 
 class EvaluateConfig(Section):

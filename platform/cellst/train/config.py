@@ -131,7 +131,12 @@ class TrainConfig(Section):
         "training stops with its checkpoints kept; the same command then resumes it. None: "
         "wait as long as it takes (an autoscaler adds nodes)",
     )
-    seed: int = 0
+    seed: int = Field(
+        0,
+        description="seeds the initial weights (torch). The crops and their augmentation are "
+        "drawn afresh by each run's read tasks, in the order Ray schedules them, so two runs "
+        "of one seed are not bit-identical (README: Train, reproducibility)",
+    )
     log_every_steps: int = Field(10, ge=1)
 
     @field_validator("snapshot_fractions")
