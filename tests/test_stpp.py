@@ -113,6 +113,20 @@ def test_quick_settings_are_overridable(tmp_path):
     assert type(c.base()) is ExperimentConfig  # what train() and predict() take
 
 
+@pytest.mark.parametrize(
+    "experiment",
+    sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_quick_runs_with_every_shipped_experiment(experiment):
+    """`cellst stpp run experiments/stpp.yaml --quick` was refused: its hovernet-fast
+    `decoder_padding` clashed with --quick's hovernet-lite. --quick turns off what only the
+    experiment's own model or GPUs take (and keeps the rest of the file)."""
+    c = load_stpp_config(experiment, ["store=x"], quick=True)
+    assert c.model.name == "hovernet-lite" and not c.model.decoder_padding
+    assert not c.train.use_gpu and c.predict.num_gpus_per_actor == 0
+
+
 def app():
     from cellst.cli import app as cli_app
 

@@ -16,10 +16,16 @@ from pydantic import Field, field_validator
 
 from cellst.config import Section, check_name
 
-#: settings of ``--quick`` (tiny model and data; minutes on 2 CPUs), applied before ``--set``
+#: settings of ``--quick`` (tiny model and data; minutes on 2 CPUs), applied before ``--set``;
+#: they turn off what only the experiment's own model or GPUs take, so every shipped
+#: experiment runs with them (stpp.yaml's hovernet-fast decoder padding was refused)
 QUICK_OVERRIDES: tuple[str, ...] = (
     "model.name=hovernet-lite",
     "model.width=8",
+    "model.decoder_padding=false",
+    "model.pretrained_url=null",
+    "train.use_gpu=false",
+    "predict.num_gpus_per_actor=0",
     "data.crop_size=96",
     "data.crops_per_epoch=32",
     "data.crops_per_visit=4",
