@@ -314,6 +314,12 @@ def test_finished_run_is_not_redone(trained):
     cfg, res, _ = trained
     again = train(cfg)
     assert again.resumed and again.run_path == res.run_path and again.metrics["epoch"] == 8
+    # the same store spelled another way (`store=./store/` for `store=store`) was refused
+    # as "a different configuration (store: ...)"
+    store = Path(cfg.store)
+    respelled = cfg.model_copy(update={"store": f"{store.parent}/./{store.name}/"})
+    again = train(respelled)
+    assert again.resumed and again.run_path == res.run_path and again.metrics["epoch"] == 8
     changed = cfg.model_copy(deep=True)
     changed.train.lr = 1e-2
     changed.train.keep_last = 5  # where it runs, not what: not named

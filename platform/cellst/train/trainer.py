@@ -90,6 +90,20 @@ def same_configuration(state: dict, cfg: ExperimentConfig) -> bool | None:
         return None
 
 
+def _store_as_recorded(cfg: ExperimentConfig, state: dict) -> ExperimentConfig:
+    """``cfg`` with ``store`` spelled as the run folder recorded it, where both name the
+    same folder (``store``, ``./store/``, its absolute path): the fingerprint counts the
+    store's path as given, so another spelling of it refused a resume."""
+    then = (state.get("config") or {}).get("store")
+    if not then or not cfg.store or then == cfg.store:
+        return cfg
+    try:
+        same = Path(then).resolve() == Path(cfg.store).resolve()
+    except OSError:
+        same = False
+    return cfg.model_copy(update={"store": then}) if same else cfg
+
+
 def check_request(cfg: ExperimentConfig) -> tuple[CellStore, list[str], list[str]]:
     """Validate the store side of a training request; returns the store and the split."""
     from cellst.train.validate import split_train_val
@@ -464,8 +478,9 @@ def train(
     paths = RunPaths(run_folder(cfg, run_name))
     name = paths.root.name
     store, train_ids, val_ids = check_request(cfg)
-    chash = config_hash(cfg)
     state = paths.read_state()
+    cfg = _store_as_recorded(cfg, state)
+    chash = config_hash(cfg)
     same = same_configuration(state, cfg) if state else True
     if not force and state and same is None:
         # a run folder of an older cellst, whose config hash counted every default: its
