@@ -293,6 +293,50 @@ def test_a_running_run_whose_process_is_gone_shows_as_killed(tmp_path):
     }
 
 
+def test_stage_runs_a_force_from_replaced_keep_their_own_scores(tmp_path):
+    """After `cellst stpp run --force-from supervised`, the replaced stage-1 run showed the
+    new model's test F1 (the parent's current `test_f1_supervised`), and the pipeline row
+    the validation F1 of the replaced last stage. A replaced run shows no score it did not
+    log, and the pipeline shows its current stages' scores."""
+    from mlflow.tracking import MlflowClient
+
+    from cellst.tracking.config import SUPERSEDED_TAG
+
+    db = tmp_path / "runs" / "p" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.create_experiment(EXP)
+
+    def run(name: str, parent: str = "", stage: str = "train", **tags: str) -> str:
+        tags = {"mlflow.runName": name, "cellst.stage": stage, **tags}
+        tags |= {"mlflow.parentRunId": parent} if parent else {}
+        run_id = client.create_run(exp, tags=tags).info.run_id
+        client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    pipe = run("pipe", stage="stpp")
+    client.log_metric(pipe, "test_f1_supervised", 0.2)  # the current stage 1's score
+    new1 = run("pipe-1_supervised-new", pipe, **{"cellst.stpp.stage": "1_supervised"})
+    old1 = run(
+        "pipe-1_supervised-old", pipe, **{"cellst.stpp.stage": "1_supervised", SUPERSEDED_TAG: new1}
+    )
+    new6 = run("pipe-6_retrain_all-new", pipe, **{"cellst.stpp.stage": "6_retrain_all"})
+    old6 = run(
+        "pipe-6_retrain_all-old",
+        pipe,
+        **{"cellst.stpp.stage": "6_retrain_all", SUPERSEDED_TAG: new6},
+    )
+    client.log_metric(new6, "best_val_f1", 0.1176)
+    client.log_metric(old6, "best_val_f1", 0.0052)
+    assert old1
+    runs = collect_runs(tmp_path / "runs").set_index("name")
+    assert runs.loc["pipe-1_supervised-new", "test_f1"] == 0.2
+    assert pd.isna(runs.loc["pipe-1_supervised-old", "test_f1"])
+    assert runs.loc["pipe-1_supervised-old", "status"] == "SUPERSEDED"
+    assert runs.loc["pipe", "val_f1"] == pytest.approx(0.1176)
+    assert runs.loc["pipe", "stage"] == "6_retrain_all"
+
+
 def test_f1_columns_overall_and_per_modality(runs_dir):
     runs, scores = runs_dir
     by = collect_runs(runs).set_index("name")

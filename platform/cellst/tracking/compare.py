@@ -310,7 +310,8 @@ def runs_frame(
         kind, stage = run_kind(tags)
         f1 = f1_values(metrics)
         if kind == "train" and "test_f1" not in f1 and r["parent"] in by_id:
-            f1.update(legacy_stpp_test_f1(by_id[r["parent"]]["metrics"], _stage_name(stage)))
+            if not r["tags"].get(SUPERSEDED_TAG):  # the parent's score is its successor's
+                f1.update(legacy_stpp_test_f1(by_id[r["parent"]]["metrics"], _stage_name(stage)))
         if kind == "sweep" and "best_trial_val_f1" not in metrics and "val_f1" in f1:
             # logged before: the best trial's score, even where best.yaml keeps the current
             # settings (which scored higher, or the same)
@@ -318,9 +319,13 @@ def runs_frame(
         if kind in ("pipeline", "stage"):  # the parent and its evaluation stage
             f1.update({k: v for k, v in legacy_stpp_test_f1(metrics).items() if k not in f1})
         if kind == "pipeline":
-            stages = sorted(
-                (c for c in children.get(r["run_id"], []) if c["tags"].get("cellst.stpp.stage")),
-                key=lambda c: _stage_index(c["tags"]["cellst.stpp.stage"]),
+            stages = sorted(  # the current stage runs, not those a --force-from replaced
+                (
+                    c
+                    for c in children.get(r["run_id"], [])
+                    if c["tags"].get("cellst.stpp.stage") and not c["tags"].get(SUPERSEDED_TAG)
+                ),
+                key=lambda c: (_stage_index(c["tags"]["cellst.stpp.stage"]), c["start_time"] or 0),
             )
             if stages:
                 stage = stages[-1]["tags"]["cellst.stpp.stage"]
