@@ -642,6 +642,22 @@ def test_until_stops_after_that_stage(crashed_and_resumed):
     assert part.stopped_after == "reliability"
     assert part.skipped == ["supervised", "reliability"] and part.ran == []
     assert part.report is None  # stage 7 was not reached
+    from mlflow.tracking import MlflowClient
+
+    def parent_tags() -> dict[str, str]:
+        tags = MlflowClient(part.tracking_uri).get_run(part.parent_run_id).data.tags
+        return {k: tags.get(k) for k in ("cellst.stpp.completed", "cellst.stpp.stopped_after")}
+
+    # the parent said completed=true (an earlier attempt's) and stopped_after at once
+    assert parent_tags() == {
+        "cellst.stpp.completed": "false",
+        "cellst.stpp.stopped_after": "2_reliability",
+    }
+    # --until before --force-from ran nothing and marked a finished pipeline's stages
+    # pending (forced): refused in one line, before anything is touched or shown
+    with pytest.raises(ConfigError, match="--until reliability comes before --force-from"):
+        run_stpp(cfg, log=lambda _: None, force_from="retrain_all", until="reliability")
+    assert {p.name: p.read_text() for p in (pipe_dir / "stages").glob("*.json")} == records
     args = ["stpp", "run", str(ROOT / "experiments" / "demo.yaml"), "--quick", "--until", "2"]
     for o in (f"store={cfg.store}", f"stpp.run_dir={pipe_dir.parent}", *TINY):
         args += ["--set", o]
@@ -650,6 +666,13 @@ def test_until_stops_after_that_stage(crashed_and_resumed):
     assert "stopped after stage 2/7 reliability, as asked (--until)" in res.output
     assert "test-split F1" not in res.output  # no table: the evaluation was not reached
     assert {p.name: p.read_text() for p in (pipe_dir / "stages").glob("*.json")} == records
+    res = runner.invoke(app(), [*args, "--force-from", "6"])  # 6 after --until 2
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    whole = run_stpp(cfg, log=lambda _: None)  # all done: the parent is complete again
+    assert whole.stopped_after is None and parent_tags() == {
+        "cellst.stpp.completed": "true",
+        "cellst.stpp.stopped_after": "none",
+    }
 
 
 def test_demo_script_resumes_with_nothing_to_redo_and_prints_the_table(crashed_and_resumed):

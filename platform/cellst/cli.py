@@ -810,10 +810,16 @@ def stpp_run(
     cfg = load_stpp_config(config, set_ or [], quick=quick)
     if ray_address:
         ensure_ray(ray_address)
+    from cellst.config import ConfigError
+
+    refused = False  # a bad request (an unknown stage...): nothing ran, no status to show
     try:
         result = run_stpp(cfg, force_from=force_from, overwrite=overwrite, until=until)
+    except ConfigError:
+        refused = True
+        raise
     finally:
-        if (cfg.pipeline_dir / "stages").is_dir():
+        if not refused and (cfg.pipeline_dir / "stages").is_dir():
             with contextlib.suppress(Exception):
                 _stpp_status(cfg.pipeline_dir)
     if result.report is not None:

@@ -21,6 +21,9 @@ from cellst.stpp.report import table_metrics
 from cellst.stpp.stages import StageRecord, pipeline_lock, read_meta, update_meta
 from cellst.tracking.config import LOCK_TAG
 
+#: a finished pipeline's parent-run tags (``stopped_after`` of an earlier --until cleared)
+COMPLETED_TAGS = {"cellst.stpp.completed": "true", "cellst.stpp.stopped_after": "none"}
+
 
 class ParentRun:
     """The parent run of the pipeline in ``pipeline_dir`` (``run_id`` None until opened,
@@ -150,7 +153,7 @@ class ParentRun:
             self._log_final(records, report)
         except TrackingUnavailable as exc:
             say(f"tracking: {exc}; the final table was not logged (see {self.dir})")
-            self.close("FINISHED", {"cellst.stpp.completed": "true"})
+            self.close("FINISHED", COMPLETED_TAGS)
 
     def _log_final(self, records: list[StageRecord], report: pd.DataFrame | None) -> None:
         from cellst.tracking import log_metrics, log_table, set_tags, start_run
@@ -177,7 +180,7 @@ class ParentRun:
             if report is not None:
                 log_table(report, "final/f1_table.csv")
                 log_metrics(table_metrics(report))
-            set_tags({"cellst.stpp.completed": "true"})
+            set_tags(COMPLETED_TAGS)
 
     @contextlib.contextmanager
     def child(self, rec: StageRecord, replaces: str | None = None) -> Iterator[str | None]:

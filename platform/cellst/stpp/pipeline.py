@@ -847,8 +847,14 @@ def run_stpp(
         unlabelled items (after stage 1).
     """
     pipe = Pipeline(cfg, overwrite=overwrite, log=log)
-    _stage_option(pipe.book, "--force-from", force_from)
+    forced = _stage_option(pipe.book, "--force-from", force_from)
     pipe.until = _stage_option(pipe.book, "--until", until)
+    if forced and pipe.until and pipe.book.index(pipe.until) < pipe.book.index(forced):
+        raise ConfigError(
+            f"--until {pipe.until} comes before --force-from {forced}: nothing would run, yet "
+            f"stages from {forced} on would be marked to run again; give --until at or after "
+            "--force-from"
+        )
     store = pipe.preflight()
     pipe.dir.mkdir(parents=True, exist_ok=True)
     with store_lock(pipeline_lock(pipe.dir), what=f"the run folder {pipe.dir}"):
@@ -873,8 +879,11 @@ def run_stpp(
             log(f"[stpp] note: {parent.note}")
         stopped_after = None
 
-        def stopped_tag(stage: str) -> dict[str, str]:
-            return {"cellst.stpp.stopped_after": f"{pipe.book.index(stage)}_{stage}"}
+        def stopped_tag(stage: str) -> dict[str, str]:  # (an earlier attempt's "completed")
+            return {
+                "cellst.stpp.stopped_after": f"{pipe.book.index(stage)}_{stage}",
+                "cellst.stpp.completed": "false",
+            }
 
         try:
             pipe.run(store)
@@ -890,10 +899,10 @@ def run_stpp(
             parent.close("FINISHED", stopped_tag("supervised"))
             raise
         except KeyboardInterrupt:
-            parent.close("KILLED")
+            parent.close("KILLED", {"cellst.stpp.completed": "false"})
             raise
         except BaseException:
-            parent.close("FAILED")
+            parent.close("FAILED", {"cellst.stpp.completed": "false"})
             raise
         if stopped_after is None:
             parent.finish(pipe.book.records(), pipe.report)
