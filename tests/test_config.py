@@ -442,3 +442,19 @@ def test_an_empty_snapshot_list_says_it_is_empty():
         load_config(None, ["train.snapshot_fractions=[]"])
     with pytest.raises(ConfigError, match=r"must be in \(0, 1\], got \[1.5\]"):
         load_config(None, ["train.snapshot_fractions=[1.5]"])
+
+
+def test_set_keeps_the_text_of_a_text_field_as_typed():
+    """YAML reads `007` as 7, `0x1F` as 31 and `1:30` (sexagesimal) as 90: a text field
+    set with --set took them silently (`store=010` became the folder `8`). Text fields keep
+    what was typed; numbers and null stay YAML's."""
+    from cellst.stpp.experiment import StppExperimentConfig
+
+    c = load_config(
+        None,
+        ["name=007", "store=010", "train.run_name=1:30", "stpp.name=0x1F", "train.lr=1e-3"],
+        model=StppExperimentConfig,
+    )
+    assert (c.name, c.store, c.train.run_name, c.stpp.name) == ("007", "010", "1:30", "0x1F")
+    assert c.train.lr == 0.001
+    assert load_config(None, ["tracking.tracking_uri=null"]).tracking.tracking_uri is None

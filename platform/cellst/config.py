@@ -325,6 +325,27 @@ def key_path(path: list[str], model: type[BaseModel] | None) -> list[str]:
     return path
 
 
+def _text_field(path: list[str], model: type[BaseModel] | None) -> bool:
+    """Whether ``path`` names a text field of ``model`` (``str`` or ``str | None``), whose
+    ``--set`` value is kept as typed: YAML reads ``007`` as 7, ``0x1F`` as 31 and ``1:30``
+    as 90, which a text field then took silently (``store=010`` became the folder ``8``)."""
+    import types
+    import typing
+
+    for part in path[:-1]:
+        field = model.model_fields.get(part) if model is not None else None
+        ann = field.annotation if field is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    field = model.model_fields.get(path[-1]) if model is not None else None
+    if field is None:
+        return False
+    ann = field.annotation
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        return args == [str]
+    return ann is str
+
+
 def apply_overrides(
     data: Mapping[str, Any], overrides: Iterable[str], model: type[BaseModel] | None = None
 ) -> dict[str, Any]:
@@ -336,6 +357,8 @@ def apply_overrides(
     for text in overrides:
         path, value = parse_override(text)
         path = key_path(path, model)
+        if not isinstance(value, str) and value is not None and _text_field(path, model):
+            value = text.split("=", 1)[1].strip()  # `name=007`: YAML read 7; `1:30` was 90
         node = out
         for i, part in enumerate(path[:-1]):
             nxt = node.get(part)
