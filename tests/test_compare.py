@@ -592,3 +592,37 @@ def test_compare_against_a_tracking_server(names, mlflow_server, tmp_path):
         assert im.width > 0 and im.height > 0
     with pytest.raises(CompareError, match=rf"unknown experiment 'nope' in {url}"):
         collect_runs(url, experiments=["nope"])
+
+
+def test_a_trial_run_again_supersedes_its_earlier_run(tmp_path):
+    """A resumed `cellst tune` runs again a trial that ended after Tune last saved its
+    state: its MLflow run was there twice, both FINISHED, as equals. The earlier one is
+    marked superseded by the new one (`cellst compare` lists it last, SUPERSEDED); other
+    trials and other sweeps' runs are left alone."""
+    from mlflow.tracking import MlflowClient
+
+    from cellst.tracking import TrackingConfig, supersede_earlier_children
+    from cellst.tracking.config import SUPERSEDED_TAG
+
+    root = tmp_path / "runs" / "sw"
+    root.mkdir(parents=True)
+    cfg = TrackingConfig()
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(EXP)
+
+    def run(parent: str = "", trial: str = "") -> str:
+        tags = {"mlflow.parentRunId": parent} if parent else {}
+        tags |= {"cellst.tune.trial_id": trial} if trial else {}
+        run_id = client.create_run(exp, tags=tags).info.run_id
+        client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    sweep, other_sweep = run(), run()
+    first, other_trial = run(sweep, "t0"), run(sweep, "t1")
+    elsewhere, again = run(other_sweep, "t0"), run(sweep, "t0")
+    marked = supersede_earlier_children(cfg, root, EXP, sweep, "cellst.tune.trial_id", "t0", again)
+    assert marked == [first]
+    tags = {r: client.get_run(r).data.tags for r in (first, other_trial, elsewhere, again)}
+    assert tags[first][SUPERSEDED_TAG] == again
+    assert all(SUPERSEDED_TAG not in tags[r] for r in (other_trial, elsewhere, again))

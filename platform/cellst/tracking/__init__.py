@@ -31,6 +31,7 @@ __all__ = [
     "log_params",
     "log_table",
     "mark_superseded",
+    "supersede_earlier_children",
     "overlay_figure",
     "pending_note",
     "resend_pending",
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
         set_tags,
         start_run,
         store_tags,
+        supersede_earlier_children,
         use_tracking_uri,
     )
 

@@ -658,6 +658,38 @@ def mark_superseded(
     return True
 
 
+def supersede_earlier_children(
+    cfg: TrackingConfig,
+    run_dir: str | Path,
+    experiment: str,
+    parent_run_id: str | None,
+    tag: str,
+    value: str,
+    new_run_id: str | None,
+) -> list[str]:
+    """Mark the other child runs of ``parent_run_id`` whose ``tag`` is ``value`` as
+    superseded by ``new_run_id`` (:func:`mark_superseded`): a Tune trial that a resumed
+    sweep runs again (it ended just before the interrupt, after Tune last saved its state)
+    was in MLflow twice, both FINISHED, as equals. Best-effort; returns the ids marked."""
+    if not (cfg.enabled and parent_run_id and new_run_id):
+        return []
+    uri = resolve_tracking(cfg, run_dir, experiment)[0]
+    try:
+        with http_limits(cfg.timeout_s, retries=0):
+            client = MlflowClient(tracking_uri=uri)
+            exp_id = client.get_run(parent_run_id).info.experiment_id
+            found = client.search_runs(
+                [exp_id],
+                filter_string=(
+                    f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{tag}` = '{value}'"
+                ),
+            )
+    except Exception:  # noqa: BLE001 - no answer now: nothing marked
+        return []
+    old = [r.info.run_id for r in found if r.info.run_id != new_run_id]
+    return [r for r in old if mark_superseded(cfg, run_dir, experiment, r, new_run_id)]
+
+
 def set_tags(tags: Mapping[str, Any]) -> None:
     """Set tags (values str'ed) on the active run; no-op outside a run."""
     run_id, journal = _journal()

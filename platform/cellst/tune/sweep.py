@@ -206,7 +206,7 @@ def _postprocess_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One postprocess trial: settings -> val F1 (a child MLflow run)."""
     from ray import tune
 
-    from cellst.tracking import log_metrics, log_params, start_run
+    from cellst.tracking import log_metrics, log_params, start_run, supersede_earlier_children
     from cellst.tracking.config import TrackingConfig
 
     post = dict(ctx["post"])
@@ -227,6 +227,16 @@ def _postprocess_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         log_params(config)
         log_metrics(scores)
         scores["mlflow_run_id"] = run.info.run_id
+    # a trial a resumed sweep runs again (it ended after Tune last saved its state)
+    supersede_earlier_children(
+        tracking,
+        ctx["root"],
+        ctx["experiment"],
+        ctx["parent_id"],
+        "cellst.tune.trial_id",
+        trial,
+        scores["mlflow_run_id"],
+    )
     tune.report(scores)
 
 
