@@ -4,6 +4,7 @@ MLflow parent/child runs, outputs, and resume."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -228,6 +229,8 @@ def pp_sweep(ray_session, learn_store, tmp_path_factory, quick_train):
 
 def test_postprocess_sweep_scores_each_setting_on_validation_items(pp_sweep):
     cfg, ckpt, output, _ = pp_sweep
+    # how far it has got, while it runs (it printed nothing until the end)
+    assert re.search(r"\[tune\] 4/4 trial\(s\) ended; best val_f1 [\d.]+", output), output
     root = Path(cfg.tune.run_dir) / "pp"
     table = pd.read_csv(root / "results.csv")
     assert len(table) == 4 and (table["status"] == "done").all()

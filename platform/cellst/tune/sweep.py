@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -352,6 +353,54 @@ class ReleaseStoppedTrials(Callback):
         )
 
 
+class TrialProgress(Callback):
+    """How far the sweep has got: a progress bar of its ended trials with the best score so
+    far on a terminal, else a line at each tenth of them (the sweep printed nothing until it
+    ended). Module-level and pickled without its bar: a resumed sweep unpickles it with the
+    rest of its run config."""
+
+    def __init__(self, total: int, metric: str, bar: bool):
+        self.total, self.metric, self.bar = total, metric, bar
+        self._ended: set[str] = set()
+        self._shown = 0
+        self._tqdm: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tqdm": None}
+
+    def _update(self, trials: list, trial: Any) -> None:
+        self._ended |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        self._ended.add(trial.trial_id)
+        done = len(self._ended)
+        scores = [
+            float(t.last_result[self.metric])
+            for t in trials
+            if isinstance((t.last_result or {}).get(self.metric), int | float)
+        ]
+        best = f"best {self.metric} {max(scores):.3f}" if scores else ""
+        if self.bar:
+            if self._tqdm is None:
+                from tqdm.auto import tqdm
+
+                self._tqdm = tqdm(total=self.total, desc="tune", unit="trial")
+            self._tqdm.n = min(done, self.total)
+            self._tqdm.set_postfix_str(best, refresh=True)
+        elif done * 10 // max(1, self.total) > self._shown * 10 // max(1, self.total):
+            self._shown = done
+            print(f"[tune] {done}/{self.total} trial(s) ended; {best}".rstrip("; "), flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._update(trials, trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._update(trials, trial)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+
+
 # ----------------------------------------------------------------------------- the sweep
 def _concurrency(cfg: ExperimentConfig, per_trial_cpus: float) -> int:
     import ray
@@ -564,6 +613,8 @@ def _run_sweep(
             )
             callbacks.append(ReleaseStoppedTrials(root, name))
         concurrency = _concurrency(cfg, per_trial)
+        expected = planned_trials(t.num_samples, to_tune(t.space))
+        callbacks.append(TrialProgress(expected, metric, bar=sys.stderr.isatty()))
         log(
             f"[tune] {t.mode} sweep {name}: {t.num_samples} sample(s) of "
             f"{', '.join(t.space)}; {concurrency} trial(s) at a time; scored on "
