@@ -484,6 +484,15 @@ def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_pat
     db = MlflowClient(f"sqlite:///{tmp_path / 'nan' / 'mlflow.db'}")
     steps = [m.step for m in db.get_metric_history(run_id, "step_loss")]
     assert sorted(steps) == list(range(1, steps_per_epoch + 3)), steps
+    # --force starts the run over (one epoch: before the injected NaN). The MLflow store
+    # inside the run folder keeps the earlier run, marked superseded: it was erased with it
+    from cellst.tracking.config import SUPERSEDED_TAG
+
+    shorter = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    again = train(shorter, force=True)
+    assert not (ck / "last").is_dir() or load_model(ck / "last")[2]["epoch"] == 1
+    assert db.get_run(run_id).data.tags[SUPERSEDED_TAG] == again.mlflow_run_id
+    assert db.get_run(again.mlflow_run_id).info.status == "FINISHED"
 
 
 def test_the_controller_logs_each_kept_epochs_steps_and_a_diverged_epochs(tmp_path):

@@ -187,6 +187,14 @@ def resolve_tracking(
     return uri, artifact_location, experiment
 
 
+def store_inside(cfg: TrackingConfig, run_dir: str | Path, experiment: str) -> bool:
+    """Whether the tracking store is the database embedded in ``run_dir`` (the default:
+    ``run_dir/mlflow.db``), so that removing the folder would remove its runs' records."""
+    uri = resolve_tracking(cfg, run_dir, experiment)[0]
+    db = _sqlite_path(uri) if uri.startswith("sqlite:") else None
+    return db is not None and Path(db).absolute() == Path(run_dir).absolute() / "mlflow.db"
+
+
 @contextlib.contextmanager
 def _sqlite_lock(uri: str) -> Iterator[None]:
     """Serialise database creation between processes for a local SQLite store."""

@@ -31,11 +31,31 @@ from cellst.train.config import TrainingDiverged
 
 #: Ray Data hands the training loop read-only arrays (views of the object store). Nothing
 #: here or in the step writes into them, so torch's warning about wrapping them is ignored
-#: for this module alone (once, at import: no per-step cost, thread-safe).
+#: for this module alone (:func:`_ignore_read_only_warning`).
 _READ_ONLY_WARNING = "The given NumPy array is not writable"
-warnings.filterwarnings(
-    "ignore", message=_READ_ONLY_WARNING, category=UserWarning, module=r"cellst\.train\.step"
-)
+
+
+def _ignore_read_only_warning() -> None:
+    """Make sure the filter of :data:`_READ_ONLY_WARNING` is in place. Set once at import
+    it could be lost: an import inside someone's ``warnings.catch_warnings()`` block adds
+    it to a list that block then throws away (a second training in one process warned).
+    A look through the filter list per batch, no growth: it is added only when missing."""
+    for action, message, category, module, _ in warnings.filters:
+        if (
+            action == "ignore"
+            and message is not None
+            and message.pattern == _READ_ONLY_WARNING
+            and category is UserWarning
+            and module is not None
+            and module.pattern == r"cellst\.train\.step"
+        ):
+            return
+    warnings.filterwarnings(
+        "ignore", message=_READ_ONLY_WARNING, category=UserWarning, module=r"cellst\.train\.step"
+    )
+
+
+_ignore_read_only_warning()
 
 
 @dataclass
@@ -67,6 +87,7 @@ class Batch:
     def from_numpy(cls, batch: dict[str, np.ndarray]) -> Batch:
         """The inverse of :meth:`to_numpy` (zero-copy where the arrays allow it; see
         :data:`_READ_ONLY_WARNING` for Ray Data's read-only arrays)."""
+        _ignore_read_only_warning()
         fg = torch.as_tensor(batch["fg"]).to(torch.float32)
         return cls(
             torch.as_tensor(batch["image"]),

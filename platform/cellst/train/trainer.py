@@ -464,6 +464,7 @@ def train(
         pending_note,
         resend_pending,
         start_run,
+        store_inside,
         store_tags,
     )
     from cellst.train.epoch_log import EpochMetricsToMLflow
@@ -526,7 +527,17 @@ def train(
     if restart:  # every check passed: only now is the earlier run (and its checkpoints) gone
         import shutil
 
-        shutil.rmtree(paths.root)
+        # an MLflow store inside the run folder (the default) keeps the earlier run, tagged
+        # superseded below: --force erased the record of the experiment it replaced
+        inside = store_inside(cfg.tracking, paths.root, cfg.name)
+        keep = {"mlflow.db", "mlartifacts"} if inside else set()
+        for child in paths.root.iterdir():
+            if child.name in keep:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
         shutil.rmtree(Path(t.run_dir).absolute() / "_ray" / name, ignore_errors=True)
     dataset = build_dataset(cfg, store, train_ids)
     run_tags = {
