@@ -813,15 +813,17 @@ def stpp_run(
     from cellst.config import ConfigError
 
     refused = False  # a bad request (an unknown stage...): nothing ran, no status to show
+    ended = False  # the MLflow line then comes once, at the very end
     try:
         result = run_stpp(cfg, force_from=force_from, overwrite=overwrite, until=until)
+        ended = True
     except ConfigError:
         refused = True
         raise
     finally:
         if not refused and (cfg.pipeline_dir / "stages").is_dir():
             with contextlib.suppress(Exception):
-                _stpp_status(cfg.pipeline_dir)
+                _stpp_status(cfg.pipeline_dir, mlflow_line=not ended)
     if result.report is not None:
         _print_f1_table(result.report)
     console.print(f"pipeline folder: [bold]{result.pipeline_dir}[/]")
@@ -849,7 +851,7 @@ def stpp_status_legacy(run_dir: RunDirArg) -> None:
     _stpp_status(run_dir)
 
 
-def _stpp_status(run_dir: Path) -> None:
+def _stpp_status(run_dir: Path, mlflow_line: bool = True) -> None:
     from cellst.stpp.outputs import STAGES, TITLES
     from cellst.stpp.pipeline import pipeline_active, pipeline_status
     from cellst.stpp.report import outputs_summary
@@ -889,7 +891,7 @@ def _stpp_status(run_dir: Path) -> None:
     done = sum(r.status == "done" for r in records)
     console.print(f"{done}/{len(STAGES)} stages done", highlight=False)
     ui = ui_command(meta.get("tracking_uri"))
-    if ui and meta.get("parent_run_id"):
+    if mlflow_line and ui and meta.get("parent_run_id"):
         console.print(f"MLflow parent run {meta['parent_run_id']}: {ui}", soft_wrap=True)
 
 
