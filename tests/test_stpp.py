@@ -665,6 +665,7 @@ def test_until_stops_after_that_stage(crashed_and_resumed):
     assert res.exit_code == 0, res.output
     assert "stopped after stage 2/7 reliability, as asked (--until)" in res.output
     assert "test-split F1" not in res.output  # no table: the evaluation was not reached
+    assert res.output.count("parent run") == 1, res.output  # the MLflow line once (was twice)
     assert {p.name: p.read_text() for p in (pipe_dir / "stages").glob("*.json")} == records
     res = runner.invoke(app(), [*args, "--force-from", "6"])  # 6 after --until 2
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
