@@ -39,6 +39,7 @@ app = typer.Typer(
 #: piped or logged output gets 120 columns (rich would use 80); tables are printed whole
 #: (:func:`print_whole`) whatever the width
 console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def _fold_option_names() -> None:
@@ -58,12 +59,11 @@ def _fold_option_names() -> None:
 
     for name in ("highlighter", "negative_highlighter"):
         current = getattr(rich_utils, name)
-        if not isinstance(current, Folding) and type(current).__name__ != "Folding":
+        if type(current).__name__ != "Folding":  # once per process
             setattr(rich_utils, name, Folding(current))
 
 
 _fold_option_names()
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 ConfigOpt = Annotated[
     Path | None,
