@@ -258,13 +258,9 @@ def _scan_folder(
     for it in items:
         if name_key(it.id) in labels:
             it.label = str(labels[name_key(it.id)][0].absolute())
-        elif (
-            (labelled_split or split == "labeled")
-            and split != "test"
-            and (
-                name_key(it.id) not in refused  # named above
-            )
-        ):
+        elif name_key(it.id) in refused:
+            continue  # its only label is a prediction, named above
+        elif (labelled_split or split == "labeled") and split != "test":
             where = labels_dir if labels_dir is not None else images_dir
             expected = Path(where) / f"{it.id}_label.tiff"
             folder = ", which is a folder, not a file" if expected.is_dir() else ""
