@@ -632,7 +632,7 @@ def synthesize_dataset(
 
 
 def _written_by_synth(rel: Path) -> bool:
-    """Whether ``rel`` (a path inside a dataset folder) is one that :func:`write_synthetic`
+    """Whether ``rel`` (a path inside a dataset folder) is one that :func:`synthesize_dataset`
     writes: ``synth.json``, ``modalities.csv``, the split folders, and their images and
     labels by name (``labeled/images/cell_00001.png``, ``test/labels/test_00002_label.tiff``)."""
     parts = rel.parts
