@@ -160,11 +160,26 @@ def test_ddp_training_learns(trained, learn_store):
     )
     model, _, meta = load_model(res.best)
     got, _, _ = validate(model, store, val_ids, cfg.inference, cfg.postprocess, torch.device("cpu"))
-    print(f"val F1 untrained {base['val_f1']:.3f} -> trained {got['val_f1']:.3f}")
     # ~240 DDP steps on 2 CPUs: the nuclear mask is learned, instance separation only starts;
-    # an untrained network finds no cell at all
+    # an untrained network finds no cell at all. Instance F1 on 3 validation items swings
+    # with the crops a run draws (0.06-0.55 seen, the best/ rule picking a late epoch), so
+    # the learning is asserted on the mask: foreground Dice on the same items
+    from cellst.inference.predictor import predict_maps
+
+    def mask_dice(net) -> float:
+        inter = total = 0
+        for item in val_ids:
+            prob, _ = predict_maps(net, store.image(item), cfg.inference)
+            pred, gt = prob > 0.5, store.label(item) > 0
+            inter, total = inter + int((pred & gt).sum()), total + int(pred.sum() + gt.sum())
+        return 2 * inter / max(total, 1)
+
+    before, after = mask_dice(untrained), mask_dice(model.eval())
+    print(f"val F1 untrained {base['val_f1']:.3f} -> trained {got['val_f1']:.3f}; "
+          f"mask Dice {before:.3f} -> {after:.3f}")  # fmt: skip
     assert got["val_f1"] == pytest.approx(meta["val_f1"])  # the best checkpoint is what it says
-    assert got["val_f1"] >= base["val_f1"] + 0.1
+    assert got["val_f1"] > base["val_f1"]  # it finds cells
+    assert after >= before + 0.3 and after >= 0.6, (before, after)
     assert res.metrics["epoch"] == 8 and res.metrics["images_per_s"] > 0
 
 
