@@ -272,8 +272,31 @@ def test_predict_refuses_an_ignore_band_outside_its_range(tmp_path):
         ["predict", "--checkpoint", str(tmp_path), "-i", str(tmp_path), "--ignore-band", "0.7"],
     )
     assert res.exit_code == 2
-    out = " ".join(res.output.replace("│", " ").split())  # (rich draws a box around it)
-    assert "Invalid value for '--ignore-band'" in out and "less than or equal to 0.49" in out
+    assert "Invalid value for '--ignore-band'" in res.output
+    assert "less than or equal to 0.49" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["train"], ("Missing argument 'config'", "'cellst train --help'")),
+        (["segment", "--bogus", "x"], ("No such option: --bogus", "'cellst segment --help'")),
+        (["synth", "out", "--n-labeled", "-3"], ("'--n-labeled'", "'cellst synth --help'")),
+        (["nosuch"], ("No such command 'nosuch'", "'cellst --help'")),
+        (["stpp", "run"], ("Missing argument 'CONFIG'", "'cellst stpp run --help'")),
+        (["evaluate", "--gt"], ("Option '--gt' requires an argument",)),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_a_usage_error_is_one_line_naming_the_option_and_the_help(args, names):
+    """typer drew a usage error as six lines (usage, a hint, a boxed panel that cut long
+    messages at the terminal's edge); it is one ``error:`` line, as cellst's other errors,
+    naming what was wrong and the ``--help`` to read. Exit code 2, as before."""
+    res = runner.invoke(app, args, env={"COLUMNS": "60"}, terminal_width=60)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert all(name in lines[0] for name in names), lines[0]
 
 
 def test_ctrl_c_says_what_is_kept_and_how_to_go_on(capsys):

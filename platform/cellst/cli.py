@@ -63,7 +63,29 @@ def _fold_option_names() -> None:
             setattr(rich_utils, name, Folding(current))
 
 
+def _one_line_usage_errors() -> None:
+    """Print a usage error (a missing argument, an unknown option, a value out of range) as
+    cellst's other errors: one ``error:`` line naming the option and the ``--help`` to read.
+    typer drew it as the usage line, a hint and a boxed panel, six lines for one fact, and
+    the box cut long messages at the terminal's edge."""
+    from typer import rich_utils
+
+    def one_line(exc) -> None:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # typer printed the help already
+            return
+        message = " ".join(exc.format_message().split())
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+            message += f" (see '{ctx.command_path} {ctx.help_option_names[0]}')"
+        err_console.print(
+            f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True
+        )
+
+    rich_utils.rich_format_error = one_line
+
+
 _fold_option_names()
+_one_line_usage_errors()
 
 ConfigOpt = Annotated[
     Path | None,
