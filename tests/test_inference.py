@@ -420,6 +420,30 @@ def test_predict_folder_to_tiffs(ray_session, synth_src, lite_checkpoint, tmp_pa
     assert more.written == []
 
 
+def test_label_tiffs_carry_the_pixel_size_their_image_declares(
+    ray_session, lite_checkpoint, tmp_path
+):
+    """``cellst predict --out`` writes each image's pixel size (an ImageJ or OME-TIFF's) in
+    its ``NAME_label.tiff``'s resolution tags, so areas measured on the labels in Fiji or
+    QuPath come in microns; an image that declares none gives a label without them."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    img = (np.random.default_rng(0).random((96, 96)) * 4000).astype(np.uint16)
+    tifffile.imwrite(folder / "ij.tif", img, imagej=True, resolution=(1 / 0.4, 1 / 0.4),
+                     metadata={"unit": "micron"})  # fmt: skip
+    tifffile.imwrite(folder / "plain.tif", img)
+    out = tmp_path / "out"
+    res = predict(lite_checkpoint, folder, out_dir=out, infer=InferenceConfig(roi=96),
+                  resources=PredictConfig(num_actors=0), progress=False)  # fmt: skip
+    assert sorted(res.written) == ["ij", "plain"]
+    with tifffile.TiffFile(out / "ij_label.tiff") as tf:
+        page = tf.pages[0]
+        assert page.resolutionunit == tifffile.RESUNIT.CENTIMETER
+        assert [1e4 / r for r in page.resolution] == pytest.approx([0.4, 0.4])
+    with tifffile.TiffFile(out / "plain_label.tiff") as tf:
+        assert tf.pages[0].resolutionunit != tifffile.RESUNIT.CENTIMETER
+
+
 def test_a_set_resumed_with_other_inference_settings_is_refused(
     store_dir, lite_checkpoint, tmp_path
 ):

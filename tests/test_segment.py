@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cellst.cli import app
-from cellst.data.images import normalize_image, read_array
+from cellst.data.images import is_cellst_label_tiff, normalize_image, read_array
 from cellst.experiment import load_config
 from cellst.inference.config import SegmentConfig
 from cellst.inference.predictor import predict_maps
@@ -820,3 +820,17 @@ def test_the_ome_zarr_keeps_the_pixel_size_an_imagej_or_ome_tiff_declares(checkp
             [1.0, size, size]
         )
         assert [a.get("unit") for a in ome["axes"]] == [None, unit, unit]
+    # the label TIFFs carry it too, in TIFF's own resolution tags (pixels per centimetre),
+    # as Fiji, QuPath (Bio-Formats), Pillow and tifffile read them; the plain TIFF's none
+    from PIL import Image
+
+    for name, size in (("ij", 0.325), ("ome", 0.5), ("fiji", 0.65)):
+        with tifffile.TiffFile(out / f"{name}_label.tiff") as tf:
+            page = tf.pages[0]
+            assert page.resolutionunit == tifffile.RESUNIT.CENTIMETER, name
+            assert [1e4 / r for r in page.resolution] == pytest.approx([size, size]), name
+        with Image.open(out / f"{name}_label.tiff") as im:
+            assert [25400 / d for d in im.info["dpi"]] == pytest.approx([size, size])
+    with tifffile.TiffFile(out / "plain_label.tiff") as tf:
+        assert tf.pages[0].resolutionunit != tifffile.RESUNIT.CENTIMETER
+    assert is_cellst_label_tiff(out / "ij_label.tiff")  # still cellst's own file

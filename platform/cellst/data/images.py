@@ -760,11 +760,41 @@ def _relabelled_int32(label: np.ndarray, name: str) -> np.ndarray:
     return relabelled.astype(np.int32)
 
 
+#: centimetres per unit of :func:`ome_unit` (TIFF's resolution tags count pixels per inch
+#: or per centimetre; cellst writes centimetres)
+_CENTIMETRES = {
+    "picometer": 1e-10,
+    "angstrom": 1e-8,
+    "nanometer": 1e-7,
+    "micrometer": 1e-4,
+    "millimeter": 0.1,
+    "centimeter": 1.0,
+    "meter": 100.0,
+    "inch": 2.54,
+}
+
+
+def resolution_tags(pixel_size: tuple[PixelSize, str] | None) -> dict[str, Any]:
+    """tifffile's ``resolution`` and ``resolutionunit`` for a pixel of ``(size, unit)``
+    (:func:`pixel_size`): pixels per centimetre in x and y, the baseline TIFF tags that
+    Fiji, QuPath (Bio-Formats) and tifffile read as the pixel's size. Empty for None or a
+    unit with no length."""
+    if pixel_size is None:
+        return {}
+    size, unit = pixel_size
+    cm = _CENTIMETRES.get(ome_unit(unit) or "")
+    sy, sx = pixel_size_yx(size)
+    if cm is None or sx <= 0 or sy <= 0:
+        return {}
+    return {"resolution": (1.0 / (sx * cm), 1.0 / (sy * cm)), "resolutionunit": "CENTIMETER"}
+
+
 def write_label_tiff(
     path: str | Path,
     label: np.ndarray,
     model_id: str | None = None,
     source: dict[str, str] | None = None,
+    pixel_size: tuple[PixelSize, str] | None = None,
 ) -> None:
     """Write an instance map as a challenge ``NAME_label.tiff`` (zlib), atomically.
 
@@ -773,18 +803,21 @@ def write_label_tiff(
     (the digest of the model and post-processing that made it) and ``source`` (the image it
     was predicted from: ``{"folder", "file", "digest"}``) go in its JSON image description,
     so a resumed ``cellst predict --out`` only keeps its own model's files of the same
-    images (:func:`label_tiff_record`).
+    images (:func:`label_tiff_record`). ``pixel_size`` (the source image's, ``(size,
+    unit)`` as :func:`pixel_size` gives it) goes in the TIFF resolution tags
+    (:func:`resolution_tags`), so that areas measured on the labels in Fiji or QuPath come
+    in the image's units.
     """
     path = Path(path)
     n = int(label.max()) if label.size else 0
     dtype = np.uint16 if n < 65536 else np.int32
     data = label.astype(dtype)
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = resolution_tags(pixel_size)
     if model_id is not None:  # tifffile's own shaped description, plus the model
         doc: dict[str, Any] = {"shape": list(data.shape), "model_id": model_id}
         if source is not None:
             doc["source"] = {k: str(v) for k, v in source.items()}
-        meta = {"description": json.dumps(doc)}
+        meta["description"] = json.dumps(doc)
         meta["metadata"] = None
     atomic_write(
         path,

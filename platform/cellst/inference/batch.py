@@ -364,12 +364,14 @@ def postprocess_and_write(
     ignore_band: float = 0.0,
     image_arrays: dict[str, str] | None = None,
     sources: dict[str, dict[str, str]] | None = None,
+    pixel_sizes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """HoVer post-processing of each row's maps, then atomic writes.
 
     ``image_arrays`` (item -> the store array its image was read from) is recorded with
     each pseudo-label, so a later re-ingest that changes the image makes it stale;
-    ``sources`` (item -> :func:`source_records`) likewise in each ``NAME_label.tiff``.
+    ``sources`` (item -> :func:`source_records`) likewise in each ``NAME_label.tiff``, and
+    ``pixel_sizes`` (item -> :func:`source_pixel_sizes`) in its resolution tags.
 
     With ``ignore_band`` > 0, a pseudo-label set also gets each item's ignore mask
     (:func:`uncertain_pixels`). Returns one row per item: ``id``, ``error`` (empty when
@@ -410,7 +412,13 @@ def postprocess_and_write(
                 stats["image_array"] = image_arrays[str(item_id)]
             if out_dir is not None:
                 source = (sources or {}).get(str(item_id))
-                write_label_tiff(Path(out_dir) / label_file_name(item_id), label, model_id, source)
+                write_label_tiff(
+                    Path(out_dir) / label_file_name(item_id),
+                    label,
+                    model_id,
+                    source,
+                    pixel_size=(pixel_sizes or {}).get(str(item_id)),
+                )
             if store_root is not None:
                 ignore = None
                 if ignore_band > 0:
@@ -574,6 +582,25 @@ def source_records(
         i: {"folder": str(p.parent), "file": p.name, "digest": file_sha256(p)}
         for i, p in ((i, paths[i]) for i in ids)
     }
+
+
+def source_pixel_sizes(
+    store: CellStore | None, paths: dict[str, Path], ids: list[str]
+) -> dict[str, Any]:
+    """Item -> the pixel size its source image declares (``(size, unit)``,
+    :func:`cellst.data.images.pixel_size`), for the items whose image declares one; the
+    ``NAME_label.tiff`` written for it carries that size."""
+    from cellst.data.images import pixel_size
+
+    if store is not None:
+        rows = store.manifest.set_index("id")
+        files = {i: rows.at[i, "source_path"] if "source_path" in rows else None for i in ids}
+    else:
+        files = {i: paths[i] for i in ids}
+    found = {
+        i: pixel_size(f) if isinstance(f, str | Path) and f else None for i, f in files.items()
+    }
+    return {i: size for i, size in found.items() if size is not None}
 
 
 def _mismatch(old: dict[str, Any], identity: dict[str, Any]) -> str:
@@ -935,6 +962,7 @@ def predict(
             "ignore_band": float(ignore_band) if set_name else 0.0,
             "image_arrays": _image_arrays(store, todo) if store is not None and set_name else None,
             "sources": {i: sources[i] for i in todo} if sources is not None else None,
+            "pixel_sizes": None if out is None else source_pixel_sizes(store, paths, todo),
         }
         model = {"checkpoint": checkpoint, "weights_sha256": weights_sha256}
         (fatal,) = _run_pool(

@@ -532,12 +532,14 @@ def _write_outputs_into(
     source_path: Path | None = None,
 ) -> list[Path]:
     """:func:`write_outputs`' files, written into ``out_dir`` (its staging folder); the
-    OME-Zarr carries the pixel size ``source_path`` declares (:func:`pixel_size`)."""
-    from cellst.data.images import write_label_tiff
+    label TIFF and the OME-Zarr carry the pixel size ``source_path`` declares
+    (:func:`pixel_size`)."""
+    from cellst.data.images import pixel_size, write_label_tiff
 
+    declared = pixel_size(source_path) if source_path else None
     written: list[Path] = []
     tiff = out_dir / label_file_name(name)
-    write_label_tiff(tiff, label)
+    write_label_tiff(tiff, label, pixel_size=declared)
     written.append(tiff)
     if cfg.save_png:
         written.append(write_overlay(out_dir / f"{name}{OVERLAY_SUFFIX}.png", image, label))
@@ -558,10 +560,9 @@ def _write_outputs_into(
             write_geojson(label, out_dir / f"{name}.geojson", measurements=table, image_id=name)
         )
     if cfg.save_ome_zarr:
-        from cellst.data.images import pixel_size
         from cellst.export.omezarr import SEGMENTATION, write_ome_zarr
 
-        size, unit = (pixel_size(source_path) if source_path else None) or (1.0, None)
+        size, unit = declared or (1.0, None)
         written.append(
             write_ome_zarr(
                 out_dir / f"{name}.ome.zarr",
