@@ -501,8 +501,32 @@ def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_pat
     assert sorted(steps) == list(range(1, steps_per_epoch + 3)), steps
     # --force starts the run over (one epoch: before the injected NaN). The MLflow store
     # inside the run folder keeps the earlier run, marked superseded: it was erased with it
+    # --force of a request that a later check refuses keeps the earlier run: a pseudo-label
+    # set whose writing stopped half-way (the stream's check), and warm-start weights in
+    # the run that --force would delete. Both deleted the run, then failed.
+    import numpy as np
+
+    from cellst.data.pseudo import PseudoLabelSet
     from cellst.tracking.config import SUPERSEDED_TAG
 
+    store2 = tmp_path / "store2"
+    shutil.copytree(store_dir, store2)
+    row = CellStore(store2, lease=False).manifest.iloc[0]
+    half = PseudoLabelSet(store2, "half")
+    half.create({"checkpoint": "elsewhere"})
+    half.write_item(row.id, np.ones((int(row.height), int(row.width)), np.int32), {})
+
+    def changed(**train_fields):
+        return cfg.model_copy(
+            update={"store": str(store2), "train": cfg.train.model_copy(update=train_fields)}
+        )
+
+    with pytest.raises(StoreError, match="incomplete"):
+        train(changed(pseudo_set="half"), force=True)
+    with pytest.raises(ConfigError, match="lies in the run that --force replaces"):
+        train(changed(init_checkpoint=str(ck / "last")), force=True)
+    assert load_model(ck / "last")[2]["epoch"] == 1  # the earlier run is still there
+    assert json.loads((tmp_path / "nan" / "run.json").read_text())["mlflow_run_id"] == run_id
     shorter = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
     again = train(shorter, force=True)
     assert not (ck / "last").is_dir() or load_model(ck / "last")[2]["epoch"] == 1

@@ -305,6 +305,11 @@ def augment_transform(cfg: ExperimentConfig):
     )
 
 
+def _inside(path: str | Path, folder: Path) -> bool:
+    """Whether ``path`` (links resolved) lies in ``folder``."""
+    return Path(path).resolve().is_relative_to(folder.resolve())
+
+
 def build_dataset(cfg: ExperimentConfig, store: CellStore, train_ids: list[str]):
     """The training stream: crops of the labelled items (plus the pseudo-label set if
     configured), augmented into model-ready arrays by CPU tasks anywhere on the cluster.
@@ -507,6 +512,12 @@ def train(
             f"train.run_name or pass --force to start it over"
         )
     restart = force and paths.root.exists()  # the old run is removed once the new can run
+    if restart and t.init_checkpoint and _inside(t.init_checkpoint, paths.root):
+        raise ConfigError(
+            f"train.init_checkpoint={t.init_checkpoint} lies in the run that --force replaces "
+            f"({paths.root}), so it would be deleted before the training loads it; copy it "
+            "out of the run folder, or choose another train.run_name"
+        )
     replaced_run = state.get("mlflow_run_id") if restart else None
     if restart:
         state = {}
@@ -524,6 +535,9 @@ def train(
     cfg = fit_cluster(cfg)
     t = cfg.train
     wait_env, wait_tries = node_wait_policy(t.node_wait_s)  # a bad variable: before any work
+    # the stream checks its pseudo-label set (complete, current, not empty): before --force
+    # deletes anything, as each check above
+    dataset = build_dataset(cfg, store, train_ids)
     if restart:  # every check passed: only now is the earlier run (and its checkpoints) gone
         import shutil
 
@@ -539,7 +553,6 @@ def train(
             else:
                 child.unlink()
         shutil.rmtree(Path(t.run_dir).absolute() / "_ray" / name, ignore_errors=True)
-    dataset = build_dataset(cfg, store, train_ids)
     run_tags = {
         **store_tags(store),
         "cellst.stage": "train",
