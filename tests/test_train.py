@@ -499,8 +499,6 @@ def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_pat
     db = MlflowClient(f"sqlite:///{tmp_path / 'nan' / 'mlflow.db'}")
     steps = [m.step for m in db.get_metric_history(run_id, "step_loss")]
     assert sorted(steps) == list(range(1, steps_per_epoch + 3)), steps
-    # --force starts the run over (one epoch: before the injected NaN). The MLflow store
-    # inside the run folder keeps the earlier run, marked superseded: it was erased with it
     # --force of a request that a later check refuses keeps the earlier run: a pseudo-label
     # set whose writing stopped half-way (the stream's check), and warm-start weights in
     # the run that --force would delete. Both deleted the run, then failed.
@@ -527,6 +525,8 @@ def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_pat
         train(changed(init_checkpoint=str(ck / "last")), force=True)
     assert load_model(ck / "last")[2]["epoch"] == 1  # the earlier run is still there
     assert json.loads((tmp_path / "nan" / "run.json").read_text())["mlflow_run_id"] == run_id
+    # --force starts the run over (one epoch: before the injected NaN). The MLflow store
+    # inside the run folder keeps the earlier run, marked superseded: it was erased with it
     shorter = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
     again = train(shorter, force=True)
     assert not (ck / "last").is_dir() or load_model(ck / "last")[2]["epoch"] == 1
