@@ -387,6 +387,72 @@ def test_a_sweep_on_a_retrained_checkpoint_starts_over_and_best_yaml_holds_its_c
     assert post["marker_threshold"] == 0.35 and post["sobel_kernel"] == 15, post
 
 
+def test_cached_validation_predictions_follow_a_reingested_label(pp_sweep, tmp_path):
+    """A post-processing sweep caches its validation predictions (with their ground truth)
+    by checkpoint, settings and items. A re-ingest that changed a validation label started
+    the sweep over, but the cache, keyed by the store's path, was found: every trial was
+    scored against the old labels. The items' stored arrays are now part of the key."""
+    import shutil
+
+    import numpy as np
+    import tifffile
+
+    from cellst.data.ingest import ingest
+    from cellst.tune.sweep import prepare_maps
+
+    cfg = pp_sweep[0]
+    src, store = tmp_path / "src", tmp_path / "store"
+    shutil.copytree(Path(cfg.store).parent / "src", src)
+    ingest(src, store, progress=False)
+    mine = cfg.model_copy(update={"store": str(store)})
+    ids = sorted(CellStore(store, lease=False).ids("labeled"))[:2]
+    first = prepare_maps(mine, ids, tmp_path / "sweep", print)
+    assert prepare_maps(mine, ids, tmp_path / "sweep", print) == first  # cached
+    label_file = next(src.rglob(f"{ids[0]}_label.tiff"))
+    arr = tifffile.imread(label_file)
+    arr[arr == arr.max()] = 0  # one cell fewer
+    tifffile.imwrite(label_file, arr)
+    ingest(src, store, progress=False)
+    again = prepare_maps(mine, ids, tmp_path / "sweep", print)
+    assert again != first
+    now = CellStore(store, lease=False).label(ids[0])
+    with np.load(again / f"{ids[0]}.npz") as z:
+        assert np.array_equal(z["label"] > 0, now > 0)
+
+
+def test_a_sweep_started_over_removes_the_earlier_sweeps_results(pp_sweep, tmp_path, monkeypatch):
+    """A sweep whose checkpoint changed starts over; interrupted before its own results,
+    it left the earlier sweep's results.csv, best.yaml and sweep.png beside its new
+    sweep.json, another sweep's advice presented as this one's. They go when it starts over."""
+    import shutil
+
+    import cellst.tune.sweep as sweep
+
+    cfg, ckpt = pp_sweep[0], pp_sweep[1]
+    mine = tmp_path / "ckpt"
+    shutil.copytree(ckpt, mine)
+    data = cfg.model_dump(mode="json", exclude={"postprocess"})
+    data["tune"].update(name="ppo", num_samples=2, checkpoint=str(mine))
+    data["tune"]["run_dir"] = str(tmp_path / "runs")
+    path = _config(tmp_path / "sweep.yaml", **data)
+    assert runner.invoke(app, ["tune", str(path)]).exit_code == 0
+    root = tmp_path / "runs" / "ppo"
+    assert all((root / f).is_file() for f in sweep.RESULT_FILES)
+    model, mcfg, _ = load_model(mine)
+    with torch.no_grad():
+        next(model.parameters()).mul_(0.5)
+    save_checkpoint(mine, model, mcfg)  # trained again: the sweep starts over
+
+    def ctrl_c(*args, **kwargs):  # Ctrl-C while it predicts the validation items anew
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "prepare_maps", ctrl_c)
+    again = runner.invoke(app, ["tune", str(path)])
+    assert again.exit_code == 130, again.output
+    assert "starting the sweep over" in " ".join(again.output.split())
+    assert not [f for f in sweep.RESULT_FILES if (root / f).exists()]
+
+
 def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
     cfg = load_tune_config(
         None,

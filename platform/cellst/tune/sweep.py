@@ -151,21 +151,39 @@ def _cache_maps(checkpoint: str, store_root: str, ids: list[str], infer: dict, o
     return len(ids)
 
 
+#: what a finished sweep writes in its folder (:func:`write_results`)
+RESULT_FILES = ("results.csv", "best.yaml", "sweep.png")
+
+
 def prepare_maps(
-    cfg: ExperimentConfig, ids: list[str], root: Path, log: Callable[[str], None]
+    cfg: ExperimentConfig,
+    ids: list[str],
+    root: Path,
+    log: Callable[[str], None],
+    store: CellStore | None = None,
 ) -> Path:
-    """Validation predictions of ``tune.checkpoint``, computed once per checkpoint/settings."""
+    """Validation predictions of ``tune.checkpoint``, computed once per checkpoint, settings
+    and validation data: the items' stored image and label arrays (whose names hold their
+    content's digest) are part of the key, so a re-ingest that changed an image or a label
+    predicts anew. (Keyed by the store's path alone, a restarted sweep scored the old
+    predictions against the old labels.)"""
     import ray
 
     from cellst.fingerprint import checkpoint_fingerprint, stable_hash
     from cellst.fs import atomic_write_json
 
+    store = store or CellStore(cfg.store, lease=False)
+    rows = store.manifest.set_index("id").loc[sorted(ids)]
     key = stable_hash(
         {
             "checkpoint": checkpoint_fingerprint(cfg.tune.checkpoint),
             "infer": cfg.inference.model_dump(mode="json"),
             "ids": sorted(ids),
             "store": str(Path(cfg.store).absolute()),
+            "arrays": [
+                [str(a), str(b)]
+                for a, b in zip(rows["image_array"], rows["label_array"], strict=True)
+            ],
         }
     )
     folder = root / "maps" / key
@@ -525,6 +543,10 @@ def _run_sweep(
             "starting the sweep over"
         )
         shutil.rmtree(ray_path)
+        # the earlier sweep's results go with it: an interrupted new sweep left them beside
+        # its own sweep.json, another sweep's best.yaml presented as this one's
+        for result in RESULT_FILES:
+            (root / result).unlink(missing_ok=True)
         state = {"replaced_run_id": state.get("parent_run_id")}
 
     tracking = cfg.tracking
@@ -573,7 +595,7 @@ def _run_sweep(
             if inference_note:
                 log(f"[tune] {inference_note}")
             ctx.update(
-                maps=str(prepare_maps(cfg, val_ids, root, log)),
+                maps=str(prepare_maps(cfg, val_ids, root, log, store)),
                 ids=val_ids,
                 post=post.model_dump(mode="json"),
                 evaluate=cfg.evaluate.model_dump(mode="json"),
