@@ -757,6 +757,42 @@ def test_training_in_this_process_resumes_where_it_was_killed(ray_session, store
     assert "None" not in third.stdout, third.stdout[-2000:]
 
 
+def test_a_run_is_not_resumed_on_relabelled_items(ray_session, synth_src, tmp_path):
+    """An interrupted run resumed after a re-ingest changed a labelled item trained its
+    last epochs, and chose its best checkpoint, on other data than its first, and
+    ``run.json`` named only the new store version. The resume is refused in one line
+    (``--force`` starts it over); a change to the unlabelled items alone resumes."""
+    from cellst.data.ingest import ingest
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    shutil.copytree(synth_src, src)
+    ingest(src, store, progress=False)
+    cfg = tiny_cfg(store, tmp_path / "runs", "train.num_workers=0", "train.epochs=1",
+                   "train.run_name=relabel", "data.crops_per_epoch=16")  # fmt: skip
+    train(cfg)
+    run_json = tmp_path / "runs" / "relabel" / "run.json"
+
+    def interrupted() -> None:  # as a Ctrl-C'd run leaves it
+        record = json.loads(run_json.read_text())
+        run_json.write_text(json.dumps({**record, "status": "interrupted"}))
+
+    interrupted()
+    unlabelled = src / "unlabeled" / "images" / "unlabeled_00001.tif"
+    tifffile.imwrite(unlabelled, tifffile.imread(unlabelled)[::-1])  # flipped
+    ingest(src, store, progress=False)  # an unlabelled image changed: same training data
+    assert train(cfg).run_path.name == "relabel"
+    interrupted()
+    label = sorted((src / "labeled" / "labels").iterdir())[0]
+    arr = tifffile.imread(label)
+    arr[arr == arr.max()] = 0
+    tifffile.imwrite(label, arr)
+    ingest(src, store, progress=False)
+    with pytest.raises(ConfigError, match="started on other data.*--force"):
+        train(cfg)
+    assert json.loads(run_json.read_text())["status"] == "interrupted"  # untouched
+    assert train(cfg, force=True).metrics["epoch"] == 1
+
+
 def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.epochs"):
         tiny_cfg(store_dir, tmp_path, "train.epochs=0")

@@ -305,6 +305,22 @@ def augment_transform(cfg: ExperimentConfig):
     )
 
 
+def data_digest(store: CellStore, train_ids: list[str], val_ids: list[str]) -> str:
+    """Fingerprint of the labelled items a run trains and validates on: their ids, which
+    split each is in, and their stored image and label arrays (whose names hold their
+    content's digest). A re-ingest that changes, adds or removes one changes it."""
+    from cellst.fingerprint import stable_hash
+
+    rows = store.manifest.set_index("id")
+    return stable_hash(
+        [
+            [split, i, str(rows.at[i, "image_array"]), str(rows.at[i, "label_array"])]
+            for split, ids in (("train", train_ids), ("val", val_ids))
+            for i in sorted(ids)
+        ]
+    )
+
+
 def _inside(path: str | Path, folder: Path) -> bool:
     """Whether ``path`` (links resolved) lies in ``folder``."""
     return Path(path).resolve().is_relative_to(folder.resolve())
@@ -511,6 +527,16 @@ def train(
             f"run {paths.root} exists with a different configuration{what}; choose another "
             f"train.run_name or pass --force to start it over"
         )
+    data = data_digest(store, train_ids, val_ids)
+    recorded = state.get("data_digest")
+    if not force and recorded and recorded != data and state.get("status") != "finished":
+        raise ConfigError(
+            f"run {paths.root} was started on other data: the store's labelled items changed "
+            f"since (re-ingested: store version {state.get('store_version', '?')}, now "
+            f"{store.version}), and resuming would train its last epochs and pick its best "
+            "checkpoint on the new items; pass --force to start it over, or choose another "
+            "train.run_name"
+        )
     restart = force and paths.root.exists()  # the old run is removed once the new can run
     if restart and t.init_checkpoint and _inside(t.init_checkpoint, paths.root):
         raise ConfigError(
@@ -583,6 +609,7 @@ def train(
             diverged=None,
             train_ids=train_ids,
             val_ids=val_ids,
+            data_digest=data,  # a resume on re-ingested items is refused
         )
         from cellst.tracking.mlflow_utils import resolve_tracking
 
