@@ -394,3 +394,40 @@ def test_a_ground_truth_folder_in_the_ingest_layout_points_to_its_labels(tmp_pat
     text = " ".join(res.output.split())
     assert f"its labels are in {layout / 'labels'}: pass that folder as --gt" in text, text
     assert _evaluate(layout / "labels", pred, tmp_path / "r").exit_code == 0
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_the_earlier_one(tmp_path):
+    """The report's files replaced an earlier report's one at a time: a disk that filled up
+    while the large ``cells.csv`` was written left this report's ``metrics.json`` beside
+    the last one's CSVs, with a traceback. Now each file is written whole before any is
+    replaced: the earlier report stays as it was, and the error is one line naming the file.
+    (The full disk is real: the command runs under a file-size limit, ``RLIMIT_FSIZE``.)"""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    lab = np.zeros((400, 400), np.uint16)
+    for k, (y, x) in enumerate((y, x) for y in range(0, 400, 20) for x in range(0, 400, 20)):
+        lab[y + 2 : y + 16, x + 2 : x + 16] = k + 1  # 400 cells: a cells.csv of about 8 KB
+    gt, good = _folders(tmp_path, {"img": lab}, {"img": lab})
+    worse = tmp_path / "worse"
+    worse.mkdir()
+    tifffile.imwrite(worse / "img_label.tiff", np.roll(lab, 3, axis=1))
+    out = tmp_path / "report"
+    assert _evaluate(gt, good, out, "--per-cell").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert json.loads(before["metrics.json"])["f1"] == 1.0 and len(before["cells.csv"]) > 6000
+
+    def small_files() -> None:  # in the child: writes past 6000 bytes fail (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+
+    cellst = str(Path(sys.executable).with_name("cellst"))
+    args = ["evaluate", "--gt", str(gt), "--pred", str(worse), "--out", str(out), "--per-cell"]
+    res = subprocess.run(
+        [cellst, *args], capture_output=True, text=True, preexec_fn=small_files, timeout=120
+    )
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert res.stderr.strip() == f"error: {out / 'cells.csv'}: File too large", res.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary left

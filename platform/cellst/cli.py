@@ -148,7 +148,7 @@ _USER_ERRORS = (
 #: errors of the file system a user can mend (permissions, a read-only or full disk, a
 #: folder where a file goes), shown as one line naming the path instead of a traceback
 _STORAGE_ERRNOS = frozenset(
-    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR}
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EISDIR}
 )
 
 

@@ -187,6 +187,33 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
     return path
 
 
+def atomic_write_texts(files: dict[Path, str]) -> list[Path]:
+    """Write several UTF-8 files that belong together (a report's JSON and CSVs): each is
+    written whole to a temporary sibling first, and only once all are written are they
+    renamed into place, one right after the other. A full disk or an error while writing
+    leaves every earlier file as it was, never one report's JSON beside another's CSV.
+    """
+    tmps: dict[Path, Path] = {}
+    try:
+        for path, text in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmps[path] = temp_sibling(path, suffix=path.suffix or ".tmp")
+            try:
+                tmps[path].write_text(text, encoding="utf-8")
+            except OSError as exc:  # a full disk's error names no file: name the one
+                if exc.filename:
+                    raise
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    return list(tmps)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellst.data.layout import name_key
-from cellst.fs import atomic_write_text
 from cellst.metrics.instance import (
     SCORE_KEYS,
     _as_labels,
@@ -271,9 +270,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-_atomic_write = atomic_write_text  # temporary sibling, then rename (cellst.fs)
-
-
 #: columns of the per-cell match table (``cells.csv``)
 CELL_COLUMNS = ("id", "gt_label", "pred_label", "iou", "matched")
 
@@ -329,23 +325,21 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> 
     dict
         ``{"json": path, "csv": path}``.
     """
+    from cellst.fs import atomic_write_texts
     from cellst.provenance import csv_begins_with
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stale_cells = out / "cells.csv"
-    if "cells" not in report and csv_begins_with(stale_cells, CELL_COLUMNS):
-        stale_cells.unlink()  # an earlier report's: it would pass for this one's
     json_path = out / "metrics.json"
     csv_path = out / "metrics.csv"
     summary = {k: v for k, v in report.items() if k != "cells"}  # cells go to cells.csv
-    _atomic_write(json_path, json.dumps(summary, indent=2, default=_json_default) + "\n")
+    texts = {json_path: json.dumps(summary, indent=2, default=_json_default) + "\n"}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in report.get("images", []):
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
-    _atomic_write(csv_path, buf.getvalue())
+    texts[csv_path] = buf.getvalue()
     paths = {"json": json_path, "csv": csv_path}
     if "cells" in report:  # per-cell match results: which predicted cell each cell got
         buf = io.StringIO()
@@ -355,7 +349,13 @@ def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> 
         writer.writeheader()
         writer.writerows(report["cells"])
         paths["cells"] = out / "cells.csv"
-        _atomic_write(paths["cells"], buf.getvalue())
+        texts[paths["cells"]] = buf.getvalue()
+    # every file whole before any replaces an earlier report's: a full disk while writing
+    # the large cells.csv left this report's metrics.json beside the last one's CSVs
+    atomic_write_texts(texts)
+    stale_cells = out / "cells.csv"
+    if "cells" not in report and csv_begins_with(stale_cells, CELL_COLUMNS):
+        stale_cells.unlink()  # an earlier report's: it would pass for this one's
     return paths
 
 
