@@ -834,3 +834,30 @@ def test_the_ome_zarr_keeps_the_pixel_size_an_imagej_or_ome_tiff_declares(checkp
     with tifffile.TiffFile(out / "plain_label.tiff") as tf:
         assert tf.pages[0].resolutionunit != tifffile.RESUNIT.CENTIMETER
     assert is_cellst_label_tiff(out / "ij_label.tiff")  # still cellst's own file
+
+
+def test_a_folder_another_run_writes_is_refused_at_once(checkpoint, images, tmp_path):
+    """Two runs writing label files into one folder at once (`cellst segment`, `cellst
+    predict --out`, other checkpoints) both exited 0, the folder holding two models'
+    labels, and each removed the other's files in progress as a dead run's. While a run
+    holds the folder, another is refused in one line before anything is written."""
+    from cellst.fs import writing_folder
+
+    out = tmp_path / "out"
+    with writing_folder(out, "test"):  # the first run
+        res = _segment(str(images), "--checkpoint", str(checkpoint), "--out", str(out))
+        assert res.exit_code == 1, res.output
+        assert "is being written by another cellst segment or predict run" in res.output
+        assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1, res.output
+        res = runner.invoke(app, ["predict", "--checkpoint", str(checkpoint), "--input",
+                                  str(images), "--out", str(out)])  # fmt: skip
+        assert res.exit_code == 1 and "is being written by another" in res.output, res.output
+        assert not out.exists() or not list(out.iterdir())
+        # beside the images (no --out): their folder is the one held
+        with writing_folder(images, "test"):
+            res = _segment(str(images), "--checkpoint", str(checkpoint))
+            assert res.exit_code == 1 and "being written by another" in res.output
+        assert not list(images.glob("*_label.tiff"))
+    res = _segment(str(images), "--checkpoint", str(checkpoint), "--out", str(out))
+    assert res.exit_code == 0, res.output  # released when the first run ends
+    assert list(out.glob("*_label.tiff"))

@@ -142,6 +142,7 @@ _USER_ERRORS = (
     ("cellst.train.config", "TrainingDiverged"),
     ("cellst.raycluster", "ClusterError"),
     ("cellst.model.checkpoint_files", "CheckpointError"),
+    ("cellst.fs", "FolderBusy"),
 )
 
 

@@ -386,6 +386,33 @@ def held_by_one(path: str | os.PathLike[str], refusal: Exception) -> Iterator[No
         yield
 
 
+@contextlib.contextmanager
+def writing_folder(folder: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """The write lock of an output folder of label files (``cellst predict --out``,
+    ``cellst segment``), held for the block: a second run writing the same folder at the
+    same time is refused at once (:class:`FolderBusy`), so that two models never mix their
+    labels in one folder, nor does one remove the other's files in progress.
+
+    The lock is :func:`lock_beside` the folder; where its parent cannot take a file (a
+    writable image folder in a read-only parent), a hidden file inside the folder."""
+    lock = lock_beside(folder)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        open(lock, "a").close()  # noqa: SIM115 - only to see that it can be created
+    except OSError:
+        lock = Path(folder).resolve() / ".cellst-writing.lock"
+    refusal = FolderBusy(
+        f"{folder} is being written by another {what} run; wait for it to end, or give "
+        "another output folder"
+    )
+    with held_by_one(lock, refusal):
+        yield
+
+
+class FolderBusy(RuntimeError):
+    """Another process writes the output folder now (:func:`writing_folder`); one line."""
+
+
 def is_locked(path: str | os.PathLike[str]) -> bool:
     """Whether anyone holds a :func:`file_lock` on ``path`` now, shared or exclusive, this
     process included (``flock`` locks belong to each opened file); a missing file is not

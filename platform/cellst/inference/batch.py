@@ -736,12 +736,18 @@ def fit_resources(pcfg: PredictConfig) -> PredictConfig:
 
 
 @contextlib.contextmanager
-def _writing_sets(source: str | Path, set_names: list[str | None]) -> Iterator[None]:
+def _writing_sets(
+    source: str | Path, set_names: list[str | None], out_dir: str | Path | None = None
+) -> Iterator[None]:
     """The write locks of the named pseudo-label sets of store ``source`` (none for a
-    folder of images), held for the block (:meth:`PseudoLabelSet.writing`)."""
+    folder of images), held for the block (:meth:`PseudoLabelSet.writing`), and of the
+    ``out_dir`` of label files if any (:func:`cellst.fs.writing_folder`)."""
     from cellst.data.layout import is_store
+    from cellst.fs import writing_folder
 
     with contextlib.ExitStack() as held:
+        if out_dir is not None:
+            held.enter_context(writing_folder(Path(out_dir), "cellst predict or segment"))
         if is_store(source):
             for name in dict.fromkeys(set_names):  # (a name given twice: refused later)
                 if name is not None:
@@ -749,10 +755,11 @@ def _writing_sets(source: str | Path, set_names: list[str | None]) -> Iterator[N
         yield
 
 
-def _holding_set_locks(sets: Callable[[dict[str, Any]], tuple[Any, list[str | None]]]):
+def _holding_set_locks(sets: Callable[[dict[str, Any]], tuple[Any, ...]]):
     """Run the decorated function with the write locks of the pseudo-label sets it writes
     held (:func:`_writing_sets`): ``sets`` maps its bound arguments to ``(store or folder,
-    set names)``. A second writer of a set is refused at once, never mixed in."""
+    set names[, output folder])``. A second writer of a set or an output folder is refused
+    at once, never mixed in."""
 
     def decorate(fn):
         signature = inspect.signature(fn)
@@ -769,7 +776,7 @@ def _holding_set_locks(sets: Callable[[dict[str, Any]], tuple[Any, list[str | No
     return decorate
 
 
-@_holding_set_locks(lambda a: (a["source"], [a["set_name"]]))
+@_holding_set_locks(lambda a: (a["source"], [a["set_name"]], a["out_dir"]))
 def predict(
     checkpoint: str | Path,
     source: str | Path,

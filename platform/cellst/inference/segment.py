@@ -29,6 +29,7 @@ written; every file is written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -775,6 +776,7 @@ def segment_on_ray(
     import tifffile
 
     from cellst.config import IngestConfig
+    from cellst.fs import lock_beside
     from cellst.inference.batch import predict
     from cellst.postprocess.calibrate import effective_postprocess
 
@@ -835,6 +837,7 @@ def segment_on_ray(
                     result.failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            lock_beside(staging).unlink(missing_ok=True)  # predict's; this process's alone
     result.outputs += _finish_tables(tables, cfg, result.removed)
     result.seconds = time.perf_counter() - t0
     return result
@@ -898,24 +901,30 @@ def segment(
     except Exception as exc:  # noqa: BLE001 - an unreadable postprocess.json
         raise SegmentError(first_line(exc)) from None
     cfg = segment_cfg or SegmentConfig()
+    from cellst.fs import writing_folder
+
     check_outputs(paths, out_dir, cfg, overwrite)
-    distributed = use_ray(paths, cfg) if ray is None else ray
-    if on_start is not None:
-        on_start(paths, distributed)
-    common: dict[str, Any] = {
-        "out_dir": out_dir,
-        "infer": infer,
-        "post": post,
-        "segment_cfg": cfg,
-        "ingest": ingest,
-        "progress": progress,
-    }
-    if distributed:
-        result = segment_on_ray(
-            paths, checkpoint, resources=resources, ray_address=ray_address, **common
-        )
-    else:
-        result = segment_in_process(paths, checkpoint, device=device, **common)
-    if infer_note:
-        result.postprocess_note += f"; {infer_note}"
-    return result
+    with contextlib.ExitStack() as held:  # each output folder: one writer at a time
+        out = Path(out_dir) if out_dir is not None else None
+        for folder in dict.fromkeys(_out_dir(p, out) for p in paths):
+            held.enter_context(writing_folder(folder, "cellst segment or predict"))
+        distributed = use_ray(paths, cfg) if ray is None else ray
+        if on_start is not None:
+            on_start(paths, distributed)
+        common: dict[str, Any] = {
+            "out_dir": out_dir,
+            "infer": infer,
+            "post": post,
+            "segment_cfg": cfg,
+            "ingest": ingest,
+            "progress": progress,
+        }
+        if distributed:
+            result = segment_on_ray(
+                paths, checkpoint, resources=resources, ray_address=ray_address, **common
+            )
+        else:
+            result = segment_in_process(paths, checkpoint, device=device, **common)
+        if infer_note:
+            result.postprocess_note += f"; {infer_note}"
+        return result
