@@ -135,3 +135,45 @@ def test_status_names_a_corrupt_record(tmp_path):
             "column 2 (char 1)); restore or remove it"
         )
         broken.unlink()
+    # valid JSON of another kind (an array, a string): an AttributeError traceback before
+    for broken, text, found in (
+        (tmp_path / "stages" / "1_supervised.json", "[]", "an array"),
+        (tmp_path / "pipeline.json", '"done"', "a string"),
+    ):
+        (tmp_path / "pipeline.json").write_text("{}")
+        broken.write_text(text)
+        res = CliRunner().invoke(app, ["stpp", "status", str(tmp_path)])
+        assert res.exit_code == 1, res.output
+        assert res.output.strip() == (
+            f"error: {broken}: expected a JSON object, found {found}; restore or remove it"
+        )
+        broken.unlink()
+
+
+def test_a_run_record_that_is_not_an_object_is_named(store_dir, tmp_path):
+    """``run.json`` holding valid JSON that is not an object (an array): `cellst train`
+    names the file in one line, exit 1 (it was an AttributeError traceback)."""
+    from typer.testing import CliRunner
+
+    from cellst.cli import app
+
+    run = tmp_path / "runs" / "x-train"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("[1, 2]")
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("name: x\n")
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(cfg),
+            "--set",
+            f"store={store_dir}",
+            "--set",
+            f"train.run_dir={tmp_path / 'runs'}",
+        ],
+    )
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().endswith(
+        f"{run / 'run.json'}: expected a JSON object, found an array; restore or remove it"
+    )

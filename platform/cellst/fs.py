@@ -147,17 +147,24 @@ class CorruptFileError(ValueError):
 _REQUIRED: Any = object()
 
 
-def read_json(path: str | os.PathLike[str], missing: Any = _REQUIRED) -> Any:
+def read_json(path: str | os.PathLike[str], missing: Any = _REQUIRED, expect: type = dict) -> Any:
     """The JSON document in ``path``; :class:`CorruptFileError` naming the file when it is
-    not valid JSON (a truncated or hand-edited record). With ``missing``, a file that does
-    not exist reads as that value (e.g. ``{}`` for a record not written yet)."""
+    not valid JSON (a truncated or hand-edited record), or not of the ``expect``ed type
+    (cellst's records are JSON objects: ``[]`` in one gave an AttributeError traceback).
+    With ``missing``, a file that does not exist reads as that value (e.g. ``{}`` for a
+    record not written yet). ``expect=object`` takes any document."""
     path = Path(path)
     if missing is not _REQUIRED and not path.is_file():
         return missing
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{path}: not valid JSON ({exc}); restore or remove it") from None
+    if not isinstance(doc, expect):
+        what = "a JSON object" if expect is dict else f"a JSON {expect.__name__}"
+        found = {list: "an array", str: "a string", type(None): "null"}.get(type(doc), "a value")
+        raise CorruptFileError(f"{path}: expected {what}, found {found}; restore or remove it")
+    return doc
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
