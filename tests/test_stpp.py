@@ -391,7 +391,15 @@ def test_foreign_pseudo_set_is_refused(store_dir, tmp_path):
     with pytest.raises(StoreError, match=r"t-reliable.*--overwrite"):
         run_stpp(cfg)
     assert not (tmp_path / "runs" / "t" / "train").exists()  # nothing ran
+    # --overwrite never removes a set another run is writing now (it did, unlocked)
+    from cellst.data.pseudo import PseudoLabelSet
+
+    with PseudoLabelSet(store.root, "t-reliable").writing():
+        with pytest.raises(StoreError, match="'t-reliable' .* is being written by another run"):
+            Pipeline(cfg, overwrite=True).preflight()
+    assert "t-reliable" in store.pseudo_sets()
     Pipeline(cfg, overwrite=True).preflight()  # accepted with --overwrite
+    assert "t-reliable" not in store.pseudo_sets()
 
 
 def test_store_without_unlabelled_items_stops_after_stage_1(crashed_and_resumed, tmp_path):

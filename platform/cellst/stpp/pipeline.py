@@ -290,7 +290,9 @@ class Pipeline:
         from cellst.data.pseudo import PseudoLabelSet
 
         for s in foreign:  # replaced (--overwrite): what this pipeline recorded of them is void
-            PseudoLabelSet(store.root, s).remove()
+            replaced = PseudoLabelSet(store.root, s)
+            with replaced.writing():  # never under a run writing it: refused in one line
+                replaced.remove()
         if foreign:
             self.save_meta(sets={k: v for k, v in owned.items() if k not in foreign})
         return store
