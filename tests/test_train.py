@@ -793,6 +793,31 @@ def test_a_run_is_not_resumed_on_relabelled_items(ray_session, synth_src, tmp_pa
     assert train(cfg, force=True).metrics["epoch"] == 1
 
 
+def test_best_never_holds_an_epoch_the_resumed_run_discarded(ray_session, store_dir, tmp_path):
+    """``best/`` was published before its epoch was kept for a resume: a kill between the
+    two left best/ holding an epoch the resumed run trained again (and may not have chosen),
+    while ``run.json`` named another best epoch. It is now published once the epoch is kept,
+    and a resumed run puts its restored best epoch back in best/ where best/ holds another
+    (as a run of an older cellst may have left it)."""
+    from cellst.model.checkpoint_files import read_checkpoint_info
+    from cellst.train.checkpoints import _publish
+
+    cfg = tiny_cfg(store_dir, tmp_path, "train.num_workers=0", "train.epochs=3",
+                   "train.run_name=bestkill", "train.keep_last=3", "data.crops_per_epoch=16",
+                   "train.val_every=1")  # fmt: skip
+    res = train(cfg)
+    run = tmp_path / "bestkill"
+    chosen = res.metrics["best_epoch"]
+    assert read_checkpoint_info(run / "checkpoints" / "best")[1]["epoch"] == chosen
+    other = next(e for e in (1, 2, 3) if e != chosen)
+    _publish(run / "checkpoints" / f"epoch_{other:03d}", run / "checkpoints" / "best")
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    again = train(cfg)  # killed after its last epoch was kept: nothing left to train
+    assert again.metrics["best_epoch"] == chosen
+    assert read_checkpoint_info(run / "checkpoints" / "best")[1]["epoch"] == chosen
+
+
 def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.epochs"):
         tiny_cfg(store_dir, tmp_path, "train.epochs=0")

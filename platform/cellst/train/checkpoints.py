@@ -121,6 +121,30 @@ def _publish(src: Path, dst: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def publish_best(paths: RunPaths, src: Path) -> None:
+    """Publish checkpoint directory ``src`` as the run's ``best/``: called once its epoch
+    is kept for a resume (Ray Train holds it, or the resume state is saved), so that best/
+    never holds an epoch a resumed run discards."""
+    _publish(src, paths.best)
+
+
+def restore_best(paths: RunPaths, epoch: int | None) -> None:
+    """On resume: make ``best/`` the restored selection's epoch where it holds another (a
+    run of an older cellst, killed between publishing best/ and keeping its epoch), from
+    that epoch's folder if it is still kept."""
+    if not epoch or not paths.best.is_dir():
+        return
+    from cellst.model.checkpoint_files import CheckpointError, read_checkpoint_info
+
+    try:
+        held = read_checkpoint_info(paths.best)[1].get("epoch")
+    except (CheckpointError, OSError):
+        held = None
+    src = paths.checkpoints / f"epoch_{int(epoch):03d}"
+    if held != epoch and src.is_dir():
+        _publish(src, paths.best)
+
+
 def keep_checkpoints(
     paths: RunPaths, src: Path, epoch: int, *, is_best: bool, is_snapshot: bool, keep_last: int
 ) -> None:

@@ -89,7 +89,14 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
     from cellst.data.store import CellStore
     from cellst.model import HoVerLoss, build_model, load_into, unwrap_model
     from cellst.tracking.buffered import BufferedMetricLogger
-    from cellst.train.checkpoints import RunPaths, keep_checkpoints, keep_resume_state, save_epoch
+    from cellst.train.checkpoints import (
+        RunPaths,
+        keep_checkpoints,
+        keep_resume_state,
+        publish_best,
+        restore_best,
+        save_epoch,
+    )
     from cellst.train.epoch_log import (
         STEP_METRICS,
         epoch_metrics,
@@ -188,6 +195,8 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
+        if rank == 0:
+            restore_best(paths, best.get("epoch"))
         if ema is not None and "ema" in state:  # else it restarts from the resumed weights
             ema.load_state_dict(state["ema"])
 
@@ -322,7 +331,7 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
                 paths,
                 tmp,
                 epoch,
-                is_best=best["epoch"] == epoch,
+                is_best=False,  # best/ once the epoch is kept for a resume (below)
                 is_snapshot=epoch in snapshots,
                 keep_last=tcfg.keep_last,
             )
@@ -344,6 +353,10 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
             )
         try:
             ray.train.report(metrics, checkpoint=checkpoint)  # uploads synchronously
+            if checkpoint is not None and best["epoch"] == epoch:
+                # only now: a kill before the report resumes from the epoch before, whose
+                # best it restores, so best/ must not hold this (then discarded) epoch
+                publish_best(paths, tmp)
         finally:
             if checkpoint is not None:  # Ray holds its own copy now: no temp folder left behind
                 shutil.rmtree(tmp.parent, ignore_errors=True)
