@@ -395,6 +395,9 @@ def test_cli_export_pixel_size_is_the_scale_viewers_read(store_with_pseudo, tmp_
         res = runner.invoke(app, [*args, "--pixel-size", "1", *bad])
         assert res.exit_code == 2 and name in res.output and "Traceback" not in res.output
     assert "unit" not in nodes(group)[f"{one}.ome.zarr"].metadata["axes"][1]  # unchanged
+    # --unit alone was ignored (exit 0, the source's size and unit written): refused
+    res = runner.invoke(app, [*args, "--unit", "nanometer"])
+    assert res.exit_code == 2 and "--unit is the unit of --pixel-size" in res.output, res.output
 
 
 def test_export_takes_the_pixel_size_the_source_ome_tiff_declares(ray_session, tmp_path):

@@ -1002,8 +1002,11 @@ def export(
         ),
     ] = None,
     unit: Annotated[
-        str, typer.Option(help="unit of --pixel-size: micrometer (um), nanometer (nm), ...")
-    ] = "micrometer",
+        str | None,
+        typer.Option(
+            help="unit of --pixel-size: micrometer (um), nanometer (nm), ... [default: micrometer]"
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="rewrite every export")] = False,
 ) -> None:
     """Export store items as OME-Zarr (NGFF 0.5): image, ground truth and pseudo-labels.
@@ -1016,7 +1019,13 @@ def export(
     from cellst.data.store import CellStore
     from cellst.export.omezarr import check_pixel_size, export_store
 
-    unit = ome_unit(unit) or unit  # um, \u00b5m, micron: micrometer
+    if unit is not None and pixel_size is None:  # it was ignored, exit 0
+        raise typer.BadParameter(
+            "--unit is the unit of --pixel-size; give both (without them, each item's "
+            "source declares its own)",
+            param_hint="--unit",
+        )
+    unit = ome_unit(unit or "micrometer") or unit  # um, \u00b5m, micron: micrometer
     try:
         check_pixel_size(1.0 if pixel_size is None else pixel_size, unit)
     except ValueError as exc:
