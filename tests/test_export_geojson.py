@@ -73,6 +73,8 @@ def test_written_file_is_exact_valid_and_qupath_shaped(tmp_path) -> None:
         assert props["objectType"] == "detection"
         assert props["image_id"] == "scene"
         lab = props["label"]
+        # QuPath reads an object's "name" (not "label"): the id that joins NAME_cells.csv
+        assert props["name"] == str(lab)
         mask = label == lab
         assert props["measurements"] == {"area": float(mask.sum())}
         geom = shape(feature["geometry"])

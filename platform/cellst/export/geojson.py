@@ -209,7 +209,13 @@ def label_to_features(
         properties_extra["image_id"] = str(image_id)
     features = []
     for i, geom in zip(ids.tolist(), geoms, strict=True):
-        properties = {"objectType": "detection", "label": int(i), **properties_extra}
+        # QuPath's importer reads "name" (not "label"): the id that joins NAME_cells.csv
+        properties = {
+            "objectType": "detection",
+            "name": str(int(i)),
+            "label": int(i),
+            **properties_extra,
+        }
         properties["measurements"] = rows[int(i)]
         features.append({"type": "Feature", "geometry": _geometry(geom), "properties": properties})
     return features
