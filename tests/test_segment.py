@@ -861,3 +861,15 @@ def test_a_folder_another_run_writes_is_refused_at_once(checkpoint, images, tmp_
     res = _segment(str(images), "--checkpoint", str(checkpoint), "--out", str(out))
     assert res.exit_code == 0, res.output  # released when the first run ends
     assert list(out.glob("*_label.tiff"))
+
+
+def test_a_device_for_a_job_that_goes_to_ray_is_refused(checkpoint, images, tmp_path):
+    """``--device`` is the in-process torch device; a job that went to Ray (``--ray``, or
+    one too large for this process) dropped it without a word and ran on CPU actors."""
+    res = _segment(str(images), "--checkpoint", str(checkpoint), "--ray", "--device", "cpu",
+                   "--out", str(tmp_path / "out"))  # fmt: skip
+    assert res.exit_code == 2, res.output  # a request that cannot run, as segment's others
+    assert "--device cpu applies to segmenting in this process, but --ray was given" in " ".join(
+        res.output.split()
+    )
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

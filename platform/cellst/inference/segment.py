@@ -909,6 +909,12 @@ def segment(
         for folder in dict.fromkeys(_out_dir(p, out) for p in paths):
             held.enter_context(writing_folder(folder, "cellst segment or predict"))
         distributed = use_ray(paths, cfg) if ray is None else ray
+        if distributed and device is not None:  # Ray's actors take predict.* resources
+            raise SegmentError(
+                f"--device {device} applies to segmenting in this process, but "
+                f"{'--ray was given' if ray else f'{len(paths)} image(s) go to Ray'}: pass "
+                "--in-process to use it, or --set predict.num_gpus_per_actor=1 for GPU actors"
+            )
         if on_start is not None:
             on_start(paths, distributed)
         common: dict[str, Any] = {
