@@ -780,12 +780,19 @@ def test_a_rerun_with_new_labels_removes_its_own_outputs_that_no_longer_match(
         assert left == want | ({"grey.ome.zarr"} if n == "grey" else set()), n
     run_table = pd.read_csv(out / "cells.csv")
     assert set(run_table["image_id"]) <= {"rgb"}
-    # --save-ome-zarr refreshes that group and keeps the user's label image in it
+    # --save-ome-zarr refreshes that group and keeps the user's label image in it, and the
+    # attributes they set on it: NGFF channel settings (made in napari, say) and their own
+    group = zarr.open_group(out / "grey.ome.zarr", mode="a")
+    omero = {"channels": [{"label": "DAPI", "color": "0000FF", "window": {"start": 0, "end": 90}}]}
+    group.attrs.update({"ome": {**group.attrs["ome"], "omero": omero}, "my_notes": "plate 3"})
     assert _segment(str(images), *ck, "--save-ome-zarr").exit_code == 0
     from cellst.export.omezarr import read_ome_zarr
 
     _, labels = read_ome_zarr(out / "grey.ome.zarr")
     assert set(labels) == {"segmentation", "mine"}
+    attrs = zarr.open_group(out / "grey.ome.zarr", mode="r").attrs.asdict()
+    assert attrs["ome"]["omero"] == omero and attrs["my_notes"] == "plate 3"
+    assert attrs["ome"]["multiscales"] and attrs["cellst"]["command"] == "segment"  # cellst's
     np.testing.assert_array_equal(labels["segmentation"], tifffile.imread(out / "grey_label.tiff"))
     np.testing.assert_array_equal(labels["mine"], mine[0])
 

@@ -235,9 +235,47 @@ def foreign_content(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]
     return entries, labels
 
 
+#: the group attributes cellst writes: every other one is a user's or another tool's
+_OWN_ATTRIBUTES = frozenset({"ome", "cellst"})
+_OWN_OME_KEYS = frozenset({"version", "multiscales"})
+
+
+def foreign_attributes(path: str | os.PathLike[str]) -> list[str]:
+    """Names of the root attributes of an existing group that cellst's writer does not
+    produce (``ome.omero`` channel settings made in napari, a user's own keys): rewriting
+    the group keeps them (:func:`carry_foreign`)."""
+    try:
+        attrs = zarr.open_group(Path(path), mode="r", zarr_format=3).attrs.asdict()
+    except Exception:  # noqa: BLE001 - no group there, or not one cellst could rewrite
+        return []
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else {}
+    return [
+        *(f"ome.{k}" for k in sorted(ome) if k not in _OWN_OME_KEYS),
+        *(k for k in sorted(attrs) if k not in _OWN_ATTRIBUTES),
+    ]
+
+
+def _carry_attributes(old: Path, stage: Path) -> None:
+    """The :func:`foreign_attributes` of ``old`` set on ``stage``'s root, beside cellst's."""
+    names = foreign_attributes(old)
+    if not names:
+        return
+    before = zarr.open_group(old, mode="r", zarr_format=3).attrs.asdict()
+    root = zarr.open_group(stage, mode="a", zarr_format=3)
+    attrs = root.attrs.asdict()
+    ome = dict(attrs.get("ome") or {})
+    for name in names:
+        if name.startswith("ome."):
+            ome.setdefault(name[4:], before["ome"][name[4:]])
+        else:
+            attrs.setdefault(name, before[name])
+    root.attrs.update({**attrs, "ome": ome})
+
+
 def carry_foreign(old: Path, stage: Path, written_labels: Sequence[str]) -> None:
-    """Copy :func:`foreign_content` of ``old`` into the staged group ``stage``: its files
-    and folders as they are, its label images under ``labels/``, listed after cellst's."""
+    """Copy :func:`foreign_content` and :func:`foreign_attributes` of ``old`` into the
+    staged group ``stage``: its files and folders as they are, its root attributes beside
+    cellst's, its label images under ``labels/``, listed after cellst's."""
     import shutil
 
     entries, labels = foreign_content(old)
@@ -254,6 +292,7 @@ def carry_foreign(old: Path, stage: Path, written_labels: Sequence[str]) -> None
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst, follow_symlinks=False)
+    _carry_attributes(old, stage)
     if not labels:
         return
     for name in labels:
@@ -597,6 +636,7 @@ def export_store(
             ours = out.exists() and "item" in (cellst_provenance(out) or {})
             entries, user_labels = foreign_content(out) if ours else ([], [])
             kept = [*entries, *(f"labels/{n}" for n in user_labels)]
+            kept += [f"attribute {n}" for n in (foreign_attributes(out) if ours else [])]
             write_ome_zarr(
                 out,
                 image,

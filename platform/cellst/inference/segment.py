@@ -418,11 +418,11 @@ def stale_outputs(
 
 def _remove_stale(stale: Sequence[Path], removed: list[Path], kept: list[Path]) -> None:
     """Remove :func:`stale_outputs`; an OME-Zarr group holding a user's additions is kept."""
-    from cellst.export.omezarr import foreign_content
+    from cellst.export.omezarr import foreign_attributes, foreign_content
 
     for path in stale:
         if path.is_dir():
-            if any(foreign_content(path)):
+            if any(foreign_content(path)) or foreign_attributes(path):
                 kept.append(path)
                 continue
             shutil.rmtree(path)
