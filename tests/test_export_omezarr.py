@@ -416,6 +416,16 @@ def test_export_takes_the_pixel_size_the_source_ome_tiff_declares(ray_session, t
     assert scale("a") == ([1.0, 0.5, 0.5], "micrometer")
     assert scale("b") == ([1.0, 1.0, 1.0], None)
     validate(out / "a.ome.zarr")
+    # its source moved away since: the size was dropped (scale 1, no unit, no word) and
+    # the calibrated group rewritten; it is kept, and the export says why
+    from cellst.data.store import CellStore
+
+    src = Path(CellStore(tmp_path / "store", lease=False).row("a").source_path)
+    src.rename(src.with_name("moved" + src.suffix))
+    lines: list[str] = []
+    export_store(tmp_path / "store", out, progress=False, log=lines.append)
+    assert scale("a") == ([1.0, 0.5, 0.5], "micrometer")
+    assert any(f"a: its source {src} is gone; kept the pixel size" in ln for ln in lines), lines
     export_store(tmp_path / "store", out, pixel_size=2.0, progress=False)
     assert scale("a") == ([1.0, 2.0, 2.0], "micrometer") == scale("b")
 

@@ -493,6 +493,23 @@ def _cell_measurements(label: np.ndarray, image: np.ndarray) -> Any:
     return cell_table(label, image).drop(columns="image_id")
 
 
+def source_missing(row: Any) -> str | None:
+    """Why a store item's source file cannot tell its pixel size any more: ``"gone"``
+    (moved or deleted since ingest) or ``"changed since ingest"`` (its sha256 is not the
+    stored image's); None when it is there unchanged, or the item records no source."""
+    from cellst.fingerprint import file_sha256
+
+    path = getattr(row, "source_path", None)
+    if not path:
+        return None
+    if not Path(path).is_file():
+        return "gone"
+    digest = getattr(row, "source_sha256", None)
+    if isinstance(digest, str) and digest and file_sha256(path) != digest:
+        return "changed since ingest"
+    return None
+
+
 def source_pixel_size(row: Any) -> tuple[PixelSize, str] | None:
     """The pixel size a store item's source file declares (an OME-TIFF's or ImageJ TIFF's,
     :func:`cellst.data.images.pixel_size`), or None: none declared, or the file is gone."""
@@ -603,13 +620,26 @@ def export_store(
                 else "",
             }
             scale = (pixel_size, unit) if pixel_size is not None else source_pixel_size(row)
-            if scale is None and log is not None and row.source_path:
+            out = out_dir / f"{item_id}{SUFFIX}"
+            missing = None if pixel_size is not None else source_missing(row)
+            if missing:  # not the image stored: the earlier export's size, if it had one
+                earlier = (cellst_provenance(out) or {}).get("pixel_size")
+                scale = (earlier[0], earlier[1]) if earlier else None
+                if log is not None:
+                    log(
+                        f"{item_id}: its source {row.source_path} is {missing}; "
+                        + (
+                            "kept the pixel size of the earlier export"
+                            if earlier
+                            else "exported in pixels (--pixel-size sets one)"
+                        )
+                    )
+            elif scale is None and log is not None and row.source_path:
                 if why := ignored_pixel_size(row.source_path):
                     log(f"{item_id}: {why}; exported in pixels (--pixel-size sets one)")
             if scale is not None:  # (absent otherwise: exports of earlier cellst match)
                 # as JSON reads it back: a (y, x) pair as a list
                 stamp["pixel_size"] = [list(v) if isinstance(v, tuple) else v for v in scale]
-            out = out_dir / f"{item_id}{SUFFIX}"
             outputs.append(out)
             if out.exists() and not overwrite:
                 old = cellst_provenance(out)

@@ -216,7 +216,7 @@ def read_store(path: PathLike, max_items: int = MAX_STORE_ITEMS) -> list[LayerDa
 
     from cellst.data.images import pixel_size_yx
     from cellst.data.store import CellStore
-    from cellst.export.omezarr import GROUND_TRUTH, source_pixel_size
+    from cellst.export.omezarr import GROUND_TRUTH, source_missing, source_pixel_size
 
     layers: list[LayerData] = []
     with CellStore(path) as store:
@@ -234,7 +234,8 @@ def read_store(path: PathLike, max_items: int = MAX_STORE_ITEMS) -> list[LayerDa
         x0 = 0.0
         for item_id in ids:
             row = store.row(item_id)
-            declared = source_pixel_size(row)
+            # a source replaced since ingest does not describe the stored image
+            declared = None if source_missing(row) else source_pixel_size(row)
             sy, sx = pixel_size_yx(declared[0]) if declared else (1.0, 1.0)
             at = (0.0, x0)
             image = [store.image(item_id)]
