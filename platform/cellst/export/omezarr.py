@@ -621,9 +621,13 @@ def export_store(
             }
             scale = (pixel_size, unit) if pixel_size is not None else source_pixel_size(row)
             out = out_dir / f"{item_id}{SUFFIX}"
-            missing = None if pixel_size is not None else source_missing(row)
+            earlier = (cellst_provenance(out) or {}).get("pixel_size") if out.exists() else None
+            # the source's digest is read only where its size would change the export
+            same = scale is not None and earlier == [
+                list(v) if isinstance(v, tuple) else v for v in scale
+            ]
+            missing = None if pixel_size is not None or same else source_missing(row)
             if missing:  # not the image stored: the earlier export's size, if it had one
-                earlier = (cellst_provenance(out) or {}).get("pixel_size")
                 scale = (earlier[0], earlier[1]) if earlier else None
                 if log is not None:
                     log(
