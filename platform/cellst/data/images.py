@@ -596,6 +596,38 @@ def pixel_size(path: str | Path) -> tuple[PixelSize, str] | None:
     return _usable_pixel_size(_declared_pixel_size(path))
 
 
+def source_missing(row: Any) -> str | None:
+    """Why a store item's source file (a manifest row's ``source_path``) no longer
+    describes the stored image: ``"gone"`` (moved or deleted since ingest) or ``"changed
+    since ingest"`` (its sha256 is not ``source_sha256``); None when it is there unchanged,
+    or the row records no source. Reads the whole file: ask only where it matters."""
+    from cellst.fingerprint import file_sha256
+
+    path = getattr(row, "source_path", None)
+    if not isinstance(path, str) or not path:
+        return None
+    if not Path(path).is_file():
+        return "gone"
+    digest = getattr(row, "source_sha256", None)
+    if isinstance(digest, str) and digest and file_sha256(path) != digest:
+        return "changed since ingest"
+    return None
+
+
+def source_pixel_size(row: Any, verified: bool = False) -> tuple[PixelSize, str] | None:
+    """The pixel size a store item's source file declares (:func:`pixel_size`), or None:
+    none declared, or the file is gone. With ``verified``, also None when the file changed
+    since ingest (:func:`source_missing`: a replaced file does not describe the stored
+    image); the file is read whole only when it declares a size."""
+    path = getattr(row, "source_path", None)
+    if not isinstance(path, str) or not path:
+        return None
+    declared = pixel_size(path)
+    if declared is not None and verified and source_missing(row):
+        return None
+    return declared
+
+
 def pixel_size_yx(size: PixelSize) -> tuple[float, float]:
     """``(y, x)`` sides of a :data:`PixelSize`."""
     if isinstance(size, tuple | list):

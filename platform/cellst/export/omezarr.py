@@ -34,7 +34,12 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from cellst.data.images import PixelSize, pixel_size_yx
+from cellst.data.images import (  # noqa: F401 - source_*: public here as before
+    PixelSize,
+    pixel_size_yx,
+    source_missing,
+    source_pixel_size,
+)
 from cellst.fs import check_writable, staged_dir
 
 NGFF_VERSION = "0.5"
@@ -491,31 +496,6 @@ def _cell_measurements(label: np.ndarray, image: np.ndarray) -> Any:
     from cellst.export.measure import cell_table
 
     return cell_table(label, image).drop(columns="image_id")
-
-
-def source_missing(row: Any) -> str | None:
-    """Why a store item's source file cannot tell its pixel size any more: ``"gone"``
-    (moved or deleted since ingest) or ``"changed since ingest"`` (its sha256 is not the
-    stored image's); None when it is there unchanged, or the item records no source."""
-    from cellst.fingerprint import file_sha256
-
-    path = getattr(row, "source_path", None)
-    if not path:
-        return None
-    if not Path(path).is_file():
-        return "gone"
-    digest = getattr(row, "source_sha256", None)
-    if isinstance(digest, str) and digest and file_sha256(path) != digest:
-        return "changed since ingest"
-    return None
-
-
-def source_pixel_size(row: Any) -> tuple[PixelSize, str] | None:
-    """The pixel size a store item's source file declares (an OME-TIFF's or ImageJ TIFF's,
-    :func:`cellst.data.images.pixel_size`), or None: none declared, or the file is gone."""
-    from cellst.data.images import pixel_size
-
-    return pixel_size(row.source_path) if row.source_path else None
 
 
 def export_store(

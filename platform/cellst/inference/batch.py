@@ -590,16 +590,12 @@ def source_pixel_sizes(
     """Item -> the pixel size its source image declares (``(size, unit)``,
     :func:`cellst.data.images.pixel_size`), for the items whose image declares one; the
     ``NAME_label.tiff`` written for it carries that size."""
-    from cellst.data.images import pixel_size
+    from cellst.data.images import pixel_size, source_pixel_size
 
-    if store is not None:
-        rows = store.manifest.set_index("id")
-        files = {i: rows.at[i, "source_path"] if "source_path" in rows else None for i in ids}
+    if store is not None:  # a source replaced since ingest does not describe the item
+        found = {i: source_pixel_size(store.row(i), verified=True) for i in ids}
     else:
-        files = {i: paths[i] for i in ids}
-    found = {
-        i: pixel_size(f) if isinstance(f, str | Path) and f else None for i, f in files.items()
-    }
+        found = {i: pixel_size(paths[i]) for i in ids}
     return {i: size for i, size in found.items() if size is not None}
 
 

@@ -214,9 +214,9 @@ def read_store(path: PathLike, max_items: int = MAX_STORE_ITEMS) -> list[LayerDa
     """
     import warnings
 
-    from cellst.data.images import pixel_size_yx
+    from cellst.data.images import pixel_size_yx, source_pixel_size
     from cellst.data.store import CellStore
-    from cellst.export.omezarr import GROUND_TRUTH, source_missing, source_pixel_size
+    from cellst.export.omezarr import GROUND_TRUTH
 
     layers: list[LayerData] = []
     with CellStore(path) as store:
@@ -235,7 +235,7 @@ def read_store(path: PathLike, max_items: int = MAX_STORE_ITEMS) -> list[LayerDa
         for item_id in ids:
             row = store.row(item_id)
             # a source replaced since ingest does not describe the stored image
-            declared = None if source_missing(row) else source_pixel_size(row)
+            declared = source_pixel_size(row, verified=True)
             sy, sx = pixel_size_yx(declared[0]) if declared else (1.0, 1.0)
             at = (0.0, x0)
             image = [store.image(item_id)]
