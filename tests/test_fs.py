@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import textwrap
@@ -177,3 +178,28 @@ def test_environ_sets_variables_for_the_block_and_restores_them(monkeypatch):
         assert os.environ["CELLST_T_SET"] == "a" and os.environ["CELLST_T_UNSET"] == "b"
         raise RuntimeError  # restored on the way out of a failing block too
     assert os.environ["CELLST_T_SET"] == "before" and "CELLST_T_UNSET" not in os.environ
+
+
+def test_a_file_that_does_not_fit_on_the_disk_is_named_and_the_old_one_kept(tmp_path):
+    """A full disk's error from a write names no file, so ``cellst`` could only say
+    "File too large" without saying which file. ``atomic_write`` now names the file it
+    was writing, and leaves the earlier file whole. (The full disk is real: the child
+    process runs under a file-size limit, ``RLIMIT_FSIZE``.)"""
+    target = tmp_path / "record.bin"
+    target.write_bytes(b"old")
+    code = textwrap.dedent(
+        f"""
+        import resource, signal
+        from cellst.fs import atomic_write_bytes
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            atomic_write_bytes({str(target)!r}, b"x" * 100_000)
+        except OSError as exc:
+            print(exc.errno, exc.filename)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.split() == [str(errno.EFBIG), str(target)], res.stdout + res.stderr
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["record.bin"]  # no temporary left

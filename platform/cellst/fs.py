@@ -186,12 +186,25 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path, suffix=path.suffix or ".tmp")
     try:
-        write(tmp)
+        with _naming(path):
+            write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Give an OSError that names no file (a full disk's, from a write) ``path``'s name,
+    so that the user is told which file could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def atomic_write_texts(files: dict[Path, str]) -> list[Path]:
@@ -206,12 +219,8 @@ def atomic_write_texts(files: dict[Path, str]) -> list[Path]:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmps[path] = temp_sibling(path, suffix=path.suffix or ".tmp")
-            try:
+            with _naming(path):
                 tmps[path].write_text(text, encoding="utf-8")
-            except OSError as exc:  # a full disk's error names no file: name the one
-                if exc.filename:
-                    raise
-                raise OSError(exc.errno, exc.strerror, str(path)) from None
         for path, tmp in tmps.items():
             os.replace(tmp, path)
     except BaseException:
