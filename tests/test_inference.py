@@ -504,7 +504,9 @@ def test_a_set_another_run_writes_is_refused_at_once(store_dir, lite_checkpoint,
     item = CellStore(root).ids()[:1]
     busy = PseudoLabelSet(root, "busy")
     with busy.writing():  # the first run
-        with pytest.raises(StoreError, match="'busy' .* is being written by another run"):
+        with pytest.raises(
+            StoreError, match="'busy' .* is being written or trained on by another run"
+        ):
             predict(lite_checkpoint, root, set_name="busy", ids=item, overwrite=True)
         with pytest.raises(StoreError, match="being written by another run"):
             predict_sets(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -86,6 +89,7 @@ def test_combine_is_a_union_swapped_into_place(tmp_path):
     }
     assert pseudo_set_names(tmp_path) == ["all", "reliable", "rest"]
     assert sorted(p.name for p in (tmp_path / "pseudo").iterdir()) == [
+        ".all.lock",  # its writer's lock (PseudoLabelSet.writing), kept for the next
         "all",
         "reliable",
         "rest",
@@ -249,3 +253,59 @@ def test_a_removed_set_never_stays_half_deleted_under_its_name(tmp_path, monkeyp
     assert len(stale_siblings(s.path, ".removing")) == 1  # what it left, hidden
     s.remove()
     assert not stale_siblings(s.path, ".removing")
+
+
+def _holding(store, name: str, how: str) -> subprocess.Popen:
+    """Another process holding set ``name``'s ``writing`` or ``reading`` lock until its
+    stdin closes (a ``cellst predict`` writing it, a training streaming it)."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from cellst.data.pseudo import PseudoLabelSet
+        with PseudoLabelSet({str(store)!r}, {name!r}).{how}():
+            print("held", flush=True)
+            sys.stdin.read()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_set_a_training_reads_is_neither_rewritten_nor_removed_meanwhile(tmp_path):
+    """A training streaming a set held nothing, so another run could re-write the set
+    (``cellst predict``, an ST++ stage) or remove it (``stpp run --overwrite``) under it:
+    the training went on with another model's labels, or failed half-way. Now a training
+    holds the set's read lock: writers and combines are refused in one line while it
+    runs, other readers are not, and a training does not start on a set being written."""
+    reliable = PseudoLabelSet(tmp_path, "reliable")
+    reliable.create({})
+    reliable.write_item("a", _label(1), {"id": "a"})
+    reader = _holding(tmp_path, "reliable", "reading")
+    try:
+        with pytest.raises(StoreError, match="'reliable' .* being written or trained on"):
+            with reliable.writing():
+                reliable.remove()
+        with pytest.raises(StoreError, match="being written or trained on"):
+            PseudoLabelSet.combine(tmp_path, ["reliable"], "reliable", {})
+        with reliable.reading():  # another training of the same set
+            assert reliable.done_items() == ["a"]
+    finally:
+        reader.communicate("")
+    assert reliable.done_items() == ["a"]
+    with reliable.writing():  # the training ended: the set can be written again
+        pass
+
+    writer = _holding(tmp_path, "reliable", "writing")
+    try:
+        with pytest.raises(StoreError, match="'reliable' .* is being written by another run"):
+            with reliable.reading():
+                pass
+    finally:
+        writer.communicate("")
+    missing = PseudoLabelSet(tmp_path / "nowhere", "x")
+    with missing.reading():  # nothing to lock, and nothing made for it
+        pass
+    assert not (tmp_path / "nowhere").exists()

@@ -395,7 +395,9 @@ def test_foreign_pseudo_set_is_refused(store_dir, tmp_path):
     from cellst.data.pseudo import PseudoLabelSet
 
     with PseudoLabelSet(store.root, "t-reliable").writing():
-        with pytest.raises(StoreError, match="'t-reliable' .* is being written by another run"):
+        with pytest.raises(
+            StoreError, match="'t-reliable' .* is being written or trained on by another run"
+        ):
             Pipeline(cfg, overwrite=True).preflight()
     assert "t-reliable" in store.pseudo_sets()
     Pipeline(cfg, overwrite=True).preflight()  # accepted with --overwrite

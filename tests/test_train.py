@@ -521,6 +521,9 @@ def test_nonfinite_loss_stops_with_clear_message(ray_session, store_dir, tmp_pat
 
     with pytest.raises(StoreError, match="incomplete"):
         train(changed(pseudo_set="half"), force=True)
+    with half.writing():  # another run writes the set now: refused before anything
+        with pytest.raises(StoreError, match="'half' .* is being written by another run"):
+            train(changed(pseudo_set="half"), force=True)
     with pytest.raises(ConfigError, match="lies in the run that --force replaces"):
         train(changed(init_checkpoint=str(ck / "last")), force=True)
     assert load_model(ck / "last")[2]["epoch"] == 1  # the earlier run is still there

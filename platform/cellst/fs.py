@@ -389,13 +389,17 @@ def lock_beside(folder: str | os.PathLike[str]) -> Path:
 
 
 @contextlib.contextmanager
-def held_by_one(path: str | os.PathLike[str], refusal: Exception) -> Iterator[None]:
+def held_by_one(
+    path: str | os.PathLike[str], refusal: Exception, *, shared: bool = False
+) -> Iterator[None]:
     """An exclusive :func:`file_lock` on ``path`` for the block, or ``refusal`` raised at
     once when another process holds it (one writer of a set, one training of a run).
+    With ``shared``, the lock of one of several readers, refused while one holds it
+    exclusively (a training reading a set that no one may write meanwhile).
     Only the lock's refusal becomes ``refusal``; errors of the block pass as they are."""
     held = contextlib.ExitStack()
     try:
-        held.enter_context(file_lock(path, wait=False, grace_s=0.5))
+        held.enter_context(file_lock(path, shared=shared, wait=False, grace_s=0.5))
     except LockHeld:
         raise refusal from None
     with held:

@@ -244,8 +244,28 @@ class PseudoLabelSet:
         """Held by a run that writes the set (``cellst predict``, an ST++ stage): a second
         run on the same set at the same time is refused at once, so that two models never
         mix their labels in one set, nor does one remove (``--overwrite``) or clear what
-        the other writes. The lock file is ``pseudo/.<set>.lock`` (a ``flock``, released
-        when the holder ends, however it ends).
+        the other writes or trains on (:meth:`reading`). The lock file is
+        ``pseudo/.<set>.lock`` (a ``flock``, released when the holder ends, however it ends).
+
+        Raises
+        ------
+        StoreError
+            Another process writes the set now, or trains on it.
+        """
+        refusal = StoreError(
+            f"pseudo-label set {self.name!r} of store {self.store_root} is being written "
+            "or trained on by another run; wait for it to end, or give another --set-name"
+        )
+        with fs.held_by_one(fs.lock_beside(self.path), refusal):
+            yield
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Held by a training that streams the set: shared with other readers, and
+        exclusive of :meth:`writing`, so that no run re-writes or removes (``--overwrite``)
+        the set under a training that reads it, nor does a training start on a set that
+        another run is writing. Refused at once, not waited for. Nothing is locked (nor
+        made) for a set that does not exist, or one in a store no one can write.
 
         Raises
         ------
@@ -254,9 +274,15 @@ class PseudoLabelSet:
         """
         refusal = StoreError(
             f"pseudo-label set {self.name!r} of store {self.store_root} is being written "
-            "by another run; wait for it to end, or give another --set-name"
+            "by another run; wait for it to end, or train on another set"
         )
-        with fs.held_by_one(fs.lock_beside(self.path), refusal):
+        held = contextlib.ExitStack()
+        if self.exists():
+            try:
+                held.enter_context(fs.held_by_one(fs.lock_beside(self.path), refusal, shared=True))
+            except OSError:  # a read-only store: no one writes the set either
+                pass
+        with held:
             yield
 
     def create(self, meta: dict[str, Any]) -> None:
@@ -351,7 +377,7 @@ class PseudoLabelSet:
         ]:
             remove_tree(stale)  # left by an interrupted earlier attempt
         ensure_group(base)
-        with fs.staged_dir(dest.path) as stage:
+        with dest.writing(), fs.staged_dir(dest.path) as stage:
             ensure_group(stage)
             seen: set[str] = set()
             for source in (cls(store_root, s) for s in sources):

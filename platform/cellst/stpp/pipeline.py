@@ -764,13 +764,14 @@ class Pipeline:
             renewed = sets.get(set_name) not in recorded or self.fresh  # (--force-from)
             if renewed:
                 pset = PseudoLabelSet(root, set_name)
-                if not self.fresh and bases.get(set_name) == base and pset.exists():
-                    # the same model and settings, other items (an ingest added some, or
-                    # the reliable ones changed): the items still asked for are kept
-                    wanted = set(ids)
-                    pset.remove_items([i for i in pset.done_items() if i not in wanted])
-                else:
-                    pset.remove()
+                with pset.writing():  # never under a training that reads it
+                    if not self.fresh and bases.get(set_name) == base and pset.exists():
+                        # the same model and settings, other items (an ingest added some,
+                        # or the reliable ones changed): the items still asked for are kept
+                        wanted = set(ids)
+                        pset.remove_items([i for i in pset.done_items() if i not in wanted])
+                    else:
+                        pset.remove()
                 sets = {**sets, set_name: key}
             if renewed or bases.get(set_name) != base:
                 bases = {**bases, set_name: base}

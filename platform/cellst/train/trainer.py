@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -420,10 +421,23 @@ def _holding_run_lock(fn):
     @functools.wraps(fn)
     def wrapper(cfg: ExperimentConfig, *, run_name: str | None = None, **kwargs):
         check_run_dir(cfg)
-        with run_folder_lock(run_folder(cfg, run_name)):
+        with run_folder_lock(run_folder(cfg, run_name)), _reading_pseudo_set(cfg):
             return fn(cfg, run_name=run_name, **kwargs)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _reading_pseudo_set(cfg: ExperimentConfig) -> Iterator[None]:
+    """Hold ``train.pseudo_set``'s read lock for the training (none without one), so that
+    no other run re-writes or removes the set while this one streams it."""
+    if not (cfg.train.pseudo_set and cfg.store):
+        yield
+        return
+    from cellst.data.pseudo import PseudoLabelSet
+
+    with PseudoLabelSet(cfg.store, cfg.train.pseudo_set).reading():
+        yield
 
 
 def record_stop(paths: RunPaths, exc: BaseException, error: str | None = None) -> None:
