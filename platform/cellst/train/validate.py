@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,20 +23,29 @@ def split_train_val(items: pd.DataFrame, fraction: float, seed: int) -> tuple[li
 
     Every modality with at least two items gives at least one to validation (when
     ``fraction > 0``); a store with a single labelled item validates on it.
+
+    The training ids come sorted; the validation ids come interleaved by modality (one of
+    each modality in turn, each modality's in id order), so that the first ``n`` of them,
+    which a validation of ``train.val_max_items``, a calibration of
+    ``train.calibrate_max_items`` or a sweep of ``tune.max_items`` scores, cover as many
+    modalities as ``n`` allows. (Sorted, a prefix of 4 of 6 items left out a whole
+    modality on most seeds, and the best checkpoint was chosen without it.)
     """
     if fraction <= 0 or len(items) < 2:
         ids = items["id"].tolist()
         return ids, ([] if fraction <= 0 else ids)
     rng = np.random.default_rng(seed)
-    train, val = [], []
+    train: list[str] = []
+    per_modality: list[list[str]] = []
     for _, group in items.groupby("modality", sort=True):
         ids = sorted(group["id"])
         rng.shuffle(ids)
         n_val = int(round(fraction * len(ids)))
         n_val = min(max(n_val, 1 if len(ids) >= 2 else 0), len(ids) - 1)
-        val += ids[:n_val]
+        per_modality.append(sorted(ids[:n_val]))
         train += ids[n_val:]
-    return sorted(train), sorted(val)
+    rounds = itertools.zip_longest(*per_modality)
+    return sorted(train), [i for one_round in rounds for i in one_round if i is not None]
 
 
 @torch.no_grad()
