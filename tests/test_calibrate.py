@@ -34,6 +34,7 @@ from cellst.postprocess.calibrate import (
     calibrate_checkpoints,
     calibrate_run,
     effective_postprocess,
+    score_maps,
     search_postprocess,
 )
 from cellst.train.checkpoints import RunPaths
@@ -126,9 +127,8 @@ def test_ties_keep_the_configured_settings():
     assert cal.settings == {k: getattr(post, k) for k in FIELDS} and not cal.changed
 
 
-def test_the_search_on_several_threads_equals_the_search_on_one():
-    """Each field's candidates are scored side by side on threads; the settings, scores and
-    trial count must be those of one thread, on maps where the search moves."""
+def _noisy_maps() -> list[ValMaps]:
+    """Blurred, noisy maps of three synthetic fluorescence images: the search moves on them."""
     from scipy import ndimage as ndi
 
     from cellst.data.synth import synth_image
@@ -142,9 +142,37 @@ def test_the_search_on_several_threads_equals_the_search_on_one():
         prob = np.clip(prob + rng.normal(0, 0.15, prob.shape), 0, 1).astype(np.float32)
         hv = hover_maps(gt) + rng.normal(0, 0.3, (2, 96, 96)).astype(np.float32)
         maps.append(ValMaps(prob, hv, gt))
+    return maps
+
+
+def test_fields_set_explicitly_are_held_so_the_settings_used_are_the_settings_scored(tmp_path):
+    """Calibration searched every field, those the user set too, while a checkpoint used
+    with those settings keeps the user's values: it then ran with the other fields tuned
+    beside values it never had, a pair nobody scored (val F1 0.315 where calibration
+    reported 0.825, on an auditor's maps). A field set explicitly is now held."""
+    maps = _noisy_maps()
+    post = load_config(None, ["postprocess.mask_threshold=0.7"]).postprocess  # --set
+    free = search_postprocess(maps, post, fixed=())
+    assert free.settings["mask_threshold"] != 0.7  # searched, it would move
+    cal = search_postprocess(maps, post)
+    assert cal.fixed == ["mask_threshold"] and cal.settings["mask_threshold"] == 0.7
+    assert cal.f1_after >= cal.f1_before and "held: mask_threshold" in cal.summary()
+    torch.manual_seed(0)
+    mcfg = ModelConfig(name="hovernet-lite", width=8)
+    ck = save_checkpoint(tmp_path / "ck", build_model(mcfg), mcfg)
+    save_postprocess(ck, cal.settings, cal.meta())
+    used, _ = effective_postprocess(post, ck)  # the same configuration, later
+    assert score_maps(maps, used)["val_f1"] == pytest.approx(cal.f1_after, abs=1e-12)
+    assert load_postprocess(ck)["meta"]["fixed"] == ["mask_threshold"]
+
+
+def test_the_search_on_several_threads_equals_the_search_on_one():
+    """Each field's candidates are scored side by side on threads; the settings, scores and
+    trial count must be those of one thread, on maps where the search moves."""
+    maps = _noisy_maps()
     post = PostprocessConfig(mask_threshold=0.7, min_object_size=40)
-    one = search_postprocess(maps, post, workers=1)
-    three = search_postprocess(maps, post, workers=3)
+    one = search_postprocess(maps, post, workers=1, fixed=())
+    three = search_postprocess(maps, post, workers=3, fixed=())
     assert one.changed and one.f1_after > one.f1_before  # the search moved
     assert (three.settings, three.after, three.before, three.trials) == (
         one.settings,

@@ -864,6 +864,56 @@ def test_bad_requests_are_refused_before_training(ray_session, store_dir, tmp_pa
     assert res.exit_code == 1 and "no labelled items" in res.output
 
 
+def test_a_pseudo_label_set_never_trains_on_validation_or_test_items(
+    ray_session, store_dir, tmp_path, capsys
+):
+    """``cellst predict`` labels the test split too when a store has no unlabelled items;
+    a training on that set learnt its own validation and test images (checkpoint choice,
+    calibration and the test F1 all biased). Those items are now left out, with a note."""
+    import numpy as np
+
+    from cellst.data.pseudo import PseudoLabelSet
+    from cellst.train.trainer import build_dataset
+
+    store_root = tmp_path / "store"
+    shutil.copytree(store_dir, store_root)
+    store, train_ids, val_ids = check_request(tiny_cfg(store_root, tmp_path))
+    m = store.manifest
+    test_ids = m.loc[m["split"] == "test", "id"].tolist()
+    assert val_ids and test_ids  # the fixture's store has both
+    every = PseudoLabelSet(store_root, "every")
+    every.create({})
+    for row in m.itertuples():
+        every.write_item(
+            row.id, np.ones((int(row.height), int(row.width)), np.int32), {"id": row.id}
+        )
+    every.collect_stats()
+    build_dataset(
+        tiny_cfg(store_root, tmp_path, "train.pseudo_set=every"), store, train_ids, val_ids
+    )
+    # the stream's pseudo-label crops come from the other items only
+    from cellst.data.datasource import crop_items
+    from cellst.train.trainer import _pseudo_training_ids
+
+    ids = _pseudo_training_ids(store, "every", val_ids)
+    refs = {c.ref.id for c in crop_items(store, ids, pseudo_set="every", source=1)}
+    assert refs == set(m["id"]) - set(val_ids) - set(test_ids) and refs
+    note = capsys.readouterr().out
+    assert (
+        f"its {len(val_ids)} validation and {len(test_ids)} test-split items are left out" in note
+    )
+    # a set of nothing else is refused in one line
+    only = PseudoLabelSet(store_root, "only")
+    only.create({})
+    for i in [*val_ids, *test_ids]:
+        row = store.row(i)
+        only.write_item(i, np.ones((int(row.height), int(row.width)), np.int32), {"id": i})
+    only.collect_stats()
+    cfg_only = tiny_cfg(store_root, tmp_path, "train.pseudo_set=only")
+    with pytest.raises(StoreError, match="'only' .* has no items a training may learn from"):
+        build_dataset(cfg_only, store, train_ids, val_ids)
+
+
 def test_run_folder_of_an_older_cellst_still_opens(ray_session, store_dir, tmp_path, capsys):
     """run.json written before config fingerprints counted only non-default settings: the
     run is taken as unchanged (one note), not refused as 'a different configuration'. One

@@ -386,6 +386,11 @@ def crop_items(
         if ids is not None:
             df = df[df["id"].isin(set(ids))]
     if df.empty:
+        if pseudo_set and ids is not None:
+            raise StoreError(
+                f"pseudo-label set {pseudo_set!r} of store {store.root} has no items a "
+                "training may learn from (its validation and test-split items are left out)"
+            )
         what = f"pseudo-label set {pseudo_set!r}" if pseudo_set else "labelled items"
         raise StoreError(f"store {store.root} has no {what} to train on")
     if balance_by == "modality":

@@ -145,6 +145,8 @@ class Calibration:
     seconds: float = 0.0
     #: the inference settings other than the defaults the maps were predicted with
     inference: dict[str, Any] = field(default_factory=dict)
+    #: grid fields held at the configured value (set in the YAML or with ``--set``)
+    fixed: list[str] = field(default_factory=list)
 
     @property
     def f1_before(self) -> float:
@@ -171,6 +173,7 @@ class Calibration:
             "n_items": len(self.items),
             "trials": self.trials,
             "inference": self.inference,
+            "fixed": list(self.fixed),
             "seconds": round(self.seconds, 3),
             "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -178,6 +181,8 @@ class Calibration:
     def summary(self) -> str:
         """One line: items, F1 before -> after, and the values that changed."""
         moved = ", ".join(f"{k}={v:g}" for k, v in self.changed.items()) or "settings unchanged"
+        if self.fixed:
+            moved += "; set explicitly, held: " + ", ".join(self.fixed)
         return (
             f"calibrated on {len(self.items)} validation items (val F1 {self.f1_before:.3f} -> "
             f"{self.f1_after:.3f}): {moved}"
@@ -191,8 +196,14 @@ def search_postprocess(
     grid: Mapping[str, Sequence[float | int]] = GRID,
     rounds: int = 2,
     workers: int | None = None,
+    fixed: Iterable[str] | None = None,
 ) -> Calibration:
     """Coordinate search of the ``grid`` fields on in-memory ``maps``, starting at ``post``.
+
+    The fields in ``fixed`` (default: those of ``post`` the user set, in the YAML file or
+    with ``--set``: ``post.model_fields_set``) are not searched but held at their value:
+    a checkpoint used with the same settings keeps them (:func:`effective_postprocess`),
+    so the values searched must be the best beside them, not beside others.
 
     Each round tries every candidate of one field at a time (the others fixed) and keeps a
     candidate only if its mean F1 beats the best so far by more than ``1e-9``; rounds stop
@@ -208,6 +219,8 @@ def search_postprocess(
     """
     t0 = time.perf_counter()
     base = {k: getattr(post, k) for k in grid}
+    held = sorted(set(post.model_fields_set if fixed is None else fixed) & set(grid))
+    searched = {k: v for k, v in grid.items() if k not in held}
     seen: dict[tuple, dict[str, float]] = {}
     invalid: set[tuple] = set()
 
@@ -237,7 +250,7 @@ def search_postprocess(
         best = before
         for _ in range(rounds):
             moved = False
-            for name, candidates in grid.items():
+            for name, candidates in searched.items():
                 tries = [{**current, name: v} for v in candidates if v != current[name]]
                 # in the candidates' order, as one after the other: only ``name`` differs
                 for values, got in zip(tries, scores(pool, tries), strict=True):
@@ -252,6 +265,7 @@ def search_postprocess(
         after=best,
         trials=len(seen),
         seconds=time.perf_counter() - t0,
+        fixed=held,
     )
 
 

@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,9 +327,19 @@ def _inside(path: str | Path, folder: Path) -> bool:
     return Path(path).resolve().is_relative_to(folder.resolve())
 
 
-def build_dataset(cfg: ExperimentConfig, store: CellStore, train_ids: list[str]):
+def build_dataset(
+    cfg: ExperimentConfig,
+    store: CellStore,
+    train_ids: list[str],
+    val_ids: Collection[str] = (),
+):
     """The training stream: crops of the labelled items (plus the pseudo-label set if
     configured), augmented into model-ready arrays by CPU tasks anywhere on the cluster.
+
+    A pseudo-label set's items that are validation items (``val_ids``) or in the test
+    split are left out, said in a note: ``cellst predict`` labels the test split too when
+    a store has no unlabelled items, and a model trained on its own validation or test
+    images would choose its checkpoint, and be scored, on what it learnt.
 
     Each read task augments its own crops (one operator to schedule, and no raw crops
     handed over through the object store). One stream serves every epoch (the workers
@@ -344,7 +354,12 @@ def build_dataset(cfg: ExperimentConfig, store: CellStore, train_ids: list[str])
     items = crop_items(store, train_ids, d.balance_by, total_weight=1.0 - pseudo_w)
     if t.pseudo_set:
         items += crop_items(
-            store, None, d.balance_by, pseudo_set=t.pseudo_set, source=1, total_weight=pseudo_w
+            store,
+            _pseudo_training_ids(store, t.pseudo_set, val_ids),
+            d.balance_by,
+            pseudo_set=t.pseudo_set,
+            source=1,
+            total_weight=pseudo_w,
         )
     total = steps_per_epoch(cfg) * t.batch_size * training_ranks(cfg) * t.epochs
     dataset = train_crop_dataset(
@@ -365,6 +380,24 @@ def build_dataset(cfg: ExperimentConfig, store: CellStore, train_ids: list[str])
 
         leave_cpus_to_driver(dataset, t.cpus_per_worker, minimum=t.augment_cpus)
     return dataset
+
+
+def _pseudo_training_ids(store: CellStore, name: str, val_ids: Collection[str]) -> list[str]:
+    """The items of pseudo-label set ``name`` a training may learn from: not a validation
+    item, not in the test split (a note says how many were left out, and why)."""
+    m = store.manifest
+    in_set = m["id"].isin(set(store.pseudo_set(name).done_items()))
+    is_val = m["id"].isin(set(val_ids))
+    is_test = (m["split"] == "test") & ~is_val
+    n_val, n_test = int((in_set & is_val).sum()), int((in_set & is_test).sum())
+    if n_val or n_test:
+        print(
+            f"note: train.pseudo_set={name!r}: its {n_val} validation and {n_test} test-split "
+            "items are left out of training (a model is never chosen or scored on images it "
+            "learnt)"
+        )
+    held = is_val | is_test
+    return m.loc[~held, "id"].tolist()
 
 
 def _keeps_torch_rng(fn):
@@ -577,7 +610,7 @@ def train(
     wait_env, wait_tries = node_wait_policy(t.node_wait_s)  # a bad variable: before any work
     # the stream checks its pseudo-label set (complete, current, not empty): before --force
     # deletes anything, as each check above
-    dataset = build_dataset(cfg, store, train_ids)
+    dataset = build_dataset(cfg, store, train_ids, val_ids)
     if restart:  # every check passed: only now is the earlier run (and its checkpoints) gone
         import shutil
 
