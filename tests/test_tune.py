@@ -569,6 +569,32 @@ def test_planned_trials_counts_grid_points_times_samples():
     assert planned_trials(3, to_tune(cfg.tune.space)) == 3
 
 
+def test_a_training_trial_is_ranked_by_the_score_of_its_best_checkpoint(tmp_path):
+    """A trial's ``best_val_f1`` is its ``best/`` checkpoint's score, which the selection
+    rule may move to a later epoch of a slightly lower score: 0.5, 0.7, then 0.667. The
+    table ranked the trial at 0.7, a score no checkpoint of it holds; it is now 0.667."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from cellst.tune.sweep import results_table
+
+    def trial(name: str, reports: list[float], lr: float) -> SimpleNamespace:
+        df = pd.DataFrame({"best_val_f1": reports, "epoch": range(1, len(reports) + 1)})
+        return SimpleNamespace(
+            metrics_dataframe=df,
+            metrics={"trial_id": name, "epoch": len(reports)},
+            config={"train.lr": lr},
+            path=str(tmp_path / name),
+            error=None,
+        )
+
+    grid = [trial("moved", [0.5, 0.7, 0.667], 0.001), trial("steady", [0.6, 0.68], 0.002)]
+    table = results_table(grid, "best_val_f1", ["train.lr"])
+    assert table["trial_id"].tolist() == ["steady", "moved"]
+    assert table["best_val_f1"].tolist() == [0.68, 0.667]
+
+
 def test_an_interrupted_sweep_says_so_and_writes_no_results(ray_session, pp_sweep, tmp_path):
     """Ctrl-C in `cellst tune`: Tune stops and returns, and the sweep used to report the
     trials that had ended as the whole sweep (exit 0, results.csv and best.yaml of a part).

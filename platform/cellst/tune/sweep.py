@@ -779,15 +779,18 @@ def planned_trials(num_samples: int, space: Mapping[str, Any]) -> int:
 
 
 def results_table(grid, metric: str, keys: list[str]) -> pd.DataFrame:
-    """One row per trial, best first: its settings, best ``metric``, epochs, status."""
+    """One row per trial, best first: its settings, last ``metric``, epochs, status.
+
+    The last report, not the highest: a training trial's ``best_val_f1`` is the score of
+    its ``best/`` checkpoint, which the selection rule may move to a later epoch of a
+    slightly lower score (:func:`cellst.train.selection.update_best`); its highest report
+    may be an epoch no checkpoint holds any more. (A post-processing trial reports once.)
+    """
     rows = []
     for r in grid:
         df = r.metrics_dataframe
-        score = (
-            float(df[metric].max())
-            if df is not None and metric in df and df[metric].notna().any()
-            else float("nan")
-        )
+        reported = df[metric].dropna() if df is not None and metric in df else pd.Series()
+        score = float(reported.iloc[-1]) if len(reported) else float("nan")
         m = r.metrics or {}
         rows.append(
             {
