@@ -222,6 +222,26 @@ def test_wide_f1_table_is_printed_whole_when_piped():
         assert m[3:] in text  # every column header, unbroken
 
 
+def test_the_st_pp_table_names_the_iou_threshold_it_was_scored_at():
+    """``--set evaluate.iou_threshold=0.7`` scored the ST++ models at 0.7, under a title
+    that said IoU 0.5; the threshold is now in the table (and ``report.csv``) and its title."""
+    import io
+
+    from rich.console import Console
+
+    from cellst.stpp.report import f1_table, format_f1_table
+
+    reports = {
+        label: {"f1": f1, "count": 4, "iou_threshold": 0.7, "per_modality": {}}
+        for label, f1 in (("supervised", 0.5), ("round2", 0.6))
+    }
+    df = f1_table(reports)
+    assert df["iou_threshold"].tolist() == [0.7, 0.7]
+    buf = io.StringIO()
+    Console(file=buf, width=120).print(format_f1_table(df))
+    assert "IoU 0.7)" in buf.getvalue() and "IoU 0.5" not in buf.getvalue()
+
+
 def test_per_cell_match_results(tmp_path):
     """`--per-cell` writes cells.csv: each ground-truth cell with its matched predicted cell
     and IoU, unmatched cells on either side with 0, read back with pandas."""

@@ -21,6 +21,7 @@ def f1_table(reports: dict[str, dict]) -> pd.DataFrame:
             "stage": MODELS[label],
             "stage_index": STAGES.index(MODELS[label]) + 1,
             "images": r.get("count"),
+            "iou_threshold": r.get("iou_threshold", 0.5),
             "f1": r["f1"],
         }
         for m in mods:
@@ -34,7 +35,10 @@ def format_f1_table(df: pd.DataFrame):
     """The F1 table as a ``rich`` table: one row per model, overall and per modality."""
     from rich.table import Table
 
-    table = Table(title="test-split F1 (NeurIPS 2022 CellSeg, IoU 0.5)")
+    iou = sorted(set(df["iou_threshold"])) if "iou_threshold" in df else [0.5]
+    table = Table(
+        title=f"test-split F1 (NeurIPS 2022 CellSeg, IoU {', '.join(f'{v:g}' for v in iou)})"
+    )
     table.add_column("model")
     table.add_column("overall", justify="right")
     mods = [c for c in df.columns if c.startswith("f1_")]
