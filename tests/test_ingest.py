@@ -447,6 +447,20 @@ def test_nan_and_infinite_pixels_normalise_without_warnings():
     assert (out[8:] == 255).all()
 
 
+def test_a_float_image_of_a_small_range_keeps_its_contrast():
+    """A float image whose values lie within a thousandth (0.001-0.0011) counted as flat
+    (an absolute 1e-3 threshold) and was stored with 25 grey levels; the same image times
+    1000 got 256. Its range now counts relative to its magnitude."""
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float64).reshape(64, 64)
+    small = (0.001 + 0.0001 * ramp).astype(np.float32)
+    large = small * 1000
+    out = normalize_image(small, 1, 99)
+    assert len(np.unique(out)) > 200 and out.min() == 0 and out.max() == 255
+    assert np.abs(out.astype(int) - normalize_image(large, 1, 99)).max() <= 1
+    flat = np.full((16, 16), 0.25, np.float32)  # truly flat: still the degenerate rule
+    assert (normalize_image(flat, 1, 99) == 255).all()
+
+
 @pytest.mark.parametrize(
     ("folder", "split"),
     [

@@ -307,6 +307,67 @@ def _tree(root: Path) -> dict[str, bytes]:
     }
 
 
+def test_an_ingest_removes_its_own_stale_staging_and_no_other_stores(ray_session, tmp_path):
+    """A store named ``s[1]`` took ``s1``'s staging folder (``.s1.staging-*``, a pattern
+    match) for a stale one of its own and removed it while the ``s1`` ingest ran: that
+    ingest then committed a manifest naming 32 arrays that no longer existed."""
+    src = _plain(tmp_path)
+    others = [tmp_path / ".s1.0123abcd.staging", tmp_path / ".s1.staging-0123abcd"]
+    own = [tmp_path / ".s[1].89abcdef.staging", tmp_path / ".s[1].staging-89abcdef"]
+    for folder in [*others, *own]:
+        (folder / "images").mkdir(parents=True)
+    ingest(src, tmp_path / "s[1]", progress=False)
+    assert all(p.is_dir() for p in others) and not any(p.exists() for p in own)
+    assert CellStore(tmp_path / "s[1]").ids() == ["good0", "good1"]
+
+
+def test_a_task_whose_process_dies_is_reported_not_a_traceback(ray_session):
+    """An ingest task whose process died past its retries (a decoder's segfault, the OOM
+    killer) ended the whole ingest in a 56-line ``WorkerCrashedError`` traceback naming
+    no file. The result loop now hands such a task to ``on_crash`` (ingest makes it a bad
+    item named by file, so that ``--skip-bad`` goes on); the others' results still come."""
+    import ray
+
+    from cellst.data.ingest import SourceItem, _crashed
+    from cellst.raycluster import as_completed
+
+    @ray.remote(max_retries=0, num_cpus=0.25)
+    def work(i: int) -> dict:
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # the process dies, as a segfault would
+        return {"status": "new", "i": i}
+
+    items = [SourceItem(f"im{i}", "unlabeled", f"/src/im{i}.tif") for i in range(3)]
+    refs = [work.remote(i) for i in range(3)]
+    outs = list(as_completed(refs, on_crash=lambda i, exc: _crashed(items[i], exc)))
+    assert sorted(o.get("i", -1) for o in outs) == [-1, 0, 2]
+    (bad,) = [o for o in outs if o["status"] == "bad"]
+    assert bad["id"] == "im1" and bad["problem"][0] == "/src/im1.tif"
+    assert "the process decoding it died" in bad["problem"][1]
+    with pytest.raises(ray.exceptions.WorkerCrashedError):  # without a stand-in: raised
+        list(as_completed([work.remote(1)]))
+
+
+def test_file_names_that_are_not_utf8_or_hold_a_colon_are_named_whole(ray_session, tmp_path):
+    """A name that is not UTF-8 failed the whole ingest, after decoding every image, with
+    a pyarrow error naming no file (``--skip-bad`` could not help); a bad file whose name
+    holds ": " was reported under half its name (``plate 3``)."""
+    src = _plain(tmp_path, n=1)
+    odd = os.fsdecode(bytes(src) + b"/bad\xff\xfename.png")
+    shutil.copy(src / "good0.png", odd)
+    colon = src / "plate 3: well A1.tif"
+    colon.write_bytes(b"II*\x00" + b"\x00" * 20)  # a TIFF header, then nothing readable
+    items, problems = scan_source(src)
+    assert [it.id for it in items] == ["good0", "plate 3: well A1"]
+    assert problems == [
+        (str(src / "bad\ufffd\ufffdname.png"), "its name is not valid UTF-8 text; rename the file")
+    ]
+    result = ingest(src, tmp_path / "store", skip_bad=True, progress=False)
+    assert CellStore(tmp_path / "store").ids() == ["good0"]
+    bad = dict(result.skipped)
+    assert str(colon) in bad and bad[str(colon)].startswith("cannot read image"), bad
+
+
 def test_ctrl_c_during_ingest_removes_staging_and_keeps_the_store(ray_session, tmp_path):
     first = _plain(tmp_path)
     store = tmp_path / "store"
@@ -328,21 +389,21 @@ def test_ctrl_c_during_ingest_removes_staging_and_keeps_the_store(ray_session, t
         start_new_session=True,  # its own process group, as a terminal's Ctrl-C would hit
     )
     # interrupt once the tasks are writing into the staging folder
-    while proc.poll() is None and not list(tmp_path.glob(".store.staging-*/images/*")):
+    while proc.poll() is None and not list(tmp_path.glob(".store.*.staging/images/*")):
         time.sleep(0.05)
     assert proc.poll() is None, "ingest finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, out + err
     assert "interrupted, the store is unchanged" in err and "Traceback" not in err
-    assert not list(tmp_path.glob(".store.staging-*"))
+    assert not list(tmp_path.glob(".store.*.staging"))
     # no task of the interrupted ingest is left to write into the staging folder later
     total = ray_session.cluster_resources()["CPU"]
     for _ in range(600):
         if ray_session.available_resources().get("CPU", 0) >= total:
             break
         time.sleep(0.1)
-    assert not list(tmp_path.glob(".store.staging-*"))
+    assert not list(tmp_path.glob(".store.*.staging"))
     assert _tree(store) == before
     assert CellStore(store).ids() == ["good0", "good1"]
     assert (store / MANIFEST).is_file()
@@ -377,6 +438,40 @@ def test_tiled_tiff_normalisation_equals_the_whole_image_path(tmp_path, dtype):
     assert normalize_tiff_tiled(path, write_band, band=256) == (700, 900)
     assert bands == [256, 256, 188]  # really written band by band
     np.testing.assert_array_equal(out, normalize_image(read_array(path)))
+
+
+def test_ink_and_min_is_white_images_are_read_as_displayed(tmp_path):
+    """MinIsWhite TIFFs (0 is white) and CMYK TIFFs and JPEGs (ink, not light) were stored
+    with their intensities inverted (correlation -1.0 with what a viewer shows). They are
+    now read as light, on the whole-image path and band by band alike."""
+    from PIL import Image
+
+    from cellst.data.images import normalize_image, normalize_tiff_tiled, read_array
+
+    yy, xx = np.mgrid[0:96, 0:128]
+    grey = ((yy * 2 + xx) % 256).astype(np.uint8)
+    rgb = np.stack([grey, grey[::-1], grey[:, ::-1]], axis=-1)
+    for dtype, top in ((np.uint8, 255), (np.uint16, 65535)):
+        light = grey.astype(dtype) * (top // 255)
+        path = tmp_path / f"minisw-{np.dtype(dtype).name}.tif"
+        tifffile.imwrite(path, top - light, photometric="miniswhite", tile=(32, 32))
+        np.testing.assert_array_equal(read_array(path), light)
+        out = np.zeros((96, 128, 3), np.uint8)
+
+        def write_band(y0: int, band: np.ndarray, out=out) -> None:
+            out[y0 : y0 + band.shape[0]] = band
+
+        normalize_tiff_tiled(path, write_band, band=32)
+        np.testing.assert_array_equal(out, normalize_image(read_array(path)))
+    ink = np.concatenate([255 - rgb, np.zeros((96, 128, 1), np.uint8)], axis=-1)
+    tifffile.imwrite(tmp_path / "cmyk.tif", ink, photometric="separated")
+    np.testing.assert_array_equal(read_array(tmp_path / "cmyk.tif"), rgb)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    got = read_array(tmp_path / "cmyk.jpg").astype(float)
+    assert got.shape == rgb.shape and np.corrcoef(got.ravel(), rgb.ravel())[0, 1] > 0.95
+    tifffile.imwrite(tmp_path / "f.tif", grey.astype(np.float32), photometric="miniswhite")
+    with pytest.raises(ImageFormatError, match="f.tif: a MinIsWhite image of float32"):
+        read_array(tmp_path / "f.tif")
 
 
 def test_tiled_tiff_follows_its_declared_channel_axis(tmp_path):

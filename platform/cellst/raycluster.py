@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import ray
@@ -366,12 +366,27 @@ def quiet_ray_data() -> None:
         quiet_logs()
 
 
-def as_completed(refs: Iterable[ray.ObjectRef]) -> Iterator[Any]:
-    """Yield task results in completion order (for progress bars)."""
+def as_completed(
+    refs: Iterable[ray.ObjectRef], on_crash: Callable[[int, Exception], Any] | None = None
+) -> Iterator[Any]:
+    """Yield task results in completion order (for progress bars).
+
+    ``on_crash(i, exc)``, where given, stands in for the result of ``refs[i]`` whose
+    process died past its retries (``WorkerCrashedError``: a segfault in native code;
+    ``OutOfMemoryError``: Ray's memory monitor killed it), so one bad input is reported
+    with the others instead of ending the whole job with a traceback.
+    """
     pending = list(refs)
+    index = {ref: i for i, ref in enumerate(pending)}
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+        try:
+            result = ray.get(done[0])
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as exc:
+            if on_crash is None:
+                raise
+            result = on_crash(index[done[0]], exc)
+        yield result
 
 
 def _probe_paths(read: list[str], write: list[str]) -> list[str]:

@@ -170,6 +170,8 @@ def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = F
                     arr = np.moveaxis(arr, c, -1)
                 elif arr.ndim == 3:  # it does not: the shape tells (stacks refused)
                     arr = to_hwc(arr, str(path))
+                if not labels:
+                    arr = as_displayed(arr, _photometric(tf), path)
         else:
             import imageio.v3 as iio
             from PIL import Image
@@ -178,8 +180,12 @@ def read_array(path: str | Path, max_pixels: int | None = None, labels: bool = F
                 Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit was checked above
             with Image.open(path) as im:
                 mode = im.mode
+                # ink amounts, not light (a CMYK JPEG): as viewers display it
+                cmyk = np.asarray(im.convert("RGB")) if mode == "CMYK" and not labels else None
             indexed = labels and mode == "P"
-            if kind == "PNG" and _png_colour_16bit(path):
+            if cmyk is not None:
+                arr = cmyk
+            elif kind == "PNG" and _png_colour_16bit(path):
                 arr = _read_png_16bit(path)
             else:
                 arr = iio.imread(path, mode="P") if indexed else iio.imread(path)
@@ -344,7 +350,10 @@ def apply_range(channel: np.ndarray, rng: tuple[float, ...]) -> np.ndarray:
         out[np.isnan(channel) | np.isneginf(channel)] = 0
         out[np.isposinf(channel)] = 255
         return out
-    if hi - lo > 1e-3:
+    # a float image's values may all lie within a thousandth (0.001-0.0011): its range
+    # counts relative to its magnitude, not as an integer image's absolute steps
+    wide = hi - lo > (1e-6 * max(abs(lo), abs(hi)) if channel.dtype.kind == "f" else 1e-3)
+    if wide:
         return rescale_intensity(channel, in_range=(lo, hi), out_range=np.uint8).astype(np.uint8)
     if channel.dtype == np.uint8:
         return channel.copy()
@@ -359,6 +368,50 @@ def normalize_channel(channel: np.ndarray, low: float = 1.0, high: float = 99.0)
     cast (the baseline's cast wraps 16-bit values).
     """
     return apply_range(channel, channel_range(channel, low, high))
+
+
+def _photometric(tf: tifffile.TiffFile) -> int:
+    """The TIFF's photometric interpretation (how its samples become light), of its first
+    series' first page."""
+    return int(tf.series[0].keyframe.photometric)
+
+
+def as_displayed(arr: np.ndarray, photometric: int, name: str | Path) -> np.ndarray:
+    """Samples of a TIFF as light, as viewers display them: ``MinIsWhite`` (0: 0 is white,
+    as some scanners and 1990s software write) inverted within its integer type, and
+    ``Separated`` CMYK (ink amounts, channels last) turned into RGB. Other interpretations
+    are light already and come back unchanged. Pixel by pixel, so a band of rows gets what
+    the whole image would.
+
+    Raises
+    ------
+    ImageFormatError
+        A MinIsWhite float image, or separated samples other than 8- or 16-bit CMYK: their
+        light is not defined well enough to store them the right way round.
+    """
+    if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        if arr.dtype.kind == "u":
+            return np.iinfo(arr.dtype).max - arr
+        if arr.dtype.kind == "i":
+            return ~arr  # -1 - x: the type's lowest and highest values swap
+        if arr.dtype.kind == "b":
+            return ~arr
+        raise ImageFormatError(
+            f"{name}: a MinIsWhite image of {arr.dtype} samples (0 is white) cannot be "
+            "turned the right way round; save it as MinIsBlack"
+        )
+    if photometric == tifffile.PHOTOMETRIC.SEPARATED:
+        if arr.ndim != 3 or arr.shape[2] != 4 or arr.dtype not in (np.uint8, np.uint16):
+            raise ImageFormatError(
+                f"{name}: separated (ink) samples other than 8- or 16-bit CMYK "
+                f"({arr.dtype}, shape {arr.shape}); save the image as RGB or greyscale"
+            )
+        top = float(np.iinfo(arr.dtype).max)
+        light = (top - arr[:, :, :3].astype(np.float32)) * (
+            (top - arr[:, :, 3:4].astype(np.float32)) / top
+        )
+        return np.rint(light).astype(arr.dtype)
+    return arr
 
 
 def _three_channels(hwc: np.ndarray) -> np.ndarray:
@@ -507,12 +560,16 @@ def normalize_tiff_tiled(
                 c = guessed_channel_axis(shape, str(path))
             h, w = [n for i, n in enumerate(shape) if i != c][:2]
 
+            photometric = _photometric(tf)
+
             def rows(y0: int, y1: int) -> np.ndarray:
                 if c is None:  # 2-D
-                    return _three_channels(arr[y0:y1][:, :, None])
-                index = [slice(y0, y1), slice(None)]
-                index.insert(c, slice(None))
-                return _three_channels(np.moveaxis(arr[tuple(index)], c, -1))
+                    part = arr[y0:y1][:, :, None]
+                else:
+                    index = [slice(y0, y1), slice(None)]
+                    index.insert(c, slice(None))
+                    part = np.moveaxis(arr[tuple(index)], c, -1)
+                return _three_channels(as_displayed(part, photometric, path))
 
             dtype = np.dtype(arr.dtype)
             if dtype.kind in "ui" and dtype.itemsize <= 2:

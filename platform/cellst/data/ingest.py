@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -53,6 +52,7 @@ import pandas as pd
 import ray
 from tqdm.auto import tqdm
 
+from cellst import fs
 from cellst.config import IngestConfig
 from cellst.data.images import (
     IMAGE_SUFFIXES,
@@ -193,6 +193,21 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _utf8_names(item: SourceItem, problems: list[tuple[str, str]]) -> bool:
+    """Whether ``item``'s file names can be stored (the manifest, MLflow and the readers of
+    the store take UTF-8 text); a problem naming the file, shown with U+FFFD where its
+    bytes are not UTF-8, for each that cannot."""
+    ok = True
+    for path in (item.image, item.label):
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(path).decode("utf-8", "replace")
+            problems.append((shown, "its name is not valid UTF-8 text; rename the file"))
+            ok = False
+    return ok
+
+
 def _dangling_images(folder: Path, problems: list[tuple[str, str]]) -> None:
     """Name each link of an image name whose target is gone (``is_file()`` is False for
     it, so it would be left out unseen)."""
@@ -315,7 +330,7 @@ def scan_source(
         labels_dir = d / "labels" if (d / "labels").is_dir() else None
         found = _scan_folder(images_dir, labels_dir, split or split_of_folder(d.name), problems)
         folders.append((d.name, found))
-    items = _unique_ids(folders, problems)
+    items = [it for it in _unique_ids(folders, problems) if _utf8_names(it, problems)]
     if not items and not problems:
         problems.append((str(root), f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})"))
     table = root / MODALITIES_FILE
@@ -705,12 +720,28 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
             "label_array": label_array,
         }
         return {"status": "new" if previous is None else "updated", "row": row}
-    except ImageFormatError as exc:
-        path, _, why = str(exc).partition(": ")
+    except ImageFormatError as exc:  # "PATH: why", where PATH may hold ": " itself
+        message = str(exc)
+        named = [p for p in (item.image, item.label) if p and message.startswith(f"{p}: ")]
+        if named:
+            path, why = named[0], message[len(named[0]) + 2 :]
+        else:
+            path, _, why = message.partition(": ")
         return {"status": "bad", "id": item.id, "problem": (path, why)}
     except Exception as exc:  # OSError, MemoryError, a decoder's own: named by file
         problem = (item.image, f"{type(exc).__name__}: {exc}")
         return {"status": "bad", "id": item.id, "problem": problem}
+
+
+def _crashed(item: SourceItem, exc: Exception) -> dict:
+    """The outcome of an item whose decoding process died past its retries: a bad item
+    named by file, as a decoding error is, so that ``--skip-bad`` can go on without it."""
+    why = (
+        "Ray's memory monitor killed the process decoding it (out of memory)"
+        if isinstance(exc, ray.exceptions.OutOfMemoryError)
+        else "the process decoding it died (a crash in the image decoder, or killed)"
+    )
+    return {"status": "bad", "id": item.id, "problem": (item.image, why)}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -743,6 +774,15 @@ def _hold_back_leaks(
     return problems
 
 
+def _stale_stagings(store: Path) -> list[Path]:
+    """Staging folders of ``store`` that earlier ingests left (killed): this store's own
+    alone, however its name reads as a pattern (``s[1]`` is not ``s1``), also under the
+    name cellst gave them before :func:`cellst.fs.temp_sibling` (``.NAME.staging-1a2b3c4d``)."""
+    legacy = re.compile(rf"\.{re.escape(store.name)}\.staging-[0-9a-f]{{8}}")
+    old = [p for p in store.parent.iterdir() if legacy.fullmatch(p.name)]
+    return [*fs.stale_siblings(store, ".staging"), *old]
+
+
 def _commit(store: Path, staging: Path, manifest: pd.DataFrame) -> str:
     """Move staged arrays into the store beside the old ones, then atomically switch the
     manifest (archived under ``manifests/`` first). Returns the new version."""
@@ -758,6 +798,18 @@ def _commit(store: Path, staging: Path, manifest: pd.DataFrame) -> str:
                 remove_tree(arr)
             else:
                 os.rename(arr, target)
+    missing = [r["id"] for r in manifest.to_dict("records") if not arrays_present(store, r)]
+    if missing:  # the staging lost arrays (removed by another process): keep the old manifest
+        raise IngestError(
+            [
+                (
+                    str(staging),
+                    f"{len(missing)} staged item(s) vanished before the commit, e.g. "
+                    f"{missing[0]!r}; the store keeps its earlier version: ingest again",
+                )
+            ],
+            skippable=False,
+        )
     return write_manifest(store, manifest[list(MANIFEST_COLUMNS)])
 
 
@@ -839,12 +891,12 @@ def ingest(
         raise IngestError(problems or [(str(src), "no images to ingest")], skippable=False)
 
     lock_root = lock_beside(store)
-    staging = store.parent / f".{store.name}.staging-{uuid.uuid4().hex[:8]}"
+    staging = fs.temp_sibling(store, ".staging")
     result = IngestResult(store=str(store))
     refs: list = []
     committed = finished = False
     with store_lock(lock_root):
-        for stale in store.parent.glob(f".{store.name}.staging-*"):
+        for stale in _stale_stagings(store):
             remove_tree(stale)  # left by a killed ingest; we hold the lock, so it is dead
         old = None
         if (store / MANIFEST).is_file():
@@ -887,7 +939,7 @@ def ingest(
                 refs.append(_ingest_one.remote(it, str(staging), previous, cfg_ref))
             outcomes = []
             bar = tqdm(total=len(refs), desc="ingest", unit="img", disable=not progress)
-            for out in as_completed(refs):
+            for out in as_completed(refs, on_crash=lambda i, exc: _crashed(items[i], exc)):
                 outcomes.append(out)
                 bar.update(1)
             bar.close()
