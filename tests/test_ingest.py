@@ -553,6 +553,35 @@ def test_an_image_name_used_by_training_and_tuning_keeps_both(ray_session, tmp_p
     assert "cell_00002" in CellStore(tmp_path / "store2")
 
 
+def test_a_prefixed_id_stays_when_the_other_folders_image_of_its_name_goes(ray_session, tmp_path):
+    """``tuning-cell_00001`` was prefixed because ``Training-labeled`` had a cell_00001.
+    With that training image deleted, a re-ingest gave the tuning image the bare id, which
+    moved the stored training item into the test split: refused, and with ``--prune
+    --skip-bad`` the tuning item, whose file is still there, was deleted while the gone
+    training item was kept. Now the tuning image keeps its stored id, and prune drops the
+    training item alone; an item whose file was skipped is never pruned."""
+    src = tmp_path / "NeurIPS22-CellSeg"
+    for s, n in enumerate(["cell_00001", "cell_00002"]):
+        _challenge_pair(src / "Training-labeled", n, ".png", s)
+    tune = _challenge_pair(src / "Tuning", "cell_00001", ".tiff", 10)
+    store = tmp_path / "store"
+    ingest(src, store, progress=False)
+    assert CellStore(store).ids("test") == ["tuning-cell_00001"]
+    (src / "Training-labeled" / "images" / "cell_00001.png").unlink()
+    (src / "Training-labeled" / "labels" / "cell_00001_label.tiff").unlink()
+    result = ingest(src, store, prune=True, progress=False)
+    s = CellStore(store)
+    assert result.removed == ["cell_00001"] and result.renamed == []
+    assert s.ids() == ["cell_00002", "tuning-cell_00001"]
+    assert s.row("tuning-cell_00001").split == "test"
+    assert np.array_equal(relabel_sequential(s.label("tuning-cell_00001"))[0],
+                          relabel_sequential(tune)[0])  # fmt: skip
+    # a tuning image that became unreadable is skipped, and its stored item kept, by file
+    (src / "Tuning" / "images" / "cell_00001.tiff").write_bytes(b"II*\x00" + b"\x00" * 20)
+    result = ingest(src, store, prune=True, skip_bad=True, progress=False)
+    assert "tuning-cell_00001" in CellStore(store) and result.kept == ["tuning-cell_00001"]
+
+
 def test_an_item_never_moves_into_or_out_of_the_test_split(ray_session, tmp_path):
     """Ingesting another folder whose image has a stored item's name into the test split is
     refused naming both; ``--skip-bad`` keeps the stored item as it was."""

@@ -374,7 +374,8 @@ def test_retrain_options_set_the_retraining_stages_alone(tmp_path, option, field
 
 
 @pytest.mark.parametrize(
-    ("n", "fraction", "k"), [(1, 0.5, 1), (2, 0.5, 1), (4, 0.5, 2), (5, 0.5, 3), (4, 0.99, 3)]
+    ("n", "fraction", "k"),
+    [(1, 0.5, 1), (2, 0.5, 1), (4, 0.5, 2), (5, 0.5, 2), (7, 0.5, 3), (10, 0.3, 3), (4, 0.99, 3)],
 )
 def test_n_reliable(n, fraction, k):
     assert n_reliable(n, fraction) == k

@@ -549,6 +549,25 @@ def _unique_ids(
     return [it for _, found in folders for it in found]
 
 
+def keep_stored_ids(items: list[SourceItem], stored: dict[str, dict]) -> None:
+    """Give each image the folder-prefixed id the store already holds it under
+    (``test-cell_1``), where :func:`_unique_ids` would now give it another only because
+    another folder's image of its name is gone (``labeled/cell_1`` deleted): an item's id
+    does not change with other folders. Where the stored id is now another image's, the
+    new one stands. In place."""
+    by_path = {row["source_path"]: item_id for item_id, row in stored.items()}
+    taken = {name_key(it.id) for it in items}
+    for it in items:
+        then = by_path.get(it.image)
+        name = it.renamed_from or it.id
+        if then is None or then == it.id or name_key(then) in taken:
+            continue
+        if then.endswith(f"-{name}"):  # the folder prefix it had when first ingested
+            taken.discard(name_key(it.id))
+            it.renamed_from, it.id = "", then  # as stored: not a rename of this ingest
+            taken.add(name_key(then))
+
+
 def source_problem(src: str | Path) -> str:
     """Why ``src`` cannot be a source folder ('' when it can)."""
     root = Path(src)
@@ -884,8 +903,7 @@ def ingest(
         raise IngestError(problems, skippable=bool(items))  # an empty source: nothing to skip
     bad_paths = {p for p, _ in problems}
     bad = [it for it in items if it.image in bad_paths or it.label in bad_paths]
-    skipped_ids = {it.id for it in bad}  # kept in the store (not pruned): still in SRC
-    named = {id(it) for it in bad}
+    named = {id(it) for it in bad}  # their stored items are kept (not pruned): still in SRC
     items = [it for it in items if id(it) not in named]  # only the files named, by file
     if not items:
         raise IngestError(problems or [(str(src), "no images to ingest")], skippable=False)
@@ -904,12 +922,16 @@ def ingest(
             old = parse_manifest(old_bytes, store / MANIFEST)  # a broken one: nothing archived
             archive_manifest(store, old_bytes)  # readers of it can still be resolved
         prev_rows = {r["id"]: r for r in old.to_dict("records")} if old is not None else {}
+        keep_stored_ids([*items, *bad], prev_rows)
+        skipped_ids = {it.id for it in bad}
+        skipped_sources = {it.image for it in bad}  # their stored items are kept, whatever id
         moves = moves_across_test_split(items, prev_rows)
         if moves and not skip_bad:
             raise IngestError(moves)
         problems += moves
         moved = {path for path, _ in moves}
         skipped_ids |= {it.id for it in items if it.image in moved}  # stored rows kept
+        skipped_sources |= moved
         items = [it for it in items if it.image not in moved]
         if not items:
             raise IngestError(problems, skippable=False)
@@ -994,11 +1016,12 @@ def ingest(
                         f"(the same file, {row['source_path']})"
                     )
                 elif item_id not in rows:  # a skipped item is still in SRC: --prune keeps it
-                    if prune and item_id not in skipped_ids:
+                    skipped = item_id in skipped_ids or row["source_path"] in skipped_sources
+                    if prune and not skipped:
                         result.removed.append(item_id)
                     else:
                         rows[item_id] = row
-                        if item_id in skipped_ids:
+                        if skipped:
                             result.kept.append(item_id)
                         elif not Path(row["source_path"]).exists():
                             gone.append(item_id)

@@ -132,16 +132,16 @@ def rank(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def n_reliable(n: int, fraction: float) -> int:
-    """How many of ``n`` items are reliable: ``round(fraction * n)``, kept in [1, n - 1].
+    """How many of ``n`` items are reliable: ``floor(fraction * n)``, kept in [1, n - 1].
 
-    Both groups are non-empty whenever ``n >= 2`` (ST++ keeps ``n // 2`` of the images at
-    fraction 0.5); a single item is reliable.
+    As ST++ (``len(ids) // 2`` at fraction 0.5: 2 of 5, not 3). Both groups are non-empty
+    whenever ``n >= 2``; a single item is reliable.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     if n <= 1:
         return n
-    return int(min(max(int(np.floor(fraction * n + 0.5)), 1), n - 1))
+    return int(min(max(int(np.floor(fraction * n + 1e-9)), 1), n - 1))
 
 
 def split_reliable(scores: pd.DataFrame, fraction: float) -> tuple[list[str], list[str], float]:
