@@ -404,6 +404,29 @@ def test_windows_per_forward_pass_change_no_fingerprint():
         assert same_configuration(state, cfg) is False
 
 
+def test_the_pseudo_label_share_is_no_input_of_a_training_without_pseudo_labels():
+    """ST++'s stage 1 never reads ``train.pseudo_weight`` (no pseudo-label set), yet
+    changing it re-trained stage 1 and everything after it, and the benchmark's variants
+    lost their shared stage 1. Recipe 5 leaves it out there; a training with a set still
+    counts it, and a run recorded by recipe 4 with it set is still recognised."""
+    from cellst.experiment import load_config
+    from cellst.fingerprint import training_fingerprint
+    from cellst.stpp.pipeline import training_hash
+    from cellst.train.trainer import same_configuration
+
+    plain = load_config(None, ["store=s"])
+    share = load_config(None, ["store=s", "train.pseudo_weight=0.3"])
+    assert training_hash(share) == training_hash(plain) == "44136fa355b3678a"
+    assert training_fingerprint(share) == training_fingerprint(plain)
+    assert training_hash(share, version=4) != training_hash(plain, version=4)
+    with_set = load_config(None, ["store=s", "train.pseudo_set=p"])
+    with_share = load_config(None, ["store=s", "train.pseudo_set=p", "train.pseudo_weight=0.3"])
+    assert training_hash(with_set) != training_hash(with_share)
+    state = {"fingerprint": 4, "config_hash": training_fingerprint(share, version=4)}
+    assert same_configuration(state, share) is True
+    assert same_configuration(state, plain) is False
+
+
 @pytest.mark.parametrize("override", ["train.epochs=true", "model.width=false", "train.lr=true"])
 def test_true_or_false_for_a_number_is_an_error(override):
     """pydantic's lax mode read true/false as 1/0: `--set train.epochs=true` trained one

@@ -22,8 +22,14 @@ if TYPE_CHECKING:  # for annotations only: this module imports the standard libr
 
 #: version of the fingerprint recipe, stored beside fingerprints (run.json ``fingerprint``);
 #: 3: a training's fingerprint leaves out the sections a training never reads;
-#: 4: and ``inference.sw_batch_size`` (speed only), which 2 and 3 counted
-VERSION = 4
+#: 4: and ``inference.sw_batch_size`` (speed only), which 2 and 3 counted;
+#: 5: and :data:`PSEUDO_ONLY` of a training without a pseudo-label set, which 2-4 counted
+VERSION = 5
+
+#: ``train`` fields a training reads only with a pseudo-label set (``train.pseudo_set``):
+#: the share of pseudo-labelled crops. Changing it re-runs ST++'s re-training stages, not
+#: its supervised stage 1 (recipe 5 on).
+PSEUDO_ONLY: tuple[str, ...] = ("pseudo_weight",)
 
 #: fields that change where or how a computation runs or logs, never its result
 RUN_ONLY: dict[str, tuple[str, ...]] = {
@@ -73,6 +79,7 @@ def config_fingerprint(
     n: int = 16,
     *,
     run_only: Mapping[str, Iterable[str]] = RUN_ONLY,
+    pseudo_only: Iterable[str] = (),
 ) -> str:
     """Fingerprint of what a configuration computes.
 
@@ -85,6 +92,9 @@ def config_fingerprint(
         whole section, and the key ``""`` names top-level fields (``store``, ``name``).
     run_only : mapping
         The run-only fields (:data:`RUN_ONLY`; an earlier recipe's to recognise it).
+    pseudo_only : iterable of str
+        ``train`` fields left out when ``train.pseudo_set`` is empty (:data:`PSEUDO_ONLY`
+        for a training; none for an earlier recipe).
 
     Notes
     -----
@@ -104,6 +114,14 @@ def config_fingerprint(
         data["augment"] = {k: v for k, v in data["augment"].items() if k not in strong}
         if not data["augment"]:
             del data["augment"]
+    train = data.get("train")
+    if pseudo_only and isinstance(train, dict) and train and not train.get("pseudo_set"):
+        # (emptied, the entry goes: the dump of a config that never set them)
+        kept = {k: v for k, v in train.items() if k not in set(pseudo_only)}
+        if kept:
+            data["train"] = kept
+        else:
+            del data["train"]
     rules: dict[str, set[str]] = {k: set(v) for k, v in run_only.items()}
     for section, fields in (ignore or {}).items():
         rules.setdefault(section, set()).update(fields)
@@ -146,7 +164,7 @@ def training_fingerprint(
         Count the store's path (``cellst train``). ST++ leaves it out and hashes the
         labelled items' content instead, so a moved store is the same computation.
     version : int
-        The recipe of an earlier cellst (2 or 3), to recognise what it recorded.
+        The recipe of an earlier cellst (2, 3 or 4), to recognise what it recorded.
 
     Notes
     -----
@@ -160,15 +178,16 @@ def training_fingerprint(
             return config_fingerprint(cfg, run_only=_RUN_ONLY_BEFORE_4)
         legacy = {"": ("store", "name"), "predict": ("*",), "evaluate": ("*",), "ingest": ("*",)}
         return config_fingerprint(cfg, legacy, run_only=_RUN_ONLY_BEFORE_4)
-    if version not in (3, VERSION):
+    if version not in (3, 4, VERSION):
         raise ValueError(f"no fingerprint recipe {version}")
     ignore = {k: set(v) for k, v in NOT_READ_BY_TRAINING.items()}
     ingest = getattr(cfg, "ingest", None)
     ignore["ingest"] = {f for f in type(ingest).model_fields if f != "chunk"} if ingest else set()
     if not store:
         ignore[""].add("store")
-    run_only = RUN_ONLY if version == VERSION else _RUN_ONLY_BEFORE_4
-    return config_fingerprint(cfg, ignore, run_only=run_only)
+    run_only = RUN_ONLY if version >= 4 else _RUN_ONLY_BEFORE_4
+    pseudo_only = PSEUDO_ONLY if version >= 5 else ()
+    return config_fingerprint(cfg, ignore, run_only=run_only, pseudo_only=pseudo_only)
 
 
 def config_differences(

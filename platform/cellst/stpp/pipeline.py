@@ -514,8 +514,10 @@ class Pipeline:
             lambda d: self.train(stage, d, pseudo_set, init),
             training=True,
             present=_checkpoints_present,
-            # the same inputs as recorded by cellst's fingerprint recipes 2 and 3
-            recorded_as=[{**inputs, "train": training_hash(train_cfg, version=v)} for v in (2, 3)],
+            # the same inputs as recorded by cellst's earlier fingerprint recipes
+            recorded_as=[
+                {**inputs, "train": training_hash(train_cfg, version=v)} for v in (2, 3, 4)
+            ],
         )
 
     # -- stage bodies --------------------------------------------------------------------------
