@@ -550,6 +550,39 @@ def test_training_sweep_trains_each_trial(ray_session, store_dir, tmp_path):
         assert by_lr[row["train.lr"]].info.run_id == row["mlflow_run_id"]
 
 
+def test_a_sweep_keeps_its_trials_when_settings_it_never_reads_change(tmp_path):
+    """The sweep's identity hashed the whole config: editing ``predict.*`` or ``stpp.*`` in
+    a shared YAML, or ``train.epochs`` beside a post-processing sweep, started the sweep
+    over and threw its finished trials away. It now counts what its trials compute; a
+    sweep.json of the earlier recipe is still recognised."""
+    from cellst.tune.sweep import sweep_changes, sweep_hash
+
+    space = json.dumps({"postprocess.mask_threshold": {"uniform": [0.3, 0.7]}})
+    mcfg = ModelConfig(name="hovernet-lite", width=8)
+    ck = save_checkpoint(tmp_path / "ck", build_model(mcfg), mcfg)
+    pp = ["store=/data", "tune.mode=postprocess", f"tune.checkpoint={ck}", f"tune.space={space}"]
+    base = load_tune_config(None, pp)
+    for edit in ("predict.num_actors=3", "stpp.reliable_fraction=0.25", "train.epochs=99"):
+        assert sweep_hash(load_tune_config(None, [*pp, edit])) == sweep_hash(base), edit
+    for edit in ("inference.roi=128", "data.val_fraction=0.3", "tune.num_samples=3"):
+        assert sweep_hash(load_tune_config(None, [*pp, edit])) != sweep_hash(base), edit
+    space = json.dumps({"train.lr": {"loguniform": [1e-4, 1e-2]}})
+    tr = ["store=/data", "tune.mode=train", f"tune.space={space}"]
+    trains = load_tune_config(None, tr)
+    assert sweep_hash(load_tune_config(None, [*tr, "stpp.tta=true"])) == sweep_hash(trains)
+    assert sweep_hash(load_tune_config(None, [*tr, "train.epochs=99"])) != sweep_hash(trains)
+    # a sweep.json of the earlier recipe, which counted predict.*: recognised as recorded
+    then = load_tune_config(None, [*pp, "predict.num_actors=3"])
+    recorded = {"hash": sweep_hash(then, legacy=True), "store_version": "v1"}
+    now = {"store_version": "v1"}
+    assert sweep_hash(then) != recorded["hash"]
+    assert sweep_changes(recorded, sweep_hash(then), now, sweep_hash(then, legacy=True)) == []
+    other = load_tune_config(None, [*pp, "predict.num_actors=4"])
+    assert sweep_changes(recorded, sweep_hash(other), now, sweep_hash(other, legacy=True)) == [
+        "the settings"
+    ]
+
+
 def test_planned_trials_counts_grid_points_times_samples():
     from cellst.tune.sweep import planned_trials
 

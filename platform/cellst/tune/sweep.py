@@ -97,11 +97,36 @@ def sweep_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.tune.run_dir).absolute() / (cfg.tune.name or cfg.name)
 
 
-def sweep_hash(cfg: ExperimentConfig) -> str:
-    """Identity of a sweep: everything but where it logs (a changed sweep is a new sweep)."""
+#: what no sweep reads: other commands' sections
+NOT_READ_BY_SWEEPS: dict[str, tuple[str, ...]] = {
+    "predict": ("*",),
+    "segment": ("*",),
+    "stpp": ("*",),
+}
+#: and what a post-processing sweep does not read besides: how a model would be trained
+#: (its trials score one checkpoint's predictions)
+NOT_READ_BY_POSTPROCESS_SWEEPS: dict[str, tuple[str, ...]] = {
+    **NOT_READ_BY_SWEEPS,
+    "train": ("*",),
+    "augment": ("*",),
+    "loss": ("*",),
+}
+
+
+def sweep_hash(cfg: ExperimentConfig, *, legacy: bool = False) -> str:
+    """Identity of a sweep: what its trials compute (a changed sweep is a new sweep, and
+    its finished trials go). Where it logs, and the sections it never reads, are left out:
+    editing ``predict.*`` or ``stpp.*`` in a shared YAML, or ``train.epochs`` beside a
+    post-processing sweep, threw finished trials away. ``legacy``: the identity cellst
+    recorded before (every section), to recognise a sweep.json it wrote."""
     from cellst.fingerprint import config_fingerprint
 
-    return config_fingerprint(cfg)
+    if legacy:
+        return config_fingerprint(cfg)
+    ignore = (
+        NOT_READ_BY_POSTPROCESS_SWEEPS if cfg.tune.mode == "postprocess" else NOT_READ_BY_SWEEPS
+    )
+    return config_fingerprint(cfg, ignore)
 
 
 def sweep_inputs(cfg: ExperimentConfig, store_version: str) -> dict[str, Any]:
@@ -116,13 +141,16 @@ def sweep_inputs(cfg: ExperimentConfig, store_version: str) -> dict[str, Any]:
     return inputs
 
 
-def sweep_changes(state: dict[str, Any], h: str, inputs: dict[str, Any]) -> list[str]:
+def sweep_changes(
+    state: dict[str, Any], h: str, inputs: dict[str, Any], legacy_hash: str | None = None
+) -> list[str]:
     """What changed since the sweep recorded in ``state`` (``sweep.json``) ran: its
     settings, the store or the checkpoint; empty where it may resume. A ``sweep.json`` of
-    an earlier cellst, which recorded no checkpoint, is taken as it is."""
+    an earlier cellst, which recorded no checkpoint, or its settings' identity as
+    ``legacy_hash`` (:func:`sweep_hash`), is taken as it is."""
     if not state:
         return []
-    changed = ["the settings"] if state.get("hash") != h else []
+    changed = ["the settings"] if state.get("hash") not in (h, legacy_hash) else []
     names = {"store_version": "the store", "checkpoint": "the checkpoint's weights"}
     for key, value in inputs.items():
         if key in state and state[key] != value:
@@ -533,7 +561,7 @@ def _run_sweep(
     inputs = sweep_inputs(cfg, store.version)
     h = sweep_hash(cfg)
     ray_path = root / "_ray" / name
-    changed = sweep_changes(state, h, inputs)
+    changed = sweep_changes(state, h, inputs, sweep_hash(cfg, legacy=True))
     resumed = bool(state) and not changed and tune.Tuner.can_restore(str(ray_path))
     if state and changed and ray_path.exists():
         import shutil
