@@ -304,6 +304,11 @@ def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
             old.unlink(missing_ok=True)
 
 
+#: seconds a writer retries a held lock before refusing: a status probe (:func:`is_locked`)
+#: holds it for an instant, and a writer starting then must not be refused
+PROBE_GRACE_S = 1.0
+
+
 class LockHeld(RuntimeError):
     """:func:`file_lock` with ``wait=False`` found the lock held by another process."""
 
@@ -399,7 +404,7 @@ def held_by_one(
     Only the lock's refusal becomes ``refusal``; errors of the block pass as they are."""
     held = contextlib.ExitStack()
     try:
-        held.enter_context(file_lock(path, shared=shared, wait=False, grace_s=0.5))
+        held.enter_context(file_lock(path, shared=shared, wait=False, grace_s=PROBE_GRACE_S))
     except LockHeld:
         raise refusal from None
     with held:

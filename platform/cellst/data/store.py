@@ -163,12 +163,13 @@ def _locked_thing(lock_file: Path) -> str:
 
 
 #: seconds a writer retries a held lock before refusing (longer than any probe holds it)
-LOCK_PROBE_GRACE_S = 1.0
+LOCK_PROBE_GRACE_S = fs.PROBE_GRACE_S
 
 
 @contextlib.contextmanager
 def store_lock(lock_file: Path, what: str | None = None) -> Iterator[None]:
-    """Exclusive advisory lock so two writers never interleave on one store or run folder.
+    """Exclusive advisory lock so two writers never interleave on one store or run folder
+    (:func:`cellst.fs.held_by_one`, refused as a :class:`StoreError`).
 
     Parameters
     ----------
@@ -176,15 +177,10 @@ def store_lock(lock_file: Path, what: str | None = None) -> Iterator[None]:
         What the lock guards, for the refusal message (e.g. ``"the run folder runs/x"``);
         by default derived from the lock file's name and folder.
     """
-    with contextlib.ExitStack() as held:
-        try:
-            # a status probe (fs.is_locked) holds it for an instant: wait that out
-            held.enter_context(fs.file_lock(lock_file, wait=False, grace_s=LOCK_PROBE_GRACE_S))
-        except fs.LockHeld:
-            raise StoreError(
-                f"{lock_file} is held: another process is writing "
-                f"{what or _locked_thing(lock_file)}"
-            ) from None
+    refusal = StoreError(
+        f"{lock_file} is held: another process is writing {what or _locked_thing(lock_file)}"
+    )
+    with fs.held_by_one(lock_file, refusal):
         yield
 
 
