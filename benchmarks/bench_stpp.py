@@ -145,8 +145,13 @@ def run_seed(seed: int, args, out: Path) -> dict:
             **({"supervised_same": same["f1"]} if same else {}),
         },
         "test_f1_per_modality": {
-            r["model"]: {k[3:]: v for k, v in r.items() if k.startswith("f1_")}
-            for r in table.to_dict(orient="records")
+            **{
+                r["model"]: {k[3:]: v for k, v in r.items() if k.startswith("f1_")}
+                for r in table.to_dict(orient="records")
+            },
+            # (absent from a result kept by a benchmark before they were recorded)
+            "supervised_equal": equal.get("per_modality", {}),
+            **({"supervised_same": same.get("per_modality", {})} if same else {}),
         },
     }
     return row
@@ -173,7 +178,7 @@ def supervised_equal_compute(cfg, total_crops: int, work: Path) -> dict:
         return old
     res = train(base, run_name=f"{cfg.name}-supervised-equal")
     out = {
-        "f1": _test_f1(cfg, base, res.best, "equal", home),
+        **_test_f1(cfg, base, res.best, "equal", home),
         "crops": epochs * base.data.crops_per_epoch,
     }
     _save(saved, out, key)
@@ -212,7 +217,7 @@ def supervised_same_schedule(cfg, stage1_best: str, work: Path) -> dict | None:
         base.train.init_checkpoint = str(init)
         init = train(base, run_name=f"{cfg.name}-supervised-same-{rnd}").best
     out = {
-        "f1": _test_f1(cfg, base, init, "same", home),
+        **_test_f1(cfg, base, init, "same", home),
         "crops": 2 * base.train.epochs * base.data.crops_per_epoch,
     }
     _save(saved, out, key)
@@ -232,6 +237,12 @@ def _result_key(cfg, training, **extra) -> str:
             "labelled": items_digest(store, "labeled"),
             "test": items_digest(store, "test"),
             "evaluate": cfg.evaluate.model_dump(mode="json"),
+            # post-processing set explicitly (--set postprocess.*): it scores the baseline
+            **(
+                {"postprocess": cfg.postprocess.model_dump(mode="json", exclude_unset=True)}
+                if cfg.postprocess.model_fields_set
+                else {}
+            ),
             **extra,
         }
     )
@@ -250,7 +261,7 @@ def _reused(saved: Path, key: str, what: str) -> dict | None:
         old = json.loads(path.read_text()) if path.is_file() else {}
         if old.get("key") == key:
             print(f"  {what}: reused {path} (same training and data)")
-            return {"f1": old["f1"], "crops": old["crops"]}
+            return {k: old[k] for k in ("f1", "crops", "per_modality") if k in old}
     return None
 
 
@@ -260,8 +271,10 @@ def _save(saved: Path, out: dict, key: str) -> None:
     atomic_write_json(saved, {**out, "key": key})
 
 
-def _test_f1(cfg, base, checkpoint, tag: str, work: Path) -> float:
-    """Test-split F1 of ``checkpoint`` as the pipeline's stage 7 scores its models."""
+def _test_f1(cfg, base, checkpoint, tag: str, work: Path) -> dict:
+    """Test-split F1 of ``checkpoint``, overall (``f1``) and per modality
+    (``per_modality``), as the pipeline's stage 7 scores its models: with the
+    checkpoint's calibration except for the post-processing fields set explicitly."""
     from cellst.inference.batch import predict
     from cellst.metrics.sources import evaluate_sources
 
@@ -271,6 +284,7 @@ def _test_f1(cfg, base, checkpoint, tag: str, work: Path) -> float:
         set_name=f"{cfg.name}-test-{tag}",
         split="test",
         infer=base.inference,
+        post=cfg.postprocess,  # as stage 7: --set postprocess.* applies to both
         resources=cfg.predict,  # as stage 7 predicts (--set predict.* applies to both)
         progress=False,
         overwrite=True,
@@ -285,7 +299,10 @@ def _test_f1(cfg, base, checkpoint, tag: str, work: Path) -> float:
         iou_threshold=cfg.evaluate.iou_threshold,
         progress=False,
     )
-    return float(rep["f1"])
+    return {
+        "f1": float(rep["f1"]),
+        "per_modality": {m: float(b["f1"]) for m, b in rep.get("per_modality", {}).items()},
+    }
 
 
 MODELS = {
@@ -325,6 +342,19 @@ def summarize(rows: list[dict]) -> dict:
     out["round1_minus_supervised"] = _delta(rows, "round1", "supervised")
     if "supervised_same" in out:
         out["delta_round2_minus_same_schedule"] = _delta(rows, "round2", "supervised_same")
+    out["per_modality"] = per_modality_means(rows)
+    return out
+
+
+def per_modality_means(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean test F1 of each model per modality, over the seeds that scored it there."""
+    out: dict[str, dict[str, float]] = {}
+    for model in MODELS:
+        blocks = [r.get("test_f1_per_modality", {}).get(model) or {} for r in rows]
+        mods = sorted({m for b in blocks for m in b})
+        means = {m: float(np.mean([b[m] for b in blocks if m in b])) for m in mods}
+        if means:
+            out[model] = means
     return out
 
 
@@ -399,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         s = summary[key]
         print(f"{label:<28}{s['mean']:>14.4f}{s['std']:>8.4f}   {s['per_seed']}")
+    mods = sorted({m for means in summary["per_modality"].values() for m in means})
+    if mods:
+        print(f"\n{'mean test F1 per modality':<28}" + "".join(f"{m[:14]:>16}" for m in mods))
+        for key, label in names.items():
+            means = summary["per_modality"].get(key)
+            if means:
+                cells = "".join(f"{means[m]:>16.4f}" if m in means else f"{'-':>16}" for m in mods)
+                print(f"{label:<28}{cells}")
     d = summary["delta_round2_minus_supervised"]
     print(
         f"full ST++ - supervised: {d['mean']:+.4f} mean F1 "

@@ -72,6 +72,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
         # the paired baseline: the same stage-1 model fine-tuned on labelled crops alone
         r"full ST\+\+ - supervised with ST\+\+'s schedule .*: [+-][\d.]+ mean F1",
         r"results: .*results\.json",
+        # per modality, the baselines beside the ST++ models
+        r"^mean test F1 per modality",
     ),
     "bench_targets": (r"speed-up\s+[\d.]+x", r"cellst and MONAI maps: same"),
     "bench_train": (
