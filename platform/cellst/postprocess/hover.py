@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -567,26 +568,9 @@ def _hover_core(
         return empty  # MONAI: "Not a valid sobel gradient map"
     tick("sobel_range")
 
-    # 3. overall = max(1 - norm(sh), 1 - norm(sv)) inside fg; g = (1 - overall) * fg
-    #    (in place, row blocks: sh becomes overall, sv scratch, g written to sh)
-    ih = np.float32(1.0 / (sh_max - sh_min))
-    iv = np.float32(1.0 / (sv_max - sv_min))
-    thr = np.float32(cfg.marker_threshold)
-    markers = np.empty(shape, dtype=bool)
-    for y0 in range(0, shape[0], 256):
-        sl = slice(y0, y0 + 256)
-        a, b, f = sh[sl], sv[sl], fg[sl]
-        np.subtract(np.float32(sh_max), a, out=a)
-        a *= ih
-        np.subtract(np.float32(sv_max), b, out=b)
-        b *= iv
-        np.maximum(a, b, out=a)  # overall (before masking)
-        np.maximum(a, np.float32(0.0), out=a)  # no-op unless sobel_range is narrower (tiles)
-        np.less(a, thr, out=markers[sl])
-        markers[sl] &= f
-        np.subtract(np.float32(1.0), a, out=a)
-        a *= f  # g = (1 - overall) * fg
-    g = sh  # sv is reused as scratch for the smoothed distance map
+    # 3. marker mask and the distance map's source g = (1 - overall) * fg
+    markers = _marker_mask(sh, sv, fg, sobel_range, cfg.marker_threshold)
+    g = sh  # sh now holds g; sv is scratch for the smoothed distance map
     tick("overall")
 
     # 4. markers: fill holes, opening, label, remove small
@@ -599,10 +583,59 @@ def _hover_core(
     if nmark == 0:
         return empty
 
-    # 5. which components hold how many markers. Markers outside fg are ignored (skimage's
-    #    watershed multiplies the markers by the mask); they exist only where hole filling
-    #    went through a hole of the mask, and only then can a marker span two components.
-    if (markers & ~fg).any():
+    # 5. components holding one marker take its id; those holding several are split below
+    out, seq, needs_ws = _assign_components(mlab, nmark, comp, ncomp, outside=markers & ~fg)
+    del markers
+    tick("assign")
+
+    # 6. watershed inside each component holding several markers, on its bounding box
+    _split_components(out, comp, mlab, seq, needs_ws, g, sv, cfg.distance_sigma, tick)
+    return out
+
+
+def _marker_mask(
+    sh: np.ndarray,
+    sv: np.ndarray,
+    fg: np.ndarray,
+    sobel_range: tuple[float, float, float, float],
+    marker_threshold: float,
+) -> np.ndarray:
+    """Step 3: ``overall = max(1 - norm(sh), 1 - norm(sv))``; returns the marker mask
+    ``overall < marker_threshold`` inside ``fg``, and leaves ``g = (1 - overall) * fg`` in
+    ``sh`` (in place, in blocks of rows: ``sv`` is overwritten too)."""
+    sh_min, sh_max, sv_min, sv_max = sobel_range
+    ih = np.float32(1.0 / (sh_max - sh_min))
+    iv = np.float32(1.0 / (sv_max - sv_min))
+    thr = np.float32(marker_threshold)
+    markers = np.empty(sh.shape, dtype=bool)
+    for y0 in range(0, sh.shape[0], 256):
+        sl = slice(y0, y0 + 256)
+        a, b, f = sh[sl], sv[sl], fg[sl]
+        np.subtract(np.float32(sh_max), a, out=a)
+        a *= ih
+        np.subtract(np.float32(sv_max), b, out=b)
+        b *= iv
+        np.maximum(a, b, out=a)  # overall (before masking)
+        np.maximum(a, np.float32(0.0), out=a)  # no-op unless sobel_range is narrower (tiles)
+        np.less(a, thr, out=markers[sl])
+        markers[sl] &= f
+        np.subtract(np.float32(1.0), a, out=a)
+        a *= f  # g = (1 - overall) * fg
+    return markers
+
+
+def _assign_components(
+    mlab: np.ndarray, nmark: int, comp: np.ndarray, ncomp: int, outside: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 5: which components hold how many markers. Returns the instance map with every
+    component of a single marker labelled (the others 0), each marker's output id ``seq``,
+    and ``needs_ws``, the components to split by watershed.
+
+    Markers outside the mask (``outside``) are ignored, as skimage's watershed multiplies
+    the markers by the mask: they exist only where hole filling went through a hole of the
+    mask, and only then can a marker span two components.
+    """
+    if outside.any():
         owner, single, present, needs_ws = _marker_owners_general(mlab, nmark, comp, ncomp)
     else:
         owner = np.zeros(nmark + 1, dtype=np.int32)
@@ -612,43 +645,53 @@ def _hover_core(
         present[0] = False
         single = present
         needs_ws = np.bincount(owner[1:], minlength=ncomp + 1) >= 2
-    del markers
     needs_ws[0] = False
     seq = (np.cumsum(present) * present).astype(np.int32)  # marker -> output id
     comp_lut = np.zeros(ncomp + 1, dtype=np.int32)
     one = single & ~needs_ws[owner]
     one[0] = False
     comp_lut[owner[one]] = seq[one]
-    out = comp_lut[comp]
-    tick("assign")
+    return comp_lut[comp], seq, needs_ws
 
-    # 6. watershed inside each component holding several markers, on its bounding box
+
+def _split_components(
+    out: np.ndarray,
+    comp: np.ndarray,
+    mlab: np.ndarray,
+    seq: np.ndarray,
+    needs_ws: np.ndarray,
+    g: np.ndarray,
+    scratch: np.ndarray,
+    distance_sigma: float,
+    tick: Callable[[str], None],
+) -> None:
+    """Step 6: watershed of ``-gauss(g)`` inside each component of ``needs_ws``, on its
+    bounding box, from its markers; writes their instances into ``out``. Only the rows
+    holding such components are filtered (into ``scratch``)."""
     ws_ids = np.flatnonzero(needs_ws)
-    if ws_ids.size:
-        boxes = ndi.find_objects(comp, max_label=int(ws_ids[-1]))
-        tick("ws_boxes")
-        # dist = -gauss(g); only the rows holding such components are filtered
-        ys = [boxes[i - 1][0] for i in ws_ids]
-        r0, r1 = min(s.start for s in ys), max(s.stop for s in ys)
-        if cfg.distance_sigma > 0:
-            gk = _gauss_kernel(cfg.distance_sigma)
-            tail = len(gk) // 2
-            e0, e1 = max(0, r0 - tail), min(shape[0], r1 + tail)
-            # rows e0..r0 and r1..e1 are context only: their own values are not used
-            g = _separable(g[e0:e1], gk, gk, "constant", out=sv[e0:e1])
-            g_off = e0
-        else:
-            g_off = 0
-        tick("ws_dist")
-        for i in ws_ids:
-            sl = boxes[i - 1]
-            mask = comp[sl] == i
-            dist = g[sl[0].start - g_off : sl[0].stop - g_off, sl[1]]
-            res = _watershed_masked(dist, mlab[sl], mask, negate=True)
-            o = out[sl]
-            o[mask] = seq[res[mask]]
-        tick("watershed")
-    return out
+    if not ws_ids.size:
+        return
+    boxes = ndi.find_objects(comp, max_label=int(ws_ids[-1]))
+    tick("ws_boxes")
+    ys = [boxes[i - 1][0] for i in ws_ids]
+    r0, r1 = min(s.start for s in ys), max(s.stop for s in ys)
+    g_off = 0
+    if distance_sigma > 0:
+        gk = _gauss_kernel(distance_sigma)
+        tail = len(gk) // 2
+        e0, e1 = max(0, r0 - tail), min(g.shape[0], r1 + tail)
+        # rows e0..r0 and r1..e1 are context only: their own values are not used
+        g = _separable(g[e0:e1], gk, gk, "constant", out=scratch[e0:e1])
+        g_off = e0
+    tick("ws_dist")
+    for i in ws_ids:
+        sl = boxes[i - 1]
+        mask = comp[sl] == i
+        dist = g[sl[0].start - g_off : sl[0].stop - g_off, sl[1]]
+        res = _watershed_masked(dist, mlab[sl], mask, negate=True)
+        o = out[sl]
+        o[mask] = seq[res[mask]]
+    tick("watershed")
 
 
 def _marker_owners_general(mlab: np.ndarray, nmark: int, comp: np.ndarray, ncomp: int):
