@@ -289,6 +289,24 @@ def test_storage_is_checked_on_every_node_before_work(cluster, tmp_path):
     assert re.search(r"^ERROR node \S+ \([0-9a-f]{12}\): ", line), line
 
 
+def test_a_node_sees_a_write_folder_only_where_the_drivers_marker_is(tmp_path):
+    """The probe on each node made every write folder it did not find (``mkdir``): a node
+    without the shared mount passed, and wrote its results to its own disk. The probe
+    now creates nothing; a folder there must hold the marker the driver left in it."""
+    from cellst.raycluster import SHARED_MARKER, _probe_paths
+
+    absent, local, shared = tmp_path / "absent", tmp_path / "local", tmp_path / "shared"
+    local.mkdir()
+    shared.mkdir()
+    (shared / SHARED_MARKER.format(token="t1")).touch()
+    problems = _probe_paths([], [str(absent), str(local), str(shared)], "t1")
+    assert problems == [
+        f"{absent} is not visible",
+        f"{local} is another folder than the driver's (it lacks its marker)",
+    ]
+    assert not absent.exists()  # nothing made on the node
+
+
 def test_storage_check_is_skipped_on_the_drivers_own_single_node(ray_session, tmp_path):
     from cellst.raycluster import check_shared_paths
 

@@ -389,8 +389,18 @@ def as_completed(
         yield result
 
 
-def _probe_paths(read: list[str], write: list[str]) -> list[str]:
-    """On one node: what is wrong with the paths there (empty when all is well)."""
+#: the hidden file :func:`check_shared_paths` leaves in each write folder while it checks
+SHARED_MARKER = ".cellst-shared-{token}"
+
+
+def _probe_paths(read: list[str], write: list[str], token: str = "") -> list[str]:
+    """On one node: what is wrong with the paths there (empty when all is well).
+
+    A write folder must exist here and hold the driver's marker file (``token``): only
+    then is it the driver's folder, not one of the same name on this node's own disk.
+    Nothing is created (an ``mkdir`` here made a node without the shared mount pass, and
+    its results then went to its local disk); the write check leaves no file behind.
+    """
     from cellst.fs import unwritable_reason
 
     problems = []
@@ -398,10 +408,11 @@ def _probe_paths(read: list[str], write: list[str]) -> list[str]:
         if not p.exists():
             problems.append(f"{p} is not visible")
     for p in map(pathlib.Path, write):
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            problems.append(f"{p} is not writable ({exc.strerror or type(exc).__name__})")
+        if not p.is_dir():
+            problems.append(f"{p} is not visible")
+            continue
+        if token and not (p / SHARED_MARKER.format(token=token)).is_file():
+            problems.append(f"{p} is another folder than the driver's (it lacks its marker)")
             continue
         reason = unwritable_reason(p)
         if reason:
@@ -415,7 +426,9 @@ def check_shared_paths(
     timeout_s: float = 120.0,
 ) -> list[str]:
     """Check, before any work, that every node of the cluster sees the paths cellst's Ray
-    tasks and workers will use: ``read`` must exist there, ``write`` must be writable.
+    tasks and workers will use: ``read`` must exist there; ``write`` (created here if
+    needed) must be this folder, seen through a shared file system: a marker file left in
+    it for the check must be visible there, and it must be writable.
 
     A cluster without shared storage would otherwise fail deep inside a stage (or, worse,
     write half of the results to a node's local disk). One zero-CPU task runs on each alive
@@ -431,7 +444,6 @@ def check_shared_paths(
     ClusterError
         Naming the first node (address and ID) and path that failed.
     """
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     read = [str(os.path.abspath(p)) for p in read]
     write = [str(os.path.abspath(p)) for p in write]
@@ -439,11 +451,31 @@ def check_shared_paths(
     here = ray.get_runtime_context().get_node_id()
     if not (read or write) or (len(nodes) == 1 and nodes[0]["NodeID"] == here):
         return []
+    token = f"{os.getpid()}-{time.time_ns()}"
+    markers = []
+    try:
+        for folder in map(pathlib.Path, write):  # made here, marked: the nodes must see it
+            folder.mkdir(parents=True, exist_ok=True)
+            marker = folder / SHARED_MARKER.format(token=token)
+            marker.touch()
+            markers.append(marker)
+        return _probe_nodes(nodes, read, write, token, timeout_s)
+    finally:
+        for marker in markers:
+            marker.unlink(missing_ok=True)
+
+
+def _probe_nodes(
+    nodes: list[dict], read: list[str], write: list[str], token: str, timeout_s: float
+) -> list[str]:
+    """Run :func:`_probe_paths` on each of ``nodes``; the IDs of the nodes checked."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe_paths)
     refs = [
         probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote(read, write)
+        ).remote(read, write, token)
         for n in nodes
     ]
     deadline = time.monotonic() + timeout_s
