@@ -2,7 +2,9 @@
 
 Runs a ``cellst`` command on the head node against the running cluster (``ray.init()``
 joins it), with MLflow pointed at the head's tracking server unless the environment or the
-config says otherwise. Examples::
+config says otherwise. ``ray submit`` runs this file from the home folder; the command runs
+in the checkout the launcher uploaded (``~/cellst``), so relative paths such as
+``experiments/cellseg2022.yaml`` mean what they mean on your machine. Examples::
 
     ray submit cluster.yaml experiments/ray_submit.py -- ingest /shared/raw --out /shared/store
     ray submit cluster.yaml experiments/ray_submit.py -- stpp experiments/cellseg2022.yaml
@@ -28,6 +30,9 @@ def main() -> None:
     if "MLFLOW_TRACKING_URI" not in os.environ:
         os.environ["MLFLOW_TRACKING_URI"] = head_tracking_uri()
     os.environ.setdefault("RAY_ADDRESS", "auto")
+    checkout = os.path.expanduser("~/cellst")  # the launcher's file_mounts put it there
+    if os.path.isdir(checkout):
+        os.chdir(checkout)
     from cellst.cli import main as cellst_main
 
     sys.argv = ["cellst", *sys.argv[1:]]

@@ -188,7 +188,9 @@ def test_ray_submit_runs_stpp_on_the_launched_cluster(launched):
                        progress=False)  # fmt: skip
     ingest(shared / "src", shared / "store", progress=False)
     _sh("chmod", "-R", "a+rwX", str(shared)).check_returncode()
-    args = ["stpp", "run", "cellst/experiments/demo.yaml", "--quick", "--until", "2"]
+    # (a path relative to the checkout, as on the launching machine: ray_submit.py runs
+    # the command in the uploaded ~/cellst)
+    args = ["stpp", "run", "experiments/demo.yaml", "--quick", "--until", "2"]
     # (`ray submit` joins the arguments with spaces, unquoted: no spaces inside a value)
     settings = [
         f"store={shared / 'store'}",
