@@ -166,6 +166,28 @@ def test_fields_set_explicitly_are_held_so_the_settings_used_are_the_settings_sc
     assert load_postprocess(ck)["meta"]["fixed"] == ["mask_threshold"]
 
 
+def test_stage_and_trial_configs_set_only_what_the_user_set(tmp_path):
+    """An ST++ stage's training config (``base()``) and a sweep trial's (``apply``) were
+    rebuilt from a dump of every field, so every ``postprocess.*`` field counted as set
+    explicitly: the calibration after those trainings held them all and searched nothing
+    (the demo's stage-1 model lost its calibration). They now set what the user set."""
+    from cellst.stpp.experiment import load_stpp_config
+    from cellst.stpp.pipeline import Pipeline
+    from cellst.tune.space import apply
+
+    path = tmp_path / "e.yaml"
+    path.write_text(f"store: {tmp_path / 'store'}\n")
+    stpp = load_stpp_config(path, ["postprocess.mask_threshold=0.6"])
+    stage = Pipeline(stpp).stage_train_config("supervised")
+    for cfg in (stpp.base(), stpp.training_base(), stage):
+        assert cfg.postprocess.model_fields_set == {"mask_threshold"}
+        assert cfg.postprocess.mask_threshold == 0.6
+    trial = apply(load_config(None, ["store=s"]), {"train.lr": 0.01})
+    assert trial.train.lr == 0.01 and trial.postprocess.model_fields_set == set()
+    maps = _noisy_maps()
+    assert search_postprocess(maps, stage.postprocess).fixed == ["mask_threshold"]
+
+
 def test_the_search_on_several_threads_equals_the_search_on_one():
     """Each field's candidates are scored side by side on threads; the settings, scores and
     trial count must be those of one thread, on maps where the search moves."""

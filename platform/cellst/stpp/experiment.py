@@ -59,8 +59,13 @@ class StppExperimentConfig(ExperimentConfig):
         return self.stpp.set_prefix or self.pipeline_name
 
     def base(self) -> ExperimentConfig:
-        """The plain experiment (``stpp`` at its defaults), as training and prediction take it."""
-        data = self.model_dump(mode="json", exclude={"stpp"})
+        """The plain experiment (``stpp`` at its defaults), as training and prediction take it.
+
+        Only what was set (in the YAML file, with ``--set`` or by code) is set in the copy:
+        a field set explicitly means something (the calibration holds such
+        ``postprocess.*`` fields, :func:`cellst.postprocess.calibrate.search_postprocess`),
+        and a copy of every field would have held them all."""
+        data = self.model_dump(mode="json", exclude={"stpp"}, exclude_unset=True)
         return ExperimentConfig.model_validate(data)
 
     def training_base(self) -> ExperimentConfig:
@@ -68,7 +73,7 @@ class StppExperimentConfig(ExperimentConfig):
         and logs (its params then tell a fine-tune, ``stpp.fresh_init: false``, from a fresh
         start). A training never reads ``stpp``; fingerprints leave it out
         (:func:`cellst.stpp.pipeline.training_hash`)."""
-        return ExperimentConfig.model_validate(self.model_dump(mode="json"))
+        return ExperimentConfig.model_validate(self.model_dump(mode="json", exclude_unset=True))
 
 
 def load_stpp_config(

@@ -44,8 +44,10 @@ def plain(v: Any) -> Any:
 
 
 def apply(cfg: E, params: Mapping[str, Any]) -> E:
-    """``cfg`` with one trial's settings applied (validated like ``--set`` overrides)."""
-    data = apply_overrides(cfg.model_dump(mode="json"), overrides_of(params))
+    """``cfg`` with one trial's settings applied (validated like ``--set`` overrides); as
+    set in the copy: what ``cfg`` set, and the trial's settings (:meth:`StppExperimentConfig.base
+    <cellst.stpp.experiment.StppExperimentConfig.base>` says why it matters)."""
+    data = apply_overrides(cfg.model_dump(mode="json", exclude_unset=True), overrides_of(params))
     return type(cfg).model_validate(data)
 
 
