@@ -138,7 +138,7 @@ def _fail(message: str, code: int = 1) -> None:
 #: modules already imported (an error of a module never imported cannot occur), so the
 #: wrapper imports nothing: `cellst evaluate` must not pay for Ray, torch or zarr
 _USER_ERRORS = (
-    ("cellst.data.store", "StoreError"),
+    ("cellst.data.arrays", "StoreError"),
     ("cellst.train.config", "TrainingDiverged"),
     ("cellst.raycluster", "ClusterError"),
     ("cellst.model.checkpoint_files", "CheckpointError"),
