@@ -658,7 +658,7 @@ def train(
             val_ids=val_ids,
             data_digest=data,  # a resume on re-ingested items is refused
         )
-        from cellst.tracking.mlflow_utils import resolve_tracking
+        from cellst.tracking.config import resolve_tracking
 
         uri = (
             resolve_tracking(cfg.tracking, paths.root, cfg.name)[0]
