@@ -625,7 +625,7 @@ def segment(
     segment.in_process_max_images / _mpx) or --ray use the distributed `cellst predict`
     path. An image that cannot be read is named and the others are written (exit code 1).
     """
-    from cellst.inference.segment import SegmentError
+    from cellst.inference.inputs import SegmentError
     from cellst.inference.segment import segment as run_segment
 
     options = {
