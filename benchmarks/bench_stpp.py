@@ -198,7 +198,7 @@ def supervised_same_schedule(cfg, stage1_best: str, work: Path) -> dict | None:
     """
     if cfg.stpp.fresh_init:
         return None
-    from cellst.fingerprint import checkpoint_fingerprint
+    from cellst.model.checkpoint_files import checkpoint_fingerprint
     from cellst.stpp.pipeline import apply_retrain_schedule
     from cellst.train.trainer import train
 

@@ -19,7 +19,8 @@ from ome_zarr_models.v05.image import Image
 from ome_zarr_models.v05.image_label import ImageLabel
 from skimage.measure import regionprops_table
 
-from cellst.data.store import CellStore, StoreError, write_array
+from cellst.data.arrays import write_array
+from cellst.data.store import CellStore, StoreError
 from cellst.export.omezarr import (
     GROUND_TRUTH,
     SEGMENTATION,

@@ -2,7 +2,8 @@
 
 Each check runs in a fresh interpreter and reads ``sys.modules`` when it exits, so an
 import anywhere on the path (a config section defined in a heavy module, an eager package
-``__init__``) fails it.
+``__init__``) fails it. And no two modules of cellst import each other, directly or through
+others, not even inside functions (:func:`import_graph`).
 """
 
 from __future__ import annotations
@@ -407,3 +408,179 @@ def test_closing_the_stream_closes_it_now_fetched_or_not():
     unused = _first_item_fetched_now(stream("unused"))  # only its first item fetched
     unused.close()
     assert closed == ["used", "unused"]
+
+
+# ------------------------------------------------------------------ the package's import graph
+#: the package whose modules may not import each other in a cycle
+PACKAGE_DIR = ROOT / "platform" / "cellst"
+
+
+def _package_modules(package_dir: Path) -> dict[str, tuple[Path, bool]]:
+    """Every module under ``package_dir``: dotted name -> (file, whether it is a package)."""
+    modules = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        parts = list(path.relative_to(package_dir.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    return modules
+
+
+def _reexports(package: str, tree: Any) -> dict[str, str]:
+    """What a package ``__init__`` re-exports from its own submodules: name -> submodule,
+    from its ``from package.sub import name`` statements (eager or under ``TYPE_CHECKING``)
+    and from a ``_NAMES = {"name": "sub"}`` literal handed to :func:`cellst._lazy.lazy_getattr`."""
+    import ast
+
+    found = {}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").startswith(package + ".")
+        ):
+            found.update({a.asname or a.name: node.module for a in node.names})
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["_NAMES"]
+            and isinstance(node.value, ast.Dict)
+        ):
+            for key, value in zip(node.value.keys, node.value.values, strict=True):
+                if isinstance(key, ast.Constant) and isinstance(value, ast.Constant):
+                    found.setdefault(key.value, f"{package}.{value.value}")
+    return found
+
+
+def import_graph(package_dir: Path) -> dict[str, set[str]]:
+    """The import graph of the modules under ``package_dir`` (module -> modules it imports).
+
+    The rule, from the source alone (nothing is imported):
+
+    * every ``import`` statement counts, wherever it is: module level, inside a function,
+      method or class body, under ``try``: a deferred import only postpones a cycle, it
+      does not remove it. Imports under ``if TYPE_CHECKING:`` count too (as in
+      :func:`_cellst_imports`): the names a module is annotated with are what it depends on;
+    * relative imports are resolved against the importing module's package;
+    * ``import a.b.c`` imports ``a.b.c``; ``from a.b import x`` imports ``a.b``, and also
+      ``a.b.x`` when that is a module, and when ``a.b`` is a package that re-exports ``x``
+      from its submodule ``a.b.sub`` (eagerly or lazily, see :func:`_reexports`), ``a.b.sub``:
+      a name taken through a lazy package still ties the importer to its real module;
+    * a package's edges to its own submodules are left out: Python imports a package
+      before any of its submodules anyway, so ``pkg -> pkg.sub`` (its ``__init__``
+      importing or lazily re-exporting ``pkg.sub``) is how packages work, not a cycle;
+      ``pkg``'s imports of anything else count;
+    * a module importing itself is no edge.
+    """
+    import ast
+
+    modules = _package_modules(package_dir)
+    trees = {name: ast.parse(path.read_text(), str(path)) for name, (path, _) in modules.items()}
+    reexports = {
+        name: _reexports(name, trees[name]) for name, (_, is_pkg) in modules.items() if is_pkg
+    }
+    graph: dict[str, set[str]] = {}
+    for name, (_, is_package) in modules.items():
+        package = name if is_package else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(trees[name]):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    source = ".".join([*base, *([node.module] if node.module else [])])
+                else:
+                    source = node.module or ""
+                targets.add(source)
+                for alias in node.names:
+                    targets.add(f"{source}.{alias.name}")
+                    targets.add(reexports.get(source, {}).get(alias.name, ""))
+        own = name + "." if is_package else None
+        graph[name] = {
+            t for t in targets if t in modules and t != name and not (own and t.startswith(own))
+        }
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (``[a, b, ..., a]``) per strongly connected group of modules, shortest
+    through its first module in sorted order; empty when the graph has no cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    cycles = []
+    for group in sorted(groups):
+        start, inside = group[0], set(group)
+        paths = {start: [start]}
+        todo = [start]
+        while todo:  # breadth first: the shortest way back to start
+            v = todo.pop(0)
+            for w in sorted(graph[v] & inside):
+                if w == start:
+                    cycles.append([*paths[v], start])
+                    todo = []
+                    break
+                if w not in paths:
+                    paths[w] = [*paths[v], w]
+                    todo.append(w)
+    return cycles
+
+
+def test_cellst_modules_import_each_other_without_cycles():
+    """No module of cellst imports, directly or through others, a module that imports it,
+    not even from inside a function (see :func:`import_graph` for what counts)."""
+    graph = import_graph(PACKAGE_DIR)
+    assert {"cellst.data.store", "cellst.train.trainer", "cellst.inference.segment"} <= set(graph)
+    assert "cellst.data.layout" in graph["cellst.data.store"]  # the graph does see imports
+    cycles = import_cycles(graph)
+    assert not cycles, "import cycles between cellst modules: " + "; ".join(
+        " -> ".join(c) for c in cycles
+    )
+
+
+def test_import_graph_counts_deferred_relative_and_lazy_imports(tmp_path):
+    """The graph's rule on a small package: an import inside a function, a relative one,
+    ``from pkg import module`` and a name taken through a lazy package all close a cycle;
+    a package's ``__init__`` importing its own submodule does not."""
+    pkg = tmp_path / "pkg"
+    (pkg / "lazy").mkdir(parents=True)
+    files = {
+        "__init__.py": "from pkg.a import A\n",  # own submodule: no cycle
+        "a.py": "A = 1\ndef f():\n    from .b import B\n",  # deferred and relative
+        "b.py": "from pkg import a\nB = 2\n",  # a module taken from its package
+        "c.py": "from pkg.lazy import D\n",  # a lazy re-export: pkg.lazy.d
+        "lazy/__init__.py": "_NAMES = {'D': 'd'}\n",
+        "lazy/d.py": "D = 3\ndef g():\n    import pkg.c\n",
+        "e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.f import F\n",
+        "f.py": "import pkg.e\nF = 4\n",
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    graph = import_graph(pkg)
+    assert graph["pkg"] == set() and graph["pkg.lazy"] == set()
+    assert import_cycles(graph) == [
+        ["pkg.a", "pkg.b", "pkg.a"],
+        ["pkg.c", "pkg.lazy.d", "pkg.c"],
+        ["pkg.e", "pkg.f", "pkg.e"],
+    ]

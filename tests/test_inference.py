@@ -508,7 +508,7 @@ def test_a_set_another_run_writes_is_refused_at_once(store_dir, lite_checkpoint,
             StoreError, match="'busy' .* is being written or trained on by another run"
         ):
             predict(lite_checkpoint, root, set_name="busy", ids=item, overwrite=True)
-        with pytest.raises(StoreError, match="being written by another run"):
+        with pytest.raises(StoreError, match="being written or trained on by another run"):
             predict_sets(
                 root,
                 [SetRequest(str(lite_checkpoint), "free", None), SetRequest(str(lite_checkpoint), "busy", None)],

@@ -12,7 +12,8 @@ import pytest
 from npe2 import PluginManager, PluginManifest, read
 
 import cellst.napari
-from cellst.data.store import CellStore, write_array
+from cellst.data.arrays import write_array
+from cellst.data.store import CellStore
 from cellst.export.omezarr import write_ome_zarr
 from cellst.napari.reader import MAX_STORE_ITEMS, STORE_GAP, get_reader
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 import zarr
 
+from cellst.data.arrays import write_array
 from cellst.data.pseudo import PseudoLabelSet, pseudo_set_names
-from cellst.data.store import StoreError, write_array
+from cellst.data.store import StoreError
 
 
 def _label(value: int, shape=(12, 10)) -> np.ndarray:

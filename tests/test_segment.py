@@ -21,15 +21,9 @@ from cellst.cli import app
 from cellst.data.images import is_cellst_label_tiff, normalize_image, read_array
 from cellst.experiment import load_config
 from cellst.inference.config import SegmentConfig
+from cellst.inference.inputs import SegmentError, collect_images
 from cellst.inference.predictor import predict_maps
-from cellst.inference.segment import (
-    SegmentError,
-    collect_images,
-    filter_instances,
-    segment,
-    use_ray,
-    write_overlay,
-)
+from cellst.inference.segment import filter_instances, segment, use_ray, write_overlay
 from cellst.model import ModelConfig, build_model, load_model, save_checkpoint
 from cellst.model.checkpoint import save_postprocess
 from cellst.postprocess import postprocess_hover

@@ -16,15 +16,9 @@ import pytest
 import tifffile
 from skimage.segmentation import relabel_sequential
 
+from cellst.data.arrays import open_array, write_array
 from cellst.data.ingest import ingest
-from cellst.data.store import (
-    MANIFESTS,
-    CellStore,
-    StoreError,
-    open_array,
-    read_leases,
-    write_array,
-)
+from cellst.data.store import MANIFESTS, CellStore, StoreError, read_leases
 
 CELLST = str(Path(sys.executable).with_name("cellst"))
 

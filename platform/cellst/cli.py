@@ -138,7 +138,7 @@ def _fail(message: str, code: int = 1) -> None:
 #: modules already imported (an error of a module never imported cannot occur), so the
 #: wrapper imports nothing: `cellst evaluate` must not pay for Ray, torch or zarr
 _USER_ERRORS = (
-    ("cellst.data.store", "StoreError"),
+    ("cellst.data.arrays", "StoreError"),
     ("cellst.train.config", "TrainingDiverged"),
     ("cellst.raycluster", "ClusterError"),
     ("cellst.model.checkpoint_files", "CheckpointError"),
@@ -625,7 +625,7 @@ def segment(
     segment.in_process_max_images / _mpx) or --ray use the distributed `cellst predict`
     path. An image that cannot be read is named and the others are written (exit code 1).
     """
-    from cellst.inference.segment import SegmentError
+    from cellst.inference.inputs import SegmentError
     from cellst.inference.segment import segment as run_segment
 
     options = {

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for annotations only: this module imports the standard library alone
@@ -234,11 +233,3 @@ def file_sha256(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
-
-
-def checkpoint_fingerprint(path: str | os.PathLike[str]) -> list:
-    """Cheap identity of a checkpoint's weights (path, size and mtime of ``model.pt``)."""
-    from cellst.model.checkpoint_files import WEIGHTS_FILE
-
-    st = (Path(path) / WEIGHTS_FILE).stat()
-    return [str(path), st.st_size, st.st_mtime_ns]

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from cellst import fs
 from cellst.config import IngestConfig
+from cellst.data.arrays import create_array, remove_tree, write_array
 from cellst.data.images import (
     IMAGE_SUFFIXES,
     LABEL_SUFFIX,
@@ -78,12 +79,9 @@ from cellst.data.store import (
     archive_manifest,
     atomic_write_bytes,
     collect_garbage,
-    create_array,
     init_store,
     parse_manifest,
-    remove_tree,
     store_lock,
-    write_array,
     write_manifest,
 )
 from cellst.fingerprint import file_sha256

@@ -36,8 +36,7 @@ import numpy as np
 import pandas as pd
 
 from cellst import fs
-from cellst.data.layout import ZARR_META, is_zarr_array
-from cellst.data.store import (
+from cellst.data.arrays import (
     StoreError,
     Window,
     ensure_group,
@@ -46,6 +45,7 @@ from cellst.data.store import (
     window_slices,
     write_array,
 )
+from cellst.data.layout import ZARR_META, is_zarr_array
 
 #: the set's record of the model that wrote it (checkpoint, model identity)
 SET_META = "set.json"

@@ -66,6 +66,7 @@ from cellst.errors import first_line
 from cellst.fingerprint import file_sha256, stable_hash
 from cellst.fs import check_writable
 from cellst.inference.config import InferenceConfig, PredictConfig, inference_identity
+from cellst.inference.inputs import SegmentError, collect_images
 from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, leave_cpus_to_driver
 
 #: failed items named in a :class:`PredictError` message
@@ -981,7 +982,7 @@ def predict(
 
 def _folder_images(src: Path, ids: list[str] | None) -> dict[str, Path]:
     """The input images of folder ``src`` by name (``NAME_label.tiff`` is written per name),
-    listed as ``cellst segment`` lists a folder (:func:`cellst.inference.segment.collect_images`).
+    listed as ``cellst segment`` lists a folder (:func:`cellst.inference.inputs.collect_images`).
 
     Raises
     ------
@@ -989,8 +990,6 @@ def _folder_images(src: Path, ids: list[str] | None) -> dict[str, Path]:
         The folder holds no image, two of its images share a name (``a.png`` and ``a.tif``:
         one output for both), or an item of ``ids`` has no image there.
     """
-    from cellst.inference.segment import SegmentError, collect_images
-
     try:
         found = {image_name(p): p for p in collect_images([src])}
     except SegmentError as exc:

@@ -41,16 +41,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellst.data.images import (
-    IMAGE_SUFFIXES,
     LABEL_SUFFIX,
     declared_pixels,
     declared_shape,
     label_file_name,
 )
-from cellst.data.layout import image_name, name_key
+from cellst.data.layout import image_name
 from cellst.errors import first_line
 from cellst.fs import process_temp_dir, remove_orphan_temp_dirs
 from cellst.inference.config import InferenceConfig, PredictConfig, SegmentConfig
+from cellst.inference.inputs import OVERLAY_SUFFIX, SegmentError, collect_images, output_dir
 from cellst.model.checkpoint_files import INFO_FILE, is_checkpoint
 from cellst.provenance import PNG_SOFTWARE_KEY, SOFTWARE_TAG, is_cellst_png
 
@@ -61,11 +61,8 @@ if TYPE_CHECKING:
     from cellst.postprocess.config import PostprocessConfig
 
 __all__ = [
-    "OVERLAY_SUFFIX",
-    "SegmentError",
     "SegmentResult",
     "check_outputs",
-    "collect_images",
     "foreign_outputs",
     "filter_instances",
     "load_segmenter",
@@ -77,15 +74,8 @@ __all__ = [
     "write_outputs",
 ]
 
-#: suffix of the overlay image (``NAME_overlay.png``); such files are never taken as inputs
-OVERLAY_SUFFIX = "_overlay"
 #: outline colour of the overlay (RGB)
 _OUTLINE = (255, 255, 0)
-
-
-class SegmentError(ValueError):
-    """The request cannot run (a missing input, no images, a bad checkpoint); one line that
-    names the path. Raised before anything is written."""
 
 
 @dataclass
@@ -130,106 +120,6 @@ class SegmentResult:
             f"{n} of {n + len(self.written)} image(s) could not be segmented (named above); "
             f"the other {len(self.written)} were written"
         )
-
-
-# ----------------------------------------------------------------------------- inputs
-def _is_input_image(path: Path) -> bool:
-    stem = image_name(path)
-    return (
-        path.suffix.lower() in IMAGE_SUFFIXES
-        and not path.name.startswith(".")
-        and not stem.endswith(LABEL_SUFFIX)
-        and not stem.endswith(OVERLAY_SUFFIX)
-    )
-
-
-#: what Cellpose writes beside an image NAME: NAME_masks / NAME_cp_masks (label maps),
-#: NAME_cp_outlines, NAME_flows; never inputs when NAME itself is in the folder
-OTHER_TOOLS_SUFFIXES = ("_cp_masks", "_masks", "_cp_outlines", "_flows")
-
-
-def _images_in(folder: Path) -> list[Path]:
-    """The folder's input images; a dangling link of an image name is listed too, so that
-    the run names it as unreadable instead of leaving it out unseen. Cellpose's outputs
-    of an image in the folder (:data:`OTHER_TOOLS_SUFFIXES`) are label maps or drawings,
-    not images to segment: they are left out."""
-    found = sorted(
-        p
-        for p in folder.iterdir()
-        if (p.is_file() or (p.is_symlink() and not p.exists())) and _is_input_image(p)
-    )
-    names = {name_key(image_name(p)) for p in found}
-
-    def of_an_image_here(p: Path) -> bool:
-        stem = name_key(image_name(p))
-        return any(
-            stem.endswith(suffix) and stem[: -len(suffix)] in names
-            for suffix in OTHER_TOOLS_SUFFIXES
-        )
-
-    return [p for p in found if not of_an_image_here(p)]
-
-
-def _subfolder_hint(folder: Path) -> str:
-    """``"; did you mean SUB/ (N images)?"`` for the first subfolder holding images (a
-    challenge-layout split keeps them in ``images/``), else ``""``."""
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        n = len(_images_in(sub))
-        if n:
-            return f"; did you mean {sub}/ ({n} image{'s' if n > 1 else ''})?"
-    return ""
-
-
-def collect_images(
-    inputs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str] | None = None
-) -> list[Path]:
-    """The image files named by ``inputs``: files as given, folders listed (not recursively).
-
-    Files whose name ends in ``_label`` or ``_overlay`` (this command's outputs), Cellpose's
-    outputs of an image beside them (``NAME_cp_masks.png``...) and hidden files are skipped
-    when listing a folder. ``out_dir`` is where the outputs go (None:
-    beside each image); two images of one name clash only when their outputs share a folder.
-
-    Raises
-    ------
-    SegmentError
-        An input does not exist, a given file is not an image, a folder holds no image,
-        or two images of one name write to the same folder (their outputs would overwrite
-        each other).
-    """
-    found: list[Path] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            images = _images_in(path)
-            if not images:
-                raise SegmentError(
-                    f"{path}: no image files in this folder (expected "
-                    f"{', '.join(IMAGE_SUFFIXES)}){_subfolder_hint(path)}"
-                )
-            found.extend(images)
-        elif path.is_file():
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise SegmentError(
-                    f"{path}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})"
-                )
-            found.append(path)
-        else:
-            raise SegmentError(f"{path}: no such file or folder")
-    if not found:
-        raise SegmentError("no input images given")
-    out = Path(out_dir) if out_dir is not None else None
-    by_name: dict[tuple[Path, str], Path] = {}
-    for p in found:
-        key = (_out_dir(p, out).resolve(), name_key(image_name(p)))  # NFD and NFC alike
-        if key in by_name and by_name[key].resolve() != p.resolve():
-            raise SegmentError(
-                f"{by_name[key]} and {p} have the same name {image_name(p)!r}; their outputs "
-                f"({label_file_name(image_name(p))}) would overwrite each other or could not "
-                f"be told apart"
-            )
-        by_name.setdefault(key, p)
-    return list(by_name.values())
 
 
 def use_ray(paths: Sequence[Path], cfg: SegmentConfig) -> bool:
@@ -598,10 +488,6 @@ def _finish_tables(
     return [p for d in sorted(names) for p in combine_tables(d, names[d]).values()]
 
 
-def _out_dir(path: Path, out: Path | None) -> Path:
-    return out if out is not None else path.parent
-
-
 def foreign_outputs(
     paths: Sequence[Path], out_dir: str | os.PathLike[str] | None, cfg: SegmentConfig
 ) -> list[Path]:
@@ -632,12 +518,12 @@ def foreign_outputs(
         checks.append((".ome.zarr", lambda p: cellst_provenance(p) is not None))
     out = Path(out_dir) if out_dir is not None else None
     targets = [
-        (_out_dir(p, out) / f"{image_name(p)}{suffix}", ours)
+        (output_dir(p, out) / f"{image_name(p)}{suffix}", ours)
         for p in paths
         for suffix, ours in checks
     ]
     if cfg.save_csv:  # each output folder's run table
-        folders = sorted({_out_dir(p, out) for p in paths})
+        folders = sorted({output_dir(p, out) for p in paths})
         targets += [
             (d / f"{RUN_TABLE}{ext}", is_cellst_table)
             for d in folders
@@ -664,7 +550,7 @@ def check_outputs(
     from cellst.fs import unwritable_reason
 
     out = Path(out_dir) if out_dir is not None else None
-    for folder in sorted({_out_dir(p, out) for p in paths}):
+    for folder in sorted({output_dir(p, out) for p in paths}):
         reason = unwritable_reason(folder)
         if reason:
             raise SegmentError(f"cannot write the outputs: {reason}")
@@ -734,7 +620,7 @@ def segment_in_process(
             prob, hv = predict_maps(model, image, infer, dev)
             label = postprocess_hover(prob, hv, post, shape=image.shape[:2])
             label = filter_instances(label, cfg.exclude_on_edges, cfg.min_size)
-            dest = _out_dir(path, out)
+            dest = output_dir(path, out)
             result.outputs += write_outputs(
                 image_name(path), dest, label, raw, image, cfg, result, path
             )
@@ -793,7 +679,7 @@ def segment_on_ray(
     groups: dict[tuple[Path, Path], list[Path]] = {}
     tables: list[tuple[Path, str]] = []  # (folder, name) of each image written
     for p in paths:
-        groups.setdefault((p.parent, _out_dir(p, out)), []).append(p)
+        groups.setdefault((p.parent, output_dir(p, out)), []).append(p)
     for (folder, dest), members in groups.items():
         dest.mkdir(parents=True, exist_ok=True)
         remove_orphan_temp_dirs(STAGING_PREFIX, dest)  # of a segment run killed earlier
@@ -906,7 +792,7 @@ def segment(
     check_outputs(paths, out_dir, cfg, overwrite)
     with contextlib.ExitStack() as held:  # each output folder: one writer at a time
         out = Path(out_dir) if out_dir is not None else None
-        for folder in dict.fromkeys(_out_dir(p, out) for p in paths):
+        for folder in dict.fromkeys(output_dir(p, out) for p in paths):
             held.enter_context(writing_folder(folder, "cellst segment or predict"))
         distributed = use_ray(paths, cfg) if ray is None else ray
         if distributed and device is not None:  # Ray's actors take predict.* resources

@@ -1,8 +1,9 @@
 """A checkpoint folder's layout and its JSON records, readable without torch or MONAI.
 
 The one owner of the file names (``model.pt``, ``model.json``, ``postprocess.json``), their
-formats and the weights' sha256. :mod:`cellst.model.checkpoint` (torch) writes and loads the
-weights and re-exports these names; commands that only need to know whether a folder is a
+formats, the weights' sha256 and their cheap identity (:func:`checkpoint_fingerprint`).
+:mod:`cellst.model.checkpoint` (torch) writes and loads the weights and re-exports these
+names; commands that only need to know whether a folder is a
 checkpoint, what model it holds or what post-processing was calibrated for it use this
 module and fail on a bad ``model.json`` before importing torch (seconds per process).
 """
@@ -31,6 +32,7 @@ __all__ = [
     "POSTPROCESS_FORMAT",
     "WEIGHTS_FILE",
     "CheckpointError",
+    "checkpoint_fingerprint",
     "is_checkpoint",
     "jsonable",
     "load_postprocess",
@@ -120,6 +122,12 @@ def weights_digest(directory: str | os.PathLike[str]) -> str:
             f"checkpoint {directory} has no {WEIGHTS_FILE} ({weights} is missing)"
         )
     return file_sha256(weights)
+
+
+def checkpoint_fingerprint(path: str | os.PathLike[str]) -> list:
+    """Cheap identity of a checkpoint's weights (path, size and mtime of ``model.pt``)."""
+    st = (Path(path) / WEIGHTS_FILE).stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def save_postprocess(

@@ -60,10 +60,10 @@ from cellst.config import ConfigError, dump_config
 from cellst.data.store import CellStore, StoreError, store_lock
 from cellst.experiment import ExperimentConfig
 from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
-from cellst.fingerprint import checkpoint_fingerprint, stable_hash, training_fingerprint
+from cellst.fingerprint import stable_hash, training_fingerprint
 from cellst.fs import atomic_write_bytes, atomic_write_json
 from cellst.inference.config import SPEED_ONLY_INFERENCE, InferenceConfig
-from cellst.model.checkpoint_files import is_checkpoint
+from cellst.model.checkpoint_files import checkpoint_fingerprint, is_checkpoint
 from cellst.stpp.config import StppConfig
 from cellst.stpp.experiment import StppExperimentConfig
 from cellst.stpp.outputs import (

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
         pending_note,
         resend_pending,
     )
-    from cellst.tracking.config import ui_command
+    from cellst.tracking.config import resolve_tracking, store_inside, ui_command
     from cellst.tracking.figures import (
         curve_figure,
         histogram_figure,
@@ -85,11 +85,9 @@ if TYPE_CHECKING:
         log_params,
         log_table,
         mark_superseded,
-        resolve_tracking,
         runs_table,
         set_tags,
         start_run,
-        store_inside,
         store_tags,
         supersede_earlier_children,
         use_tracking_uri,
@@ -104,7 +102,7 @@ __getattr__ = lazy_getattr(
         else "buffered"
         if n in _BUFFERED
         else "config"
-        if n == "ui_command"
+        if n in ("resolve_tracking", "store_inside", "ui_command")
         else "mlflow_utils"
         for n in __all__
     },

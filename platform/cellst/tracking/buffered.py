@@ -31,7 +31,7 @@ from typing import Any
 
 from cellst.fs import atomic_write_text, locked_file
 from cellst.procenv import environ
-from cellst.tracking.config import TrackingConfig
+from cellst.tracking.config import TrackingConfig, resolve_tracking
 
 PENDING_FILE = "tracking-pending.jsonl"
 REJECTED_FILE = "tracking-rejected.jsonl"
@@ -451,8 +451,6 @@ def resend_pending(cfg: TrackingConfig, run_dir: str | Path, experiment_default:
     """
     run_dir = Path(run_dir)
     if cfg.enabled and (run_dir / PENDING_FILE).exists():
-        from cellst.tracking.mlflow_utils import resolve_tracking
-
         uri = resolve_tracking(cfg, run_dir, experiment_default)[0]
         BufferedMetricLogger(
             uri, None, run_dir, timeout_s=cfg.timeout_s, retry_every_s=cfg.retry_every_s

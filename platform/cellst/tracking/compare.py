@@ -51,7 +51,7 @@ from cellst.provenance import (
     png_software,
 )
 from cellst.stpp.outputs import MODELS
-from cellst.tracking.config import LOCK_TAG, SUPERSEDED_TAG
+from cellst.tracking.config import LOCK_TAG, SUPERSEDED_TAG, _normalise_uri, _sqlite_path
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -107,8 +107,6 @@ def tracking_sources(
 
     Raises :class:`CompareError` when nothing is there.
     """
-    from cellst.tracking.mlflow_utils import _normalise_uri, _sqlite_path
-
     given = tracking_uri if tracking_uri is not None else os.environ.get("MLFLOW_TRACKING_URI")
     given = str(given).strip() if given is not None else ""
     if not given:
@@ -217,7 +215,7 @@ def collect_runs(
         params as ``params.<field>``.
     """
     from cellst.tracking.buffered import http_limits
-    from cellst.tracking.mlflow_utils import TRACKING_ERRORS, _sqlite_path, quiet_mlflow
+    from cellst.tracking.mlflow_utils import TRACKING_ERRORS, quiet_mlflow
 
     quiet_mlflow()
     if tracking_uri is None or isinstance(tracking_uri, str | Path):

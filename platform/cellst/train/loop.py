@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import ray.train
 
 from cellst.fs import atomic_write_json, process_temp_dir, remove_orphan_temp_dirs
+from cellst.train.plan import steps_per_epoch
 
 if TYPE_CHECKING:
     import torch
@@ -113,7 +114,6 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
         make_scheduler,
         train_step,
     )
-    from cellst.train.trainer import steps_per_epoch
     from cellst.train.validate import validate
 
     ctx = ray.train.get_context()

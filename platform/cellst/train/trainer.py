@@ -44,6 +44,7 @@ from cellst.raycluster import (
 from cellst.tracking.config import LOCK_TAG
 from cellst.train.checkpoints import RunPaths
 from cellst.train.config import TrainingDiverged
+from cellst.train.plan import steps_per_epoch, training_ranks
 
 
 @dataclass
@@ -278,18 +279,6 @@ def driver_node_cpus() -> float:
         if node.get("NodeID") == me and node.get("Resources", {}).get("CPU", 0) > 0:
             return float(node["Resources"]["CPU"])
     return float(os.cpu_count() or 1)
-
-
-def training_ranks(cfg: ExperimentConfig) -> int:
-    """Processes that step: ``train.num_workers``, or 1 where that is 0 (local mode)."""
-    return max(1, cfg.train.num_workers)
-
-
-def steps_per_epoch(cfg: ExperimentConfig) -> int:
-    """Optimizer steps of each worker per epoch: ``data.crops_per_epoch`` crops in full
-    batches over all workers (rounded up, so every rank steps equally often)."""
-    t = cfg.train
-    return max(1, math.ceil(cfg.data.crops_per_epoch / (training_ranks(cfg) * t.batch_size)))
 
 
 def augment_transform(cfg: ExperimentConfig):
@@ -658,7 +647,7 @@ def train(
             val_ids=val_ids,
             data_digest=data,  # a resume on re-ingested items is refused
         )
-        from cellst.tracking.mlflow_utils import resolve_tracking
+        from cellst.tracking.config import resolve_tracking
 
         uri = (
             resolve_tracking(cfg.tracking, paths.root, cfg.name)[0]

@@ -133,7 +133,7 @@ def sweep_inputs(cfg: ExperimentConfig, store_version: str) -> dict[str, Any]:
     """What a sweep reads besides its settings: the store's version and, for a
     post-processing sweep, the checkpoint's weights (retrained at the same path, its
     trials scored the old weights)."""
-    from cellst.fingerprint import checkpoint_fingerprint
+    from cellst.model.checkpoint_files import checkpoint_fingerprint
 
     inputs: dict[str, Any] = {"store_version": store_version}
     if cfg.tune.mode == "postprocess":
@@ -197,8 +197,9 @@ def prepare_maps(
     predictions against the old labels.)"""
     import ray
 
-    from cellst.fingerprint import checkpoint_fingerprint, stable_hash
+    from cellst.fingerprint import stable_hash
     from cellst.fs import atomic_write_json
+    from cellst.model.checkpoint_files import checkpoint_fingerprint
 
     store = store or CellStore(cfg.store, lease=False)
     rows = store.manifest.set_index("id").loc[sorted(ids)]
