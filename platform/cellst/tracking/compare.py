@@ -52,6 +52,7 @@ from cellst.provenance import (
 )
 from cellst.stpp.outputs import MODELS
 from cellst.tracking.config import LOCK_TAG, SUPERSEDED_TAG, _normalise_uri, _sqlite_path
+from cellst.train.config import CHECKPOINTS_DIR, OVERLAYS_DIR, RAY_STORAGE_DIR
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -91,7 +92,15 @@ BASE_COLUMNS = (
 DEFAULT_TIMEOUT_S = 5
 MAX_RUNS = 10_000
 #: folders under a runs folder that never hold an MLflow database
-_SKIP_DIRS = {"_ray", "checkpoints", "mlartifacts", "mlruns", "overlays", "maps", ".git"}
+_SKIP_DIRS = {
+    RAY_STORAGE_DIR,
+    CHECKPOINTS_DIR,
+    OVERLAYS_DIR,
+    "mlartifacts",
+    "mlruns",
+    "maps",
+    ".git",
+}
 
 
 class CompareError(ValueError):

@@ -27,6 +27,7 @@ import torch
 
 from cellst.fs import atomic_write_json, read_json
 from cellst.model.checkpoint_files import INFO_FILE, WEIGHTS_FILE
+from cellst.train.config import CHECKPOINTS_DIR, OVERLAYS_DIR
 
 MODEL_FILES = (WEIGHTS_FILE, INFO_FILE)
 #: the resumable training state beside a Ray checkpoint's model files
@@ -43,7 +44,7 @@ class RunPaths:
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS_DIR
 
     @property
     def best(self) -> Path:
@@ -57,7 +58,7 @@ class RunPaths:
 
     @property
     def overlays(self) -> Path:
-        return self.root / "overlays"
+        return self.root / OVERLAYS_DIR
 
     @property
     def checkpoint_list(self) -> Path:

@@ -8,6 +8,12 @@ from pydantic import Field, field_validator, model_validator
 
 from cellst.config import Section, check_folder_name
 
+#: folders of a run folder (:class:`cellst.train.checkpoints.RunPaths`), and the folder of
+#: ``train.run_dir`` (or of a sweep) where Ray Train and Tune keep their own state
+CHECKPOINTS_DIR = "checkpoints"
+OVERLAYS_DIR = "overlays"
+RAY_STORAGE_DIR = "_ray"
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite (defined here, free of torch, for the CLI)."""

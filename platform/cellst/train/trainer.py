@@ -43,7 +43,7 @@ from cellst.raycluster import (
 )
 from cellst.tracking.config import LOCK_TAG
 from cellst.train.checkpoints import RunPaths
-from cellst.train.config import TrainingDiverged
+from cellst.train.config import OVERLAYS_DIR, RAY_STORAGE_DIR, TrainingDiverged
 from cellst.train.plan import steps_per_epoch, training_ranks
 
 
@@ -614,7 +614,7 @@ def train(
                 shutil.rmtree(child)
             else:
                 child.unlink()
-        shutil.rmtree(Path(t.run_dir).absolute() / "_ray" / name, ignore_errors=True)
+        shutil.rmtree(Path(t.run_dir).absolute() / RAY_STORAGE_DIR / name, ignore_errors=True)
     run_tags = {
         **store_tags(store),
         "cellst.stage": "train",
@@ -696,7 +696,7 @@ def train(
             else ray.train.ScalingConfig(num_workers=0),  # local mode: in this process
             run_config=ray.train.RunConfig(
                 name=name,
-                storage_path=str(Path(t.run_dir).absolute() / "_ray"),
+                storage_path=str(Path(t.run_dir).absolute() / RAY_STORAGE_DIR),
                 failure_config=ray.train.FailureConfig(
                     max_failures=t.max_failures, controller_failure_limit=wait_tries
                 ),
@@ -749,7 +749,7 @@ def train(
             log_metrics(final)
             if paths.overlays.is_dir():
                 for png in sorted(paths.overlays.glob("*.png")):
-                    log_artifact(png, "overlays")
+                    log_artifact(png, OVERLAYS_DIR)
             ckpts = {
                 p.name: str(p)
                 for p in sorted(paths.checkpoints.iterdir())

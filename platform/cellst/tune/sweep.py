@@ -45,6 +45,7 @@ from cellst.data.store import CellStore, StoreError
 from cellst.experiment import ExperimentConfig
 from cellst.fs import atomic_write, atomic_write_bytes, held_by_one, lock_beside, read_json
 from cellst.tracking.config import LOCK_TAG
+from cellst.train.config import RAY_STORAGE_DIR
 from cellst.tune.space import plain
 
 
@@ -180,7 +181,8 @@ def _cache_maps(checkpoint: str, store_root: str, ids: list[str], infer: dict, o
 
 
 #: what a finished sweep writes in its folder (:func:`write_results`)
-RESULT_FILES = ("results.csv", "best.yaml", "sweep.png")
+RESULTS_CSV, BEST_YAML, SWEEP_PNG = "results.csv", "best.yaml", "sweep.png"
+RESULT_FILES = (RESULTS_CSV, BEST_YAML, SWEEP_PNG)
 
 
 def prepare_maps(
@@ -561,7 +563,7 @@ def _run_sweep(
     state = read_json(state_file, missing={})
     inputs = sweep_inputs(cfg, store.version)
     h = sweep_hash(cfg)
-    ray_path = root / "_ray" / name
+    ray_path = root / RAY_STORAGE_DIR / name
     changed = sweep_changes(state, h, inputs, sweep_hash(cfg, legacy=True))
     resumed = bool(state) and not changed and tune.Tuner.can_restore(str(ray_path))
     if state and changed and ray_path.exists():
@@ -690,7 +692,7 @@ def _run_sweep(
                 ),
                 run_config=tune.RunConfig(
                     name=name,
-                    storage_path=str(root / "_ray"),
+                    storage_path=str(root / RAY_STORAGE_DIR),
                     verbose=0,
                     failure_config=tune.FailureConfig(max_failures=1),
                     callbacks=callbacks,
@@ -726,7 +728,7 @@ def _run_sweep(
         from cellst.tracking import log_artifact, log_figure, log_metrics, log_table
 
         log_table(table, "tune/results.csv")
-        log_artifact(root / "best.yaml", "tune")
+        log_artifact(root / BEST_YAML, "tune")
         log_figure(sweep_figure(table, metric, list(t.space), baseline), "tune/sweep.png")
         log_metrics(sweep_scores(float(best[metric]), baseline, len(table)))
         log(f"[tune] {len(table)} trials in {time.perf_counter() - t0:.0f} s")
@@ -845,7 +847,7 @@ def write_outputs(
     from cellst.tracking.figures import save_figure
     from cellst.tune.space import apply, overrides_of
 
-    atomic_write_bytes(root / "results.csv", table.to_csv(index=False).encode())
+    atomic_write_bytes(root / RESULTS_CSV, table.to_csv(index=False).encode())
     best_score = float(table.iloc[0][metric])
     keep = keep_current(best_score, baseline)
     doc = {
@@ -859,8 +861,8 @@ def write_outputs(
         "best_trial": {"score": best_score, "set": overrides_of(best)},
         "config": (cfg if keep else apply(cfg, best)).model_dump(mode="json", exclude={"tune"}),
     }
-    atomic_write_bytes(root / "best.yaml", yaml.safe_dump(doc, sort_keys=False).encode())
-    save_figure(sweep_figure(table, metric, list(best), baseline), root / "sweep.png")
+    atomic_write_bytes(root / BEST_YAML, yaml.safe_dump(doc, sort_keys=False).encode())
+    save_figure(sweep_figure(table, metric, list(best), baseline), root / SWEEP_PNG)
 
 
 def sweep_figure(table: pd.DataFrame, metric: str, keys: list[str], baseline: float | None = None):
