@@ -190,6 +190,17 @@ def kill_group_when(proc: subprocess.Popen, ready, timeout: float, poll: float =
     return killed
 
 
+def held_in_another_process(imports: str, context: str) -> subprocess.Popen:
+    """Another process inside ``with CONTEXT:`` (after ``IMPORTS``) until its stdin closes:
+    a lock another run holds. Returns once it holds it; ``proc.communicate("")`` ends it."""
+    code = f"import sys\n{imports}\nwith {context}:\n    print('held', flush=True)\n    sys.stdin.read()\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

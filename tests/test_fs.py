@@ -11,24 +11,14 @@ from pathlib import Path
 import pytest
 
 from cellst.fs import LockHeld, file_lock, is_locked, staged_dir
+from conftest import held_in_another_process
 
 
 def _hold(path: Path, shared: bool) -> subprocess.Popen:
     """Another process holding ``path``'s lock until its stdin closes."""
-    code = textwrap.dedent(
-        f"""
-        import sys
-        from cellst.fs import file_lock
-        with file_lock({str(path)!r}, shared={shared}):
-            print("held", flush=True)
-            sys.stdin.read()
-        """
+    return held_in_another_process(
+        "from cellst.fs import file_lock", f"file_lock({str(path)!r}, shared={shared})"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout.readline().strip() == "held"
-    return proc
 
 
 def test_exclusive_shared_and_try_locks_between_processes(tmp_path):

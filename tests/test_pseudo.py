@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ import zarr
 from cellst.data.arrays import write_array
 from cellst.data.pseudo import PseudoLabelSet, pseudo_set_names
 from cellst.data.store import StoreError
+from conftest import held_in_another_process
 
 
 def _label(value: int, shape=(12, 10)) -> np.ndarray:
@@ -259,20 +258,10 @@ def test_a_removed_set_never_stays_half_deleted_under_its_name(tmp_path, monkeyp
 def _holding(store, name: str, how: str) -> subprocess.Popen:
     """Another process holding set ``name``'s ``writing`` or ``reading`` lock until its
     stdin closes (a ``cellst predict`` writing it, a training streaming it)."""
-    code = textwrap.dedent(
-        f"""
-        import sys
-        from cellst.data.pseudo import PseudoLabelSet
-        with PseudoLabelSet({str(store)!r}, {name!r}).{how}():
-            print("held", flush=True)
-            sys.stdin.read()
-        """
+    return held_in_another_process(
+        "from cellst.data.pseudo import PseudoLabelSet",
+        f"PseudoLabelSet({str(store)!r}, {name!r}).{how}()",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout.readline().strip() == "held"
-    return proc
 
 
 def test_a_set_a_training_reads_is_neither_rewritten_nor_removed_meanwhile(tmp_path):
