@@ -193,6 +193,24 @@ def test_actor_cpus_fit_per_node(nodes, actors, requested, reserve, expected):
         assert placed >= actors and share <= requested
 
 
+def test_gpu_actors_fit_on_the_cpus_of_nodes_with_gpus():
+    """GPU actors were fitted on every node's CPUs: an 8-CPU node without a GPU beside a
+    1-CPU GPU node gave 2 CPUs per actor, which the GPU node could never place (the pool
+    waited for ever). Only nodes that can hold an actor's GPUs count now, each for as many
+    actors as its GPUs hold."""
+    from cellst.raycluster import actors_per_node, cpus_per_actor
+
+    assert actors_per_node([0, 1, 4], 1) == [0, 1, 4]
+    assert actors_per_node([1, 2], 0.5) == [2, 4]
+    # the 8-CPU node holds no GPU: the 1-CPU GPU node cannot keep the reserve beside one
+    assert cpus_per_actor([8, 1], 1, 2, 1.25, actors_per_node([0, 1], 1)) == 0.0
+    assert cpus_per_actor([8, 1], 1, 2, 1.25) == 2.0  # (what CPU actors would get)
+    # two actors on the one 4-GPU node of 4 CPUs: 2.75 CPUs beside the reserve, shared
+    assert cpus_per_actor([8, 4], 2, 2, 1.25, actors_per_node([0, 4], 1)) == pytest.approx(1.375)
+    # two GPU nodes of one GPU each: one actor each, the request stands
+    assert cpus_per_actor([8, 8], 2, 2, 1.25, actors_per_node([1, 1], 1)) == 2.0
+
+
 def test_config_fingerprint_counts_only_what_is_computed():
     """Settings left at their defaults and settings of where/how a run goes do not change
     the fingerprint, so a cellst that adds a setting does not invalidate earlier runs."""

@@ -24,11 +24,26 @@ class ClusterError(RuntimeError):
 
 def alive_node_cpus() -> list[float]:
     """CPUs of each alive node of the connected Ray cluster."""
-    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return [float(r.get("CPU", 0)) for r in alive_node_resources()]
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """The resources of each alive node of the connected Ray cluster (``CPU``, ``GPU``...),
+    read at once, so that a node's CPUs and GPUs are counted together."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def actors_per_node(node_gpus: Iterable[float], gpus_per_actor: float) -> list[int]:
+    """How many actors of ``gpus_per_actor`` GPUs each node can hold by its GPUs."""
+    return [math.floor(g / gpus_per_actor + 1e-9) for g in node_gpus]
 
 
 def cpus_per_actor(
-    node_cpus: Iterable[float], n_actors: int, requested: float, reserve: float
+    node_cpus: Iterable[float],
+    n_actors: int,
+    requested: float,
+    reserve: float,
+    max_per_node: Iterable[int] | None = None,
 ) -> float:
     """The largest CPU share per actor, at most ``requested``, that places ``n_actors``
     actors on the nodes while every node keeps ``reserve`` CPUs for the other stages.
@@ -37,22 +52,29 @@ def cpus_per_actor(
     and a 0.25-CPU read stage gave 0.88 CPUs per actor by the total, leaving 0.12 on each
     node, so the reads could never run. Reasoning per node gives 0.75 there.
 
+    ``max_per_node`` caps the actors of each node (GPU actors: :func:`actors_per_node`), so
+    that CPUs of a node that cannot hold one count for nothing: an 8-CPU node without a GPU
+    beside a 1-CPU GPU node fitted 2 CPUs per GPU actor, which the GPU node could not place.
+
     Returns
     -------
     float
         The share, or 0.0 if not even a sliver per actor fits.
     """
-    caps = [c - reserve for c in node_cpus if c - reserve > 1e-9]
+    cpus = list(node_cpus)
+    limits = list(max_per_node) if max_per_node is not None else [n_actors] * len(cpus)
+    caps = [(c - reserve, m) for c, m in zip(cpus, limits, strict=True) if c - reserve > 1e-9]
+    caps = [(c, m) for c, m in caps if m > 0]
     if not caps or n_actors < 1:
         return 0.0
 
     def fits(share: float) -> bool:
-        return sum(math.floor(c / share + 1e-9) for c in caps) >= n_actors
+        return sum(min(math.floor(c / share + 1e-9), m) for c, m in caps) >= n_actors
 
     if fits(requested):
         return float(requested)
     # the best share divides some node's capacity exactly: try those, largest first
-    for share in sorted({c / k for c in caps for k in range(1, n_actors + 1)}, reverse=True):
+    for share in sorted({c / k for c, _ in caps for k in range(1, n_actors + 1)}, reverse=True):
         if share < requested and fits(share):
             return share
     return 0.0

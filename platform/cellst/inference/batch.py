@@ -67,7 +67,13 @@ from cellst.fingerprint import file_sha256, stable_hash
 from cellst.fs import check_writable
 from cellst.inference.config import InferenceConfig, PredictConfig, inference_identity
 from cellst.inference.inputs import SegmentError, collect_images
-from cellst.raycluster import ClusterError, alive_node_cpus, cpus_per_actor, leave_cpus_to_driver
+from cellst.raycluster import (
+    ClusterError,
+    actors_per_node,
+    alive_node_resources,
+    cpus_per_actor,
+    leave_cpus_to_driver,
+)
 
 #: failed items named in a :class:`PredictError` message
 _MAX_NAMED = 5
@@ -705,18 +711,22 @@ def fit_resources(pcfg: PredictConfig) -> PredictConfig:
                 "predict.num_actors to 1 or more for GPU actors"
             )
         return pcfg
-    res = ray.cluster_resources()
-    cpus = res.get("CPU", 0)
+    alive = alive_node_resources() or [ray.cluster_resources()]
+    nodes = [float(r.get("CPU", 0)) for r in alive]
+    limits = None
     if pcfg.num_gpus_per_actor > 0:
-        have = res.get("GPU", 0)
-        if have < pcfg.num_gpus_per_actor:
+        # per node: an actor's GPUs and its CPUs must be on the same machine
+        gpus = [float(r.get("GPU", 0)) for r in alive]
+        limits = actors_per_node(gpus, pcfg.num_gpus_per_actor)
+        if sum(limits) < pcfg.num_actors:
             raise ClusterError(
-                f"predict.num_gpus_per_actor={pcfg.num_gpus_per_actor} but the Ray cluster "
-                f"has {have:g} GPU(s); use 0 to run on CPUs"
+                f"predict.num_actors={pcfg.num_actors} x num_gpus_per_actor="
+                f"{pcfg.num_gpus_per_actor:g} do not fit on the Ray cluster's GPUs (room for "
+                f"{sum(limits)} such actor(s) on its nodes); use fewer actors, or 0 GPUs to run "
+                "on CPUs"
             )
     other = READ_CPUS + (pcfg.postprocess_cpus if pcfg.num_gpus_per_actor > 0 else 0)
-    nodes = alive_node_cpus() or [cpus]
-    per_actor = cpus_per_actor(nodes, pcfg.num_actors, pcfg.num_cpus_per_actor, other)
+    per_actor = cpus_per_actor(nodes, pcfg.num_actors, pcfg.num_cpus_per_actor, other, limits)
     if per_actor <= 0:
         raise ClusterError(
             f"the Ray cluster's nodes have {', '.join(f'{c:g}' for c in nodes)} CPUs; predict "
