@@ -796,7 +796,8 @@ def _stale_stagings(store: Path) -> list[Path]:
     alone, however its name reads as a pattern (``s[1]`` is not ``s1``), also under the
     name cellst gave them before :func:`cellst.fs.temp_sibling` (``.NAME.staging-1a2b3c4d``)."""
     legacy = re.compile(rf"\.{re.escape(store.name)}\.staging-[0-9a-f]{{8}}")
-    old = [p for p in store.parent.iterdir() if legacy.fullmatch(p.name)]
+    siblings = store.parent.iterdir() if store.parent.is_dir() else ()
+    old = [p for p in siblings if legacy.fullmatch(p.name)]
     return [*fs.stale_siblings(store, ".staging"), *old]
 
 
