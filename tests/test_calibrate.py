@@ -440,6 +440,49 @@ def test_stpp_prediction_uses_calibrated_settings(ray_session, calibrated, learn
     assert json.loads((pipe.dir / "pipeline.json").read_text())["sets"]["t-test"] == plain_key
 
 
+def test_validation_f1_is_the_f1_cellst_evaluate_reports(
+    ray_session, learned, learn_store, tmp_path
+):
+    """Training's validation (in-process maps, :func:`score_item`) and ``cellst predict``
+    + ``cellst evaluate`` (the batch path, label files, the report) are two routes to one
+    number: the same checkpoint, items and settings give the same F1 on both."""
+    from cellst.data.images import label_file_name
+    from cellst.inference.config import PredictConfig
+    from cellst.metrics.sources import evaluate_sources
+
+    cfg, ckpt, val_ids = learned
+    store = CellStore(learn_store)
+    model, _, _ = load_model(ckpt)
+    got, _, _ = validate(
+        model,
+        store,
+        val_ids,
+        cfg.inference,
+        cfg.postprocess,
+        torch.device("cpu"),
+        evaluate=cfg.evaluate,
+    )
+    assert got["val_f1"] > 0.05  # the model finds cells: not a test of empty predictions
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for item in val_ids:
+        tifffile.imwrite(gt / label_file_name(item), store.label(item))
+    predict(
+        ckpt,
+        learn_store,
+        out_dir=tmp_path / "pred",
+        ids=list(val_ids),
+        infer=cfg.inference,
+        post=cfg.postprocess,
+        calibrated=False,
+        resources=PredictConfig(num_actors=0),
+        progress=False,
+    )
+    rep = evaluate_sources(gt, tmp_path / "pred", gt_split=None, progress=False)
+    assert rep["count"] == len(val_ids) and not rep.get("missing")
+    assert rep["f1"] == pytest.approx(got["val_f1"], abs=1e-9)
+
+
 def test_validation_f1_follows_the_evaluate_section(learned, learn_store):
     """``val_f1`` means what ``cellst evaluate``'s F1 means: the same IoU threshold and
     boundary rule (the ``evaluate`` section), not the defaults."""
