@@ -674,11 +674,14 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
 def _check_signal(path: str, any_signal: bool) -> None:
     """An image that normalises to all zeros (every pixel 0 or NaN: a blank frame, a float
     export of a masked-out field; one negative value everywhere; signal only in a fourth
-    channel) teaches nothing and would be stored silently as black."""
+    channel) teaches nothing and would be stored silently as black. (One positive value
+    everywhere is stored white, as its own maximum: placeholder images of one grey level
+    are ingested.)"""
     if not any_signal:
         raise ImageFormatError(
             f"{path}: the image holds no signal: it normalises to all black (every pixel 0 or "
-            "NaN, or no contrast, or signal only beyond the first three channels)"
+            "NaN, one negative value everywhere, or signal only beyond the first three "
+            "channels)"
         )
 
 
