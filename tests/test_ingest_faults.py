@@ -4,6 +4,7 @@ the CSV line), before any pixel is decoded where possible, and the store stays u
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -472,6 +473,20 @@ def test_ink_and_min_is_white_images_are_read_as_displayed(tmp_path):
     tifffile.imwrite(tmp_path / "f.tif", grey.astype(np.float32), photometric="miniswhite")
     with pytest.raises(ImageFormatError, match="f.tif: a MinIsWhite image of float32"):
         read_array(tmp_path / "f.tif")
+
+
+def test_a_large_1_bit_tiff_is_named_a_mask_as_a_small_one_is(tmp_path):
+    """Above ``ingest.tiled_pixels`` a 1-bit TIFF failed with numpy's "boolean subtract"
+    TypeError; it is refused as the whole-image path refuses it."""
+    from cellst.data.images import normalize_image, normalize_tiff_tiled
+
+    mask = np.random.default_rng(0).random((300, 300)) > 0.5
+    tifffile.imwrite(tmp_path / "mask.tif", mask, tile=(64, 64))
+    why = "mask.tif: a 1-bit (binary) image is a mask, not a micrograph"
+    with pytest.raises(ImageFormatError, match=re.escape(why)):
+        normalize_tiff_tiled(tmp_path / "mask.tif", lambda y0, band: None, band=64)
+    with pytest.raises(ImageFormatError, match="a 1-bit"):
+        normalize_image(mask, name="mask.tif")
 
 
 def test_tiled_tiff_follows_its_declared_channel_axis(tmp_path):

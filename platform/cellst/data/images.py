@@ -572,6 +572,10 @@ def normalize_tiff_tiled(
                 return _three_channels(as_displayed(part, photometric, path))
 
             dtype = np.dtype(arr.dtype)
+            if dtype.kind == "b":  # as on the whole-image path (normalize_image)
+                raise ImageFormatError(
+                    f"{path}: a 1-bit (binary) image is a mask, not a micrograph"
+                )
             if dtype.kind in "ui" and dtype.itemsize <= 2:
                 offset = -int(np.iinfo(dtype).min)
                 hists = np.zeros((3, 1 << (8 * dtype.itemsize)), np.int64)
