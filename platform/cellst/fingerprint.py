@@ -189,6 +189,34 @@ def training_fingerprint(
     return config_fingerprint(cfg, ignore, run_only=run_only, pseudo_only=pseudo_only)
 
 
+#: what no sweep reads: other commands' sections
+NOT_READ_BY_SWEEPS: dict[str, tuple[str, ...]] = {
+    "predict": ("*",),
+    "segment": ("*",),
+    "stpp": ("*",),
+}
+#: and what a post-processing sweep does not read besides: how a model would be trained
+#: (its trials score one checkpoint's predictions)
+NOT_READ_BY_POSTPROCESS_SWEEPS: dict[str, tuple[str, ...]] = {
+    **NOT_READ_BY_SWEEPS,
+    "train": ("*",),
+    "augment": ("*",),
+    "loss": ("*",),
+}
+
+
+def sweep_fingerprint(cfg: ExperimentConfig, *, legacy: bool = False) -> str:
+    """Fingerprint of what a ``cellst tune`` sweep's trials compute. Where it logs, and
+    the sections it never reads, are left out: editing ``predict.*`` or ``stpp.*`` in a
+    shared YAML, or ``train.epochs`` beside a post-processing sweep, threw its finished
+    trials away. ``legacy``: the fingerprint cellst recorded before (every section), to
+    recognise a ``sweep.json`` it wrote."""
+    if legacy:
+        return config_fingerprint(cfg)
+    post = cfg.tune.mode == "postprocess"
+    return config_fingerprint(cfg, NOT_READ_BY_POSTPROCESS_SWEEPS if post else NOT_READ_BY_SWEEPS)
+
+
 def config_differences(
     then: Mapping[str, Any], now: Mapping[str, Any], ignore: Mapping[str, Iterable[str]] = ()
 ) -> list[str]:

@@ -415,7 +415,7 @@ def as_completed(
 SHARED_MARKER = ".cellst-shared-{token}"
 
 
-def _probe_paths(read: list[str], write: list[str], token: str = "") -> list[str]:
+def _probe_paths(read: list[str], write: list[str], token: str) -> list[str]:
     """On one node: what is wrong with the paths there (empty when all is well).
 
     A write folder must exist here and hold the driver's marker file (``token``): only
@@ -433,7 +433,7 @@ def _probe_paths(read: list[str], write: list[str], token: str = "") -> list[str
         if not p.is_dir():
             problems.append(f"{p} is not visible")
             continue
-        if token and not (p / SHARED_MARKER.format(token=token)).is_file():
+        if not (p / SHARED_MARKER.format(token=token)).is_file():
             problems.append(f"{p} is another folder than the driver's (it lacks its marker)")
             continue
         reason = unwritable_reason(p)

@@ -98,36 +98,12 @@ def sweep_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.tune.run_dir).absolute() / (cfg.tune.name or cfg.name)
 
 
-#: what no sweep reads: other commands' sections
-NOT_READ_BY_SWEEPS: dict[str, tuple[str, ...]] = {
-    "predict": ("*",),
-    "segment": ("*",),
-    "stpp": ("*",),
-}
-#: and what a post-processing sweep does not read besides: how a model would be trained
-#: (its trials score one checkpoint's predictions)
-NOT_READ_BY_POSTPROCESS_SWEEPS: dict[str, tuple[str, ...]] = {
-    **NOT_READ_BY_SWEEPS,
-    "train": ("*",),
-    "augment": ("*",),
-    "loss": ("*",),
-}
-
-
 def sweep_hash(cfg: ExperimentConfig, *, legacy: bool = False) -> str:
-    """Identity of a sweep: what its trials compute (a changed sweep is a new sweep, and
-    its finished trials go). Where it logs, and the sections it never reads, are left out:
-    editing ``predict.*`` or ``stpp.*`` in a shared YAML, or ``train.epochs`` beside a
-    post-processing sweep, threw finished trials away. ``legacy``: the identity cellst
-    recorded before (every section), to recognise a sweep.json it wrote."""
-    from cellst.fingerprint import config_fingerprint
+    """Identity of a sweep (:func:`cellst.fingerprint.sweep_fingerprint`): a changed
+    sweep is a new sweep, and its finished trials go."""
+    from cellst.fingerprint import sweep_fingerprint
 
-    if legacy:
-        return config_fingerprint(cfg)
-    ignore = (
-        NOT_READ_BY_POSTPROCESS_SWEEPS if cfg.tune.mode == "postprocess" else NOT_READ_BY_SWEEPS
-    )
-    return config_fingerprint(cfg, ignore)
+    return sweep_fingerprint(cfg, legacy=legacy)
 
 
 def sweep_inputs(cfg: ExperimentConfig, store_version: str) -> dict[str, Any]:
