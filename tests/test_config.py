@@ -193,6 +193,75 @@ def test_actor_cpus_fit_per_node(nodes, actors, requested, reserve, expected):
         assert placed >= actors and share <= requested
 
 
+@pytest.mark.parametrize(
+    ("nodes", "actors", "requested", "reserve", "caps", "expected"),
+    [
+        # the 2-CPU node left after a loss: 2 workers of 1 CPU filled it and the stream
+        # never ran again; at 1.5 it holds one worker and a read task (the head: 0 CPUs)
+        ([0, 2, 2], 2, 1, 0.5, None, 1.5),
+        ([4, 4], 2, 1, 0.5, None, 1.0),  # a node holds both workers with room to spare
+        ([2], 2, 1, 0.5, None, 0.75),  # one node for both: below the request, reads kept
+        ([64, 64], 8, 1, 0.5, [8, 8], 1.0),  # GPU nodes: their GPUs bound the count
+        ([0.5], 1, 1, 0.5, None, 0.0),  # the read task alone fills the node
+    ],
+)
+def test_an_elastic_group_leaves_every_node_it_fills_a_read_task(
+    nodes, actors, requested, reserve, caps, expected
+):
+    """Ray Train's elastic policy restarts a smaller group with as many workers as the
+    nodes' resources hold; the share chosen leaves a read-and-augment task on every node
+    however Ray packs it."""
+    import math
+
+    from cellst.raycluster import elastic_cpus_per_actor
+
+    share = elastic_cpus_per_actor(nodes, actors, requested, reserve, caps)
+    assert share == pytest.approx(expected)
+    if share:
+        limits = caps or [actors] * len(nodes)
+        packed = [min(math.floor(c / share + 1e-9), m) for c, m in zip(nodes, limits, strict=True)]
+        assert sum(packed) >= actors
+        assert all(c - k * share >= reserve - 1e-9 for c, k in zip(nodes, packed, strict=True) if k)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        (["train.num_workers=2", "train.min_workers=3"], "must be at most num_workers"),
+        (["train.num_workers=0", "train.min_workers=1"], "needs train.num_workers >= 1"),
+        (
+            [
+                "train.num_workers=2",
+                "train.min_workers=1",
+                "train.placement_strategy=STRICT_SPREAD",
+            ],
+            "cannot go with placement_strategy=STRICT_SPREAD",
+        ),
+        (["train.num_workers=2", "train.min_workers=0"], "greater than or equal to 1"),
+    ],
+)
+def test_an_elastic_group_refuses_what_it_cannot_do(overrides, error):
+    """min_workers above num_workers, without a worker group, or with a strict placement
+    (Ray sizes a restarted group by resources alone: a STRICT_SPREAD group of that size
+    waited for ever in a trial run) is one error naming the field."""
+    from cellst.experiment import load_config
+
+    with pytest.raises(ConfigError, match="train") as info:
+        load_config(None, ["store=s", *overrides])
+    assert error in str(info.value)
+
+
+def test_an_elastic_group_is_no_new_configuration_of_its_run():
+    """A run started as a fixed group resumes as an elastic one: the run's identity leaves
+    out how many workers may carry it after a loss, as it leaves out train.max_failures."""
+    from cellst.experiment import load_config
+    from cellst.fingerprint import training_fingerprint
+
+    fixed = load_config(None, ["store=s", "train.num_workers=2"])
+    elastic = load_config(None, ["store=s", "train.num_workers=2", "train.min_workers=1"])
+    assert training_fingerprint(fixed) == training_fingerprint(elastic)
+
+
 def test_gpu_actors_fit_on_the_cpus_of_nodes_with_gpus():
     """GPU actors were fitted on every node's CPUs: an 8-CPU node without a GPU beside a
     1-CPU GPU node gave 2 CPUs per actor, which the GPU node could never place (the pool

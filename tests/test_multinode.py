@@ -657,3 +657,76 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
     assert {r["node_id"] for r in final} <= set(nodes)  # worker nodes only, never the head
     digests = {p.read_text() for p in run.glob("params_rank*.sha256")}
     assert len(digests) == 1  # the ranks stayed in step across the nodes
+
+
+def test_an_elastic_training_goes_on_with_the_nodes_that_remain(cluster, store_dir, tmp_path):
+    """`cellst train` with ``train.min_workers=1``: Ray Train's elastic group. Once Ray
+    Train has registered a checkpoint, the node of rank 1 is removed and nothing replaces
+    it: the training goes on from that checkpoint with one worker on the node that remains
+    and finishes, with no operator and no wait. cellst sizes the workers (1.5 CPUs on these
+    2-CPU nodes, a note says so) so that the node Ray refills still runs the read tasks:
+    at 1 CPU Ray put both workers on it and the stream that feeds them never ran again.
+
+    Runs after the fixed-group test, on the nodes it leaves (added here where fewer)."""
+    c, _ = cluster
+    alive = list(c.worker_nodes)  # (a removed node leaves this set)
+    while len(alive) < 2:
+        alive.append(c.add_node(num_cpus=2, resources={f"node_el{len(alive)}": 1}))
+    c.wait_for_nodes()
+    nodes = {n.node_id: n for n in alive}
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("name: elastic\n")
+    runs = tmp_path / "runs"
+    epochs = 4
+    args = ["train", str(cfg_file)]
+    for o in (
+        f"store={store_dir}",
+        f"train.run_dir={runs}",
+        "train.run_name=elastic",
+        "train.num_workers=2",
+        "train.min_workers=1",
+        "train.placement_strategy=SPREAD",
+        f"train.epochs={epochs}",
+        f"train.val_every={epochs}",
+        "model.width=8",
+        "data.crop_size=96",
+        "data.crops_per_epoch=32",
+        "train.batch_size=8",
+        "train.val_max_items=1",
+        "train.calibrate_postprocess=false",
+        "inference.roi=96",
+        "tracking.system_metrics=false",
+    ):
+        args += ["--set", o]
+    run = runs / "elastic"
+    lost: list[str] = []
+
+    def remove_rank1_node() -> None:
+        snapshot = runs / "_ray" / "elastic" / "checkpoint_manager_snapshot.json"
+        deadline = time.time() + 300
+        while time.time() < deadline and not lost:
+            try:
+                now = [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
+            except (OSError, ValueError):
+                now = []
+            if snapshot.is_file() and len(now) == 2 and now[1]["node_id"] in nodes:
+                lost.append(now[1]["node_id"])
+                c.remove_node(nodes[lost[0]], allow_graceful=False)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=remove_rank1_node, daemon=True)
+    killer.start()
+    res = _cellst(*args, address=c.address, timeout=400)
+    killer.join(timeout=10)
+    out = res.stdout + res.stderr
+    assert len(lost) == 1, out[-3000:]
+    assert "1.50 CPUs per worker" in out, out[-3000:]
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "finished", state
+    from cellst.model.checkpoint import load_model
+
+    _, _, meta = load_model(run / "checkpoints" / "last")
+    assert meta["epoch"] == epochs and meta["resumed_from_epoch"] >= 1, meta
+    final = [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
+    assert [(r["rank"], r["world_size"]) for r in final] == [(0, 1)], final  # shrunk to one
+    assert final[0]["node_id"] != lost[0] and final[0]["node_id"] in nodes

@@ -71,6 +71,8 @@ def test_missing_checkpoint_and_store_are_config_errors(tmp_path):
     cfg = _config(tmp_path / "s.yaml", store=str(tmp_path), tune={"space": space, "mode": "train"})
     with pytest.raises(ConfigError, match="train.num_workers: 0 trains in one process"):
         load_tune_config(cfg, ["train.num_workers=0"])
+    with pytest.raises(ConfigError, match="train.min_workers: a training sweep's trials"):
+        load_tune_config(cfg, ["train.num_workers=2", "train.min_workers=1"])
 
 
 def test_a_damaged_checkpoint_is_named_before_the_sweep_starts(store_dir, tmp_path):

@@ -37,6 +37,7 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
         "run_dir",
         "run_name",
         "max_failures",
+        "min_workers",
         "node_wait_s",
         "log_every_steps",
         "keep_last",

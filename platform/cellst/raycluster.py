@@ -80,6 +80,48 @@ def cpus_per_actor(
     return 0.0
 
 
+def elastic_cpus_per_actor(
+    node_cpus: Iterable[float],
+    n_actors: int,
+    requested: float,
+    reserve: float,
+    max_per_node: Iterable[int] | None = None,
+) -> float:
+    """A CPU share per actor, as near ``requested`` as can be (above it first), at which as
+    many actors as Ray packs on any node still leave that node ``reserve`` CPUs.
+
+    Ray Train's elastic policy sizes a restarted worker group by counting the workers each
+    node's resources hold (``floor(cpus / share)``, capped by ``max_per_node``), not the
+    read-and-augment tasks beside them: two workers of 1 CPU on the one 2-CPU node left
+    after a loss took both CPUs, and the stream that feeds them never ran again. At 1.5
+    CPUs per worker that node holds one worker and one read task of 0.5.
+
+    Returns
+    -------
+    float
+        The share, or 0.0 if none places ``n_actors`` actors so.
+    """
+    cpus = list(node_cpus)
+    limits = list(max_per_node) if max_per_node is not None else [n_actors] * len(cpus)
+
+    def packed(c: float, m: int, share: float) -> int:
+        return min(math.floor(c / share + 1e-9), m)
+
+    def fits(share: float) -> bool:
+        held = [(c, packed(c, m, share)) for c, m in zip(cpus, limits, strict=True)]
+        left_ok = all(c - k * share >= reserve - 1e-9 for c, k in held if k > 0)
+        return left_ok and sum(k for _, k in held) >= n_actors
+
+    options = {float(requested)} | {
+        (c - reserve) / k for c in cpus for k in range(1, n_actors + 1) if c - reserve > 1e-9
+    }
+    above = sorted(s for s in options if s >= requested and fits(s))
+    if above:
+        return above[0]
+    below = sorted((s for s in options if s < requested and fits(s)), reverse=True)
+    return below[0] if below else 0.0
+
+
 def leave_cpus_to_driver(dataset: Any, driver_cpus: float, minimum: float) -> float:
     """Keep ``dataset``'s tasks off the CPUs this process computes on outside Ray.
 

@@ -62,6 +62,19 @@ class TrainConfig(Section):
         "local mode: no worker actors to start, about 25 s less per training on 2 CPUs; "
         "one process, no restarts, no Tune sweeps)",
     )
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="an elastic group (Ray Train's ScalingConfig(num_workers=(min, max))): "
+        "after a lost node that nothing replaces, the training goes on from its last "
+        "checkpoint with as few as this many workers, and grows back to num_workers when "
+        "room returns (Ray Train looks every minute). Every rank still takes its planned "
+        "steps per epoch, so an epoch of a smaller group trains on fewer crops and the "
+        "learning-rate schedule is unchanged. With room for fewer than min_workers, Ray "
+        "Train's elastic policy waits for more without a time limit. PACK or SPREAD only; "
+        "cellst may raise train.cpus_per_worker so that a node Ray fills with workers keeps "
+        "a read-and-augment task. None: always num_workers",
+    )
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL, SyncBN, bf16 autocast)")
     cpus_per_worker: float | None = Field(
         None,
@@ -153,6 +166,29 @@ class TrainConfig(Section):
         if any(not 0 < f <= 1 for f in v):
             raise ValueError(f"each fraction must be in (0, 1], got {v}")
         return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _elastic_group(self) -> TrainConfig:
+        if self.min_workers is None:
+            return self
+        if self.num_workers == 0:
+            raise ValueError(
+                "min_workers needs train.num_workers >= 1 (0 trains in this process, which "
+                "has no worker group to shrink)"
+            )
+        if self.min_workers > self.num_workers:
+            raise ValueError(
+                f"min_workers ({self.min_workers}) must be at most num_workers ({self.num_workers})"
+            )
+        if self.placement_strategy.startswith("STRICT_"):
+            # Ray Train's elastic policy sizes a restarted group by the resources of the
+            # nodes alone: a STRICT_ placement group of that size may never be placed
+            raise ValueError(
+                f"min_workers cannot go with placement_strategy={self.placement_strategy}: "
+                "Ray Train sizes an elastic group by the nodes' resources alone, and a group "
+                "it cannot place that strictly waits for ever; use PACK or SPREAD"
+            )
+        return self
 
     @model_validator(mode="after")
     def _frozen_within_epochs(self) -> TrainConfig:

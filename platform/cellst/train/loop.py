@@ -143,6 +143,14 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
             "placement_group": _placement_group_id(),
         },
     )
+    if rank == 0:  # an elastic group that shrank (train.min_workers): its gone ranks' records
+        for gone in [
+            *(paths.root / "workers").glob("rank*.json"),
+            *paths.root.glob("params_rank*.sha256"),
+        ]:
+            n = gone.stem.rpartition("rank")[2]
+            if n.isdigit() and int(n) >= world:
+                gone.unlink(missing_ok=True)
 
     model = build_model(cfg.model)
     if tcfg.init_checkpoint:

@@ -36,8 +36,11 @@ from cellst.model.checkpoint_files import is_checkpoint
 from cellst.procenv import environ
 from cellst.raycluster import (
     ClusterError,
+    actors_per_node,
     alive_node_cpus,
+    alive_node_resources,
     cpus_per_actor,
+    elastic_cpus_per_actor,
     found_no_room,
     train_log_level,
 )
@@ -152,14 +155,20 @@ def single_node_defaults() -> None:
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
-def node_wait_policy(node_wait_s: float | None) -> tuple[dict[str, str], int]:
+#: seconds per try of an elastic group (train.min_workers): Ray Train sizes it by the
+#: resources it sees, and just after a loss it still counted the lost node's, so the first
+#: restart asked for a group that could not be placed and waited a whole try for it
+ELASTIC_TRY_S = 15.0
+
+
+def node_wait_policy(node_wait_s: float | None, try_s: float = 60.0) -> tuple[dict[str, str], int]:
     """How long Ray Train may wait for room for the workers: ``(environment, tries - 1)``.
 
     Ray Train waits for the worker group's placement group up to
     ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) per try, at the start and after a
     lost node, and by default tries forever (for an autoscaler to add a node). A fixed
     cluster that lost a node would wait forever, so cellst allows ``train.node_wait_s`` in
-    all: at least two tries of at most 60 s that add up to it (a worker that fails to start
+    all: at least two tries of at most ``try_s`` that add up to it (a worker that fails to start
     also costs a try), passed as ``FailureConfig(controller_failure_limit=...)``. Ray counts
     the tries over the whole run, so the wait is a total for one ``cellst train`` call, not
     per lost node. A try length set in that variable by the user is kept. None keeps Ray's
@@ -175,7 +184,7 @@ def node_wait_policy(node_wait_s: float | None) -> tuple[dict[str, str], int]:
             raise ConfigError(f"{START_TIMEOUT_ENV}={given!r} is not a number of seconds") from None
         if per_try > 0:
             return {}, max(1, math.ceil(node_wait_s / per_try)) - 1
-    tries = max(2, math.ceil(node_wait_s / 60.0))
+    tries = max(2, math.ceil(node_wait_s / try_s))
     return {START_TIMEOUT_ENV: f"{node_wait_s / tries:g}"}, tries - 1
 
 
@@ -256,6 +265,27 @@ def fit_cluster(cfg: ExperimentConfig):
             f"CPUs; using {share:.2f} CPUs per worker"
         )
         cfg.train.cpus_per_worker = share
+    if t.min_workers:  # elastic: Ray sizes a restarted group by the nodes' resources alone
+        held = alive_node_resources() or [{"CPU": res.get("CPU", 0)}]
+        nodes = [float(r.get("CPU", 0)) for r in held]
+        caps = actors_per_node([r.get("GPU", 0) for r in held], 1.0) if t.use_gpu else None
+        per = elastic_cpus_per_actor(
+            nodes, t.num_workers, cfg.train.cpus_per_worker, t.augment_cpus, caps
+        )
+        if per <= 0:
+            raise ClusterError(
+                f"train.min_workers={t.min_workers}: no CPU share per worker places "
+                f"{t.num_workers} workers on nodes of {', '.join(f'{c:g}' for c in nodes)} "
+                "CPUs so that any node Ray fills with workers keeps a read-and-augment task "
+                f"(train.augment_cpus={t.augment_cpus:g}); leave train.min_workers unset"
+            )
+        if abs(per - cfg.train.cpus_per_worker) > 1e-9:
+            print(
+                f"note: train.min_workers={t.min_workers}: {per:.2f} CPUs per worker (not "
+                f"{cfg.train.cpus_per_worker:g}), so that a node Ray fills with workers after "
+                "a loss still has room for a read-and-augment task"
+            )
+            cfg.train.cpus_per_worker = per
     return cfg
 
 
@@ -596,7 +626,8 @@ def train(
     check_shared_paths(read=[store.root], write=[paths.root])
     cfg = fit_cluster(cfg)
     t = cfg.train
-    wait_env, wait_tries = node_wait_policy(t.node_wait_s)  # a bad variable: before any work
+    # (a bad variable: before any work)
+    wait_env, wait_tries = node_wait_policy(t.node_wait_s, ELASTIC_TRY_S if t.min_workers else 60.0)
     # the stream checks its pseudo-label set (complete, current, not empty): before --force
     # deletes anything, as each check above
     dataset = build_dataset(cfg, store, train_ids, val_ids)
@@ -684,7 +715,8 @@ def train(
                 "local": t.num_workers == 0,  # the loop keeps its own resumable state
             },
             scaling_config=ray.train.ScalingConfig(
-                num_workers=t.num_workers,
+                # an elastic group (train.min_workers) shrinks on a lost node, grows back
+                num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
                 use_gpu=t.use_gpu,
                 resources_per_worker={
                     "CPU": t.cpus_per_worker,

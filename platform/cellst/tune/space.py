@@ -97,6 +97,11 @@ def space_problems(cfg: ExperimentConfig) -> list[str]:
             "train.num_workers: 0 trains in one process and reports to no Tune trial; a "
             "training sweep needs 1 or more"
         )
+    if t.mode == "train" and cfg.train.min_workers is not None:
+        problems.append(
+            "train.min_workers: a training sweep's trials are fixed groups (Tune places each "
+            "trial by its resources, and stops it rather than shrinking it); leave it unset"
+        )
     return problems
 
 
