@@ -539,6 +539,40 @@ def test_ddp_training_on_the_nodes_rides_out_a_tracking_outage(
     assert len({r["node_id"] for r in ranks}) == 2  # a rank on each worker node
 
 
+def _train_args(tmp_path: Path, store: Path, name: str, epochs: int, *extra: str) -> list[str]:
+    """``cellst train`` of a tiny two-worker run ``name`` under ``tmp_path/runs`` (``extra``
+    overrides last)."""
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text(f"name: {name}\n")
+    args = ["train", str(cfg_file)]
+    for o in (
+        f"store={store}",
+        f"train.run_dir={tmp_path / 'runs'}",
+        f"train.run_name={name}",
+        "train.num_workers=2",
+        f"train.epochs={epochs}",
+        f"train.val_every={epochs}",
+        "model.width=8",
+        "data.crop_size=96",
+        "data.crops_per_epoch=32",
+        "train.batch_size=8",
+        "train.val_max_items=1",
+        "inference.roi=96",
+        "tracking.system_metrics=false",
+        *extra,
+    ):
+        args += ["--set", o]
+    return args
+
+
+def _ranks(run: Path) -> list[dict]:
+    """Each rank's ``workers/rank<N>.json`` of training ``run`` (where it runs), by rank."""
+    try:
+        return [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return []
+
+
 def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tmp_path):
     """`cellst train` with two ranks on different worker nodes (DDP over gloo between two
     raylets, ``train.placement_strategy=STRICT_SPREAD``).
@@ -558,54 +592,34 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
     spare = c.add_node(num_cpus=2, resources={"node_d": 1})
     c.wait_for_nodes()
     nodes = {n.node_id: n for n in (*workers.values(), spare)}
-    cfg_file = tmp_path / "exp.yaml"
-    cfg_file.write_text("name: node-loss\n")
     runs = tmp_path / "runs"
+    # enough epochs that the second node loss lands before the last one: on a fast day the
+    # restarted group saved its last (6th) epoch before the removal took effect
     epochs = 10
-    overrides = [
-        f"store={store_dir}",
-        f"train.run_dir={runs}",
-        "train.run_name=lossy",
-        "train.num_workers=2",
+    args = _train_args(
+        tmp_path,
+        store_dir,
+        "lossy",
+        epochs,
         "train.placement_strategy=STRICT_SPREAD",
         "train.max_failures=2",
         "train.node_wait_s=20",
-        # enough epochs that the second node loss lands before the last one: on a fast day
-        # the restarted group saved its last (6th) epoch before the removal took effect
-        f"train.epochs={epochs}",
-        f"train.val_every={epochs}",
-        "model.width=8",
-        "data.crop_size=96",
-        "data.crops_per_epoch=32",
-        "train.batch_size=8",
-        "train.val_max_items=1",
-        "inference.roi=96",
-        "tracking.system_metrics=false",
-    ]
-    args = ["train", str(cfg_file)]
-    for o in overrides:
-        args += ["--set", o]
+    )
     run = runs / "lossy"
     lost: list[str] = []
-
-    def ranks() -> list[dict]:
-        try:
-            return [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
-        except (OSError, ValueError):  # not written yet, or being replaced
-            return []
 
     def remove_two_nodes() -> None:
         snapshot = runs / "_ray" / "lossy" / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 300
         while time.time() < deadline and not lost:
-            now = ranks()
+            now = _ranks(run)
             if snapshot.is_file() and len(now) == 2:
                 lost.append(now[1]["node_id"])
                 c.remove_node(nodes[lost[0]], allow_graceful=False)
             time.sleep(0.1)
         moved: list[dict] = []
         while time.time() < deadline and not moved:  # the restarted group is up
-            now = ranks()
+            now = _ranks(run)
             if len(now) == 2 and lost and lost[0] not in {r["node_id"] for r in now}:
                 moved = now
             time.sleep(0.1)
@@ -650,7 +664,7 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
     # from the last checkpoint Ray Train registered (the node may have gone between the
     # save of `last` and its registration, so that can be the epoch before)
     assert meta["epoch"] == epochs and 1 <= meta["resumed_from_epoch"] <= stopped_at, meta
-    final = ranks()
+    final = _ranks(run)
     assert [r["rank"] for r in final] == [0, 1] and {r["world_size"] for r in final} == {2}
     assert not set(lost) & {r["node_id"] for r in final}  # the group moved off both
     assert len({r["node_id"] for r in final}) == 2  # one rank per node
@@ -674,30 +688,17 @@ def test_an_elastic_training_goes_on_with_the_nodes_that_remain(cluster, store_d
         alive.append(c.add_node(num_cpus=2, resources={f"node_el{len(alive)}": 1}))
     c.wait_for_nodes()
     nodes = {n.node_id: n for n in alive}
-    cfg_file = tmp_path / "exp.yaml"
-    cfg_file.write_text("name: elastic\n")
     runs = tmp_path / "runs"
     epochs = 4
-    args = ["train", str(cfg_file)]
-    for o in (
-        f"store={store_dir}",
-        f"train.run_dir={runs}",
-        "train.run_name=elastic",
-        "train.num_workers=2",
+    args = _train_args(
+        tmp_path,
+        store_dir,
+        "elastic",
+        epochs,
         "train.min_workers=1",
         "train.placement_strategy=SPREAD",
-        f"train.epochs={epochs}",
-        f"train.val_every={epochs}",
-        "model.width=8",
-        "data.crop_size=96",
-        "data.crops_per_epoch=32",
-        "train.batch_size=8",
-        "train.val_max_items=1",
         "train.calibrate_postprocess=false",
-        "inference.roi=96",
-        "tracking.system_metrics=false",
-    ):
-        args += ["--set", o]
+    )
     run = runs / "elastic"
     lost: list[str] = []
 
@@ -705,10 +706,7 @@ def test_an_elastic_training_goes_on_with_the_nodes_that_remain(cluster, store_d
         snapshot = runs / "_ray" / "elastic" / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 300
         while time.time() < deadline and not lost:
-            try:
-                now = [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
-            except (OSError, ValueError):
-                now = []
+            now = _ranks(run)
             if snapshot.is_file() and len(now) == 2 and now[1]["node_id"] in nodes:
                 lost.append(now[1]["node_id"])
                 c.remove_node(nodes[lost[0]], allow_graceful=False)
@@ -727,6 +725,6 @@ def test_an_elastic_training_goes_on_with_the_nodes_that_remain(cluster, store_d
 
     _, _, meta = load_model(run / "checkpoints" / "last")
     assert meta["epoch"] == epochs and meta["resumed_from_epoch"] >= 1, meta
-    final = [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
+    final = _ranks(run)
     assert [(r["rank"], r["world_size"]) for r in final] == [(0, 1)], final  # shrunk to one
     assert final[0]["node_id"] != lost[0] and final[0]["node_id"] in nodes
