@@ -567,10 +567,9 @@ def _train_args(tmp_path: Path, store: Path, name: str, epochs: int, *extra: str
 
 def _ranks(run: Path) -> list[dict]:
     """Each rank's ``workers/rank<N>.json`` of training ``run`` (where it runs), by rank."""
-    try:
-        return [json.loads(p.read_text()) for p in sorted((run / "workers").iterdir())]
-    except (OSError, ValueError):  # not written yet, or being replaced
-        return []
+    from cellst.train.checkpoints import RunPaths
+
+    return RunPaths(run).worker_records()
 
 
 def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tmp_path):
@@ -719,6 +718,7 @@ def test_an_elastic_training_goes_on_with_the_nodes_that_remain(cluster, store_d
     out = res.stdout + res.stderr
     assert len(lost) == 1, out[-3000:]
     assert "1.50 CPUs per worker" in out, out[-3000:]
+    assert "ended with 1 of 2 workers: the elastic group" in res.stdout, out[-3000:]
     state = json.loads((run / "run.json").read_text())
     assert state["status"] == "finished", state
     from cellst.model.checkpoint import load_model

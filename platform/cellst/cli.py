@@ -752,6 +752,17 @@ def train(
         console.print(f"  epochs {m.get('epoch')}, best validation F1 {best_f1:.4f}")
     else:
         console.print(f"  epochs {m.get('epoch')}, {no_validation}", highlight=False)
+    t = cfg.train
+    if t.min_workers and not result.resumed:
+        from cellst.train.checkpoints import RunPaths
+
+        ranks = RunPaths(result.run_path).worker_records()
+        if ranks and ranks[0].get("world_size", t.num_workers) < t.num_workers:
+            console.print(
+                f"  ended with {ranks[0]['world_size']} of {t.num_workers} workers: the elastic "
+                f"group (train.min_workers={t.min_workers}) lost room and went on without it",
+                highlight=False,
+            )
     lines = [f"  best checkpoint: {result.best}"] if result.best.exists() else []
     lines += [
         f"  last checkpoint: {result.last}",

@@ -78,6 +78,27 @@ class RunPaths:
         """ST++ snapshots in epoch order."""
         return sorted(self.checkpoints.glob("snapshot_e*"))
 
+    @property
+    def workers(self) -> Path:
+        """``workers/rank<N>.json``: where each rank of the latest worker group runs."""
+        return self.root / "workers"
+
+    def worker_file(self, rank: int) -> Path:
+        return self.workers / f"rank{rank}.json"
+
+    def worker_records(self) -> list[dict[str, Any]]:
+        """Each rank's record (rank, world_size, node_id, host, pid, device, placement
+        group), by rank; a record being replaced or unreadable is left out."""
+        records = []
+        for path in self.workers.glob("rank*.json"):
+            try:
+                record = read_json(path)
+            except (OSError, ValueError):
+                continue
+            if isinstance(record.get("rank"), int):
+                records.append(record)
+        return sorted(records, key=lambda r: r["rank"])
+
     def read_state(self) -> dict[str, Any]:
         return read_json(self.state, missing={})
 

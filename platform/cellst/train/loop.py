@@ -130,7 +130,7 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
         (paths.root / "rank0.pid").write_text(str(os.getpid()))  # for operators (and tests)
     # where each rank runs (multi-node clusters): node, host, process, device
     atomic_write_json(
-        paths.root / "workers" / f"rank{rank}.json",
+        paths.worker_file(rank),
         {
             "rank": rank,
             "world_size": world,
@@ -145,7 +145,7 @@ def _train(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> 
     )
     if rank == 0:  # an elastic group that shrank (train.min_workers): its gone ranks' records
         for gone in [
-            *(paths.root / "workers").glob("rank*.json"),
+            *paths.workers.glob("rank*.json"),
             *paths.root.glob("params_rank*.sha256"),
         ]:
             n = gone.stem.rpartition("rank")[2]

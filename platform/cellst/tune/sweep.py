@@ -335,17 +335,10 @@ def release_stopped_trial(
 
     from cellst.train.checkpoints import RunPaths
 
-    ids = set()
-    for record in sorted((run_dir / "workers").glob("rank*.json")):
-        try:
-            pg = read_json(record).get("placement_group")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if pg:
-            ids.add(pg)
+    paths = RunPaths(run_dir)
+    ids = {r["placement_group"] for r in paths.worker_records() if r.get("placement_group")}
     # the record first: removing the group ends the workers, and the trial's own training
     # (if its actor still runs) then sees "stopped" and keeps it, not "failed"
-    paths = RunPaths(run_dir)
     if paths.read_state().get("status") == "running":
         paths.write_state(status=status, error=error)
     removed = []
