@@ -225,6 +225,26 @@ def test_an_elastic_group_leaves_every_node_it_fills_a_read_task(
 
 
 @pytest.mark.parametrize(
+    ("total", "driver_node", "driver_cpus", "expected"),
+    [
+        (2, 2, 1, 1),  # one node: the driver's threads are taken from it
+        (4, 0, 2, 4),  # a head with no Ray CPUs: the worker nodes' CPUs all go to the stream
+        (6, 2, 4, 4),  # the driver's node has fewer CPUs than its threads: only those
+        (2, 2, 2, 0.5),  # never below the minimum
+    ],
+)
+def test_a_computation_in_the_driver_holds_back_only_its_own_nodes_cpus(
+    total, driver_node, driver_cpus, expected
+):
+    """A training in the driver process (train.num_workers=0) on a cluster whose head has
+    no Ray CPUs held the stream back by its threads on the worker nodes, which it never
+    shares."""
+    from cellst.raycluster import stream_cpus
+
+    assert stream_cpus(total, driver_node, driver_cpus, minimum=0.5) == expected
+
+
+@pytest.mark.parametrize(
     ("overrides", "error"),
     [
         (["train.num_workers=2", "train.min_workers=3"], "must be at most num_workers"),

@@ -122,6 +122,17 @@ def elastic_cpus_per_actor(
     return below[0] if below else 0.0
 
 
+def stream_cpus(total: float, driver_node: float, driver_cpus: float, minimum: float) -> float:
+    """The CPUs a stream may use beside a computation in the driver process.
+
+    ``total``: the cluster's CPUs; ``driver_node``: those Ray schedules on the driver's node;
+    ``driver_cpus``: the threads the driver computes on. Only the driver's own node is
+    shared with it: on a head that gives Ray no CPUs (``cluster.yaml``) nothing is taken
+    from the stream, which the cluster's total had held back by the driver's threads.
+    """
+    return max(minimum, total - min(driver_cpus, driver_node))
+
+
 def leave_cpus_to_driver(dataset: Any, driver_cpus: float, minimum: float) -> float:
     """Keep ``dataset``'s tasks off the CPUs this process computes on outside Ray.
 
@@ -132,11 +143,13 @@ def leave_cpus_to_driver(dataset: Any, driver_cpus: float, minimum: float) -> fl
     Returns
     -------
     float
-        The CPUs left to the stream: the cluster's less ``driver_cpus``, at least ``minimum``.
+        The CPUs left to the stream (:func:`stream_cpus`).
     """
     from ray.data import ExecutionResources
 
-    free = max(minimum, ray.cluster_resources().get("CPU", 0) - driver_cpus)
+    me = ray.get_runtime_context().get_node_id()
+    here = sum(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("NodeID") == me)
+    free = stream_cpus(ray.cluster_resources().get("CPU", 0), here, driver_cpus, minimum)
     dataset.context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=free)
     return free
 
