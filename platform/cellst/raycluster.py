@@ -22,15 +22,17 @@ class ClusterError(RuntimeError):
     """A request the Ray cluster can never satisfy (GPUs or CPUs it lacks); one line, exit 1."""
 
 
-def alive_node_cpus() -> list[float]:
-    """CPUs of each alive node of the connected Ray cluster."""
-    return [float(r.get("CPU", 0)) for r in alive_node_resources()]
-
-
 def alive_node_resources() -> list[dict[str, float]]:
     """The resources of each alive node of the connected Ray cluster (``CPU``, ``GPU``...),
     read at once, so that a node's CPUs and GPUs are counted together."""
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def own_node_cpus() -> float:
+    """The CPUs Ray schedules on the node this process runs on (0 on a head started with
+    none, as in ``cluster.yaml``)."""
+    me = ray.get_runtime_context().get_node_id()
+    return sum(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("NodeID") == me)
 
 
 def actors_per_node(node_gpus: Iterable[float], gpus_per_actor: float) -> list[int]:
@@ -147,9 +149,8 @@ def leave_cpus_to_driver(dataset: Any, driver_cpus: float, minimum: float) -> fl
     """
     from ray.data import ExecutionResources
 
-    me = ray.get_runtime_context().get_node_id()
-    here = sum(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("NodeID") == me)
-    free = stream_cpus(ray.cluster_resources().get("CPU", 0), here, driver_cpus, minimum)
+    total = ray.cluster_resources().get("CPU", 0)
+    free = stream_cpus(total, own_node_cpus(), driver_cpus, minimum)
     dataset.context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=free)
     return free
 

@@ -37,11 +37,11 @@ from cellst.procenv import environ
 from cellst.raycluster import (
     ClusterError,
     actors_per_node,
-    alive_node_cpus,
     alive_node_resources,
     cpus_per_actor,
     elastic_cpus_per_actor,
     found_no_room,
+    own_node_cpus,
     train_log_level,
 )
 from cellst.tracking.config import LOCK_TAG
@@ -250,7 +250,8 @@ def fit_cluster(cfg: ExperimentConfig):
     if t.num_workers == 0:  # in this process: on this node, whatever the others hold
         return cfg
     # per node: whatever node a worker lands on, a read-and-augment task must still fit
-    nodes = alive_node_cpus() or [res.get("CPU", 0)]
+    held = alive_node_resources() or [{"CPU": res.get("CPU", 0)}]  # read once, used twice
+    nodes = [float(r.get("CPU", 0)) for r in held]
     share = cpus_per_actor(nodes, t.num_workers, cfg.train.cpus_per_worker, t.augment_cpus)
     if share <= 0:
         raise ClusterError(
@@ -266,8 +267,6 @@ def fit_cluster(cfg: ExperimentConfig):
         )
         cfg.train.cpus_per_worker = share
     if t.min_workers:  # elastic: Ray sizes a restarted group by the nodes' resources alone
-        held = alive_node_resources() or [{"CPU": res.get("CPU", 0)}]
-        nodes = [float(r.get("CPU", 0)) for r in held]
         caps = actors_per_node([r.get("GPU", 0) for r in held], 1.0) if t.use_gpu else None
         per = elastic_cpus_per_actor(
             nodes, t.num_workers, cfg.train.cpus_per_worker, t.augment_cpus, caps
@@ -302,13 +301,7 @@ def last_epoch_metrics(paths: RunPaths) -> dict[str, Any]:
 def driver_node_cpus() -> float:
     """CPUs of the node this process runs on (a training in this process steps there);
     the machine's cores where that node gives Ray none (a head started with 0 CPUs)."""
-    import ray
-
-    me = ray.get_runtime_context().get_node_id()
-    for node in ray.nodes():
-        if node.get("NodeID") == me and node.get("Resources", {}).get("CPU", 0) > 0:
-            return float(node["Resources"]["CPU"])
-    return float(os.cpu_count() or 1)
+    return own_node_cpus() or float(os.cpu_count() or 1)
 
 
 def augment_transform(cfg: ExperimentConfig):
