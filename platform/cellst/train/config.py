@@ -13,6 +13,9 @@ from cellst.config import Section, check_folder_name
 CHECKPOINTS_DIR = "checkpoints"
 OVERLAYS_DIR = "overlays"
 RAY_STORAGE_DIR = "_ray"
+#: each epoch's checkpoint is written under a temporary folder of this prefix first (a
+#: worker removes those of killed workers on its node when it starts)
+CHECKPOINT_TEMP_PREFIX = "cellst-ckpt-"
 
 
 class TrainingDiverged(RuntimeError):
