@@ -531,34 +531,110 @@ def train(
         If the tracking server does not answer before training starts. Once training runs,
         tracking is best-effort (see :mod:`cellst.tracking.buffered`).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from cellst.raycluster import check_shared_paths, ensure_ray, quiet_ray_data
     from cellst.tracking import (
         check_tracking,
-        log_artifact,
         log_config,
-        log_metrics,
         mark_superseded,
         pending_note,
         resend_pending,
         start_run,
-        store_inside,
         store_tags,
     )
-    from cellst.train.epoch_log import EpochMetricsToMLflow
-    from cellst.train.loop import train_loop_per_worker
 
-    t = cfg.train
-    if callbacks and t.num_workers == 0:
+    if callbacks and cfg.train.num_workers == 0:
         raise ConfigError(
             "train.num_workers=0 (training in this process) cannot report to Ray Train "
             "callbacks such as a Tune sweep's; set train.num_workers to 1 or more"
         )
     paths = RunPaths(run_folder(cfg, run_name))
-    name = paths.root.name
     store, train_ids, val_ids = check_request(cfg)
+    run = _resumable(cfg, paths, store, train_ids, val_ids, force)
+    cfg, state = run.cfg, run.state
+    if state.get("status") == "finished":
+        note = resend_pending(cfg.tracking, paths.root, cfg.name)  # kept during an outage
+        if note != state.get("tracking"):
+            paths.write_state(tracking=note)
+        return TrainResult(paths.root, state.get("metrics", {}), state.get("mlflow_run_id"), True)
+
+    check_tracking(cfg.tracking, paths.root, cfg.name)  # a dead server: one line, no work
+    ensure_ray()
+    quiet_ray_data()
+    # every node may host a worker (checkpoints, run folder) or a read task (the store)
+    check_shared_paths(read=[store.root], write=[paths.root])
+    cfg = fit_cluster(cfg)
+    t = cfg.train
+    # (a bad variable: before any work)
+    wait_env, wait_tries = node_wait_policy(t.node_wait_s, ELASTIC_TRY_S if t.min_workers else 60.0)
+    # the stream checks its pseudo-label set (complete, current, not empty): before --force
+    # deletes anything, as each check above
+    dataset = build_dataset(cfg, store, train_ids, val_ids)
+    if run.restart:  # every check passed: only now is the earlier run (and its checkpoints) gone
+        _clear_for_restart(cfg, paths)
+    run_tags = {
+        **store_tags(store),
+        "cellst.stage": "train",
+        "cellst.run_name": paths.root.name,
+        LOCK_TAG: str(run_lock_file(paths.root)),  # held while this process trains
+        **(tags or {}),
+    }
+    with start_run(
+        cfg.tracking,
+        paths.root,
+        cfg.name,
+        paths.root.name,
+        parent_run_id=parent_run_id,
+        run_id=state.get("mlflow_run_id"),
+        tags=run_tags,
+    ) as mlflow_run:
+        run_id = mlflow_run.info.run_id
+        mark_superseded(cfg.tracking, paths.root, cfg.name, run.replaced_run, run_id)
+        log_config(cfg)
+        paths.write_state(
+            mlflow_run_id=run_id,
+            config_hash=run.config_hash,
+            fingerprint=FINGERPRINT_VERSION,
+            config=cfg.model_dump(mode="json"),  # a changed one is refused naming the fields
+            store_version=store.version,  # the manifest version every worker reads
+            status="running",
+            error=None,
+            diverged=None,
+            train_ids=train_ids,
+            val_ids=val_ids,
+            data_digest=run.data_digest,  # a resume on re-ingested items is refused
+        )
+        single_node_defaults()
+        trainer = _torch_trainer(cfg, paths, store, val_ids, dataset, run_id, callbacks, wait_tries)
+        metrics = _fit(trainer, cfg, paths, wait_env)
+        _raise_if_diverged(paths)
+        _calibrate_and_log(cfg, store, val_ids, paths, metrics)
+    paths.write_state(status="finished", metrics=metrics, tracking=pending_note(paths.root))
+    return TrainResult(paths.root, metrics, run_id)
+
+
+@dataclass
+class _Resumable:
+    """What the run folder says of a request: what to go on from."""
+
+    cfg: ExperimentConfig  # with the store as the run recorded it
+    state: dict[str, Any]  # run.json; empty when the run starts (over)
+    config_hash: str
+    data_digest: str
+    restart: bool  # --force on an existing run: removed once every check has passed
+    replaced_run: str | None  # the MLflow run that --force supersedes
+
+
+def _resumable(
+    cfg: ExperimentConfig,
+    paths: RunPaths,
+    store: CellStore,
+    train_ids: list[str],
+    val_ids: list[str],
+    force: bool,
+) -> _Resumable:
+    """Check that the run in ``paths`` may go on with ``cfg`` (same configuration, same
+    data) or, with ``force``, be started over; a :class:`ConfigError` names why not."""
+    t = cfg.train
     state = paths.read_state()
     cfg = _store_as_recorded(cfg, state)
     chash = config_hash(cfg)
@@ -604,185 +680,173 @@ def train(
             "out of the run folder, or choose another train.run_name"
         )
     replaced_run = state.get("mlflow_run_id") if restart else None
-    if restart:
-        state = {}
-    if state.get("status") == "finished":
-        note = resend_pending(cfg.tracking, paths.root, cfg.name)  # kept during an outage
-        if note != state.get("tracking"):
-            paths.write_state(tracking=note)
-        return TrainResult(paths.root, state.get("metrics", {}), state.get("mlflow_run_id"), True)
+    return _Resumable(cfg, {} if restart else state, chash, data, restart, replaced_run)
 
-    check_tracking(cfg.tracking, paths.root, cfg.name)  # a dead server: one line, no work
-    ensure_ray()
-    quiet_ray_data()
-    # every node may host a worker (checkpoints, run folder) or a read task (the store)
-    check_shared_paths(read=[store.root], write=[paths.root])
-    cfg = fit_cluster(cfg)
+
+def _clear_for_restart(cfg: ExperimentConfig, paths: RunPaths) -> None:
+    """Remove the run that ``--force`` starts over, and Ray Train's state of it. An MLflow
+    store inside the run folder (the default) is kept: it holds the earlier run, tagged
+    superseded (``--force`` erased the record of the experiment it replaced)."""
+    import shutil
+
+    from cellst.tracking import store_inside
+
+    keep = (
+        {"mlflow.db", "mlartifacts"} if store_inside(cfg.tracking, paths.root, cfg.name) else set()
+    )
+    for child in paths.root.iterdir():
+        if child.name in keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    ray_state = Path(cfg.train.run_dir).absolute() / RAY_STORAGE_DIR / paths.root.name
+    shutil.rmtree(ray_state, ignore_errors=True)
+
+
+def _torch_trainer(
+    cfg: ExperimentConfig,
+    paths: RunPaths,
+    store: CellStore,
+    val_ids: list[str],
+    dataset,
+    run_id: str,
+    callbacks: list | None,
+    wait_tries: int,
+):
+    """The ``TorchTrainer`` of the run: its workers (or local mode), its failure and
+    checkpoint policy, and the MLflow logging of each epoch."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cellst.tracking.config import resolve_tracking
+    from cellst.train.epoch_log import EpochMetricsToMLflow
+    from cellst.train.loop import train_loop_per_worker
+
     t = cfg.train
-    # (a bad variable: before any work)
-    wait_env, wait_tries = node_wait_policy(t.node_wait_s, ELASTIC_TRY_S if t.min_workers else 60.0)
-    # the stream checks its pseudo-label set (complete, current, not empty): before --force
-    # deletes anything, as each check above
-    dataset = build_dataset(cfg, store, train_ids, val_ids)
-    if restart:  # every check passed: only now is the earlier run (and its checkpoints) gone
-        import shutil
-
-        # an MLflow store inside the run folder (the default) keeps the earlier run, tagged
-        # superseded below: --force erased the record of the experiment it replaced
-        inside = store_inside(cfg.tracking, paths.root, cfg.name)
-        keep = {"mlflow.db", "mlartifacts"} if inside else set()
-        for child in paths.root.iterdir():
-            if child.name in keep:
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-        shutil.rmtree(Path(t.run_dir).absolute() / RAY_STORAGE_DIR / name, ignore_errors=True)
-    run_tags = {
-        **store_tags(store),
-        "cellst.stage": "train",
-        "cellst.run_name": name,
-        LOCK_TAG: str(run_lock_file(paths.root)),  # held while this process trains
-        **(tags or {}),
-    }
-    with start_run(
-        cfg.tracking,
-        paths.root,
-        cfg.name,
-        name,
-        parent_run_id=parent_run_id,
-        run_id=state.get("mlflow_run_id"),
-        tags=run_tags,
-    ) as run:
-        run_id = run.info.run_id
-        mark_superseded(cfg.tracking, paths.root, cfg.name, replaced_run, run_id)
-        log_config(cfg)
-        paths.write_state(
-            mlflow_run_id=run_id,
-            config_hash=chash,
-            fingerprint=FINGERPRINT_VERSION,
-            config=cfg.model_dump(mode="json"),  # a changed one is refused naming the fields
-            store_version=store.version,  # the manifest version every worker reads
-            status="running",
-            error=None,
-            diverged=None,
-            train_ids=train_ids,
-            val_ids=val_ids,
-            data_digest=data,  # a resume on re-ingested items is refused
-        )
-        from cellst.tracking.config import resolve_tracking
-
-        uri = (
-            resolve_tracking(cfg.tracking, paths.root, cfg.name)[0]
-            if cfg.tracking.enabled
-            else None
-        )
-        single_node_defaults()
-        # epochs are logged by the controller once it holds their checkpoints (in local
-        # mode, which takes no callbacks, by the loop itself after saving its resume state)
-        epoch_logger = (
-            [
-                EpochMetricsToMLflow(
-                    uri,
-                    run_id,
-                    paths.root,
-                    timeout_s=cfg.tracking.timeout_s,
-                    retry_every_s=cfg.tracking.retry_every_s,
-                )
-            ]
-            if t.num_workers
-            else []
-        )
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "experiment": cfg.model_dump(mode="json"),
-                "run_path": str(paths.root),
-                "store": str(store.root),
-                "store_version": store.version,
-                "val_ids": val_ids,
-                "tracking_uri": uri,
-                "mlflow_run_id": run_id,
-                "inject_nan_at_step": int(os.environ.get("CELLST_INJECT_NAN_AT_STEP", "0")),
-                "local": t.num_workers == 0,  # the loop keeps its own resumable state
-            },
-            scaling_config=ray.train.ScalingConfig(
-                # an elastic group (train.min_workers) shrinks on a lost node, grows back
-                num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
-                use_gpu=t.use_gpu,
-                resources_per_worker={
-                    "CPU": t.cpus_per_worker,
-                    **({"GPU": 1} if t.use_gpu else {}),
-                },
-                placement_strategy=t.placement_strategy,
+    uri = resolve_tracking(cfg.tracking, paths.root, cfg.name)[0] if cfg.tracking.enabled else None
+    # epochs are logged by the controller once it holds their checkpoints (in local mode,
+    # which takes no callbacks, by the loop itself after saving its resume state)
+    epoch_logger = (
+        [
+            EpochMetricsToMLflow(
+                uri,
+                run_id,
+                paths.root,
+                timeout_s=cfg.tracking.timeout_s,
+                retry_every_s=cfg.tracking.retry_every_s,
             )
-            if t.num_workers
-            else ray.train.ScalingConfig(num_workers=0),  # local mode: in this process
-            run_config=ray.train.RunConfig(
-                name=name,
-                storage_path=str(Path(t.run_dir).absolute() / RAY_STORAGE_DIR),
-                failure_config=ray.train.FailureConfig(
-                    max_failures=t.max_failures, controller_failure_limit=wait_tries
-                ),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_last),
-                logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
-                callbacks=list(callbacks or []) + epoch_logger,
+        ]
+        if t.num_workers
+        else []
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "experiment": cfg.model_dump(mode="json"),
+            "run_path": str(paths.root),
+            "store": str(store.root),
+            "store_version": store.version,
+            "val_ids": val_ids,
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+            "inject_nan_at_step": int(os.environ.get("CELLST_INJECT_NAN_AT_STEP", "0")),
+            "local": t.num_workers == 0,  # the loop keeps its own resumable state
+        },
+        scaling_config=ray.train.ScalingConfig(
+            # an elastic group (train.min_workers) shrinks on a lost node, grows back
+            num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+            placement_strategy=t.placement_strategy,
+        )
+        if t.num_workers
+        else ray.train.ScalingConfig(num_workers=0),  # local mode: in this process
+        run_config=ray.train.RunConfig(
+            name=paths.root.name,
+            storage_path=str(Path(t.run_dir).absolute() / RAY_STORAGE_DIR),
+            failure_config=ray.train.FailureConfig(
+                max_failures=t.max_failures, controller_failure_limit=wait_tries
             ),
-            datasets={"train": dataset},
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_last),
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
+            callbacks=list(callbacks or []) + epoch_logger,
+        ),
+        datasets={"train": dataset},
+    )
+    # fit() installs Ray Train's own SIGINT handler, which asks the controller to abort: on
+    # a terminal's Ctrl-C (SIGINT to the whole process group) the training went on for
+    # epochs, then the command exited 1 without a word, recording "SystemExit: 1". Ctrl-C
+    # stays Python's KeyboardInterrupt, as SIGTERM is (raycluster.interrupt_on_sigterm): the
+    # run is recorded interrupted, the command exits 130, and the same command resumes it.
+    trainer._register_sigint_handler = lambda controller: None
+    return trainer
+
+
+def _fit(trainer, cfg: ExperimentConfig, paths: RunPaths, wait_env: dict[str, str]) -> dict:
+    """``trainer.fit()``; the metrics of its last epoch. Why a fit stopped is recorded in
+    ``run.json``; no room for the workers is a :class:`ClusterError` of one line."""
+    import torch
+
+    # the previous SIGINT handler is put back after the run (Ray Train's outlived it
+    # before: a later Ctrl-C called a dead controller)
+    sigint = signal.getsignal(signal.SIGINT)
+    threads = torch.get_num_threads()  # local mode: the loop sets this process's
+    try:
+        with environ(wait_env):
+            result = trainer.fit()
+    except BaseException as exc:  # the run's own record tells why it stopped
+        no_room = no_room_error(cfg, paths) if found_no_room(exc) else None
+        if paths.read_state().get("status") == "stopped" and not no_room:
+            raise  # a sweep's scheduler stopped it (and ended its workers): it says so
+        record_stop(paths, exc, str(no_room) if no_room else None)
+        if no_room:
+            raise no_room from None
+        raise
+    finally:
+        torch.set_num_threads(threads)
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
+    return dict(result.metrics or {}) or last_epoch_metrics(paths)
+
+
+def _raise_if_diverged(paths: RunPaths) -> None:
+    """:class:`TrainingDiverged` where the loop recorded a NaN or infinite loss."""
+    diverged = paths.read_state().get("diverged")
+    if diverged:
+        paths.write_state(status="diverged")
+        raise TrainingDiverged(
+            f"training diverged at epoch {diverged['epoch']}: {diverged['message']}; "
+            f"checkpoints of earlier epochs are kept in {paths.checkpoints}"
         )
-        # fit() installs Ray Train's own SIGINT handler, which asks the controller to abort:
-        # on a terminal's Ctrl-C (SIGINT to the whole process group) the training went on
-        # for epochs, then the command exited 1 without a word, recording "SystemExit: 1".
-        # Ctrl-C stays Python's KeyboardInterrupt, as SIGTERM is (raycluster.interrupt_on_sigterm):
-        # the run is recorded interrupted, the command exits 130, and the same command
-        # resumes it. The previous handler is also put back after the run (Ray Train's
-        # outlived it before: a later Ctrl-C called a dead controller).
-        trainer._register_sigint_handler = lambda controller: None
-        sigint = signal.getsignal(signal.SIGINT)
-        import torch
 
-        threads = torch.get_num_threads()  # local mode: the loop sets this process's
-        try:
-            with environ(wait_env):
-                result = trainer.fit()
-        except BaseException as exc:  # the run's own record tells why it stopped
-            no_room = no_room_error(cfg, paths) if found_no_room(exc) else None
-            if paths.read_state().get("status") == "stopped" and not no_room:
-                raise  # a sweep's scheduler stopped it (and ended its workers): it says so
-            record_stop(paths, exc, str(no_room) if no_room else None)
-            if no_room:
-                raise no_room from None
-            raise
-        finally:
-            torch.set_num_threads(threads)
-            if sigint is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, sigint)
-        metrics = dict(result.metrics or {}) or last_epoch_metrics(paths)
-        diverged = paths.read_state().get("diverged")
-        if diverged:
-            paths.write_state(status="diverged")
-            raise TrainingDiverged(
-                f"training diverged at epoch {diverged['epoch']}: {diverged['message']}; "
-                f"checkpoints of earlier epochs are kept in {paths.checkpoints}"
-            )
-        from cellst.postprocess.calibrate import calibrate_run  # postprocess.json per ckpt
 
-        try:
-            calibrate_run(cfg, store, val_ids, paths)
-            final = {f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-            log_metrics(final)
-            if paths.overlays.is_dir():
-                for png in sorted(paths.overlays.glob("*.png")):
-                    log_artifact(png, OVERLAYS_DIR)
-            ckpts = {
-                p.name: str(p)
-                for p in sorted(paths.checkpoints.iterdir())
-                if p.is_dir() and not p.name.startswith(".")  # not a copy left half-made
-            }
-            log_artifact(atomic_write_json(paths.checkpoint_list, ckpts))
-        except BaseException as exc:  # Ctrl-C while calibrating: not left "running"
-            record_stop(paths, exc)
-            raise
-    paths.write_state(status="finished", metrics=metrics, tracking=pending_note(paths.root))
-    return TrainResult(paths.root, metrics, run_id)
+def _calibrate_and_log(
+    cfg: ExperimentConfig,
+    store: CellStore,
+    val_ids: list[str],
+    paths: RunPaths,
+    metrics: dict[str, Any],
+) -> None:
+    """After the fit: each checkpoint's post-processing calibrated (``postprocess.json``),
+    and the final metrics, overlays and checkpoint list in MLflow. Interrupted (Ctrl-C),
+    the run is recorded so, not left "running"."""
+    from cellst.postprocess.calibrate import calibrate_run
+    from cellst.tracking import log_artifact, log_metrics
+
+    try:
+        calibrate_run(cfg, store, val_ids, paths)
+        log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)})
+        if paths.overlays.is_dir():
+            for png in sorted(paths.overlays.glob("*.png")):
+                log_artifact(png, OVERLAYS_DIR)
+        ckpts = {
+            p.name: str(p)
+            for p in sorted(paths.checkpoints.iterdir())
+            if p.is_dir() and not p.name.startswith(".")  # not a copy left half-made
+        }
+        log_artifact(atomic_write_json(paths.checkpoint_list, ckpts))
+    except BaseException as exc:  # Ctrl-C while calibrating: not left "running"
+        record_stop(paths, exc)
+        raise
