@@ -853,69 +853,20 @@ def predict(
         A bad checkpoint, source or request, or a set written by another model (before
         anything is written); :class:`PredictError` for failed items (after the others).
     """
-    from cellst.data.layout import is_store
-    from cellst.postprocess import PostprocessConfig
     from cellst.raycluster import check_shared_paths, ensure_ray
 
     checkpoint = str(Path(checkpoint).absolute())
     weights_sha256 = check_checkpoint(checkpoint)
-    infer = infer or InferenceConfig()
-    post = post or PostprocessConfig()
-    if calibrated:
-        from cellst.postprocess.calibrate import effective_inference, effective_postprocess
-
-        post, post_note = effective_postprocess(post, checkpoint)
-        infer, infer_note = effective_inference(infer, checkpoint)
-        post_note += f"; {infer_note}" if infer_note else ""
-    else:
-        post_note = "post-processing: settings as given"
-    if not 0 <= ignore_band < 0.5:
-        raise StoreError(f"ignore_band must be in [0, 0.5), got {ignore_band}")
-    from cellst.config import IngestConfig
-
-    norm = ingest or IngestConfig()
-    default = IngestConfig()
-    # a folder's images are normalised here: other percentiles make other labels
-    custom = not is_store(source) and (norm.low_percentile, norm.high_percentile) != (
-        default.low_percentile,
-        default.high_percentile,
+    settings = _prediction_settings(
+        checkpoint, weights_sha256, source, infer, post, calibrated, ignore_band, ingest
     )
-    normalization = (
-        f"percentiles {norm.low_percentile:g}-{norm.high_percentile:g}" if custom else ""
-    )
-    identity = model_identity(
-        weights_sha256, post, ignore_band, normalization, inference_identity(infer)
-    )
+    identity = settings.identity
     resources = resources or PredictConfig()
     out = Path(out_dir).absolute() if out_dir is not None else None
-    store = None
-    paths: dict[str, Path] = {}
-    if is_store(source):
-        store = CellStore(source)
-        if set_name is None and out is None:
-            raise StoreError("give --set-name (write into the store) and/or --out (tiff files)")
-        if ids is None and split:
-            ids = store.items(split=split)["id"].tolist()
-            if not ids:
-                have = ", ".join(sorted(set(store.manifest["split"]))) or "none"
-                raise StoreError(f"split {split!r} has no items in {store.root} (splits: {have})")
-        elif ids is None:  # the unlabelled items, else every item
-            df = store.items(split="unlabeled")
-            ids = (df if len(df) else store.items())["id"].tolist()
-        missing = [i for i in ids if i not in store]
-        if missing:
-            raise StoreError(f"items not in store {store.root}: {missing[:5]}")
-        if set_name is not None and not overwrite:
-            check_resume(store, set_name, checkpoint, identity)  # before Ray starts
-    else:
-        src = Path(source).absolute()  # its image paths go to Ray tasks in other folders
-        if not src.is_dir():
-            raise FileNotFoundError(f"{src} is neither a cellst store nor a folder of images")
-        if out is None:
-            raise StoreError("predicting a folder of images needs --out DIR")
-        set_name = None
-        paths = _folder_images(src, ids)  # by name, in the order of ids where given
-        ids = list(paths)
+    items = _requested_items(source, set_name, out, ids, split)
+    store, set_name, ids, paths = items.store, items.set_name, items.ids, items.paths
+    if store is not None and set_name is not None and not overwrite:
+        check_resume(store, set_name, checkpoint, identity)  # before Ray starts
     if out is not None:  # one line before Ray starts and before the set is touched
         check_writable(out)
     sources = None if out is None else source_records(store, paths, ids)
@@ -928,7 +879,7 @@ def predict(
     resources = fit_resources(resources)
     # every node may host an actor: it loads the checkpoint, reads the images, writes labels
     check_shared_paths(
-        read=[checkpoint, store.root if store is not None else src],
+        read=[checkpoint, store.root if store is not None else items.folder],
         write=[store.root / PSEUDO_DIR] if store is not None and set_name else [out],
     )
     if store is not None and set_name is not None:
@@ -938,33 +889,17 @@ def predict(
         out.mkdir(parents=True, exist_ok=True)
     done = done_items(store, set_name, out_done)
     todo = [i for i in ids if i not in done]
+    post = settings.post
     result = PredictResult(
         skipped=[i for i in ids if i in done],
         postprocess=post.model_dump(),
-        postprocess_note=post_note,
+        postprocess_note=settings.note,
         model_id=identity["model_id"],
     )
     fatal = ""  # why the model failed on the actors (every item fails then)
     t0 = time.perf_counter()
     if todo:
-        if store is not None:
-            from cellst.data.datasource import image_dataset
-
-            ds = image_dataset(store, todo)
-        else:
-            from cellst.data.executor import pace
-
-            ds = pace(ray.data.from_items([{"id": i, "path": str(paths[i])} for i in todo]))
-            ds = ds.map(
-                _read_folder_image,
-                fn_kwargs={
-                    "low": norm.low_percentile,
-                    "high": norm.high_percentile,
-                    "max_pixels": norm.max_pixels,
-                    "min_side": norm.min_side,
-                },
-                num_cpus=READ_CPUS,
-            )
+        ds = _input_dataset(store, todo, paths, settings.norm)
         write = {
             "post": post.model_dump(),
             "store_root": str(store.root) if store is not None and set_name else None,
@@ -980,7 +915,17 @@ def predict(
         }
         model = {"checkpoint": checkpoint, "weights_sha256": weights_sha256}
         (fatal,) = _run_pool(
-            ds, [model], [write], None, infer, resources, [result], paths, len(todo), progress, t0
+            ds,
+            [model],
+            [write],
+            None,
+            settings.infer,
+            resources,
+            [result],
+            paths,
+            len(todo),
+            progress,
+            t0,
         )
     result.seconds = time.perf_counter() - t0
     if store is not None and set_name is not None:
@@ -988,6 +933,131 @@ def predict(
     if result.failed and (fatal or not skip_bad):
         raise PredictError(_failure_message(result, fatal, out, set_name), result)
     return result
+
+
+@dataclass
+class _Settings:
+    """What :func:`predict` predicts with, and the model identity of what it writes."""
+
+    infer: InferenceConfig
+    post: Any  # PostprocessConfig
+    note: str  # which post-processing and inference settings, and why (calibrated or given)
+    norm: Any  # IngestConfig: how a folder's images are read and normalised
+    identity: dict[str, Any]  # model_identity(...): a set or folder of another never mixes
+
+
+def _prediction_settings(
+    checkpoint: str,
+    weights_sha256: str,
+    source: str | Path,
+    infer: InferenceConfig | None,
+    post: Any,
+    calibrated: bool,
+    ignore_band: float,
+    ingest: Any,
+) -> _Settings:
+    """The settings of :func:`predict`: the checkpoint's calibrated ones for the fields not
+    set explicitly (``calibrated``), else those given."""
+    from cellst.config import IngestConfig
+    from cellst.data.layout import is_store
+    from cellst.postprocess import PostprocessConfig
+
+    infer = infer or InferenceConfig()
+    post = post or PostprocessConfig()
+    if calibrated:
+        from cellst.postprocess.calibrate import effective_inference, effective_postprocess
+
+        post, note = effective_postprocess(post, checkpoint)
+        infer, infer_note = effective_inference(infer, checkpoint)
+        note += f"; {infer_note}" if infer_note else ""
+    else:
+        note = "post-processing: settings as given"
+    if not 0 <= ignore_band < 0.5:
+        raise StoreError(f"ignore_band must be in [0, 0.5), got {ignore_band}")
+    norm = ingest or IngestConfig()
+    default = IngestConfig()
+    # a folder's images are normalised here: other percentiles make other labels
+    custom = not is_store(source) and (norm.low_percentile, norm.high_percentile) != (
+        default.low_percentile,
+        default.high_percentile,
+    )
+    normalization = (
+        f"percentiles {norm.low_percentile:g}-{norm.high_percentile:g}" if custom else ""
+    )
+    identity = model_identity(
+        weights_sha256, post, ignore_band, normalization, inference_identity(infer)
+    )
+    return _Settings(infer, post, note, norm, identity)
+
+
+@dataclass
+class _Items:
+    """What :func:`predict` was asked to predict."""
+
+    store: CellStore | None  # the store, or None for a folder of images
+    set_name: str | None  # the pseudo-label set to write (None for a folder)
+    ids: list[str]
+    paths: dict[str, Path]  # a folder's images by id (empty for a store)
+    folder: Path | None  # the folder of images (None for a store)
+
+
+def _requested_items(
+    source: str | Path,
+    set_name: str | None,
+    out: Path | None,
+    ids: list[str] | None,
+    split: str | None,
+) -> _Items:
+    """The items of ``source`` to predict: ``ids``, the items of ``split``, else the
+    store's unlabelled items (every item where there are none), or a folder's images.
+    A request that cannot be met is one :class:`StoreError` line."""
+    from cellst.data.layout import is_store
+
+    if is_store(source):
+        store = CellStore(source)
+        if set_name is None and out is None:
+            raise StoreError("give --set-name (write into the store) and/or --out (tiff files)")
+        if ids is None and split:
+            ids = store.items(split=split)["id"].tolist()
+            if not ids:
+                have = ", ".join(sorted(set(store.manifest["split"]))) or "none"
+                raise StoreError(f"split {split!r} has no items in {store.root} (splits: {have})")
+        elif ids is None:  # the unlabelled items, else every item
+            df = store.items(split="unlabeled")
+            ids = (df if len(df) else store.items())["id"].tolist()
+        missing = [i for i in ids if i not in store]
+        if missing:
+            raise StoreError(f"items not in store {store.root}: {missing[:5]}")
+        return _Items(store, set_name, ids, {}, None)
+    src = Path(source).absolute()  # its image paths go to Ray tasks in other folders
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is neither a cellst store nor a folder of images")
+    if out is None:
+        raise StoreError("predicting a folder of images needs --out DIR")
+    paths = _folder_images(src, ids)  # by name, in the order of ids where given
+    return _Items(None, None, list(paths), paths, src)
+
+
+def _input_dataset(store: CellStore | None, todo: list[str], paths: dict[str, Path], norm):
+    """The Ray dataset of the images to predict: a store's items, or a folder's images read
+    and normalised by Ray tasks."""
+    if store is not None:
+        from cellst.data.datasource import image_dataset
+
+        return image_dataset(store, todo)
+    from cellst.data.executor import pace
+
+    ds = pace(ray.data.from_items([{"id": i, "path": str(paths[i])} for i in todo]))
+    return ds.map(
+        _read_folder_image,
+        fn_kwargs={
+            "low": norm.low_percentile,
+            "high": norm.high_percentile,
+            "max_pixels": norm.max_pixels,
+            "min_side": norm.min_side,
+        },
+        num_cpus=READ_CPUS,
+    )
 
 
 def _folder_images(src: Path, ids: list[str] | None) -> dict[str, Path]:
