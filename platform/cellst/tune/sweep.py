@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -505,7 +505,6 @@ def _run_sweep(
 ) -> SweepResult:
     """:func:`run_sweep` once its request is checked, with the sweep's lock held."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from cellst.config import dump_config
@@ -518,7 +517,6 @@ def _run_sweep(
         start_run,
         store_tags,
     )
-    from cellst.train.trainer import fit_cluster
     from cellst.tune.space import to_tune
 
     if not verbose():  # Tune's own console tables; cellst prints the results itself
@@ -585,55 +583,12 @@ def _run_sweep(
             "parent_id": parent_id,
             "tracking": tracking.model_dump(mode="json"),
         }
-        callbacks: list = []
         if t.mode == "postprocess":
-            from cellst.postprocess.calibrate import effective_postprocess
-
-            # the current settings: what `cellst predict` uses with this checkpoint
-            post, note = effective_postprocess(cfg.postprocess, t.checkpoint)
-            log(f"[tune] {note}")
-            if inference_note:
-                log(f"[tune] {inference_note}")
-            ctx.update(
-                maps=str(prepare_maps(cfg, val_ids, root, log, store)),
-                ids=val_ids,
-                post=post.model_dump(mode="json"),
-                evaluate=cfg.evaluate.model_dump(mode="json"),
-            )
-            trainable = tune.with_resources(
-                tune.with_parameters(_postprocess_trial, ctx=ctx), {"cpu": t.trial_cpus}
-            )
-            metric, per_trial = "val_f1", t.trial_cpus
-            scheduler = None
-            baseline = score_postprocess(Path(ctx["maps"]), val_ids, ctx["post"], ctx["evaluate"])[
-                "val_f1"
-            ]
+            plan = _postprocess_plan(cfg, store, val_ids, root, ctx, inference_note, log)
         else:
-            baseline = None
-            run_cfg = fit_cluster(cfg)
-            run_cfg = run_cfg.model_copy(deep=True)
-            run_cfg.tracking = tracking
-            run_cfg.train.run_dir = str(root / "trials")
-            ctx["experiment_cfg"] = run_cfg.model_dump(mode="json")
-            # the trial's driver only waits on its TorchTrainer; the workers hold the CPUs
-            trainable = tune.with_resources(
-                tune.with_parameters(_train_trial, ctx=ctx), {"cpu": 0.05}
-            )
-            t_cfg = run_cfg.train
-            metric = "best_val_f1"
-            per_trial = t_cfg.num_workers * t_cfg.cpus_per_worker + t_cfg.augment_cpus + 0.05
-            scheduler = (
-                ASHAScheduler(
-                    time_attr="training_iteration",
-                    # past the last epoch: a trial that gets there ends by itself, its
-                    # checkpoints calibrated, instead of being stopped at its last report
-                    max_t=t_cfg.epochs + 1,
-                    grace_period=min(t.grace_period, t_cfg.epochs),
-                )
-                if t.scheduler == "asha"
-                else None
-            )
-            callbacks.append(ReleaseStoppedTrials(root, name))
+            plan = _training_plan(cfg, root, name, tracking, ctx)
+        trainable, metric, per_trial = plan.trainable, plan.metric, plan.per_trial
+        callbacks, baseline = plan.callbacks, plan.baseline
         concurrency = _concurrency(cfg, per_trial)
         expected = planned_trials(t.num_samples, to_tune(t.space))
         callbacks.append(TrialProgress(expected, metric, bar=sys.stderr.isatty()))
@@ -653,7 +608,7 @@ def _run_sweep(
                     metric=metric,
                     mode="max",
                     num_samples=t.num_samples,
-                    scheduler=scheduler,
+                    scheduler=plan.scheduler,
                     search_alg=BasicVariantGenerator(
                         max_concurrent=concurrency, random_state=t.seed
                     ),
@@ -692,7 +647,7 @@ def _run_sweep(
         best_params = {k: plain(best[k]) for k in t.space}
         # best.yaml's config: the settings its score refers to (in post-processing mode the
         # checkpoint's calibrated ones, on which the trials' own are set), not the defaults
-        current = cfg if t.mode != "postprocess" else cfg.model_copy(update={"postprocess": post})
+        current = cfg if plan.post is None else cfg.model_copy(update={"postprocess": plan.post})
         write_outputs(current, root, table, metric, best_params, baseline)
         from cellst.tracking import log_artifact, log_figure, log_metrics, log_table
 
@@ -703,6 +658,91 @@ def _run_sweep(
         log(f"[tune] {len(table)} trials in {time.perf_counter() - t0:.0f} s")
     return SweepResult(
         root, table, metric, best_params, float(best[metric]), parent_id, uri, resumed, baseline
+    )
+
+
+@dataclass
+class _TrialPlan:
+    """What each trial of a sweep runs, and how the sweep scores it."""
+
+    trainable: Any
+    metric: str  # the score a trial reports (higher is better)
+    per_trial: float  # CPUs one trial holds, its workers included
+    callbacks: list = field(default_factory=list)
+    scheduler: Any = None  # Tune's trial scheduler (ASHA) or None
+    baseline: float | None = None  # the current settings' score (post-processing sweeps)
+    post: Any = None  # the checkpoint's current post-processing (post-processing sweeps)
+
+
+def _postprocess_plan(
+    cfg: ExperimentConfig,
+    store: CellStore,
+    val_ids: list,
+    root: Path,
+    ctx: dict[str, Any],
+    inference_note: str,
+    log: Callable[[str], None],
+) -> _TrialPlan:
+    """A post-processing sweep: each trial scores a setting on the validation items' cached
+    maps, beside the checkpoint's current settings (the baseline)."""
+    from ray import tune
+
+    from cellst.postprocess.calibrate import effective_postprocess
+
+    t = cfg.tune
+    # the current settings: what `cellst predict` uses with this checkpoint
+    post, note = effective_postprocess(cfg.postprocess, t.checkpoint)
+    log(f"[tune] {note}")
+    if inference_note:
+        log(f"[tune] {inference_note}")
+    ctx.update(
+        maps=str(prepare_maps(cfg, val_ids, root, log, store)),
+        ids=val_ids,
+        post=post.model_dump(mode="json"),
+        evaluate=cfg.evaluate.model_dump(mode="json"),
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(_postprocess_trial, ctx=ctx), {"cpu": t.trial_cpus}
+    )
+    baseline = score_postprocess(Path(ctx["maps"]), val_ids, ctx["post"], ctx["evaluate"])
+    return _TrialPlan(trainable, "val_f1", t.trial_cpus, baseline=baseline["val_f1"], post=post)
+
+
+def _training_plan(
+    cfg: ExperimentConfig, root: Path, name: str, tracking, ctx: dict[str, Any]
+) -> _TrialPlan:
+    """A training sweep: each trial is a training (its workers sized to the cluster), ranked
+    by its best checkpoint's score, and stopped early by ASHA where configured."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from cellst.train.trainer import fit_cluster
+
+    t = cfg.tune
+    run_cfg = fit_cluster(cfg).model_copy(deep=True)
+    run_cfg.tracking = tracking
+    run_cfg.train.run_dir = str(root / "trials")
+    ctx["experiment_cfg"] = run_cfg.model_dump(mode="json")
+    # the trial's driver only waits on its TorchTrainer; the workers hold the CPUs
+    trainable = tune.with_resources(tune.with_parameters(_train_trial, ctx=ctx), {"cpu": 0.05})
+    t_cfg = run_cfg.train
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            # past the last epoch: a trial that gets there ends by itself, its checkpoints
+            # calibrated, instead of being stopped at its last report
+            max_t=t_cfg.epochs + 1,
+            grace_period=min(t.grace_period, t_cfg.epochs),
+        )
+        if t.scheduler == "asha"
+        else None
+    )
+    return _TrialPlan(
+        trainable,
+        "best_val_f1",
+        t_cfg.num_workers * t_cfg.cpus_per_worker + t_cfg.augment_cpus + 0.05,
+        callbacks=[ReleaseStoppedTrials(root, name)],
+        scheduler=scheduler,
     )
 
 
