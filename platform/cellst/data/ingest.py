@@ -856,6 +856,106 @@ def _stop_tasks(refs: list, grace: float = 5.0) -> None:
             _, running = ray.wait(running, num_returns=len(running), timeout=wait)
 
 
+def _source_warnings(src: str | Path, items: list) -> list[str]:
+    """What in ``src`` is not ingested although it looks meant to be: a ``modalities.csv``
+    row naming no image, image folders cellst does not read, folders named like files."""
+    walk = list(_source_folders(Path(src), WALK_DEPTH))
+    return (
+        [
+            f"{Path(src) / MODALITIES_FILE}: row {name!r} names no image of the source"
+            for name in unmatched_modalities(src, items)
+        ]
+        + [
+            f"{line}: cellst reads SRC/SPLIT/, SPLIT/images/ and SPLIT/labels/ (or a plain "
+            "folder); ingest that folder on its own, or move its images up"
+            for line in unread_image_folders(src, items, walk=walk)
+        ]
+        + folders_named_like_files(src, walk=walk)
+    )
+
+
+def _mark_silent_replacements(outcomes: list[dict], by_item: dict, prev_rows: dict) -> None:
+    """Mark ``bad`` each staged outcome that would replace a stored item unasked (another
+    folder's image of its name, a labelled item made unlabelled: :func:`silent_replacements`)."""
+    good = [o for o in outcomes if o["status"] != "bad"]
+    rows_now = []
+    for o in good:
+        it = by_item[o["row"]["id"]]
+        rows_now.append({**o["row"], "source_path": it.image, "label_path": it.label})
+    found = dict(silent_replacements(rows_now, prev_rows))
+    for o, row in zip(good, rows_now, strict=True):
+        if row["source_path"] in found:
+            why = found[row["source_path"]]
+            o.update(status="bad", id=row["id"], problem=(row["source_path"], why))
+
+
+def _ingested_rows(
+    outcomes: list[dict], by_item: dict, prev_rows: dict, result: IngestResult
+) -> dict[str, dict]:
+    """The manifest rows of the items staged without a problem, each counted in ``result``
+    as added, updated or unchanged."""
+    rows: dict[str, dict] = {}
+    for o in outcomes:
+        if o["status"] == "bad":
+            continue
+        row = dict(o["row"])
+        it = by_item[row["id"]]
+        where = {
+            "split": it.split,
+            "modality": it.modality,
+            "source_path": it.image,
+            "label_path": it.label,
+        }
+        status = o["status"]
+        if status == "new" and row["id"] in prev_rows:
+            status = "updated"  # its arrays were gone from the store
+        if status == "unchanged" and any(row.get(k) != v for k, v in where.items()):
+            status = "updated"  # same pixels, but another split, modality or path
+        row.update(where)
+        rows[row["id"]] = row
+        {"new": result.added, "updated": result.updated, "unchanged": result.unchanged}[
+            status
+        ].append(row["id"])
+    return rows
+
+
+def _carry_over(
+    prev_rows: dict,
+    rows: dict[str, dict],
+    result: IngestResult,
+    prune: bool,
+    skipped: tuple[set, set],
+) -> list[str]:
+    """Add to ``rows`` the stored items this ingest did not stage and keeps: a skipped
+    item's (its file is still in SRC), and without ``prune`` every other. Return the kept
+    items whose image file is gone."""
+    skipped_ids, skipped_sources = skipped
+    ingested_as = {row["source_path"]: item_id for item_id, row in rows.items()}
+    gone: list[str] = []
+    for item_id, row in prev_rows.items():
+        if item_id in rows:
+            continue
+        if row["source_path"] in ingested_as:
+            # the same file under a new id (an earlier cellst kept an OME-TIFF's ".ome", or
+            # a folder prefix came or went): one item, not two
+            result.removed.append(item_id)
+            result.warnings.append(
+                f"item {item_id!r} is now item {ingested_as[row['source_path']]!r} "
+                f"(the same file, {row['source_path']})"
+            )
+            continue
+        is_skipped = item_id in skipped_ids or row["source_path"] in skipped_sources
+        if prune and not is_skipped:
+            result.removed.append(item_id)
+            continue
+        rows[item_id] = row
+        if is_skipped:
+            result.kept.append(item_id)
+        elif not Path(row["source_path"]).exists():
+            gone.append(item_id)
+    return gone
+
+
 def ingest(
     src: str | Path,
     store: str | Path,
@@ -938,19 +1038,7 @@ def ingest(
         if not items:
             raise IngestError(problems, skippable=False)
         result.renamed = [(it.image, it.id) for it in items if it.renamed_from]
-        walk = list(_source_folders(Path(src), WALK_DEPTH))
-        result.warnings = (
-            [
-                f"{Path(src) / MODALITIES_FILE}: row {name!r} names no image of the source"
-                for name in unmatched_modalities(src, items)
-            ]
-            + [
-                f"{line}: cellst reads SRC/SPLIT/, SPLIT/images/ and SPLIT/labels/ (or a plain "
-                "folder); ingest that folder on its own, or move its images up"
-                for line in unread_image_folders(src, items, walk=walk)
-            ]
-            + folders_named_like_files(src, walk=walk)
-        )
+        result.warnings = _source_warnings(src, items)
         try:
             ensure_ray()
             # every node reads the sources and writes arrays into the staging folder
@@ -970,63 +1058,15 @@ def ingest(
             finished = True
             by_item = {it.id: it for it in items}
             if not replace:  # what would replace a stored item unasked is a bad file
-                good = [o for o in outcomes if o["status"] != "bad"]
-                rows_now = []
-                for o in good:
-                    it = by_item[o["row"]["id"]]
-                    rows_now.append({**o["row"], "source_path": it.image, "label_path": it.label})
-                found = dict(silent_replacements(rows_now, prev_rows))
-                for o, row in zip(good, rows_now, strict=True):
-                    if row["source_path"] in found:
-                        why = found[row["source_path"]]
-                        o.update(status="bad", id=row["id"], problem=(row["source_path"], why))
+                _mark_silent_replacements(outcomes, by_item, prev_rows)
             bad = [o["problem"] for o in outcomes if o["status"] == "bad"]
             if bad and not skip_bad:
                 raise IngestError(sorted(problems + bad))
             skipped_ids |= {o["id"] for o in outcomes if o["status"] == "bad"}
-            rows: dict[str, dict] = {}
-            for o in outcomes:
-                if o["status"] == "bad":
-                    continue
-                row = dict(o["row"])
-                it = by_item[row["id"]]
-                where = {
-                    "split": it.split,
-                    "modality": it.modality,
-                    "source_path": it.image,
-                    "label_path": it.label,
-                }
-                status = o["status"]
-                if status == "new" and row["id"] in prev_rows:
-                    status = "updated"  # its arrays were gone from the store
-                if status == "unchanged" and any(row.get(k) != v for k, v in where.items()):
-                    status = "updated"  # same pixels, but another split, modality or path
-                row.update(where)
-                rows[row["id"]] = row
-                {"new": result.added, "updated": result.updated, "unchanged": result.unchanged}[
-                    status
-                ].append(row["id"])
-            ingested_as = {row["source_path"]: item_id for item_id, row in rows.items()}
-            gone: list[str] = []  # kept items whose image file is no longer there
-            for item_id, row in prev_rows.items():
-                if item_id not in rows and row["source_path"] in ingested_as:
-                    # the same file under a new id (an earlier cellst kept an OME-TIFF's
-                    # ".ome", or a folder prefix came or went): one item, not two
-                    result.removed.append(item_id)
-                    result.warnings.append(
-                        f"item {item_id!r} is now item {ingested_as[row['source_path']]!r} "
-                        f"(the same file, {row['source_path']})"
-                    )
-                elif item_id not in rows:  # a skipped item is still in SRC: --prune keeps it
-                    skipped = item_id in skipped_ids or row["source_path"] in skipped_sources
-                    if prune and not skipped:
-                        result.removed.append(item_id)
-                    else:
-                        rows[item_id] = row
-                        if skipped:
-                            result.kept.append(item_id)
-                        elif not Path(row["source_path"]).exists():
-                            gone.append(item_id)
+            rows = _ingested_rows(outcomes, by_item, prev_rows, result)
+            gone = _carry_over(
+                prev_rows, rows, result, prune, skipped=(skipped_ids, skipped_sources)
+            )
             leaks = _hold_back_leaks(rows, prev_rows, result, skip_bad)
             if leaks and not skip_bad:
                 raise IngestError(sorted(problems + bad + leaks))
