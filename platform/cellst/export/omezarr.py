@@ -551,7 +551,6 @@ def export_store(
     """
     from tqdm.auto import tqdm
 
-    from cellst.data.images import ignored_pixel_size
     from cellst.data.store import CellStore, StoreError
 
     if measure is True:
@@ -599,74 +598,16 @@ def export_store(
                 if measure
                 else "",
             }
-            scale = (pixel_size, unit) if pixel_size is not None else source_pixel_size(row)
             out = out_dir / f"{item_id}{SUFFIX}"
-            earlier = (cellst_provenance(out) or {}).get("pixel_size") if out.exists() else None
-            # the source's digest is read only where its size would change the export
-            same = scale is not None and earlier == [
-                list(v) if isinstance(v, tuple) else v for v in scale
-            ]
-            missing = None if pixel_size is not None or same else source_missing(row)
-            if missing:  # not the image stored: the earlier export's size, if it had one
-                scale = (earlier[0], earlier[1]) if earlier else None
-                if log is not None:
-                    log(
-                        f"{item_id}: its source {row.source_path} is {missing}; "
-                        + (
-                            "kept the pixel size of the earlier export"
-                            if earlier
-                            else "exported in pixels (--pixel-size sets one)"
-                        )
-                    )
-            elif scale is None and log is not None and row.source_path:
-                if why := ignored_pixel_size(row.source_path):
-                    log(f"{item_id}: {why}; exported in pixels (--pixel-size sets one)")
+            scale = _item_scale(row, out, pixel_size, unit, log)
             if scale is not None:  # (absent otherwise: exports of earlier cellst match)
                 # as JSON reads it back: a (y, x) pair as a list
                 stamp["pixel_size"] = [list(v) if isinstance(v, tuple) else v for v in scale]
             outputs.append(out)
-            if out.exists() and not overwrite:
-                old = cellst_provenance(out)
-                if old is None or old.get("command") == "segment":
-                    what = "`cellst segment`'s output" if old else "not a cellst export"
-                    raise FileExistsError(
-                        f"{out} exists and is {what}; export into another folder, or pass "
-                        "--overwrite (overwrite=True) to replace it"
-                    )
-                keys = (set(stamp) | set(old)) - {"store"}  # a key only one of them has counts
-                if {k: old.get(k) for k in keys} == {k: stamp.get(k) for k in keys}:
-                    continue
-            image = store.image(item_id)
-            labels: dict[str, np.ndarray] = {}
-            label_attrs: dict[str, dict[str, Any]] = {}
-            if row.label_array:
-                labels[GROUND_TRUTH] = store.label(item_id)
-                label_attrs[GROUND_TRUTH] = {"cellst": {"source": row.label_path}}
-            for s in held:
-                labels[s] = store.pseudo_label(s, item_id)
-                label_attrs[s] = {"cellst": {"pseudo_set": s, **store.pseudo_set_info(s)}}
-            props = {k: measure(v, image) for k, v in labels.items()} if measure else None
-            # a cellst export keeps a user's additions; --overwrite of another folder does not
-            ours = out.exists() and "item" in (cellst_provenance(out) or {})
-            entries, user_labels = foreign_content(out) if ours else ([], [])
-            kept = [*entries, *(f"labels/{n}" for n in user_labels)]
-            kept += [f"attribute {n}" for n in (foreign_attributes(out) if ours else [])]
-            write_ome_zarr(
-                out,
-                image,
-                labels,
-                props,
-                name=item_id,
-                pyramid_threshold=pyramid_threshold,
-                pixel_size=scale[0] if scale else 1.0,
-                unit=scale[1] if scale else None,
-                attributes={"cellst": stamp},
-                label_attributes=label_attrs,
-                keep_foreign=ours,
-            )
+            if out.exists() and not overwrite and _export_is_current(out, stamp):
+                continue
+            _write_item(store, row, held, out, stamp, scale, measure, pyramid_threshold, log)
             written += 1
-            if kept and log is not None:
-                log(f"rewrote {out}, keeping what cellst did not write there: {', '.join(kept)}")
     if log is not None:
         log(f"{written} written, {len(outputs) - written} unchanged")
         if items is None and (gone := orphan_exports(out_dir, store_path, outputs)):
@@ -675,6 +616,101 @@ def export_store(
                 f"(e.g. {gone[0].name}); remove them if they are no longer wanted"
             )
     return outputs
+
+
+def _item_scale(
+    row: Any,
+    out: Path,
+    pixel_size: float | None,
+    unit: str,
+    log: Callable[[str], None] | None,
+) -> tuple | None:
+    """An item's ``(pixel size, unit)``: the one given, else what its source file declares;
+    a source that is gone or changed keeps the earlier export's (None: in pixels)."""
+    from cellst.data.images import ignored_pixel_size
+
+    item_id = row.id
+    scale = (pixel_size, unit) if pixel_size is not None else source_pixel_size(row)
+    earlier = (cellst_provenance(out) or {}).get("pixel_size") if out.exists() else None
+    # the source's digest is read only where its size would change the export
+    same = scale is not None and earlier == [list(v) if isinstance(v, tuple) else v for v in scale]
+    missing = None if pixel_size is not None or same else source_missing(row)
+    if missing:  # not the image stored: the earlier export's size, if it had one
+        scale = (earlier[0], earlier[1]) if earlier else None
+        if log is not None:
+            log(
+                f"{item_id}: its source {row.source_path} is {missing}; "
+                + (
+                    "kept the pixel size of the earlier export"
+                    if earlier
+                    else "exported in pixels (--pixel-size sets one)"
+                )
+            )
+    elif scale is None and log is not None and row.source_path:
+        if why := ignored_pixel_size(row.source_path):
+            log(f"{item_id}: {why}; exported in pixels (--pixel-size sets one)")
+    return scale
+
+
+def _export_is_current(out: Path, stamp: dict[str, Any]) -> bool:
+    """Whether the cellst export at ``out`` was written from the sources ``stamp`` names
+    (then it is kept). A folder there that is no cellst export is a
+    :class:`FileExistsError`."""
+    old = cellst_provenance(out)
+    if old is None or old.get("command") == "segment":
+        what = "`cellst segment`'s output" if old else "not a cellst export"
+        raise FileExistsError(
+            f"{out} exists and is {what}; export into another folder, or pass "
+            "--overwrite (overwrite=True) to replace it"
+        )
+    keys = (set(stamp) | set(old)) - {"store"}  # a key only one of them has counts
+    return {k: old.get(k) for k in keys} == {k: stamp.get(k) for k in keys}
+
+
+def _write_item(
+    store: Any,
+    row: Any,
+    held: list[str],
+    out: Path,
+    stamp: dict[str, Any],
+    scale: tuple | None,
+    measure: Measure | None,
+    pyramid_threshold: int,
+    log: Callable[[str], None] | None,
+) -> None:
+    """Write one item's group: its image, ground truth and the pseudo-label sets ``held``,
+    keeping what a user added to an earlier cellst export of it."""
+    item_id = row.id
+    image = store.image(item_id)
+    labels: dict[str, np.ndarray] = {}
+    label_attrs: dict[str, dict[str, Any]] = {}
+    if row.label_array:
+        labels[GROUND_TRUTH] = store.label(item_id)
+        label_attrs[GROUND_TRUTH] = {"cellst": {"source": row.label_path}}
+    for s in held:
+        labels[s] = store.pseudo_label(s, item_id)
+        label_attrs[s] = {"cellst": {"pseudo_set": s, **store.pseudo_set_info(s)}}
+    props = {k: measure(v, image) for k, v in labels.items()} if measure else None
+    # a cellst export keeps a user's additions; --overwrite of another folder does not
+    ours = out.exists() and "item" in (cellst_provenance(out) or {})
+    entries, user_labels = foreign_content(out) if ours else ([], [])
+    kept = [*entries, *(f"labels/{n}" for n in user_labels)]
+    kept += [f"attribute {n}" for n in (foreign_attributes(out) if ours else [])]
+    write_ome_zarr(
+        out,
+        image,
+        labels,
+        props,
+        name=item_id,
+        pyramid_threshold=pyramid_threshold,
+        pixel_size=scale[0] if scale else 1.0,
+        unit=scale[1] if scale else None,
+        attributes={"cellst": stamp},
+        label_attributes=label_attrs,
+        keep_foreign=ours,
+    )
+    if kept and log is not None:
+        log(f"rewrote {out}, keeping what cellst did not write there: {', '.join(kept)}")
 
 
 def orphan_exports(
