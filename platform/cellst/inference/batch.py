@@ -972,8 +972,7 @@ def _prediction_settings(
         note += f"; {infer_note}" if infer_note else ""
     else:
         note = "post-processing: settings as given"
-    if not 0 <= ignore_band < 0.5:
-        raise StoreError(f"ignore_band must be in [0, 0.5), got {ignore_band}")
+    _check_ignore_band(ignore_band)
     norm = ingest or IngestConfig()
     default = IngestConfig()
     # a folder's images are normalised here: other percentiles make other labels
@@ -1025,9 +1024,7 @@ def _requested_items(
         elif ids is None:  # the unlabelled items, else every item
             df = store.items(split="unlabeled")
             ids = (df if len(df) else store.items())["id"].tolist()
-        missing = [i for i in ids if i not in store]
-        if missing:
-            raise StoreError(f"items not in store {store.root}: {missing[:5]}")
+        _check_items(store, ids)
         return _Items(store, set_name, ids, {}, None)
     src = Path(source).absolute()  # its image paths go to Ray tasks in other folders
     if not src.is_dir():
@@ -1038,9 +1035,27 @@ def _requested_items(
     return _Items(None, None, list(paths), paths, src)
 
 
-def _input_dataset(store: CellStore | None, todo: list[str], paths: dict[str, Path], norm):
-    """The Ray dataset of the images to predict: a store's items, or a folder's images read
-    and normalised by Ray tasks."""
+def _check_ignore_band(band: float) -> None:
+    """An ignore band (the uncertain pixels' margin around ``mask_threshold``) is in
+    ``[0, 0.5)``; else one :class:`StoreError` line, before any work."""
+    if not 0 <= band < 0.5:
+        raise StoreError(f"ignore_band must be in [0, 0.5), got {band}")
+
+
+def _check_items(store: CellStore, ids: list[str]) -> None:
+    missing = [i for i in ids if i not in store]
+    if missing:
+        raise StoreError(f"items not in store {store.root}: {missing[:5]}")
+
+
+def _input_dataset(
+    store: CellStore | None,
+    todo: list[str],
+    paths: dict[str, Path] | None = None,
+    norm: Any = None,
+):
+    """The Ray dataset of the images to predict: a store's items, or a folder's images
+    (``paths``) read and normalised (``norm``, an IngestConfig) by Ray tasks."""
     if store is not None:
         from cellst.data.datasource import image_dataset
 
@@ -1133,14 +1148,11 @@ def predict_sets(
     if not requests or len(set(names)) != len(names):
         raise StoreError(f"predict_sets needs distinct set names, got {names}")
     store = CellStore(store_root)
-    missing = [i for i in ids if i not in store]
-    if missing:
-        raise StoreError(f"items not in store {store.root}: {missing[:5]}")
+    _check_items(store, ids)
     digests: dict[str, str] = {}
     checkpoints, identities = [], []
     for r in requests:
-        if not 0 <= r.ignore_band < 0.5:
-            raise StoreError(f"ignore_band must be in [0, 0.5), got {r.ignore_band}")
+        _check_ignore_band(r.ignore_band)
         ck = str(Path(r.checkpoint).absolute())
         if ck not in digests:
             digests[ck] = check_checkpoint(ck)
@@ -1186,12 +1198,10 @@ def predict_sets(
     fatal = [""] * len(requests)
     t0 = time.perf_counter()
     if need:
-        from cellst.data.datasource import image_dataset
-
         models = [{"checkpoint": ck, "weights_sha256": digests[ck]} for ck in checkpoints]
         total = sum(len(ks) for ks in need.values())
         fatal = _run_pool(
-            image_dataset(store, list(need)), models, writes, need, infer, resources, results,
+            _input_dataset(store, list(need)), models, writes, need, infer, resources, results,
             {}, total, progress, t0,
         )  # fmt: skip
     seconds = time.perf_counter() - t0
