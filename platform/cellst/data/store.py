@@ -448,6 +448,13 @@ class CellStore:
         """Item ids, optionally filtered by split and modality."""
         return self.items(split, modality)["id"].tolist()
 
+    def require(self, ids: list[str]) -> None:
+        """Raise :class:`StoreError` naming the first few of ``ids`` this store lacks."""
+        unknown = [i for i in ids if i not in self]
+        if unknown:
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise StoreError(f"no item(s) {unknown[:5]}{more} in store {self.root}")
+
     def row(self, item_id: str):
         """The manifest row of one item (a namedtuple)."""
         try:

@@ -564,9 +564,7 @@ def export_store(
     written = 0
     with CellStore(store_path) as store:
         ids = list(dict.fromkeys(store.ids() if items is None else items))  # once each
-        unknown = [i for i in ids if i not in store]
-        if unknown:
-            raise StoreError(f"no item(s) {unknown} in store {store.root}")
+        store.require(ids)
         sets = store.pseudo_sets() if include_pseudo else []
         if GROUND_TRUTH in sets:
             raise StoreError(

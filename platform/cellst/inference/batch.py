@@ -1024,7 +1024,7 @@ def _requested_items(
         elif ids is None:  # the unlabelled items, else every item
             df = store.items(split="unlabeled")
             ids = (df if len(df) else store.items())["id"].tolist()
-        _check_items(store, ids)
+        store.require(ids)
         return _Items(store, set_name, ids, {}, None)
     src = Path(source).absolute()  # its image paths go to Ray tasks in other folders
     if not src.is_dir():
@@ -1040,12 +1040,6 @@ def _check_ignore_band(band: float) -> None:
     ``[0, 0.5)``; else one :class:`StoreError` line, before any work."""
     if not 0 <= band < 0.5:
         raise StoreError(f"ignore_band must be in [0, 0.5), got {band}")
-
-
-def _check_items(store: CellStore, ids: list[str]) -> None:
-    missing = [i for i in ids if i not in store]
-    if missing:
-        raise StoreError(f"items not in store {store.root}: {missing[:5]}")
 
 
 def _input_dataset(
@@ -1148,7 +1142,7 @@ def predict_sets(
     if not requests or len(set(names)) != len(names):
         raise StoreError(f"predict_sets needs distinct set names, got {names}")
     store = CellStore(store_root)
-    _check_items(store, ids)
+    store.require(ids)
     digests: dict[str, str] = {}
     checkpoints, identities = [], []
     for r in requests:
