@@ -71,6 +71,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
         r"full ST\+\+ - supervised: [+-][\d.]+ mean F1",
         # the paired baseline: the same stage-1 model fine-tuned on labelled crops alone
         r"full ST\+\+ - supervised with ST\+\+'s schedule .*: [+-][\d.]+ mean F1",
+        # beside it, how precisely the test images measure it (paired per-image differences)
+        r"standard error from the test images [\d.]+ \(per seed [\d.]+\)$",
         r"results: .*results\.json",
         # per modality, the baselines beside the ST++ models
         r"^mean test F1 per modality",
