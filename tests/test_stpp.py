@@ -323,6 +323,33 @@ def test_reliability_scores_rank_and_split(scored_store):
         score_items(scored_store, sets, ids=[*scored_store.ids("unlabeled"), "cell_00001"])
 
 
+def test_split_by_modality_keeps_the_top_of_every_modality():
+    """One ranking can leave a modality whose agreement is low on every image out of the
+    reliable set; split by modality, the top fraction of each is reliable."""
+    scores = pd.DataFrame(
+        {
+            "id": ["b1", "b2", "b3", "b4", "f1", "f2", "f3", "f4"],
+            "modality": ["brightfield"] * 4 + ["fluorescence"] * 4,
+            "score": [0.99, 0.97, 0.95, 0.93, 0.6, 0.4, 0.3, 0.2],
+        }
+    )
+    reliable, unreliable, cutoff = split_reliable(scores, 0.5)
+    assert reliable == ["b1", "b2", "b3", "b4"] and cutoff == pytest.approx(0.93)
+    reliable, unreliable, cutoff = split_reliable(scores, 0.5, by="modality")
+    assert reliable == ["b1", "b2", "f1", "f2"]  # most reliable first, over all items
+    assert unreliable == ["b3", "b4", "f3", "f4"]
+    assert cutoff == pytest.approx(0.4)
+    # each group keeps floor(fraction * n): a lone item goes to the second round, and
+    # where no group reaches one reliable item, the most reliable item overall is
+    lone = pd.concat([scores, pd.DataFrame({"id": ["d1"], "modality": ["dic"], "score": [0.1]})])
+    reliable, unreliable, _ = split_reliable(lone, 0.25, by="modality")
+    assert reliable == ["b1", "f1"] and unreliable[-1] == "d1"
+    reliable, unreliable, _ = split_reliable(scores.iloc[[1, 5]], 0.5, by="modality")
+    assert reliable == ["b2"] and unreliable == ["f2"]
+    with pytest.raises(ValueError, match="no column 'site'"):
+        split_reliable(scores, 0.5, by="site")
+
+
 def test_reliability_on_ray_matches_local(ray_session, scored_store):
     sets = ["snap1", "snap2", "snap3"]
     local = score_items(scored_store, sets)

@@ -64,6 +64,11 @@ class StppConfig(Section):
         description="agreement of each earlier snapshot with the final one: instance F1 at IoU "
         "0.5 (seed paper) or IoU of the nuclear masks (original ST++)",
     )
+    reliable_per_modality: bool = Field(
+        False,
+        description="rank and split each modality's unlabelled items on its own (the top "
+        "reliable_fraction of every modality is reliable); false: one ranking over all (ST++)",
+    )
     tta: bool = Field(True, description="flip test-time augmentation when pseudo-labelling")
     ignore_band: float = Field(
         0.0,

@@ -431,6 +431,8 @@ class Pipeline:
                 "post": post,
                 "measure": cfg.stpp.reliability,
                 "fraction": cfg.stpp.reliable_fraction,
+                # (hashed only when set, as ignore_band)
+                **({"per_modality": True} if cfg.stpp.reliable_per_modality else {}),
             },
             lambda d: self.reliability(store, s1, unlabelled, no_tta),
             present=lambda o: _sets_present(store, list(o.get("sets", {}))),
@@ -594,7 +596,8 @@ class Pipeline:
         keys = {name: key for name, (_, key) in zip(names, done, strict=True)}
         m = self.cfg.stpp
         scores = score_items(store, names, ids, m.reliability, use_ray=True)
-        reliable, unreliable, cutoff = split_reliable(scores, m.reliable_fraction)
+        by = "modality" if m.reliable_per_modality else None
+        reliable, unreliable, cutoff = split_reliable(scores, m.reliable_fraction, by=by)
         scores["reliable"] = scores["id"].isin(set(reliable))
         path = self._record_reliability(scores, reliable, unreliable, cutoff)
         return ReliabilityOutput(

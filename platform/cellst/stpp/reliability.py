@@ -144,15 +144,42 @@ def n_reliable(n: int, fraction: float) -> int:
     return int(min(max(int(np.floor(fraction * n + 1e-9)), 1), n - 1))
 
 
-def split_reliable(scores: pd.DataFrame, fraction: float) -> tuple[list[str], list[str], float]:
+def split_reliable(
+    scores: pd.DataFrame, fraction: float, by: str | None = None
+) -> tuple[list[str], list[str], float]:
     """The top ``fraction`` of the ranked items as reliable, the rest as unreliable.
 
-    Returns ``(reliable_ids, unreliable_ids, cutoff)`` where ``cutoff`` is the lowest
-    reliable score (the threshold drawn on the histogram).
+    Parameters
+    ----------
+    scores : DataFrame
+        ``id`` and ``score`` columns (and ``by``'s), as :func:`score_items` returns.
+    fraction : float
+        Share of the items kept as reliable (:func:`n_reliable`).
+    by : str, optional
+        A column (``"modality"``) whose groups are ranked and split each on its own: the top
+        ``floor(fraction * n)`` of every group of ``n`` items is reliable (the most reliable
+        item overall where that leaves none). Agreement is lower on some modalities for
+        every image (dense or low-contrast ones), so a single ranking can leave a modality
+        out of the first re-training. None: one ranking over all items (ST++).
+
+    Returns ``(reliable_ids, unreliable_ids, cutoff)``, each list most reliable first, where
+    ``cutoff`` is the lowest reliable score (the threshold drawn on the histogram).
     """
     ranked = rank(scores)
-    k = n_reliable(len(ranked), fraction)
-    reliable = ranked["id"].iloc[:k].tolist()
-    unreliable = ranked["id"].iloc[k:].tolist()
-    cutoff = float(ranked["score"].iloc[k - 1]) if k else float("nan")
+    if by is not None:
+        if by not in ranked.columns:
+            raise ValueError(f"scores have no column {by!r} to split by")
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        # floor per group, so every group keeps an unreliable item for the second round
+        within = ranked.groupby(by, sort=False).cumcount()
+        size = ranked.groupby(by, sort=False)["id"].transform("size")
+        keep = within < np.floor(fraction * size + 1e-9)
+        if not keep.any() and len(ranked):
+            keep.iloc[0] = True
+    else:
+        keep = ranked["rank"] <= n_reliable(len(ranked), fraction)
+    reliable = ranked["id"][keep].tolist()
+    unreliable = ranked["id"][~keep].tolist()
+    cutoff = float(ranked["score"][keep].min()) if keep.any() else float("nan")
     return reliable, unreliable, cutoff
