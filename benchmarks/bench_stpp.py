@@ -29,8 +29,8 @@ over seeds. The challenge F1 is a mean over images, and an image of 2-12 cells s
 or 1.0 on one cell: on fresh seeds 141-143 at the former 24 test images, each seed's
 difference between full ST++ and the paired baseline carried a standard error of 0.030-0.035
 from the test images alone, as large as the +0.03 the target asks for. So ``--n-test`` is
-96 (a quarter of the standard error's square, about 1 minute more per seed); training
-images and every training are unchanged by it.
+96: four times the images halve the standard error, for about a minute more per seed. The
+training images, and so every training, do not depend on it.
 
 Run: ``.venv/bin/python benchmarks/bench_stpp.py [--seeds 0 1] [--n-train 120] [--epochs 18]``
 The defaults are ``make demo``'s recipe (stage 1: 18 epochs x 512 crops; two 3-epoch
