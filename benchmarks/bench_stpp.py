@@ -333,7 +333,7 @@ def _test_f1(cfg, base, checkpoint, tag: str, work: Path) -> dict:
     return {
         "f1": float(rep["f1"]),
         "per_modality": {m: float(b["f1"]) for m, b in rep.get("per_modality", {}).items()},
-        "per_item": _item_f1(work / "eval" / "metrics.csv"),
+        "per_item": {str(r["id"]): float(r["f1"]) for r in rep.get("images", [])},
     }
 
 
