@@ -348,6 +348,9 @@ def test_split_by_modality_keeps_the_top_of_every_modality():
     assert reliable == ["b2"] and unreliable == ["f2"]
     with pytest.raises(ValueError, match="no column 'site'"):
         split_reliable(scores, 0.5, by="site")
+    for by in (None, "modality"):
+        with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\), got 1.0"):
+            split_reliable(scores, 1.0, by=by)
 
 
 def test_reliability_on_ray_matches_local(ray_session, scored_store):

@@ -131,14 +131,18 @@ def rank(scores: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _check_fraction(fraction: float) -> None:
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+
+
 def n_reliable(n: int, fraction: float) -> int:
     """How many of ``n`` items are reliable: ``floor(fraction * n)``, kept in [1, n - 1].
 
     As ST++ (``len(ids) // 2`` at fraction 0.5: 2 of 5, not 3). Both groups are non-empty
     whenever ``n >= 2``; a single item is reliable.
     """
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    _check_fraction(fraction)
     if n <= 1:
         return n
     return int(min(max(int(np.floor(fraction * n + 1e-9)), 1), n - 1))
@@ -169,8 +173,7 @@ def split_reliable(
     if by is not None:
         if by not in ranked.columns:
             raise ValueError(f"scores have no column {by!r} to split by")
-        if not 0 < fraction < 1:
-            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        _check_fraction(fraction)
         # floor per group, so every group keeps an unreliable item for the second round
         within = ranked.groupby(by, sort=False).cumcount()
         size = ranked.groupby(by, sort=False)["id"].transform("size")
