@@ -177,3 +177,36 @@ def test_streams_pace_ray_datas_scheduling_loop(store_dir, ray_session, monkeypa
     monkeypatch.setenv(executor.ENV_SWITCH, "0")
     plain = train_crop_dataset(crop_items(store), n_crops=8, crop=64, crops_per_visit=2)
     assert executor.PacedLoop not in plain.context.custom_execution_callback_classes
+
+
+def test_a_ray_process_whose_import_is_interrupted_exits(tmp_path, ray_session):
+    """Ray cancels a running read task with ``KeyboardInterrupt``; one that lands inside the
+    import of the augmentation left that worker process failing every later task
+    (SciPy's half-made ``scipy.ndimage``). The process exits instead, and Ray starts a fresh
+    one; a plain import error stays an error of the task, and a driver is not exited."""
+    import sys
+
+    import ray
+
+    from cellst.data.datasource import LazyTransform
+
+    (tmp_path / "cellst_interrupted_import.py").write_text("raise KeyboardInterrupt\n")
+    transform = LazyTransform.of("cellst_interrupted_import", "augment")
+
+    @ray.remote(max_retries=0)
+    def read(folder: str, module: str) -> int:
+        sys.path.insert(0, folder)
+        LazyTransform.of(module, "augment")({})
+        return 0
+
+    with pytest.raises(ray.exceptions.WorkerCrashedError):
+        ray.get(read.remote(str(tmp_path), "cellst_interrupted_import"))
+    with pytest.raises(ray.exceptions.RayTaskError, match="No module named 'cellst_absent'"):
+        ray.get(read.remote(str(tmp_path), "cellst_absent"))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(KeyboardInterrupt):  # this process (a driver) goes on
+            transform({})
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("cellst_interrupted_import", None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,8 +147,29 @@ class LazyTransform:
         return cls(module, function, tuple(sorted(kwargs.items())))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fn = getattr(importlib.import_module(self.module), self.function)
+        fn = import_function(self.module, self.function)
         return fn(batch, **dict(self.kwargs))
+
+
+def import_function(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported; a Ray worker process whose import was interrupted exits.
+
+    Ray cancels a running task by raising ``KeyboardInterrupt`` in it, as it does to a
+    stream's read tasks when a training stops or its worker group restarts; the first read
+    task of a process spends seconds importing torch, MONAI and SciPy (:class:`LazyTransform`).
+    An import interrupted part-way leaves half-made modules behind, and every later task of
+    that process failed (``NameError: name '_ndimage_api' is not defined`` from SciPy, after
+    an elastic group grew back); removing them to import again fails too (NumPy loads only
+    once per process). So the process exits, and Ray starts a fresh one for the next task.
+    """
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:
+        raise
+    except BaseException:  # KeyboardInterrupt: a cancelled task (or Ctrl-C in a driver)
+        if ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None:
+            os._exit(1)  # in a Ray task or actor, never in a driver
+        raise
 
 
 class TrainCropDatasource(Datasource):
