@@ -312,6 +312,7 @@ def test_config_fingerprint_counts_only_what_is_computed():
     same = [
         load_config(None, ["store=s", "train.lr=0.01", "train.run_dir=elsewhere"]),
         load_config(None, ["store=s", "train.lr=0.01", "train.cpus_per_worker=3"]),
+        load_config(None, ["store=s", "train.lr=0.01", "train.elastic_resize_s=5"]),
         load_config(None, ["store=s", "train.lr=0.01", "tracking.enabled=false"]),
         # a default written out explicitly is the same computation
         load_config(None, ["store=s", "train.lr=0.01", f"data.crop_size={base.data.crop_size}"]),

@@ -193,3 +193,17 @@ def test_a_file_that_does_not_fit_on_the_disk_is_named_and_the_old_one_kept(tmp_
     assert res.stdout.split() == [str(errno.EFBIG), str(target)], res.stdout + res.stderr
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["record.bin"]  # no temporary left
+
+
+def test_a_runs_worker_group_sizes_are_recorded_once_per_change(tmp_path):
+    """``workers/group_sizes.json``: what `cellst train` reads to say an elastic group
+    shrank (and grew back); a restart of the same size is no change."""
+    from cellst.train.checkpoints import RunPaths
+
+    paths = RunPaths(tmp_path / "run")
+    assert paths.group_sizes() == []
+    for n in (2, 2, 1, 2):  # a restart after a failure, a lost node, a node back
+        paths.record_group_size(n)
+    assert paths.group_sizes() == [2, 1, 2]
+    paths.group_sizes_file.write_text("{not json")
+    assert paths.group_sizes() == []

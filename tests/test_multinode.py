@@ -672,13 +672,19 @@ def test_ddp_training_spans_nodes_and_survives_losing_one(cluster, store_dir, tm
     assert len(digests) == 1  # the ranks stayed in step across the nodes
 
 
-def test_an_elastic_training_goes_on_with_the_nodes_that_remain(cluster, store_dir, tmp_path):
-    """`cellst train` with ``train.min_workers=1``: Ray Train's elastic group. Once Ray
-    Train has registered a checkpoint, the node of rank 1 is removed and nothing replaces
-    it: the training goes on from that checkpoint with one worker on the node that remains
-    and finishes, with no operator and no wait. cellst sizes the workers (1.5 CPUs on these
-    2-CPU nodes, a note says so) so that the node Ray refills still runs the read tasks:
-    at 1 CPU Ray put both workers on it and the stream that feeds them never ran again.
+def test_an_elastic_training_shrinks_on_a_lost_node_and_grows_back(cluster, store_dir, tmp_path):
+    """`cellst train` with ``train.min_workers=1``: Ray Train's elastic group.
+
+    1. Once Ray Train has registered a checkpoint, the node of rank 1 is removed and nothing
+       replaces it at once: the training goes on from that checkpoint with one worker on the
+       node that remains, with no operator and no wait.
+    2. Once that group of one runs, a node joins, as an autoscaler would bring one: at its
+       next check (``train.elastic_resize_s``) Ray Train grows the group back to two
+       workers, again from the last checkpoint, and the run finishes with both.
+
+    cellst sizes the workers (1.5 CPUs on these 2-CPU nodes, a note says so) so that the
+    node Ray refills still runs the read tasks: at 1 CPU Ray put both workers on it and the
+    stream that feeds them never ran again.
 
     Runs after the fixed-group test, on the nodes it leaves (added here where fewer)."""
     c, _ = cluster
@@ -688,37 +694,51 @@ def test_an_elastic_training_goes_on_with_the_nodes_that_remain(cluster, store_d
     c.wait_for_nodes()
     nodes = {n.node_id: n for n in alive}
     runs = tmp_path / "runs"
-    epochs = 4
+    # enough epochs that the group of one is still training when Ray Train sees the new
+    # node: its autoscaling coordinator refreshes its view of the nodes every 20 s (Ray
+    # 2.60), and an epoch of this tiny training takes a few seconds
+    epochs = 24
     args = _train_args(
         tmp_path,
         store_dir,
         "elastic",
         epochs,
         "train.min_workers=1",
+        "train.elastic_resize_s=2",
         "train.placement_strategy=SPREAD",
         "train.calibrate_postprocess=false",
     )
     run = runs / "elastic"
     lost: list[str] = []
-
-    def remove_rank1_node() -> None:
-        snapshot = runs / "_ray" / "elastic" / "checkpoint_manager_snapshot.json"
-        deadline = time.time() + 300
-        while time.time() < deadline and not lost:
+    shrunk_at: list[int] = []  # the last checkpoint's epoch when the group of one ran
+    joined: list[str] = []
+    snapshot = runs / "_ray" / "elastic" / "checkpoint_manager_snapshot.json"
+    logs = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    # nodes change from this (main) thread: Cluster.add_node sets signal handlers
+    with logs[0].open("w") as fo, logs[1].open("w") as fe:
+        proc = subprocess.Popen([CELLST, *args], stdout=fo, stderr=fe, env=_cellst_env(c.address))
+        deadline = time.time() + 400
+        while proc.poll() is None and time.time() < deadline:
             now = _ranks(run)
-            if snapshot.is_file() and len(now) == 2 and now[1]["node_id"] in nodes:
-                lost.append(now[1]["node_id"])
-                c.remove_node(nodes[lost[0]], allow_graceful=False)
+            if not lost:
+                if snapshot.is_file() and len(now) == 2 and now[1]["node_id"] in nodes:
+                    lost.append(now[1]["node_id"])
+                    c.remove_node(nodes[lost[0]], allow_graceful=False)
+            elif not joined and len(now) == 1 and now[0]["world_size"] == 1:  # a group of one
+                shrunk_at.append(_last_epoch(run))
+                joined.append(c.add_node(num_cpus=2, resources={"node_joined": 1}).node_id)
             time.sleep(0.1)
-
-    killer = threading.Thread(target=remove_rank1_node, daemon=True)
-    killer.start()
-    res = _cellst(*args, address=c.address, timeout=400)
-    killer.join(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, *(f.read_text() for f in logs))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout + res.stderr
-    assert len(lost) == 1, out[-3000:]
+    assert len(lost) == 1 and len(joined) == 1, out[-3000:]
+    assert shrunk_at[0] < epochs, (shrunk_at, out[-3000:])  # it ran as one before the end
     assert "1.50 CPUs per worker" in out, out[-3000:]
-    assert "ended with 1 of 2 workers: the elastic group" in res.stdout, out[-3000:]
+    said = "workers: 2 -> 1 -> 2: the elastic group (train.min_workers=1) lost room and grew back"
+    assert said in res.stdout and "ended with" not in res.stdout, out[-3000:]
     state = json.loads((run / "run.json").read_text())
     assert state["status"] == "finished", state
     from cellst.model.checkpoint import load_model
@@ -726,5 +746,6 @@ def test_an_elastic_training_goes_on_with_the_nodes_that_remain(cluster, store_d
     _, _, meta = load_model(run / "checkpoints" / "last")
     assert meta["epoch"] == epochs and meta["resumed_from_epoch"] >= 1, meta
     final = _ranks(run)
-    assert [(r["rank"], r["world_size"]) for r in final] == [(0, 1)], final  # shrunk to one
-    assert final[0]["node_id"] != lost[0] and final[0]["node_id"] in nodes
+    assert [(r["rank"], r["world_size"]) for r in final] == [(0, 2), (1, 2)], final  # grown
+    where = {r["node_id"] for r in final}
+    assert lost[0] not in where and joined[0] in where, (final, lost, joined)

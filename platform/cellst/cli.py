@@ -756,11 +756,18 @@ def train(
     if t.min_workers and not result.resumed:
         from cellst.train.checkpoints import RunPaths
 
-        ranks = RunPaths(result.run_path).worker_records()
-        if ranks and ranks[0].get("world_size", t.num_workers) < t.num_workers:
+        sizes = RunPaths(result.run_path).group_sizes()
+        group = f"the elastic group (train.min_workers={t.min_workers})"
+        if sizes and sizes[-1] < t.num_workers:
             console.print(
-                f"  ended with {ranks[0]['world_size']} of {t.num_workers} workers: the elastic "
-                f"group (train.min_workers={t.min_workers}) lost room and went on without it",
+                f"  ended with {sizes[-1]} of {t.num_workers} workers: {group} lost room and "
+                f"went on without it (workers: {' -> '.join(map(str, sizes))})",
+                highlight=False,
+            )
+        elif len(sizes) > 1:
+            console.print(
+                f"  workers: {' -> '.join(map(str, sizes))}: {group} lost room and grew back "
+                "(each change restarted it from its last checkpoint)",
                 highlight=False,
             )
     lines = [f"  best checkpoint: {result.best}"] if result.best.exists() else []

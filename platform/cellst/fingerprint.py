@@ -38,6 +38,7 @@ RUN_ONLY: dict[str, tuple[str, ...]] = {
         "run_name",
         "max_failures",
         "min_workers",
+        "elastic_resize_s",
         "node_wait_s",
         "log_every_steps",
         "keep_last",

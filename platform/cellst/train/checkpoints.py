@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from cellst.fs import atomic_write_json, read_json
+from cellst.fs import CorruptFileError, atomic_write_json, read_json
 from cellst.model.checkpoint_files import INFO_FILE, WEIGHTS_FILE
 from cellst.train.config import CHECKPOINTS_DIR, OVERLAYS_DIR
 
@@ -85,6 +85,28 @@ class RunPaths:
 
     def worker_file(self, rank: int) -> Path:
         return self.workers / f"rank{rank}.json"
+
+    @property
+    def group_sizes_file(self) -> Path:
+        """``workers/group_sizes.json``: the size of each worker group that started, in
+        order (an elastic group, ``train.min_workers``, shrinks and grows back)."""
+        return self.workers / "group_sizes.json"
+
+    def _recorded_group_sizes(self) -> list[int]:
+        try:
+            return read_json(self.group_sizes_file, missing=[], expect=list)
+        except (OSError, CorruptFileError):  # (a record, not worth failing a training for)
+            return []
+
+    def group_sizes(self) -> list[int]:
+        """The sizes of the worker groups that ran, in order, a restart of the same size
+        counted once (``[2, 1, 2]``: a group of two went on with one, then grew back)."""
+        sizes = self._recorded_group_sizes()
+        return [n for i, n in enumerate(sizes) if i == 0 or n != sizes[i - 1]]
+
+    def record_group_size(self, world: int) -> None:
+        """Rank 0 of a starting worker group adds its size to :meth:`group_sizes`."""
+        atomic_write_json(self.group_sizes_file, [*self._recorded_group_sizes(), world])
 
     def worker_records(self) -> list[dict[str, Any]]:
         """Each rank's record (rank, world_size, node_id, host, pid, device, placement

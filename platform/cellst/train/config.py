@@ -71,12 +71,23 @@ class TrainConfig(Section):
         description="an elastic group (Ray Train's ScalingConfig(num_workers=(min, max))): "
         "after a lost node that nothing replaces, the training goes on from its last "
         "checkpoint with as few as this many workers, and grows back to num_workers when "
-        "room returns (Ray Train looks every minute). Every rank still takes its planned "
-        "steps per epoch, so an epoch of a smaller group trains on fewer crops and the "
+        "room returns (Ray Train looks every train.elastic_resize_s). Every rank still "
+        "takes its planned steps per epoch, so an epoch of a smaller group trains on fewer "
+        "crops and the "
         "learning-rate schedule is unchanged. With room for fewer than min_workers, Ray "
         "Train's elastic policy waits for more without a time limit. PACK or SPREAD only; "
         "cellst may raise train.cpus_per_worker so that a node Ray fills with workers keeps "
         "a read-and-augment task. None: always num_workers",
+    )
+    elastic_resize_s: float = Field(
+        60.0,
+        gt=0,
+        description="seconds between the checks of a running elastic group (train.min_workers) "
+        "for room to grow back to num_workers (Ray Train's ScalingConfig("
+        "elastic_resize_monitor_interval_s)); a joined node counts once Ray Train's "
+        "autoscaling coordinator has seen it (it looks every 20 s in Ray 2.60). Growing "
+        "restarts the group from its last checkpoint, so the epochs since then are trained "
+        "again",
     )
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL, SyncBN, bf16 autocast)")
     cpus_per_worker: float | None = Field(

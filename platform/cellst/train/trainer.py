@@ -760,6 +760,7 @@ def _torch_trainer(
             use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
             placement_strategy=t.placement_strategy,
+            elastic_resize_monitor_interval_s=t.elastic_resize_s,
         )
         if t.num_workers
         else ray.train.ScalingConfig(num_workers=0),  # local mode: in this process

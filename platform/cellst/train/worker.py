@@ -356,7 +356,8 @@ class Worker:
 
 def _record_worker(paths: RunPaths, rank: int, world: int, device: torch.device) -> None:
     """Where this rank runs (node, host, process, device: multi-node clusters), in the run
-    folder; rank 0 also removes the records of ranks an elastic group no longer has."""
+    folder; rank 0 also records the group's size and removes the records of ranks an
+    elastic group no longer has."""
     paths.root.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (paths.root / "rank0.pid").write_text(str(os.getpid()))  # for operators (and tests)
@@ -376,6 +377,7 @@ def _record_worker(paths: RunPaths, rank: int, world: int, device: torch.device)
         },
     )
     if rank == 0:  # an elastic group that shrank (train.min_workers): its gone ranks' records
+        paths.record_group_size(world)
         for gone in [*paths.workers.glob("rank*.json"), *paths.root.glob("params_rank*.sha256")]:
             n = gone.stem.rpartition("rank")[2]
             if n.isdigit() and int(n) >= world:
