@@ -73,11 +73,10 @@ class TrainConfig(Section):
         "checkpoint with as few as this many workers, and grows back to num_workers when "
         "room returns (Ray Train looks every train.elastic_resize_s). Every rank still "
         "takes its planned steps per epoch, so an epoch of a smaller group trains on fewer "
-        "crops and the "
-        "learning-rate schedule is unchanged. With room for fewer than min_workers, Ray "
-        "Train's elastic policy waits for more without a time limit. PACK or SPREAD only; "
-        "cellst may raise train.cpus_per_worker so that a node Ray fills with workers keeps "
-        "a read-and-augment task. None: always num_workers",
+        "crops and the learning-rate schedule is unchanged. With room for fewer than "
+        "min_workers, Ray Train's elastic policy waits for more without a time limit. PACK "
+        "or SPREAD only; cellst may raise train.cpus_per_worker so that a node Ray fills "
+        "with workers keeps a read-and-augment task. None: always num_workers",
     )
     elastic_resize_s: float = Field(
         60.0,

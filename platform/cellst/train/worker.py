@@ -376,8 +376,9 @@ def _record_worker(paths: RunPaths, rank: int, world: int, device: torch.device)
             "placement_group": None if pg is None else pg.id.hex(),
         },
     )
-    if rank == 0:  # an elastic group that shrank (train.min_workers): its gone ranks' records
-        paths.record_group_size(world)
+    if rank == 0:
+        paths.record_group_size(world)  # `cellst train` says when an elastic group changed
+        # an elastic group that shrank (train.min_workers): its gone ranks' records
         for gone in [*paths.workers.glob("rank*.json"), *paths.root.glob("params_rank*.sha256")]:
             n = gone.stem.rpartition("rank")[2]
             if n.isdigit() and int(n) >= world:
