@@ -196,7 +196,7 @@ def test_a_file_that_does_not_fit_on_the_disk_is_named_and_the_old_one_kept(tmp_
 
 
 def test_a_runs_worker_group_sizes_are_recorded_once_per_change(tmp_path):
-    """``workers/group_sizes.json``: what `cellst train` reads to say an elastic group
+    """``worker_groups.json``: what `cellst train` reads to say an elastic group
     shrank (and grew back); a restart of the same size is no change."""
     from cellst.train.checkpoints import RunPaths
 

@@ -694,10 +694,7 @@ def test_an_elastic_training_shrinks_on_a_lost_node_and_grows_back(cluster, stor
     c.wait_for_nodes()
     nodes = {n.node_id: n for n in alive}
     runs = tmp_path / "runs"
-    # enough epochs that the group of one is still training when Ray Train sees the new
-    # node: its autoscaling coordinator refreshes its view of the nodes every 20 s (Ray
-    # 2.60), and an epoch of this tiny training takes a few seconds
-    epochs = 24
+    epochs = 6
     args = _train_args(
         tmp_path,
         store_dir,
@@ -714,19 +711,32 @@ def test_an_elastic_training_shrinks_on_a_lost_node_and_grows_back(cluster, stor
     joined: list[str] = []
     snapshot = runs / "_ray" / "elastic" / "checkpoint_manager_snapshot.json"
     logs = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    # the group of one waits before each epoch while this file exists, so that it is still
+    # training when Ray Train sees the joined node: Ray Train's autoscaling coordinator
+    # looks at the nodes every 20 s (Ray 2.60), and the group of one trained the 23 epochs
+    # of a first version of this test in 16 s, never growing back
+    from cellst.train.checkpoints import RunPaths
+
+    hold, released = tmp_path / "hold", 0.0
+    env = _cellst_env(c.address, CELLST_HOLD_EPOCHS_WHILE=str(hold))
     # nodes change from this (main) thread: Cluster.add_node sets signal handlers
     with logs[0].open("w") as fo, logs[1].open("w") as fe:
-        proc = subprocess.Popen([CELLST, *args], stdout=fo, stderr=fe, env=_cellst_env(c.address))
+        proc = subprocess.Popen([CELLST, *args], stdout=fo, stderr=fe, env=env)
         deadline = time.time() + 400
         while proc.poll() is None and time.time() < deadline:
             now = _ranks(run)
             if not lost:
                 if snapshot.is_file() and len(now) == 2 and now[1]["node_id"] in nodes:
+                    hold.touch()
                     lost.append(now[1]["node_id"])
                     c.remove_node(nodes[lost[0]], allow_graceful=False)
             elif not joined and len(now) == 1 and now[0]["world_size"] == 1:  # a group of one
                 shrunk_at.append(_last_epoch(run))
                 joined.append(c.add_node(num_cpus=2, resources={"node_joined": 1}).node_id)
+                released = time.time() + 120  # (a group that never grows still finishes)
+            elif joined and hold.exists():
+                if len(RunPaths(run).group_sizes()) == 3 or time.time() > released:
+                    hold.unlink()
             time.sleep(0.1)
         if proc.poll() is None:
             proc.kill()

@@ -88,9 +88,9 @@ class RunPaths:
 
     @property
     def group_sizes_file(self) -> Path:
-        """``workers/group_sizes.json``: the size of each worker group that started, in
+        """``worker_groups.json``: the size of each worker group that started, in
         order (an elastic group, ``train.min_workers``, shrinks and grows back)."""
-        return self.workers / "group_sizes.json"
+        return self.root / "worker_groups.json"  # (workers/ holds one record per rank)
 
     def _recorded_group_sizes(self) -> list[int]:
         try:

@@ -752,6 +752,7 @@ def _torch_trainer(
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
             "inject_nan_at_step": int(os.environ.get("CELLST_INJECT_NAN_AT_STEP", "0")),
+            "hold_epochs_while": os.environ.get("CELLST_HOLD_EPOCHS_WHILE") or None,
             "local": t.num_workers == 0,  # the loop keeps its own resumable state
         },
         scaling_config=ray.train.ScalingConfig(

@@ -76,7 +76,10 @@ StepLog = list[tuple[int, int, dict[str, float]]]
 def run_epochs(config: dict[str, Any], cfg: ExperimentConfig, batches: Iterator) -> None:
     """The epochs of :func:`cellst.train.loop.train_loop_per_worker` on its crop stream."""
     worker = Worker(config, cfg)
+    hold = config.get("hold_epochs_while")  # test hook: a path whose file holds each epoch
     for epoch in range(worker.start_epoch + 1, cfg.train.epochs + 1):
+        while hold and os.path.exists(hold):  # (a node change lands mid-run, not after it)
+            time.sleep(0.1)
         steps = worker.train_epoch(epoch, batches)
         if steps.diverged is not None:
             worker.stop_diverged(epoch, steps)
