@@ -711,12 +711,12 @@ def test_an_elastic_training_shrinks_on_a_lost_node_and_grows_back(cluster, stor
     joined: list[str] = []
     snapshot = runs / "_ray" / "elastic" / "checkpoint_manager_snapshot.json"
     logs = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    from cellst.train.checkpoints import RunPaths
+
     # the group of one waits before each epoch while this file exists, so that it is still
     # training when Ray Train sees the joined node: Ray Train's autoscaling coordinator
     # looks at the nodes every 20 s (Ray 2.60), and the group of one trained the 23 epochs
     # of a first version of this test in 16 s, never growing back
-    from cellst.train.checkpoints import RunPaths
-
     hold, released = tmp_path / "hold", 0.0
     env = _cellst_env(c.address, CELLST_HOLD_EPOCHS_WHILE=str(hold))
     # nodes change from this (main) thread: Cluster.add_node sets signal handlers
