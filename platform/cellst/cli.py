@@ -758,15 +758,16 @@ def train(
 
         sizes = RunPaths(result.run_path).group_sizes()
         group = f"the elastic group (train.min_workers={t.min_workers})"
+        changes = " -> ".join(map(str, sizes))
         if sizes and sizes[-1] < t.num_workers:
             console.print(
                 f"  ended with {sizes[-1]} of {t.num_workers} workers: {group} lost room and "
-                f"went on without it (workers: {' -> '.join(map(str, sizes))})",
+                f"went on without it (workers: {changes})",
                 highlight=False,
             )
         elif len(sizes) > 1:
             console.print(
-                f"  workers: {' -> '.join(map(str, sizes))}: {group} lost room and grew back "
+                f"  workers: {changes}: {group} lost room and grew back "
                 "(each change restarted it from its last checkpoint)",
                 highlight=False,
             )
