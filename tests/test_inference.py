@@ -379,7 +379,14 @@ def test_predict_resumes_after_kill(ray_session, store_dir, lite_checkpoint, tmp
     assert sorted(after) == sorted(labeled)
     for item, run in first.items():
         assert after[item] == run  # items of the killed run were not rewritten
-    assert len({after[i] for i in labeled if i not in first}) == 1
+    # Ray stops the killed run's tasks seconds after its driver: items they finish before the
+    # re-run claims the set count as done, any later one is refused (claim_writing), so each
+    # item is the killed run's, skipped, or the re-run's, written, once
+    (killed,) = set(first.values())
+    mine = {after[i] for i in labeled if after[i] != killed}
+    assert len(mine) <= 1
+    n_killed = sum(after[i] == killed for i in labeled)
+    assert f"{len(labeled) - n_killed} written, {n_killed} already done" in res.stdout
     assert not list(base.glob(".tmp-*"))
 
 

@@ -492,3 +492,28 @@ def test_a_relative_input_folder_is_read_by_the_ray_tasks(
     )  # fmt: skip
     assert sorted(res.written) == ["x", "y"]
     assert tifffile.imread(tmp_path / "out" / "x_label.tiff").shape == (160, 192)
+
+
+def test_label_files_of_a_run_whose_folder_was_claimed_by_a_newer_run_are_dropped(tmp_path):
+    """A prediction task of a `cellst predict --out` whose driver died may still run when a
+    new run has claimed the folder: its label file is dropped (an error row), never mixed in
+    with the new run's, whose own write lands."""
+    from cellst.fs import claim_writing
+    from cellst.inference.batch import postprocess_and_write
+
+    out = tmp_path / "out"
+    out.mkdir()
+    prob = np.zeros((32, 32), np.float32)
+    prob[8:20, 8:20] = 1
+    batch = {"id": ["a"], "prob": [prob], "hv": [np.zeros((2, 32, 32), np.float32)]}
+    batch["infer_seconds"] = [0.1]
+    write = {"post": PostprocessConfig().model_dump(), "store_root": None, "set_name": None}
+    write |= {"out_dir": str(out), "checkpoint": "ck", "model_id": "m"}
+    claim_writing(out, "new")
+    rows = postprocess_and_write(batch, run_id="old", **write)
+    assert "now written by run new, not by this run (old)" in rows["error"][0]
+    assert list(out.iterdir()) == []  # not even a temporary file
+    rows = postprocess_and_write(batch, run_id="new", **write)
+    assert rows["error"].tolist() == [""]
+    assert [p.name for p in out.iterdir()] == ["a_label.tiff"]
+    assert tifffile.imread(out / "a_label.tiff").shape == (32, 32)

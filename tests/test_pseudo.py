@@ -140,6 +140,33 @@ def test_store_reads_sets_through_the_same_owner(tmp_path, store_dir):
     assert zarr.open_group(str(root), mode="r").attrs["format"] == "cellst-store/1"
 
 
+def test_a_run_whose_set_was_claimed_by_a_newer_run_writes_nothing(tmp_path):
+    """The tasks of a `cellst predict` whose driver was killed may still run while a new
+    run takes the set over: once the new run claims the set, their items are refused, mask
+    and label alike, and nothing of theirs is left."""
+    from cellst.data.pseudo import IGNORE_DIR
+    from cellst.fs import WriterReplaced
+
+    s = PseudoLabelSet(tmp_path, "p")
+    s.claim("old")
+    s.create({})
+    mask = np.ones((12, 10), bool)
+    assert s.write_item("a", _label(1), {"id": "a"}, ignore=mask, run_id="old")
+    s.claim("new")  # a new run, after the old one's driver died
+    for ignore in (mask, None):
+        with pytest.raises(WriterReplaced, match="now written by run new, not by this run"):
+            s.write_item("b", _label(2), {"id": "b"}, ignore=ignore, run_id="old")
+    assert s.done_items() == ["a"] and not s.has_ignore("b")
+    assert not [*s.path.glob(".tmp-*"), *(s.path / IGNORE_DIR).glob(".tmp-*")]
+    assert s.write_item("b", _label(2), {"id": "b"}, run_id="new")
+    assert s.done_items() == ["a", "b"] and pseudo_set_names(tmp_path) == ["p"]
+    never = PseudoLabelSet(tmp_path, "q")
+    never.create({})
+    with pytest.raises(WriterReplaced, match="by run \\(none\\)"):
+        never.write_item("a", _label(1), {}, run_id="old")
+    assert never.done_items() == []
+
+
 def test_ignore_masks_are_written_before_the_item_and_follow_it(tmp_path):
     """An item's optional ignore mask: written with it, read back, carried by combine,
     half-written ones cleared, never listed as an item."""

@@ -167,7 +167,11 @@ def read_json(path: str | os.PathLike[str], missing: Any = _REQUIRED, expect: ty
     return doc
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[Path], object],
+    before_rename: Callable[[], object] | None = None,
+) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
 
     Parameters
@@ -176,6 +180,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
         The final file. Its folder is created if needed.
     write : callable
         Writes the whole file at the path it is given (``df.to_parquet``, ``fig.savefig``...).
+    before_rename : callable, optional
+        Called once the file is written, right before the rename; what it raises cancels
+        the write (e.g. :func:`check_writing`).
 
     Returns
     -------
@@ -188,6 +195,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
     try:
         with _naming(path):
             write(tmp)
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -436,6 +445,49 @@ def writing_folder(folder: str | os.PathLike[str], what: str) -> Iterator[None]:
 
 class FolderBusy(RuntimeError):
     """Another process writes the output folder now (:func:`writing_folder`); one line."""
+
+
+def writer_record(folder: str | os.PathLike[str]) -> Path:
+    """Where the run that writes ``folder`` is named (:func:`claim_writing`): ``.NAME.writer``
+    beside the folder, as its lock (:func:`lock_beside`), or ``.cellst-writer`` inside it
+    where the parent cannot take a file (an output folder in a read-only parent)."""
+    lock = lock_beside(folder)
+    if not lock.parent.is_dir() or os.access(lock.parent, os.W_OK):
+        return lock.with_name(lock.name.removesuffix(".lock") + ".writer")
+    return Path(folder).resolve() / ".cellst-writer"
+
+
+def claim_writing(folder: str | os.PathLike[str], run_id: str) -> None:
+    """Name ``run_id`` as the one run that may write into ``folder`` from now on.
+
+    A folder's lock (:func:`held_by_one`, :func:`writing_folder`) is held by the driver
+    process of a run, but the files are written by its Ray tasks and actors in other
+    processes. When the driver dies (killed, its node lost), the lock is released at once
+    while Ray takes seconds to stop those tasks, so a new run could start while the old
+    one's tasks still write. The new run claims the folder first thing under the lock; the
+    old run's writes then fail :func:`check_writing` and are dropped, never mixed in.
+    """
+    atomic_write_text(writer_record(folder), run_id + "\n")
+
+
+class WriterReplaced(RuntimeError):
+    """The folder has been claimed by a newer run (:func:`check_writing`); one line."""
+
+
+def check_writing(folder: str | os.PathLike[str], run_id: str) -> None:
+    """Raise :class:`WriterReplaced` unless ``run_id`` is still the run that claimed
+    ``folder`` (:func:`claim_writing`). Called right before a write is renamed into place,
+    so a write of a run whose driver died lands only in the short gap before a new run's
+    claim, while the folder holds the dead run's own items, which the new run resumes."""
+    try:
+        current = writer_record(folder).read_text(encoding="utf-8").strip()
+    except OSError:
+        current = ""
+    if current != run_id:
+        raise WriterReplaced(
+            f"{folder} is now written by run {current or '(none)'}, not by this run "
+            f"({run_id}), whose driver has ended; this write is dropped"
+        )
 
 
 def is_locked(path: str | os.PathLike[str]) -> bool:

@@ -888,6 +888,7 @@ def write_label_tiff(
     model_id: str | None = None,
     source: dict[str, str] | None = None,
     pixel_size: tuple[PixelSize, str] | None = None,
+    before_rename: Callable[[], object] | None = None,
 ) -> None:
     """Write an instance map as a challenge ``NAME_label.tiff`` (zlib), atomically.
 
@@ -899,7 +900,7 @@ def write_label_tiff(
     images (:func:`label_tiff_record`). ``pixel_size`` (the source image's, ``(size,
     unit)`` as :func:`pixel_size` gives it) goes in the TIFF resolution tags
     (:func:`resolution_tags`), so that areas measured on the labels in Fiji or QuPath come
-    in the image's units.
+    in the image's units. ``before_rename`` goes to :func:`cellst.fs.atomic_write`.
     """
     path = Path(path)
     n = int(label.max()) if label.size else 0
@@ -915,6 +916,7 @@ def write_label_tiff(
     atomic_write(
         path,
         lambda tmp: tifffile.imwrite(tmp, data, compression="zlib", software=SOFTWARE_TAG, **meta),
+        before_rename,
     )
 
 

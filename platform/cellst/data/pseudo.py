@@ -304,12 +304,19 @@ class PseudoLabelSet:
                     if mask.is_dir() and mask.name[0] != "." and not self.has_item(mask.name):
                         remove_tree(mask)
 
+    def claim(self, run_id: str) -> None:
+        """Make ``run_id`` the set's one writer from now on (:func:`cellst.fs.claim_writing`),
+        under the set's :meth:`writing` lock and before anything is removed or written:
+        items that the tasks of an earlier run still try to write are then refused."""
+        fs.claim_writing(self.path, run_id)
+
     def write_item(
         self,
         item_id: str,
         label: np.ndarray,
         attrs: dict[str, Any],
         ignore: np.ndarray | None = None,
+        run_id: str | None = None,
     ) -> bool:
         """Write one item's label (with ``attrs`` as array attributes) atomically.
 
@@ -317,8 +324,16 @@ class PseudoLabelSet:
         first, under :data:`IGNORE_DIR`, so that an item whose label exists has its mask.
         Returns False, writing nothing, when the item is already there (another writer,
         e.g. a retried task, got there first): an item is written exactly once.
+
+        With ``run_id``, the item is written only while that run is the set's writer
+        (:meth:`claim`); otherwise :class:`cellst.fs.WriterReplaced` is raised and nothing
+        is written: a task of a run whose driver died never adds to a newer run's set.
         """
         import zarr
+
+        def still_ours() -> None:
+            if run_id is not None:
+                fs.check_writing(self.path, run_id)
 
         if ignore is not None:
             if ignore.shape != label.shape:
@@ -330,12 +345,21 @@ class PseudoLabelSet:
             tmp = folder / f".tmp-{item_id}-{uuid.uuid4().hex[:8]}"
             write_array(tmp, (ignore != 0).astype(np.uint8))
             try:
+                still_ours()
                 os.rename(tmp, self.ignore_path(item_id))
             except OSError:  # one from an interrupted or concurrent writer of the same model
                 remove_tree(tmp)
+            except fs.WriterReplaced:
+                remove_tree(tmp)
+                raise
         tmp = self.path / f".tmp-{item_id}-{uuid.uuid4().hex[:8]}"
         write_array(tmp, label)
         zarr.open_array(str(tmp), mode="r+").attrs.update(attrs)
+        try:
+            still_ours()
+        except fs.WriterReplaced:
+            remove_tree(tmp)
+            raise
         try:
             os.rename(tmp, self.item_path(item_id))  # atomic; refused if the item exists
         except OSError:

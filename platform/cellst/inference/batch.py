@@ -64,7 +64,7 @@ from cellst.data.store import (
 )
 from cellst.errors import first_line
 from cellst.fingerprint import file_sha256, stable_hash
-from cellst.fs import check_writable
+from cellst.fs import check_writable, check_writing, claim_writing
 from cellst.inference.config import InferenceConfig, PredictConfig, inference_identity
 from cellst.inference.inputs import SegmentError, collect_images
 from cellst.raycluster import (
@@ -425,6 +425,7 @@ def postprocess_and_write(
                     model_id,
                     source,
                     pixel_size=(pixel_sizes or {}).get(str(item_id)),
+                    before_rename=functools.partial(check_writing, out_dir, run_id),
                 )
             if store_root is not None:
                 ignore = None
@@ -432,7 +433,7 @@ def postprocess_and_write(
                     ignore = uncertain_pixels(np.asarray(prob), pcfg.mask_threshold, ignore_band)
                     stats["ignored_fraction"] = float(ignore.mean()) if ignore.size else 0.0
                 PseudoLabelSet(store_root, set_name).write_item(
-                    str(item_id), label, stats, ignore=ignore
+                    str(item_id), label, stats, ignore=ignore, run_id=run_id
                 )
         except Exception as exc:  # noqa: BLE001 - this item fails, not the run
             errors[i] = f"post-processing or writing failed: {first_line(exc)}"
@@ -882,11 +883,16 @@ def predict(
         read=[checkpoint, store.root if store is not None else items.folder],
         write=[store.root / PSEUDO_DIR] if store is not None and set_name else [out],
     )
+    # this run's tasks write only while it is the one named writer: the tasks of a killed
+    # earlier run that Ray has not stopped yet are refused from here on (claim_writing)
+    run_id = uuid.uuid4().hex[:12]
     if store is not None and set_name is not None:
+        store.pseudo_set(set_name).claim(run_id)
         prepare_set(store, set_name, checkpoint, overwrite, identity)
         _drop_stale(store, set_name, ids)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        claim_writing(out, run_id)
     done = done_items(store, set_name, out_done)
     todo = [i for i in ids if i not in done]
     post = settings.post
@@ -905,7 +911,7 @@ def predict(
             "store_root": str(store.root) if store is not None and set_name else None,
             "set_name": set_name,
             "out_dir": str(out) if out is not None else None,
-            "run_id": uuid.uuid4().hex[:12],
+            "run_id": run_id,
             "checkpoint": checkpoint,
             "model_id": identity["model_id"],
             "ignore_band": float(ignore_band) if set_name else 0.0,
@@ -1161,6 +1167,7 @@ def predict_sets(
     run_id = uuid.uuid4().hex[:12]
     results, writes, need = [], [], {i: [] for i in ids}
     for k, (r, ck, identity) in enumerate(zip(requests, checkpoints, identities, strict=True)):
+        store.pseudo_set(r.set_name).claim(run_id)  # see predict
         prepare_set(store, r.set_name, ck, False, identity)
         _drop_stale(store, r.set_name, ids)
         done = set(store.pseudo_set(r.set_name).done_items())
