@@ -47,7 +47,7 @@ import pandas as pd
 import ray
 from tqdm.auto import tqdm
 
-from cellst.data.datasource import READ_CPUS
+from cellst.data.datasource import READ_CPUS, import_function
 from cellst.data.images import (
     check_min_side,
     label_file_name,
@@ -386,8 +386,9 @@ def postprocess_and_write(
     post-processing or writing fails becomes an error row (the others are still written).
     """
     from cellst.postprocess import PostprocessConfig
-    from cellst.postprocess.tiled import postprocess_hover
 
+    # a cancelled task's import (SciPy, scikit-image) must not poison its process
+    postprocess_hover = import_function("cellst.postprocess.tiled", "postprocess_hover")
     pcfg = PostprocessConfig(**post)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     n = len(batch["id"])
