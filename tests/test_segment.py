@@ -689,6 +689,8 @@ def test_an_export_failing_leaves_the_images_earlier_outputs_whole(
 
 # ----------------------------------------------------------------------------- Ray
 def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, tmp_path):
+    from cellst.fs import lock_beside, writer_record
+
     bad = images / "broken.tif"
     bad.write_bytes(b"II*\x00garbage")
     tifffile.imwrite(images / "blank.tif", np.full((40, 50), 7, np.uint16))
@@ -702,6 +704,8 @@ def test_segment_on_ray_writes_the_same_labels(ray_session, checkpoint, images, 
     gone.wait()
     killed = ray_out / f".cellst-segment-{socket.gethostname()}-{gone.pid}-abc123"
     killed.mkdir(parents=True)
+    for beside in (lock_beside(killed), writer_record(killed)):  # of its predict
+        beside.write_text("")
     on_ray = segment([images], checkpoint, out_dir=ray_out, ray=True, **kw)
     assert on_ray.mode == "ray"
     assert [p for p, _ in on_ray.failed] == [str(bad)]

@@ -662,7 +662,7 @@ def segment_on_ray(
     import tifffile
 
     from cellst.config import IngestConfig
-    from cellst.fs import lock_beside
+    from cellst.fs import lock_beside, writer_record
     from cellst.inference.batch import predict
     from cellst.postprocess.calibrate import effective_postprocess
 
@@ -682,7 +682,9 @@ def segment_on_ray(
         groups.setdefault((p.parent, output_dir(p, out)), []).append(p)
     for (folder, dest), members in groups.items():
         dest.mkdir(parents=True, exist_ok=True)
-        remove_orphan_temp_dirs(STAGING_PREFIX, dest)  # of a segment run killed earlier
+        for gone in remove_orphan_temp_dirs(STAGING_PREFIX, dest):  # of a run killed earlier
+            for own in (lock_beside(gone), writer_record(gone)):
+                own.unlink(missing_ok=True)
         staging = process_temp_dir(STAGING_PREFIX, dest)
         try:
             run = predict(
@@ -723,7 +725,8 @@ def segment_on_ray(
                     result.failed.append((str(path), why if str(path) in why else f"{path}: {why}"))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            lock_beside(staging).unlink(missing_ok=True)  # predict's; this process's alone
+            for own in (lock_beside(staging), writer_record(staging)):  # predict's, ours alone
+                own.unlink(missing_ok=True)
     result.outputs += _finish_tables(tables, cfg, result.removed)
     result.seconds = time.perf_counter() - t0
     return result
