@@ -300,7 +300,7 @@ def test_gpu_stage_writes_what_the_actor_writes_and_each_model_only_what_it_need
         out = []
         for k, (ck, post) in enumerate(zip(cks, posts, strict=True)):
             identity = model_identity(models[k]["weights_sha256"], post)
-            prepare_set(store, f"{prefix}{k}", ck, False, identity)
+            prepare_set(store, f"{prefix}{k}", ck, False, identity, run_id=prefix)
             out.append(
                 {"post": post.model_dump(), "store_root": str(store.root),
                  "set_name": f"{prefix}{k}", "out_dir": None, "run_id": prefix,
@@ -627,7 +627,7 @@ def test_rescaled_maps_are_written_at_the_image_size(store_dir, lite_checkpoint,
     ck = str(lite_checkpoint)
     post = PostprocessConfig()
     identity = model_identity(weights_digest(ck), post)
-    prepare_set(store, "rescaled", ck, False, identity)
+    prepare_set(store, "rescaled", ck, False, identity, run_id="r")
     images = np.empty(len(ids), dtype=object)
     images[:] = [store.image(i) for i in ids]
     batch = {"id": np.asarray(ids, dtype=object), "image": images}

@@ -672,6 +672,8 @@ def prepare_set(
     checkpoint: str,
     overwrite: bool,
     identity: dict[str, Any] | None = None,
+    *,
+    run_id: str,
 ) -> None:
     """Create the pseudo-label set, or check that an existing one is ours to resume.
 
@@ -679,6 +681,10 @@ def prepare_set(
     :func:`model_identity`; default: the checkpoint's weights with default post-processing).
     A set that holds items of another model is refused (nothing is written); one that holds
     none is taken over.
+
+    First of all, run ``run_id`` claims the set (:meth:`PseudoLabelSet.claim`): only its
+    writes land from now on (``postprocess_and_write(run_id=...)``), none of the tasks of a
+    killed earlier run that Ray has not stopped yet.
     """
     if identity is None:
         from cellst.model.checkpoint_files import weights_digest
@@ -686,6 +692,7 @@ def prepare_set(
 
         identity = model_identity(weights_digest(checkpoint), PostprocessConfig())
     pset = store.pseudo_set(set_name)
+    pset.claim(run_id)
     meta = {"checkpoint": str(Path(checkpoint).absolute()), "created": time.time(), **identity}
     if pset.exists():
         if overwrite:
@@ -888,8 +895,7 @@ def predict(
     # earlier run that Ray has not stopped yet are refused from here on (claim_writing)
     run_id = uuid.uuid4().hex[:12]
     if store is not None and set_name is not None:
-        store.pseudo_set(set_name).claim(run_id)
-        prepare_set(store, set_name, checkpoint, overwrite, identity)
+        prepare_set(store, set_name, checkpoint, overwrite, identity, run_id=run_id)
         _drop_stale(store, set_name, ids)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -1168,8 +1174,7 @@ def predict_sets(
     run_id = uuid.uuid4().hex[:12]
     results, writes, need = [], [], {i: [] for i in ids}
     for k, (r, ck, identity) in enumerate(zip(requests, checkpoints, identities, strict=True)):
-        store.pseudo_set(r.set_name).claim(run_id)  # see predict
-        prepare_set(store, r.set_name, ck, False, identity)
+        prepare_set(store, r.set_name, ck, False, identity, run_id=run_id)
         _drop_stale(store, r.set_name, ids)
         done = set(store.pseudo_set(r.set_name).done_items())
         for i in ids:
