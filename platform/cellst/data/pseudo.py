@@ -357,11 +357,10 @@ class PseudoLabelSet:
         zarr.open_array(str(tmp), mode="r+").attrs.update(attrs)
         try:
             still_ours()
+            os.rename(tmp, self.item_path(item_id))  # atomic; refused if the item exists
         except fs.WriterReplaced:
             remove_tree(tmp)
             raise
-        try:
-            os.rename(tmp, self.item_path(item_id))  # atomic; refused if the item exists
         except OSError:
             remove_tree(tmp)
             return False
