@@ -207,3 +207,65 @@ def test_a_runs_worker_group_sizes_are_recorded_once_per_change(tmp_path):
     assert paths.group_sizes() == [2, 1, 2]
     paths.group_sizes_file.write_text("{not json")
     assert paths.group_sizes() == []
+
+
+_AS_ANOTHER_USER = """
+import os, sys
+sys.path.insert(0, {platform!r})
+from cellst.fs import check_writing, claim_writing, writer_record, writing_folder
+if os.geteuid() == 0:  # imported first: the interpreter may be readable by root alone
+    os.setgid(65534); os.setuid(65534)
+folder = {folder!r}
+with writing_folder(folder, "test"):
+    claim_writing(folder, "run-1")
+    check_writing(folder, "run-1")
+    print(writer_record(folder))
+print(sorted(os.listdir(folder)))
+"""
+
+
+@pytest.fixture
+def open_tmp():
+    """A temporary folder other users can pass through (pytest's are closed to them)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="cellst-test-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_output_folder_in_a_read_only_parent_keeps_its_lock_and_writer_record_inside(
+    open_tmp,
+):
+    """The lock of an output folder and the record of its writer sit beside it, or both
+    inside it where its parent takes no file (a writable image folder in a read-only
+    parent), one rule for both. Run as an unprivileged user (root writes anywhere)."""
+    import os
+
+    from cellst.fs import claim_writing, writer_record, writing_folder
+
+    parent = open_tmp / "readonly"
+    folder = parent / "images"
+    folder.mkdir(parents=True)
+    if os.geteuid() == 0:
+        os.chown(folder, 65534, 65534)  # the folder is nobody's, its parent is not
+    parent.chmod(0o555)
+    code = _AS_ANOTHER_USER.format(
+        platform=str(Path(__file__).parents[1] / "platform"), folder=str(folder)
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    finally:
+        parent.chmod(0o755)
+    assert out.returncode == 0, out.stderr
+    record, listing = out.stdout.splitlines()
+    assert Path(record) == folder.resolve() / ".cellst-writer"
+    assert listing == "['.cellst-writer', '.cellst-writing.lock']"
+    assert not list(parent.glob(".images.*"))  # nothing beside, where it could not go
+    # a writable parent: both beside the folder, with one stem
+    claim_writing(folder, "run-2")
+    assert writer_record(folder) == parent / ".images.writer"
+    with writing_folder(folder, "test"):
+        assert (parent / ".images.lock").is_file()

@@ -429,12 +429,8 @@ def writing_folder(folder: str | os.PathLike[str], what: str) -> Iterator[None]:
 
     The lock is :func:`lock_beside` the folder; where its parent cannot take a file (a
     writable image folder in a read-only parent), a hidden file inside the folder."""
-    lock = lock_beside(folder)
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        open(lock, "a").close()  # noqa: SIM115 - only to see that it can be created
-    except OSError:
-        lock = Path(folder).resolve() / ".cellst-writing.lock"
+    lock = _beside_or_inside(folder, ".lock", ".cellst-writing.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
     refusal = FolderBusy(
         f"{folder} is being written by another {what} run; wait for it to end, or give "
         "another output folder"
@@ -451,10 +447,18 @@ def writer_record(folder: str | os.PathLike[str]) -> Path:
     """Where the run that writes ``folder`` is named (:func:`claim_writing`): ``.NAME.writer``
     beside the folder, as its lock (:func:`lock_beside`), or ``.cellst-writer`` inside it
     where the parent cannot take a file (an output folder in a read-only parent)."""
-    lock = lock_beside(folder)
-    if not lock.parent.is_dir() or os.access(lock.parent, os.W_OK):
-        return lock.with_name(lock.name.removesuffix(".lock") + ".writer")
-    return Path(folder).resolve() / ".cellst-writer"
+    return _beside_or_inside(folder, ".writer", ".cellst-writer")
+
+
+def _beside_or_inside(folder: str | os.PathLike[str], suffix: str, inside: str) -> Path:
+    """``.NAME<suffix>`` beside ``folder`` (as :func:`lock_beside`), or the hidden file
+    ``inside`` in it where the parent cannot take a file (a writable output folder in a
+    read-only parent). One rule for the lock and the writer record of an output folder, so
+    that both sit on the same side; a parent still to be made counts as writable."""
+    beside = lock_beside(folder)
+    if not beside.parent.is_dir() or os.access(beside.parent, os.W_OK):
+        return beside.with_name(beside.name.removesuffix(".lock") + suffix)
+    return Path(folder).resolve() / inside
 
 
 def claim_writing(folder: str | os.PathLike[str], run_id: str) -> None:
