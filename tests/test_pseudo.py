@@ -167,6 +167,38 @@ def test_a_run_whose_set_was_claimed_by_a_newer_run_writes_nothing(tmp_path):
     assert never.done_items() == []
 
 
+def test_prepare_claims_first_then_creates_resumes_takes_over_or_replaces(tmp_path):
+    """The one way a writer gets a set ready: claimed before anything else (an earlier
+    run's late write is refused), then created, resumed by its writer (half-written items
+    cleared), taken over when ``resumable`` says so, replaced with ``overwrite``; a refusal
+    of ``resumable`` leaves the set as it was."""
+    from cellst.fs import WriterReplaced
+
+    s = PseudoLabelSet(tmp_path, "p")
+    mine = lambda info, items: info.get("model") == "m1"  # noqa: E731
+    assert s.prepare({"model": "m1"}, run_id="r1", resumable=mine) is False  # created
+    assert s.info() == {"model": "m1"} and s.write_item("a", _label(1), {}, run_id="r1")
+    (s.path / ".tmp-half").mkdir()  # an item the first run never finished
+    assert s.prepare({"model": "m1", "new": 1}, run_id="r2", resumable=mine) is True
+    assert s.info() == {"model": "m1"} and s.done_items() == ["a"]  # resumed, record kept
+    assert not list(s.path.glob(".tmp-*"))
+    with pytest.raises(WriterReplaced):  # r1's tasks, still running, write nothing now
+        s.write_item("b", _label(2), {}, run_id="r1")
+
+    def refuse(info, items):
+        raise StoreError(f"{len(items)} item(s) of another model")
+
+    with pytest.raises(StoreError, match="1 item"):
+        s.prepare({"model": "m2"}, run_id="r3", resumable=refuse)
+    assert s.info() == {"model": "m1"} and s.done_items() == ["a"]
+    # not resumable but not refused (say, a set of no item): taken over, record replaced
+    assert s.prepare({"model": "m2"}, run_id="r4", resumable=lambda i, d: False) is False
+    assert s.info() == {"model": "m2"} and s.done_items() == ["a"]
+    assert s.prepare({"model": "m3"}, run_id="r5", overwrite=True, resumable=refuse) is False
+    assert s.info() == {"model": "m3"} and s.done_items() == []  # replaced, not asked
+    assert s.write_item("c", _label(3), {}, run_id="r5") and s.done_items() == ["c"]
+
+
 def test_ignore_masks_are_written_before_the_item_and_follow_it(tmp_path):
     """An item's optional ignore mask: written with it, read back, carried by combine,
     half-written ones cleared, never listed as an item."""

@@ -28,7 +28,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +303,48 @@ class PseudoLabelSet:
                 for mask in masks.iterdir():
                     if mask.is_dir() and mask.name[0] != "." and not self.has_item(mask.name):
                         remove_tree(mask)
+
+    def prepare(
+        self,
+        meta: dict[str, Any],
+        *,
+        run_id: str,
+        overwrite: bool = False,
+        resumable: Callable[[dict[str, Any], list[str]], bool],
+    ) -> bool:
+        """Get the set ready for run ``run_id`` to write: claimed, then created, replaced
+        or resumed. Call under :meth:`writing`.
+
+        Parameters
+        ----------
+        meta : dict
+            The set's record (``set.json``) if it is created now.
+        run_id : str
+            The run that writes it (:meth:`claim`): claimed first of all, before anything
+            is removed, so that no write of an earlier run lands from now on.
+        overwrite : bool
+            Remove an existing set and start anew.
+        resumable : callable
+            ``(record, done_items) -> bool`` for an existing set: whether it was written
+            by the writer of ``meta`` (then resumed as it is), or may be taken over (False:
+            its record is replaced). It raises where resuming would mix two writers' items.
+
+        Returns
+        -------
+        bool
+            Whether an existing set is resumed (its half-written items removed).
+        """
+        self.claim(run_id)
+        if self.exists():
+            if overwrite:
+                self.remove()
+            else:
+                same = resumable(self.info(), self.done_items())
+                self.clear_partial()  # half-written items of an interrupted run
+                if same:
+                    return True
+        self.create(meta)
+        return False
 
     def claim(self, run_id: str) -> None:
         """Make ``run_id`` the set's one writer from now on (:func:`cellst.fs.claim_writing`),

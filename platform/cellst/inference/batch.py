@@ -652,18 +652,30 @@ def check_resume(
         The set holds items of another model (or of an unknown one): resuming it would mix
         two models' labels. Says how to go on (``--overwrite``, another ``--set-name``).
     """
-    old = store.pseudo_set_info(set_name)
-    items = store.pseudo_set(set_name).done_items()
-    if _recorded_before_inference(old, identity):
-        return True
-    if old.get("model_id") != identity["model_id"] and items:
-        raise StoreError(
-            f"pseudo-label set {set_name!r} in {store.root} holds {len(items)} item(s) that "
-            f"checkpoint {Path(checkpoint).absolute()} did not predict: "
-            f"{_mismatch(old, identity)}; resuming would mix two models' labels. Pass "
-            f"--overwrite to replace the set, or choose another --set-name"
-        )
-    return old.get("model_id") == identity["model_id"]
+    pset = store.pseudo_set(set_name)
+    return _same_model(set_name, store.root, checkpoint, identity)(pset.info(), pset.done_items())
+
+
+def _same_model(
+    set_name: str, root: Path, checkpoint: str, identity: dict[str, Any]
+) -> Callable[[dict[str, Any], list[str]], bool]:
+    """:meth:`PseudoLabelSet.prepare`'s ``resumable`` for the model ``identity``: the set
+    is resumed only by the model that wrote it, taken over when it holds no item, refused
+    when it holds another model's."""
+
+    def resumable(old: dict[str, Any], items: list[str]) -> bool:
+        if _recorded_before_inference(old, identity):
+            return True
+        if old.get("model_id") != identity["model_id"] and items:
+            raise StoreError(
+                f"pseudo-label set {set_name!r} in {root} holds {len(items)} item(s) that "
+                f"checkpoint {Path(checkpoint).absolute()} did not predict: "
+                f"{_mismatch(old, identity)}; resuming would mix two models' labels. Pass "
+                f"--overwrite to replace the set, or choose another --set-name"
+            )
+        return old.get("model_id") == identity["model_id"]
+
+    return resumable
 
 
 def prepare_set(
@@ -675,35 +687,26 @@ def prepare_set(
     *,
     run_id: str,
 ) -> None:
-    """Create the pseudo-label set, or check that an existing one is ours to resume.
+    """Create the pseudo-label set for run ``run_id``, or check that an existing one is
+    ours to resume (:meth:`PseudoLabelSet.prepare`, which claims it first of all).
 
     A set is resumed only by the model that wrote it: the same ``identity`` (see
     :func:`model_identity`; default: the checkpoint's weights with default post-processing).
     A set that holds items of another model is refused (nothing is written); one that holds
     none is taken over.
-
-    First of all, run ``run_id`` claims the set (:meth:`PseudoLabelSet.claim`): only its
-    writes land from now on (``postprocess_and_write(run_id=...)``), none of the tasks of a
-    killed earlier run that Ray has not stopped yet.
     """
     if identity is None:
         from cellst.model.checkpoint_files import weights_digest
         from cellst.postprocess import PostprocessConfig
 
         identity = model_identity(weights_digest(checkpoint), PostprocessConfig())
-    pset = store.pseudo_set(set_name)
-    pset.claim(run_id)
     meta = {"checkpoint": str(Path(checkpoint).absolute()), "created": time.time(), **identity}
-    if pset.exists():
-        if overwrite:
-            pset.remove()
-        else:
-            same = check_resume(store, set_name, checkpoint, identity)
-            pset.clear_partial()  # half-written items of an interrupted run
-            if same:
-                return
-            # an empty set (e.g. left by a failed start): nothing to mix, take it over
-    pset.create(meta)
+    store.pseudo_set(set_name).prepare(
+        meta,
+        run_id=run_id,
+        overwrite=overwrite,
+        resumable=_same_model(set_name, store.root, checkpoint, identity),
+    )
 
 
 def fit_resources(pcfg: PredictConfig) -> PredictConfig:
