@@ -156,6 +156,44 @@ def test_copies_of_a_checkpoint_left_by_a_killed_writer_are_removed_at_the_next_
     assert not stale_siblings(tmp_path / "absent" / "x")
 
 
+def test_a_training_attempt_replaced_by_a_newer_one_publishes_nothing(tmp_path):
+    """The Ray Train workers of a killed ``cellst train`` go on for seconds after their
+    driver, while a re-run (with ``--force``, of another config) takes the run over: once
+    the new attempt claims the run, the old one's epochs, best/last copies and resume
+    state are refused, and nothing of them is left; the new attempt's land."""
+    from cellst.fs import WriterReplaced, writer_record
+    from cellst.model import ModelConfig, build_model, save_checkpoint
+    from cellst.train.checkpoints import (
+        TRAIN_STATE_FILE,
+        RunPaths,
+        keep_checkpoints,
+        keep_resume_state,
+        publish_best,
+    )
+
+    mcfg = ModelConfig(name="hovernet-lite", width=8)
+    src = save_checkpoint(tmp_path / "epoch", build_model(mcfg), mcfg)
+    (src / TRAIN_STATE_FILE).write_bytes(b"state")
+    old = RunPaths(tmp_path / "run").claim("old")
+    keep_checkpoints(old, src, 1, is_best=True, is_snapshot=False, keep_last=2)
+    new = RunPaths(tmp_path / "run").claim("new")  # the re-run, under the run's lock
+    assert writer_record(new.root).read_text().strip() == "new"
+    before = sorted(p.name for p in new.checkpoints.iterdir())
+    for publish in (
+        lambda: keep_checkpoints(old, src, 2, is_best=True, is_snapshot=True, keep_last=2),
+        lambda: publish_best(old, src),
+        lambda: keep_resume_state(old, src),
+    ):
+        with pytest.raises(WriterReplaced, match="now written by run new"):
+            publish()
+    assert sorted(p.name for p in new.checkpoints.iterdir()) == before  # no temp left
+    assert not new.resume_state.exists()
+    keep_checkpoints(new, src, 2, is_best=False, is_snapshot=False, keep_last=2)
+    keep_resume_state(new, src)
+    assert (new.checkpoints / "epoch_002").is_dir() and new.resume_state.is_file()
+    RunPaths(tmp_path / "run").check_writer()  # a reader names no writer: never refused
+
+
 def test_environ_sets_variables_for_the_block_and_restores_them(monkeypatch):
     """``cellst.procenv.environ`` (Ray Train's start-up wait, MLflow's HTTP limits)."""
     import os

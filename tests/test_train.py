@@ -730,6 +730,7 @@ def test_training_in_this_process_resumes_where_it_was_killed(ray_session, store
     killed = kill_group_when(first, (run / "resume" / "train_state.pt").is_file, 300)
     assert killed, "the run finished before its first epoch's state was seen"
     first.wait()
+    killed_writer = json.loads((run / "run.json").read_text())["writer"]
     # MLflow keeps the killed run RUNNING for ever; compare sees that its process is gone
     from cellst.tracking.compare import collect_runs
 
@@ -748,6 +749,11 @@ def test_training_in_this_process_resumes_where_it_was_killed(ray_session, store
     state = torch.load(run / "resume" / "train_state.pt", weights_only=False)
     assert state["epoch"] == 6 and int(state["ema"]["n_averaged"]) == state["step"]
     assert collect_runs(run / "mlflow.db")["status"].tolist() == ["FINISHED"]  # the same run
+    # the re-run claimed the run first: the killed attempt could publish nothing more
+    from cellst.fs import writer_record
+
+    writer = json.loads((run / "run.json").read_text())["writer"]
+    assert writer_record(run).read_text().strip() == writer != killed_writer
     assert "Reported metrics" not in out and "local mode" not in out  # Ray's INFO kept quiet
     # killed after its last epoch was saved (say, during the calibration): the re-run has no
     # epoch left to train and still reports the last one's metrics
@@ -803,7 +809,7 @@ def test_best_never_holds_an_epoch_the_resumed_run_discarded(ray_session, store_
     and a resumed run puts its restored best epoch back in best/ where best/ holds another
     (as a run of an older cellst may have left it)."""
     from cellst.model.checkpoint_files import read_checkpoint_info
-    from cellst.train.checkpoints import _publish
+    from cellst.train.checkpoints import RunPaths, _publish
 
     cfg = tiny_cfg(store_dir, tmp_path, "train.num_workers=0", "train.epochs=3",
                    "train.run_name=bestkill", "train.keep_last=3", "data.crops_per_epoch=16",
@@ -813,7 +819,9 @@ def test_best_never_holds_an_epoch_the_resumed_run_discarded(ray_session, store_
     chosen = res.metrics["best_epoch"]
     assert read_checkpoint_info(run / "checkpoints" / "best")[1]["epoch"] == chosen
     other = next(e for e in (1, 2, 3) if e != chosen)
-    _publish(run / "checkpoints" / f"epoch_{other:03d}", run / "checkpoints" / "best")
+    _publish(
+        RunPaths(run), run / "checkpoints" / f"epoch_{other:03d}", run / "checkpoints" / "best"
+    )
     record = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
     again = train(cfg)  # killed after its last epoch was kept: nothing left to train

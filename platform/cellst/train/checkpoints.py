@@ -38,9 +38,33 @@ BEST, LAST = "best", "last"
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where a run keeps its files."""
+    """Where a run keeps its files.
+
+    ``writer``: the attempt that trains into the run now (:func:`claim`); the checkpoints
+    published through these paths land only while it is still the run's writer, so that
+    the Ray Train workers of a killed attempt, which Ray stops seconds after its driver,
+    never publish into the attempt that took the run over (with ``--force``, another
+    config's). None: no check (a reader, a Tune trial's own folder).
+    """
 
     root: Path
+    writer: str | None = None
+
+    def claim(self, writer: str) -> RunPaths:
+        """Name ``writer`` the run's one writer from now on (:func:`cellst.fs.claim_writing`,
+        under the run's lock); the paths its workers publish through."""
+        from cellst.fs import claim_writing
+
+        claim_writing(self.root, writer)
+        return RunPaths(self.root, writer)
+
+    def check_writer(self) -> None:
+        """Raise :class:`cellst.fs.WriterReplaced` unless :attr:`writer` still writes the
+        run (called right before a published file is renamed into place)."""
+        if self.writer is not None:
+            from cellst.fs import check_writing
+
+            check_writing(self.root, self.writer)
 
     @property
     def checkpoints(self) -> Path:
@@ -145,12 +169,17 @@ def keep_resume_state(paths: RunPaths, src: Path) -> None:
     (atomically: a re-run reads the previous epoch's whole state, or this one's)."""
     from cellst.fs import atomic_write
 
-    atomic_write(paths.resume_state, lambda tmp: shutil.copyfile(src / TRAIN_STATE_FILE, tmp))
+    atomic_write(
+        paths.resume_state,
+        lambda tmp: shutil.copyfile(src / TRAIN_STATE_FILE, tmp),
+        before_rename=paths.check_writer,
+    )
 
 
-def _publish(src: Path, dst: Path) -> None:
+def _publish(paths: RunPaths, src: Path, dst: Path) -> None:
     """Copy the model files of ``src`` to ``dst`` atomically (temp sibling, then
-    :func:`cellst.fs.replace_dir`, which puts the old folder back if the swap fails)."""
+    :func:`cellst.fs.replace_dir`, which puts the old folder back if the swap fails), while
+    ``paths.writer`` still writes the run (:meth:`RunPaths.check_writer`)."""
     from cellst.fs import link_or_copy, replace_dir, stale_siblings, temp_sibling
 
     for stale in [*stale_siblings(dst, ".publishing"), *stale_siblings(dst, "")]:
@@ -160,6 +189,7 @@ def _publish(src: Path, dst: Path) -> None:
     try:
         for name in MODEL_FILES:
             link_or_copy(src / name, tmp / name)
+        paths.check_writer()
         replace_dir(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,7 +199,7 @@ def publish_best(paths: RunPaths, src: Path) -> None:
     """Publish checkpoint directory ``src`` as the run's ``best/``: called once its epoch
     is kept for a resume (Ray Train holds it, or the resume state is saved), so that best/
     never holds an epoch a resumed run discards."""
-    _publish(src, paths.best)
+    _publish(paths, src, paths.best)
 
 
 def restore_best(paths: RunPaths, epoch: int | None) -> None:
@@ -186,7 +216,7 @@ def restore_best(paths: RunPaths, epoch: int | None) -> None:
         held = None
     src = paths.checkpoints / f"epoch_{int(epoch):03d}"
     if held != epoch and src.is_dir():
-        _publish(src, paths.best)
+        _publish(paths, src, paths.best)
 
 
 def keep_checkpoints(
@@ -194,12 +224,12 @@ def keep_checkpoints(
 ) -> None:
     """Publish the epoch's checkpoint as epoch/last (and best/snapshot); prune old epochs."""
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    _publish(src, paths.checkpoints / f"epoch_{epoch:03d}")
-    _publish(src, paths.last)
+    _publish(paths, src, paths.checkpoints / f"epoch_{epoch:03d}")
+    _publish(paths, src, paths.last)
     if is_best:
-        _publish(src, paths.best)
+        _publish(paths, src, paths.best)
     if is_snapshot:
-        _publish(src, paths.checkpoints / f"snapshot_e{epoch:03d}")
+        _publish(paths, src, paths.checkpoints / f"snapshot_e{epoch:03d}")
     epochs = sorted(paths.checkpoints.glob("epoch_*"))
     for old in epochs[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

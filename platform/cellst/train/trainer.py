@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import threading
+import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -569,6 +570,9 @@ def train(
     # the stream checks its pseudo-label set (complete, current, not empty): before --force
     # deletes anything, as each check above
     dataset = build_dataset(cfg, store, train_ids, val_ids)
+    # this attempt is the run's one writer from now on, before anything is removed: the
+    # workers of a killed earlier attempt, which Ray stops seconds later, publish nothing more
+    paths = paths.claim(uuid.uuid4().hex[:12])
     if run.restart:  # every check passed: only now is the earlier run (and its checkpoints) gone
         _clear_for_restart(cfg, paths)
     run_tags = {
@@ -602,6 +606,7 @@ def train(
             train_ids=train_ids,
             val_ids=val_ids,
             data_digest=run.data_digest,  # a resume on re-ingested items is refused
+            writer=paths.writer,
         )
         single_node_defaults()
         trainer = _torch_trainer(cfg, paths, store, val_ids, dataset, run_id, callbacks, wait_tries)
@@ -694,8 +699,9 @@ def _clear_for_restart(cfg: ExperimentConfig, paths: RunPaths) -> None:
     keep = (
         {"mlflow.db", "mlartifacts"} if store_inside(cfg.tracking, paths.root, cfg.name) else set()
     )
+    claim = fs.writer_record(paths.root)  # beside the run, but inside where it must be
     for child in paths.root.iterdir():
-        if child.name in keep:
+        if child.name in keep or paths.root.resolve() / child.name == claim:
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
@@ -746,6 +752,7 @@ def _torch_trainer(
         train_loop_config={
             "experiment": cfg.model_dump(mode="json"),
             "run_path": str(paths.root),
+            "writer": paths.writer,  # checkpoints land only while this attempt is the writer
             "store": str(store.root),
             "store_version": store.version,
             "val_ids": val_ids,

@@ -140,7 +140,7 @@ class Worker:
         # local mode (the driver's process) holds no GPU: Ray's get_device() would pick any
         # visible one there
         self.device = torch.device("cpu") if self.local else get_device()
-        self.paths = RunPaths(Path(config["run_path"]))
+        self.paths = RunPaths(Path(config["run_path"]), config.get("writer"))
         _record_worker(self.paths, self.rank, self.world, self.device)
 
         self.model = _build_model(cfg, self.world)
