@@ -120,7 +120,7 @@ def run_seed(seed: int, args, out: Path) -> dict:
     result = run_stpp(cfg, log=lambda m: print(f"  seed {seed} {m}", flush=True))
     seconds = time.perf_counter() - t0
     table = result.report
-    from cellst.stpp.pipeline import training_crops
+    from cellst.stpp.schedule import training_crops
 
     crops = training_crops(cfg)
     equal = supervised_equal_compute(cfg, sum(crops.values()), out / f"seed{seed}")
@@ -227,7 +227,7 @@ def supervised_same_schedule(cfg, stage1_best: str, work: Path) -> dict | None:
     if cfg.stpp.fresh_init:
         return None
     from cellst.model.checkpoint_files import checkpoint_fingerprint
-    from cellst.stpp.pipeline import apply_retrain_schedule
+    from cellst.stpp.schedule import apply_retrain_schedule
     from cellst.train.trainer import train
 
     base = cfg.base()

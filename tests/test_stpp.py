@@ -361,7 +361,7 @@ def test_reliability_on_ray_matches_local(ray_session, scored_store):
 
 
 def test_retrain_stages_keep_the_labelled_crops_per_epoch(tmp_path):
-    from cellst.stpp.pipeline import retrain_crops
+    from cellst.stpp.schedule import retrain_crops
 
     assert retrain_crops(256, 0.5) == 512 and retrain_crops(256, 0.0) == 256
     assert retrain_crops(100, 0.95) == 400 and retrain_crops(100, 1.0) == 100  # capped
