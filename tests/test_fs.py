@@ -161,7 +161,7 @@ def test_a_training_attempt_replaced_by_a_newer_one_publishes_nothing(tmp_path):
     driver, while a re-run (with ``--force``, of another config) takes the run over: once
     the new attempt claims the run, the old one's epochs, best/last copies and resume
     state are refused, and nothing of them is left; the new attempt's land."""
-    from cellst.fs import WriterReplaced, writer_record
+    from cellst.fs import WriterReplaced, temp_sibling, writer_record
     from cellst.model import ModelConfig, build_model, save_checkpoint
     from cellst.train.checkpoints import (
         TRAIN_STATE_FILE,
@@ -178,6 +178,8 @@ def test_a_training_attempt_replaced_by_a_newer_one_publishes_nothing(tmp_path):
     keep_checkpoints(old, src, 1, is_best=True, is_snapshot=False, keep_last=2)
     new = RunPaths(tmp_path / "run").claim("new")  # the re-run, under the run's lock
     assert writer_record(new.root).read_text().strip() == "new"
+    copying = temp_sibling(new.best, ".publishing")  # the new attempt's copy in progress
+    copying.mkdir()
     before = sorted(p.name for p in new.checkpoints.iterdir())
     for publish in (
         lambda: keep_checkpoints(old, src, 2, is_best=True, is_snapshot=True, keep_last=2),
@@ -186,7 +188,9 @@ def test_a_training_attempt_replaced_by_a_newer_one_publishes_nothing(tmp_path):
     ):
         with pytest.raises(WriterReplaced, match="now written by run new"):
             publish()
-    assert sorted(p.name for p in new.checkpoints.iterdir()) == before  # no temp left
+    # nothing of the old attempt's left, and the new one's copy not taken for a dead one's
+    assert sorted(p.name for p in new.checkpoints.iterdir()) == before and copying.is_dir()
+    copying.rmdir()
     assert not new.resume_state.exists()
     keep_checkpoints(new, src, 2, is_best=False, is_snapshot=False, keep_last=2)
     keep_resume_state(new, src)

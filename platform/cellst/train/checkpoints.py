@@ -182,6 +182,7 @@ def _publish(paths: RunPaths, src: Path, dst: Path) -> None:
     ``paths.writer`` still writes the run (:meth:`RunPaths.check_writer`)."""
     from cellst.fs import link_or_copy, replace_dir, stale_siblings, temp_sibling
 
+    paths.check_writer()  # first: a replaced attempt must not clear the new one's copies
     for stale in [*stale_siblings(dst, ".publishing"), *stale_siblings(dst, "")]:
         shutil.rmtree(stale, ignore_errors=True)  # of a rank 0 killed mid-copy
     tmp = temp_sibling(dst, suffix=".publishing")
@@ -189,7 +190,7 @@ def _publish(paths: RunPaths, src: Path, dst: Path) -> None:
     try:
         for name in MODEL_FILES:
             link_or_copy(src / name, tmp / name)
-        paths.check_writer()
+        paths.check_writer()  # and last, right before the copy is renamed into place
         replace_dir(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
