@@ -256,7 +256,7 @@ def _result_key(cfg, training, **extra) -> str:
     """Fingerprint of a baseline: its training config, the store's labelled and test items."""
     from cellst.data.store import CellStore
     from cellst.fingerprint import stable_hash
-    from cellst.stpp.pipeline import items_digest, training_hash
+    from cellst.stpp.inputs import items_digest, training_hash
 
     store = CellStore(cfg.store)
     return stable_hash(

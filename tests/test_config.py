@@ -305,7 +305,7 @@ def test_config_fingerprint_counts_only_what_is_computed():
     the fingerprint, so a cellst that adds a setting does not invalidate earlier runs."""
     from cellst.experiment import load_config
     from cellst.fingerprint import config_fingerprint
-    from cellst.stpp.pipeline import training_hash
+    from cellst.stpp.inputs import training_hash
     from cellst.train.trainer import config_hash
 
     base = load_config(None, ["store=s", "train.lr=0.01"])
@@ -333,7 +333,7 @@ def test_a_trainings_fingerprint_counts_what_it_reads_and_knows_earlier_recipes(
     recorded by recipe 2 is still recognised, and one of another training is not."""
     from cellst.experiment import load_config
     from cellst.fingerprint import VERSION
-    from cellst.stpp.pipeline import training_hash
+    from cellst.stpp.inputs import training_hash
     from cellst.train.trainer import config_hash, same_configuration
 
     base = load_config(None, ["store=s"])
@@ -382,7 +382,7 @@ def test_strong_augmentation_counts_only_in_trainings_on_pseudo_labels():
     fingerprint of a supervised training (ST++ stage 1, ``cellst train``) unchanged: an ST++
     variant with other strong augmentation re-runs the re-training stages, not stage 1."""
     from cellst.experiment import load_config
-    from cellst.stpp.pipeline import training_hash
+    from cellst.stpp.inputs import training_hash
     from cellst.train.trainer import config_hash
 
     base = load_config(None, ["store=s"])
@@ -487,7 +487,7 @@ def test_windows_per_forward_pass_change_no_fingerprint():
     while the fingerprints of configs that never set it stay what they were recorded as."""
     from cellst.experiment import load_config
     from cellst.fingerprint import config_fingerprint, training_fingerprint
-    from cellst.stpp.pipeline import infer_inputs, training_hash
+    from cellst.stpp.inputs import infer_inputs, training_hash
     from cellst.train.trainer import config_hash, same_configuration
 
     for sets, recorded in (
@@ -519,7 +519,7 @@ def test_the_pseudo_label_share_is_no_input_of_a_training_without_pseudo_labels(
     counts it, and a run recorded by recipe 4 with it set is still recognised."""
     from cellst.experiment import load_config
     from cellst.fingerprint import training_fingerprint
-    from cellst.stpp.pipeline import training_hash
+    from cellst.stpp.inputs import training_hash
     from cellst.train.trainer import same_configuration
 
     plain = load_config(None, ["store=s"])

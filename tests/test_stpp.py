@@ -387,7 +387,7 @@ def test_retrain_stages_keep_the_labelled_crops_per_epoch(tmp_path):
 def test_retrain_options_set_the_retraining_stages_alone(tmp_path, option, field, base, value, bad):
     """stpp.retrain_lr / stpp.retrain_ema_decay: train.* of stages 4 and 6 alone (default:
     train.*), so stage 1 keeps its fingerprint and is not re-run."""
-    from cellst.stpp.pipeline import training_hash
+    from cellst.stpp.inputs import training_hash
 
     path = _write_config(tmp_path / "c.yaml", tmp_path / "store", tmp_path / "runs")
     same = Pipeline(load_stpp_config(path, [f"train.{field}={base}"]))

@@ -72,7 +72,7 @@ class StppExperimentConfig(ExperimentConfig):
         """The plain experiment with ``stpp`` as configured: what a stage's training runs
         and logs (its params then tell a fine-tune, ``stpp.fresh_init: false``, from a fresh
         start). A training never reads ``stpp``; fingerprints leave it out
-        (:func:`cellst.stpp.pipeline.training_hash`)."""
+        (:func:`cellst.stpp.inputs.training_hash`)."""
         return ExperimentConfig.model_validate(self.model_dump(mode="json", exclude_unset=True))
 
 

@@ -20,8 +20,10 @@ Stages (each one a child MLflow run under one parent run of the pipeline)::
 
 Modules: the stage names and each stage's typed output (:mod:`cellst.stpp.outputs`), the
 durable records and ``pipeline.json`` (:mod:`cellst.stpp.stages`), the MLflow parent run
-(:mod:`cellst.stpp.parent_run`), the F1 table (:mod:`cellst.stpp.report`); this module holds
-the stage runner (:meth:`Pipeline.stage`), the stage bodies and :func:`run_stpp`.
+(:mod:`cellst.stpp.parent_run`), the generic stage runner (:mod:`cellst.stpp.runner`), what
+each stage's input hash is made of (:mod:`cellst.stpp.inputs`), the re-training schedule
+(:mod:`cellst.stpp.schedule`), the F1 table (:mod:`cellst.stpp.report`); this module holds
+the stage bodies, the steps that chain them (:meth:`Pipeline.run`) and :func:`run_stpp`.
 
 Each stage depends only on the outputs of earlier ones (their digests are hashed into its
 input hash), so a re-run skips every finished stage whose inputs did not change, resumes the
@@ -57,14 +59,19 @@ import pandas as pd
 
 from cellst.config import ConfigError, dump_config
 from cellst.data.store import CellStore, StoreError, store_lock
-from cellst.experiment import ExperimentConfig
 from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
-from cellst.fingerprint import stable_hash, training_fingerprint
+from cellst.fingerprint import stable_hash
 from cellst.fs import atomic_write_bytes, atomic_write_json
-from cellst.inference.config import SPEED_ONLY_INFERENCE, InferenceConfig
+from cellst.inference.config import InferenceConfig
 from cellst.model.checkpoint_files import checkpoint_fingerprint, is_checkpoint
-from cellst.stpp.config import StppConfig
 from cellst.stpp.experiment import StppExperimentConfig
+from cellst.stpp.inputs import (
+    infer_inputs,
+    infer_inputs_before,
+    items_digest,
+    training_hash,
+    without_stpp,
+)
 from cellst.stpp.outputs import (
     MODELS,
     STAGES,
@@ -77,6 +84,7 @@ from cellst.stpp.outputs import (
 )
 from cellst.stpp.parent_run import ParentRun
 from cellst.stpp.report import f1_table, table_metrics
+from cellst.stpp.runner import StageRunner, UntilReached
 from cellst.stpp.schedule import apply_retrain_schedule
 from cellst.stpp.stages import (
     META,
@@ -90,10 +98,6 @@ from cellst.stpp.stages import (
 
 class StppStopped(StoreError):
     """The pipeline stopped early for a reason of the data (e.g. no unlabelled items)."""
-
-
-class _UntilReached(Exception):
-    """The stage the caller asked to stop after (``until``) is done: no later stage runs."""
 
 
 @dataclass
@@ -115,33 +119,6 @@ class StppResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-def items_digest(store: CellStore, split: str) -> str:
-    """Hash of a split's items and their content (ids, source and label hashes)."""
-    df = store.items(split=split).sort_values("id")
-    cols = ["id", "source_sha256", "label_sha256", "image_array", "label_array"]
-    return stable_hash(df[cols].values.tolist())
-
-
-def training_hash(cfg: ExperimentConfig, version: int = FINGERPRINT_VERSION) -> str:
-    """Fingerprint of what a training stage computes (not where it logs or runs; the store
-    by its items' content, :func:`items_digest`, not its path). The ``stpp`` section, which
-    a training never reads, counts at its defaults, as every recipe recorded it."""
-    return training_fingerprint(without_stpp(cfg), store=False, version=version)
-
-
-def without_stpp(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with its ``stpp`` section at the defaults (a stage training's config as the
-    fingerprints of earlier cellst versions hashed it)."""
-    return cfg.model_copy(update={"stpp": StppConfig()})
-
-
-def infer_inputs(infer: InferenceConfig) -> dict[str, Any]:
-    """A stage's inference settings as its inputs: every one but those that change only
-    speed (``SPEED_ONLY_INFERENCE``: a new ``sw_batch_size`` re-runs no stage)."""
-    dump = infer.model_dump(mode="json")
-    return {k: v for k, v in dump.items() if k not in SPEED_ONLY_INFERENCE}
-
-
 def pipeline_status(pipeline_dir: str | Path) -> tuple[dict[str, Any], list[StageRecord]]:
     """``(pipeline.json, stage records)`` of a pipeline folder, for ``cellst stpp status``."""
     root = Path(pipeline_dir)
@@ -171,9 +148,10 @@ def _sets_present(store: CellStore, names: list[str | None]) -> bool:
 
 # ----------------------------------------------------------------------------- the pipeline
 class Pipeline:
-    """One ST++ pipeline (a folder): the generic stage runner (:meth:`stage`), the stage
-    bodies (one per kind of stage), each returning its typed output, and :meth:`run`, which chains them as
-    the paper's steps. :func:`run_stpp` is the entry point."""
+    """One ST++ pipeline (a folder): the stage bodies (one per kind of stage), each
+    returning its typed output, and :meth:`run`, which chains them as the paper's steps
+    through :attr:`stage` (a :class:`cellst.stpp.runner.StageRunner`). :func:`run_stpp` is
+    the entry point."""
 
     def __init__(
         self,
@@ -184,18 +162,14 @@ class Pipeline:
     ):
         self.cfg = cfg
         self.overwrite = overwrite
-        #: the stage after which :meth:`run` stops (``run_stpp(until=...)``), or None
-        self.until: str | None = None
         self.log = log
         self.dir = cfg.pipeline_dir
         self.book = StageBook(self.dir, STAGES)
         self.prefix = cfg.set_prefix
         self.parent = ParentRun(cfg, self.dir)
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
+        #: runs a stage body under its record (:class:`cellst.stpp.runner.StageRunner`)
+        self.stage = StageRunner(self.book, self.parent, TITLES, log)
         self.report: pd.DataFrame | None = None
-        #: the stage running now was forced (--force-from): its sets are not resumed
-        self.fresh = False
 
     @property
     def tracking(self):
@@ -287,78 +261,6 @@ class Pipeline:
             walk(rec.outputs)
         return found
 
-    # -- the stage runner ----------------------------------------------------------------------
-    def stage(
-        self,
-        name: str,
-        inputs: dict[str, Any],
-        body: Callable[[str], dict],
-        training: bool = False,
-        present: Callable[[dict], bool] | None = None,
-        recorded_as: list[dict[str, Any]] | None = None,
-        infer: InferenceConfig | None = None,
-    ) -> StageRecord:
-        """Run ``body(decision)`` as stage ``name`` unless it is done with these inputs.
-
-        ``present(outputs)`` says whether a finished stage's outputs still exist; a stage
-        whose outputs were deleted runs again. A training stage logs to its own MLflow run
-        (under the parent); any other stage runs inside a child run of the parent.
-        ``recorded_as``: the same inputs as earlier cellsts hashed them; a record of any of
-        those is taken as a record of ``inputs`` (and rewritten so). ``infer``: the inference
-        settings of ``inputs["infer"]`` (:func:`infer_inputs`), which earlier cellsts hashed
-        whole; a record of those is taken likewise.
-        """
-        n = self.book.index(name)
-        h = stable_hash(inputs)
-        old = self.book.get(name).input_hash
-        earlier = list(recorded_as or [])
-        if infer is not None:
-            earlier.append({**inputs, "infer": infer.model_dump(mode="json")})
-        if old not in (None, h) and any(old == stable_hash(e) for e in earlier):
-            self.book.update(name, input_hash=h)
-        decision = self.book.decide(name, h)
-        head = f"[stpp] stage {n}/{len(STAGES)} {name} ({TITLES[name]})"
-        if decision == "skip" and present is not None and not present(self.book.get(name).outputs):
-            self.log(f"{head}: done before, but its outputs are gone -> running again")
-            decision = "fresh"
-        if decision == "skip":
-            self.log(f"{head}: done, inputs unchanged -> skipped")
-            self.skipped.append(name)
-            return self._stop_if_until(name, self.book.get(name))
-        self.log(f"{head}: {'resuming' if decision == 'resume' else 'running'}")
-        # --force-from: its sets are predicted anew, not resumed (a stage re-run because its
-        # inputs changed resumes the sets whose own inputs did not: a new reliable fraction
-        # re-scores stage 2 without predicting again)
-        self.fresh = self.book.get(name).forced
-        earlier_run = self.book.get(name).mlflow_run_id if decision == "fresh" else None
-        rec = self.book.start(name, h, fresh=decision == "fresh")
-        t0 = time.perf_counter()
-        try:
-            if training:
-                outputs = body(decision)
-                run_id = outputs.get("mlflow_run_id")
-            else:
-                with self.parent.child(rec, replaces=earlier_run) as run_id:
-                    self.book.update(name, mlflow_run_id=run_id)
-                    outputs = body(decision)
-        except BaseException as exc:
-            from cellst.raycluster import Terminated
-
-            interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C, or SIGTERM as one
-            how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
-            why = f"interrupted ({how})" if interrupted else f"{type(exc).__name__}: {exc}"
-            self.book.fail(name, why, "interrupted" if interrupted else "failed")
-            raise
-        rec = self.book.finish(name, dict(outputs), run_id)
-        self.ran.append(name)
-        self.log(f"{head}: done in {time.perf_counter() - t0:.0f} s")
-        return self._stop_if_until(name, rec)
-
-    def _stop_if_until(self, name: str, rec: StageRecord) -> StageRecord:
-        if name == self.until:
-            raise _UntilReached(name)
-        return rec
-
     # -- the steps -----------------------------------------------------------------------------
     def run(self, store: CellStore) -> None:
         """The seven stages in order; each skips itself when done with the same inputs."""
@@ -381,8 +283,9 @@ class Pipeline:
         # (hashed only when set: pipelines from before the option keep their hashes)
         band = {"ignore_band": cfg.stpp.ignore_band} if cfg.stpp.ignore_band else {}
         # 2. rank the unlabelled items by how well the snapshots agree with the final model
-        s2 = self.stage(
+        s2 = self._inference_stage(
             "reliability",
+            no_tta,
             {
                 "s1": s1.output_digest,
                 "unlabelled": items_digest(store, "unlabeled"),
@@ -395,11 +298,11 @@ class Pipeline:
             },
             lambda d: self.reliability(store, s1, unlabelled, no_tta),
             present=lambda o: _sets_present(store, list(o.get("sets", {}))),
-            infer=no_tta,
         )
         # 3. pseudo-label the reliable items with stage 1's model, 4. re-train on them
-        s3 = self.stage(
+        s3 = self._inference_stage(
             "pseudo_reliable",
+            tta,
             {
                 "s1": s1.output_digest,
                 "s2": s2.output_digest,
@@ -411,12 +314,12 @@ class Pipeline:
                 "reliable", s1.outputs["best"], s2.outputs["reliable"], tta, s1.output_digest
             ),
             present=lambda o: _sets_present(store, [o.get("set")]),
-            infer=tta,
         )
         s4 = self._training_stage(store, "retrain_reliable", pseudo=s3, previous=s1)
         # 5. pseudo-label the rest with stage 4's model, 6. re-train on everything
-        s5 = self.stage(
+        s5 = self._inference_stage(
             "pseudo_unreliable",
+            tta,
             {
                 "s4": s4.output_digest,
                 "s2": s2.output_digest,
@@ -427,13 +330,13 @@ class Pipeline:
             },
             lambda d: self.pseudo_label_rest(s4, s2, s3, tta),
             present=lambda o: _sets_present(store, [o.get("set")]),
-            infer=tta,
         )
         s6 = self._training_stage(store, "retrain_all", pseudo=s5, previous=s4)
         # 7. the test split: supervised vs round 1 vs round 2
         trained = {"supervised": s1, "round1": s4, "round2": s6}  # the labels of MODELS
-        s7 = self.stage(
+        s7 = self._inference_stage(
             "evaluate",
+            cfg.inference,
             {
                 "models": {k: r.output_digest for k, r in trained.items()},
                 "test": items_digest(store, "test"),
@@ -443,10 +346,22 @@ class Pipeline:
                 "evaluate": cfg.evaluate.model_dump(mode="json"),
             },
             lambda d: self.evaluate(store, trained),
-            infer=cfg.inference,
         )
         if s7.outputs.get("table"):
             self.report = pd.DataFrame(s7.outputs["table"])
+
+    def _inference_stage(
+        self,
+        name: str,
+        infer: InferenceConfig,
+        inputs: dict[str, Any],
+        body: Callable[[str], dict],
+        present: Callable[[dict], bool] | None = None,
+    ) -> StageRecord:
+        """A stage that predicts with ``infer`` (``inputs["infer"]``): a record of the
+        inputs as earlier cellsts hashed them (every inference setting) counts as done."""
+        earlier = infer_inputs_before(inputs, infer)
+        return self.stage(name, inputs, body, present=present, recorded_as=[earlier])
 
     def _training_stage(
         self,
@@ -725,11 +640,11 @@ class Pipeline:
             # the key as cellst hashed it before (every inference setting): still this set
             recorded = {key, stable_hash({**what, "infer": infer.model_dump(mode="json")})}
             base = stable_hash({k: v for k, v in what.items() if k != "ids"})
-            renewed = sets.get(set_name) not in recorded or self.fresh  # (--force-from)
+            renewed = sets.get(set_name) not in recorded or self.stage.fresh  # (--force-from)
             if renewed:
                 pset = PseudoLabelSet(root, set_name)
                 with pset.writing():  # never under a training that reads it
-                    if not self.fresh and bases.get(set_name) == base and pset.exists():
+                    if not self.stage.fresh and bases.get(set_name) == base and pset.exists():
                         # the same model and settings, other items (an ingest added some,
                         # or the reliable ones changed): the items still asked for are kept
                         wanted = set(ids)
@@ -815,10 +730,10 @@ def run_stpp(
     """
     pipe = Pipeline(cfg, overwrite=overwrite, log=log)
     forced = _stage_option(pipe.book, "--force-from", force_from)
-    pipe.until = _stage_option(pipe.book, "--until", until)
-    if forced and pipe.until and pipe.book.index(pipe.until) < pipe.book.index(forced):
+    pipe.stage.until = _stage_option(pipe.book, "--until", until)
+    if forced and pipe.stage.until and pipe.book.index(pipe.stage.until) < pipe.book.index(forced):
         raise ConfigError(
-            f"--until {pipe.until} comes before --force-from {forced}: nothing would run, yet "
+            f"--until {pipe.stage.until} comes before --force-from {forced}: nothing would run, yet "
             f"stages from {forced} on would be marked to run again; give --until at or after "
             "--force-from"
         )
@@ -854,7 +769,7 @@ def run_stpp(
 
         try:
             pipe.run(store)
-        except _UntilReached as stop:
+        except UntilReached as stop:
             stopped_after = str(stop)
             parent.close("FINISHED", stopped_tag(stopped_after))
             log(
@@ -876,8 +791,8 @@ def run_stpp(
     return StppResult(
         pipe.dir,
         pipe.book.records(),
-        pipe.ran,
-        pipe.skipped,
+        pipe.stage.ran,
+        pipe.stage.skipped,
         pipe.report,
         parent.run_id,
         parent.uri,
