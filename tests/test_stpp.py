@@ -246,6 +246,60 @@ def test_stage_runner_skips_reruns_and_forces(tmp_path):
     assert calls[n:] == ["fresh"]
 
 
+def test_owned_sets_keep_resume_or_renew_a_set_by_its_key(tmp_path):
+    """What a pipeline's set becomes before it is predicted: kept whole when its key is the
+    recorded one (or one an earlier cellst recorded), trimmed to the items still asked for
+    when only the items changed, emptied when the model changed or the stage is forced; and
+    a set of its names that it did not write is foreign until released."""
+    from cellst.data.pseudo import PseudoLabelSet
+    from cellst.stpp.owned_sets import OwnedSets
+
+    store_root, pipe_dir = tmp_path / "store", tmp_path / "pipe"
+    pipe_dir.mkdir()
+    sets = OwnedSets(pipe_dir, store_root, StageBook(pipe_dir, STAGES))
+    pset = PseudoLabelSet(store_root, "P-reliable")
+
+    def fill(ids):
+        pset.create({"checkpoint": str(pipe_dir / "train" / "best")})
+        for i in ids:
+            pset.write_item(i, np.ones((4, 4), np.int32), {"id": i})
+
+    what = {"producer": "s1", "checkpoint": "ck", "ids": ["a", "b", "c"]}
+    key = sets.renew("P-reliable", what, ["a", "b", "c"])
+    assert key == stable_hash(what) and sets.keys() == {"P-reliable": key}
+    fill(["a", "b"])  # an interrupted stage wrote two items
+    assert sets.renew("P-reliable", what, ["a", "b", "c"]) == key
+    assert pset.done_items() == ["a", "b"]  # unchanged: resumed, nothing removed
+    # recorded under an earlier cellst's key: still this set, and its record kept
+    (pipe_dir / "pipeline.json").write_text(json.dumps({"sets": {"P-reliable": "old"}}))
+    assert sets.renew("P-reliable", what, ["a", "b", "c"], earlier=["old"]) == "old"
+    assert pset.done_items() == ["a", "b"]
+    sets.renew("P-reliable", what, ["a", "b", "c"])  # (a new key: emptied, no base recorded)
+    fill(["a", "b"])
+    # the same model over other items: the items still asked for are kept
+    other = {**what, "ids": ["b", "c", "d"]}
+    assert sets.renew("P-reliable", other, ["b", "c", "d"]) == stable_hash(other)
+    assert pset.done_items() == ["b"]
+    # another model: emptied; so is a forced stage's set whatever its key
+    fill(["c"])
+    moved = {**other, "checkpoint": "ck2"}
+    sets.renew("P-reliable", moved, ["b", "c", "d"])
+    assert not pset.exists() or pset.done_items() == []
+    fill(["b"])
+    sets.renew("P-reliable", moved, ["b", "c", "d"], fresh=True)
+    assert not pset.exists() or pset.done_items() == []
+
+    # ownership: a set predicted by a checkpoint inside the pipeline folder is its own; one
+    # by a checkpoint elsewhere (another pipeline took the name over) is foreign
+    fill(["b"])
+    assert sets.foreign(["P-reliable", "P-all"]) == []
+    pset.remove()
+    pset.create({"checkpoint": str(tmp_path / "elsewhere" / "best")})
+    assert sets.foreign(["P-reliable", "P-all"]) == ["P-reliable"]
+    sets.release(["P-reliable"])
+    assert not pset.exists() and "P-reliable" not in sets.keys()
+
+
 # ----------------------------------------------------------------------------- reliability
 def _blobs(shape, centres, r=6):
     yy, xx = np.mgrid[: shape[0], : shape[1]]

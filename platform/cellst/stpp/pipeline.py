@@ -22,8 +22,10 @@ Modules: the stage names and each stage's typed output (:mod:`cellst.stpp.output
 durable records and ``pipeline.json`` (:mod:`cellst.stpp.stages`), the MLflow parent run
 (:mod:`cellst.stpp.parent_run`), the generic stage runner (:mod:`cellst.stpp.runner`), what
 each stage's input hash is made of (:mod:`cellst.stpp.inputs`), the re-training schedule
-(:mod:`cellst.stpp.schedule`), the F1 table (:mod:`cellst.stpp.report`); this module holds
-the stage bodies, the steps that chain them (:meth:`Pipeline.run`) and :func:`run_stpp`.
+(:mod:`cellst.stpp.schedule`), the pseudo-label sets the pipeline owns and when one is
+written anew (:mod:`cellst.stpp.owned_sets`), the F1 table (:mod:`cellst.stpp.report`);
+this module holds the stage bodies, the steps that chain them (:meth:`Pipeline.run`) and
+:func:`run_stpp`.
 
 Each stage depends only on the outputs of earlier ones (their digests are hashed into its
 input hash), so a re-run skips every finished stage whose inputs did not change, resumes the
@@ -82,6 +84,7 @@ from cellst.stpp.outputs import (
     ReliabilityOutput,
     TrainingOutput,
 )
+from cellst.stpp.owned_sets import OwnedSets
 from cellst.stpp.parent_run import ParentRun
 from cellst.stpp.report import f1_table, table_metrics
 from cellst.stpp.runner import StageRunner, UntilReached
@@ -169,6 +172,8 @@ class Pipeline:
         self.parent = ParentRun(cfg, self.dir)
         #: runs a stage body under its record (:class:`cellst.stpp.runner.StageRunner`)
         self.stage = StageRunner(self.book, self.parent, TITLES, log)
+        #: the pseudo-label sets this pipeline owns (:class:`cellst.stpp.owned_sets.OwnedSets`)
+        self.sets = OwnedSets(self.dir, cfg.store, self.book)
         self.report: pd.DataFrame | None = None
 
     @property
@@ -207,59 +212,15 @@ class Pipeline:
                 f"{self.cfg.data.val_fraction}, {len(store.ids('labeled'))} labelled items): ST++ "
                 f"keeps the best checkpoint by validation F1 and calibrates on those items"
             )
-        owned = self.meta().get("sets", {})
-        present = store.pseudo_sets()
-        foreign = [
-            s
-            for s in self.set_names()
-            if s in present and (s not in owned or not self.wrote(s, store.pseudo_set(s).info()))
-        ]
+        foreign = self.sets.foreign(self.set_names())
         if foreign and not self.overwrite:
             raise StoreError(
                 f"pseudo-label set(s) {foreign} in store {store.root} were not written by this "
                 f"pipeline ({self.dir}); pass --overwrite to replace them, or choose another "
                 f"--set stpp.set_prefix=..."
             )
-        from cellst.data.pseudo import PseudoLabelSet
-
-        for s in foreign:  # replaced (--overwrite): what this pipeline recorded of them is void
-            replaced = PseudoLabelSet(store.root, s)
-            with replaced.writing():  # never under a run writing it: refused in one line
-                replaced.remove()
-        if foreign:
-            self.save_meta(sets={k: v for k, v in owned.items() if k not in foreign})
+        self.sets.release(foreign)  # replaced (--overwrite): what this pipeline recorded is void
         return store
-
-    def wrote(self, name: str, info: dict[str, Any]) -> bool:
-        """Whether pseudo-label set ``name``'s record (``set.json``) says this pipeline
-        wrote it: a set it combined holds the key this pipeline recorded for it, a set it
-        predicted names a checkpoint of this pipeline's trainings. (Another pipeline that
-        took the set over with --overwrite left its own there, while this pipeline's record
-        still listed the set as its own.)"""
-        if "key" in info and "pipeline" in info:
-            return info["key"] == self.meta().get("sets", {}).get(name)
-        if "checkpoint" in info:
-            ckpt = str(Path(str(info["checkpoint"])).absolute())
-            return Path(ckpt).is_relative_to(self.dir) or ckpt in self._checkpoints()
-        return True  # a set of an earlier cellst that recorded neither
-
-    def _checkpoints(self) -> set[str]:
-        """Every checkpoint this pipeline's stage records name (best, snapshots)."""
-        found: set[str] = set()
-
-        def walk(value: Any) -> None:
-            if isinstance(value, str):
-                found.add(value)
-            elif isinstance(value, dict):
-                for v in value.values():
-                    walk(v)
-            elif isinstance(value, list):
-                for v in value:
-                    walk(v)
-
-        for rec in self.book.records():
-            walk(rec.outputs)
-        return found
 
     # -- the steps -----------------------------------------------------------------------------
     def run(self, store: CellStore) -> None:
@@ -547,7 +508,7 @@ class Pipeline:
         sources = [s for s in (s3.outputs["set"], part["set"]) if s]
         dest = f"{self.prefix}-all"
         key = stable_hash({"sources": sources, "keys": [s3.outputs["key"], part["key"]]})
-        self.save_meta(sets={**self.meta().get("sets", {}), dest: key})
+        self.sets.claim(dest, key)
         store = CellStore(self.cfg.store)
         stats = combine_sets(store, sources, dest, {"pipeline": str(self.dir), "key": key})
         log_table(stats, "pseudo_labels/all.csv")
@@ -616,15 +577,11 @@ class Pipeline:
         Post-processing: each checkpoint's calibrated settings, except for the fields the
         experiment sets explicitly (:func:`cellst.postprocess.calibrate.effective_postprocess`).
         """
-        from cellst.data.pseudo import PseudoLabelSet
         from cellst.inference.batch import SetRequest, predict_sets
         from cellst.postprocess.calibrate import effective_postprocess
 
         band = self.cfg.stpp.ignore_band if ignore else 0.0
         requests, keys, notes = [], [], []
-        sets = self.meta().get("sets", {})
-        bases = self.meta().get("set_bases", {})  # each set's key without its items
-        root = Path(self.cfg.store).absolute()
         for set_name, checkpoint, producer in jobs:
             post, note = effective_postprocess(self.cfg.postprocess, checkpoint)
             what = {
@@ -636,26 +593,9 @@ class Pipeline:
             }
             if band:  # (absent when 0: pipelines from before the option keep their keys)
                 what["ignore_band"] = band
-            key = stable_hash(what)
-            # the key as cellst hashed it before (every inference setting): still this set
-            recorded = {key, stable_hash({**what, "infer": infer.model_dump(mode="json")})}
-            base = stable_hash({k: v for k, v in what.items() if k != "ids"})
-            renewed = sets.get(set_name) not in recorded or self.stage.fresh  # (--force-from)
-            if renewed:
-                pset = PseudoLabelSet(root, set_name)
-                with pset.writing():  # never under a training that reads it
-                    if not self.stage.fresh and bases.get(set_name) == base and pset.exists():
-                        # the same model and settings, other items (an ingest added some,
-                        # or the reliable ones changed): the items still asked for are kept
-                        wanted = set(ids)
-                        pset.remove_items([i for i in pset.done_items() if i not in wanted])
-                    else:
-                        pset.remove()
-                sets = {**sets, set_name: key}
-            if renewed or bases.get(set_name) != base:
-                bases = {**bases, set_name: base}
-                self.save_meta(sets=sets, set_bases=bases)
-            key = sets[set_name]  # as recorded (a stage's outputs name it)
+            # (the key as cellst hashed it before, with every inference setting: still this set)
+            earlier = [stable_hash(infer_inputs_before(what, infer))]
+            key = self.sets.renew(set_name, what, ids, earlier=earlier, fresh=self.stage.fresh)
             requests.append(SetRequest(str(checkpoint), set_name, post, band))
             keys.append(key)
             notes.append(note)
