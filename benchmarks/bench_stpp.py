@@ -33,8 +33,8 @@ from the test images alone, as large as the +0.03 the target asks for. So ``--n-
 training images, and so every training, do not depend on it.
 
 Run: ``.venv/bin/python benchmarks/bench_stpp.py [--seeds 0 1] [--n-train 120] [--epochs 18]``
-The defaults are ``make demo``'s recipe (stage 1: 18 epochs x 512 crops; two 3-epoch
-fine-tunes of 1024 crops), about 15 minutes per seed on 2 CPU cores (8-10 for the pipeline,
+The defaults are ``make demo``'s recipe (stage 1: 18 epochs x 512 crops; two 6-epoch
+fine-tunes of 1024 crops; 3-epoch ones until 2026-12-07), about 15-20 minutes per seed on 2 CPU cores (8-10 for the pipeline,
 the rest for the two baselines). A smaller stage 1 (e.g. ``--epochs 8 --crops 256``) leaves it
 far from trained, and its pseudo-labels then hold ST++ back (measured: -0.075 at equal
 compute on seeds 11-14, against +0.049 at the defaults on seeds 31-34). ``--scale 0.5`` halves the data and
