@@ -95,7 +95,9 @@ class StppConfig(Section):
         None,
         ge=2,
         description="epochs of the re-training stages 4 and 6; None: train.epochs. Shorter "
-        "re-trainings pair with fresh_init: false (fine-tuning the previous stage's model)",
+        "re-trainings pair with fresh_init: false (fine-tuning the previous stage's model); "
+        "the demo's fine-tunes: 6 epochs scored full ST++ +0.02 F1 over 3 on four seeds "
+        "(benchmarks/bench_stpp.py)",
     )
     retrain_lr: float | None = Field(
         None,

@@ -121,7 +121,7 @@ class TrainConfig(Section):
         description="share of crops drawn from the pseudo-labelled items (benchmarks/"
         "bench_stpp.py, full ST++: 0.760 at 0.25, 0.789 at 0.5, 0.803 at 0.75 on four seeds; "
         "+0.028 for 0.75 on two fresh ones, but it also trains 1.4x the crops, and 0.5 given "
-        "as many gained +0.017 of that)",
+        "as many gained +0.017 of that: stpp.retrain_epochs 6 is the demo's instead)",
     )
     init_checkpoint: str | None = Field(None, description="warm-start weights (else fresh init)")
     snapshot_fractions: list[float] = Field(
