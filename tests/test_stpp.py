@@ -265,28 +265,28 @@ def test_owned_sets_keep_resume_or_renew_a_set_by_its_key(tmp_path):
             pset.write_item(i, np.ones((4, 4), np.int32), {"id": i})
 
     what = {"producer": "s1", "checkpoint": "ck", "ids": ["a", "b", "c"]}
-    key = sets.renew("P-reliable", what, ["a", "b", "c"])
+    key = sets.renew("P-reliable", what)
     assert key == stable_hash(what) and sets.keys() == {"P-reliable": key}
     fill(["a", "b"])  # an interrupted stage wrote two items
-    assert sets.renew("P-reliable", what, ["a", "b", "c"]) == key
+    assert sets.renew("P-reliable", what) == key
     assert pset.done_items() == ["a", "b"]  # unchanged: resumed, nothing removed
     # recorded under an earlier cellst's key: still this set, and its record kept
     (pipe_dir / "pipeline.json").write_text(json.dumps({"sets": {"P-reliable": "old"}}))
-    assert sets.renew("P-reliable", what, ["a", "b", "c"], earlier=["old"]) == "old"
+    assert sets.renew("P-reliable", what, earlier=["old"]) == "old"
     assert pset.done_items() == ["a", "b"]
-    sets.renew("P-reliable", what, ["a", "b", "c"])  # (a new key: emptied, no base recorded)
+    sets.renew("P-reliable", what)  # (a new key: emptied, no base recorded)
     fill(["a", "b"])
     # the same model over other items: the items still asked for are kept
     other = {**what, "ids": ["b", "c", "d"]}
-    assert sets.renew("P-reliable", other, ["b", "c", "d"]) == stable_hash(other)
+    assert sets.renew("P-reliable", other) == stable_hash(other)
     assert pset.done_items() == ["b"]
     # another model: emptied; so is a forced stage's set whatever its key
     fill(["c"])
     moved = {**other, "checkpoint": "ck2"}
-    sets.renew("P-reliable", moved, ["b", "c", "d"])
+    sets.renew("P-reliable", moved)
     assert not pset.exists() or pset.done_items() == []
     fill(["b"])
-    sets.renew("P-reliable", moved, ["b", "c", "d"], fresh=True)
+    sets.renew("P-reliable", moved, fresh=True)
     assert not pset.exists() or pset.done_items() == []
 
     # ownership: a set predicted by a checkpoint inside the pipeline folder is its own; one

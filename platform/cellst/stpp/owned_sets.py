@@ -114,18 +114,17 @@ class OwnedSets:
         self,
         name: str,
         what: dict[str, Any],
-        ids: list[str],
         *,
         earlier: Iterable[str] = (),
         fresh: bool = False,
     ) -> str:
-        """Make set ``name`` ready to be (re)written as ``what`` describes (``what["ids"]``
-        its items); the key it is recorded under.
+        """Make set ``name`` ready to be (re)written as ``what`` describes (the producer,
+        checkpoint and settings; ``what["ids"]`` its items); the key it is recorded under.
 
         Unchanged (its recorded key is ``what``'s or one of the ``earlier`` keys, as an
         earlier cellst hashed it), it is kept as it is, to be resumed. Changed, it is
         emptied, except that the same model and settings over other items (an ingest
-        added some, the reliable ones changed) keep the items of ``ids`` done already.
+        added some, the reliable ones changed) keep the items still asked for.
         ``fresh`` (a forced stage) empties it whatever its key.
         """
         meta = read_meta(self.dir)
@@ -137,7 +136,7 @@ class OwnedSets:
             pset = PseudoLabelSet(self.root, name)
             with pset.writing():  # never under a training that reads it
                 if not fresh and bases.get(name) == base and pset.exists():
-                    wanted = set(ids)
+                    wanted = set(what["ids"])
                     pset.remove_items([i for i in pset.done_items() if i not in wanted])
                 else:
                     pset.remove()

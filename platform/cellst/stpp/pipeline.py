@@ -595,7 +595,7 @@ class Pipeline:
                 what["ignore_band"] = band
             # (the key as cellst hashed it before, with every inference setting: still this set)
             earlier = [stable_hash(infer_inputs_before(what, infer))]
-            key = self.sets.renew(set_name, what, ids, earlier=earlier, fresh=self.stage.fresh)
+            key = self.sets.renew(set_name, what, earlier=earlier, fresh=self.stage.fresh)
             requests.append(SetRequest(str(checkpoint), set_name, post, band))
             keys.append(key)
             notes.append(note)
