@@ -298,6 +298,13 @@ def test_owned_sets_keep_resume_or_renew_a_set_by_its_key(tmp_path):
     assert sets.foreign(["P-reliable", "P-all"]) == ["P-reliable"]
     sets.release(["P-reliable"])
     assert not pset.exists() and "P-reliable" not in sets.keys()
+    # a combined set is its own by the key it records; another pipeline's key makes it foreign
+    fill(["a", "b"])
+    assert sets.combine(["P-reliable"], "P-all", "k1")["id"].tolist() == ["a", "b"]
+    assert sets.keys()["P-all"] == "k1" and sets.foreign(["P-all"]) == []
+    sets.combine(["P-reliable"], "P-all", "k2")
+    (pipe_dir / "pipeline.json").write_text(json.dumps({"sets": {"P-all": "k1"}}))
+    assert sets.foreign(["P-all"]) == ["P-all"]
 
 
 # ----------------------------------------------------------------------------- reliability

@@ -6,7 +6,8 @@ what produced it (model, inference and post-processing settings, items) and that
 without the items (its *base*). From those:
 
 * a set of one of its names that another run wrote is *foreign*: refused unless
-  ``--overwrite``, then removed (:meth:`OwnedSets.release`);
+  ``--overwrite``, then removed (:meth:`OwnedSets.release`); a set it combines records
+  its key in its own ``set.json`` (:meth:`OwnedSets.combine`);
 * a set whose key changed is written anew, except that a set of the same base (the same
   model and settings, other items) keeps the items still asked for
   (:meth:`OwnedSets.renew`); a forced stage (``--force-from``) writes it anew whole.
@@ -19,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from cellst.data.pseudo import PseudoLabelSet, pseudo_set_names
 from cellst.fingerprint import stable_hash
@@ -106,9 +109,14 @@ class OwnedSets:
             owned = self.keys()
             update_meta(self.dir, sets={k: v for k, v in owned.items() if k not in names})
 
-    def claim(self, name: str, key: str) -> None:
-        """Record set ``name`` as this pipeline's, produced as ``key`` (before writing it)."""
-        update_meta(self.dir, sets={**self.keys(), name: key})
+    def combine(self, sources: list[str], dest: str, key: str) -> pd.DataFrame:
+        """Write set ``dest`` as the union of ``sources`` (hard-linked copies,
+        :meth:`cellst.data.pseudo.PseudoLabelSet.combine`), recorded as this pipeline's
+        under ``key`` both here and in its ``set.json`` (which :meth:`wrote` reads); its
+        statistics."""
+        update_meta(self.dir, sets={**self.keys(), dest: key})  # before writing it
+        meta = {"pipeline": str(self.dir), "key": key}
+        return PseudoLabelSet.combine(self.root, sources, dest, meta).stats()
 
     def renew(
         self,

@@ -130,14 +130,6 @@ def pipeline_status(pipeline_dir: str | Path) -> tuple[dict[str, Any], list[Stag
     return read_meta(root), StageBook(root, STAGES).records()
 
 
-def combine_sets(store: CellStore, sources: list[str], dest: str, meta: dict) -> pd.DataFrame:
-    """Write the pseudo-label set ``dest`` as the union of ``sources``; its statistics
-    (:meth:`cellst.data.pseudo.PseudoLabelSet.combine`)."""
-    from cellst.data.pseudo import PseudoLabelSet
-
-    return PseudoLabelSet.combine(store.root, sources, dest, meta).stats()
-
-
 def _checkpoints_present(outputs: dict) -> bool:
     paths = [outputs.get("best"), *outputs.get("snapshots", [])]
     return all(p and is_checkpoint(p) for p in paths)
@@ -508,9 +500,7 @@ class Pipeline:
         sources = [s for s in (s3.outputs["set"], part["set"]) if s]
         dest = f"{self.prefix}-all"
         key = stable_hash({"sources": sources, "keys": [s3.outputs["key"], part["key"]]})
-        self.sets.claim(dest, key)
-        store = CellStore(self.cfg.store)
-        stats = combine_sets(store, sources, dest, {"pipeline": str(self.dir), "key": key})
+        stats = self.sets.combine(sources, dest, key)
         log_table(stats, "pseudo_labels/all.csv")
         log_metrics({"combined_items": float(len(stats))})
         self.log(f"[stpp]   {dest}: {len(stats)} items ({' + '.join(sources)})")
