@@ -410,6 +410,39 @@ def test_ctrl_c_during_ingest_removes_staging_and_keeps_the_store(ray_session, t
     assert (store / MANIFEST).is_file()
 
 
+def test_a_task_whose_staging_is_gone_writes_nothing(tmp_path):
+    """An ingest task that outlives its ingest (the driver killed, or the staging removed
+    while the task decoded) must not create the staging folder again: zarr makes an
+    array's parent folders, so a late write left a stray staging folder beside the store.
+    The task stages nothing and names the folder; with the staging there, it stages."""
+    from cellst.data.ingest import SourceItem, _ingest_one
+
+    src = _plain(tmp_path, n=1)
+    label = np.zeros((64, 64), np.uint16)
+    label[10:30, 10:30] = 1
+    tifffile.imwrite(src / "good0_label.tiff", label)
+    item = SourceItem(
+        id="good0",
+        split="labeled",
+        image=str(src / "good0.png"),
+        label=str(src / "good0_label.tiff"),
+    )
+    stage = _ingest_one._function  # what the Ray task runs, in this process
+    gone = tmp_path / ".store.0123abcd.staging"
+    out = stage(item, str(gone), None, IngestConfig())
+    assert out["status"] == "bad" and "staging folder" in out["problem"][1], out
+    assert str(gone / "images") in out["problem"][1]
+    assert not gone.exists()  # not made again
+    (gone / "images").mkdir(parents=True)  # the labels' folder is gone: no label written
+    out = stage(item, str(gone), None, IngestConfig())
+    assert out["status"] == "bad" and str(gone / "labels") in out["problem"][1], out
+    assert not (gone / "labels").exists()
+    (gone / "labels").mkdir()
+    out = stage(item, str(gone), None, IngestConfig())
+    assert out["status"] == "new", out
+    assert {p.parent.name for p in gone.glob("*/good0.*")} == {"images", "labels"}
+
+
 def _cyx_uint16(side_y: int = 700, side_x: int = 900) -> np.ndarray:
     rng = np.random.default_rng(3)
     img = rng.integers(0, 4000, (3, side_y, side_x), dtype=np.uint16)

@@ -70,7 +70,14 @@ from cellst.data.images import (
     read_array,
     validate_label,
 )
-from cellst.data.layout import ZARR_META, image_name, is_store_root, name_key, without_ome
+from cellst.data.layout import (
+    ARRAY_GROUPS,
+    ZARR_META,
+    image_name,
+    is_store_root,
+    name_key,
+    without_ome,
+)
 from cellst.data.modalities import MODALITIES_FILE, match_modalities, read_modalities
 from cellst.data.store import (
     MANIFEST,
@@ -633,6 +640,24 @@ def _content_key(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
+class StagingGone(OSError):
+    """The staging folder an ingest task was given no longer exists: the ingest that made
+    it has stopped (Ctrl-C, killed, failed) and removed it, or another process did."""
+
+
+def _check_staging(target: Path) -> None:
+    """Refuse to write the array ``target`` when the folder it goes into is gone (the
+    ingest driver makes a staging's :data:`ARRAY_GROUPS` before starting any task).
+    Writing would create it again, since zarr makes the parents of an array: a task that
+    outlives its ingest, or a retry of one, would leave a stray staging folder beside the
+    store."""
+    if not target.parent.is_dir():
+        raise StagingGone(
+            f"the staging folder {target.parent} is gone (its ingest stopped, or another "
+            "process removed it): nothing staged"
+        )
+
+
 def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
     """Normalise one image into the stored array at ``target``; returns its height, width.
 
@@ -645,6 +670,7 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
     if kind == "TIFF" and len(shape) in (2, 3) and declared_pixels(shape) > cfg.tiled_pixels:
         h, w = shape[:2]
         check_min_side(path, h, w, cfg.min_side)
+        _check_staging(target)
         array = create_array(target, (h, w, 3), np.uint8, cfg.chunk, cfg.compression_level)
         signal = [False]
 
@@ -667,6 +693,7 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
     h, w = image.shape[:2]
     check_min_side(path, h, w, cfg.min_side)
     _check_signal(path, bool(image.any()))
+    _check_staging(target)  # (decoding takes a while: checked just before writing)
     write_array(target, image, cfg.chunk, cfg.compression_level)
     return h, w
 
@@ -723,6 +750,7 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
                 )
             n_inst = int(label.max()) if label.size else 0
             label_array = f"labels/{item.id}.{_content_key(lab_sha, str(cfg.chunk))}"
+            _check_staging(Path(staging) / label_array)
             write_array(Path(staging) / label_array, label, cfg.chunk, cfg.compression_level)
         row = {
             "id": item.id,
@@ -808,7 +836,7 @@ def _commit(store: Path, staging: Path, manifest: pd.DataFrame) -> str:
     """Move staged arrays into the store beside the old ones, then atomically switch the
     manifest (archived under ``manifests/`` first). Returns the new version."""
     init_store(store)
-    for group in ("images", "labels"):
+    for group in ARRAY_GROUPS:
         src_dir = staging / group
         if not src_dir.is_dir():
             continue
@@ -1042,7 +1070,8 @@ def ingest(
         try:
             ensure_ray()
             # every node reads the sources and writes arrays into the staging folder
-            staging.mkdir(parents=True, exist_ok=True)
+            for group in ARRAY_GROUPS:  # (tasks write only into folders that exist)
+                (staging / group).mkdir(parents=True, exist_ok=True)
             check_shared_paths(read=[src], write=[staging])
             cfg_ref = ray.put(cfg)
             lost = {i for i, row in prev_rows.items() if not arrays_present(store, row)}

@@ -15,6 +15,7 @@ import unicodedata
 from pathlib import Path
 
 __all__ = [
+    "ARRAY_GROUPS",
     "FORMAT",
     "IMAGE_SUFFIXES",
     "MANIFEST",
@@ -39,6 +40,8 @@ READERS = ".readers"
 TRASH = ".trash"
 FORMAT = "cellst-store/1"
 SPLITS = ("labeled", "unlabeled", "test")
+#: the store's folders of arrays (``images/NAME.KEY``, ``labels/NAME.KEY``), as in a staging
+ARRAY_GROUPS = ("images", "labels")
 #: the image files cellst reads (compared in lower case)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
 

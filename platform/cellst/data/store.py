@@ -123,7 +123,7 @@ def init_store(root: Path) -> None:
     """Create the root group marker of a new store, and the groups ``images/`` and
     ``labels/`` (idempotent: an ingest into a store of an earlier cellst adds them)."""
     ensure_group(root, {"format": FORMAT})
-    for group in ("images", "labels"):
+    for group in layout.ARRAY_GROUPS:
         ensure_group(root / group)
 
 
@@ -295,7 +295,7 @@ def collect_garbage(root: str | Path) -> dict:
                 return report
             tables.append(pd.read_parquet(archived))
         keep = set().union(*(set(t["image_array"]) | set(t["label_array"]) for t in tables))
-        for group in ("images", "labels"):
+        for group in layout.ARRAY_GROUPS:
             folder = root / group
             for arr in sorted(folder.iterdir()) if folder.is_dir() else []:
                 if f"{group}/{arr.name}" not in keep and layout.is_zarr_array(arr):
