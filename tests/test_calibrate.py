@@ -413,8 +413,9 @@ def test_predict_explicit_override_wins(ray_session, calibrated, learn_store, tm
 
 def test_stpp_prediction_uses_calibrated_settings(ray_session, calibrated, learn_store, tmp_path):
     """The ST++ stages (reliability, pseudo-labels, evaluation) all predict through
-    ``Pipeline.predict_set``: it applies the checkpoint's calibration."""
+    ``cellst.stpp.bodies.predict_sets``: it applies the checkpoint's calibration."""
     from cellst.stpp import load_stpp_config
+    from cellst.stpp.bodies import predict_set
     from cellst.stpp.pipeline import Pipeline
 
     _, calibrated_ck, val_ids, _ = calibrated
@@ -428,13 +429,13 @@ def test_stpp_prediction_uses_calibrated_settings(ray_session, calibrated, learn
     logs: list[str] = []
     pipe = Pipeline(scfg, log=logs.append)
     pipe.dir.mkdir(parents=True)
-    result, key = pipe.predict_set("t-test", str(ck), val_ids, scfg.inference, "p")
+    result, key = predict_set(pipe, "t-test", str(ck), val_ids, scfg.inference, "p")
     rec = load_postprocess(ck)
     assert result.postprocess == PostprocessConfig(**rec["settings"]).model_dump()
     assert any("calibrated on" in line for line in logs), logs
     # the set's key follows the settings used, so a changed calibration re-predicts the set
     (ck / "postprocess.json").unlink()
-    again, plain_key = pipe.predict_set("t-test", str(ck), val_ids, scfg.inference, "p")
+    again, plain_key = predict_set(pipe, "t-test", str(ck), val_ids, scfg.inference, "p")
     assert plain_key != key and sorted(again.written) == sorted(val_ids)
     assert again.postprocess == scfg.postprocess.model_dump()
     assert json.loads((pipe.dir / "pipeline.json").read_text())["sets"]["t-test"] == plain_key

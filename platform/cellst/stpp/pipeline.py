@@ -23,9 +23,10 @@ durable records and ``pipeline.json`` (:mod:`cellst.stpp.stages`), the MLflow pa
 (:mod:`cellst.stpp.parent_run`), the generic stage runner (:mod:`cellst.stpp.runner`), what
 each stage's input hash is made of (:mod:`cellst.stpp.inputs`), the re-training schedule
 (:mod:`cellst.stpp.schedule`), the pseudo-label sets the pipeline owns and when one is
-written anew (:mod:`cellst.stpp.owned_sets`), the F1 table (:mod:`cellst.stpp.report`);
-this module holds the stage bodies, the steps that chain them (:meth:`Pipeline.run`) and
-:func:`run_stpp`.
+written anew (:mod:`cellst.stpp.owned_sets`), the F1 table (:mod:`cellst.stpp.report`), the
+stage bodies, one function each (:mod:`cellst.stpp.bodies`); this module holds what the
+bodies share (:class:`Pipeline`: the configuration, folder, names, sets and parent run),
+the steps that chain the bodies (:meth:`Pipeline.run`) and :func:`run_stpp`.
 
 Each stage depends only on the outputs of earlier ones (their digests are hashed into its
 input hash), so a re-run skips every finished stage whose inputs did not change, resumes the
@@ -61,32 +62,16 @@ import pandas as pd
 
 from cellst.config import ConfigError, dump_config
 from cellst.data.store import CellStore, StoreError, store_lock
-from cellst.fingerprint import VERSION as FINGERPRINT_VERSION
-from cellst.fingerprint import stable_hash
-from cellst.fs import atomic_write_bytes, atomic_write_json
+from cellst.experiment import ExperimentConfig
+from cellst.fs import atomic_write_bytes
 from cellst.inference.config import InferenceConfig
-from cellst.model.checkpoint_files import checkpoint_fingerprint, is_checkpoint
+from cellst.model.checkpoint_files import is_checkpoint
+from cellst.stpp import bodies
 from cellst.stpp.experiment import StppExperimentConfig
-from cellst.stpp.inputs import (
-    infer_inputs,
-    infer_inputs_before,
-    items_digest,
-    training_hash,
-    without_stpp,
-)
-from cellst.stpp.outputs import (
-    MODELS,
-    STAGES,
-    TITLES,
-    CombinedOutput,
-    EvaluationOutput,
-    PseudoOutput,
-    ReliabilityOutput,
-    TrainingOutput,
-)
+from cellst.stpp.inputs import infer_inputs, infer_inputs_before, items_digest, training_hash
+from cellst.stpp.outputs import MODELS, STAGES, TITLES
 from cellst.stpp.owned_sets import OwnedSets
 from cellst.stpp.parent_run import ParentRun
-from cellst.stpp.report import f1_table, table_metrics
 from cellst.stpp.runner import StageRunner, UntilReached
 from cellst.stpp.schedule import apply_retrain_schedule
 from cellst.stpp.stages import (
@@ -143,10 +128,9 @@ def _sets_present(store: CellStore, names: list[str | None]) -> bool:
 
 # ----------------------------------------------------------------------------- the pipeline
 class Pipeline:
-    """One ST++ pipeline (a folder): the stage bodies (one per kind of stage), each
-    returning its typed output, and :meth:`run`, which chains them as the paper's steps
-    through :attr:`stage` (a :class:`cellst.stpp.runner.StageRunner`). :func:`run_stpp` is
-    the entry point."""
+    """One ST++ pipeline (a folder): what its stage bodies (:mod:`cellst.stpp.bodies`)
+    share, and :meth:`run`, which chains them as the paper's steps through :attr:`stage`
+    (a :class:`cellst.stpp.runner.StageRunner`). :func:`run_stpp` is the entry point."""
 
     def __init__(
         self,
@@ -249,7 +233,7 @@ class Pipeline:
                 # (hashed only when set, as ignore_band)
                 **({"per_modality": True} if cfg.stpp.reliable_per_modality else {}),
             },
-            lambda d: self.reliability(store, s1, unlabelled, no_tta),
+            lambda d: bodies.reliability(self, store, s1, unlabelled, no_tta),
             present=lambda o: _sets_present(store, list(o.get("sets", {}))),
         )
         # 3. pseudo-label the reliable items with stage 1's model, 4. re-train on them
@@ -263,8 +247,8 @@ class Pipeline:
                 "post": post,
                 **band,
             },
-            lambda d: self.pseudo_label(
-                "reliable", s1.outputs["best"], s2.outputs["reliable"], tta, s1.output_digest
+            lambda d: bodies.pseudo_label(
+                self, "reliable", s1.outputs["best"], s2.outputs["reliable"], tta, s1.output_digest
             ),
             present=lambda o: _sets_present(store, [o.get("set")]),
         )
@@ -281,7 +265,7 @@ class Pipeline:
                 "post": post,
                 **band,
             },
-            lambda d: self.pseudo_label_rest(s4, s2, s3, tta),
+            lambda d: bodies.pseudo_label_rest(self, s4, s2, s3, tta),
             present=lambda o: _sets_present(store, [o.get("set")]),
         )
         s6 = self._training_stage(store, "retrain_all", pseudo=s5, previous=s4)
@@ -298,7 +282,7 @@ class Pipeline:
                 "post": post,
                 "evaluate": cfg.evaluate.model_dump(mode="json"),
             },
-            lambda d: self.evaluate(store, trained),
+            lambda d: bodies.evaluate(self, store, trained),
         )
         if s7.outputs.get("table"):
             self.report = pd.DataFrame(s7.outputs["table"])
@@ -340,7 +324,7 @@ class Pipeline:
         return self.stage(
             stage,
             inputs,
-            lambda d: self.train(stage, d, pseudo_set, init),
+            lambda d: bodies.train(self, stage, d, pseudo_set, init),
             training=True,
             present=_checkpoints_present,
             # the same inputs as recorded by cellst's earlier fingerprint recipes
@@ -349,49 +333,9 @@ class Pipeline:
             ],
         )
 
-    # -- stage bodies --------------------------------------------------------------------------
-    def train(
-        self, stage: str, decision: str, pseudo_set: str | None = None, init: str | None = None
-    ) -> TrainingOutput:
-        """Stages 1, 4, 6: ``cellst train`` (resumed unless ``decision`` is fresh or the
-        configuration changed)."""
-        from cellst.train.checkpoints import RunPaths
-        from cellst.train.trainer import config_hash, same_configuration
-        from cellst.train.trainer import train as run_training
-
-        cfg = self.stage_train_config(stage, pseudo_set, init)
-        name = self.train_run_name(stage)
-        paths = RunPaths(Path(cfg.train.run_dir) / name)
-        state = paths.read_state()
-        same = same_configuration(state, without_stpp(cfg)) if state else None
-        force = decision == "fresh" or (bool(state) and same is False)
-        if not force and same and state.get("config_hash") != config_hash(cfg):
-            # recorded by an earlier recipe, which hashed the stage's config with ``stpp`` at
-            # its defaults: recorded by this one, so that the training resumes
-            paths.write_state(config_hash=config_hash(cfg), fingerprint=FINGERPRINT_VERSION)
-        result = run_training(
-            cfg,
-            run_name=name,
-            parent_run_id=self.parent.run_id,
-            tags={
-                "cellst.stpp.stage": f"{self.book.index(stage)}_{stage}",
-                "cellst.stpp.pipeline": str(self.dir),
-            },
-            force=force,
-        )
-        snaps = [str(p) for p in result.snapshots]
-        m = result.metrics
-        return TrainingOutput(
-            run_path=str(result.run_path),
-            best=str(result.best),
-            snapshots=snaps,
-            mlflow_run_id=result.mlflow_run_id,
-            best_val_f1=m.get("best_val_f1"),
-            epochs=m.get("epoch"),
-            weights=[checkpoint_fingerprint(p) for p in [result.best, *snaps]],
-        )
-
-    def stage_train_config(self, stage: str, pseudo_set=None, init=None):
+    def stage_train_config(
+        self, stage: str, pseudo_set: str | None = None, init: str | None = None
+    ) -> ExperimentConfig:
         """The training configuration of a training stage (what it runs and logs: ``stpp``
         as configured, the stage's run folder, pseudo-label set and initial checkpoint)."""
         cfg = self.cfg.training_base()
@@ -403,218 +347,6 @@ class Pipeline:
         if pseudo_set is not None:
             apply_retrain_schedule(cfg, self.cfg)
         return cfg
-
-    def reliability(
-        self, store: CellStore, s1: StageRecord, ids: list[str], infer
-    ) -> ReliabilityOutput:
-        """Stage 2: every snapshot predicts every unlabelled item; each item's score is the
-        agreement of the earlier snapshots with the last; the top fraction is reliable."""
-        from cellst.stpp.reliability import score_items, split_reliable
-
-        snaps = s1.outputs["snapshots"]
-        names = self.snapshot_sets()
-        if len(snaps) != len(names):
-            raise StoreError(
-                f"stage 1 kept snapshots {[Path(s).name for s in snaps]}, expected "
-                f"{len(names)} ({names}); re-run with --force-from 1"
-            )
-        jobs = [(name, snap, s1.output_digest) for snap, name in zip(snaps, names, strict=True)]
-        done = self.predict_sets(jobs, ids, infer)
-        keys = {name: key for name, (_, key) in zip(names, done, strict=True)}
-        m = self.cfg.stpp
-        scores = score_items(store, names, ids, m.reliability, use_ray=True)
-        by = "modality" if m.reliable_per_modality else None
-        reliable, unreliable, cutoff = split_reliable(scores, m.reliable_fraction, by=by)
-        scores["reliable"] = scores["id"].isin(set(reliable))
-        path = self._record_reliability(scores, reliable, unreliable, cutoff)
-        return ReliabilityOutput(
-            sets=keys,
-            scores=str(path),
-            reliable=reliable,
-            unreliable=unreliable,
-            cutoff=cutoff,
-            score_mean=float(scores["score"].mean()),
-        )
-
-    def _record_reliability(
-        self, scores: pd.DataFrame, reliable: list[str], unreliable: list[str], cutoff: float
-    ) -> Path:
-        """Stage 2's files (scores.csv, the two id lists, the histogram) and MLflow records;
-        the path of scores.csv."""
-        from cellst.tracking import histogram_figure, log_figure, log_metrics, log_table, set_tags
-        from cellst.tracking.figures import save_figure
-
-        m = self.cfg.stpp
-        out = self.dir / "reliability"
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "scores.csv", scores.to_csv(index=False).encode())
-        atomic_write_bytes(out / "reliable.txt", "".join(f"{i}\n" for i in reliable).encode())
-        atomic_write_bytes(out / "unreliable.txt", "".join(f"{i}\n" for i in unreliable).encode())
-        log_table(scores, "reliability/scores.csv")
-        split = pd.DataFrame(
-            {
-                "id": reliable + unreliable,
-                "group": ["reliable"] * len(reliable) + ["unreliable"] * len(unreliable),
-            }
-        )
-        log_table(split, "reliability/split.csv")
-        title = f"ST++ reliability ({m.reliability}) of {len(scores)} unlabelled items"
-        fig = histogram_figure(scores["score"], title, m.reliability, threshold=cutoff)
-        save_figure(fig, out / "scores.png")
-        log_figure(fig, "reliability/scores.png")
-        log_metrics(
-            {
-                "n_unlabelled": len(scores),
-                "n_reliable": len(reliable),
-                "n_unreliable": len(unreliable),
-                "score_mean": float(scores["score"].mean()),
-                "score_min": float(scores["score"].min()),
-                "score_max": float(scores["score"].max()),
-                "cutoff": cutoff,
-            }
-        )
-        set_tags({"cellst.stpp.measure": m.reliability})
-        return out / "scores.csv"
-
-    def pseudo_label(
-        self, group: str, checkpoint: str, ids: list[str], infer, producer: str | None
-    ) -> PseudoOutput:
-        """Stages 3 and 5: ``checkpoint`` pseudo-labels ``ids`` into the set ``P-<group>``."""
-        set_name = f"{self.prefix}-{group}"
-        if not ids:
-            return PseudoOutput(set=None, key=None, items=0)
-        result, key = self.predict_set(set_name, checkpoint, ids, infer, producer, ignore=True)
-        summary = self._log_pseudo_stats(result, f"pseudo_labels/{group}.csv")
-        return PseudoOutput(set=set_name, key=key, items=len(ids), checkpoint=checkpoint, **summary)
-
-    def pseudo_label_rest(
-        self, s4: StageRecord, s2: StageRecord, s3: StageRecord, infer
-    ) -> CombinedOutput:
-        """Stage 5: stage 4's model pseudo-labels the unreliable items; their set and the
-        reliable one are combined into ``P-all`` (trained on in stage 6)."""
-        from cellst.tracking import log_metrics, log_table
-
-        part = self.pseudo_label(
-            "unreliable", s4.outputs["best"], s2.outputs["unreliable"], infer, s4.output_digest
-        )
-        sources = [s for s in (s3.outputs["set"], part["set"]) if s]
-        dest = f"{self.prefix}-all"
-        key = stable_hash({"sources": sources, "keys": [s3.outputs["key"], part["key"]]})
-        stats = self.sets.combine(sources, dest, key)
-        log_table(stats, "pseudo_labels/all.csv")
-        log_metrics({"combined_items": float(len(stats))})
-        self.log(f"[stpp]   {dest}: {len(stats)} items ({' + '.join(sources)})")
-        return CombinedOutput(set=dest, key=key, unreliable=part, sources=sources)
-
-    def evaluate(self, store: CellStore, trained: dict[str, StageRecord]) -> EvaluationOutput:
-        """Stage 7: each trained model's best checkpoint predicts the test split; challenge
-        F1 overall and per modality, one row per model (``report.csv``, ``report.json``)."""
-        from cellst.metrics.sources import evaluate_sources
-        from cellst.tracking import log_artifact, log_metrics, log_table
-
-        cfg = self.cfg
-        test = store.items(split="test", labeled=True)["id"].tolist()
-        if not cfg.stpp.evaluate:
-            return EvaluationOutput(skipped="stpp.evaluate is false")
-        if not test:
-            self.log("[stpp]   the store has no labelled test items: final evaluation skipped")
-            return EvaluationOutput(
-                skipped=f"store {store.root} has no labelled items in split 'test'"
-            )
-        sets = {label: f"{self.prefix}-test-{label}" for label in trained}
-        jobs = [(sets[k], rec.outputs["best"], rec.output_digest) for k, rec in trained.items()]
-        self.predict_sets(jobs, test, cfg.inference)
-        reports = {}
-        for label, set_name in sets.items():
-            reports[label] = evaluate_sources(
-                store.root,
-                store.root,
-                self.dir / "eval" / label,
-                pred_set=set_name,
-                gt_split="test",
-                count_boundary=cfg.evaluate.count_boundary,
-                iou_threshold=cfg.evaluate.iou_threshold,
-                progress=False,
-            )
-        table = f1_table(reports)
-        atomic_write_bytes(self.dir / "report.csv", table.to_csv(index=False).encode())
-        atomic_write_json(
-            self.dir / "report.json",
-            {"f1": table.to_dict(orient="records"), "test_items": len(test)},
-            default=str,
-        )
-        log_table(table, "final/f1_table.csv")
-        log_metrics(table_metrics(table))
-        log_artifact(self.dir / "report.json", "final")
-        return EvaluationOutput(table=table.to_dict(orient="records"), test_items=len(test))
-
-    # -- shared by the bodies ------------------------------------------------------------------
-    def predict_set(
-        self, set_name: str, checkpoint: str, ids: list[str], infer, producer, ignore=False
-    ):
-        """Predict ``ids`` into ``set_name`` (resuming only a set made by the same producer);
-        ``(PredictResult, key)``. ``ignore``: a pseudo-label set for training, which gets
-        ignore masks when ``stpp.ignore_band`` is set."""
-        return self.predict_sets([(set_name, checkpoint, producer)], ids, infer, ignore)[0]
-
-    def predict_sets(
-        self, jobs: list[tuple[str, str, str]], ids: list[str], infer, ignore=False
-    ) -> list[tuple[Any, str]]:
-        """Each ``(set_name, checkpoint, producer)`` predicts ``ids`` into its set, all in one
-        pass over the images (:func:`cellst.inference.batch.predict_sets`); a set is resumed
-        only when made by the same producer. ``[(PredictResult, key)]`` in the order given.
-
-        Post-processing: each checkpoint's calibrated settings, except for the fields the
-        experiment sets explicitly (:func:`cellst.postprocess.calibrate.effective_postprocess`).
-        """
-        from cellst.inference.batch import SetRequest, predict_sets
-        from cellst.postprocess.calibrate import effective_postprocess
-
-        band = self.cfg.stpp.ignore_band if ignore else 0.0
-        requests, keys, notes = [], [], []
-        for set_name, checkpoint, producer in jobs:
-            post, note = effective_postprocess(self.cfg.postprocess, checkpoint)
-            what = {
-                "producer": producer,
-                "checkpoint": str(checkpoint),
-                "infer": infer_inputs(infer),  # a new sw_batch_size resumes the set
-                "post": post.model_dump(mode="json"),
-                "ids": sorted(ids),
-            }
-            if band:  # (absent when 0: pipelines from before the option keep their keys)
-                what["ignore_band"] = band
-            # (the key as cellst hashed it before, with every inference setting: still this set)
-            earlier = [stable_hash(infer_inputs_before(what, infer))]
-            key = self.sets.renew(set_name, what, earlier=earlier, fresh=self.stage.fresh)
-            requests.append(SetRequest(str(checkpoint), set_name, post, band))
-            keys.append(key)
-            notes.append(note)
-        results = predict_sets(
-            self.cfg.store, requests, ids, infer=infer, resources=self.cfg.predict, progress=False
-        )
-        shared = f" (one pass for {len(jobs)} models)" if len(jobs) > 1 else ""
-        for (set_name, _, _), result, note in zip(jobs, results, notes, strict=True):
-            self.log(f"[stpp]   {set_name}: {result.summary()}{shared}; {note}")
-        return list(zip(results, keys, strict=True))
-
-    def _log_pseudo_stats(self, result, artifact: str) -> dict[str, float]:
-        from cellst.tracking import log_metrics, log_table
-
-        stats = result.stats if result.stats is not None else pd.DataFrame()
-        if stats.empty:
-            return {}
-        log_table(stats, artifact)
-        summary = {
-            "pseudo_items": float(len(stats)),
-            "pseudo_instances_mean": float(stats["n_instances"].mean()),
-            "pseudo_foreground_mean": float(stats["foreground_fraction"].mean()),
-            "pseudo_prob_foreground_mean": float(stats["mean_prob_foreground"].mean()),
-            "predict_seconds": float(result.seconds),
-        }
-        if "ignored_fraction" in stats:
-            summary["pseudo_ignored_mean"] = float(stats["ignored_fraction"].mean())
-        log_metrics(summary)
-        return summary
 
 
 def _stage_option(book: StageBook, option: str, ref: str | int | None) -> str | None:
