@@ -410,12 +410,14 @@ def test_ctrl_c_during_ingest_removes_staging_and_keeps_the_store(ray_session, t
     assert (store / MANIFEST).is_file()
 
 
-def test_a_task_whose_staging_is_gone_writes_nothing(tmp_path):
+def test_a_task_whose_staging_is_gone_writes_nothing(tmp_path, monkeypatch):
     """An ingest task that outlives its ingest (the driver killed, or the staging removed
     while the task decoded) must not create the staging folder again: zarr makes an
     array's parent folders, so a late write left a stray staging folder beside the store.
-    The task stages nothing and names the folder; with the staging there, it stages."""
-    from cellst.data.ingest import SourceItem, _ingest_one
+    The task stages nothing and names the folder; with the staging there, it stages. A
+    large TIFF, written band by band, stops at the first band after the folder went."""
+    import cellst.data.ingest as ingest_module
+    from cellst.data.ingest import SourceItem, StagingGone, _ingest_one, _stage_image
 
     src = _plain(tmp_path, n=1)
     label = np.zeros((64, 64), np.uint16)
@@ -430,17 +432,62 @@ def test_a_task_whose_staging_is_gone_writes_nothing(tmp_path):
     stage = _ingest_one._function  # what the Ray task runs, in this process
     gone = tmp_path / ".store.0123abcd.staging"
     out = stage(item, str(gone), None, IngestConfig())
-    assert out["status"] == "bad" and "staging folder" in out["problem"][1], out
+    assert out["status"] == "gone" and "staging folder" in out["problem"][1], out
     assert str(gone / "images") in out["problem"][1]
     assert not gone.exists()  # not made again
     (gone / "images").mkdir(parents=True)  # the labels' folder is gone: no label written
     out = stage(item, str(gone), None, IngestConfig())
-    assert out["status"] == "bad" and str(gone / "labels") in out["problem"][1], out
+    assert out["status"] == "gone" and str(gone / "labels") in out["problem"][1], out
     assert not (gone / "labels").exists()
     (gone / "labels").mkdir()
     out = stage(item, str(gone), None, IngestConfig())
     assert out["status"] == "new", out
     assert {p.parent.name for p in gone.glob("*/good0.*")} == {"images", "labels"}
+
+    # band by band: the staging is removed after the array was created, mid-way
+    tifffile.imwrite(src / "big.tif", _cyx_uint16(1024, 1024), tile=(256, 256))
+    real = ingest_module.normalize_tiff_tiled
+
+    def removed_first(*args, **kwargs):
+        shutil.rmtree(gone)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "normalize_tiff_tiled", removed_first)
+    with pytest.raises(StagingGone, match="staging folder"):
+        _stage_image(str(src / "big.tif"), gone / "images" / "big", IngestConfig(tiled_pixels=1))
+    assert not gone.exists()
+
+
+def test_an_ingest_whose_staging_is_removed_under_it_is_refused_whole(
+    ray_session, tmp_path, monkeypatch
+):
+    """Another process removes the staging folder while the tasks run: the ingest ends in
+    one error naming the folder, --skip-bad or not (the files are fine: skipping them
+    would commit a version without them), and the store keeps its version."""
+    import cellst.data.ingest as ingest_module
+
+    store = tmp_path / "store"
+    ingest(_plain(tmp_path), store, progress=False)
+    before = _tree(store)
+    more = tmp_path / "more"
+    more.mkdir()
+    for i in range(3):
+        iio.imwrite(more / f"new{i}.png", np.full((64, 64), 40 + i, np.uint8))
+    real = ingest_module.check_shared_paths
+
+    def then_removed(*, read, write):
+        real(read=read, write=write)
+        for staging in write:
+            shutil.rmtree(staging)  # as another process would, before any task writes
+
+    monkeypatch.setattr(ingest_module, "check_shared_paths", then_removed)
+    for skip_bad in (False, True):
+        with pytest.raises(IngestError) as exc:
+            ingest(more, store, progress=False, skip_bad=skip_bad)
+        assert "the staging folder was removed while 3 item(s)" in str(exc.value)
+        assert "--skip-bad" not in str(exc.value)
+        assert _tree(store) == before
+        assert not list(tmp_path.glob(".store.*.staging"))
 
 
 def _cyx_uint16(side_y: int = 700, side_x: int = 900) -> np.ndarray:

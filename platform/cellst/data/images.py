@@ -517,6 +517,10 @@ def _sampled_ranges(
     return ranges
 
 
+class _WriteBandFailed(Exception):
+    """Carries what the caller's ``write_band`` raised past the decoding errors' handler."""
+
+
 def normalize_tiff_tiled(
     path: str | Path,
     write_band: Callable[[int, np.ndarray], None],
@@ -543,7 +547,8 @@ def normalize_tiff_tiled(
     Raises
     ------
     ImageFormatError
-        Naming the file, if it cannot be decoded or is not a 2-D or 3-D image.
+        Naming the file, if it cannot be decoded or is not a 2-D or 3-D image. What
+        ``write_band`` raises propagates as it is: it is not the file's fault.
     """
     import zarr
 
@@ -598,7 +603,12 @@ def normalize_tiff_tiled(
                 out = np.empty(part.shape, np.uint8)
                 for i in range(3):
                     out[:, :, i] = apply_range(part[:, :, i], ranges[i])
-                write_band(y0, out)
+                try:
+                    write_band(y0, out)
+                except Exception as exc:
+                    raise _WriteBandFailed from exc
+    except _WriteBandFailed as failed:
+        raise failed.__cause__ from None
     except ImageFormatError:
         raise
     except Exception as exc:  # a decoder's own error, named by file

@@ -675,6 +675,7 @@ def _stage_image(path: str, target: Path, cfg: IngestConfig) -> tuple[int, int]:
         signal = [False]
 
         def write_band(y0: int, band: np.ndarray) -> None:
+            _check_staging(target)  # (zarr makes a chunk's folders: checked before each band)
             array[y0 : y0 + band.shape[0]] = band
             signal[0] = signal[0] or bool(band.any())
 
@@ -768,6 +769,8 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
             "label_array": label_array,
         }
         return {"status": "new" if previous is None else "updated", "row": row}
+    except StagingGone as exc:  # not the file's fault: the driver refuses the whole ingest
+        return {"status": "gone", "id": item.id, "problem": (str(Path(staging)), str(exc))}
     except ImageFormatError as exc:  # "PATH: why", where PATH may hold ": " itself
         message = str(exc)
         named = [p for p in (item.image, item.label) if p and message.startswith(f"{p}: ")]
@@ -1085,6 +1088,18 @@ def ingest(
                 bar.update(1)
             bar.close()
             finished = True
+            if gone := [o["problem"] for o in outcomes if o["status"] == "gone"]:
+                raise IngestError(
+                    [
+                        (
+                            gone[0][0],
+                            f"the staging folder was removed while {len(gone)} item(s) were "
+                            "being staged (by another process?); the store keeps its earlier "
+                            "version: ingest again",
+                        )
+                    ],
+                    skippable=False,
+                )
             by_item = {it.id: it for it in items}
             if not replace:  # what would replace a stored item unasked is a bad file
                 _mark_silent_replacements(outcomes, by_item, prev_rows)
