@@ -30,6 +30,9 @@ Guarantees
   holds that version (see :mod:`cellst.data.store`); a later ingest collects them.
 * Ctrl-C stops the Ray tasks, removes the staging folder and leaves the store unchanged
   (:class:`IngestInterrupted`).
+* A task writes only into a staging folder that exists (:class:`StagingGone`): one that
+  outlives its ingest leaves nothing beside the store, and a staging removed under a
+  running ingest refuses the ingest whole.
 * Header checks come before decoding: a file that is empty, not an image, declares more
   than ``ingest.max_pixels`` pixels or is smaller than ``ingest.min_side`` is refused
   by name.
