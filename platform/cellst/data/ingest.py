@@ -773,7 +773,7 @@ def _ingest_one(item: SourceItem, staging: str, previous: dict | None, cfg: Inge
         }
         return {"status": "new" if previous is None else "updated", "row": row}
     except StagingGone as exc:  # not the file's fault: the driver refuses the whole ingest
-        return {"status": "gone", "id": item.id, "problem": (str(Path(staging)), str(exc))}
+        return {"status": "gone", "id": item.id, "problem": (staging, str(exc))}
     except ImageFormatError as exc:  # "PATH: why", where PATH may hold ": " itself
         message = str(exc)
         named = [p for p in (item.image, item.label) if p and message.startswith(f"{p}: ")]
