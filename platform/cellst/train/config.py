@@ -167,7 +167,10 @@ class TrainConfig(Section):
         description="seconds the workers may wait in all, over the run, for room on the "
         "cluster (at the start, or after a lost node that nothing replaces) before the "
         "training stops with its checkpoints kept; the same command then resumes it. None: "
-        "wait as long as it takes (an autoscaler adds nodes)",
+        "wait as long as it takes (an autoscaler adds nodes). An elastic group "
+        "(train.min_workers) is the exception: while the cluster has room for fewer than "
+        "min_workers, Ray Train's elastic policy makes no try to place it, so it waits "
+        "without a limit; this bounds only the tries it makes",
     )
     seed: int = Field(
         0,
