@@ -759,3 +759,60 @@ def test_an_elastic_training_shrinks_on_a_lost_node_and_grows_back(cluster, stor
     assert [(r["rank"], r["world_size"]) for r in final] == [(0, 2), (1, 2)], final  # grown
     where = {r["node_id"] for r in final}
     assert lost[0] not in where and joined[0] in where, (final, lost, joined)
+
+
+def test_an_elastic_group_left_below_min_workers_stops_within_node_wait_s(
+    cluster, store_dir, tmp_path
+):
+    """`cellst train` with ``train.min_workers=2`` of 2, one worker of 1.75 CPUs per node.
+
+    Once Ray Train has registered a checkpoint, the node of rank 1 is removed. The node left
+    holds one such worker, fewer than min_workers, and Ray Train's elastic policy then makes
+    no try to place a group, so no try times out: Ray alone waited for ever. cellst's limit
+    (:mod:`cellst.train.elastic_wait`) stops the command after ``train.node_wait_s`` of
+    waiting: exit 1, the one line of a fixed group, the checkpoints kept.
+
+    Runs last in this module: the cluster has a node fewer afterwards."""
+    c, _ = cluster
+    alive = list(c.worker_nodes)
+    while len(alive) < 2:
+        alive.append(c.add_node(num_cpus=2, resources={f"node_min{len(alive)}": 1}))
+    c.wait_for_nodes()
+    nodes = {n.node_id: n for n in alive}
+    args = _train_args(
+        tmp_path,
+        store_dir,
+        "below_min",
+        20,
+        "train.min_workers=2",
+        "train.placement_strategy=SPREAD",
+        "train.node_wait_s=6",
+        "train.calibrate_postprocess=false",
+    )
+    run = tmp_path / "runs" / "below_min"
+    snapshot = tmp_path / "runs" / "_ray" / "below_min" / "checkpoint_manager_snapshot.json"
+    lost: list[str] = []
+    logs = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    # nodes change from this (main) thread: Cluster.remove_node sets signal handlers
+    with logs[0].open("w") as fo, logs[1].open("w") as fe:
+        proc = subprocess.Popen([CELLST, *args], stdout=fo, stderr=fe, env=_cellst_env(c.address))
+        deadline = time.time() + 400  # (Ray alone: still waiting then)
+        while proc.poll() is None and time.time() < deadline:
+            now = _ranks(run)
+            if not lost and snapshot.is_file() and len(now) == 2 and now[1]["node_id"] in nodes:
+                lost.append(now[1]["node_id"])
+                c.remove_node(nodes[lost[0]], allow_graceful=False)
+            time.sleep(0.1)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    out, err = (f.read_text() for f in logs)
+    assert len(lost) == 1, out[-3000:] + err[-3000:]
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    said = [line for line in err.splitlines() if "found no room" in line]
+    assert len(said) == 1, err[-3000:]
+    assert "(at least 2: train.min_workers)" in said[0] and "node_wait_s=6 s" in said[0], said
+    assert not any(ln.startswith("Traceback") for ln in (out + err).splitlines()), err[-3000:]
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "failed" and "found no room" in state["error"], state
+    assert 1 <= _last_epoch(run) < 20  # its checkpoints are kept

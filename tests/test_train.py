@@ -1117,3 +1117,21 @@ def test_ctrl_c_stops_a_training_with_workers_in_one_line(ray_session, store_dir
     state = json.loads((tmp_path / "cc" / "run.json").read_text())
     assert state["status"] == "interrupted", state
     assert _published_epoch(last) < epochs  # it stopped; it did not train to the end
+
+
+def test_the_elastic_wait_limit_reads_ray_trains_controller_states():
+    """:mod:`cellst.train.elastic_wait` reads the state of Ray Train's controller through a
+    private attribute and counts the states in which the controller asks its scaling policy
+    for a group: this fails first where a Ray upgrade moves either (the behaviour itself:
+    tests/test_multinode.py, an elastic group left below min_workers)."""
+    from ray.train.v2._internal.execution.controller import state as ray_states
+
+    from cellst.train.elastic_wait import WAITING_STATES, ElasticWaitLimit, state_name
+
+    assert state_name(ray_states.RestartingState(training_failed_error=None)) == "RESTARTING"
+    assert state_name(ray_states.InitializingState()) == "INITIALIZING"
+    assert state_name(ray_states.RunningState()) == "RUNNING"
+    assert state_name(object()) == ""
+    assert WAITING_STATES <= {t.name for t in ray_states.TrainControllerStateType}
+    with pytest.raises(ValueError, match="must be positive"):
+        ElasticWaitLimit(0)

@@ -74,7 +74,8 @@ class TrainConfig(Section):
         "room returns (Ray Train looks every train.elastic_resize_s). Every rank still "
         "takes its planned steps per epoch, so an epoch of a smaller group trains on fewer "
         "crops and the learning-rate schedule is unchanged. With room for fewer than "
-        "min_workers, Ray Train's elastic policy waits for more without a time limit. PACK "
+        "min_workers, Ray Train's elastic policy waits for more without a time limit, and "
+        "cellst stops it after train.node_wait_s. PACK "
         "or SPREAD only; cellst may raise train.cpus_per_worker so that a node Ray fills "
         "with workers keeps a read-and-augment task. None: always num_workers",
     )
@@ -168,9 +169,9 @@ class TrainConfig(Section):
         "cluster (at the start, or after a lost node that nothing replaces) before the "
         "training stops with its checkpoints kept; the same command then resumes it. None: "
         "wait as long as it takes (an autoscaler adds nodes). An elastic group "
-        "(train.min_workers) is the exception: while the cluster has room for fewer than "
-        "min_workers, Ray Train's elastic policy makes no try to place it, so it waits "
-        "without a limit; this bounds only the tries it makes",
+        "(train.min_workers) left with room for fewer than min_workers makes no try that "
+        "could time out; cellst's driver watches Ray Train's controller and stops it after "
+        "this long in all as well",
     )
     seed: int = Field(
         0,

@@ -48,6 +48,7 @@ from cellst.raycluster import (
 from cellst.tracking.config import LOCK_TAG
 from cellst.train.checkpoints import RunPaths
 from cellst.train.config import OVERLAYS_DIR, RAY_STORAGE_DIR, TrainingDiverged
+from cellst.train.elastic_wait import ElasticWaitLimit
 from cellst.train.plan import steps_per_epoch, training_ranks
 
 
@@ -196,8 +197,9 @@ def no_room_error(cfg: ExperimentConfig, paths: RunPaths) -> ClusterError:
     t = cfg.train
     kept = "its checkpoints are kept" if is_checkpoint(paths.last) else "no checkpoint yet"
     gpus = " + 1 GPU" if t.use_gpu else ""
+    least = f" (at least {t.min_workers}: train.min_workers)" if t.min_workers else ""
     return ClusterError(
-        f"train: {t.num_workers} worker(s) of {t.cpus_per_worker:g} CPU(s){gpus} "
+        f"train: {t.num_workers} worker(s){least} of {t.cpus_per_worker:g} CPU(s){gpus} "
         f"({t.placement_strategy}) found no room on the Ray cluster within "
         f"train.node_wait_s={t.node_wait_s:g} s (the run's total wait), e.g. a lost node that "
         f"nothing replaced; {kept}, and the same command resumes the run once the cluster "
@@ -784,12 +786,6 @@ def _torch_trainer(
         ),
         datasets={"train": dataset},
     )
-    # fit() installs Ray Train's own SIGINT handler, which asks the controller to abort: on
-    # a terminal's Ctrl-C (SIGINT to the whole process group) the training went on for
-    # epochs, then the command exited 1 without a word, recording "SystemExit: 1". Ctrl-C
-    # stays Python's KeyboardInterrupt, as SIGTERM is (raycluster.interrupt_on_sigterm): the
-    # run is recorded interrupted, the command exits 130, and the same command resumes it.
-    trainer._register_sigint_handler = lambda controller: None
     return trainer
 
 
@@ -798,6 +794,15 @@ def _fit(trainer, cfg: ExperimentConfig, paths: RunPaths, wait_env: dict[str, st
     ``run.json``; no room for the workers is a :class:`ClusterError` of one line."""
     import torch
 
+    t = cfg.train
+    # an elastic group below min_workers makes no try that could time out: cellst's limit
+    limit = ElasticWaitLimit(t.node_wait_s) if t.min_workers and t.node_wait_s else None
+    # fit() hands its controller to Ray Train's own SIGINT handler, which asks it to abort:
+    # on a terminal's Ctrl-C (SIGINT to the whole process group) the training went on for
+    # epochs, then the command exited 1 without a word, recording "SystemExit: 1". Ctrl-C
+    # stays Python's KeyboardInterrupt, as SIGTERM is (raycluster.interrupt_on_sigterm): the
+    # run is recorded interrupted, the command exits 130, and the same command resumes it.
+    trainer._register_sigint_handler = limit.watch if limit else lambda controller: None
     # the previous SIGINT handler is put back after the run (Ray Train's outlived it
     # before: a later Ctrl-C called a dead controller)
     sigint = signal.getsignal(signal.SIGINT)
@@ -806,7 +811,8 @@ def _fit(trainer, cfg: ExperimentConfig, paths: RunPaths, wait_env: dict[str, st
         with environ(wait_env):
             result = trainer.fit()
     except BaseException as exc:  # the run's own record tells why it stopped
-        no_room = no_room_error(cfg, paths) if found_no_room(exc) else None
+        waited_too_long = limit is not None and limit.fired.is_set()
+        no_room = no_room_error(cfg, paths) if waited_too_long or found_no_room(exc) else None
         if paths.read_state().get("status") == "stopped" and not no_room:
             raise  # a sweep's scheduler stopped it (and ended its workers): it says so
         record_stop(paths, exc, str(no_room) if no_room else None)
@@ -814,6 +820,8 @@ def _fit(trainer, cfg: ExperimentConfig, paths: RunPaths, wait_env: dict[str, st
             raise no_room from None
         raise
     finally:
+        if limit is not None:
+            limit.stop()
         torch.set_num_threads(threads)
         if sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
