@@ -74,6 +74,8 @@ class ElasticWaitLimit:
         while not self._stop.wait(self.poll_s):
             try:
                 state = ray.get(controller.get_state.remote(), timeout=60)
+            except ray.exceptions.GetTimeoutError:  # a busy controller: ask again
+                continue
             except Exception:  # noqa: BLE001 - the controller ended (finished, failed, aborted)
                 return
             now = time.monotonic()
