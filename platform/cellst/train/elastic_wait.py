@@ -49,7 +49,6 @@ class ElasticWaitLimit:
             raise ValueError(f"limit_s ({limit_s}) and poll_s ({poll_s}) must be positive")
         self.limit_s = limit_s
         self.poll_s = poll_s
-        self.waited_s = 0.0
         self.fired = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -70,7 +69,7 @@ class ElasticWaitLimit:
     def _run(self, controller: Any) -> None:
         import ray
 
-        last = time.monotonic()
+        last, waited = time.monotonic(), 0.0
         while not self._stop.wait(self.poll_s):
             try:
                 state = ray.get(controller.get_state.remote(), timeout=60)
@@ -80,9 +79,9 @@ class ElasticWaitLimit:
                 return
             now = time.monotonic()
             if state_name(state) in WAITING_STATES:
-                self.waited_s += now - last
+                waited += now - last
             last = now
-            if self.waited_s >= self.limit_s and not self._stop.is_set():
+            if waited >= self.limit_s and not self._stop.is_set():
                 self.fired.set()
                 controller.abort.remote()  # the actor exits: fit() raises RayActorError
                 return
