@@ -254,6 +254,23 @@ def test_a_client_with_a_wrong_token_is_refused(cluster):
     assert "auth" in (bad.stdout + bad.stderr).lower(), bad.stderr[-2000:]
 
 
+#: waits (connected, ``argv[1]`` written) for a node of the cluster to die, then makes Ray
+#: Train's autoscaling coordinator look at the cluster at once rather than at its next
+#: 20-second tick (Ray 2.60: ``get_reserved_resources(recompute=True)``)
+COORDINATOR_LOOKS_AT_A_DEAD_NODE = """
+import pathlib, sys, time, ray
+ray.init(logging_level="ERROR")
+alive = lambda: sum(n["Alive"] for n in ray.nodes())
+start = alive()
+pathlib.Path(sys.argv[1]).touch()
+deadline = time.time() + 300
+while alive() >= start and time.time() < deadline:
+    time.sleep(0.05)
+coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+ray.get(coordinator.get_reserved_resources.remote("cellst-test", recompute=True))
+print("the coordinator looked at the cluster", time.time() < deadline)
+"""
+
 SHARED_PROBE = """
 import sys, ray
 from cellst.raycluster import ClusterError, check_shared_paths
@@ -767,10 +784,18 @@ def test_an_elastic_group_left_below_min_workers_stops_within_node_wait_s(
     """`cellst train` with ``train.min_workers=2`` of 2, one worker of 1.75 CPUs per node.
 
     Once Ray Train has registered a checkpoint, the node of rank 1 is removed. The node left
-    holds one such worker, fewer than min_workers, and Ray Train's elastic policy then makes
-    no try to place a group, so no try times out: Ray alone waited for ever. cellst's limit
-    (:mod:`cellst.train.elastic_wait`) stops the command after ``train.node_wait_s`` of
-    waiting: exit 1, the one line of a fixed group, the checkpoints kept.
+    holds one such worker, fewer than min_workers, and once Ray Train's autoscaling
+    coordinator has seen the loss, its elastic policy makes no try to place a group, so no
+    try times out: Ray alone waited for ever (and its controller answered no call
+    meanwhile). The limit cellst puts in the controller (:mod:`cellst.train.elastic_wait`)
+    ends that wait after ``train.node_wait_s``: exit 1, the one line of a fixed group, the
+    checkpoints kept.
+
+    The coordinator looks at the cluster every 20 s; until then the policy still asks for a
+    group of 2, in tries that time out (bounded as for a fixed group, 2 tries of 3 s here):
+    which wait ended the run depended on timing (CI once saw one try, then the wait without
+    tries). So a probe makes the coordinator look as soon as the node is dead, and at most
+    the first try comes before the wait this test is about.
 
     Runs last in this module: the cluster has a node fewer afterwards."""
     c, _ = cluster
@@ -793,25 +818,40 @@ def test_an_elastic_group_left_below_min_workers_stops_within_node_wait_s(
     snapshot = tmp_path / "runs" / "_ray" / "below_min" / "checkpoint_manager_snapshot.json"
     lost: list[str] = []
     logs = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    ready = tmp_path / "probe_ready"
+    env = _cellst_env(c.address)
+    probe = subprocess.Popen(
+        [sys.executable, "-c", COORDINATOR_LOOKS_AT_A_DEAD_NODE, str(ready)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
     # nodes change from this (main) thread: Cluster.remove_node sets signal handlers
     with logs[0].open("w") as fo, logs[1].open("w") as fe:
-        proc = subprocess.Popen([CELLST, *args], stdout=fo, stderr=fe, env=_cellst_env(c.address))
-        deadline = time.time() + 400  # (Ray alone: still waiting then)
+        proc = subprocess.Popen([CELLST, *args], stdout=fo, stderr=fe, env=env)
+        deadline = time.time() + 240  # (Ray alone: still waiting then)
         while proc.poll() is None and time.time() < deadline:
             now = _ranks(run)
             if not lost and snapshot.is_file() and len(now) == 2 and now[1]["node_id"] in nodes:
+                assert ready.is_file(), "the probe is not connected"
                 lost.append(now[1]["node_id"])
                 c.remove_node(nodes[lost[0]], allow_graceful=False)
             time.sleep(0.1)
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+    try:
+        probed = probe.communicate(timeout=30)[0]
+    finally:
+        probe.kill()
     out, err = (f.read_text() for f in logs)
     assert len(lost) == 1, out[-3000:] + err[-3000:]
     assert proc.returncode == 1, out[-3000:] + err[-3000:]
     said = [line for line in err.splitlines() if "found no room" in line]
     assert len(said) == 1, err[-3000:]
     assert "(at least 2: train.min_workers)" in said[0] and "node_wait_s=6 s" in said[0], said
+    assert probe.returncode == 0, probed
+    # the wait without tries ended it, in cellst's line from Ray Train's controller
+    ended = [ln for ln in err.splitlines() if "elastic worker group waited" in ln]
+    assert len(ended) == 1 and "cellst stops the training" in ended[0], err[-3000:]
     assert not any(ln.startswith("Traceback") for ln in (out + err).splitlines()), err[-3000:]
     state = json.loads((run / "run.json").read_text())
     assert state["status"] == "failed" and "found no room" in state["error"], state

@@ -1122,8 +1122,7 @@ def test_ctrl_c_stops_a_training_with_workers_in_one_line(ray_session, store_dir
 def test_the_elastic_wait_limit_reads_ray_trains_controller_states():
     """:mod:`cellst.train.elastic_wait` reads the state of Ray Train's controller through a
     private attribute and counts the states in which the controller asks its scaling policy
-    for a group: this fails first where a Ray upgrade moves either (the behaviour itself:
-    tests/test_multinode.py, an elastic group left below min_workers)."""
+    for a group: this fails first where a Ray upgrade moves either."""
     from ray.train.v2._internal.execution.controller import state as ray_states
 
     from cellst.train.elastic_wait import WAITING_STATES, ElasticWaitLimit, state_name
@@ -1135,3 +1134,104 @@ def test_the_elastic_wait_limit_reads_ray_trains_controller_states():
     assert WAITING_STATES <= {t.name for t in ray_states.TrainControllerStateType}
     with pytest.raises(ValueError, match="must be positive"):
         ElasticWaitLimit(0)
+
+
+def test_the_elastic_wait_limit_sums_the_waits_paces_them_and_ends_the_last():
+    """The controller callback, fed the state changes of Ray Train's control loop on a
+    clock of its own: the time in waiting states adds up over the run (running time does
+    not), a step that leaves the controller waiting as it was is paced, and once the sum
+    reaches the limit a step that still waits raises :class:`NodeWaitExceeded`, which the
+    driver tells apart from other failures even wrapped and pickled as Ray Train hands it
+    back. A wait that ends in a group is not stopped."""
+    import pickle
+
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+    from ray.train.v2._internal.execution.controller import state as ray_states
+    from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError
+
+    from cellst.raycluster import found_no_room, no_room_cause
+    from cellst.train.config import TrainConfig
+    from cellst.train.elastic_wait import ElasticWaitLimit, NodeWaitExceeded
+    from cellst.train.trainer import controller_callbacks
+
+    now, slept = [0.0], []
+    limit = ElasticWaitLimit(10, pace_s=0.1, clock=lambda: now[0], sleep=slept.append)
+    assert isinstance(limit, ControllerCallback)  # Ray Train calls only those in its controller
+    update = limit.after_controller_state_update
+    init, running = ray_states.InitializingState(), ray_states.RunningState()
+    restarting = ray_states.RestartingState(training_failed_error=None)
+    limit.after_controller_start(None)
+    now[0] = 4.0
+    update(init, running)  # 4 s of waiting for the first group
+    now[0] = 100.0
+    update(running, restarting)  # a lost node: running time is no wait
+    assert limit.waited_s == pytest.approx(4.0) and slept == []
+    now[0] = 103.0
+    update(restarting, restarting)  # the policy declined: paced
+    assert limit.waited_s == pytest.approx(7.0) and slept == [0.1]
+    now[0] = 106.0
+    with pytest.raises(NodeWaitExceeded, match=r"train.node_wait_s=10 s") as info:
+        update(restarting, restarting)
+    wrapped = pickle.loads(pickle.dumps(ControllerError(info.value)))
+    assert isinstance(wrapped, TrainingFailedError) and found_no_room(wrapped)
+    assert isinstance(no_room_cause(wrapped), NodeWaitExceeded)
+    assert not found_no_room(ControllerError(RuntimeError("another failure")))
+
+    found = ElasticWaitLimit(2, clock=lambda: now[0], sleep=slept.append)
+    found.after_controller_start(None)
+    now[0] += 5.0
+    found.after_controller_state_update(init, running)  # past the limit, but room was found
+    assert found.waited_s == pytest.approx(5.0)
+
+    forever = ElasticWaitLimit(None, clock=lambda: now[0], sleep=slept.append)
+    forever.after_controller_start(None)
+    now[0] += 1e6
+    forever.after_controller_state_update(init, init)  # an autoscaler's wait: paced only
+    assert slept[-1] == forever.pace_s
+    assert pickle.loads(pickle.dumps(ElasticWaitLimit(None))).limit_s is None  # to Ray Train
+
+    elastic = TrainConfig(num_workers=2, min_workers=1, node_wait_s=30)
+    assert [c.limit_s for c in controller_callbacks(elastic)] == [30]
+    assert controller_callbacks(TrainConfig(num_workers=2, node_wait_s=30)) == []  # fixed
+
+
+def test_an_elastic_group_with_room_for_fewer_than_min_workers_stops_at_the_limit(
+    ray_session, tmp_path
+):
+    """A real Ray Train run whose group of 2 workers (at least 2) of 1.5 CPUs can never be
+    placed on the 2-CPU session cluster: Ray Train's elastic policy makes no try (Ray alone
+    waited for ever, its controller answering no call meanwhile), and the limit cellst puts
+    in the controller (``train.node_wait_s=3``) ends the run with an error the driver
+    reports as "found no room"."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from cellst.raycluster import found_no_room, no_room_cause
+    from cellst.train.config import TrainConfig
+    from cellst.train.elastic_wait import NodeWaitExceeded
+    from cellst.train.trainer import controller_callbacks
+
+    t = TrainConfig(num_workers=2, min_workers=2, node_wait_s=3)
+    trainer = DataParallelTrainer(
+        lambda: None,
+        scaling_config=ScalingConfig(num_workers=(2, 2), resources_per_worker={"CPU": 1.5}),
+        run_config=RunConfig(
+            name="below_min", storage_path=str(tmp_path), callbacks=controller_callbacks(t)
+        ),
+    )
+    trainer._register_sigint_handler = lambda controller: None  # as cellst's _fit does
+    ended: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            ended.append(exc)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    thread.join(timeout=180)  # (without the limit: still waiting then)
+    assert not thread.is_alive(), "the elastic group still waits past train.node_wait_s"
+    assert len(ended) == 1 and found_no_room(ended[0]), ended
+    cause = no_room_cause(ended[0])
+    assert isinstance(cause, NodeWaitExceeded) and cause.waited_s >= 3, cause

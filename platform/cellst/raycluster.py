@@ -200,37 +200,56 @@ def _train_context_logger() -> str:
     return str(path) if path.is_file() else ""
 
 
+#: the errors of a worker group that found no room: Ray Train's try that timed out
+#: (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``), and cellst's limit on an elastic group's
+#: wait (:class:`cellst.train.elastic_wait.NodeWaitExceeded`)
+NO_ROOM_ERRORS = frozenset({"WorkerGroupStartupTimeoutError", "NodeWaitExceeded"})
+
+
 def found_no_room(exc: BaseException) -> bool:
-    """Whether ``exc`` is, or wraps, Ray Train's ``WorkerGroupStartupTimeoutError``: its
-    worker group could not be placed in time (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``).
-    Told by class name: the class is private to Ray Train."""
+    """Whether ``exc`` is, or wraps, one of :data:`NO_ROOM_ERRORS`: the worker group could
+    not be placed within ``train.node_wait_s``."""
+    return no_room_cause(exc) is not None
+
+
+def no_room_cause(exc: BaseException) -> BaseException | None:
+    """The error of :data:`NO_ROOM_ERRORS` that ``exc`` is or wraps, else None. Told by
+    class name: Ray Train's class is private, and this module is imported where Ray Train
+    is not."""
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if any(c.__name__ == "WorkerGroupStartupTimeoutError" for c in type(cur).__mro__):
-            return True
+        if any(c.__name__ in NO_ROOM_ERRORS for c in type(cur).__mro__):
+            return cur
         cur = getattr(cur, "controller_failure", None) or cur.__cause__ or cur.__context__
-    return False
+    return None
 
 
 class _NoRoomYet(logging.Filter):
-    """Ray Train's controller logs each timed-out wait for room for its worker group as an
-    unexpected error with a traceback. cellst expects it (``train.node_wait_s``), so the
-    record becomes one plain line; any other record passes unchanged."""
+    """Ray Train's controller logs each timed-out wait for room for its worker group, and
+    the error of cellst's limit on an elastic group's wait, as an unexpected error with a
+    traceback. cellst expects both (``train.node_wait_s``), so the record becomes one plain
+    line; any other record passes unchanged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and found_no_room(record.exc_info[1]):
+        cause = no_room_cause(record.exc_info[1]) if record.exc_info else None
+        if cause is not None:
             record.msg = (
-                "no room on the cluster for the training workers yet (a lost node?); Ray "
-                "Train tries again, and cellst stops the training after train.node_wait_s"
+                f"{cause}; cellst stops the training"
+                if type(cause).__name__ == "NodeWaitExceeded"
+                else "no room on the cluster for the training workers yet (a lost node?); "
+                "Ray Train tries again, and cellst stops the training after train.node_wait_s"
             )
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
 
 
-#: Ray Train's controller module logger (the control loop's errors)
-TRAIN_CONTROLLER_LOGGER = "ray.train.v2._internal.execution.controller.controller"
+#: Ray Train's loggers of the controller's errors: its control loop's, and its callbacks'
+TRAIN_CONTROLLER_LOGGERS = (
+    "ray.train.v2._internal.execution.controller.controller",
+    "ray.train.v2._internal.execution.callback_manager",
+)
 
 
 def quiet_logs() -> None:
@@ -240,9 +259,10 @@ def quiet_logs() -> None:
     for name, level in {**NOISY_LOGGERS, _train_context_logger(): logging.WARNING}.items():
         if name:
             logging.getLogger(name).setLevel(level)
-    controller = logging.getLogger(TRAIN_CONTROLLER_LOGGER)
-    if not any(isinstance(f, _NoRoomYet) for f in controller.filters):
-        controller.addFilter(_NoRoomYet())
+    for name in TRAIN_CONTROLLER_LOGGERS:
+        controller = logging.getLogger(name)
+        if not any(isinstance(f, _NoRoomYet) for f in controller.filters):
+            controller.addFilter(_NoRoomYet())
     import warnings
 
     warnings.filterwarnings("ignore", message=".*exclude_resources.*is deprecated")

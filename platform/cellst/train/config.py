@@ -170,8 +170,8 @@ class TrainConfig(Section):
         "training stops with its checkpoints kept; the same command then resumes it. None: "
         "wait as long as it takes (an autoscaler adds nodes). An elastic group "
         "(train.min_workers) left with room for fewer than min_workers makes no try that "
-        "could time out; cellst's driver watches Ray Train's controller and stops it after "
-        "this long in all as well",
+        "could time out; a cellst callback inside Ray Train's controller stops it after this "
+        "long in all as well",
     )
     seed: int = Field(
         0,

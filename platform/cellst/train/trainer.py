@@ -47,8 +47,7 @@ from cellst.raycluster import (
 )
 from cellst.tracking.config import LOCK_TAG
 from cellst.train.checkpoints import RunPaths
-from cellst.train.config import OVERLAYS_DIR, RAY_STORAGE_DIR, TrainingDiverged
-from cellst.train.elastic_wait import ElasticWaitLimit
+from cellst.train.config import OVERLAYS_DIR, RAY_STORAGE_DIR, TrainConfig, TrainingDiverged
 from cellst.train.plan import steps_per_epoch, training_ranks
 
 
@@ -188,6 +187,18 @@ def node_wait_policy(node_wait_s: float | None, try_s: float = 60.0) -> tuple[di
             return {}, max(1, math.ceil(node_wait_s / per_try)) - 1
     tries = max(2, math.ceil(node_wait_s / try_s))
     return {START_TIMEOUT_ENV: f"{node_wait_s / tries:g}"}, tries - 1
+
+
+def controller_callbacks(t: TrainConfig) -> list:
+    """Callbacks that run inside Ray Train's controller: for an elastic group
+    (``train.min_workers``), the limit on its wait for room (``train.node_wait_s``; None
+    waits for ever, for an autoscaler) that Ray Train lacks, which also paces the
+    controller's loop while it waits (:mod:`cellst.train.elastic_wait`)."""
+    if not t.min_workers or not t.num_workers:
+        return []
+    from cellst.train.elastic_wait import ElasticWaitLimit
+
+    return [ElasticWaitLimit(t.node_wait_s)]
 
 
 def no_room_error(cfg: ExperimentConfig, paths: RunPaths) -> ClusterError:
@@ -782,7 +793,7 @@ def _torch_trainer(
             ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_last),
             logging_config=ray.train.LoggingConfig(log_level=train_log_level()),
-            callbacks=list(callbacks or []) + epoch_logger,
+            callbacks=list(callbacks or []) + epoch_logger + controller_callbacks(t),
         ),
         datasets={"train": dataset},
     )
@@ -794,15 +805,12 @@ def _fit(trainer, cfg: ExperimentConfig, paths: RunPaths, wait_env: dict[str, st
     ``run.json``; no room for the workers is a :class:`ClusterError` of one line."""
     import torch
 
-    t = cfg.train
-    # an elastic group below min_workers makes no try that could time out: cellst's limit
-    limit = ElasticWaitLimit(t.node_wait_s) if t.min_workers and t.node_wait_s else None
     # fit() hands its controller to Ray Train's own SIGINT handler, which asks it to abort:
     # on a terminal's Ctrl-C (SIGINT to the whole process group) the training went on for
     # epochs, then the command exited 1 without a word, recording "SystemExit: 1". Ctrl-C
     # stays Python's KeyboardInterrupt, as SIGTERM is (raycluster.interrupt_on_sigterm): the
     # run is recorded interrupted, the command exits 130, and the same command resumes it.
-    trainer._register_sigint_handler = limit.watch if limit else lambda controller: None
+    trainer._register_sigint_handler = lambda controller: None
     # the previous SIGINT handler is put back after the run (Ray Train's outlived it
     # before: a later Ctrl-C called a dead controller)
     sigint = signal.getsignal(signal.SIGINT)
@@ -811,8 +819,7 @@ def _fit(trainer, cfg: ExperimentConfig, paths: RunPaths, wait_env: dict[str, st
         with environ(wait_env):
             result = trainer.fit()
     except BaseException as exc:  # the run's own record tells why it stopped
-        waited_too_long = limit is not None and limit.fired.is_set()
-        no_room = no_room_error(cfg, paths) if waited_too_long or found_no_room(exc) else None
+        no_room = no_room_error(cfg, paths) if found_no_room(exc) else None
         if paths.read_state().get("status") == "stopped" and not no_room:
             raise  # a sweep's scheduler stopped it (and ended its workers): it says so
         record_stop(paths, exc, str(no_room) if no_room else None)
@@ -820,8 +827,6 @@ def _fit(trainer, cfg: ExperimentConfig, paths: RunPaths, wait_env: dict[str, st
             raise no_room from None
         raise
     finally:
-        if limit is not None:
-            limit.stop()
         torch.set_num_threads(threads)
         if sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
