@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -254,22 +255,56 @@ def test_a_client_with_a_wrong_token_is_refused(cluster):
     assert "auth" in (bad.stdout + bad.stderr).lower(), bad.stderr[-2000:]
 
 
-#: waits (connected, ``argv[1]`` written) for a node of the cluster to die, then makes Ray
-#: Train's autoscaling coordinator look at the cluster at once rather than at its next
-#: 20-second tick (Ray 2.60: ``get_reserved_resources(recompute=True)``)
-COORDINATOR_LOOKS_AT_A_DEAD_NODE = """
+#: Ray Train's autoscaling coordinator looks at the cluster every 20 s (Ray 2.60), and an
+#: elastic group is sized by what it saw: this probe makes it look again as soon as a node
+#: dies or joins (``get_reserved_resources(recompute=True)``), so that a test waits for Ray
+#: Train, not for the tick. It writes ``argv[1]`` once connected, and stops once the test
+#: removes that file.
+COORDINATOR_FOLLOWS_THE_NODES = """
 import pathlib, sys, time, ray
 ray.init(logging_level="ERROR")
-alive = lambda: sum(n["Alive"] for n in ray.nodes())
-start = alive()
-pathlib.Path(sys.argv[1]).touch()
-deadline = time.time() + 300
-while alive() >= start and time.time() < deadline:
-    time.sleep(0.05)
-coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-ray.get(coordinator.get_reserved_resources.remote("cellst-test", recompute=True))
-print("the coordinator looked at the cluster", time.time() < deadline)
+running = pathlib.Path(sys.argv[1])
+alive = lambda: frozenset(n["NodeID"] for n in ray.nodes() if n["Alive"])
+seen, looks = alive(), 0
+running.touch()
+while running.is_file():
+    now = alive()
+    if now != seen:
+        try:
+            coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+            ray.get(coordinator.get_reserved_resources.remote("cellst-test", recompute=True))
+            seen, looks = now, looks + 1
+        except ValueError:  # no training has created it yet
+            seen = now
+    time.sleep(0.1)
+print(f"the coordinator looked at the cluster {looks} time(s)")
 """
+
+
+@contextlib.contextmanager
+def _coordinator_follows_the_nodes(address: str, folder: Path) -> Iterator[list[str]]:
+    """Run :data:`COORDINATOR_FOLLOWS_THE_NODES` while the block runs; the list yielded
+    holds what it printed, once the block is over."""
+    running, said = folder / "probe_running", []
+    probe = subprocess.Popen(
+        [sys.executable, "-c", COORDINATOR_FOLLOWS_THE_NODES, str(running)],
+        env=_cellst_env(address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not running.is_file() and probe.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        if not running.is_file():
+            probe.kill()
+            pytest.fail(f"the probe did not connect: {probe.communicate()[0]}")
+        yield said
+    finally:
+        running.unlink(missing_ok=True)
+        try:
+            said.append(probe.communicate(timeout=30)[0])
+        finally:
+            probe.kill()
+
 
 SHARED_PROBE = """
 import sys, ray
@@ -731,13 +766,22 @@ def test_an_elastic_training_shrinks_on_a_lost_node_and_grows_back(cluster, stor
     from cellst.train.checkpoints import RunPaths
 
     # the group of one waits before each epoch while this file exists, so that it is still
-    # training when Ray Train sees the joined node: Ray Train's autoscaling coordinator
-    # looks at the nodes every 20 s (Ray 2.60), and the group of one trained the 23 epochs
+    # training when Ray Train sees the joined node: the group of one trained the 23 epochs
     # of a first version of this test in 16 s, never growing back
     hold, released = tmp_path / "hold", 0.0
-    env = _cellst_env(c.address, CELLST_HOLD_EPOCHS_WHILE=str(hold))
+    # the probe makes Ray Train's autoscaling coordinator see the lost and the joined node
+    # at once, not at its next 20-s tick; until it sees the loss, the elastic policy asks
+    # for a group of 2, in tries shortened here to 5 s (15 s in cellst: a try also waits for
+    # a node an autoscaler starts)
+    env = _cellst_env(
+        c.address, CELLST_HOLD_EPOCHS_WHILE=str(hold), RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5"
+    )
     # nodes change from this (main) thread: Cluster.add_node sets signal handlers
-    with logs[0].open("w") as fo, logs[1].open("w") as fe:
+    with (
+        _coordinator_follows_the_nodes(c.address, tmp_path) as probed,
+        logs[0].open("w") as fo,
+        logs[1].open("w") as fe,
+    ):
         proc = subprocess.Popen([CELLST, *args], stdout=fo, stderr=fe, env=env)
         deadline = time.time() + 400
         while proc.poll() is None and time.time() < deadline:
@@ -762,6 +806,7 @@ def test_an_elastic_training_shrinks_on_a_lost_node_and_grows_back(cluster, stor
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout + res.stderr
     assert len(lost) == 1 and len(joined) == 1, out[-3000:]
+    assert re.search(r"looked at the cluster [1-9]\d* time", probed[0]), probed
     assert shrunk_at[0] < epochs, (shrunk_at, out[-3000:])  # it ran as one before the end
     assert "1.50 CPUs per worker" in out, out[-3000:]
     said = "workers: 2 -> 1 -> 2: the elastic group (train.min_workers=1) lost room and grew back"
@@ -818,37 +863,31 @@ def test_an_elastic_group_left_below_min_workers_stops_within_node_wait_s(
     snapshot = tmp_path / "runs" / "_ray" / "below_min" / "checkpoint_manager_snapshot.json"
     lost: list[str] = []
     logs = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    ready = tmp_path / "probe_ready"
     env = _cellst_env(c.address)
-    probe = subprocess.Popen(
-        [sys.executable, "-c", COORDINATOR_LOOKS_AT_A_DEAD_NODE, str(ready)], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
     # nodes change from this (main) thread: Cluster.remove_node sets signal handlers
-    with logs[0].open("w") as fo, logs[1].open("w") as fe:
+    with (
+        _coordinator_follows_the_nodes(c.address, tmp_path) as probed,
+        logs[0].open("w") as fo,
+        logs[1].open("w") as fe,
+    ):
         proc = subprocess.Popen([CELLST, *args], stdout=fo, stderr=fe, env=env)
         deadline = time.time() + 240  # (Ray alone: still waiting then)
         while proc.poll() is None and time.time() < deadline:
             now = _ranks(run)
             if not lost and snapshot.is_file() and len(now) == 2 and now[1]["node_id"] in nodes:
-                assert ready.is_file(), "the probe is not connected"
                 lost.append(now[1]["node_id"])
                 c.remove_node(nodes[lost[0]], allow_graceful=False)
             time.sleep(0.1)
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    try:
-        probed = probe.communicate(timeout=30)[0]
-    finally:
-        probe.kill()
     out, err = (f.read_text() for f in logs)
     assert len(lost) == 1, out[-3000:] + err[-3000:]
     assert proc.returncode == 1, out[-3000:] + err[-3000:]
     said = [line for line in err.splitlines() if "found no room" in line]
     assert len(said) == 1, err[-3000:]
     assert "(at least 2: train.min_workers)" in said[0] and "node_wait_s=6 s" in said[0], said
-    assert probe.returncode == 0, probed
+    assert "looked at the cluster 1 time(s)" in probed[0], probed
     # the wait without tries ended it, in cellst's line from Ray Train's controller
     ended = [ln for ln in err.splitlines() if "elastic worker group waited" in ln]
     assert len(ended) == 1 and "cellst stops the training" in ended[0], err[-3000:]
