@@ -48,7 +48,7 @@ class NodeWaitExceeded(RuntimeError):
     def __init__(self, limit_s: float, waited_s: float) -> None:
         super().__init__(
             f"the elastic worker group waited {waited_s:.0f} s in all for room for "
-            f"train.min_workers workers, more than train.node_wait_s={limit_s:g} s"
+            f"train.min_workers workers (the limit: train.node_wait_s={limit_s:g} s)"
         )
         self.limit_s, self.waited_s = limit_s, waited_s
 
