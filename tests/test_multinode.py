@@ -290,20 +290,24 @@ def _coordinator_follows_the_nodes(address: str, folder: Path) -> Iterator[list[
         [sys.executable, "-c", COORDINATOR_FOLLOWS_THE_NODES, str(running)],
         env=_cellst_env(address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    connected = False
     try:
         deadline = time.time() + 120
         while not running.is_file() and probe.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        if not running.is_file():
-            probe.kill()
-            pytest.fail(f"the probe did not connect: {probe.communicate()[0]}")
-        yield said
+        connected = running.is_file()
+        if connected:
+            yield said
     finally:
         running.unlink(missing_ok=True)
+        if not connected:
+            probe.kill()
         try:
             said.append(probe.communicate(timeout=30)[0])
         finally:
             probe.kill()
+    if not connected:
+        pytest.fail(f"the probe did not connect: {said[-1]}")
 
 
 SHARED_PROBE = """
