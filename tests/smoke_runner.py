@@ -78,7 +78,7 @@ def main() -> None:
     from cellst.raycluster import ensure_ray
 
     ensure_ray(address=address)  # as each script's own ensure_ray() would join it
-    env, cwd, path = dict(os.environ), os.getcwd(), list(sys.path)
+    env, cwd, path, argv = dict(os.environ), os.getcwd(), list(sys.path), list(sys.argv)
     threads, data_context = torch.get_num_threads(), copy.deepcopy(DataContext.get_current())
     for line in sys.stdin:
         req = json.loads(line)
@@ -87,6 +87,7 @@ def main() -> None:
         os.environ.update(env)
         os.chdir(cwd)
         sys.path[:] = path
+        sys.argv = argv
         torch.set_num_threads(threads)
         DataContext._set_current(copy.deepcopy(data_context))
         if not ray.is_initialized():  # the script shut its connection down

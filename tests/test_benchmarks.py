@@ -108,6 +108,16 @@ def smoke_args(script: Path, work: Path) -> list[str]:
     return args
 
 
+def smoke_env(ray_address: str | None = None) -> dict[str, str]:
+    """This environment for a smoke run: no tracking server or cluster of the caller's, the
+    output unbuffered; with ``ray_address``, joined to that cluster."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PYTHONUNBUFFERED"] = "1"
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
 def run_smoke(
     script: Path, work: Path, timeout: float, ray_address: str | None = None
 ) -> tuple[int, str]:
@@ -118,10 +128,7 @@ def run_smoke(
     processes, no cluster start-up per benchmark) instead of starting a local one.
     """
     cmd = [sys.executable, str(script), *smoke_args(script, work)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["PYTHONUNBUFFERED"] = "1"
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
+    env = smoke_env(ray_address)
     log = work / "output.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
@@ -154,15 +161,11 @@ class SmokeRunner:
 
     def __init__(self, address: str, folder: Path):
         self.log = folder / "runner.log"
-        env = {
-            k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")
-        }
-        env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, str(RUNNER), address, str(self.log)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=env,
+            env=smoke_env(),
             text=True,
             start_new_session=True,
         )
